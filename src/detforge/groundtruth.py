@@ -1,0 +1,327 @@
+"""Ground Truth bounding-box manifests (JSON Lines) as typed records, read and written as streams.
+
+A ``Record`` holds what the tools work on (image reference and size, ``xyxy`` boxes, class ids,
+class map, confidences, job name) plus ``fields``: the whole line as it was read, so that writing a
+record back gives the same JSON except for what a step changed. Format: see docs/DESIGN.md.
+
+Not here: joining jobs, discarding, splitting (``prepare``), other formats (``formats_*``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from detforge import boxes as box_ops
+from detforge import storage
+from detforge.errors import ManifestError
+
+DETECTION_TYPES = ("groundtruth/object-detection", "groundtruth/object_detection")
+ADJUSTED_PREFIX = "adjusted-"
+VERIFY_PREFIX = "verify-"
+_BOX_KEYS = ("left", "top", "width", "height")
+
+
+@dataclass
+class Record:
+    """One labeled image of a manifest."""
+
+    source_ref: str
+    width: int
+    height: int
+    depth: int
+    boxes: np.ndarray  # (N, 4) float64 xyxy pixels
+    class_ids: np.ndarray  # (N,) int64
+    class_map: dict[int, str]
+    confidences: np.ndarray  # (N,) float64, NaN where the line has none
+    label_attribute: str = "bb"
+    job_name: str | None = None
+    verified: bool | None = None  # from a verification job's verify-<attr>; None when absent
+    fields: dict = field(default_factory=dict, repr=False)  # the line as read
+    origin: str | None = None  # "path:line" for messages
+
+    @property
+    def image_id(self) -> str:
+        """The file stem of the image, e.g. ``blue_box_1_000043``: the id used for discards and splits."""
+        return storage.stem(self.source_ref)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class name of each box."""
+        return [self.class_map[int(c)] for c in self.class_ids]
+
+    def replace(self, **changes) -> Record:
+        """A copy with some attributes changed (``fields`` is shared, never mutated)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ReadReport:
+    """What a lenient read (``on_error='skip'``) passed over."""
+
+    lines: int = 0
+    skipped: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, message)
+
+
+def find_label_attribute(obj: dict) -> str | None:
+    """The name of the bounding-box label attribute of a line, found by its metadata ``type``.
+
+    An adjustment job's ``adjusted-<attr>`` wins over ``<attr>``. None when there is none;
+    a ManifestError (without location) when several unrelated ones make the choice ambiguous.
+    """
+    found = [
+        key for key, value in obj.items()
+        if not key.endswith("-metadata") and isinstance(obj.get(f"{key}-metadata"), dict)
+        and obj[f"{key}-metadata"].get("type") in DETECTION_TYPES and isinstance(value, dict)
+    ]
+    if not found:
+        return None
+    adjusted = [k for k in found if k.startswith(ADJUSTED_PREFIX)]
+    bases = {k[len(ADJUSTED_PREFIX):] if k.startswith(ADJUSTED_PREFIX) else k for k in found}
+    if len(bases) > 1:
+        raise ManifestError(f"several bounding-box label attributes {sorted(found)}",
+                            hint="choose one with --label-attribute")
+    return adjusted[0] if adjusted else found[0]
+
+
+def _int_field(value, where: str, path: str, line: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ManifestError(f"expected a number, got {value!r}", path=path, line=line, field=where)
+    if float(value) != int(value):
+        raise ManifestError(f"expected a whole number of pixels, got {value!r}", path=path, line=line,
+                            field=where)
+    return int(value)
+
+
+def parse_record(obj, *, path: str = "<memory>", line: int = 0,
+                 label_attribute: str | None = None) -> Record:
+    """Check one decoded manifest line and turn it into a Record (ManifestError naming the field)."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
+    source_ref = obj.get("source-ref")
+    if not isinstance(source_ref, str) or not source_ref:
+        raise ManifestError("missing or empty", path=path, line=line, field="source-ref")
+    if label_attribute is None:
+        try:
+            attr = find_label_attribute(obj)
+        except ManifestError as exc:
+            raise ManifestError(exc.message, path=path, line=line, hint=exc.hint) from None
+        if attr is None:
+            raise ManifestError(
+                "no bounding-box label attribute (a field whose '-metadata' has type "
+                "'groundtruth/object-detection')", path=path, line=line,
+                hint="name it with --label-attribute")
+    else:
+        adjusted = ADJUSTED_PREFIX + label_attribute
+        attr = adjusted if isinstance(obj.get(adjusted), dict) else label_attribute
+        if not isinstance(obj.get(attr), dict):
+            raise ManifestError("label attribute missing on this line", path=path, line=line, field=attr)
+    label = obj[attr]
+    meta = obj.get(f"{attr}-metadata")
+    if not isinstance(meta, dict):
+        meta = obj.get(f"{label_attribute}-metadata") if label_attribute else None
+        if not isinstance(meta, dict):
+            raise ManifestError("missing", path=path, line=line, field=f"{attr}-metadata")
+
+    sizes = label.get("image_size")
+    if not isinstance(sizes, list) or not sizes or not isinstance(sizes[0], dict):
+        raise ManifestError("missing or not a list of {width, height, depth}", path=path, line=line,
+                            field=f"{attr}.image_size")
+    width = _int_field(sizes[0].get("width"), f"{attr}.image_size.width", path, line)
+    height = _int_field(sizes[0].get("height"), f"{attr}.image_size.height", path, line)
+    depth = _int_field(sizes[0].get("depth", 3), f"{attr}.image_size.depth", path, line)
+    if width <= 0 or height <= 0:
+        raise ManifestError(f"image size must be positive, got {width}x{height}", path=path, line=line,
+                            field=f"{attr}.image_size")
+
+    raw_map = meta.get("class-map", {})
+    if not isinstance(raw_map, dict):
+        raise ManifestError("expected an object of id -> name", path=path, line=line,
+                            field=f"{attr}-metadata.class-map")
+    class_map: dict[int, str] = {}
+    for key, name in raw_map.items():
+        try:
+            class_map[int(key)] = str(name)
+        except (TypeError, ValueError):
+            raise ManifestError(f"class id {key!r} is not a whole number", path=path, line=line,
+                                field=f"{attr}-metadata.class-map") from None
+
+    annotations = label.get("annotations")
+    if not isinstance(annotations, list):
+        raise ManifestError("missing or not a list", path=path, line=line, field=f"{attr}.annotations")
+    ltwh = np.zeros((len(annotations), 4), dtype=np.float64)
+    class_ids = np.zeros(len(annotations), dtype=np.int64)
+    for i, ann in enumerate(annotations):
+        where = f"{attr}.annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise ManifestError("expected an object", path=path, line=line, field=where)
+        for j, key in enumerate(_BOX_KEYS):
+            ltwh[i, j] = _int_field(ann.get(key), f"{where}.{key}", path, line)
+        cid = _int_field(ann.get("class_id"), f"{where}.class_id", path, line)
+        if cid not in class_map:
+            raise ManifestError(f"class_id {cid} is not in the class map {raw_map}", path=path, line=line,
+                                field=f"{where}.class_id")
+        class_ids[i] = cid
+        if ltwh[i, 2] <= 0 or ltwh[i, 3] <= 0:
+            raise ManifestError(f"box has non-positive size {int(ltwh[i, 2])}x{int(ltwh[i, 3])}", path=path,
+                                line=line, field=where)
+        left, top, w, h = ltwh[i]
+        if left < 0 or top < 0 or left + w > width or top + h > height:
+            raise ManifestError(
+                f"box (left={int(left)}, top={int(top)}, width={int(w)}, height={int(h)}) lies outside "
+                f"the {width}x{height} image", path=path, line=line, field=where)
+
+    objects = meta.get("objects")
+    confidences = np.full(len(annotations), np.nan)
+    if isinstance(objects, list) and len(objects) == len(annotations):
+        for i, item in enumerate(objects):
+            value = item.get("confidence") if isinstance(item, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                confidences[i] = float(value)
+
+    base = attr[len(ADJUSTED_PREFIX):] if attr.startswith(ADJUSTED_PREFIX) else attr
+    verified = None
+    verify = obj.get(VERIFY_PREFIX + base)
+    if verify is not None:
+        verified = str(verify).strip() not in {"0", "false", "False"}
+
+    return Record(
+        source_ref=source_ref, width=width, height=height, depth=depth,
+        boxes=box_ops.ltwh_to_xyxy(ltwh), class_ids=class_ids, class_map=class_map,
+        confidences=confidences, label_attribute=attr, job_name=meta.get("job-name"),
+        verified=verified, fields=obj, origin=f"{path}:{line}",
+    )
+
+
+def read_manifest(path: str | os.PathLike, *, label_attribute: str | None = None, on_error: str = "stop",
+                  report: ReadReport | None = None) -> Iterator[Record]:
+    """Stream the records of a Ground Truth manifest (local or any fsspec URL).
+
+    ``on_error='stop'`` raises a ManifestError naming file and line for the first bad line;
+    ``'skip'`` passes over bad lines and lists them in ``report``. Blank lines are ignored.
+    """
+    if on_error not in ("stop", "skip"):
+        raise ValueError("on_error must be 'stop' or 'skip'")
+    path = os.fspath(path)
+    for number, raw in storage.iter_lines(path):
+        if not raw.strip():
+            continue
+        if report is not None:
+            report.lines += 1
+        try:
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise ManifestError(f"not valid JSON: {exc}", path=path, line=number) from None
+            yield parse_record(obj, path=path, line=number, label_attribute=label_attribute)
+        except ManifestError as exc:
+            if on_error == "stop":
+                raise
+            if report is not None:
+                report.skipped.append((path, number, str(exc)))
+
+
+def record_to_json(record: Record) -> dict:
+    """The manifest line of a record: its original fields with the label attribute brought up to date."""
+    obj = dict(record.fields)
+    attr = record.label_attribute
+    label = copy.deepcopy(obj.get(attr)) if isinstance(obj.get(attr), dict) else {}
+    meta = copy.deepcopy(obj.get(f"{attr}-metadata")) if isinstance(obj.get(f"{attr}-metadata"), dict) else {}
+
+    ltwh = box_ops.xyxy_to_ltwh_int(record.boxes)
+    old = label.get("annotations") if isinstance(label.get("annotations"), list) else []
+    annotations = []
+    for i in range(len(ltwh)):
+        ann = dict(old[i]) if len(old) == len(ltwh) and isinstance(old[i], dict) else {}
+        ann["class_id"] = int(record.class_ids[i])
+        for j, key in enumerate(_BOX_KEYS):
+            ann[key] = int(ltwh[i, j])
+        annotations.append(ann)
+    label["annotations"] = annotations
+    sizes = label.get("image_size") if isinstance(label.get("image_size"), list) and label["image_size"] else [{}]
+    size = dict(sizes[0])
+    size.update(width=int(record.width), height=int(record.height), depth=int(record.depth))
+    label["image_size"] = [size] + list(sizes[1:])
+
+    used = {int(c) for c in record.class_ids}
+    keep_all = bool(meta.get("class-map")) or used
+    meta["class-map"] = {str(k): v for k, v in sorted(record.class_map.items())} if keep_all else {}
+    old_objects = meta.get("objects") if isinstance(meta.get("objects"), list) else []
+    objects = []
+    for i in range(len(annotations)):
+        item = dict(old_objects[i]) if len(old_objects) == len(annotations) and isinstance(
+            old_objects[i], dict) else {}
+        conf = record.confidences[i] if i < len(record.confidences) else np.nan
+        if conf == conf:
+            item["confidence"] = float(conf)
+        objects.append(item)
+    meta["objects"] = objects
+    meta.setdefault("type", DETECTION_TYPES[0])
+    if record.job_name is not None:
+        meta["job-name"] = record.job_name
+    obj["source-ref"] = record.source_ref
+    obj[attr] = label
+    obj[f"{attr}-metadata"] = meta
+    return obj
+
+
+def dumps_line(obj: dict) -> bytes:
+    """One JSON Lines line (with its newline)."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+
+
+def write_manifest(path: str | os.PathLike, records: Iterable[Record | dict]) -> int:
+    """Write records (or ready JSON objects) as a manifest, atomically; returns the line count."""
+    count = 0
+    with storage.atomic_writer(path, "wb") as handle:
+        for item in records:
+            handle.write(dumps_line(record_to_json(item) if isinstance(item, Record) else item))
+            count += 1
+    return count
+
+
+def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_ids, class_map: dict[int, str],
+                depth: int = 3, label_attribute: str = "bb", job_name: str | None = None,
+                confidences=None, metadata: dict | None = None, creation_date: str | None = None,
+                human_annotated: str = "yes") -> Record:
+    """A new record with Ground Truth's full set of fields (for synthetic data and format imports).
+
+    ``metadata`` adds per-line fields such as ``{"color": "blue", "object": "box"}``.
+    """
+    boxes = box_ops.as_boxes(boxes_xyxy)
+    ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+    conf = np.full(len(ids), np.nan) if confidences is None else np.asarray(confidences, dtype=np.float64)
+    fields = {"source-ref": source_ref, **(metadata or {})}
+    fields[label_attribute] = {"annotations": [], "image_size": [{"width": width, "height": height,
+                                                                  "depth": depth}]}
+    fields[f"{label_attribute}-metadata"] = {
+        **({"job-name": job_name} if job_name else {}),
+        "class-map": {},
+        "human-annotated": human_annotated,
+        "objects": [],
+        "creation-date": creation_date or _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None).isoformat(),
+        "type": DETECTION_TYPES[0],
+    }
+    record = Record(source_ref=source_ref, width=int(width), height=int(height), depth=int(depth),
+                    boxes=boxes, class_ids=ids, class_map=dict(class_map), confidences=conf,
+                    label_attribute=label_attribute, job_name=job_name, fields=fields)
+    record.fields = record_to_json(record)
+    return record
+
+
+def read_image_refs(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Stream (line, object) of any JSON Lines manifest, e.g. a labeling *input* manifest."""
+    path = os.fspath(path)
+    for number, raw in storage.iter_lines(path):
+        if raw.strip():
+            try:
+                yield number, orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise ManifestError(f"not valid JSON: {exc}", path=path, line=number) from None

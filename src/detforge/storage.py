@@ -1,0 +1,240 @@
+"""Reading and writing files on local disk or any fsspec URL (``s3://bucket/key`` above all).
+
+Writes are atomic: locally a temporary file in the same folder is renamed into place; on object
+stores the data is staged in a local temporary file and sent in a single PUT only when complete,
+so a reader never sees half a file. S3 endpoints and credentials come from the usual AWS settings
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, profiles ...), read by botocore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from detforge.errors import MissingDependencyError, StorageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True for URLs with a protocol other than file:// (s3://, gs://, memory:// ...)."""
+    text = os.fspath(uri)
+    return "://" in text and not text.startswith("file://")
+
+
+def _local(uri: str | os.PathLike) -> str:
+    text = os.fspath(uri)
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def _filesystem(uri: str):
+    import fsspec
+
+    protocol = uri.split("://", 1)[0]
+    try:
+        fs = fsspec.filesystem(protocol)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"reading {protocol}:// needs an fsspec backend that is not installed",
+            path=uri, hint="pip install 'detforge[s3]' for s3://",
+        ) from exc
+    except ValueError as exc:
+        raise StorageError(f"unknown storage protocol '{protocol}'", path=uri) from exc
+    return fs
+
+
+def _strip(uri: str) -> str:
+    return uri.split("://", 1)[1]
+
+
+@contextlib.contextmanager
+def _errors(uri: str, action: str) -> Iterator[None]:
+    """Turn the many ways storage fails (OS, botocore, fsspec) into one StorageError naming the path."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as exc:
+        raise StorageError(f"cannot {action}: no such file", path=uri) from exc
+    except IsADirectoryError as exc:
+        raise StorageError(f"cannot {action}: it is a folder", path=uri) from exc
+    except PermissionError as exc:
+        raise StorageError(f"cannot {action}: permission denied", path=uri,
+                           hint="check the credentials or the file's permissions") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot {action}: {exc}", path=uri) from exc
+    except Exception as exc:  # botocore/aiohttp errors have no common base we can import cheaply
+        name = type(exc).__module__.split(".")[0]
+        if name in {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec"}:
+            raise StorageError(f"cannot {action}: {type(exc).__name__}: {exc}", path=uri) from exc
+        raise
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts with '/' for URLs and the OS separator for local paths."""
+    base = os.fspath(base)
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def basename(uri: str | os.PathLike) -> str:
+    """The last path component of a local path or URL."""
+    return posixpath.basename(os.fspath(uri).rstrip("/")) if is_remote(uri) else os.path.basename(os.fspath(uri))
+
+
+def stem(uri: str | os.PathLike) -> str:
+    """The file name without its extension: the image id used across detforge."""
+    name = basename(uri)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """Whether a file (or folder) exists."""
+    uri = os.fspath(uri)
+    if not is_remote(uri):
+        return os.path.exists(_local(uri))
+    with _errors(uri, "check"):
+        return _filesystem(uri).exists(_strip(uri))
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    """Create a local folder and its parents; nothing to do on object stores."""
+    uri = os.fspath(uri)
+    if not is_remote(uri):
+        with _errors(uri, "create the folder"):
+            os.makedirs(_local(uri), exist_ok=True)
+
+
+@contextlib.contextmanager
+def open_file(uri: str | os.PathLike, mode: str = "rb") -> Iterator[IO]:
+    """Open a file for reading ('r'/'rb'). For writing use atomic_writer."""
+    if "w" in mode or "a" in mode:
+        raise ValueError("open_file is for reading; use atomic_writer to write")
+    uri = os.fspath(uri)
+    with _errors(uri, "read"):
+        if is_remote(uri):
+            handle = _filesystem(uri).open(_strip(uri), "rb")
+            if "b" not in mode:
+                import io
+
+                handle = io.TextIOWrapper(handle, encoding="utf-8")
+        else:
+            handle = open(_local(uri), mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+        with handle:
+            yield handle
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole content of a file."""
+    with open_file(uri, "rb") as handle, _errors(os.fspath(uri), "read"):
+        return handle.read()
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    """The whole content of a UTF-8 text file."""
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StorageError(f"not UTF-8 text (byte {exc.start})", path=os.fspath(uri)) from exc
+
+
+def iter_lines(uri: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number from 1, raw line without the newline), streaming; blank lines included."""
+    uri = os.fspath(uri)
+    with open_file(uri, "rb") as handle, _errors(uri, "read"):
+        for number, line in enumerate(handle, start=1):
+            yield number, line.rstrip(b"\r\n")
+
+
+@contextlib.contextmanager
+def atomic_writer(uri: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write a file so that it appears whole or not at all.
+
+    Locally: a temporary file beside the target, flushed and fsynced, renamed over it.
+    Remote: a local temporary file, uploaded in one PUT after the block ends without error.
+    """
+    uri = os.fspath(uri)
+    binary = "b" in mode
+    if is_remote(uri):
+        staging_dir = None
+    else:
+        target = Path(_local(uri))
+        with _errors(uri, "create the folder"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        staging_dir = str(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".detforge-", suffix=".part", dir=staging_dir)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if is_remote(uri):
+            with _errors(uri, "write"):
+                _filesystem(uri).put_file(tmp, _strip(uri))
+        else:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, _local(uri))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write bytes atomically."""
+    with atomic_writer(uri, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(uri: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy one file between any two locations (atomic at the target)."""
+    source, target = os.fspath(source), os.fspath(target)
+    with open_file(source, "rb") as src, atomic_writer(target, "wb") as dst, _errors(source, "copy"):
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def list_files(uri: str | os.PathLike, *, suffixes: tuple[str, ...] | None = None,
+               recursive: bool = True) -> list[str]:
+    """Files under a folder or prefix, sorted; filtered by lower-case suffix when given."""
+    uri = os.fspath(uri)
+
+    def keep(name: str) -> bool:
+        return suffixes is None or name.lower().endswith(suffixes)
+
+    if not is_remote(uri):
+        root = Path(_local(uri))
+        if not root.is_dir():
+            raise StorageError("not a folder", path=uri)
+        paths = root.rglob("*") if recursive else root.glob("*")
+        return sorted(str(p) for p in paths if p.is_file() and keep(p.name) and not p.name.startswith("."))
+    protocol = uri.split("://", 1)[0]
+    fs = _filesystem(uri)
+    with _errors(uri, "list"):
+        if recursive:
+            found = fs.find(_strip(uri))
+        else:
+            found = [entry["name"] for entry in fs.ls(_strip(uri), detail=True) if entry["type"] == "file"]
+    return sorted(f"{protocol}://{name}" for name in found if keep(name))
+
+
+def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """A local path for a file: itself when local, else a cached download under cache_dir."""
+    uri = os.fspath(uri)
+    if not is_remote(uri):
+        return _local(uri)
+    cached = os.path.join(os.fspath(cache_dir), uri.replace("://", "/", 1))
+    if not os.path.exists(cached):
+        copy_file(uri, cached)
+    return cached

@@ -1,0 +1,158 @@
+"""Shared fixtures: the real data beside the checkout, a real S3 server (moto), a real MQTT broker
+(mosquitto), the Chromium binary. Servers start on free loopback ports and stop after use.
+
+A binary that is missing makes its tests skip with a reason, except under CI (CI=true), where
+they fail: CI must exercise the real servers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+UNDER_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def missing(reason: str) -> None:
+    """Skip the test, or fail it under CI where everything must be there."""
+    if UNDER_CI:
+        pytest.fail(f"{reason} (CI must have it: see `make system`)")
+    pytest.skip(reason)
+
+
+def need_binary(name: str, *candidates: str) -> str:
+    """The path of a program, or skip/fail naming it."""
+    for candidate in (name, *candidates):
+        found = shutil.which(candidate) or (candidate if os.path.isfile(candidate) else None)
+        if found:
+            return found
+    missing(f"'{name}' is not installed (Debian package; `make system` installs it)")
+    raise AssertionError("unreachable")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    """Block until something listens on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real Ground Truth manifests, frames, hyperparameters); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (it sits beside a developer's checkout, not a user's clone)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1; sets the AWS variables botocore/s3fs read.
+
+    Yields the endpoint URL. Create buckets with ``make_bucket``.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def make_bucket(s3_server):
+    """Create a fresh bucket on the moto server and return its name."""
+    import uuid
+
+    import boto3
+
+    def create(name: str | None = None) -> str:
+        name = name or f"test-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+        import fsspec
+
+        fsspec.filesystem("s3").invalidate_cache()
+        return name
+
+    return create
+
+
+class Broker:
+    """A mosquitto broker on a loopback port that tests can stop and start again."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def mqtt_broker(tmp_path):
+    """A running mosquitto broker (``.url``, ``.port``, ``.stop()``, ``.start()``)."""
+    binary = need_binary("mosquitto", "/usr/sbin/mosquitto")
+    broker = Broker(binary, tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Debian's Chromium for Playwright (``executable_path``); never a downloaded browser."""
+    return need_binary("chromium", "/usr/bin/chromium")
