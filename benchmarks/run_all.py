@@ -1,0 +1,69 @@
+"""Run every benchmarks/bench_*.py (or those named), then render results.json and RESULTS.md.
+
+    python benchmarks/run_all.py            # all
+    python benchmarks/run_all.py prepare    # only bench_prepare.py, others keep their last figures
+    python benchmarks/run_all.py --render   # only re-render from benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def render() -> None:
+    results = [json.loads(p.read_text()) for p in sorted((HERE / "results").glob("*.json"))]
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# Benchmark results", "",
+             "Made by `make bench` (`benchmarks/run_all.py`). Each benchmark compares against its named",
+             "baseline *in the same run* on the machine named with it; the machine is shared and noisy,",
+             "so read the ratios, not the absolute times.", ""]
+    for result in results:
+        m = result["machine"]
+        lines += [f"## {result['title']}", "",
+                  f"{result['summary']}", "",
+                  f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; "
+                  f"measured {result['date']}.", ""]
+        rows = result["rows"]
+        if rows:
+            keys = list(dict.fromkeys(k for row in rows for k in row))
+            lines.append("| " + " | ".join(keys) + " |")
+            lines.append("|" + "---|" * len(keys))
+            for row in rows:
+                lines.append("| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |")
+            lines.append("")
+        if result.get("notes"):
+            lines += [result["notes"], ""]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def main(argv: list[str]) -> int:
+    if "--render" not in argv:
+        names = [a for a in argv if not a.startswith("-")]
+        scripts = sorted(HERE.glob("bench_*.py"))
+        if names:
+            scripts = [s for s in scripts if s.stem.removeprefix("bench_") in names]
+        failed = []
+        for script in scripts:
+            print(f"== {script.name}", flush=True)
+            if subprocess.run([sys.executable, str(script)], cwd=HERE.parent).returncode != 0:
+                failed.append(script.name)
+        if failed:
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
