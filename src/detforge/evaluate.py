@@ -1,0 +1,300 @@
+"""``detforge evaluate``: a model's detections against a labeled manifest -> metrics.json and plots.
+
+The detections come from one of three sources, told apart by ``find_source``:
+- a predictions JSON Lines file in SageMaker's format (``{"image", "prediction": [[class_id, score,
+  xmin, ymin, xmax, ymax], ...]}``, corners as fractions), matched to the manifest's images by
+  ``source-ref``, file name or file stem;
+- a training run folder (``checkpoint.load_run_model``, torch, imported only then);
+- a deploy folder or its ``model.onnx`` (``runtime.Predictor``, imported only then).
+
+Images stream through ``metrics.DetectionAccumulator`` (VOC07 ``validation:mAP``, all-point AP,
+P/R/F1, confusion matrix) and ``coco_metrics.CocoAccumulator``. Written: ``metrics.json``,
+``pr_<class>.png`` per class with ground truth, ``confusion_matrix.png``.
+
+Not here: the metric definitions (``metrics``, ``coco_metrics``), running models (``checkpoint``,
+``runtime``), training.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from detforge import boxes as box_ops
+from detforge import storage
+from detforge.coco_metrics import CocoAccumulator
+from detforge.errors import ConfigError, FormatError, ManifestError
+from detforge.groundtruth import read_manifest
+from detforge.metrics import DetectionAccumulator, DetectionMetrics
+
+PREDICTION_SUFFIXES = (".jsonl", ".json", ".ndjson", ".out")
+
+
+@dataclass
+class GroundTruth:
+    """What evaluation needs of one manifest line."""
+
+    source_ref: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) xyxy pixels
+    class_ids: np.ndarray  # (N,)
+    origin: str
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one evaluation and where they were written."""
+
+    metrics: DetectionMetrics
+    coco: dict | None
+    class_names: list[str]
+    source: str  # "predictions", "run" or "onnx"
+    images_without_predictions: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The content of metrics.json."""
+        return {"source": self.source, "classes": list(self.class_names),
+                **self.metrics.to_dict(class_names=self.class_names, curves=True),
+                "images_without_predictions": self.images_without_predictions, "coco": self.coco}
+
+
+def find_source(path: str) -> str:
+    """``"predictions"``, ``"run"`` or ``"onnx"`` for a path given to evaluate (ConfigError if none)."""
+    text = os.fspath(path).rstrip("/")
+    if text.endswith(".onnx") or storage.exists(storage.join(text, "model.onnx")):
+        return "onnx"
+    if any(storage.exists(storage.join(text, name)) for name in ("model.safetensors", "hyperparams.json")):
+        return "run"
+    if text.lower().endswith(PREDICTION_SUFFIXES) and storage.exists(text):
+        return "predictions"
+    raise ConfigError(
+        "not a predictions JSON Lines file, a training run folder (model.safetensors) or a deploy "
+        "folder (model.onnx)", path=text)
+
+
+def read_class_names(manifest: str, classes: str | None = None) -> list[str] | None:
+    """Class names from ``classes`` (a JSON list), else ``classes.json`` beside the manifest, else None."""
+    folder = os.path.dirname(os.fspath(manifest).rstrip("/")) or "."
+    candidate = classes or storage.join(folder, "classes.json")
+    if classes is None and not storage.exists(candidate):
+        return None
+    try:
+        names = orjson.loads(storage.read_bytes(candidate))
+    except orjson.JSONDecodeError as exc:
+        raise FormatError(f"not valid JSON: {exc}", path=candidate) from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise FormatError("expected a JSON list of class names (index = class id)", path=candidate)
+    return names
+
+
+def load_ground_truth(manifest: str, *, label_attribute: str | None = None) -> Iterator[GroundTruth]:
+    """Stream the manifest as GroundTruth items (the untouched line is dropped)."""
+    for record in read_manifest(manifest, label_attribute=label_attribute):
+        yield GroundTruth(source_ref=record.source_ref, width=record.width, height=record.height,
+                          boxes=record.boxes, class_ids=record.class_ids, origin=record.origin or manifest)
+
+
+def manifest_class_names(manifest: str, *, label_attribute: str | None = None) -> list[str]:
+    """Class names from the manifest's class maps (ids without a name are named by their number)."""
+    names: dict[int, str] = {}
+    for record in read_manifest(manifest, label_attribute=label_attribute):
+        for cid, name in record.class_map.items():
+            names.setdefault(cid, name)
+    if not names:
+        raise ManifestError("no class map on any line: cannot tell the classes", path=manifest,
+                            hint="pass --classes classes.json")
+    return [names.get(i, str(i)) for i in range(max(names) + 1)]
+
+
+class _ImageIndex:
+    """Finds a manifest image from a prediction's ``source-ref``, file name or stem."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, list[int]] = {}
+
+    def add(self, index: int, source_ref: str) -> None:
+        for key in {source_ref, storage.basename(source_ref), storage.stem(source_ref)}:
+            self.by_key.setdefault(key, []).append(index)
+
+    def find(self, entry: dict) -> list[int]:
+        for key in (entry.get("source-ref"), entry.get("image")):
+            if isinstance(key, str) and key:
+                for candidate in (key, storage.basename(key), storage.stem(key)):
+                    if candidate in self.by_key:
+                        return self.by_key[candidate]
+        return []
+
+
+def parse_prediction(entry, *, path: str, line: int, num_classes: int,
+                     width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One predictions line's detections as pixel ``xyxy`` boxes, scores, class ids (FormatError if bad)."""
+    rows = entry.get("prediction")
+    if not isinstance(rows, list):
+        raise FormatError("missing or not a list", path=path, line=line, field="prediction")
+    boxes = np.zeros((len(rows), 4))
+    scores = np.zeros(len(rows))
+    classes = np.zeros(len(rows), dtype=np.int64)
+    for i, row in enumerate(rows):
+        where = f"prediction[{i}]"
+        if (not isinstance(row, list) or len(row) != 6
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)):
+            raise FormatError(f"expected [class_id, score, xmin, ymin, xmax, ymax] numbers, got {row!r}",
+                              path=path, line=line, field=where)
+        cid, score = row[0], row[1]
+        if not math.isfinite(score):
+            raise FormatError(f"score is {score}", path=path, line=line, field=f"{where}.score")
+        if not math.isfinite(cid) or cid != int(cid) or not 0 <= cid < num_classes:
+            raise FormatError(f"unknown class id {cid!r} (the classes are 0..{num_classes - 1})", path=path,
+                              line=line, field=f"{where}.class_id")
+        if not all(math.isfinite(v) for v in row[2:]):
+            raise FormatError(f"box corners must be finite numbers, got {row[2:]}", path=path, line=line,
+                              field=where)
+        classes[i], scores[i], boxes[i] = int(cid), score, row[2:]
+    return box_ops.xyxy_norm_to_xyxy(boxes, width=width, height=height), scores, classes
+
+
+def _detections_from_predictions(predictions: str, images: list[GroundTruth], num_classes: int,
+                                 seen: np.ndarray) -> Iterator[tuple[int, tuple]]:
+    index = _ImageIndex()
+    for i, gt in enumerate(images):
+        index.add(i, gt.source_ref)
+    for number, raw in storage.iter_lines(predictions):
+        if not raw.strip():
+            continue
+        try:
+            entry = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise FormatError(f"not valid JSON: {exc}", path=predictions, line=number) from None
+        if not isinstance(entry, dict):
+            raise FormatError("expected a JSON object", path=predictions, line=number)
+        found = index.find(entry)
+        name = entry.get("source-ref") or entry.get("image")
+        if not found:
+            raise FormatError(f"image {name!r} is not in the manifest", path=predictions, line=number,
+                              field="image")
+        if len(found) > 1:
+            raise FormatError(f"image {name!r} matches {len(found)} manifest images "
+                              f"({images[found[0]].source_ref}, {images[found[1]].source_ref})",
+                              path=predictions, line=number, field="image", hint="give the full source-ref")
+        i = found[0]
+        if seen[i]:
+            raise FormatError(f"second predictions line for image {images[i].source_ref}", path=predictions,
+                              line=number, field="image")
+        seen[i] = True
+        gt = images[i]
+        yield i, parse_prediction(entry, path=predictions, line=number, num_classes=num_classes,
+                                  width=gt.width, height=gt.height)
+
+
+def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float = 0.5,
+             score_threshold: float = 0.5, out_dir: str | None = None, classes: str | None = None,
+             label_attribute: str | None = None, coco: bool = True, batch_size: int = 8) -> EvaluationResult:
+    """Evaluate detections (predictions file, run folder or deploy folder) against ``manifest``.
+
+    Writes ``metrics.json``, ``pr_<class>.png`` and ``confusion_matrix.png`` into ``out_dir`` when given.
+    """
+    model_or_predictions = os.fspath(model_or_predictions)
+    manifest = os.fspath(manifest)
+    source = find_source(model_or_predictions)
+    if source != "predictions":
+        raise ConfigError(f"evaluating a {source} is not available in this build", path=model_or_predictions)
+    names = (read_class_names(manifest, classes)
+             or manifest_class_names(manifest, label_attribute=label_attribute))
+    num_classes = len(names)
+    acc = DetectionAccumulator(num_classes, iou_threshold=iou_threshold, score_threshold=score_threshold)
+    coco_acc = CocoAccumulator(names) if coco else None
+
+    def add(gt: GroundTruth, boxes, scores, labels) -> None:
+        bad = gt.class_ids[(gt.class_ids < 0) | (gt.class_ids >= num_classes)]
+        if bad.size:
+            raise ManifestError(f"class id {int(bad[0])} is not one of the {num_classes} classes {names}",
+                                path=gt.origin.rsplit(":", 1)[0], line=int(gt.origin.rsplit(":", 1)[1]))
+        for target in (acc, coco_acc):
+            if target is not None:
+                target.update(gt_boxes=gt.boxes, gt_classes=gt.class_ids, pred_boxes=boxes,
+                              pred_scores=scores, pred_classes=labels, image_id=gt.source_ref)
+
+    # Predictions may come in any order: the manifest's boxes are indexed (small), the predictions stream.
+    images = list(load_ground_truth(manifest, label_attribute=label_attribute))
+    seen = np.zeros(len(images), dtype=bool)
+    for i, (boxes, scores, labels) in _detections_from_predictions(model_or_predictions, images,
+                                                                     num_classes, seen):
+        add(images[i], boxes, scores, labels)
+    empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
+    for i in np.flatnonzero(~seen):
+        add(images[i], *empty)
+    result = EvaluationResult(metrics=acc.compute(), coco=coco_acc.compute() if coco_acc else None,
+                              class_names=names, source=source,
+                              images_without_predictions=int((~seen).sum()))
+    if out_dir is not None:
+        result.files = write_outputs(result, out_dir)
+    return result
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
+
+
+def write_outputs(result: EvaluationResult, out_dir: str) -> list[str]:
+    """metrics.json, a PR curve PNG per class with ground truth and the confusion matrix PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    storage.makedirs(out_dir)
+    written = []
+    path = storage.join(out_dir, "metrics.json")
+    storage.write_bytes(path, orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    written.append(path)
+    m = result.metrics
+
+    def save(fig, name: str) -> None:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        target = storage.join(out_dir, name)
+        storage.write_bytes(target, buffer.getvalue())
+        written.append(target)
+
+    for c, curve in sorted(m.pr_curves.items()):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        if len(curve.recall):
+            envelope = np.maximum.accumulate(curve.precision[::-1])[::-1]
+            ax.plot(curve.recall, curve.precision, ".", color="0.6", markersize=3, label="after each score")
+            ax.step(np.concatenate([[0.0], curve.recall]), np.concatenate([envelope[:1], envelope]),
+                    where="pre", label="interpolated")
+            ax.legend(loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no detections of this class", ha="center", va="center")
+        ax.set(xlim=(0, 1.01), ylim=(0, 1.01), xlabel="recall", ylabel="precision",
+               title=f"{result.class_names[c]}: AP07 {m.per_class_ap_voc07[c]:.3f}, "
+                     f"AP {m.per_class_ap_all_point[c]:.3f} @IoU {m.iou_threshold:g}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        save(fig, f"pr_{c}_{_safe_name(result.class_names[c])}.png")
+
+    labels = list(result.class_names) + ["background"]
+    size = max(4.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    matrix = m.confusion_matrix
+    ax.imshow(matrix, cmap="Blues")
+    for (row, col), value in np.ndenumerate(matrix):
+        ax.text(col, row, str(value), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="ground truth",
+           title=f"confusion at score >= {m.score_threshold:g}, IoU >= {m.iou_threshold:g}")
+    fig.tight_layout()
+    save(fig, "confusion_matrix.png")
+    return written
