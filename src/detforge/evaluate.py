@@ -18,6 +18,7 @@ Not here: the metric definitions (``metrics``, ``coco_metrics``), running models
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -173,7 +174,10 @@ def _detections_from_predictions(predictions: str, images: list[GroundTruth], nu
         try:
             entry = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise FormatError(f"not valid JSON: {exc}", path=predictions, line=number) from None
+            try:  # Python's json writes NaN/Infinity; read them so the check below can name the field
+                entry = json.loads(raw)
+            except ValueError:
+                raise FormatError(f"not valid JSON: {exc}", path=predictions, line=number) from None
         if not isinstance(entry, dict):
             raise FormatError("expected a JSON object", path=predictions, line=number)
         found = index.find(entry)
@@ -195,6 +199,17 @@ def _detections_from_predictions(predictions: str, images: list[GroundTruth], nu
                                   width=gt.width, height=gt.height)
 
 
+def _checked(items: Iterator[GroundTruth], names: list[str]) -> Iterator[GroundTruth]:
+    """The manifest's images, with a ManifestError for a class id the class list does not have."""
+    for gt in items:
+        bad = gt.class_ids[(gt.class_ids < 0) | (gt.class_ids >= len(names))]
+        if bad.size:
+            path, _, line = gt.origin.rpartition(":")
+            raise ManifestError(f"class id {int(bad[0])} is not one of the {len(names)} classes {names}",
+                                path=path, line=int(line))
+        yield gt
+
+
 def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float = 0.5,
              score_threshold: float = 0.5, out_dir: str | None = None, classes: str | None = None,
              label_attribute: str | None = None, coco: bool = True, batch_size: int = 8) -> EvaluationResult:
@@ -214,17 +229,13 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     coco_acc = CocoAccumulator(names) if coco else None
 
     def add(gt: GroundTruth, boxes, scores, labels) -> None:
-        bad = gt.class_ids[(gt.class_ids < 0) | (gt.class_ids >= num_classes)]
-        if bad.size:
-            raise ManifestError(f"class id {int(bad[0])} is not one of the {num_classes} classes {names}",
-                                path=gt.origin.rsplit(":", 1)[0], line=int(gt.origin.rsplit(":", 1)[1]))
         for target in (acc, coco_acc):
             if target is not None:
                 target.update(gt_boxes=gt.boxes, gt_classes=gt.class_ids, pred_boxes=boxes,
                               pred_scores=scores, pred_classes=labels, image_id=gt.source_ref)
 
     # Predictions may come in any order: the manifest's boxes are indexed (small), the predictions stream.
-    images = list(load_ground_truth(manifest, label_attribute=label_attribute))
+    images = list(_checked(load_ground_truth(manifest, label_attribute=label_attribute), names))
     seen = np.zeros(len(images), dtype=bool)
     for i, (boxes, scores, labels) in _detections_from_predictions(model_or_predictions, images,
                                                                      num_classes, seen):
@@ -254,7 +265,8 @@ def write_outputs(result: EvaluationResult, out_dir: str) -> list[str]:
     storage.makedirs(out_dir)
     written = []
     path = storage.join(out_dir, "metrics.json")
-    storage.write_bytes(path, orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    storage.write_bytes(path, orjson.dumps(result.to_dict(), option=options) + b"\n")
     written.append(path)
     m = result.metrics
 
