@@ -305,8 +305,8 @@ def write_outputs(result: EvaluationResult, out_dir: str) -> list[str]:
                 color="white" if value > matrix.max() / 2 else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
-    ax.set(xlabel="predicted", ylabel="ground truth",
-           title=f"confusion at score >= {m.score_threshold:g}, IoU >= {m.iou_threshold:g}")
+    ax.set(xlabel="predicted", ylabel="ground truth")
+    ax.set_title(f"score >= {m.score_threshold:g}, IoU >= {m.iou_threshold:g}", fontsize=10)
     fig.tight_layout()
     save(fig, "confusion_matrix.png")
     return written

@@ -144,27 +144,32 @@ def _finite_boxes(values, name: str) -> np.ndarray:
 
 
 def match_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes: np.ndarray,
-                pred_scores: np.ndarray, pred_classes: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """VOC matching of one image: ``is_tp`` (bool) for each detection, in the input order."""
+                pred_scores: np.ndarray, pred_classes: np.ndarray, iou_threshold: float,
+                iou: np.ndarray | None = None) -> np.ndarray:
+    """VOC matching of one image: ``is_tp`` (bool) for each detection, in the input order.
+
+    ``iou``: the ``(n_pred, n_gt)`` IoU matrix when the caller has it already.
+    """
     n_pred = len(pred_scores)
     is_tp = np.zeros(n_pred, dtype=bool)
     if n_pred == 0 or len(gt_boxes) == 0:
         return is_tp
-    iou = box_ops.iou_xyxy(pred_boxes, gt_boxes)
+    iou = box_ops.iou_xyxy(pred_boxes, gt_boxes) if iou is None else iou.copy()
     iou[pred_classes[:, None] != gt_classes[None, :]] = -1.0  # only same-class boxes compete
     best = np.argmax(iou, axis=1)
     best_iou = iou[np.arange(n_pred), best]
-    taken = np.zeros(len(gt_boxes), dtype=bool)
-    for i in np.argsort(-pred_scores, kind="stable"):
-        if best_iou[i] >= iou_threshold and not taken[best[i]]:
-            taken[best[i]] = True
-            is_tp[i] = True
+    # Without fall-back a detection's box is fixed in advance, so the greedy pass reduces to: a true
+    # positive is the highest-scoring detection (first in stable order) among those reaching its box.
+    order = np.argsort(-pred_scores, kind="stable")
+    order = order[best_iou[order] >= iou_threshold]
+    _, first = np.unique(best[order], return_index=True)
+    is_tp[order[first]] = True
     return is_tp
 
 
 def confusion_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes: np.ndarray,
                     pred_classes: np.ndarray, pred_scores: np.ndarray, num_classes: int,
-                    iou_threshold: float) -> np.ndarray:
+                    iou_threshold: float, iou: np.ndarray | None = None) -> np.ndarray:
     """Confusion counts of one image for detections already above the score threshold.
 
     Detections in descending score each take the untaken ground-truth box with IoU >= threshold,
@@ -174,22 +179,24 @@ def confusion_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes:
     """
     matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     taken = np.zeros(len(gt_boxes), dtype=bool)
-    iou = box_ops.iou_xyxy(pred_boxes, gt_boxes) if len(pred_boxes) and len(gt_boxes) else None
+    if not len(pred_boxes) or not len(gt_boxes):
+        np.add.at(matrix, (num_classes, pred_classes), 1)
+        np.add.at(matrix, (gt_classes, num_classes), 1)
+        return matrix
+    if iou is None:
+        iou = box_ops.iou_xyxy(pred_boxes, gt_boxes)
+    # own class first (+2 lifts it above any IoU), then the highest IoU; -1 where IoU is too low
+    preference = np.where(iou >= iou_threshold,
+                          iou + 2.0 * (pred_classes[:, None] == gt_classes[None, :]), -1.0)
     for i in np.argsort(-pred_scores, kind="stable"):
-        target = -1
-        if iou is not None:
-            candidates = np.where((iou[i] >= iou_threshold) & ~taken)[0]
-            if candidates.size:
-                same = candidates[gt_classes[candidates] == pred_classes[i]]
-                pool = same if same.size else candidates
-                target = int(pool[np.argmax(iou[i, pool])])
-        if target >= 0:
+        row = np.where(taken, -1.0, preference[i])
+        target = int(np.argmax(row))
+        if row[target] >= 0:
             taken[target] = True
             matrix[gt_classes[target], pred_classes[i]] += 1
         else:
             matrix[num_classes, pred_classes[i]] += 1
-    for cls in gt_classes[~taken]:
-        matrix[cls, num_classes] += 1
+    np.add.at(matrix, (gt_classes[~taken], num_classes), 1)
     return matrix
 
 
@@ -236,13 +243,15 @@ class DetectionAccumulator:
                 raise ValueError("pred_scores contains NaN")
         except ValueError as exc:
             raise ValueError(f"{exc}{where}") from None
+        iou = box_ops.iou_xyxy(pr_b, gt_b) if len(pr_b) and len(gt_b) else None
         is_tp = match_image(gt_boxes=gt_b, gt_classes=gt_c, pred_boxes=pr_b, pred_scores=pr_s,
-                            pred_classes=pr_c, iou_threshold=self.iou_threshold)
+                            pred_classes=pr_c, iou_threshold=self.iou_threshold, iou=iou)
         self.n_gt += np.bincount(gt_c, minlength=self.num_classes)
         keep = pr_s >= self.score_threshold
         self.confusion += confusion_image(gt_boxes=gt_b, gt_classes=gt_c, pred_boxes=pr_b[keep],
                                           pred_classes=pr_c[keep], pred_scores=pr_s[keep],
-                                          num_classes=self.num_classes, iou_threshold=self.iou_threshold)
+                                          num_classes=self.num_classes, iou_threshold=self.iou_threshold,
+                                          iou=None if iou is None else iou[keep])
         self.num_images += 1
         if len(pr_s):
             self._chunks.append((pr_s, pr_c.astype(np.int32), is_tp))
