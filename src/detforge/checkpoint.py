@@ -1,0 +1,169 @@
+"""Model weights and training state in a run folder, stored without pickle.
+
+- ``save_model(run_dir, model, info, name="model")`` -> ``<name>.safetensors`` + ``<name>.json``
+  (``RunInfo`` fields: base_network, image_shape, num_classes, classes, thresholds, hyperparams);
+  ``name="best"`` gives ``best.safetensors``/``best.json``.
+- ``load_run_model(run_dir, *, which="model", device="cpu") -> (model, RunInfo)``; ``run_dir`` may also be
+  a ``.safetensors`` file with its ``.json`` beside it.
+- ``save_state``/``load_state``: ``checkpoints/last.pt`` for ``--resume``: plain tensors, numbers and
+  dicts written with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
+
+Every write is atomic (``storage.write_bytes``), so a run killed mid-write keeps the previous file.
+Not here: building models (``models``), the training loop (``train``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+
+import orjson
+
+from detforge import storage
+from detforge.errors import ModelError
+
+FORMAT_VERSION = 1
+STATE_FILE = "checkpoints/last.pt"
+
+
+@dataclass
+class RunInfo:
+    """What a saved model needs besides its weights (``model.json``)."""
+
+    base_network: str
+    image_shape: int
+    num_classes: int
+    classes: list[str]
+    thresholds: dict = field(default_factory=dict)  # nms_threshold, nms_topk, score/overlap_threshold
+    hyperparams: dict = field(default_factory=dict)
+    epoch: int | None = None
+    metrics: dict = field(default_factory=dict)
+    source_run: str | None = None
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (what ``model.json`` holds)."""
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: dict, *, path: str = "model.json") -> RunInfo:
+        """Read back ``to_json``; ModelError naming the missing field."""
+        for key in ("base_network", "image_shape", "num_classes", "classes"):
+            if key not in obj:
+                raise ModelError("missing", path=path, field=key)
+        known = {k: obj[k] for k in cls.__dataclass_fields__ if k in obj}
+        known["image_shape"] = int(known["image_shape"])
+        known["num_classes"] = int(known["num_classes"])
+        known["classes"] = [str(c) for c in known["classes"]]
+        return cls(**known)
+
+
+def _state_to_bytes(state_dict: dict, metadata: dict | None = None) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    return save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def unwrap(model):
+    """The plain model inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_model(run_dir: str | os.PathLike, model, info: RunInfo, *, name: str = "model") -> str:
+    """Write ``<name>.safetensors`` and ``<name>.json`` into ``run_dir``; returns the weights path."""
+    run_dir = os.fspath(run_dir)
+    path = storage.join(run_dir, f"{name}.safetensors")
+    storage.write_bytes(path, _state_to_bytes(unwrap(model).state_dict(), {"format": "pt"}))
+    storage.write_bytes(storage.join(run_dir, f"{name}.json"),
+                        orjson.dumps(info.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    return path
+
+
+def _locate(run_dir: str, which: str) -> tuple[str, str]:
+    """(weights path, json path) for a run folder + which, or a .safetensors file."""
+    if run_dir.endswith(".safetensors"):
+        weights = run_dir
+        meta = weights[: -len(".safetensors")] + ".json"
+        if not storage.exists(meta):
+            meta = storage.join(os.path.dirname(weights) or ".", "model.json")
+        return weights, meta
+    weights = storage.join(run_dir, f"{which}.safetensors")
+    meta = storage.join(run_dir, f"{which}.json")
+    if not storage.exists(meta):
+        meta = storage.join(run_dir, "model.json")
+    return weights, meta
+
+
+def read_run_info(run_dir: str | os.PathLike, *, which: str = "model") -> RunInfo:
+    """The ``RunInfo`` of a saved model without loading its weights."""
+    _, meta = _locate(os.fspath(run_dir), which)
+    if not storage.exists(meta):
+        raise ModelError("not a detforge model: model.json is missing", path=meta,
+                         hint="give a run folder written by `detforge train` or its .safetensors file")
+    try:
+        obj = orjson.loads(storage.read_bytes(meta))
+    except orjson.JSONDecodeError as exc:
+        raise ModelError(f"not valid JSON: {exc}", path=meta) from None
+    return RunInfo.from_json(obj, path=meta)
+
+
+def load_state_dict(path: str) -> dict:
+    """The tensors of a ``.safetensors`` file (local or remote)."""
+    from safetensors.torch import load
+
+    if not storage.exists(path):
+        raise ModelError("no such weights file", path=path,
+                         hint="a run folder holds model.safetensors (best.safetensors for the best epoch)")
+    try:
+        return load(storage.read_bytes(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError / ValueError
+        raise ModelError(f"cannot read the weights: {exc}", path=path) from None
+
+
+def load_run_model(run_dir: str | os.PathLike, *, which: str = "model", device: str = "cpu"):
+    """Rebuild a trained model from a run folder: ``(model in eval mode on device, RunInfo)``."""
+    from detforge.models import build_model
+
+    run_dir = os.fspath(run_dir)
+    info = read_run_info(run_dir, which=which)
+    weights, _ = _locate(run_dir, which)
+    state = load_state_dict(weights)
+    thresholds = info.thresholds or {}
+    model = build_model(info.base_network, num_classes=info.num_classes, image_size=info.image_shape,
+                        nms_threshold=thresholds.get("nms_threshold", 0.45),
+                        nms_topk=thresholds.get("nms_topk", 400),
+                        score_threshold=thresholds.get("score_threshold", 0.01))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"weights do not fit a {info.base_network} model at {info.image_shape} px with "
+                         f"{info.num_classes} classes: {str(exc).splitlines()[0]}", path=weights) from None
+    model.to(device).eval()
+    return model, info
+
+
+def save_state(run_dir: str | os.PathLike, state: dict) -> str:
+    """Write the resume state (plain tensors/numbers/dicts) to ``checkpoints/last.pt`` atomically."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = storage.join(os.fspath(run_dir), STATE_FILE)
+    storage.write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_state(run_dir: str | os.PathLike) -> dict:
+    """Read ``checkpoints/last.pt`` with ``weights_only=True`` (no arbitrary pickle)."""
+    import torch
+
+    path = storage.join(os.fspath(run_dir), STATE_FILE)
+    if not storage.exists(path):
+        raise ModelError("nothing to resume: checkpoints/last.pt is missing", path=path,
+                         hint="--resume needs a run folder that finished at least one epoch")
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read the resume state: {exc}", path=path) from None

@@ -1,0 +1,277 @@
+"""The SSD detectors behind ``base_network``: one factory function per architecture.
+
+``build_model(base_network, *, num_classes, image_size, ...)`` returns a torchvision ``SSD``:
+train mode ``model(images, targets)`` -> loss dict (``bbox_regression``, ``classification``),
+eval mode ``model(images)`` -> ``[{"boxes", "scores", "labels"}]``; images are float ``CHW`` tensors
+in [0, 1] (any size: the model resizes to ``image_size`` x ``image_size`` and maps boxes back).
+Model label = class id + 1 (0 is background); ``class_ids_to_labels``/``labels_to_class_ids`` convert.
+
+- ``vgg-16``: torchvision's SSD300-VGG16 (conv4_3 L2-norm + fc6/fc7 + extra blocks); at 300 exactly
+  torchvision's anchors, at 512 the SSD512 paper's 7 maps, at other sizes the extra blocks that fit.
+- ``resnet-50``: SSD on ResNet-50 ``layer3``/``layer4`` plus 1x1/3x3-stride-2 extras (512, 512, 256,
+  256 filters), GluonCV's ``ssd_512_resnet50_v1`` design; anchors relative to the image size.
+- ``mobilenet-v3``: torchvision's SSDLite320-MobileNetV3-Large design (full tail, so a model's shape
+  never depends on whether it started from ImageNet weights) at any ``image_size``.
+
+``nms_topk`` is the number of candidates per class kept before NMS and the most detections per
+image after it; ``score_threshold`` drops lower-scoring detections.
+
+Pretrained backbones come only from torchvision's weights API and the local torch hub cache; a
+missing file is a ``ModelError`` naming it (this module never downloads unless ``download=True``).
+
+Not here: loading runs (``checkpoint``), training (``train``), ONNX (``export``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+from detforge.errors import ConfigError, ModelError
+
+BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
+MIN_IMAGE_SIZE = 32
+
+# ImageNet backbone weights per architecture: (torchvision weights enum name, member)
+BACKBONE_WEIGHTS = {
+    "vgg-16": ("VGG16_Weights", "IMAGENET1K_FEATURES"),
+    "resnet-50": ("ResNet50_Weights", "IMAGENET1K_V1"),
+    "mobilenet-v3": ("MobileNet_V3_Large_Weights", "IMAGENET1K_V1"),
+}
+
+
+def backbone_weights(base_network: str):
+    """The torchvision weights enum member used for ``use_pretrained_model=1``."""
+    import torchvision.models as tvm
+
+    enum_name, member = BACKBONE_WEIGHTS[base_network]
+    return getattr(getattr(tvm, enum_name), member)
+
+
+def backbone_weights_file(base_network: str) -> str:
+    """Where torchvision keeps (or would download) the ImageNet backbone weights: the torch hub cache."""
+    import torch
+
+    url = backbone_weights(base_network).url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def _pretrained(base_network: str, pretrained: bool, download: bool):
+    """The weights enum to pass to torchvision, or None; ModelError when not cached and no download."""
+    if not pretrained:
+        return None
+    path = backbone_weights_file(base_network)
+    if not download and not os.path.exists(path):
+        raise ModelError(
+            f"the ImageNet weights for the {base_network} backbone are not in the torch hub cache "
+            f"(expected {path}; folder {os.path.dirname(path)})",
+            field="use_pretrained_model",
+            hint="put the file there (torchvision downloads it from "
+                 f"{backbone_weights(base_network).url}), set TORCH_HOME, or train with "
+                 "use_pretrained_model=0 or start from a detforge model with --weights")
+    return backbone_weights(base_network)
+
+
+def _xavier(module) -> None:
+    import torch.nn as nn
+
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.constant_(layer.bias, 0.0)
+
+
+def _anchors(aspect_ratios: list[list[int]], scales: list[float] | None = None,
+             steps: list[int] | None = None):
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+
+    if scales is None:
+        return DefaultBoxGenerator(aspect_ratios, min_ratio=0.1, max_ratio=0.9)
+    return DefaultBoxGenerator(aspect_ratios, scales=scales, steps=steps)
+
+
+def _post(nms_threshold: float, nms_topk: int, score_threshold: float) -> dict:
+    return {"score_thresh": float(score_threshold), "nms_thresh": float(nms_threshold),
+            "detections_per_img": int(nms_topk), "topk_candidates": int(nms_topk)}
+
+
+# ---------------------------------------------------------------- vgg-16
+
+def _vgg_map_sizes(image_size: int) -> list[int]:
+    """Feature map sizes of conv4_3, fc7 and each extra block that still gives at least 1x1."""
+    c4 = math.ceil((image_size // 2 // 2) / 2)  # pool3 has ceil_mode
+    sizes = [c4, c4 // 2]
+    for kind in ("s2", "s2", "k3", "k3", "k4"):
+        x = sizes[-1]
+        nxt = (x - 1) // 2 + 1 if kind == "s2" else x - (2 if kind == "k3" else 3)
+        if x < 1 or nxt < 1:
+            break
+        sizes.append(nxt)
+    return sizes
+
+
+def build_vgg16(*, num_classes: int, image_size: int, pretrained_backbone: bool = False,
+                download: bool = False, **post):
+    """SSD with a VGG-16 backbone (torchvision's SSD300 design; extra blocks and anchors fit the size)."""
+    import torch.nn as nn
+    import torchvision
+    from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG
+
+    weights = _pretrained("vgg-16", pretrained_backbone, download)
+    vgg = torchvision.models.vgg16(weights=weights, progress=False)
+    backbone = SSDFeatureExtractorVGG(vgg.features, highres=True)
+    sizes = _vgg_map_sizes(image_size)
+    if len(sizes) < 2 or sizes[1] < 1:
+        raise ConfigError(f"vgg-16 needs image_shape >= {MIN_IMAGE_SIZE}, got {image_size}",
+                          field="image_shape")
+    backbone.extra = nn.ModuleList(list(backbone.extra)[: len(sizes) - 1])
+    n = len(sizes)
+    if image_size == 300 and n == 6:
+        anchors = _anchors([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+                           [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], [8, 16, 32, 64, 100, 300])
+    elif image_size == 512 and n == 7:
+        anchors = _anchors([[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]],
+                           [0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06], [8, 16, 32, 64, 128, 256, 512])
+    else:
+        anchors = _anchors(([[2]] + [[2, 3]] * max(0, n - 3) + [[2]] * 2)[:n])
+    return SSD(backbone, anchors, (image_size, image_size), num_classes + 1,
+               image_mean=[0.48235, 0.45882, 0.40784], image_std=[1.0 / 255.0] * 3, **post)
+
+
+# ---------------------------------------------------------------- resnet-50
+
+def _resnet_extractor(resnet, image_size: int):
+    import torch.nn as nn
+
+    class ResNetSSDFeatures(nn.Module):
+        """ResNet-50 ``layer3`` and ``layer4`` outputs followed by stride-2 extra blocks (GluonCV's SSD)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                                      resnet.layer1, resnet.layer2, resnet.layer3)
+            self.layer4 = resnet.layer4
+            size = math.ceil(math.ceil(image_size / 16) / 2)
+            extras, channels = [], 2048
+            for filters in (512, 512, 256, 256):
+                if size <= 1:
+                    break
+                extras.append(nn.Sequential(
+                    nn.Conv2d(channels, filters // 2, 1, bias=False), nn.BatchNorm2d(filters // 2),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(filters // 2, filters, 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(filters),
+                    nn.ReLU(inplace=True)))
+                channels, size = filters, (size - 1) // 2 + 1
+            self.extra = nn.ModuleList(extras)
+
+        def forward(self, x):
+            x = self.stem(x)
+            out = [x]
+            x = self.layer4(x)
+            out.append(x)
+            for block in self.extra:
+                x = block(x)
+                out.append(x)
+            return OrderedDict((str(i), v) for i, v in enumerate(out))
+
+    return ResNetSSDFeatures()
+
+
+def build_resnet50(*, num_classes: int, image_size: int, pretrained_backbone: bool = False,
+                   download: bool = False, **post):
+    """SSD on ResNet-50 features as GluonCV's ssd_512_resnet50_v1 (6 maps at 512; fewer when smaller)."""
+    import torchvision
+    from torchvision.models.detection.ssd import SSD
+
+    weights = _pretrained("resnet-50", pretrained_backbone, download)
+    backbone = _resnet_extractor(torchvision.models.resnet50(weights=weights, progress=False), image_size)
+    n_maps = 2 + len(backbone.extra)
+    ratios = ([[2]] + [[2, 3]] * 3 + [[2]] * 2) if n_maps == 6 else [[2, 3]] * (n_maps - 2) + [[2]] * 2
+    # GluonCV's sizes [51.2, 102.4, 189.4, 276.4, 363.52, 450.6, 492] at 512, as fractions of the image
+    scales = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 0.961] if n_maps == 6 else None
+    anchors = _anchors(ratios[:n_maps], scales)
+    return SSD(backbone, anchors, (image_size, image_size), num_classes + 1,
+               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], **post)
+
+
+# ---------------------------------------------------------------- mobilenet-v3
+
+def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone: bool = False,
+                       download: bool = False, **post):
+    """SSDLite with a MobileNetV3-Large backbone (torchvision's ssdlite320 design at ``image_size``)."""
+    from functools import partial
+
+    import torch.nn as nn
+    import torchvision
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.ssd import SSD
+    from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
+
+    weights = _pretrained("mobilenet-v3", pretrained_backbone, download)
+    norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    mobilenet = torchvision.models.mobilenet_v3_large(weights=weights, progress=False, norm_layer=norm_layer,
+                                                      reduced_tail=False)
+    if weights is None:
+        _normal_init(mobilenet)
+    backbone = _mobilenet_extractor(mobilenet, 6, norm_layer)
+    size = (image_size, image_size)
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+
+    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
+    out_channels = det_utils.retrieve_out_channels(backbone, size)
+    head = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_classes + 1, norm_layer)
+    return SSD(backbone, anchors, size, num_classes + 1, head=head,
+               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **post)
+
+
+MODEL_FACTORIES: dict[str, Callable] = {
+    "vgg-16": build_vgg16,
+    "resnet-50": build_resnet50,
+    "mobilenet-v3": build_mobilenet_v3,
+}
+
+
+def build_model(base_network: str, *, num_classes: int, image_size: int, pretrained_backbone: bool = False,
+                nms_threshold: float = 0.45, nms_topk: int = 400, score_threshold: float = 0.01,
+                download: bool = False):
+    """A torchvision SSD detector for ``num_classes`` classes at ``image_size`` x ``image_size`` pixels."""
+    if base_network not in MODEL_FACTORIES:
+        raise ConfigError(f"unknown base_network {base_network!r}; choose one of {', '.join(BASE_NETWORKS)}",
+                          field="base_network")
+    if int(num_classes) < 1:
+        raise ConfigError(f"num_classes must be at least 1, got {num_classes}", field="num_classes")
+    if int(image_size) < MIN_IMAGE_SIZE:
+        raise ConfigError(f"image_shape must be at least {MIN_IMAGE_SIZE}, got {image_size}",
+                          field="image_shape")
+    return MODEL_FACTORIES[base_network](
+        num_classes=int(num_classes), image_size=int(image_size),
+        pretrained_backbone=bool(pretrained_backbone),
+        download=download, **_post(nms_threshold, nms_topk, score_threshold))
+
+
+def set_postprocess(model, *, nms_threshold: float, nms_topk: int, score_threshold: float) -> None:
+    """Change a built model's NMS IoU, candidate/detection count and score threshold in place."""
+    model.nms_thresh = float(nms_threshold)
+    model.topk_candidates = int(nms_topk)
+    model.detections_per_img = int(nms_topk)
+    model.score_thresh = float(score_threshold)
+
+
+def head_parameter_names(model) -> list[str]:
+    """Names of the class-dependent parameters (the classification head), re-initialised on a class change."""
+    return [name for name, _ in model.named_parameters() if name.startswith("head.classification_head")]
+
+
+def class_ids_to_labels(class_ids):
+    """Dataset class ids (0-based) -> model labels (1-based; 0 is background)."""
+    return class_ids + 1
+
+
+def labels_to_class_ids(labels):
+    """Model labels -> dataset class ids."""
+    return labels - 1
