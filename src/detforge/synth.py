@@ -1,4 +1,4 @@
-"""The embedded synthetic "storage boxes" dataset: videos of blue and yellow boxes labeled by Ground Truth jobs.
+"""The embedded synthetic "storage boxes" dataset: videos of blue and yellow boxes, Ground Truth job labels.
 
 ``synthesize(out, images=..., seed=...)`` writes what a user of the original blog had after labeling:
 
@@ -38,7 +38,7 @@ CLASS_MAP = {0: "storage box"}
 DEFAULT_IMAGES = 600
 DEFAULT_SIZE = (640, 360)
 FRAMES_PER_VIDEO = 80  # a large job's video; a small job's video is half as long
-BAD_LABEL_RATE = 0.015
+BAD_LABEL_RATE = 0.02
 SLIVER_FRACTION = 0.12  # a box showing less than this share of itself at the frame edge is rejected
 
 
@@ -119,7 +119,7 @@ def _split(total: int, weights: list[float]) -> list[int]:
 
 
 def plan_videos(images: int, *, seed: int) -> list[VideoPlan]:
-    """The videos and jobs for ``images`` frames: per colour one short video for a small job, the rest large."""
+    """The videos and jobs for ``images`` frames: per colour a short video for a small job, the rest large."""
     if images < 1:
         raise ConfigError(f"images must be at least 1, got {images}", field="images")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1_000_003]))
@@ -220,7 +220,8 @@ def _overlaps(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a is not None and b is not None and a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _bad_label(rng: np.random.Generator, box: np.ndarray, *, width: int, height: int) -> tuple[np.ndarray, str]:
+def _bad_label(rng: np.random.Generator, box: np.ndarray, *, width: int,
+               height: int) -> tuple[np.ndarray, str]:
     """A box a careless labeler might draw: shifted by a third of its size, or far too large."""
     w, h = box[2] - box[0], box[3] - box[1]
     if rng.random() < 0.5:
@@ -281,8 +282,16 @@ def render_video(plan: VideoPlan, *, seed: int, width: int, height: int) -> Iter
                               scene.lid_point(pose, 1.0, track.hands_t[1])])
             top += scene.person_arm_shapes(person, hands)
             owner = 1 if floor is not None else 0
+            # Hands over the edges never reach a corner of a whole box, but they could hide the extreme
+            # pixels of a box cut by the frame edge: there they go under the box.
+            _, outline = scene.box_outline(pose, image_center=center)
+            whole = bool((outline.min(axis=0) >= 0).all() and (outline[:, 0] < width).all()
+                         and (outline[:, 1] < height).all())
+            if not whole:
+                top += scene.hand_shapes(person, hands)
             top += scene.box_shapes(pose, plan.color, owner, image_center=center, tint=tint)
-            top += scene.hand_shapes(person, hands)
+            if whole:
+                top += scene.hand_shapes(person, hands)
         shapes: list[scene.Shape] = []
         floor_color = None
         if floor is not None and i in floor[0]:
@@ -322,7 +331,8 @@ def render_video(plan: VideoPlan, *, seed: int, width: int, height: int) -> Iter
 
 
 def _creation_dates(rng: np.random.Generator, job_index: int) -> Iterator[str]:
-    moment = _dt.datetime(2019, 5, 21, 19, 0, 0) + _dt.timedelta(hours=job_index, seconds=int(rng.integers(3600)))
+    moment = _dt.datetime(2019, 5, 21, 19, 0, 0)
+    moment += _dt.timedelta(hours=job_index, seconds=int(rng.integers(3600)))
     while True:
         moment += _dt.timedelta(seconds=float(rng.uniform(2, 40)))
         yield moment.strftime("%Y-%m-%dT%H:%M:%S.%f")

@@ -98,15 +98,43 @@ def box_outline(pose: BoxPose, *, image_center: tuple[float, float]) -> tuple[np
     return np.rint(lid), np.rint(convex_hull(np.vstack([lid, bottom])))
 
 
+def clip_polygon(points: np.ndarray, *, x_max: float, y_max: float) -> np.ndarray:
+    """A convex polygon clipped to ``[0, x_max] x [0, y_max]`` (Sutherland-Hodgman); may be empty."""
+    poly = [tuple(p) for p in np.asarray(points, dtype=np.float64)]
+    for axis, limit, keep_below in ((0, 0.0, False), (0, x_max, True), (1, 0.0, False), (1, y_max, True)):
+        if not poly:
+            break
+
+        def inside(p, axis=axis, limit=limit, keep_below=keep_below):
+            return p[axis] <= limit if keep_below else p[axis] >= limit
+
+        result = []
+        for k, cur in enumerate(poly):
+            prev = poly[k - 1]
+            if inside(cur) != inside(prev):
+                f = (limit - prev[axis]) / (cur[axis] - prev[axis])
+                result.append((prev[0] + f * (cur[0] - prev[0]), prev[1] + f * (cur[1] - prev[1])))
+            if inside(cur):
+                result.append(cur)
+        poly = result
+    return np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+
+
 def box_label_xyxy(pose: BoxPose, *, width: int, height: int) -> np.ndarray | None:
-    """The tight ``xyxy`` box of the pixels the drawn box covers, clipped to the image (None if outside)."""
+    """The tight ``xyxy`` box of the pixels the drawn box covers inside the image (None if none).
+
+    Pixel ``(i, j)`` is painted when the point ``(i, j)`` lies in the polygon, so the visible part is
+    the polygon clipped to ``[0, width - 1] x [0, height - 1]``; columns ``i0..i1`` give ``[i0, i1 + 1]``.
+    """
     _, outline = box_outline(pose, image_center=(width / 2, height / 2))
-    x1, y1 = outline.min(axis=0)
-    x2, y2 = outline.max(axis=0) + 1  # inclusive pixel columns -> continuous right edge
-    box = np.array([max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)], dtype=np.float64)
-    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+    visible = clip_polygon(outline, x_max=width - 1, y_max=height - 1)
+    if len(visible) < 3:
         return None
-    return box
+    x1, y1 = np.ceil(visible.min(axis=0) - 1e-6) + 0.0  # + 0.0: no negative zero
+    x2, y2 = np.floor(visible.max(axis=0) + 1e-6) + 1
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None
+    return np.array([x1, y1, x2, y2], dtype=np.float64)
 
 
 def box_shapes(pose: BoxPose, color_name: str, owner: int, *, image_center: tuple[float, float],
@@ -116,7 +144,8 @@ def box_shapes(pose: BoxPose, color_name: str, owner: int, *, image_center: tupl
     lid, outline = box_outline(pose, image_center=image_center)
     shapes = [Shape("polygon", _ipoints(outline), _shade(base, 0.55), owner),
               Shape("polygon", _ipoints(lid), _shade(base, 0.85), owner)]
-    inner = np.array([lid_point(pose, s, t) for s, t in ((-0.93, -0.9), (0.93, -0.9), (0.93, 0.9), (-0.93, 0.9))])
+    inner = np.array([lid_point(pose, s, t)
+                      for s, t in ((-0.93, -0.9), (0.93, -0.9), (0.93, 0.9), (-0.93, 0.9))])
     shapes.append(Shape("polygon", _ipoints(inner), base, owner))
     rib = _shade(base, 0.78)
     line_w = max(1, int(round(pose.length / 110)))
@@ -126,7 +155,8 @@ def box_shapes(pose: BoxPose, color_name: str, owner: int, *, image_center: tupl
     for t in (-0.55, 0.55):
         shapes.append(Shape("line", _ipoints(np.array([lid_point(pose, -0.9, t), lid_point(pose, 0.9, t)])),
                             rib, owner, line_w))
-    seam = np.array([lid_point(pose, s, t) for s, t in ((-0.9, 0.1), (-0.1, 0.1), (0.1, -0.15), (0.9, -0.15))])
+    seam = np.array([lid_point(pose, s, t)
+                     for s, t in ((-0.9, 0.1), (-0.1, 0.1), (0.1, -0.15), (0.9, -0.15))])
     shapes.append(Shape("line", _ipoints(seam), _shade(base, 0.6), owner, line_w + 1))
     return shapes
 
