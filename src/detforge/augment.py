@@ -1,0 +1,414 @@
+"""Offline augmentation: flipped and rotated copies of a manifest's images with exactly moved boxes.
+
+``augment(manifest, ops=("xflip", "yflip", "cw", "ccw"), out_dir=DIR)`` writes, for every image and op,
+``DIR/images/<stem><suffix><ext>`` (suffixes as in the blog: ``-x-flip``, ``-y-flip``, ``-cw-rotate``,
+``-ccw-rotate``, and ``-rot180``) and the manifests ``DIR/augmented.manifest`` (each original line followed
+by its copies) and ``DIR/<op>.manifest`` (the copies of one op). A copy's line keeps every field of the
+original, gets its own ``source-ref`` and ``image_size`` (width and height swap for 90° turns), boxes moved
+with ``detforge.boxes``, and ``"detforge-augment": {"op": ..., "from": <original source-ref>}``.
+
+- Images are read from each line's ``source-ref`` (local path or any fsspec URL such as ``s3://``); a
+  relative ``source-ref`` is resolved against the manifest's folder. Originals with a relative reference
+  are written to the output manifest with the resolved one, so that it works from its new folder.
+- JPEGs are turned without re-encoding (libjpeg-turbo's lossless transform, through ``ctypes`` on
+  ``libturbojpeg``) when the image's size is a whole number of MCUs for that op (8 or 16 px, depending
+  on the chroma subsampling); otherwise, and for other formats, the image is decoded, turned and
+  re-encoded with Pillow (JPEG quality 95).
+- Re-running skips outputs that already exist with the expected size; every file is written atomically
+  (temporary file + rename, one PUT on S3), so an interrupted run leaves no partial image or manifest.
+- A manifest named like ``*validation*`` or with lines marked ``"split": "validation"`` is refused unless
+  ``force=True``.
+
+Not here: online (training-time) augmentation, see ``detforge.transforms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import io
+import os
+import posixpath
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from detforge import boxes as box_ops
+from detforge import storage
+from detforge.errors import ConfigError, ManifestError, StorageError
+from detforge.groundtruth import Record, dumps_line, read_manifest, record_to_json
+
+PROVENANCE_KEY = "detforge-augment"
+JPEG_QUALITY = 95
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One offline augmentation: its name, file-name suffix, box function and image transposition."""
+
+    name: str
+    suffix: str
+    swaps_size: bool
+    pil_transpose: int  # PIL.Image.Transpose value
+    tjxop: int  # libjpeg-turbo TJXOP_* code
+    boxes: Callable[[np.ndarray, int, int], np.ndarray]  # (xyxy, width, height) -> xyxy
+
+
+# PIL.Image.Transpose values (ROTATE_90 turns counter-clockwise), kept as ints to import PIL lazily.
+_FLIP_LEFT_RIGHT, _FLIP_TOP_BOTTOM, _ROTATE_90, _ROTATE_180, _ROTATE_270 = 0, 1, 2, 3, 4
+# libjpeg-turbo TJXOP_* codes (TJXOP_ROT90 turns clockwise).
+_TJXOP_HFLIP, _TJXOP_VFLIP, _TJXOP_ROT90, _TJXOP_ROT180, _TJXOP_ROT270 = 1, 2, 5, 6, 7
+
+OPS: dict[str, Op] = {
+    "xflip": Op("xflip", "-x-flip", False, _FLIP_LEFT_RIGHT, _TJXOP_HFLIP,
+                lambda b, w, h: box_ops.flip_x_xyxy(b, width=w)),
+    "yflip": Op("yflip", "-y-flip", False, _FLIP_TOP_BOTTOM, _TJXOP_VFLIP,
+                lambda b, w, h: box_ops.flip_y_xyxy(b, height=h)),
+    "cw": Op("cw", "-cw-rotate", True, _ROTATE_270, _TJXOP_ROT90,
+             lambda b, w, h: box_ops.rotate_cw_xyxy(b, height=h)),
+    "ccw": Op("ccw", "-ccw-rotate", True, _ROTATE_90, _TJXOP_ROT270,
+              lambda b, w, h: box_ops.rotate_ccw_xyxy(b, width=w)),
+    "rot180": Op("rot180", "-rot180", False, _ROTATE_180, _TJXOP_ROT180,
+                 lambda b, w, h: box_ops.rotate_180_xyxy(b, width=w, height=h)),
+}
+DEFAULT_OPS = ("xflip", "yflip", "cw", "ccw")
+
+
+def parse_ops(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"xflip,cw"`` (or a list) to a tuple of known op names, duplicates removed; ConfigError otherwise."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not names:
+        raise ConfigError("no ops given", field="--ops", hint=f"choose from {', '.join(OPS)}")
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise ConfigError(f"unknown op(s) {', '.join(unknown)}", field="--ops",
+                          hint=f"choose from {', '.join(OPS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def augment_record(record: Record, op: str, *, source_ref: str) -> Record:
+    """The record of the op's copy of an image stored at ``source_ref`` (boxes, size, provenance)."""
+    spec = OPS[op]
+    width, height = (record.height, record.width) if spec.swaps_size else (record.width, record.height)
+    fields = dict(record.fields)
+    fields[PROVENANCE_KEY] = {"op": op, "from": record.source_ref}
+    fields["source-ref"] = source_ref
+    return record.replace(source_ref=source_ref, width=width, height=height,
+                          boxes=spec.boxes(record.boxes, record.width, record.height), fields=fields)
+
+
+# ---------------------------------------------------------------- JPEG, lossless (libturbojpeg via ctypes)
+
+# MCU size in pixels per TJSAMP_* value (444, 422, 420, GRAY, 440, 411, 441).
+_MCU = {0: (8, 8), 1: (16, 8), 2: (16, 16), 3: (8, 8), 4: (8, 16), 5: (32, 8), 6: (8, 32)}
+_TJXOPT_PERFECT = 1
+
+
+class _TJRegion(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("w", ctypes.c_int), ("h", ctypes.c_int)]
+
+
+class _TJTransform(ctypes.Structure):
+    _fields_ = [("r", _TJRegion), ("op", ctypes.c_int), ("options", ctypes.c_int),
+                ("data", ctypes.c_void_p), ("customFilter", ctypes.c_void_p)]
+
+
+_LIB: list = []  # [library or None], loaded once per process
+
+
+def _turbojpeg():
+    """libturbojpeg (the TurboJPEG 2.x API, also kept by 3.x), or None when it is not installed."""
+    if not _LIB:
+        lib = None
+        for name in (ctypes.util.find_library("turbojpeg"), "libturbojpeg.so.0",
+                     "/usr/lib/x86_64-linux-gnu/libturbojpeg.so.0", "libturbojpeg.dylib"):
+            if not name:
+                continue
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if lib is not None:
+            lib.tjInitTransform.restype = ctypes.c_void_p
+            lib.tjDestroy.argtypes = [ctypes.c_void_p]
+            lib.tjFree.argtypes = [ctypes.c_void_p]
+            lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + [
+                ctypes.POINTER(ctypes.c_int)] * 4
+            lib.tjTransform.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int,
+                                        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
+                                        ctypes.POINTER(_TJTransform), ctypes.c_int]
+        _LIB.append(lib)
+    return _LIB[0]
+
+
+def lossless_possible(data: bytes, op: str) -> bool:
+    """Whether the JPEG ``data`` can be turned by ``op`` without re-encoding and without trimming edges."""
+    lib = _turbojpeg()
+    if lib is None:
+        return False
+    handle = lib.tjInitTransform()
+    try:
+        w, h, samp, cs = (ctypes.c_int() for _ in range(4))
+        if lib.tjDecompressHeader3(handle, data, len(data), ctypes.byref(w), ctypes.byref(h),
+                                   ctypes.byref(samp), ctypes.byref(cs)) != 0:
+            return False
+    finally:
+        lib.tjDestroy(handle)
+    mcu = _MCU.get(samp.value)
+    if mcu is None:
+        return False
+    # A flip mirrors one axis; a 90° turn or 180° mirrors (transposes) both: those need whole MCUs.
+    need_x = op in ("xflip", "cw", "ccw", "rot180")
+    need_y = op in ("yflip", "cw", "ccw", "rot180")
+    return not (need_x and w.value % mcu[0]) and not (need_y and h.value % mcu[1])
+
+
+def jpeg_transform_lossless(data: bytes, op: str) -> bytes | None:
+    """The JPEG turned by ``op`` in the DCT domain (no generation loss), or None where that is impossible."""
+    if not lossless_possible(data, op):
+        return None
+    lib = _turbojpeg()
+    handle = lib.tjInitTransform()
+    out_buf = ctypes.c_void_p()
+    out_size = ctypes.c_ulong(0)
+    xform = _TJTransform(_TJRegion(0, 0, 0, 0), OPS[op].tjxop, _TJXOPT_PERFECT, None, None)
+    try:
+        if lib.tjTransform(handle, data, len(data), 1, ctypes.byref(out_buf), ctypes.byref(out_size),
+                           ctypes.byref(xform), 0) != 0:
+            return None
+        return ctypes.string_at(out_buf.value, out_size.value)
+    finally:
+        if out_buf.value:
+            lib.tjFree(out_buf)
+        lib.tjDestroy(handle)
+
+
+# ---------------------------------------------------------------- images
+
+def transform_image_bytes(data: bytes, op: str, *, suffix: str) -> tuple[bytes, bool]:
+    """The image file ``data`` turned by ``op``, encoded like ``suffix``; and whether it was lossless."""
+    if suffix.lower() in _JPEG_SUFFIXES:
+        lossless = jpeg_transform_lossless(data, op)
+        if lossless is not None:
+            return lossless, True
+    from PIL import Image, JpegImagePlugin
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        kwargs: dict = {}
+        fmt = image.format or "JPEG"
+        if suffix.lower() in _JPEG_SUFFIXES:
+            fmt = "JPEG"
+            sampling = JpegImagePlugin.get_sampling(image) if image.format == "JPEG" else -1
+            # 4:2:2 halves the horizontal chroma only; after a 90° turn that would be the wrong axis.
+            if sampling == 1 and OPS[op].swaps_size:
+                sampling = 0
+            kwargs = {"quality": JPEG_QUALITY, "subsampling": sampling if sampling in (0, 1, 2) else 2}
+            if "icc_profile" in image.info:
+                kwargs["icc_profile"] = image.info["icc_profile"]
+        turned = image.transpose(Image.Transpose(OPS[op].pil_transpose))
+        if fmt == "JPEG" and turned.mode not in ("RGB", "L", "CMYK"):
+            turned = turned.convert("RGB")
+        buffer = io.BytesIO()
+        turned.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue(), False
+
+
+def image_size(uri: str) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, or None when it is missing or unreadable."""
+    from PIL import Image
+
+    try:
+        with storage.open_file(uri, "rb") as handle, Image.open(handle) as image:
+            return image.size
+    except (StorageError, OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class _Task:
+    source: str  # resolved source reference
+    origin: str
+    width: int
+    height: int
+    outputs: list[tuple[str, str, int, int]]  # (op, uri, width, height)
+
+
+@dataclass
+class AugmentResult:
+    """What ``augment`` did: counts and the files it wrote."""
+
+    images: int = 0
+    written: int = 0
+    skipped: int = 0
+    lossless: int = 0
+    reencoded: int = 0
+    manifest: str = ""
+    op_manifests: dict[str, str] = field(default_factory=dict)
+
+
+def _resolve(ref: str, manifest: str) -> str:
+    if storage.is_remote(ref) or os.path.isabs(ref) or ref.startswith("file://"):
+        return ref
+    if storage.is_remote(manifest):
+        return posixpath.join(posixpath.dirname(manifest), ref)
+    return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(manifest)), ref))
+
+
+def _check_manifest(path: str, label_attribute: str | None, *, force: bool) -> int:
+    """One streaming pass before any work: validation marks, clashing image names; returns the line count."""
+    if not force and "validation" in storage.basename(path).lower():
+        raise ConfigError("refusing to augment validation data: the manifest's name says validation",
+                          path=path,
+                          hint="augment only training data; pass --force if this really is training data")
+    seen: dict[str, str] = {}
+    count = 0
+    for record in read_manifest(path, label_attribute=label_attribute):
+        count += 1
+        line = int(record.origin.rsplit(":", 1)[1])
+        for key in ("split", "detforge-split"):
+            if not force and str(record.fields.get(key, "")).lower() in ("validation", "val"):
+                raise ConfigError(f"refusing to augment validation data: the line is marked "
+                                  f"\"{key}\": \"{record.fields[key]}\"", path=path, line=line,
+                                  hint="augment only training data; pass --force to do it anyway")
+        name = storage.basename(record.source_ref)
+        if name in seen:
+            raise ManifestError(f"two lines refer to images named {name} (the other is {seen[name]}); their "
+                                "copies would overwrite each other", path=path, line=line, field="source-ref")
+        seen[name] = record.origin
+    return count
+
+
+def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
+    """Write the missing outputs of one image; returns (origin, one status per output)."""
+    statuses = []
+    data: bytes | None = None
+    suffix = os.path.splitext(storage.basename(task.source))[1] or ".jpg"
+    for op, uri, width, height in task.outputs:
+        if not overwrite and image_size(uri) == (width, height):
+            statuses.append("skipped")
+            continue
+        if data is None:
+            data = storage.read_bytes(task.source)
+            size = _decoded_size(data)
+            if size != (task.width, task.height):
+                raise ManifestError(f"the image {task.source} is {size[0]}x{size[1]} but the line says "
+                                    f"{task.width}x{task.height}", path=task.origin.rsplit(":", 1)[0],
+                                    line=int(task.origin.rsplit(":", 1)[1]), field="image_size")
+        out, lossless = transform_image_bytes(data, op, suffix=suffix)
+        storage.write_bytes(uri, out)
+        statuses.append("lossless" if lossless else "reencoded")
+    return task.origin, statuses
+
+
+def _decoded_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except OSError:
+        return (-1, -1)
+
+
+def _run_task_star(args: tuple[_Task, bool]) -> tuple[str, list[str]]:
+    return _run_task(*args)
+
+
+def _remove_stale_parts(folder: str) -> None:
+    """Temporary files a killed run left behind (complete files are only ever renamed into place)."""
+    if storage.is_remote(folder) or not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".detforge-") and name.endswith(".part"):
+            os.unlink(os.path.join(folder, name))
+
+
+def augment(manifest: str | os.PathLike, *, out_dir: str | os.PathLike, ops=DEFAULT_OPS, workers: int = 1,
+            force: bool = False, overwrite: bool = False, label_attribute: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> AugmentResult:
+    """Write flipped/rotated copies of a manifest's images and the manifests that list them.
+
+    ``progress(done, total)`` is called after every image. See the module docstring for the outputs.
+    """
+    manifest = os.fspath(manifest)
+    out_dir = os.fspath(out_dir)
+    if not storage.is_remote(out_dir):
+        out_dir = os.path.abspath(out_dir)
+    ops = parse_ops(ops)
+    if workers < 1:
+        raise ConfigError(f"must be at least 1, got {workers}", field="--workers")
+    total = _check_manifest(manifest, label_attribute, force=force)
+    images_dir = storage.join(out_dir, "images")
+    storage.makedirs(images_dir)
+    _remove_stale_parts(images_dir)
+    _remove_stale_parts(out_dir)
+    result = AugmentResult(manifest=storage.join(out_dir, "augmented.manifest"),
+                           op_manifests={op: storage.join(out_dir, f"{op}.manifest") for op in ops})
+
+    def tasks() -> Iterator[tuple[_Task, bool]]:
+        for record in read_manifest(manifest, label_attribute=label_attribute):
+            yield _Task(_resolve(record.source_ref, manifest), record.origin, record.width, record.height,
+                        [(op, *_output(record, op, images_dir)) for op in ops]), overwrite
+
+    pool = None
+    if workers == 1:
+        results: Iterator[tuple[str, list[str]]] = (_run_task(*args) for args in tasks())
+    else:
+        import multiprocessing
+
+        # spawn, not fork: the parent may run threads (progress bar, s3fs's event loop).
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(_run_task_star, tasks(), chunksize=1)
+    try:
+        with contextlib.ExitStack() as stack:
+            combined = stack.enter_context(storage.atomic_writer(result.manifest, "wb"))
+            per_op = {op: stack.enter_context(storage.atomic_writer(uri, "wb"))
+                      for op, uri in result.op_manifests.items()}
+            records = read_manifest(manifest, label_attribute=label_attribute)
+            for record, (_origin, statuses) in zip(records, results, strict=True):
+                _count(result, statuses)
+                original = record_to_json(record)
+                original["source-ref"] = _resolve(record.source_ref, manifest)
+                combined.write(dumps_line(original))
+                for op in ops:
+                    uri, _, _ = _output(record, op, images_dir)
+                    line = dumps_line(record_to_json(augment_record(record, op, source_ref=uri)))
+                    combined.write(line)
+                    per_op[op].write(line)
+                if progress is not None:
+                    progress(result.images, total)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return result
+
+
+def _count(result: AugmentResult, statuses: list[str]) -> None:
+    result.images += 1
+    for status in statuses:
+        if status == "skipped":
+            result.skipped += 1
+        else:
+            result.written += 1
+            result.lossless += status == "lossless"
+            result.reencoded += status == "reencoded"
+
+
+def _output(record: Record, op: str, images_dir: str) -> tuple[str, int, int]:
+    name = storage.basename(record.source_ref)
+    stem, ext = os.path.splitext(name)
+    spec = OPS[op]
+    width, height = (record.height, record.width) if spec.swaps_size else (record.width, record.height)
+    return storage.join(images_dir, f"{stem}{spec.suffix}{ext or '.jpg'}"), width, height
+
+
+__all__ = ["OPS", "DEFAULT_OPS", "Op", "AugmentResult", "augment", "augment_record", "parse_ops",
+           "jpeg_transform_lossless", "lossless_possible", "transform_image_bytes", "image_size"]
