@@ -18,6 +18,7 @@ COMMANDS = [
     "prepare",
     "convert",
     "stats",
+    "augment",
     "evaluate",
 ]
 
