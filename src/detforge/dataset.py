@@ -1,0 +1,225 @@
+"""A torch Dataset over Ground Truth manifest records, for training and validation.
+
+- ``load_split(manifest, *, classes=None)``: records of a manifest as compact ``Sample``s with 0-based
+  class ids in the order of ``classes.json`` (beside the manifest when present, or given), else the
+  manifest's own class map; class names not in the list are a ``ManifestError`` naming the line.
+- ``ManifestDataset(samples, *, image_size, preset, train, cache_dir)``: item ``i`` is
+  ``(image float CHW [0, 1] at image_size x image_size, {"boxes": xyxy pixels, "labels": class id + 1}, i)``.
+  Images come from local paths or any fsspec URL (``s3://``); a remote image is copied once into
+  ``cache_dir`` and read from disk afterwards, so a remote dataset streams on the first epoch (as
+  SageMaker's Pipe mode) instead of being copied up front. Relative ``source-ref``s resolve against
+  the manifest's folder.
+- Augmentation comes from ``detforge.transforms.build_transform(preset, image_size=, train=)``; each
+  item's randomness is seeded from ``(seed, epoch, index)`` (``set_epoch``), so an epoch's data is the
+  same whatever the worker count, and a resumed run sees exactly what an uninterrupted one saw.
+
+Not here: the training loop (``train``), augmentation recipes (``transforms``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from detforge import boxes as box_ops
+from detforge import storage
+from detforge.errors import ManifestError, StorageError
+from detforge.groundtruth import read_manifest
+
+
+@dataclass
+class Sample:
+    """One training image: where it is, its size, ``xyxy`` pixel boxes and 0-based class ids."""
+
+    image: str  # resolved local path or URL
+    width: int
+    height: int
+    boxes: np.ndarray
+    class_ids: np.ndarray
+    image_id: str
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/detforge/images`` (``~/.cache/detforge/images``): remote images land here."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "detforge", "images")
+
+
+def read_classes(manifest: str, classes: str | None = None) -> list[str] | None:
+    """The class list of ``classes`` (a classes.json path) or of ``classes.json`` beside the manifest."""
+    path = classes or storage.join(os.path.dirname(manifest) or ".", "classes.json")
+    if classes is None and not storage.exists(path):
+        return None
+    try:
+        names = orjson.loads(storage.read_bytes(path))
+    except orjson.JSONDecodeError as exc:
+        raise ManifestError(f"not valid JSON: {exc}", path=path) from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ManifestError("expected a JSON list of class names (index = class id)", path=path)
+    return names
+
+
+def _resolve(source_ref: str, manifest: str) -> str:
+    if storage.is_remote(source_ref) or os.path.isabs(source_ref):
+        return source_ref
+    return storage.join(os.path.dirname(manifest) or ".", source_ref)
+
+
+def load_split(
+    manifest: str | os.PathLike, *, classes: list[str] | None = None, label_attribute: str | None = None
+) -> tuple[list[Sample], list[str]]:
+    """Samples of a manifest and the class names they index (see the module docstring)."""
+    manifest = os.fspath(manifest)
+    names = classes if classes is not None else read_classes(manifest)
+    by_name = {n: i for i, n in enumerate(names)} if names is not None else None
+    samples: list[Sample] = []
+    seen: dict[int, str] = {}
+    for record in read_manifest(manifest, label_attribute=label_attribute):
+        if by_name is not None:
+            try:
+                ids = np.array([by_name[record.class_map[int(c)]] for c in record.class_ids], dtype=np.int64)
+            except KeyError as exc:
+                path, _, line = (record.origin or manifest).rpartition(":")
+                raise ManifestError(
+                    f"class {exc.args[0]!r} is not in the class list {names}",
+                    path=path,
+                    line=int(line) if line.isdigit() else None,
+                    hint="add it to classes.json or relabel the image",
+                ) from None
+        else:
+            ids = record.class_ids.astype(np.int64)
+            for key, name in record.class_map.items():
+                if seen.setdefault(key, name) != name:
+                    raise ManifestError(
+                        f"class id {key} is {seen[key]!r} on an earlier line and {name!r} here",
+                        path=manifest,
+                        hint="run `detforge prepare` to merge the class maps",
+                    )
+        samples.append(
+            Sample(
+                _resolve(record.source_ref, manifest),
+                record.width,
+                record.height,
+                record.boxes.astype(np.float64),
+                ids,
+                record.image_id,
+            )
+        )
+    if names is None:
+        if not seen:
+            raise ManifestError("no class map in the manifest and no classes.json beside it", path=manifest)
+        if sorted(seen) != list(range(len(seen))):
+            raise ManifestError(
+                f"class ids {sorted(seen)} are not 0..N-1",
+                path=manifest,
+                hint="run `detforge prepare`, which writes classes.json",
+            )
+        names = [seen[i] for i in range(len(seen))]
+    return samples, names
+
+
+def _fallback_transform(preset: str, *, image_size: int, train: bool):
+    """Resize (+ a horizontal flip when training with a flip preset), until ``detforge.transforms`` exists."""
+    import torch
+    import torchvision.transforms.v2.functional as F
+
+    def apply(image, boxes, labels):
+        image = F.to_image(image)
+        height, width = image.shape[-2:]
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+        image = F.resize(image, [image_size, image_size], antialias=True)
+        scale = torch.tensor([image_size / width, image_size / height] * 2)
+        boxes = boxes * scale
+        if train and preset != "none" and torch.rand(()) < 0.5:
+            image = F.horizontal_flip(image)
+            boxes = torch.stack(
+                [image_size - boxes[:, 2], boxes[:, 1], image_size - boxes[:, 0], boxes[:, 3]], 1
+            )
+        return F.to_dtype(image, torch.float32, scale=True), boxes, torch.as_tensor(np.asarray(labels))
+
+    return apply
+
+
+def build_transform(preset: str, *, image_size: int, train: bool):
+    """``detforge.transforms.build_transform`` when it is installed, else resize (+ flip)."""
+    try:
+        from detforge.transforms import build_transform as build
+    except ImportError:
+        return _fallback_transform(preset, image_size=image_size, train=train)
+    return build(preset, image_size=image_size, train=train)
+
+
+class ManifestDataset:
+    """Map-style dataset (see the module docstring); ``set_epoch`` before each epoch."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        *,
+        image_size: int,
+        preset: str = "none",
+        train: bool = False,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.samples = samples
+        self.image_size = int(image_size)
+        self.train = train
+        self.preset = preset
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.seed = int(seed)
+        self.epoch = 0
+        self.transform = build_transform(preset if train else "none", image_size=self.image_size, train=train)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose augmentation draws ``__getitem__`` makes."""
+        self.epoch = int(epoch)
+
+    def read_image(self, index: int):
+        """The RGB PIL image of sample ``index`` (remote images through the local cache)."""
+        from PIL import Image
+
+        sample = self.samples[index]
+        path = sample.image
+        if storage.is_remote(path):
+            path = storage.local_copy(path, self.cache_dir)
+        try:
+            with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
+                return image.convert("RGB")
+        except OSError as exc:
+            raise StorageError(f"cannot decode the image: {exc}", path=sample.image) from None
+
+    def __getitem__(self, index: int):
+        import torch
+
+        sample = self.samples[index]
+        image = self.read_image(index)
+        if image.size != (sample.width, sample.height):
+            raise ManifestError(
+                f"the image is {image.size[0]}x{image.size[1]} but the manifest says "
+                f"{sample.width}x{sample.height}",
+                path=sample.image,
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**63))
+            pixels, boxes, labels = self.transform(image, sample.boxes.astype(np.float32), sample.class_ids)
+        boxes_np = box_ops.clip_xyxy(
+            np.asarray(boxes, dtype=np.float64).reshape(-1, 4), width=self.image_size, height=self.image_size
+        )
+        keep = box_ops.positive_size_xyxy(boxes_np, min_size=1e-3)
+        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)[torch.from_numpy(keep)]
+        target = {"boxes": torch.from_numpy(boxes_np[keep]).float(), "labels": labels_t + 1}
+        return pixels.float().contiguous(), target, index
+
+
+def collate(batch):
+    """Lists of images, targets and indices (detectors take lists)."""
+    images, targets, indices = zip(*batch, strict=True)
+    return list(images), list(targets), list(indices)

@@ -1,0 +1,295 @@
+"""SageMaker object-detection hyperparameters: names, defaults, ranges and string parsing (no torch).
+
+``parse_hyperparameters(raw)`` takes the dict SageMaker takes (``hyperparams.json``: every value a
+string such as ``"False"``, ``"1"``, ``"10,20"``; numbers and booleans work too) and returns a frozen
+``Hyperparameters``. Unknown keys and values out of range raise ``ConfigError`` naming the key; keys
+SageMaker adds for itself (``_kvstore``, ``_num_kv_servers``, ``_tuning_objective_metric``,
+``kv_store``) are ignored with a note in ``Hyperparameters.notes``.
+
+``SAGEMAKER_KEYS`` are the built-in algorithm's own; ``EXTENSION_KEYS`` are detforge's additions
+(augmentation preset, data-loader workers, device, seed, ...), documented apart in docs/training.md.
+``check_against_data`` compares ``num_classes``, ``num_training_samples`` and ``label_width`` with the data.
+
+Not here: the training loop (``train``), models (``models``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+
+from detforge import storage
+from detforge.errors import ConfigError
+
+BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "adadelta")
+AUGMENTATIONS = ("none", "flip", "ssd", "ssd+rot")
+IGNORED_KEYS = ("kv_store",)  # SageMaker's MXNet kvstore choice; torch DDP decides this itself
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Resolved hyperparameters (native types). ``notes`` lists ignored keys, not a hyperparameter."""
+
+    # SageMaker's keys
+    num_classes: int
+    num_training_samples: int | None = None
+    base_network: str = "vgg-16"
+    use_pretrained_model: int = 1
+    epochs: int = 30
+    mini_batch_size: int = 32
+    learning_rate: float = 0.001
+    lr_scheduler_step: tuple[int, ...] = ()
+    lr_scheduler_factor: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    image_shape: int = 300
+    label_width: int = 350
+    freeze_layer_pattern: str = ""
+    nms_threshold: float = 0.45
+    nms_topk: int = 400
+    overlap_threshold: float = 0.5
+    early_stopping: bool = False
+    early_stopping_min_epochs: int = 10
+    early_stopping_patience: int = 5
+    early_stopping_tolerance: float = 0.0
+    # detforge's extensions
+    augmentation: str = "ssd"
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    score_threshold: float = 0.01
+    warmup_epochs: float = 0.0
+    image_cache: str = ""
+    grad_clip_norm: float = 10.0
+    sync_batchnorm: bool = False
+    deterministic: bool = False
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def to_json(self) -> dict:
+        """The resolved values as JSON-ready Python values (``hyperparams.json`` of a run)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "notes"}
+        out["lr_scheduler_step"] = ",".join(str(s) for s in self.lr_scheduler_step)
+        return out
+
+    def replace(self, **changes) -> Hyperparameters:
+        """A copy with some values changed (re-checked)."""
+        raw = self.to_json() | changes
+        return parse_hyperparameters(raw)
+
+
+# key -> (kind, check) ; kinds: int, float, bool, str, choice, steps, regex
+def _range(low=None, high=None, *, low_open=False, high_open=False):
+    def check(value):
+        if low is not None and (value < low or (low_open and value == low)):
+            return f"must be {'>' if low_open else '>='} {low}"
+        if high is not None and (value > high or (high_open and value == high)):
+            return f"must be {'<' if high_open else '<='} {high}"
+        return None
+
+    return check
+
+
+_SPEC: dict[str, tuple] = {
+    "num_classes": ("int", _range(1)),
+    "num_training_samples": ("int", _range(1)),
+    "base_network": ("choice", BASE_NETWORKS),
+    "use_pretrained_model": ("choice01", None),
+    "epochs": ("int", _range(1)),
+    "mini_batch_size": ("int", _range(1)),
+    "learning_rate": ("float", _range(0, 1, low_open=True)),
+    "lr_scheduler_step": ("steps", None),
+    "lr_scheduler_factor": ("float", _range(0, 1, low_open=True)),
+    "optimizer": ("choice", OPTIMIZERS),
+    "momentum": ("float", _range(0, 1, high_open=True)),
+    "weight_decay": ("float", _range(0, 1, high_open=True)),
+    "image_shape": ("int", _range(32, 4096)),
+    "label_width": ("int", _range(1)),
+    "freeze_layer_pattern": ("regex", None),
+    "nms_threshold": ("float", _range(0, 1, low_open=True)),
+    "nms_topk": ("int", _range(1, 10000)),
+    "overlap_threshold": ("float", _range(0, 1, low_open=True)),
+    "early_stopping": ("bool", None),
+    "early_stopping_min_epochs": ("int", _range(1)),
+    "early_stopping_patience": ("int", _range(1)),
+    "early_stopping_tolerance": ("float", _range(0, 1, high_open=True)),
+    "augmentation": ("choice", AUGMENTATIONS),
+    "workers": ("int", _range(0, 64)),
+    "device": ("device", None),
+    "seed": ("int", _range(0)),
+    "score_threshold": ("float", _range(0, 1, high_open=True)),
+    "warmup_epochs": ("float", _range(0)),
+    "image_cache": ("str", None),
+    "grad_clip_norm": ("float", _range(0)),
+    "sync_batchnorm": ("bool", None),
+    "deterministic": ("bool", None),
+}
+SAGEMAKER_KEYS = tuple(list(_SPEC)[:22])
+EXTENSION_KEYS = tuple(list(_SPEC)[22:])
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+def _number(key: str, value, kind: str):
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a number, got {value!r}", field=key)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text) if kind == "float" or any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            raise ConfigError(
+                f"expected {'a number' if kind == 'float' else 'a whole number'}, got {value!r}", field=key
+            ) from None
+    if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"expected a number, got {value!r}", field=key)
+    if kind == "int":
+        if float(value) != int(value):
+            raise ConfigError(f"expected a whole number, got {value!r}", field=key)
+        return int(value)
+    return float(value)
+
+
+def _parse_value(key: str, value):
+    kind, extra = _SPEC[key]
+    if kind in ("int", "float"):
+        parsed = _number(key, value, kind)
+        problem = extra(parsed) if extra else None
+        if problem:
+            raise ConfigError(f"{problem}, got {value!r}", field=key)
+        return parsed
+    if kind == "bool":
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"expected True or False, got {value!r}", field=key)
+    if kind == "choice01":
+        text = str(int(value)) if isinstance(value, (bool, int)) else str(value).strip()
+        if text not in ("0", "1"):
+            raise ConfigError(f"expected 0 or 1, got {value!r}", field=key)
+        return int(text)
+    if kind == "choice":
+        text = str(value).strip().lower()
+        if text not in extra:
+            raise ConfigError(f"expected one of {', '.join(extra)}, got {value!r}", field=key)
+        return text
+    if kind == "steps":
+        items = (
+            list(value)
+            if isinstance(value, (list, tuple))
+            else [s for s in str(value).replace(" ", "").split(",") if s]
+        )
+        steps = tuple(_number(key, s, "int") for s in items)
+        if any(s < 1 for s in steps) or list(steps) != sorted(set(steps)):
+            raise ConfigError(
+                f"expected increasing epoch numbers >= 1 like '10,20', got {value!r}", field=key
+            )
+        return steps
+    if kind == "regex":
+        text = str(value)
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise ConfigError(f"not a valid regular expression: {exc}", field=key) from None
+        return text
+    if kind == "device":
+        text = str(value).strip().lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+            raise ConfigError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}", field=key)
+        return text
+    return str(value)
+
+
+def parse_hyperparameters(raw: Mapping, *, source: str | None = None) -> Hyperparameters:
+    """Check and convert a hyperparameter dict; ConfigError naming the key (and ``source`` file)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected a JSON object of name -> value, got {type(raw).__name__}", path=source)
+    values, notes = {}, []
+    for key, value in raw.items():
+        key = str(key)
+        if key.startswith("_") or key in IGNORED_KEYS:
+            notes.append(f"ignored SageMaker's internal hyperparameter {key}={value!r}")
+            continue
+        if key not in _SPEC:
+            close = [k for k in _SPEC if k.replace("_", "") == key.replace("_", "").replace("-", "").lower()]
+            raise ConfigError(
+                "unknown hyperparameter",
+                path=source,
+                field=key,
+                hint=f"did you mean {close[0]}?" if close else "see docs/training.md for the list",
+            )
+        try:
+            values[key] = _parse_value(key, value)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, path=source, field=key) from None
+    if "num_classes" not in values:
+        raise ConfigError(
+            "required (the number of object classes in the data)", path=source, field="num_classes"
+        )
+    return Hyperparameters(**values, notes=tuple(notes))
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["epochs=3", "lr_scheduler_step=10,20"]`` -> dict of strings (``--set`` options)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected name=value, got {item!r}", field="--set")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_hyperparameters(
+    path: str | os.PathLike | None = None,
+    *,
+    overrides: Mapping | None = None,
+    defaults: Mapping | None = None,
+) -> Hyperparameters:
+    """Read a ``hyperparams.json`` (optional), apply ``defaults`` under it and ``overrides`` over it."""
+    raw: dict = dict(defaults or {})
+    source = None
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            loaded = orjson.loads(storage.read_bytes(source))
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {exc}", path=source) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("expected a JSON object of name -> value", path=source)
+        raw.update(loaded)
+    raw.update(overrides or {})
+    return parse_hyperparameters(raw, source=source)
+
+
+def check_against_data(
+    hp: Hyperparameters, *, num_classes: int, num_samples: int, max_boxes: int
+) -> list[str]:
+    """Compare with the training data; ConfigError on a mismatch, else notes to report."""
+    if hp.num_classes != num_classes:
+        raise ConfigError(
+            f"is {hp.num_classes} but the training data's class map has {num_classes} classes",
+            field="num_classes",
+            hint=f"set num_classes={num_classes}",
+        )
+    if max_boxes > hp.label_width:
+        raise ConfigError(
+            f"is {hp.label_width} but an image of the training data has {max_boxes} boxes",
+            field="label_width",
+            hint=f"set label_width to at least {max_boxes}",
+        )
+    notes = [f"{num_samples} training images, {num_classes} classes, at most {max_boxes} boxes per image"]
+    if hp.num_training_samples is not None and hp.num_training_samples != num_samples:
+        notes.append(
+            f"num_training_samples is {hp.num_training_samples} but the training manifest has "
+            f"{num_samples} images (informative only; using {num_samples})"
+        )
+    return notes

@@ -1,0 +1,541 @@
+"""``detforge train``: SageMaker's object-detection training job on your own machine or cluster.
+
+``train(config) -> TrainResult`` reads the manifests, builds the model (``models``), and for each epoch
+trains (``engine.train_one_epoch``), validates (``engine.validate``), writes the run folder and
+applies early stopping. The run folder (docs/architecture.md): ``hyperparams.json`` (resolved),
+``classes.json``, ``model.safetensors`` + ``model.json`` (the last epoch), ``best.safetensors`` +
+``best.json`` (highest validation:mAP), ``checkpoints/last.pt`` (resume state), ``metrics.jsonl``,
+``metrics.csv``, ``metrics.png``, ``train.log``. Under ``torchrun`` only rank 0 writes.
+
+``TrainConfig.on_epoch_end(epoch, row) -> bool`` is called on every process after each epoch;
+returning True stops training (hyperparameter tuning prunes with it).
+
+Not here: metric definitions (``metrics``), the model zoo (``models``), file formats of weights
+(``checkpoint``), plots (``plots``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from detforge import checkpoint, distributed, storage
+from detforge.errors import ConfigError, ModelError
+from detforge.hyperparams import (
+    Hyperparameters,
+    check_against_data,
+    load_hyperparameters,
+    parse_hyperparameters,
+)
+
+log = logging.getLogger("detforge.train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; ``hyperparameters`` is a path, a dict or ``Hyperparameters``."""
+
+    train: str
+    out: str
+    validation: str | None = None
+    hyperparameters: str | Mapping | Hyperparameters | None = None
+    overrides: Mapping = field(default_factory=dict)  # --set name=value, applied over the file
+    weights: str | None = None  # --weights: a run folder or .safetensors to start from
+    resume: bool = False  # continue the run in ``out`` from checkpoints/last.pt
+    classes: str | None = None  # a classes.json; default: beside the train manifest, else its class map
+    label_attribute: str | None = None
+    on_epoch_end: Callable[[int, dict], bool] | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: str
+    epochs: int
+    history: list[dict]
+    best_epoch: int | None
+    best_map: float | None
+    stopped_early: bool
+    stop_reason: str | None
+    classes: list[str]
+    hyperparams: Hyperparameters
+
+    @property
+    def last(self) -> dict:
+        """The metrics row of the last epoch."""
+        return self.history[-1] if self.history else {}
+
+
+def resolve_device(name: str):
+    """``auto`` -> cuda, else mps, else cpu; a named device must be available."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "CUDA is not available on this machine", field="device", hint="use device=cpu or auto"
+        )
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(
+            "Apple MPS is not available on this machine", field="device", hint="use device=auto"
+        )
+    return torch.device(name)
+
+
+def build_optimizer(params, hp: Hyperparameters):
+    """The optimizer named by ``optimizer``; ``momentum`` is used by sgd only (as SageMaker documents)."""
+    import torch
+
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    if hp.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    return torch.optim.Adadelta(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+
+
+def lr_multiplier(step: int, *, steps_per_epoch: int, hp: Hyperparameters) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, x factor per lr step."""
+    epoch = step / max(steps_per_epoch, 1)  # fractional epochs done
+    factor = hp.lr_scheduler_factor ** sum(1 for s in hp.lr_scheduler_step if epoch >= s)
+    warmup_steps = hp.warmup_epochs * steps_per_epoch
+    if warmup_steps > 0 and step < warmup_steps:
+        factor *= (step + 1) / warmup_steps
+    return factor
+
+
+def freeze(model, pattern: str) -> list[str]:
+    """Stop gradients for parameters whose names match ``pattern`` (re.search); returns their names."""
+    if not pattern:
+        return []
+    regex = re.compile(pattern)
+    frozen = [name for name, p in model.named_parameters() if regex.search(name)]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    if not frozen:
+        raise ConfigError(
+            f"matches no parameter of the model (names look like "
+            f"{next(iter(dict(model.named_parameters())))!r})",
+            field="freeze_layer_pattern",
+        )
+    return frozen
+
+
+def load_initial_weights(model, source: str, *, base_network: str, num_classes: int) -> str:
+    """``--weights``: copy every tensor of an earlier detforge model whose name and shape fit."""
+    info = checkpoint.read_run_info(source)
+    if info.base_network != base_network:
+        raise ModelError(
+            f"is a {info.base_network} model but base_network is {base_network}",
+            path=source,
+            field="--weights",
+        )
+    weights, _ = checkpoint._locate(os.fspath(source), "model")
+    state = checkpoint.load_state_dict(weights)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    fresh = len(own) - len(usable)
+    note = f"started from {weights}: {len(usable)} tensors loaded"
+    if fresh:
+        note += f", {fresh} initialised afresh" + (
+            f" (classes {info.num_classes} -> {num_classes})" if info.num_classes != num_classes else ""
+        )
+    return note
+
+
+def _rng_state() -> dict:
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_metrics(run_dir: str, history: list[dict]) -> None:
+    storage.write_bytes(
+        storage.join(run_dir, "metrics.jsonl"), b"".join(orjson.dumps(row) + b"\n" for row in history)
+    )
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    storage.write_text(storage.join(run_dir, "metrics.csv"), text.getvalue())
+    from detforge.plots import plot_metrics
+
+    plot_metrics(history, storage.join(run_dir, "metrics.png"), title=storage.basename(run_dir))
+
+
+def _log_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}:"]
+    for key in (
+        "validation:mAP",
+        "all_point_map",
+        "coco_AP",
+        "train_loss",
+        "lr",
+        "images_per_s",
+        "epoch_time_s",
+    ):
+        value = row.get(key)
+        if value is not None:
+            parts.append(f"{key}={value:.4g}" if key in ("lr",) else f"{key}={value:.3f}")
+    return " ".join(parts)
+
+
+def _setup_logging(run_dir: str, main: bool) -> logging.Handler | None:
+    if not main or storage.is_remote(run_dir):
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _resolve_hp(config: TrainConfig) -> Hyperparameters:
+    source = config.hyperparameters
+    if isinstance(source, Hyperparameters):
+        return parse_hyperparameters({**source.to_json(), **config.overrides}) if config.overrides else source
+    if isinstance(source, Mapping):
+        return parse_hyperparameters({**source, **config.overrides})
+    return load_hyperparameters(source, overrides=config.overrides)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a training job; see the module docstring for what it writes."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from detforge import engine
+    from detforge.dataset import ManifestDataset, collate, load_split, read_classes
+    from detforge.models import build_model
+
+    run_dir = os.fspath(config.out)
+    if config.resume:
+        saved = storage.join(run_dir, "hyperparams.json")
+        if not storage.exists(saved):
+            raise ModelError("nothing to resume: hyperparams.json is missing", path=saved)
+        hp = parse_hyperparameters(
+            {**orjson.loads(storage.read_bytes(saved)), **config.overrides}, source=saved
+        )
+    else:
+        hp = _resolve_hp(config)
+    device = resolve_device(hp.device)
+    dist = distributed.setup(device.type)
+    handler = _setup_logging(run_dir, dist.main)
+    try:
+        if device.type == "cuda" and dist.enabled:
+            device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(device)
+        if hp.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(hp.seed)
+        random.seed(hp.seed)
+        np.random.seed(hp.seed)
+        for note in hp.notes:
+            log.info(note)
+
+        names = read_classes(config.train, config.classes) if (config.classes or not config.resume) else None
+        if config.resume:
+            names = orjson.loads(storage.read_bytes(storage.join(run_dir, "classes.json")))
+        train_samples, names = load_split(config.train, classes=names, label_attribute=config.label_attribute)
+        if not train_samples:
+            raise ConfigError("the training manifest has no images", path=config.train)
+        max_boxes = max(len(s.boxes) for s in train_samples)
+        for note in check_against_data(
+            hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
+        ):
+            log.info(note)
+        val_samples = []
+        if config.validation:
+            val_samples, _ = load_split(
+                config.validation, classes=names, label_attribute=config.label_attribute
+            )
+        if hp.mini_batch_size % dist.world_size:
+            raise ConfigError(
+                f"{hp.mini_batch_size} does not split evenly over {dist.world_size} processes",
+                field="mini_batch_size",
+            )
+        per_process = hp.mini_batch_size // dist.world_size
+
+        cache = hp.image_cache or None
+        train_set = ManifestDataset(
+            train_samples,
+            image_size=hp.image_shape,
+            preset=hp.augmentation,
+            train=True,
+            cache_dir=cache,
+            seed=hp.seed,
+        )
+        sampler = torch.utils.data.DistributedSampler(
+            train_set,
+            num_replicas=dist.world_size,
+            rank=dist.rank,
+            shuffle=True,
+            seed=hp.seed,
+            drop_last=False,
+        )
+        loader_args = dict(collate_fn=collate, num_workers=hp.workers, pin_memory=device.type == "cuda")
+        train_loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, **loader_args)
+        val_loader = None
+        if val_samples:
+            val_set = ManifestDataset(val_samples, image_size=hp.image_shape, cache_dir=cache)
+            shard = list(range(dist.rank, len(val_set), dist.world_size))
+            val_loader = DataLoader(val_set, batch_size=per_process, sampler=shard, **loader_args)
+
+        model = build_model(
+            hp.base_network,
+            num_classes=hp.num_classes,
+            image_size=hp.image_shape,
+            pretrained_backbone=bool(hp.use_pretrained_model) and not (config.weights or config.resume),
+            nms_threshold=hp.nms_threshold,
+            nms_topk=hp.nms_topk,
+            score_threshold=hp.score_threshold,
+        )
+        if config.weights and not config.resume:
+            log.info(
+                load_initial_weights(
+                    model, config.weights, base_network=hp.base_network, num_classes=hp.num_classes
+                )
+            )
+        frozen = freeze(model, hp.freeze_layer_pattern)
+        if frozen:
+            log.info(f"froze {len(frozen)} parameters matching {hp.freeze_layer_pattern!r}")
+        model.to(device)
+        if dist.enabled and hp.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = model
+        if dist.enabled:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], hp)
+        steps_per_epoch = len(train_loader)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, steps_per_epoch=steps_per_epoch, hp=hp)
+        )
+        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+
+        info = checkpoint.RunInfo(
+            base_network=hp.base_network,
+            image_shape=hp.image_shape,
+            num_classes=hp.num_classes,
+            classes=list(names),
+            thresholds={
+                "nms_threshold": hp.nms_threshold,
+                "nms_topk": hp.nms_topk,
+                "score_threshold": hp.score_threshold,
+                "overlap_threshold": hp.overlap_threshold,
+            },
+            hyperparams=hp.to_json(),
+            source_run=run_dir,
+        )
+        history: list[dict] = []
+        start_epoch = 1
+        early = {"best": None, "bad_epochs": 0}
+        best = {"epoch": None, "map": None}
+        if config.resume:
+            state = checkpoint.load_state(run_dir)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            history = [orjson.loads(row) for row in state["history"]]
+            early, best = state["early_stopping"], state["best"]
+            start_epoch = int(state["epoch"]) + 1
+            _set_rng_state(state["rng"])
+            log.info(f"resuming {run_dir} after epoch {state['epoch']}")
+        elif dist.main:
+            storage.write_bytes(
+                storage.join(run_dir, "hyperparams.json"),
+                orjson.dumps(hp.to_json(), option=orjson.OPT_INDENT_2),
+            )
+            storage.write_bytes(storage.join(run_dir, "classes.json"), orjson.dumps(list(names)))
+        log.info(
+            f"training {hp.base_network} at {hp.image_shape} px on {device} x{dist.world_size}: "
+            f"{len(train_samples)} train / {len(val_samples)} validation images, "
+            f"batch {hp.mini_batch_size}, {hp.epochs} epochs"
+        )
+
+        stopped, reason = False, None
+        for epoch in range(start_epoch, hp.epochs + 1):
+            sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            with _progress(config.progress and dist.main, epoch, steps_per_epoch) as advance:
+                result = engine.train_one_epoch(
+                    train_model,
+                    train_loader,
+                    optimizer,
+                    scheduler,
+                    device=device,
+                    epoch=epoch,
+                    scaler=scaler,
+                    grad_clip_norm=hp.grad_clip_norm,
+                    on_step=advance,
+                )
+            means = result["means"]
+            keys = sorted(means)
+            averaged = dict(
+                zip(keys, distributed.all_reduce_mean(dist, [means[k] for k in keys]), strict=True)
+            )
+            row = {"epoch": epoch, "train_loss": averaged.get("loss")}
+            row |= {f"train_loss_{k}": v for k, v in averaged.items() if k != "loss"}
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            row["epoch_time_s"] = result["seconds"]
+            row["images_per_s"] = result["images"] * dist.world_size / max(result["seconds"], 1e-9)
+            if val_loader is not None:
+                started = time.perf_counter()
+                row |= engine.validate(
+                    model,
+                    val_loader,
+                    device=device,
+                    class_names=list(names),
+                    iou_threshold=hp.overlap_threshold,
+                    dist=dist,
+                )
+                row["validation_time_s"] = time.perf_counter() - started
+            history.append(row)
+            score = row.get("validation:mAP")
+            improved_best = score is not None and (best["map"] is None or score > best["map"])
+            if improved_best:
+                best = {"epoch": epoch, "map": score}
+            early = _early_stopping_update(early, score, hp)
+            if dist.main:
+                info.epoch, info.metrics = epoch, {k: v for k, v in row.items() if not k.startswith("AP/")}
+                checkpoint.save_model(run_dir, model, info)
+                if improved_best or (val_loader is None):
+                    checkpoint.save_model(run_dir, model, info, name="best")
+                _write_metrics(run_dir, history)
+                checkpoint.save_state(
+                    run_dir,
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else {},
+                        "history": [orjson.dumps(r).decode() for r in history],
+                        "early_stopping": early,
+                        "best": best,
+                        "rng": _rng_state(),
+                    },
+                )
+                log.info(_log_line(row))
+            distributed.barrier(dist)
+            if (
+                hp.early_stopping
+                and epoch >= hp.early_stopping_min_epochs
+                and early["bad_epochs"] >= hp.early_stopping_patience
+            ):
+                stopped, reason = (
+                    True,
+                    (
+                        f"validation:mAP did not improve by more than "
+                        f"{hp.early_stopping_tolerance} (relative) for {early['bad_epochs']} epochs"
+                    ),
+                )
+            if not stopped and config.on_epoch_end is not None and config.on_epoch_end(epoch, row):
+                stopped, reason = True, "stopped by on_epoch_end"
+            if stopped:
+                log.info(f"early stop after epoch {epoch}: {reason}")
+                break
+        return TrainResult(
+            run_dir=run_dir,
+            epochs=len(history),
+            history=history,
+            best_epoch=best["epoch"],
+            best_map=best["map"],
+            stopped_early=stopped,
+            stop_reason=reason,
+            classes=list(names),
+            hyperparams=hp,
+        )
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        distributed.teardown(dist)
+
+
+def _early_stopping_update(state: dict, score: float | None, hp: Hyperparameters) -> dict:
+    """SageMaker's rule: an epoch counts as an improvement when (mAP - best) / best > tolerance."""
+    if score is None:
+        return state
+    best = state["best"]
+    if best is None:
+        return {"best": score, "bad_epochs": 0}
+    improvement = (score - best) / best if best > 0 else (float("inf") if score > best else 0.0)
+    if improvement > hp.early_stopping_tolerance:
+        return {"best": score, "bad_epochs": 0}
+    return {"best": best, "bad_epochs": state["bad_epochs"] + 1}
+
+
+class _progress:
+    """A rich progress bar for one epoch (a no-op when disabled); yields ``advance(step, images)``."""
+
+    def __init__(self, enabled: bool, epoch: int, total: int) -> None:
+        self.enabled, self.epoch, self.total = enabled, epoch, total
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "[bold]epoch {task.fields[epoch]}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("train", total=self.total, epoch=self.epoch)
+        return lambda step, images: self.bar.update(task, completed=step)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
