@@ -15,6 +15,8 @@ from detforge.errors import DetforgeError
 
 # Command modules, in the order of the workflow (docs/DESIGN.md). A new command adds its module here.
 COMMANDS = [
+    "frames",
+    "synth",
     "prepare",
     "convert",
     "stats",
