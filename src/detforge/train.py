@@ -461,6 +461,10 @@ def train(config: TrainConfig) -> TrainResult:
                         "early_stopping": early,
                         "best": best,
                         "rng": _rng_state(),
+                        "data": {
+                            "train": os.fspath(config.train),
+                            "validation": os.fspath(config.validation) if config.validation else None,
+                        },
                     },
                 )
                 log.info(_log_line(row))
@@ -498,6 +502,18 @@ def train(config: TrainConfig) -> TrainResult:
             log.removeHandler(handler)
             handler.close()
         distributed.teardown(dist)
+
+
+def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str | None]:
+    """The train and validation manifests an interrupted run was started with (for ``--resume``)."""
+    data = checkpoint.load_state(run_dir).get("data") or {}
+    if not data.get("train"):
+        raise ModelError(
+            "the resume state does not name the training manifest",
+            path=run_dir,
+            hint="give --train and --validation again",
+        )
+    return data["train"], validation or data.get("validation")
 
 
 def _early_stopping_update(state: dict, score: float | None, hp: Hyperparameters) -> dict:

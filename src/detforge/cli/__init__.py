@@ -21,6 +21,7 @@ COMMANDS = [
     "convert",
     "stats",
     "augment",
+    "train",
     "evaluate",
 ]
 

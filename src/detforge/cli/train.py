@@ -1,0 +1,110 @@
+"""``detforge train --train M --validation M --hyperparameters hp.json --out runs/NAME``: a run folder."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command."""
+
+    @app.command("train")
+    def train_command(
+        train: Annotated[
+            str | None,
+            typer.Option(
+                "--train", help="Training manifest (prepared; classes.json beside it names the classes)."
+            ),
+        ] = None,
+        validation: Annotated[
+            str | None,
+            typer.Option("--validation", help="Validation manifest: validation:mAP after every epoch."),
+        ] = None,
+        hyperparameters: Annotated[
+            str | None,
+            typer.Option(
+                "--hyperparameters",
+                "-p",
+                help="SageMaker hyperparams.json (string values as SageMaker takes them).",
+            ),
+        ] = None,
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", help="Override one hyperparameter: name=value (repeatable)."),
+        ] = None,
+        out: Annotated[str | None, typer.Option("--out", help="The run folder to write (runs/NAME).")] = None,
+        weights: Annotated[
+            str | None,
+            typer.Option(
+                "--weights", help="Start from an earlier detforge model: a run folder or .safetensors file."
+            ),
+        ] = None,
+        resume: Annotated[
+            str | None,
+            typer.Option("--resume", help="Continue an interrupted run folder from its checkpoints/last.pt."),
+        ] = None,
+        classes: Annotated[
+            str | None,
+            typer.Option(
+                "--classes", help="classes.json to use instead of the one beside the training manifest."
+            ),
+        ] = None,
+        label_attribute: Annotated[
+            str | None,
+            typer.Option(
+                "--label-attribute", help="The manifests' label attribute, when it cannot be found."
+            ),
+        ] = None,
+        progress: Annotated[
+            bool, typer.Option("--progress/--no-progress", help="A progress bar per epoch.")
+        ] = True,
+    ) -> None:
+        """Train an SSD detector with SageMaker's object-detection hyperparameters (torchrun for many GPUs)."""
+        import logging
+        import os
+
+        from rich.console import Console
+
+        from detforge.errors import ConfigError
+        from detforge.hyperparams import parse_overrides
+        from detforge.train import TrainConfig, resume_data, train as run_training
+
+        if resume:
+            out = out or resume
+            if train is None:
+                train, validation = resume_data(resume, validation)
+        if train is None or out is None:
+            raise ConfigError("--train and --out are required (or --resume RUN)", field="--train")
+        main = int(os.environ.get("RANK", "0")) == 0
+        logger = logging.getLogger("detforge.train")
+        handler = logging.StreamHandler() if main else None
+        if handler is not None:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+        try:
+            result = run_training(
+                TrainConfig(
+                    train=train,
+                    validation=validation,
+                    out=out,
+                    hyperparameters=hyperparameters,
+                    overrides=parse_overrides(set_ or []),
+                    weights=weights,
+                    resume=bool(resume),
+                    classes=classes,
+                    label_attribute=label_attribute,
+                    progress=progress,
+                )
+            )
+        finally:
+            if handler is not None:
+                logger.removeHandler(handler)
+        if main:
+            best = "-" if result.best_map is None else f"{result.best_map:.3f} (epoch {result.best_epoch})"
+            Console().print(
+                f"{result.epochs} epochs -> {result.run_dir}; best validation:mAP {best}"
+                + (f"; stopped early: {result.stop_reason}" if result.stopped_early else "")
+            )
