@@ -181,3 +181,55 @@ def test_real_manifest_with_perfect_predictions(shared_data, tmp_path):
     n_boxes = sum(len(r.boxes) for r in records)
     assert n_boxes > 0 and result.metrics.n_gt == n_boxes and result.metrics.num_images == len(records)
     assert result.metrics.voc07_map == pytest.approx(1.0) and result.metrics.fp == 0
+
+
+def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
+    """A run folder is evaluated by running its model; the same detections as a predictions file agree."""
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from detforge.checkpoint import RunInfo, save_model
+    from detforge.models import build_model, labels_to_class_ids
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    model = build_model("mobilenet-v3", num_classes=2, image_size=64).eval()
+    save_model(run, model,
+               RunInfo(base_network="mobilenet-v3", image_shape=64, num_classes=2, classes=CLASSES))
+    assert find_source(str(run)) == "run"
+    rng = np.random.default_rng(0)
+    files = []
+    for name, (w, h) in (("p.png", (64, 48)), ("q.png", (40, 40))):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+        files.append(tmp_path / name)
+    with torch.inference_mode():
+        outputs = model([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
+                         .float().div(255) for f in files])
+    # q.png is labeled at twice its size (its manifest image_size is 80x80): boxes scale with it
+    sizes, scales = [(64, 48), (80, 80)], [1, 2]
+    records, lines = [], []
+    for f, out, (w, h), k in zip(files, outputs, sizes, scales, strict=True):
+        boxes = out["boxes"].numpy().astype(np.float64)
+        classes = labels_to_class_ids(out["labels"].numpy())
+        assert len(boxes) > 2
+        gt = np.clip(np.rint(boxes[:2] * k), 0, [w, h, w, h])  # two of its own detections as labels
+        records.append(make_record(str(f), width=w, height=h, boxes_xyxy=gt, class_ids=classes[:2],
+                                   class_map=CMAP))
+        norm_boxes = boxes / [w / k, h / k, w / k, h / k]
+        lines.append({"image": f.name, "prediction": [[int(c), float(s), *b] for c, s, b in zip(
+            classes, out["scores"].numpy().tolist(), norm_boxes.tolist(), strict=True)]})
+    manifest = tmp_path / "m.manifest"
+    write_manifest(manifest, records)
+    predictions = tmp_path / "model.jsonl"
+    predictions.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+
+    from_run = evaluate(str(run), str(manifest), score_threshold=0.0, out_dir=str(tmp_path / "out"))
+    from_file = evaluate(str(predictions), str(manifest), score_threshold=0.0)
+    assert from_run.source == "run" and from_run.class_names == CLASSES
+    a, b = from_run.metrics, from_file.metrics
+    assert a.num_detections == b.num_detections == sum(len(o["boxes"]) for o in outputs)
+    assert (a.tp, a.fp, a.n_gt) == (b.tp, b.fp, 4) and a.tp >= 2
+    assert a.voc07_map == pytest.approx(b.voc07_map, abs=1e-12) and a.voc07_map > 0
+    assert a.all_point_map == pytest.approx(b.all_point_map, abs=1e-12)
+    assert (tmp_path / "out" / "metrics.json").exists()

@@ -31,11 +31,13 @@ import orjson
 from detforge import boxes as box_ops
 from detforge import storage
 from detforge.coco_metrics import CocoAccumulator
-from detforge.errors import ConfigError, FormatError, ManifestError
+from detforge.errors import ConfigError, FormatError, ManifestError, ModelError, require
 from detforge.groundtruth import read_manifest
 from detforge.metrics import DetectionAccumulator, DetectionMetrics
 
 PREDICTION_SUFFIXES = (".jsonl", ".json", ".ndjson", ".out")
+# AP needs the low-scoring detections too; the ONNX model's own NMS keeps its top-k.
+EVALUATION_SCORE_THRESHOLD = 0.01
 
 
 @dataclass
@@ -73,7 +75,8 @@ def find_source(path: str) -> str:
     text = os.fspath(path).rstrip("/")
     if text.endswith(".onnx") or storage.exists(storage.join(text, "model.onnx")):
         return "onnx"
-    if any(storage.exists(storage.join(text, name)) for name in ("model.safetensors", "hyperparams.json")):
+    if text.endswith(".safetensors") or any(
+            storage.exists(storage.join(text, name)) for name in ("model.safetensors", "model.json")):
         return "run"
     if text.lower().endswith(PREDICTION_SUFFIXES) and storage.exists(text):
         return "predictions"
@@ -210,6 +213,63 @@ def _checked(items: Iterator[GroundTruth], names: list[str]) -> Iterator[GroundT
         yield gt
 
 
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _open_image(source_ref: str, manifest: str) -> np.ndarray:
+    """An ``HxWx3`` uint8 RGB array of a manifest image; a relative reference is read beside the manifest."""
+    from PIL import Image
+
+    path = source_ref
+    if not storage.is_remote(path) and not os.path.isabs(path) and not storage.exists(path):
+        path = storage.join(os.path.dirname(os.fspath(manifest)) or ".", path)
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as exc:
+        raise ModelError(f"cannot decode the image: {exc}", path=path) from None
+
+
+def _open_model(path: str, source: str):
+    """Class names and a function from a list of RGB arrays to ``[(boxes_xyxy, scores, class_ids)]``."""
+    if source == "run":
+        require("torch", "training")
+        import torch
+
+        from detforge.checkpoint import load_run_model
+        from detforge.models import labels_to_class_ids
+
+        model, info = load_run_model(path)
+
+        def run_torch(pictures: list[np.ndarray]) -> list[tuple]:
+            tensors = [torch.from_numpy(p.copy()).permute(2, 0, 1).float().div(255) for p in pictures]
+            with torch.inference_mode():
+                outputs = model(tensors)
+            return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(),
+                     labels_to_class_ids(o["labels"].cpu().numpy())) for o in outputs]
+
+        return list(info.classes), run_torch
+
+    from detforge.runtime import Predictor
+
+    deploy_dir = os.path.dirname(path.rstrip("/")) if path.endswith(".onnx") else path
+    predictor = Predictor(deploy_dir or ".")
+
+    def run_onnx(pictures: list[np.ndarray]) -> list[tuple]:
+        return [(d.boxes_xyxy, d.scores, d.class_ids)
+                for d in predictor.predict(pictures, threshold=EVALUATION_SCORE_THRESHOLD)]
+
+    return list(predictor.class_names), run_onnx
+
+
 def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float = 0.5,
              score_threshold: float = 0.5, out_dir: str | None = None, classes: str | None = None,
              label_attribute: str | None = None, coco: bool = True, batch_size: int = 8) -> EvaluationResult:
@@ -220,10 +280,11 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     model_or_predictions = os.fspath(model_or_predictions)
     manifest = os.fspath(manifest)
     source = find_source(model_or_predictions)
-    if source != "predictions":
-        raise ConfigError(f"evaluating a {source} is not available in this build", path=model_or_predictions)
-    names = (read_class_names(manifest, classes)
-             or manifest_class_names(manifest, label_attribute=label_attribute))
+    if source == "predictions":
+        names = (read_class_names(manifest, classes)
+                 or manifest_class_names(manifest, label_attribute=label_attribute))
+    else:
+        names, run_model = _open_model(model_or_predictions, source)
     num_classes = len(names)
     acc = DetectionAccumulator(num_classes, iou_threshold=iou_threshold, score_threshold=score_threshold)
     coco_acc = CocoAccumulator(names) if coco else None
@@ -234,18 +295,30 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
                 target.update(gt_boxes=gt.boxes, gt_classes=gt.class_ids, pred_boxes=boxes,
                               pred_scores=scores, pred_classes=labels, image_id=gt.source_ref)
 
-    # Predictions may come in any order: the manifest's boxes are indexed (small), the predictions stream.
-    images = list(_checked(load_ground_truth(manifest, label_attribute=label_attribute), names))
-    seen = np.zeros(len(images), dtype=bool)
-    for i, (boxes, scores, labels) in _detections_from_predictions(model_or_predictions, images,
-                                                                     num_classes, seen):
-        add(images[i], boxes, scores, labels)
-    empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
-    for i in np.flatnonzero(~seen):
-        add(images[i], *empty)
+    images_iter = _checked(load_ground_truth(manifest, label_attribute=label_attribute), names)
+    missing = 0
+    if source == "predictions":
+        # Predictions come in any order: the manifest's boxes are indexed (small), the predictions stream.
+        images = list(images_iter)
+        seen = np.zeros(len(images), dtype=bool)
+        for i, (boxes, scores, labels) in _detections_from_predictions(model_or_predictions, images,
+                                                                         num_classes, seen):
+            add(images[i], boxes, scores, labels)
+        empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
+        for i in np.flatnonzero(~seen):
+            add(images[i], *empty)
+        missing = int((~seen).sum())
+    else:
+        for batch in _batches(images_iter, batch_size):
+            pictures = [_open_image(gt.source_ref, manifest) for gt in batch]
+            detections = run_model(pictures)
+            for gt, picture, (boxes, scores, labels) in zip(batch, pictures, detections, strict=True):
+                # the model saw the decoded image; the manifest's boxes are in its image_size
+                scale = np.array([gt.width / picture.shape[1], gt.height / picture.shape[0]] * 2)
+                add(gt, np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale, scores, labels)
     result = EvaluationResult(metrics=acc.compute(), coco=coco_acc.compute() if coco_acc else None,
                               class_names=names, source=source,
-                              images_without_predictions=int((~seen).sum()))
+                              images_without_predictions=missing)
     if out_dir is not None:
         result.files = write_outputs(result, out_dir)
     return result
