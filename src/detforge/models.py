@@ -122,8 +122,17 @@ def build_vgg16(*, num_classes: int, image_size: int, pretrained_backbone: bool 
     from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG
 
     weights = _pretrained("vgg-16", pretrained_backbone, download)
-    vgg = torchvision.models.vgg16(weights=weights, progress=False)
-    backbone = SSDFeatureExtractorVGG(vgg.features, highres=True)
+    # only the convolutional part: building VGG's 120M-parameter classifier just to drop it is slow
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"], batch_norm=False)
+    if weights is not None:
+        state = weights.get_state_dict(progress=True)
+        features.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("features.")})
+    else:
+        for layer in features.modules():  # VGG's own initialisation
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(layer.bias, 0)
+    backbone = SSDFeatureExtractorVGG(features, highres=True)
     sizes = _vgg_map_sizes(image_size)
     if len(sizes) < 2 or sizes[1] < 1:
         raise ConfigError(f"vgg-16 needs image_shape >= {MIN_IMAGE_SIZE}, got {image_size}",

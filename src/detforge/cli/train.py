@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--progress/--no-progress", help="A progress bar per epoch.")
         ] = True,
     ) -> None:
-        """Train an SSD detector with SageMaker's object-detection hyperparameters (torchrun for many GPUs)."""
+        """Train an SSD detector with SageMaker's object-detection hyperparameters (torchrun: many GPUs)."""
         import logging
         import os
 
@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
 
         from detforge.errors import ConfigError
         from detforge.hyperparams import parse_overrides
-        from detforge.train import TrainConfig, resume_data, train as run_training
+        from detforge.train import TrainConfig, resume_data
+        from detforge.train import train as run_training
 
         if resume:
             out = out or resume
