@@ -226,6 +226,8 @@ def parse_hyperparameters(raw: Mapping, *, source: str | None = None) -> Hyperpa
                 field=key,
                 hint=f"did you mean {close[0]}?" if close else "see docs/training.md for the list",
             )
+        if value is None or (key == "num_training_samples" and value == ""):
+            continue  # unset: the default
         try:
             values[key] = _parse_value(key, value)
         except ConfigError as exc:
