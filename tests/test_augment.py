@@ -347,8 +347,8 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     with pytest.raises(ConfigError, match="--workers"):
         aug.augment(manifest, out_dir=tmp_path / "out", workers=0)
     lines = _lines(manifest) * 2
-    with pytest.raises(ManifestError,
-                       match=r"twice\.manifest:2, field 'source-ref': two lines refer to images named img_000\.jpg"):
+    twice = r"twice\.manifest:2, field 'source-ref': two lines refer to images named img_000\.jpg"
+    with pytest.raises(ManifestError, match=twice):
         aug.augment(_write_manifest(tmp_path / "twice.manifest", lines), out_dir=tmp_path / "out")
     wrong = _lines(manifest)
     wrong[0]["bb"]["image_size"][0]["width"] = 80
