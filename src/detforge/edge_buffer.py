@@ -1,0 +1,365 @@
+"""Getting the edge runtime's results to the MQTT broker, in order, without losing them.
+
+In here: ``parse_broker`` (``mqtt://`` / ``mqtts://`` URLs), ``DiskBuffer`` (a bounded FIFO of messages on
+disk, one file per sequence number) and ``Publisher``, which owns the paho-mqtt client.
+
+How nothing is lost: every result gets the next sequence number and is written to the buffer *before*
+it is published (QoS 1); its file is removed only when the broker's PUBACK for it arrives. When the
+connection drops, the client is thrown away with whatever paho still held, and a new one connects with
+a growing pause (0.5 s doubling to 30 s); once connected it sends every buffered message in sequence
+order before any new one. So each result reaches the broker at least once and in order; QoS 1 may repeat
+a message whose PUBACK was lost in the drop, which subscribers can discard by its ``seq``. The buffer is
+bounded: when full, the oldest result is dropped (and counted). Not in here: frames, the model, the
+main loop (``detforge.edge``). No torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import orjson
+
+from detforge.errors import ConfigError
+
+SEQ_FILE = ".last-seq"
+
+
+@dataclass(frozen=True)
+class BrokerSpec:
+    """Where and how to connect: host, port, TLS files, user name and password."""
+
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+
+
+def parse_broker(url: str, **settings) -> BrokerSpec:
+    """``mqtt://HOST[:PORT]`` (1883) or ``mqtts://HOST[:PORT]`` (8883, TLS); ``settings`` fill the rest."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(
+            f"unsupported broker URL scheme {parts.scheme!r}",
+            field="broker",
+            hint="use mqtt://HOST:1883 or mqtts://HOST:8883",
+        )
+    if not parts.hostname:
+        raise ConfigError(f"no host in broker URL {url!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883")
+    tls = parts.scheme in ("mqtts", "ssl") or bool(settings.pop("tls", False))
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConfigError(f"bad port in broker URL {url!r}", field="broker") from exc
+    username = settings.pop("username", None) or parts.username
+    password = settings.pop("password", None) or parts.password
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = settings.get(name)
+        if path and not os.path.isfile(path):
+            raise ConfigError("no such file", path=path, field=name.replace("_", "-"))
+    return BrokerSpec(
+        parts.hostname,
+        port,
+        tls=tls or any(settings.get(k) for k in ("ca_file", "cert_file")),
+        username=username,
+        password=password,
+        **settings,
+    )
+
+
+class DiskBuffer:
+    """Messages waiting for their PUBACK, one file each (``<seq>.msg``: topic line, then payload)."""
+
+    def __init__(self, directory: str, *, max_messages: int = 10000) -> None:
+        if max_messages < 1:
+            raise ConfigError(f"must be at least 1, got {max_messages}", field="buffer_max")
+        self.directory = directory
+        self.max_messages = max_messages
+        self.dropped = 0
+        self._lock = threading.Lock()
+        os.makedirs(directory, exist_ok=True)
+        seqs = sorted(
+            int(name[:-4]) for name in os.listdir(directory) if name.endswith(".msg") and name[:-4].isdigit()
+        )
+        self._seqs: dict[int, None] = dict.fromkeys(seqs)
+        last = seqs[-1] if seqs else 0
+        try:
+            with open(os.path.join(directory, SEQ_FILE)) as handle:
+                last = max(last, int(handle.read().strip() or 0))
+        except (OSError, ValueError):
+            pass
+        self._last_seq = last
+
+    def _path(self, seq: int) -> str:
+        return os.path.join(self.directory, f"{seq:012d}.msg")
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def append(self, topic: str, payload: bytes) -> int:
+        """Store a message under the next sequence number (returned); drop the oldest when full."""
+        with self._lock:
+            self._last_seq += 1
+            seq = self._last_seq
+            tmp = os.path.join(self.directory, f".{seq:012d}.part")
+            with open(tmp, "wb") as handle:
+                handle.write(topic.encode("utf-8") + b"\n" + payload)
+            os.replace(tmp, self._path(seq))  # a reader never sees half a message
+            self._seqs[seq] = None
+            while len(self._seqs) > self.max_messages:
+                oldest = next(iter(self._seqs))
+                self._remove(oldest)
+                self.dropped += 1
+            return seq
+
+    def next_seq(self) -> int:
+        """The number the next ``append`` will use (messages carry it as ``seq``)."""
+        with self._lock:
+            return self._last_seq + 1
+
+    def remove(self, seq: int) -> None:
+        """Forget a message (its PUBACK arrived)."""
+        with self._lock:
+            self._remove(seq)
+
+    def _remove(self, seq: int) -> None:
+        if self._seqs.pop(seq, False) is None:
+            try:
+                os.unlink(self._path(seq))
+            except FileNotFoundError:
+                pass
+
+    def pending(self) -> list[int]:
+        """Sequence numbers still buffered, oldest first."""
+        with self._lock:
+            return list(self._seqs)
+
+    def read(self, seq: int) -> tuple[str, bytes] | None:
+        """(topic, payload) of a buffered message, or None if it is gone."""
+        try:
+            with open(self._path(seq), "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return None
+        topic, _, payload = data.partition(b"\n")
+        return topic.decode("utf-8"), payload
+
+    def save_seq(self) -> None:
+        """Remember the last sequence number so numbering continues after a restart."""
+        with self._lock:
+            tmp = os.path.join(self.directory, SEQ_FILE + ".part")
+            with open(tmp, "w") as handle:
+                handle.write(str(self._last_seq))
+            os.replace(tmp, os.path.join(self.directory, SEQ_FILE))
+
+
+class Publisher:
+    """The MQTT side of the edge runtime: buffered QoS-1 results, a retained status with a last will,
+    a subscription for requests, reconnects with backoff. One network thread; ``publish`` is thread-safe.
+    """
+
+    def __init__(
+        self,
+        broker: BrokerSpec,
+        buffer: DiskBuffer,
+        *,
+        client_id: str,
+        status_topic: str,
+        status: Callable[[], dict],
+        subscribe: tuple[str, ...] = (),
+        on_message: Callable[[str, bytes], None] | None = None,
+        heartbeat_s: float = 10.0,
+        backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self.broker = broker
+        self.buffer = buffer
+        self.client_id = client_id
+        self.status_topic = status_topic
+        self.status = status
+        self.subscriptions = subscribe
+        self.on_message = on_message
+        self.heartbeat_s = heartbeat_s
+        self.backoff = backoff
+        self.connected = False
+        self.connections = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._client = None
+        self._ready = False
+        self._inflight: dict[int, int] = {}  # paho mid -> seq
+        self._acked: collections.deque[int] = collections.deque()  # filled by paho's thread, no lock
+        self._stop = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="detforge-mqtt", daemon=True)
+
+    # -- the caller's side ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start connecting in the background."""
+        self._thread.start()
+
+    def publish(self, topic: str, message: dict) -> int:
+        """Buffer ``message`` (plus its ``seq``) on disk and send it if connected; returns the seq."""
+        with self._lock:
+            message = {**message, "seq": self.buffer.next_seq()}
+            seq = self.buffer.append(topic, orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY))
+            if self._ready:
+                self._send(seq)
+            return seq
+
+    def close(self, drain_timeout: float = 10.0) -> bool:
+        """Wait up to ``drain_timeout`` s for every buffered message's PUBACK, say offline, disconnect.
+
+        Returns True when the buffer is empty (else what is left is published by the next run).
+        """
+        deadline = time.monotonic() + drain_timeout
+        while len(self.buffer) and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
+        self._closing.set()
+        self._thread.join(timeout=max(5.0, deadline - time.monotonic() + 5.0))
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self.buffer.save_seq()
+        return len(self.buffer) == 0
+
+    # -- the network thread ---------------------------------------------------------------------------
+    def _send(self, seq: int) -> None:
+        """Hand one buffered message to paho (called with the lock held)."""
+        stored = self.buffer.read(seq)
+        if stored is None or self._client is None:
+            return
+        info = self._client.publish(stored[0], stored[1], qos=1)
+        self._inflight[info.mid] = seq
+
+    def _new_client(self):
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True)
+        if self.broker.username:
+            client.username_pw_set(self.broker.username, self.broker.password)
+        if self.broker.tls:
+            client.tls_set(
+                ca_certs=self.broker.ca_file, certfile=self.broker.cert_file, keyfile=self.broker.key_file
+            )
+        client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        state = {"connack": None}
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            state["connack"] = reason_code
+            if not reason_code.is_failure:
+                for topic in self.subscriptions:
+                    client.subscribe(topic, qos=1)
+
+        def on_publish(client, userdata, mid, reason_code, properties):
+            self._acked.append(mid)  # no lock here: paho holds its own message lock while calling us
+
+        def on_message(client, userdata, message):
+            if self.on_message is not None:
+                self.on_message(message.topic, message.payload)
+
+        client.on_connect, client.on_publish, client.on_message = on_connect, on_publish, on_message
+        return client, state
+
+    def _status_payload(self, status: str) -> bytes:
+        try:
+            details = self.status()
+        except Exception as exc:  # a status must never break the connection
+            details = {"status_error": str(exc)}
+        return orjson.dumps(
+            {
+                **details,
+                "status": status,
+                "client_id": self.client_id,
+                "timestamp": time.time(),
+                "buffered": len(self.buffer),
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+
+    def _process_acks(self) -> None:
+        while self._acked:
+            mid = self._acked.popleft()
+            with self._lock:
+                seq = self._inflight.pop(mid, None)
+            if seq is not None:
+                self.buffer.remove(seq)
+
+    def _run(self) -> None:
+        pause = self.backoff[0]
+        while not self._stop.is_set() and not self._closing.is_set():
+            if self._connect_and_serve():
+                pause = self.backoff[0]
+            if self._closing.wait(pause) or self._stop.is_set():
+                break
+            pause = min(pause * 2, self.backoff[1])
+
+    def _connect_and_serve(self) -> bool:
+        """One connection's life; True if it got connected at all."""
+        import paho.mqtt.client as mqtt
+
+        client, state = self._new_client()
+        try:
+            client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
+        except (OSError, ValueError) as exc:
+            self.last_error = f"cannot connect to {self.broker.host}:{self.broker.port}: {exc}"
+            return False
+        deadline = time.monotonic() + 10.0
+        while state["connack"] is None and time.monotonic() < deadline and not self._stop.is_set():
+            if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        if state["connack"] is None or state["connack"].is_failure:
+            self.last_error = f"broker refused the connection: {state['connack']}"
+            client.disconnect()
+            return False
+        with self._lock:
+            self._client = client
+            self._inflight.clear()
+            self._acked.clear()
+            for seq in self.buffer.pending():  # the backlog first, in order, before anything new
+                self._send(seq)
+            self._ready = True
+        self.connected = True
+        self.connections += 1
+        client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+        next_beat = time.monotonic() + self.heartbeat_s
+        try:
+            while not self._stop.is_set():
+                rc = client.loop(0.02)
+                self._process_acks()
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    self.last_error = f"connection lost: {mqtt.error_string(rc)}"
+                    break
+                if self._closing.is_set():
+                    self._say_goodbye(client)
+                    break
+                if time.monotonic() >= next_beat:
+                    client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+                    next_beat = time.monotonic() + self.heartbeat_s
+        finally:
+            with self._lock:
+                self._ready = False
+                self._client = None
+            self.connected = False
+        return True
+
+    def _say_goodbye(self, client) -> None:
+        """Publish 'offline' ourselves (a clean disconnect does not fire the will), then disconnect."""
+        import paho.mqtt.client as mqtt
+
+        info = client.publish(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        deadline = time.monotonic() + 2.0
+        while not info.is_published() and time.monotonic() < deadline:
+            if client.loop(0.02) != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._process_acks()
+        client.disconnect()
+        client.loop(0.05)
