@@ -484,7 +484,7 @@ def _read_allowed(ref: str, number: int, config: ServeConfig) -> bytes:
 
 
 def app_from_environment() -> Starlette:
-    """App factory for uvicorn worker processes (``--workers N``); the config is in ``DETFORGE_SERVE_CONFIG``."""
+    """App factory for `--workers N` uvicorn processes; the config is in ``DETFORGE_SERVE_CONFIG``."""
     values = json.loads(os.environ[CONFIG_ENV])
     values["allow_paths"] = tuple(values.get("allow_paths", ()))
     return create_app(ServeConfig(**values))

@@ -23,6 +23,8 @@ COMMANDS = [
     "augment",
     "train",
     "evaluate",
+    "serve",
+    "edge",
 ]
 
 

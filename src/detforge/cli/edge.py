@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         key_file: Annotated[str | None, typer.Option("--key-file", help="Client private key (PEM).")] = None,
     ) -> None:
-        """Run the model on frames, publish one JSON message per frame (QoS 1) until the source ends or SIGTERM."""
+        """Run the model on frames, publish one JSON message per frame (QoS 1) until the end or SIGTERM."""
         from detforge.edge import EdgeConfig, run_edge
 
         config = EdgeConfig(
