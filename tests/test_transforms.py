@@ -1,4 +1,4 @@
-"""Online presets: exact boxes for resize, flips and 90° turns; pixels under boxes; properties of each preset."""
+"""Online presets: exact boxes for resize, flips and 90° turns; pixels under boxes; preset properties."""
 
 from __future__ import annotations
 
