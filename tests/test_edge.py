@@ -1,0 +1,435 @@
+"""Tests for the edge runtime (detforge.edge, edge_sources, edge_buffer) against a real mosquitto broker.
+
+Model-free parts (sources, allowed paths, the disk buffer, the publisher's ordering and exactly-once
+flush after a broker restart) run without a model; the end-to-end tests run ``detforge edge`` in a
+subprocess on a tiny exported model. A TCP ``Gate`` in front of the broker lets a test decide when the
+runtime may reconnect, so the test's subscriber is listening before the buffered results are flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from PIL import Image
+
+from detforge.edge_buffer import BrokerSpec, DiskBuffer, Publisher, parse_broker
+from detforge.edge_sources import (
+    LiveSource,
+    VideoFileSource,
+    WatchSource,
+    open_source,
+    parse_source,
+    resolve_allowed_path,
+)
+from detforge.errors import ConfigError, StorageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recorder:
+    """A subscriber on a real broker that keeps every message (topic, decoded JSON) in arrival order."""
+
+    def __init__(self, port: int, topics: tuple[str, ...] = ("detforge/#",)) -> None:
+        self.port = port
+        self.topics = topics
+        self.messages: list[tuple[str, dict]] = []
+        self._condition = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client: mqtt.Client | None = None
+
+    def connect(self) -> Recorder:
+        self._subscribed.clear()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"recorder-{time.monotonic_ns()}")
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            client.subscribe([(topic, 1) for topic in self.topics])
+
+        def on_subscribe(client, userdata, mid, reason_codes, properties):
+            self._subscribed.set()
+
+        def on_message(client, userdata, message):
+            with self._condition:
+                self.messages.append((message.topic, json.loads(message.payload)))
+                self._condition.notify_all()
+
+        client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+        client.connect("127.0.0.1", self.port)
+        client.loop_start()
+        assert self._subscribed.wait(10), "the recorder could not subscribe"
+        self.client = client
+        return self
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.loop_stop()
+            self.client.disconnect()
+            self.client = None
+
+    def on(self, topic: str) -> list[dict]:
+        with self._condition:
+            return [payload for t, payload in self.messages if t == topic]
+
+    def wait_for(self, topic: str, count: int, timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while len([1 for t, _ in self.messages if t == topic]) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._condition.wait(left)
+        return self.on(topic)
+
+    def publish(self, topic: str, payload: dict | bytes) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        assert self.client is not None
+        self.client.publish(topic, data, qos=1).wait_for_publish(10)
+
+
+class Gate:
+    """A TCP forwarder 127.0.0.1:port -> broker; ``close()`` cuts every connection and refuses new ones."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.open_ = True
+        self.accepted = 0
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while self._running:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.open_:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        self.open_ = False
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def open(self) -> None:
+        self.open_ = True
+
+    def stop(self) -> None:
+        self._running = False
+        self.close()
+        self.server.close()
+
+
+def write_video(path: Path, *, frames: int = 10, fps: float = 10.0, size: tuple[int, int] = (96, 64)) -> Path:
+    """A short MJPG video whose frame i is a flat gray of value 20*i (so frames are told apart)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    assert writer.isOpened()
+    for i in range(frames):
+        writer.write(np.full((size[1], size[0], 3), 20 * i % 256, dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def write_image_atomically(folder: Path, name: str, value: int = 128) -> Path:
+    """Write a PNG under a hidden name, then rename it into place (what the watch source expects)."""
+    tmp = folder / f".{name}.part"
+    Image.fromarray(np.full((48, 64, 3), value, dtype=np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, folder / name)
+    return folder / name
+
+
+# -- sources -------------------------------------------------------------------------------------------
+
+
+def test_parse_source_kinds(tmp_path):
+    video = write_video(tmp_path / "v.avi", frames=2)
+    assert parse_source("camera:0").kind == "camera" and parse_source("camera:0").target == 0
+    assert parse_source("camera:12").target == 12
+    assert parse_source("rtsp://cam.local:554/stream").kind == "stream"
+    assert parse_source("HTTP://cam/mjpeg").kind == "stream"
+    assert (parse_source(f"watch:{tmp_path}").kind, parse_source(f"watch:{tmp_path}").target) == ("watch",
+                                                                                                   str(tmp_path))
+    assert (parse_source(str(video)).kind, parse_source(str(video)).target) == ("video", str(video))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "empty source"),
+    ("camera:x", "camera index must be a number, got 'x'"),
+    ("watch:/no/such/folder", "/no/such/folder, field 'source': the folder to watch does not exist"),
+    ("/no/such/video.mp4", "/no/such/video.mp4, field 'source': no such video file"),
+    ("s3://bucket/video.mp4", "cannot read frames from s3://bucket/video.mp4"),
+])
+def test_parse_source_refuses(text, message):
+    with pytest.raises(ConfigError) as info:
+        parse_source(text)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("fps", "expected"), [(5.0, [0, 2, 4, 6, 8]), (10.0, list(range(10))),
+                                               (30.0, list(range(10))), (3.0, [0, 4, 7])])
+def test_video_source_samples_by_the_video_timeline(tmp_path, fps, expected):
+    source = open_source(str(write_video(tmp_path / "v.avi")), fps=fps)
+    assert isinstance(source, VideoFileSource)
+    frames = []
+    while (frame := source.next_frame()) is not None:
+        frames.append(frame)
+    assert source.finished
+    assert [f.index for f in frames] == expected
+    assert frames[0].image.shape == (64, 96, 3) and frames[0].image.dtype == np.uint8
+    # MJPG is lossy, but a flat gray stays within a couple of levels
+    assert all(abs(float(f.image.mean()) - 20 * f.index) < 3 for f in frames)
+
+
+def test_video_source_refuses_bad_fps(tmp_path):
+    with pytest.raises(ConfigError, match="fps"):
+        open_source(str(write_video(tmp_path / "v.avi", frames=1)), fps=0)
+
+
+def test_live_source_hands_out_only_the_newest_frame(tmp_path):
+    # a video file opened as a "live" source: the reader thread runs ahead, older frames are dropped
+    source = LiveSource(str(write_video(tmp_path / "v.avi", frames=40, fps=100.0)), fps=1000.0)
+    try:
+        deadline = time.monotonic() + 10
+        while source.read_count < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        frame = source.next_frame(timeout=1.0)
+        assert frame is not None and frame.index == 39  # the newest, not the first
+        assert source.next_frame(timeout=0.05) is None  # nothing newer: no repeats
+        assert source.dropped == 39
+    finally:
+        source.close()
+
+
+def test_watch_source_picks_up_new_images_only(tmp_path):
+    write_image_atomically(tmp_path, "old.png")
+    source = WatchSource(str(tmp_path), poll_s=0.02)
+    assert source.next_frame(timeout=0.1) is None  # files present at start are not new
+    write_image_atomically(tmp_path, "a.png", value=10)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    names, errors = [], {}
+    deadline = time.monotonic() + 10
+    while len(names) < 2 and time.monotonic() < deadline:
+        frame = source.next_frame(timeout=0.2)
+        if frame is not None:
+            names.append(frame.index)
+            errors[frame.index] = frame.error
+            if frame.error is None:
+                assert frame.image.shape == (48, 64, 3) and int(frame.image[0, 0, 0]) == 10
+    assert sorted(names) == ["a.png", "broken.jpg"]
+    assert errors["a.png"] is None
+    assert "not a readable image" in errors["broken.jpg"]
+    assert source.next_frame(timeout=0.1) is None  # each file once
+
+
+# -- allowed paths -------------------------------------------------------------------------------------
+
+
+def test_resolve_allowed_path(tmp_path):
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    image = allowed / "sub" / "x.jpg"
+    image.write_bytes(b"x")
+    (tmp_path / "secret.jpg").write_bytes(b"s")
+    os.symlink(tmp_path / "secret.jpg", allowed / "link.jpg")
+    roots = (str(allowed),)
+    assert resolve_allowed_path(str(image), roots) == str(image)
+    assert resolve_allowed_path("sub/x.jpg", roots) == str(image)  # relative to the first allowed folder
+    assert resolve_allowed_path(str(allowed / "sub" / ".." / "sub" / "x.jpg"), roots) == str(image)
+    refused = {
+        "/etc/passwd": "/etc/passwd: not inside an allowed folder (--allow-path), refused",
+        str(allowed / ".." / "secret.jpg"): "not inside an allowed folder",
+        "../secret.jpg": "../secret.jpg: not inside an allowed folder",
+        str(allowed / "link.jpg"): "not inside an allowed folder",  # a symlink pointing outside
+        str(allowed / "missing.jpg"): "missing.jpg: no such file",
+        "s3://bucket/x.jpg": "only local files can be named here",
+        "": "the file path must be a non-empty string",
+    }
+    for path, message in refused.items():
+        with pytest.raises(StorageError) as info:
+            resolve_allowed_path(path, roots)
+        assert message in str(info.value), path
+    with pytest.raises(StorageError, match="must be a non-empty string, got 42"):
+        resolve_allowed_path(42, roots)
+    with pytest.raises(StorageError, match="reading files named in requests is off"):
+        resolve_allowed_path(str(image), ())
+
+
+# -- broker URLs and the disk buffer -------------------------------------------------------------------
+
+
+def test_parse_broker():
+    assert parse_broker("mqtt://10.0.0.5:1884") == BrokerSpec("10.0.0.5", 1884)
+    assert parse_broker("mqtt://broker") == BrokerSpec("broker", 1883)
+    spec = parse_broker("mqtts://broker", username="u", password="p")
+    assert (spec.port, spec.tls, spec.username, spec.password) == (8883, True, "u", "p")
+    assert parse_broker("127.0.0.1:1999").port == 1999
+    for url, message in [("http://x", "unsupported broker URL scheme 'http'"), ("mqtt://", "no host"),
+                         ("mqtt://h:99999", "bad port")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_broker(url)
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_broker("mqtts://h", ca_file="/no/ca.pem")
+
+
+def test_disk_buffer_is_bounded_ordered_and_survives_a_restart(tmp_path):
+    buffer = DiskBuffer(str(tmp_path), max_messages=3)
+    seqs = [buffer.append("t/a", f'{{"n": {i}}}'.encode()) for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert buffer.pending() == [3, 4, 5] and buffer.dropped == 2  # the oldest went first
+    assert buffer.read(4) == ("t/a", b'{"n": 3}')
+    assert buffer.read(1) is None
+    buffer.remove(4)
+    assert buffer.pending() == [3, 5]
+    assert sorted(os.listdir(tmp_path)) == ["000000000003.msg", "000000000005.msg"]
+    again = DiskBuffer(str(tmp_path), max_messages=3)  # a new process finds the backlog, in order
+    assert again.pending() == [3, 5] and again.next_seq() == 6
+    again.remove(3)
+    again.remove(5)
+    again.save_seq()
+    assert DiskBuffer(str(tmp_path)).next_seq() == 6  # numbering goes on after the buffer empties
+    with pytest.raises(ConfigError, match="buffer_max"):
+        DiskBuffer(str(tmp_path), max_messages=0)
+
+
+# -- the publisher against a real broker ---------------------------------------------------------------
+
+
+def _publisher(url: str, buffer_dir: Path, **kwargs) -> Publisher:
+    status = {"frames": 0}
+    return Publisher(parse_broker(url), DiskBuffer(str(buffer_dir)), client_id=f"pub-{time.monotonic_ns()}",
+                     status_topic="detforge/infer/status", status=lambda: dict(status),
+                     backoff=(0.05, 0.2), **kwargs)
+
+
+def _wait(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_publisher_flushes_the_backlog_once_and_in_order_after_a_broker_restart(mqtt_broker, tmp_path):
+    gate = Gate(mqtt_broker.port)
+    recorder = Recorder(mqtt_broker.port).connect()
+    publisher = _publisher(gate.url, tmp_path / "buffer")
+    topic = "detforge/infer/output"
+    try:
+        publisher.start()
+        assert _wait(lambda: publisher.connected)
+        for i in range(5):
+            publisher.publish(topic, {"n": i})
+        assert len(recorder.wait_for(topic, 5)) == 5
+        assert _wait(lambda: len(publisher.buffer) == 0)  # every PUBACK came back
+        gate.close()
+        recorder.close()
+        mqtt_broker.stop()
+        assert _wait(lambda: not publisher.connected)
+        for i in range(5, 12):  # produced while the broker is away: kept on disk
+            publisher.publish(topic, {"n": i})
+        assert len(os.listdir(tmp_path / "buffer")) == 7
+        mqtt_broker.start()
+        recorder.connect()  # listening before the runtime may come back
+        gate.open()
+        received = recorder.wait_for(topic, 12)
+        assert _wait(lambda: len(publisher.buffer) == 0)
+        for i in range(12, 15):
+            publisher.publish(topic, {"n": i})
+        received = recorder.wait_for(topic, 15)
+    finally:
+        publisher.close(drain_timeout=5)
+        recorder.close()
+        gate.stop()
+    assert [m["n"] for m in received] == list(range(15))  # each exactly once, in order
+    assert [m["seq"] for m in received] == list(range(1, 16))
+    assert publisher.connections == 2
+
+
+def test_publisher_sends_a_backlog_left_by_an_earlier_run_first(mqtt_broker, tmp_path):
+    old = DiskBuffer(str(tmp_path / "buffer"))
+    for i in range(3):
+        old.append("detforge/infer/output", json.dumps({"n": i, "seq": i + 1}).encode())
+    recorder = Recorder(mqtt_broker.port).connect()
+    publisher = _publisher(mqtt_broker.url, tmp_path / "buffer")
+    try:
+        publisher.start()
+        publisher.publish("detforge/infer/output", {"n": 3})
+        received = recorder.wait_for("detforge/infer/output", 4)
+        status = recorder.wait_for("detforge/infer/status", 1)
+    finally:
+        assert publisher.close(drain_timeout=5)
+        recorder.close()
+    assert [m["n"] for m in received] == [0, 1, 2, 3] and received[-1]["seq"] == 4
+    assert status[0]["status"] == "online" and status[0]["client_id"] == publisher.client_id
+    assert os.listdir(tmp_path / "buffer") == [".last-seq"]
+
+
+def test_publisher_close_without_a_broker_keeps_the_results(tmp_path):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    url = f"mqtt://127.0.0.1:{port.getsockname()[1]}"  # bound, not listening: connections are refused
+    publisher = _publisher(url, tmp_path / "buffer")
+    publisher.start()
+    publisher.publish("detforge/infer/output", {"n": 0})
+    assert publisher.close(drain_timeout=0.3) is False
+    port.close()
+    assert "cannot connect to 127.0.0.1" in publisher.last_error
+    assert DiskBuffer(str(tmp_path / "buffer")).pending() == [1]
