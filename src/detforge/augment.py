@@ -189,32 +189,43 @@ def jpeg_transform_lossless(data: bytes, op: str) -> bytes | None:
 
 # ---------------------------------------------------------------- images
 
-def transform_image_bytes(data: bytes, op: str, *, suffix: str) -> tuple[bytes, bool]:
-    """The image file ``data`` turned by ``op``, encoded like ``suffix``; and whether it was lossless."""
-    if suffix.lower() in _JPEG_SUFFIXES:
+def transform_image_bytes(data: bytes, op: str, *, suffix: str,
+                          cache: dict | None = None) -> tuple[bytes, bool]:
+    """The image file ``data`` turned by ``op``, encoded like ``suffix``; and whether it was lossless.
+
+    ``cache`` (an empty dict shared by the calls for one image) keeps the decoded image between ops.
+    """
+    jpeg = suffix.lower() in _JPEG_SUFFIXES
+    if jpeg:
         lossless = jpeg_transform_lossless(data, op)
         if lossless is not None:
             return lossless, True
     from PIL import Image, JpegImagePlugin
 
-    with Image.open(io.BytesIO(data)) as image:
+    cache = {} if cache is None else cache
+    if "image" not in cache:
+        image = Image.open(io.BytesIO(data))  # in memory: nothing to close
         image.load()
-        kwargs: dict = {}
-        fmt = image.format or "JPEG"
-        if suffix.lower() in _JPEG_SUFFIXES:
-            fmt = "JPEG"
-            sampling = JpegImagePlugin.get_sampling(image) if image.format == "JPEG" else -1
-            # 4:2:2 halves the horizontal chroma only; after a 90° turn that would be the wrong axis.
-            if sampling == 1 and OPS[op].swaps_size:
-                sampling = 0
-            kwargs = {"quality": JPEG_QUALITY, "subsampling": sampling if sampling in (0, 1, 2) else 2}
-            if "icc_profile" in image.info:
-                kwargs["icc_profile"] = image.info["icc_profile"]
-        turned = image.transpose(Image.Transpose(OPS[op].pil_transpose))
-        if fmt == "JPEG" and turned.mode not in ("RGB", "L", "CMYK"):
-            turned = turned.convert("RGB")
-        buffer = io.BytesIO()
-        turned.save(buffer, format=fmt, **kwargs)
+        cache["format"] = image.format
+        cache["sampling"] = JpegImagePlugin.get_sampling(image) if image.format == "JPEG" else -1
+        cache["icc_profile"] = image.info.get("icc_profile")
+        cache["image"] = image
+    image = cache["image"]
+    kwargs: dict = {}
+    fmt = "JPEG" if jpeg else (cache["format"] or "PNG")
+    if jpeg:
+        sampling = cache["sampling"]
+        # 4:2:2 halves the horizontal chroma only; after a 90° turn that would be the wrong axis.
+        if sampling == 1 and OPS[op].swaps_size:
+            sampling = 0
+        kwargs = {"quality": JPEG_QUALITY, "subsampling": sampling if sampling in (0, 1, 2) else 2}
+    if cache["icc_profile"]:
+        kwargs["icc_profile"] = cache["icc_profile"]
+    turned = image.transpose(Image.Transpose(OPS[op].pil_transpose))
+    if fmt == "JPEG" and turned.mode not in ("RGB", "L", "CMYK"):
+        turned = turned.convert("RGB")
+    buffer = io.BytesIO()
+    turned.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue(), False
 
 
@@ -289,6 +300,7 @@ def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
     """Write the missing outputs of one image; returns (origin, one status per output)."""
     statuses = []
     data: bytes | None = None
+    cache: dict = {}
     suffix = os.path.splitext(storage.basename(task.source))[1] or ".jpg"
     for op, uri, width, height in task.outputs:
         if not overwrite and image_size(uri) == (width, height):
@@ -301,7 +313,7 @@ def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
                 raise ManifestError(f"the image {task.source} is {size[0]}x{size[1]} but the line says "
                                     f"{task.width}x{task.height}", path=task.origin.rsplit(":", 1)[0],
                                     line=int(task.origin.rsplit(":", 1)[1]), field="image_size")
-        out, lossless = transform_image_bytes(data, op, suffix=suffix)
+        out, lossless = transform_image_bytes(data, op, suffix=suffix, cache=cache)
         storage.write_bytes(uri, out)
         statuses.append("lossless" if lossless else "reencoded")
     return task.origin, statuses
