@@ -55,7 +55,7 @@ def train_one_epoch(
             loss = sum(losses.values())
         value = float(loss.detach())
         if not math.isfinite(value):
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise ConfigError(
                 f"the training loss became {value} at epoch {epoch}, step {step + 1} ({parts})",
                 field="learning_rate",

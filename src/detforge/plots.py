@@ -49,7 +49,8 @@ def plot_metrics(rows: Sequence[dict], path: str | os.PathLike, *, title: str = 
             map_ax.plot(epochs, series(key), marker="o", label=label)
     map_ax.set_ylim(0, 1)
     map_ax.set_title("validation")
-    map_ax.legend(fontsize=8)
+    if map_ax.lines:
+        map_ax.legend(fontsize=8)
     for ax in (loss_ax, lr_ax, map_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
