@@ -77,6 +77,12 @@ def test_corrupt_video_stops_or_is_skipped(video, tmp_path):
     summary = extract_frames([bad, video], tmp_path / "b", on_error="skip", max_frames=4)
     assert list(summary.failed) == [str(bad)] and "cannot open" in summary.failed[str(bad)]
     assert summary.per_video == {str(video): 4} and len(manifest_lines(summary.manifest)) == 4
+    truncated = tmp_path / "truncated.avi"
+    truncated.write_bytes(video.read_bytes()[: video.stat().st_size // 2])
+    summary = extract_frames([truncated], tmp_path / "d")
+    assert 0 < summary.frames < 30 and summary.failed == {}
+    assert summary.warnings == {
+        str(truncated): f"only {summary.frames} of the 30 frames its header announces could be read"}
     with pytest.raises(FormatError, match="missing.avi: no such video file"):
         extract_frames([tmp_path / "missing.avi"], tmp_path / "c")
 

@@ -39,6 +39,7 @@ class FramesSummary:
     frames: int = 0
     per_video: dict[str, int] = field(default_factory=dict)  # video path -> frames written
     failed: dict[str, str] = field(default_factory=dict)  # video path -> error message (on_error='skip')
+    warnings: dict[str, str] = field(default_factory=dict)  # video path -> e.g. "ended early"
 
 
 def parse_metadata(items: Sequence[str]) -> dict[str, str]:
@@ -114,7 +115,7 @@ def contact_sheet(items: Sequence[tuple[str, Image.Image]], *, columns: int = 6)
 
 
 def _extract_one(video: str, out: str, *, every, fps, max_frames, quality, handle, metadata, sampler,
-                 progress) -> int:
+                 progress, warnings) -> int:
     import cv2
 
     with tempfile.TemporaryDirectory(prefix="detforge-frames-") as cache:
@@ -150,6 +151,9 @@ def _extract_one(video: str, out: str, *, every, fps, max_frames, quality, handl
                     progress(video, index, total)
             if index == 0:
                 raise FormatError("no frame could be read (corrupt or empty video)", path=video)
+            if max_frames is None and total and index < total - 1:
+                # headers may round the count by one; more missing means a truncated or damaged file
+                warnings[video] = f"only {index} of the {total} frames its header announces could be read"
             return written
         finally:
             capture.release()
@@ -200,7 +204,7 @@ def extract_frames(videos: Sequence[str | os.PathLike], out: str | os.PathLike, 
             try:
                 count = _extract_one(video, out, every=every, fps=fps, max_frames=max_frames, quality=quality,
                                      handle=handle, metadata=dict(metadata or {}), sampler=sampler,
-                                     progress=progress)
+                                     progress=progress, warnings=summary.warnings)
             except DetforgeError as exc:
                 if on_error == "stop":
                     raise

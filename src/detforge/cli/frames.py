@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         console = Console()
         for video, count in summary.per_video.items():
             console.print(f"{video}: {count} frames")
+        for video, message in summary.warnings.items():
+            console.print(f"[yellow]warning[/yellow] {video}: {message}")
         for video, message in summary.failed.items():
             console.print(f"[red]skipped[/red] {video}: {message}")
         console.print(f"wrote {summary.frames} frames and {summary.manifest}")
