@@ -23,6 +23,7 @@ COMMANDS = [
     "augment",
     "train",
     "evaluate",
+    "review",
     "serve",
     "edge",
 ]

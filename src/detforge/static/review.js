@@ -6,6 +6,8 @@
   const ZOOMS = [0, 2, 4]; // 0 = fit
   const PALETTE = ["#ff4d4d", "#4da6ff", "#4dff88", "#ffd24d", "#d24dff", "#4dfff0", "#ff9f4d", "#b3ff4d",
                    "#ff4dc4", "#9f9fff", "#ffffff", "#c08040"];
+  const COLOUR_WORDS = { red: "#ff4d4d", blue: "#4da6ff", green: "#4dff88", yellow: "#ffd24d",
+                         purple: "#d24dff", orange: "#ff9f4d", pink: "#ff4dc4", white: "#ffffff", brown: "#c08040" };
   const $ = (id) => document.getElementById(id);
   const S = { items: [], decisions: {}, progress: {}, list: [], cursor: 0, view: "grid", zoom: 0,
               colours: {}, predictions: false, showPred: true };
@@ -30,7 +32,19 @@
       for (const b of item.boxes) classes.add(b[4]);
       for (const p of item.pred || []) classes.add(p[0]);
     }
-    [...classes].sort().forEach((name, i) => { S.colours[name] = PALETTE[i % PALETTE.length]; });
+    // a class named after a colour ("blue box") gets that colour when no other class took it yet
+    const used = new Set();
+    for (const name of [...classes].sort()) {
+      const word = Object.keys(COLOUR_WORDS).find((w) => new RegExp("\\b" + w + "\\b", "i").test(name));
+      if (word && !used.has(COLOUR_WORDS[word])) { S.colours[name] = COLOUR_WORDS[word]; used.add(S.colours[name]); }
+    }
+    let next = 0;
+    for (const name of [...classes].sort()) {
+      if (S.colours[name]) continue;
+      const free = PALETTE.filter((c) => !used.has(c));
+      S.colours[name] = free.length ? free[0] : PALETTE[next++ % PALETTE.length];
+      used.add(S.colours[name]);
+    }
     for (const job of [...jobs].sort()) $("f-job").add(new Option(job, job));
     for (const name of [...classes].sort()) $("f-class").add(new Option(name, name));
     $("pred-filters").hidden = !S.predictions;
