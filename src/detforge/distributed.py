@@ -72,6 +72,15 @@ def all_reduce_mean(state: Dist, values: list[float]) -> list[float]:
     return [sum(parts) / state.world_size for parts in zip(*all_gather_objects(state, values), strict=True)]
 
 
+def broadcast_buffers(state: Dist, model) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics), so that all ranks hold one model."""
+    if state.enabled:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def barrier(state: Dist) -> None:
     """Wait for every process."""
     if state.enabled:

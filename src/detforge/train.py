@@ -71,6 +71,7 @@ class TrainResult:
     stop_reason: str | None
     classes: list[str]
     hyperparams: Hyperparameters
+    model: object = field(default=None, repr=False)  # the trained model (last epoch), on its device
 
     @property
     def last(self) -> dict:
@@ -299,6 +300,13 @@ def train(config: TrainConfig) -> TrainResult:
                 field="mini_batch_size",
             )
         per_process = hp.mini_batch_size // dist.world_size
+        if per_process < 2:
+            raise ConfigError(
+                f"gives {per_process} image per process and step; BatchNorm needs at least 2",
+                field="mini_batch_size",
+                hint=f"use mini_batch_size >= {2 * dist.world_size}",
+            )
+        shard_size = -(-len(train_samples) // dist.world_size)
 
         cache = hp.image_cache or None
         train_set = ManifestDataset(
@@ -318,7 +326,14 @@ def train(config: TrainConfig) -> TrainResult:
             drop_last=False,
         )
         loader_args = dict(collate_fn=collate, num_workers=hp.workers, pin_memory=device.type == "cuda")
-        train_loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, **loader_args)
+        # a last batch of one image would break BatchNorm on the 1x1 maps: drop the remainder instead
+        train_loader = DataLoader(
+            train_set,
+            batch_size=per_process,
+            sampler=sampler,
+            drop_last=shard_size >= per_process,
+            **loader_args,
+        )
         val_loader = None
         if val_samples:
             val_set = ManifestDataset(val_samples, image_size=hp.image_shape, cache_dir=cache)
@@ -426,6 +441,7 @@ def train(config: TrainConfig) -> TrainResult:
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["epoch_time_s"] = result["seconds"]
             row["images_per_s"] = result["images"] * dist.world_size / max(result["seconds"], 1e-9)
+            distributed.broadcast_buffers(dist, model)
             if val_loader is not None:
                 started = time.perf_counter()
                 row |= engine.validate(
@@ -496,6 +512,7 @@ def train(config: TrainConfig) -> TrainResult:
             stop_reason=reason,
             classes=list(names),
             hyperparams=hp,
+            model=model,
         )
     finally:
         if handler is not None:
