@@ -138,47 +138,132 @@ def _turbojpeg():
             lib.tjFree.argtypes = [ctypes.c_void_p]
             lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + [
                 ctypes.POINTER(ctypes.c_int)] * 4
+            lib.tjInitDecompress.restype = ctypes.c_void_p
+            lib.tjInitCompress.restype = ctypes.c_void_p
+            lib.tjPlaneWidth.argtypes = lib.tjPlaneHeight.argtypes = [ctypes.c_int] * 3
+            lib.tjDecompressToYUVPlanes.argtypes = [
+                ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.POINTER(ctypes.c_void_p),
+                ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            lib.tjCompressFromYUVPlanes.argtypes = [
+                ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong), ctypes.c_int,
+                ctypes.c_int]
             lib.tjTransform.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int,
                                         ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
                                         ctypes.POINTER(_TJTransform), ctypes.c_int]
+            lib.tjDestroy.restype = ctypes.c_int
         _LIB.append(lib)
     return _LIB[0]
 
 
-def lossless_possible(data: bytes, op: str) -> bool:
-    """Whether the JPEG ``data`` can be turned by ``op`` without re-encoding and without trimming edges."""
+def _header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, TJSAMP_*) of a JPEG, or None (not a JPEG, or no libturbojpeg)."""
     lib = _turbojpeg()
     if lib is None:
-        return False
+        return None
     handle = lib.tjInitTransform()
     try:
         w, h, samp, cs = (ctypes.c_int() for _ in range(4))
         if lib.tjDecompressHeader3(handle, data, len(data), ctypes.byref(w), ctypes.byref(h),
                                    ctypes.byref(samp), ctypes.byref(cs)) != 0:
-            return False
+            return None
     finally:
         lib.tjDestroy(handle)
-    mcu = _MCU.get(samp.value)
-    if mcu is None:
+    return w.value, h.value, samp.value
+
+
+def lossless_possible(data: bytes, op: str) -> bool:
+    """Whether the JPEG ``data`` can be turned by ``op`` without re-encoding and without trimming edges."""
+    header = _header(data)
+    if header is None or header[2] not in _MCU:
         return False
-    # A flip mirrors one axis; a 90° turn or 180° mirrors (transposes) both: those need whole MCUs.
+    width, height, samp = header
+    mcu_w, mcu_h = _MCU[samp]
+    # A flip moves the partial MCUs of one edge to the other side; 90° and 180° turns do it on both axes.
     need_x = op in ("xflip", "cw", "ccw", "rot180")
     need_y = op in ("yflip", "cw", "ccw", "rot180")
-    return not (need_x and w.value % mcu[0]) and not (need_y and h.value % mcu[1])
+    return not (need_x and width % mcu_w) and not (need_y and height % mcu_h)
+
+
+def jpeg_transform_lossless_many(data: bytes, ops) -> dict[str, bytes]:
+    """The JPEG turned by each op that allows it, in the DCT domain (no generation loss), in one pass."""
+    ops = [op for op in ops if lossless_possible(data, op)]
+    if not ops:
+        return {}
+    lib = _turbojpeg()
+    handle = lib.tjInitTransform()
+    n = len(ops)
+    bufs = (ctypes.c_void_p * n)()
+    sizes = (ctypes.c_ulong * n)()
+    xforms = (_TJTransform * n)(*[_TJTransform(_TJRegion(0, 0, 0, 0), OPS[op].tjxop, _TJXOPT_PERFECT, None,
+                                               None) for op in ops])
+    try:
+        if lib.tjTransform(handle, data, len(data), n, bufs, sizes, xforms, 0) != 0:
+            return {}
+        return {op: ctypes.string_at(bufs[i], sizes[i]) for i, op in enumerate(ops)}
+    finally:
+        for buf in bufs:
+            if buf:
+                lib.tjFree(buf)
+        lib.tjDestroy(handle)
 
 
 def jpeg_transform_lossless(data: bytes, op: str) -> bytes | None:
     """The JPEG turned by ``op`` in the DCT domain (no generation loss), or None where that is impossible."""
-    if not lossless_possible(data, op):
+    return jpeg_transform_lossless_many(data, [op]).get(op)
+
+
+# ---------------------------------------------------------------- JPEG, re-encoded in YUV (libturbojpeg)
+
+# Chroma subsampling factors per TJSAMP_* this path handles, and what a 90° turn makes of it.
+_SUBSAMPLING = {0: (1, 1), 1: (2, 1), 2: (2, 2), 3: (1, 1), 4: (1, 2)}
+_TURNED = {0: 0, 1: 4, 2: 2, 3: 3, 4: 1}
+
+
+def _decode_yuv(data: bytes) -> tuple[list[np.ndarray], int] | None:
+    """The JPEG's Y, Cb, Cr planes (Y only for gray) as decoded samples, before colour conversion.
+
+    None when the chroma planes would not mirror exactly (odd sizes), or the file carries an ICC profile.
+    """
+    header = _header(data)
+    if header is None or header[2] not in _SUBSAMPLING or b"ICC_PROFILE" in data[:65536]:
+        return None
+    width, height, samp = header
+    sx, sy = _SUBSAMPLING[samp]
+    if width % sx or height % sy:
         return None
     lib = _turbojpeg()
-    handle = lib.tjInitTransform()
+    count = 1 if samp == 3 else 3
+    planes = [np.empty((lib.tjPlaneHeight(i, height, samp), lib.tjPlaneWidth(i, width, samp)), np.uint8)
+              for i in range(count)]
+    pointers = (ctypes.c_void_p * 3)(*[p.ctypes.data for p in planes], *([None] * (3 - count)))
+    handle = lib.tjInitDecompress()
+    try:
+        if lib.tjDecompressToYUVPlanes(handle, data, len(data), pointers, width, None, height, 0) != 0:
+            return None
+    finally:
+        lib.tjDestroy(handle)
+    return planes, samp
+
+
+_PLANE_OP = {"xflip": lambda a: a[:, ::-1], "yflip": lambda a: a[::-1], "cw": lambda a: np.rot90(a, -1),
+             "ccw": lambda a: np.rot90(a, 1), "rot180": lambda a: a[::-1, ::-1]}
+
+
+def _encode_yuv(planes: list[np.ndarray], samp: int, op: str) -> bytes | None:
+    """Turn decoded planes by ``op`` and compress them at JPEG_QUALITY, keeping the subsampling."""
+    lib = _turbojpeg()
+    turned = [np.ascontiguousarray(_PLANE_OP[op](p)) for p in planes]
+    if OPS[op].swaps_size:
+        samp = _TURNED[samp]
+    height, width = turned[0].shape
+    pointers = (ctypes.c_void_p * 3)(*[p.ctypes.data for p in turned], *([None] * (3 - len(turned))))
     out_buf = ctypes.c_void_p()
     out_size = ctypes.c_ulong(0)
-    xform = _TJTransform(_TJRegion(0, 0, 0, 0), OPS[op].tjxop, _TJXOPT_PERFECT, None, None)
+    handle = lib.tjInitCompress()
     try:
-        if lib.tjTransform(handle, data, len(data), 1, ctypes.byref(out_buf), ctypes.byref(out_size),
-                           ctypes.byref(xform), 0) != 0:
+        if lib.tjCompressFromYUVPlanes(handle, pointers, width, None, height, samp, ctypes.byref(out_buf),
+                                       ctypes.byref(out_size), JPEG_QUALITY, 0) != 0:
             return None
         return ctypes.string_at(out_buf.value, out_size.value)
     finally:
@@ -193,16 +278,24 @@ def transform_image_bytes(data: bytes, op: str, *, suffix: str,
                           cache: dict | None = None) -> tuple[bytes, bool]:
     """The image file ``data`` turned by ``op``, encoded like ``suffix``; and whether it was lossless.
 
-    ``cache`` (an empty dict shared by the calls for one image) keeps the decoded image between ops.
+    JPEG: lossless where the MCUs allow, else re-encoded from the decoded YUV planes (no colour
+    conversion, the chroma subsampling kept), else through Pillow. ``cache`` (an empty dict shared by
+    the calls for one image) keeps the decoded image between ops.
     """
     jpeg = suffix.lower() in _JPEG_SUFFIXES
+    cache = {} if cache is None else cache
     if jpeg:
         lossless = jpeg_transform_lossless(data, op)
         if lossless is not None:
             return lossless, True
+        if "yuv" not in cache:
+            cache["yuv"] = _decode_yuv(data)
+        if cache["yuv"] is not None:
+            out = _encode_yuv(*cache["yuv"], op)
+            if out is not None:
+                return out, False
     from PIL import Image, JpegImagePlugin
 
-    cache = {} if cache is None else cache
     if "image" not in cache:
         image = Image.open(io.BytesIO(data))  # in memory: nothing to close
         image.load()
@@ -298,25 +391,29 @@ def _check_manifest(path: str, label_attribute: str | None, *, force: bool) -> i
 
 def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
     """Write the missing outputs of one image; returns (origin, one status per output)."""
-    statuses = []
-    data: bytes | None = None
-    cache: dict = {}
-    suffix = os.path.splitext(storage.basename(task.source))[1] or ".jpg"
-    for op, uri, width, height in task.outputs:
-        if not overwrite and image_size(uri) == (width, height):
-            statuses.append("skipped")
-            continue
-        if data is None:
-            data = storage.read_bytes(task.source)
-            size = _decoded_size(data)
-            if size != (task.width, task.height):
-                raise ManifestError(f"the image {task.source} is {size[0]}x{size[1]} but the line says "
-                                    f"{task.width}x{task.height}", path=task.origin.rsplit(":", 1)[0],
-                                    line=int(task.origin.rsplit(":", 1)[1]), field="image_size")
-        out, lossless = transform_image_bytes(data, op, suffix=suffix, cache=cache)
-        storage.write_bytes(uri, out)
-        statuses.append("lossless" if lossless else "reencoded")
-    return task.origin, statuses
+    needed = [(op, uri) for op, uri, width, height in task.outputs
+              if overwrite or image_size(uri) != (width, height)]
+    statuses = dict.fromkeys((op for op, *_ in task.outputs), "skipped")
+    if needed:
+        data = storage.read_bytes(task.source)
+        size = _decoded_size(data)
+        if size != (task.width, task.height):
+            path, line = task.origin.rsplit(":", 1)
+            raise ManifestError(f"the image {task.source} is {size[0]}x{size[1]} but the line says "
+                                f"{task.width}x{task.height}", path=path, line=int(line), field="image_size")
+        suffix = os.path.splitext(storage.basename(task.source))[1] or ".jpg"
+        # All lossless turns of one JPEG in one pass over its coefficients.
+        lossless = (jpeg_transform_lossless_many(data, [op for op, _ in needed])
+                    if suffix.lower() in _JPEG_SUFFIXES else {})
+        cache: dict = {}
+        for op, uri in needed:
+            if op in lossless:
+                out, statuses[op] = lossless[op], "lossless"
+            else:
+                out, _ = transform_image_bytes(data, op, suffix=suffix, cache=cache)
+                statuses[op] = "reencoded"
+            storage.write_bytes(uri, out)
+    return task.origin, [statuses[op] for op, *_ in task.outputs]
 
 
 def _decoded_size(data: bytes) -> tuple[int, int]:
