@@ -145,7 +145,8 @@
       html.push(`<div class="tile ${d} ${pos === S.cursor ? "cursor" : ""}" data-pos="${pos}" data-id="${esc(it.id)}">
         <div class="thumb"><img loading="lazy" src="${api("/api/image/" + it.i + "?size=thumb")}" alt="">
         <svg viewBox="0 0 ${it.w} ${it.h}" preserveAspectRatio="xMidYMid meet">${boxesSvg(it, { labels: false, scale: 1 })}</svg></div>
-        <div class="caption" title="${esc(it.name)}">${esc(it.id)} · ${it.boxes.length}${badges}</div></div>`);
+        <div class="caption" title="${esc(it.name)}">${esc(it.id)}</div>
+        <div class="badges">${it.boxes.length} box${it.boxes.length === 1 ? "" : "es"}${badges}</div></div>`);
     });
     $("grid").innerHTML = html.join("");
     const cur = $("grid").querySelector(".tile.cursor");
