@@ -1,4 +1,4 @@
-"""detforge review: discard file, flags, model disagreement, the token-guarded server, and the page in Chromium."""
+"""detforge review: discard file, flags, model disagreement, the token-guarded server, the page in Chromium."""
 
 from __future__ import annotations
 
@@ -151,12 +151,14 @@ def test_predictions_file(manifests, tmp_path):
 def test_decisions_are_saved_and_survive_a_restart(manifests, tmp_path):
     discard = tmp_path / "out" / "rejected.txt"
     session = review.load_review(manifests, discard=discard)
-    assert session.decide("a_002", "reject", "box\toff") == {"reviewed": 1, "rejected": 1, "kept": 0, "total": 6}
+    progress = session.decide("a_002", "reject", "box\toff")
+    assert progress == {"reviewed": 1, "rejected": 1, "kept": 0, "total": 6}
     session.decide("b_000", "keep")
     session.decide("b_001", "reject")
     session.decide("b_001", "clear")
     session.decide("a_000", "reject")
-    assert [ln for ln in discard.read_text().splitlines() if not ln.startswith("#")] == ["a_000", "a_002\tbox off"]
+    lines = [ln for ln in discard.read_text().splitlines() if not ln.startswith("#")]
+    assert lines == ["a_000", "a_002\tbox off"]
     sidecar = json.loads(Path(review.sidecar_path(discard)).read_text())
     assert sidecar["kept"] == ["b_000"] and sidecar["rejected"] == ["a_000", "a_002"]
     with pytest.raises(ConfigError, match="not in the loaded manifests"):
@@ -187,11 +189,12 @@ def test_server_token_and_allowed_images(server):
     assert Image.open(io.BytesIO(body)).size == (160, 120)
     status, body, _ = http(f"{url}/api/image/1?size=thumb&token=secret-token")
     assert status == 200 and Image.open(io.BytesIO(body)).size == (160, 120)  # never upscaled
-    status, body, _ = http(f"{url}/api/decide?token=secret-token", data=b'{"id": "b_002", "decision": "reject", '
-                           b'"reason": "bad image"}', headers={"Content-Type": "application/json"})
+    decide = f"{url}/api/decide?token=secret-token"
+    status, body, _ = http(decide, data=b'{"id": "b_002", "decision": "reject", "reason": "bad image"}',
+                           headers={"Content-Type": "application/json"})
     assert status == 200 and json.loads(body)["progress"]["rejected"] == 1
     assert http(f"{url}/api/decide", data=b'{"id": "b_002", "decision": "keep"}')[0] == 401
-    assert http(f"{url}/api/decide?token=secret-token", data=b'{"id": "nope", "decision": "reject"}')[0] == 400
+    assert http(decide, data=b'{"id": "nope", "decision": "reject"}')[0] == 400
     status, body, headers = http(f"{url}/api/discard?token=secret-token")
     assert status == 200 and "attachment" in headers["Content-Disposition"]
     assert body.decode().splitlines()[-1] == "b_002\tbad image"
@@ -229,7 +232,7 @@ def test_s3_images_and_discard(make_bucket, tmp_path):
                               discard=f"s3://{bucket}/rejected.txt").rejected == {"a_001": "blurry"}
 
 
-# The CLI with the command modules that exist, so this test does not wait for every other command to be written.
+# The CLI with the command modules that exist, so this test need not wait for every other command.
 CLI = [sys.executable, "-c", "import sys, importlib.util as u, detforge.cli as c; "
        "c.COMMANDS[:] = [n for n in c.COMMANDS if u.find_spec('detforge.cli.' + n)]; sys.exit(c.main())"]
 
@@ -297,7 +300,8 @@ def test_page_in_chromium(server, chromium_path, tmp_path):
             page.keyboard.press("r")
             page.wait_for_function("document.getElementById('current-id').textContent === 'b_001'")
             page.keyboard.press("a")
-            page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('reviewed 3')")
+            page.wait_for_function("document.getElementById('progress-text').textContent"
+                                   ".startsWith('reviewed 3')")
             assert page.locator("#progress-text").inner_text() == "reviewed 3 / 6 · rejected 2"
             assert review.read_discard(discard) == {"a_002": "box off the object", "b_000": ""}
             # zoom doubles the drawn image
@@ -333,7 +337,7 @@ def test_page_in_chromium(server, chromium_path, tmp_path):
             page.select_option("#f-status", "")
             page.fill("#f-min", "2")
             page.locator("#f-min").dispatch_event("change")
-            assert page.locator(".tile").evaluate_all("els => els.map(e => e.dataset.id)") == ["a_002", "b_001"]
+            assert tile_ids(page) == ["a_002", "b_001"]
 
             page.wait_for_function("[...document.querySelectorAll('.tile img')].every(i => i.complete)")
             shot = tmp_path / "review.png"
@@ -347,6 +351,10 @@ def test_page_in_chromium(server, chromium_path, tmp_path):
             browser.close()
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.std() > 10  # not a blank page
+
+
+def tile_ids(page) -> list[str]:
+    return page.locator(".tile").evaluate_all("els => els.map(e => e.dataset.id)")
 
 
 def manifests_of(srv) -> list[str]:
