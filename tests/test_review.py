@@ -1,4 +1,4 @@
-"""detforge review: discard file, flags, model disagreement, the token-guarded server, the page in Chromium."""
+"""detforge review: discard file, flags, model disagreement, the guarded server, the page in Chromium."""
 
 from __future__ import annotations
 
