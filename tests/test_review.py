@@ -150,6 +150,8 @@ def test_predictions_file(manifests, tmp_path):
 
 def test_decisions_are_saved_and_survive_a_restart(manifests, tmp_path):
     discard = tmp_path / "out" / "rejected.txt"
+    discard.parent.mkdir()
+    discard.write_text("# from an earlier review of other jobs\nother_9\tfoo\n")
     session = review.load_review(manifests, discard=discard)
     progress = session.decide("a_002", "reject", "box\toff")
     assert progress == {"reviewed": 1, "rejected": 1, "kept": 0, "total": 6}
@@ -158,15 +160,15 @@ def test_decisions_are_saved_and_survive_a_restart(manifests, tmp_path):
     session.decide("b_001", "clear")
     session.decide("a_000", "reject")
     lines = [ln for ln in discard.read_text().splitlines() if not ln.startswith("#")]
-    assert lines == ["a_000", "a_002\tbox off"]
+    assert lines == ["a_000", "a_002\tbox off", "other_9\tfoo"]  # ids of other manifests are kept
     sidecar = json.loads(Path(review.sidecar_path(discard)).read_text())
-    assert sidecar["kept"] == ["b_000"] and sidecar["rejected"] == ["a_000", "a_002"]
+    assert sidecar["kept"] == ["b_000"] and sidecar["rejected"] == ["a_000", "a_002", "other_9"]
     with pytest.raises(ConfigError, match="not in the loaded manifests"):
         session.decide("zzz", "reject")
     with pytest.raises(ConfigError, match="unknown decision"):
         session.decide("a_000", "maybe")
     again = review.load_review(manifests, discard=discard)
-    assert again.rejected == {"a_000": "", "a_002": "box off"} and again.kept == {"b_000"}
+    assert again.rejected == {"a_000": "", "a_002": "box off", "other_9": "foo"} and again.kept == {"b_000"}
     assert again.progress() == {"reviewed": 3, "rejected": 2, "kept": 1, "total": 6}
 
 
