@@ -60,8 +60,12 @@ class Recorder:
             self._subscribed.set()
 
         def on_message(client, userdata, message):
+            try:
+                payload = json.loads(message.payload)
+            except ValueError:
+                payload = {"raw": message.payload}
             with self._condition:
-                self.messages.append((message.topic, json.loads(message.payload)))
+                self.messages.append((message.topic, payload))
                 self._condition.notify_all()
 
         client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
@@ -433,3 +437,179 @@ def test_publisher_close_without_a_broker_keeps_the_results(tmp_path):
     port.close()
     assert "cannot connect to 127.0.0.1" in publisher.last_error
     assert DiskBuffer(str(tmp_path / "buffer")).pending() == [1]
+
+
+# -- the runtime end to end (a subprocess on a tiny exported model) -----------------------------------
+
+OUTPUT, STATUS, INPUT = "detforge/infer/output", "detforge/infer/status", "detforge/infer/input"
+
+
+def start_edge(deploy: Path, broker_url: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "detforge", "edge", str(deploy), "--broker", broker_url,
+                             "--buffer-dir", str(tmp_path / "buffer"), "--threads", "1", "--reconnect-max", "0.5",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return process.returncode, process.stdout.read()
+
+
+def wait_online(recorder: Recorder, process: subprocess.Popen) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        online = [m for m in recorder.on(STATUS) if m["status"] == "online"]
+        if online:
+            return online[-1]
+        assert process.poll() is None, finish(process)[1]
+        time.sleep(0.05)
+    raise AssertionError("the runtime never said it is online")
+
+
+def test_video_source_publishes_one_valid_message_per_sampled_frame(tiny_deploy, mqtt_broker, tmp_path):
+    from detforge.runtime import Predictor
+
+    video = write_video(tmp_path / "clip.avi", frames=10, fps=10.0)
+    recorder = Recorder(mqtt_broker.port).connect()
+    try:
+        process = start_edge(tiny_deploy, mqtt_broker.url, tmp_path, "--source", str(video), "--fps", "5",
+                             "--threshold", "0.3", "--save-every", "2", "--save-dir", str(tmp_path / "saved"))
+        code, output = finish(process)
+        messages = recorder.wait_for(OUTPUT, 5, timeout=5)
+        statuses = recorder.wait_for(STATUS, 2, timeout=5)
+    finally:
+        recorder.close()
+    assert code == 0, output
+    assert "5 frames, 0 requests, 5 results published, 0 errors, 0 still buffered" in output
+    assert [m["frame"] for m in messages] == [0, 2, 4, 6, 8]
+    assert [m["seq"] for m in messages] == [1, 2, 3, 4, 5]
+    predictor = Predictor(str(tiny_deploy))
+    capture = cv2.VideoCapture(str(video))
+    frames = [capture.read()[1][:, :, ::-1] for _ in range(10)]
+    for message in messages:
+        assert set(message) == {"timestamp", "source", "frame", "prediction", "latency_ms", "seq"}
+        assert message["source"] == str(video)
+        assert message["timestamp"].endswith("Z") and len(message["timestamp"]) == 27
+        assert 0 < message["latency_ms"] < 60_000
+        expected = predictor.predict([np.ascontiguousarray(frames[message["frame"]])], threshold=0.3)[0]
+        assert message["prediction"] == json.loads(json.dumps(expected.to_sagemaker()))
+    assert statuses[0]["status"] == "online" and statuses[-1]["status"] == "offline"
+    assert statuses[-1]["frames"] == 5 and statuses[-1]["source"] == str(video)
+    assert sorted(os.listdir(tmp_path / "saved")) == ["frame_000002.jpg", "frame_000006.jpg"]
+    assert cv2.imread(str(tmp_path / "saved" / "frame_000002.jpg")).shape == (64, 96, 3)
+    assert os.listdir(tmp_path / "buffer") == [".last-seq"]  # everything acknowledged
+
+
+def test_requests_answer_allowed_files_and_refuse_the_rest(tiny_deploy, mqtt_broker, tmp_path):
+    from detforge.runtime import Predictor
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    image = write_image_atomically(allowed, "in.png", value=200)
+    (tmp_path / "outside.png").write_bytes(image.read_bytes())
+    recorder = Recorder(mqtt_broker.port).connect()
+    process = start_edge(tiny_deploy, mqtt_broker.url, tmp_path, "--allow-path", str(allowed))
+    try:
+        wait_online(recorder, process)
+        requests = [
+            {"filepath": str(image), "id": "ok"},
+            {"filepath": "/etc/passwd", "id": "passwd"},
+            {"filepath": str(allowed / ".." / "outside.png"), "id": "dotdot"},
+            {"filepath": "../outside.png", "id": "relative"},
+            {"filepath": str(allowed / "nope.png"), "id": "missing"},
+            {"file": "x", "id": "shape"},
+        ]
+        for request in requests:
+            recorder.publish(INPUT, request)
+        recorder.publish(INPUT, b"not json at all")
+        answers = recorder.wait_for(OUTPUT, len(requests) + 1)
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        recorder.close()
+    assert code == 0, output
+    by_id = {a.get("id", "none"): a for a in answers}
+    expected = Predictor(str(tiny_deploy)).predict([str(image)], threshold=0.3)[0].to_sagemaker()
+    assert by_id["ok"]["prediction"] == json.loads(json.dumps(expected))
+    assert by_id["ok"]["frame"] == str(image) and by_id["ok"]["source"] == "request"
+    assert by_id["passwd"]["error"] == "/etc/passwd: not inside an allowed folder (--allow-path), refused"
+    assert "not inside an allowed folder" in by_id["dotdot"]["error"]
+    assert by_id["relative"]["error"] == "../outside.png: not inside an allowed folder (--allow-path), refused"
+    assert by_id["missing"]["error"].endswith("nope.png: no such file")
+    assert by_id["shape"]["error"] == 'a request is a JSON object {"filepath": "..."}'
+    assert by_id["none"]["error"] == 'a request is a JSON object {"filepath": "..."}'
+    assert all("prediction" not in a for key, a in by_id.items() if key != "ok")
+    assert "0 frames, 7 requests, 1 results published" in output
+
+
+def test_broker_restart_every_result_arrives_once_in_order(tiny_deploy, mqtt_broker, tmp_path):
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    gate = Gate(mqtt_broker.port)
+    recorder = Recorder(mqtt_broker.port).connect()
+    process = start_edge(tiny_deploy, gate.url, tmp_path, "--source", f"watch:{watched}")
+    buffered = lambda: [n for n in os.listdir(tmp_path / "buffer") if n.endswith(".msg")]  # noqa: E731
+    try:
+        wait_online(recorder, process)
+        for i in range(3):
+            write_image_atomically(watched, f"img{i}.png", value=40 * i)
+            time.sleep(0.05)  # distinct mtimes: files are taken oldest first
+        assert len(recorder.wait_for(OUTPUT, 3)) == 3
+        assert _wait(lambda: not buffered())  # all acknowledged before the broker goes
+        gate.close()
+        recorder.close()
+        mqtt_broker.stop()
+        for i in range(3, 7):
+            write_image_atomically(watched, f"img{i}.png", value=40 * i)
+            time.sleep(0.05)
+        assert _wait(lambda: len(buffered()) == 4), "results made while the broker is down wait on disk"
+        mqtt_broker.start()
+        recorder.connect()
+        gate.open()
+        received = recorder.wait_for(OUTPUT, 7)
+        assert _wait(lambda: not buffered())
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        recorder.close()
+        gate.stop()
+    assert code == 0, output
+    assert [m["frame"] for m in received] == [f"img{i}.png" for i in range(7)]
+    assert [m["seq"] for m in received] == list(range(1, 8))
+    assert all(isinstance(m["prediction"], list) for m in received)
+
+
+def test_sigkill_makes_the_broker_publish_the_last_will(tiny_deploy, mqtt_broker, tmp_path):
+    recorder = Recorder(mqtt_broker.port).connect()
+    process = start_edge(tiny_deploy, mqtt_broker.url, tmp_path)
+    try:
+        online = wait_online(recorder, process)
+        assert online["model"] and online["frames"] == 0 and online["last_error"] is None
+        process.kill()
+        process.wait(10)
+        assert _wait(lambda: recorder.on(STATUS)[-1]["status"] == "offline", timeout=10)
+    finally:
+        recorder.close()
+    assert recorder.on(STATUS)[-1]["client_id"] == online["client_id"]
+
+
+def test_edge_refuses_bad_settings(tiny_deploy, tmp_path):
+    from detforge.edge import EdgeConfig
+
+    for kwargs, message in [({"threshold": 2.0}, "threshold"), ({"fps": 0}, "fps"), ({"save_every": -1}, "save_every"),
+                            ({"allow_paths": (str(tmp_path / "nope"),)}, "not a folder")]:
+        with pytest.raises(ConfigError, match=message):
+            EdgeConfig(deploy_dir=str(tiny_deploy), broker="mqtt://127.0.0.1:1", **kwargs)
+    result = subprocess.run([sys.executable, "-m", "detforge", "edge", str(tiny_deploy), "--broker",
+                             "mqtt://127.0.0.1:1", "--source", "camera:x"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "error: field 'source': camera index must be a number, got 'x' (e.g. camera:0)" in result.stderr

@@ -58,6 +58,7 @@ class EdgeConfig:
     save_dir: str | None = None
     heartbeat_s: float = 10.0
     drain_timeout_s: float = 10.0
+    reconnect_max_s: float = 30.0
     client_id: str | None = None
     threads: int | None = None
     username: str | None = None
@@ -176,6 +177,7 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
         subscribe=(config.request_topic,),
         on_message=on_message,
         heartbeat_s=config.heartbeat_s,
+        backoff=(min(0.5, config.reconnect_max_s), config.reconnect_max_s),
     )
     restore = _stop_on_signals(stop)
     publisher.start()
@@ -245,12 +247,12 @@ def _answer_request(
         request = orjson.loads(payload)
     except orjson.JSONDecodeError:
         request = None
+    if isinstance(request, dict) and isinstance(request.get("id"), str | int):
+        answer["id"] = request["id"]  # lets the caller match the answer to its request
     if not isinstance(request, dict) or "filepath" not in request:
         stats.refused += 1
         publisher.publish(config.topic, {**answer, "error": 'a request is a JSON object {"filepath": "..."}'})
         return
-    if "id" in request and isinstance(request["id"], str | int):
-        answer["id"] = request["id"]
     answer["frame"] = request["filepath"] if isinstance(request["filepath"], str) else None
     try:
         path = resolve_allowed_path(request["filepath"], config.allow_paths)

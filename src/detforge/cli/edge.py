@@ -92,6 +92,11 @@ def register(app: typer.Typer) -> None:
         drain_timeout: Annotated[
             float, typer.Option("--drain-timeout", help="Seconds to wait for acknowledgements when stopping.")
         ] = 10.0,
+        reconnect_max: Annotated[
+            float,
+            typer.Option("--reconnect-max", help="Longest pause between reconnection attempts in seconds "
+                                                 "(it starts at 0.5 s and doubles)."),
+        ] = 30.0,
         client_id: Annotated[str | None, typer.Option("--client-id", help="MQTT client id.")] = None,
         threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime threads.")] = None,
         username: Annotated[str | None, typer.Option("--username", help="MQTT user name.")] = None,
@@ -126,6 +131,7 @@ def register(app: typer.Typer) -> None:
             save_dir=save_dir,
             heartbeat_s=heartbeat,
             drain_timeout_s=drain_timeout,
+            reconnect_max_s=reconnect_max,
             client_id=client_id,
             threads=threads,
             username=username,
