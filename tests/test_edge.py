@@ -207,26 +207,33 @@ def test_parse_source_kinds(tmp_path):
     assert parse_source("camera:12").target == 12
     assert parse_source("rtsp://cam.local:554/stream").kind == "stream"
     assert parse_source("HTTP://cam/mjpeg").kind == "stream"
-    assert (parse_source(f"watch:{tmp_path}").kind, parse_source(f"watch:{tmp_path}").target) == ("watch",
-                                                                                                   str(tmp_path))
+    assert (parse_source(f"watch:{tmp_path}").kind, parse_source(f"watch:{tmp_path}").target) == (
+        "watch",
+        str(tmp_path),
+    )
     assert (parse_source(str(video)).kind, parse_source(str(video)).target) == ("video", str(video))
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "empty source"),
-    ("camera:x", "camera index must be a number, got 'x'"),
-    ("watch:/no/such/folder", "/no/such/folder, field 'source': the folder to watch does not exist"),
-    ("/no/such/video.mp4", "/no/such/video.mp4, field 'source': no such video file"),
-    ("s3://bucket/video.mp4", "cannot read frames from s3://bucket/video.mp4"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty source"),
+        ("camera:x", "camera index must be a number, got 'x'"),
+        ("watch:/no/such/folder", "/no/such/folder, field 'source': the folder to watch does not exist"),
+        ("/no/such/video.mp4", "/no/such/video.mp4, field 'source': no such video file"),
+        ("s3://bucket/video.mp4", "cannot read frames from s3://bucket/video.mp4"),
+    ],
+)
 def test_parse_source_refuses(text, message):
     with pytest.raises(ConfigError) as info:
         parse_source(text)
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("fps", "expected"), [(5.0, [0, 2, 4, 6, 8]), (10.0, list(range(10))),
-                                               (30.0, list(range(10))), (3.0, [0, 4, 7])])
+@pytest.mark.parametrize(
+    ("fps", "expected"),
+    [(5.0, [0, 2, 4, 6, 8]), (10.0, list(range(10))), (30.0, list(range(10))), (3.0, [0, 4, 7])],
+)
 def test_video_source_samples_by_the_video_timeline(tmp_path, fps, expected):
     source = open_source(str(write_video(tmp_path / "v.avi")), fps=fps)
     assert isinstance(source, VideoFileSource)
@@ -324,8 +331,11 @@ def test_parse_broker():
     spec = parse_broker("mqtts://broker", username="u", password="p")
     assert (spec.port, spec.tls, spec.username, spec.password) == (8883, True, "u", "p")
     assert parse_broker("127.0.0.1:1999").port == 1999
-    for url, message in [("http://x", "unsupported broker URL scheme 'http'"), ("mqtt://", "no host"),
-                         ("mqtt://h:99999", "bad port")]:
+    for url, message in [
+        ("http://x", "unsupported broker URL scheme 'http'"),
+        ("mqtt://", "no host"),
+        ("mqtt://h:99999", "bad port"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             parse_broker(url)
     with pytest.raises(ConfigError, match="no such file"):
@@ -357,9 +367,15 @@ def test_disk_buffer_is_bounded_ordered_and_survives_a_restart(tmp_path):
 
 def _publisher(url: str, buffer_dir: Path, **kwargs) -> Publisher:
     status = {"frames": 0}
-    return Publisher(parse_broker(url), DiskBuffer(str(buffer_dir)), client_id=f"pub-{time.monotonic_ns()}",
-                     status_topic="detforge/infer/status", status=lambda: dict(status),
-                     backoff=(0.05, 0.2), **kwargs)
+    return Publisher(
+        parse_broker(url),
+        DiskBuffer(str(buffer_dir)),
+        client_id=f"pub-{time.monotonic_ns()}",
+        status_topic="detforge/infer/status",
+        status=lambda: dict(status),
+        backoff=(0.05, 0.2),
+        **kwargs,
+    )
 
 
 def _wait(condition, timeout: float = 20.0) -> bool:
@@ -445,9 +461,27 @@ OUTPUT, STATUS, INPUT = "detforge/infer/output", "detforge/infer/status", "detfo
 
 
 def start_edge(deploy: Path, broker_url: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "detforge", "edge", str(deploy), "--broker", broker_url,
-                             "--buffer-dir", str(tmp_path / "buffer"), "--threads", "1", "--reconnect-max", "0.5",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "edge",
+            str(deploy),
+            "--broker",
+            broker_url,
+            "--buffer-dir",
+            str(tmp_path / "buffer"),
+            "--threads",
+            "1",
+            "--reconnect-max",
+            "0.5",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
@@ -476,8 +510,21 @@ def test_video_source_publishes_one_valid_message_per_sampled_frame(tiny_deploy,
     video = write_video(tmp_path / "clip.avi", frames=10, fps=10.0)
     recorder = Recorder(mqtt_broker.port).connect()
     try:
-        process = start_edge(tiny_deploy, mqtt_broker.url, tmp_path, "--source", str(video), "--fps", "5",
-                             "--threshold", "0.3", "--save-every", "2", "--save-dir", str(tmp_path / "saved"))
+        process = start_edge(
+            tiny_deploy,
+            mqtt_broker.url,
+            tmp_path,
+            "--source",
+            str(video),
+            "--fps",
+            "5",
+            "--threshold",
+            "0.3",
+            "--save-every",
+            "2",
+            "--save-dir",
+            str(tmp_path / "saved"),
+        )
         code, output = finish(process)
         messages = recorder.wait_for(OUTPUT, 5, timeout=5)
         statuses = recorder.wait_for(STATUS, 2, timeout=5)
@@ -540,7 +587,9 @@ def test_requests_answer_allowed_files_and_refuse_the_rest(tiny_deploy, mqtt_bro
     assert by_id["ok"]["frame"] == str(image) and by_id["ok"]["source"] == "request"
     assert by_id["passwd"]["error"] == "/etc/passwd: not inside an allowed folder (--allow-path), refused"
     assert "not inside an allowed folder" in by_id["dotdot"]["error"]
-    assert by_id["relative"]["error"] == "../outside.png: not inside an allowed folder (--allow-path), refused"
+    assert (
+        by_id["relative"]["error"] == "../outside.png: not inside an allowed folder (--allow-path), refused"
+    )
     assert by_id["missing"]["error"].endswith("nope.png: no such file")
     assert by_id["shape"]["error"] == 'a request is a JSON object {"filepath": "..."}'
     assert by_id["none"]["error"] == 'a request is a JSON object {"filepath": "..."}'
@@ -604,12 +653,29 @@ def test_sigkill_makes_the_broker_publish_the_last_will(tiny_deploy, mqtt_broker
 def test_edge_refuses_bad_settings(tiny_deploy, tmp_path):
     from detforge.edge import EdgeConfig
 
-    for kwargs, message in [({"threshold": 2.0}, "threshold"), ({"fps": 0}, "fps"), ({"save_every": -1}, "save_every"),
-                            ({"allow_paths": (str(tmp_path / "nope"),)}, "not a folder")]:
+    for kwargs, message in [
+        ({"threshold": 2.0}, "threshold"),
+        ({"fps": 0}, "fps"),
+        ({"save_every": -1}, "save_every"),
+        ({"allow_paths": (str(tmp_path / "nope"),)}, "not a folder"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             EdgeConfig(deploy_dir=str(tiny_deploy), broker="mqtt://127.0.0.1:1", **kwargs)
-    result = subprocess.run([sys.executable, "-m", "detforge", "edge", str(tiny_deploy), "--broker",
-                             "mqtt://127.0.0.1:1", "--source", "camera:x"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "edge",
+            str(tiny_deploy),
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--source",
+            "camera:x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "error: field 'source': camera index must be a number, got 'x' (e.g. camera:0)" in result.stderr

@@ -26,11 +26,10 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from conftest import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +50,8 @@ def jpeg_bytes(width: int, height: int, *, seed: int = 0) -> bytes:
 
 @lru_cache(maxsize=4)
 def bilevel_png(width: int, height: int) -> bytes:
-    """A valid, fully compressed black 1-bit PNG: tiny on the wire, huge once decoded (a decompression bomb)."""
+    """A valid black 1-bit PNG: tiny on the wire, huge once decoded (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -64,9 +64,27 @@ def bilevel_png(width: int, height: int) -> bytes:
 
 def start_server(deploy: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "detforge", "serve", str(deploy), "--host", "127.0.0.1",
-                                "--port", str(port), "--threads", "1", "--log-level", "warning", *extra],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "serve",
+            str(deploy),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -102,8 +120,19 @@ def allowed(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_deploy, allowed):
-    process, url = start_server(tiny_deploy, "--max-batch", "4", "--max-wait-ms", "3000", "--max-body-mb", "1",
-                                "--max-pixels", "4000000", "--allow-path", str(allowed))
+    process, url = start_server(
+        tiny_deploy,
+        "--max-batch",
+        "4",
+        "--max-wait-ms",
+        "3000",
+        "--max-body-mb",
+        "1",
+        "--max-pixels",
+        "4000000",
+        "--allow-path",
+        str(allowed),
+    )
     try:
         yield url, process
     finally:
@@ -134,21 +163,31 @@ def test_ping_model_and_metrics(server, tiny_deploy):
     assert model.json() == json.loads((tiny_deploy / "model.json").read_text())
     page = httpx.get(f"{url}/metrics")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain; version=0.0.4")
-    for name in ("detforge_requests_total", "detforge_request_errors_total", "detforge_requests_in_progress",
-                 'detforge_request_latency_seconds_bucket{le="+Inf"}', "detforge_batch_size_count",
-                 "detforge_inference_seconds_sum"):
+    for name in (
+        "detforge_requests_total",
+        "detforge_request_errors_total",
+        "detforge_requests_in_progress",
+        'detforge_request_latency_seconds_bucket{le="+Inf"}',
+        "detforge_batch_size_count",
+        "detforge_inference_seconds_sum",
+    ):
         assert name in page.text
     assert 'detforge_requests_total{endpoint="/ping",status="200"}' in page.text
 
 
-@pytest.mark.parametrize(("content_type", "make"), [("image/jpeg", jpeg_bytes), ("image/png", png_bytes),
-                                                    ("application/x-image", png_bytes)])
+@pytest.mark.parametrize(
+    ("content_type", "make"),
+    [("image/jpeg", jpeg_bytes), ("image/png", png_bytes), ("application/x-image", png_bytes)],
+)
 def test_invocations_give_the_predictors_detections(server, predictor, content_type, make):
     url, _ = server
     body = make(120, 90, seed=7)
     before = metric(url, "detforge_batch_size_count")
-    response = httpx.post(f"{url}/invocations", content=body,
-                          headers={"Content-Type": content_type, "Accept": "application/json"})
+    response = httpx.post(
+        f"{url}/invocations",
+        content=body,
+        headers={"Content-Type": content_type, "Accept": "application/json"},
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json"
     expected = predictor.predict([np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))])[0]
@@ -163,15 +202,20 @@ def test_invocations_give_the_predictors_detections(server, predictor, content_t
 def test_jsonlines_reads_allowed_files_only(server, predictor, allowed):
     url, _ = server
     lines = "\n".join(json.dumps({"source-ref": str(allowed / name)}) for name in ("a.png", "b.jpg"))
-    response = httpx.post(f"{url}/invocations", content=lines, headers={"Content-Type": "application/jsonlines"})
+    response = httpx.post(
+        f"{url}/invocations", content=lines, headers={"Content-Type": "application/jsonlines"}
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/jsonlines"
     got = [json.loads(line) for line in response.text.splitlines()]
     assert [g["source-ref"] for g in got] == [str(allowed / "a.png"), str(allowed / "b.jpg")]
     for name, answer in zip(("a.png", "b.jpg"), got, strict=True):
         expected = predictor.predict([np.asarray(Image.open(allowed / name).convert("RGB"))])[0]
-        np.testing.assert_allclose(np.asarray(answer["prediction"], dtype=float).reshape(-1, 6),
-                                   np.asarray(expected.to_sagemaker(), dtype=float).reshape(-1, 6), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(answer["prediction"], dtype=float).reshape(-1, 6),
+            np.asarray(expected.to_sagemaker(), dtype=float).reshape(-1, 6),
+            atol=1e-5,
+        )
     refused = {
         "/etc/passwd": (403, "line 1: /etc/passwd: not inside an allowed folder (--allow-path), refused"),
         str(allowed / ".." / "etc" / "passwd"): (403, "not inside an allowed folder"),
@@ -179,14 +223,21 @@ def test_jsonlines_reads_allowed_files_only(server, predictor, allowed):
         str(allowed / "missing.png"): (403, "no such file"),
     }
     for ref, (status, message) in refused.items():
-        answer = httpx.post(f"{url}/invocations", content=json.dumps({"source-ref": ref}),
-                            headers={"Content-Type": "application/jsonlines"})
+        answer = httpx.post(
+            f"{url}/invocations",
+            content=json.dumps({"source-ref": ref}),
+            headers={"Content-Type": "application/jsonlines"},
+        )
         assert answer.status_code == status and message in answer.json()["error"], (ref, answer.text)
-    bad = httpx.post(f"{url}/invocations", content=b'{"source-ref": "a.png"}\nnot json\n',
-                     headers={"Content-Type": "application/jsonlines"})
+    bad = httpx.post(
+        f"{url}/invocations",
+        content=b'{"source-ref": "a.png"}\nnot json\n',
+        headers={"Content-Type": "application/jsonlines"},
+    )
     assert bad.status_code == 400 and bad.json()["error"].startswith("line 2: not JSON")
-    missing = httpx.post(f"{url}/invocations", content=b'{"image": "a.png"}',
-                         headers={"Content-Type": "application/jsonlines"})
+    missing = httpx.post(
+        f"{url}/invocations", content=b'{"image": "a.png"}', headers={"Content-Type": "application/jsonlines"}
+    )
     assert missing.status_code == 400 and missing.json() == {"error": 'line 1: needs a "source-ref" string'}
 
 
@@ -197,11 +248,16 @@ def test_jsonlines_refused_without_allow_path(tiny_deploy, predictor):
 
     app = create_app(ServeConfig(deploy_dir=str(tiny_deploy)), predictor=predictor)
     with TestClient(app) as client:
-        answer = client.post("/invocations", content=b'{"source-ref": "/etc/passwd"}',
-                             headers={"Content-Type": "application/jsonlines"})
+        answer = client.post(
+            "/invocations",
+            content=b'{"source-ref": "/etc/passwd"}',
+            headers={"Content-Type": "application/jsonlines"},
+        )
         assert answer.status_code == 403
-        assert answer.json() == {"error": "reading files named in a request is off; start the server with "
-                                          "--allow-path DIR to allow files under DIR"}
+        assert answer.json() == {
+            "error": "reading files named in a request is off; start the server with "
+            "--allow-path DIR to allow files under DIR"
+        }
         assert client.get("/ping").status_code == 200
 
 
@@ -217,8 +273,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "body", "content_type", "status", "message"), BAD_INPUTS,
-                         ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "status", "message"), BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS]
+)
 def test_bad_input_gets_a_4xx_json_error(server, name, body, content_type, status, message):
     url, process = server
     if name == "too many pixels":
@@ -241,8 +298,11 @@ def test_bad_input_gets_a_4xx_json_error(server, name, body, content_type, statu
 
 def test_wrong_accept_method_and_path(server):
     url, _ = server
-    accept = httpx.post(f"{url}/invocations", content=png_bytes(32, 32),
-                        headers={"Content-Type": "image/png", "Accept": "text/html"})
+    accept = httpx.post(
+        f"{url}/invocations",
+        content=png_bytes(32, 32),
+        headers={"Content-Type": "image/png", "Accept": "text/html"},
+    )
     assert accept.status_code == 406 and "ask for application/json" in accept.json()["error"]
     method = httpx.get(f"{url}/invocations")
     assert method.status_code == 405 and method.json()["error"].startswith("GET /invocations")
@@ -251,9 +311,11 @@ def test_wrong_accept_method_and_path(server):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=st.binary(min_size=0, max_size=4096),
-       content_type=st.sampled_from(["image/jpeg", "image/png", "application/x-image"]),
-       prefix=st.sampled_from([b"", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n"]))
+@given(
+    body=st.binary(min_size=0, max_size=4096),
+    content_type=st.sampled_from(["image/jpeg", "image/png", "application/x-image"]),
+    prefix=st.sampled_from([b"", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n"]),
+)
 def test_fuzz_random_bytes_never_break_the_server(server, body, content_type, prefix):
     url, _ = server
     response = httpx.post(f"{url}/invocations", content=prefix + body, headers={"Content-Type": content_type})
@@ -265,8 +327,10 @@ def test_fuzz_random_bytes_never_break_the_server(server, body, content_type, pr
 def _raw_request(port: int, body: bytes, content_type: str = "image/png") -> tuple[socket.socket, bytes]:
     """Open a connection and send the headers and all of the body but its last byte."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    head = (f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    head = (
+        f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     sock.sendall(head + body[:-1])
     return sock, body[-1:]
 
@@ -302,8 +366,11 @@ def test_concurrent_requests_are_batched_into_one_model_run(server, predictor):
     for body, (status, payload) in zip(bodies, answers, strict=True):
         assert status == 200
         expected = predictor.predict([np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))])[0]
-        np.testing.assert_allclose(np.asarray(payload["prediction"], dtype=float).reshape(-1, 6),
-                                   np.asarray(expected.to_sagemaker(), dtype=float).reshape(-1, 6), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(payload["prediction"], dtype=float).reshape(-1, 6),
+            np.asarray(expected.to_sagemaker(), dtype=float).reshape(-1, 6),
+            atol=1e-5,
+        )
 
 
 def test_many_clients_at_once_all_get_answers(server):
@@ -314,8 +381,11 @@ def test_many_clients_at_once_all_get_answers(server):
     def client() -> None:
         with httpx.Client() as session:
             for _ in range(3):
-                results.append(session.post(f"{url}/invocations", content=body,
-                                            headers={"Content-Type": "image/png"}).status_code)
+                results.append(
+                    session.post(
+                        f"{url}/invocations", content=body, headers={"Content-Type": "image/png"}
+                    ).status_code
+                )
 
     threads = [threading.Thread(target=client) for _ in range(8)]
     for thread in threads:
@@ -354,9 +424,12 @@ def test_serve_refuses_bad_settings(tiny_deploy, tmp_path):
     from detforge.errors import ConfigError
     from detforge.serve import ServeConfig
 
-    for kwargs, message in [({"max_batch": 0}, "max_batch"), ({"max_wait_ms": -1}, "max_wait_ms"),
-                            ({"threshold": 1.5}, "threshold"),
-                            ({"allow_paths": (str(tmp_path / "nope"),)}, "not a folder")]:
+    for kwargs, message in [
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_wait_ms": -1}, "max_wait_ms"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"allow_paths": (str(tmp_path / "nope"),)}, "not a folder"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             ServeConfig(deploy_dir=str(tiny_deploy), **kwargs)
     assert os.path.isdir(tiny_deploy)
