@@ -27,7 +27,7 @@ import re
 import secrets
 import threading
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -484,7 +484,8 @@ class _Handler(BaseHTTPRequestHandler):
 def review(manifests: Sequence[str | os.PathLike], *, discard: str | os.PathLike,
            predictions: str | os.PathLike | None = None, label_attribute: str | None = None,
            classes: str | os.PathLike | None = None, score_threshold: float = 0.5, host: str = "127.0.0.1",
-           port: int = 8765, open_browser: bool = True, on_ready=None) -> ReviewSession:
+           port: int = 8765, open_browser: bool = True,
+           on_ready: Callable[[ReviewServer], None] | None = None) -> ReviewSession:
     """Load the manifests and serve the review page until interrupted; returns the session at the end.
 
     ``on_ready(server)`` is called once the server listens (the CLI prints ``server.url`` there).
