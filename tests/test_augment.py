@@ -402,3 +402,38 @@ def test_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 images: wrote 2 copies (1 lossless, 1 re-encoded), skipped 0 already there" in result.output
     assert len(_lines(tmp_path / "out" / "augmented.manifest")) == 4
+
+
+def test_hard_kill_leaves_only_complete_files_and_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    os.makedirs(tmp_path / "frames")
+    lines = []
+    for i in range(8):
+        path = _write_scene(tmp_path / "frames", f"big_{i:02d}.png", 640, 480, (40, 30, 200, 150), fmt="PNG",
+                            seed=i)
+        lines.append(_line(path, 640, 480, [(40, 30, 200, 150)]))
+    manifest = _write_manifest(tmp_path / "train.manifest", lines)
+    out = str(tmp_path / "killed")
+    code = f"from detforge.augment import augment; augment({manifest!r}, out_dir={out!r})"
+    process = subprocess.Popen([sys.executable, "-c", code])
+    images = tmp_path / "killed" / "images"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if images.is_dir() and any(not name.startswith(".") for name in os.listdir(images)):
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "augmented.manifest").exists()
+    finished = [name for name in os.listdir(images) if not name.startswith(".")]
+    assert 1 <= len(finished) < 32
+    for name in finished:  # every image there is whole
+        assert _decode(str(images / name)).shape[:2] in ((480, 640), (640, 480))
+    resumed = aug.augment(manifest, out_dir=tmp_path / "killed")
+    assert resumed.skipped == len(finished) and resumed.written == 32 - len(finished)
+    aug.augment(manifest, out_dir=tmp_path / "clean")
+    assert _tree(tmp_path / "killed") == _tree(tmp_path / "clean")
