@@ -241,6 +241,7 @@ def test_jsonlines_reads_allowed_files_only(server, predictor, allowed):
     assert missing.status_code == 400 and missing.json() == {"error": 'line 1: needs a "source-ref" string'}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
 def test_jsonlines_refused_without_allow_path(tiny_deploy, predictor):
     from starlette.testclient import TestClient
 

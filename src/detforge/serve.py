@@ -382,7 +382,11 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
                     )
                 body = await read_body(request, config.max_body_bytes)
                 refs = _parse_jsonlines(body)
-                images = [await decode(_read_allowed(ref, number, config)) for number, ref in refs]
+                loop = asyncio.get_running_loop()
+                images = [
+                    await decode(await loop.run_in_executor(decode_pool, _read_allowed, ref, number, config))
+                    for number, ref in refs
+                ]
                 batcher.arriving -= 1
                 queued = True
                 results = await asyncio.gather(*(batcher.predict(image) for image in images))
