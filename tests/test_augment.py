@@ -437,3 +437,22 @@ def test_hard_kill_leaves_only_complete_files_and_resumes(tmp_path):
     assert resumed.skipped == len(finished) and resumed.written == 32 - len(finished)
     aug.augment(manifest, out_dir=tmp_path / "clean")
     assert _tree(tmp_path / "killed") == _tree(tmp_path / "clean")
+
+
+@pytest.mark.parametrize(("mode", "subsampling", "width", "height"), [
+    ("RGB", 1, 72, 48),  # 4:2:2, even: re-encoded from YUV planes, 4:2:2 turns into 4:4:0
+    ("RGB", 1, 71, 45),  # 4:2:2, odd: through Pillow (4:4:4 after a 90° turn)
+    ("L", 0, 70, 45),  # gray
+])
+@pytest.mark.parametrize("op", ["xflip", "cw"])
+def test_other_jpeg_layouts_keep_size_and_pixels(tmp_path, mode, subsampling, width, height, op):
+    image = Image.fromarray(_scene(width, height, (10, 10, 30, 20))).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, subsampling=subsampling)
+    data = buffer.getvalue()
+    out, lossless = aug.transform_image_bytes(data, op, suffix=".jpg")
+    assert not lossless  # none of these sizes is a whole number of MCUs on the mirrored axis
+    with Image.open(io.BytesIO(out)) as turned:
+        assert turned.mode == mode
+        expected = NUMPY_OP[op](np.asarray(Image.open(io.BytesIO(data))).astype(np.int16))
+        assert _psnr(np.asarray(turned).astype(np.int16), expected) > 33
