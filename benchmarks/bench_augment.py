@@ -102,6 +102,14 @@ def blog_method(manifest: Path, out: Path) -> None:
             Image.fromarray(array).save(out / f"{stem}-{suffix}.jpg", quality=75)  # imageio.imwrite
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the worker pool)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _decode(path) -> np.ndarray:
     from PIL import Image
 
@@ -154,26 +162,30 @@ def main() -> None:
     for subsampling, label in ((2, "4:2:0 (like the real frames)"), (0, "4:4:4")):
         manifest = make_data(args.images, subsampling)
         shutil.rmtree(work, ignore_errors=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         blog_method(manifest, work / "blog")
         blog_s = time.perf_counter() - start
+        blog_cpu = (_cpu_seconds() - cpu) * 1000 / args.images
         blog_rate = args.images / blog_s
         psnr = quality(manifest, work / "blog")
         rows.append({"data": label, "method": "blog (sequential, decode, cv2, quality 75)", "workers": 1,
                      "seconds": round(blog_s, 2), "images/s": round(blog_rate, 2), "ratio": 1.0,
+                     "CPU ms/image": round(blog_cpu, 1),
                      "lossless copies": 0, **{f"PSNR {op} dB": psnr[op] for op in OPS},
                      "no generation loss": False,
                      "MB written": round(sum(f.stat().st_size for f in (work / "blog").iterdir()) / 1e6, 1)})
         for workers in (1, 2):
             out = work / f"detforge-{workers}"
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             result = aug.augment(manifest, out_dir=out, ops=OPS, workers=workers)
             seconds = time.perf_counter() - start
+            cpu_ms = (_cpu_seconds() - cpu) * 1000 / args.images
             assert result.written == 4 * args.images
             psnr = quality(manifest, out / "images")
             rows.append({"data": label, "method": "detforge augment", "workers": workers,
                          "seconds": round(seconds, 2), "images/s": round(args.images / seconds, 2),
-                         "ratio": round(blog_s / seconds, 2), "lossless copies": result.lossless,
+                         "ratio": round(blog_s / seconds, 2), "CPU ms/image": round(cpu_ms, 1),
+                         "lossless copies": result.lossless,
                          **{f"PSNR {op} dB": psnr[op] for op in OPS},
                          "no generation loss": no_generation_loss(manifest, out / "images"),
                          "MB written": round(sum(f.stat().st_size for f in (out / "images").iterdir()) / 1e6,
