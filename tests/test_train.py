@@ -357,3 +357,19 @@ def test_remote_images_are_cached_on_first_read(s3_server, make_bucket, tiny, tm
     assert cached.exists()
     fs.rm(f"{bucket}/data/img_1_000.png")
     assert torch.equal(dataset[0][0], image)  # served from the local cache now
+
+
+def test_augmented_items_depend_only_on_seed_epoch_and_index(tiny):
+    samples, _ = load_split(tiny[0])
+    dataset = ManifestDataset(samples, image_size=48, preset="ssd+rot", train=True, seed=3)
+    dataset.set_epoch(1)
+    first = [dataset[i] for i in range(4)]
+    torch.rand(5)  # the global generator does not matter
+    again = [dataset[i] for i in range(4)]
+    for (image_a, target_a, _), (image_b, target_b, _) in zip(first, again, strict=True):
+        assert image_a.shape == (3, 48, 48) and torch.equal(image_a, image_b)
+        assert torch.equal(target_a["boxes"], target_b["boxes"])
+        assert torch.equal(target_a["labels"], target_b["labels"])
+        assert set(target_a["labels"].tolist()) <= {1, 2}
+    dataset.set_epoch(2)
+    assert not all(torch.equal(dataset[i][0], first[i][0]) for i in range(4))
