@@ -272,13 +272,17 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, monkeypatch):
     clean = aug.augment(manifest, out_dir=tmp_path / "clean")
     assert (clean.images, clean.written, clean.skipped) == (5, 20, 0)
 
+    import threading
+
     real_write = aug.storage.write_bytes
     calls = []
+    lock = threading.Lock()
 
     def crash_after_seven(uri, data):
-        if len(calls) == 7:
-            raise KeyboardInterrupt("simulated kill")
-        calls.append(uri)
+        with lock:  # writes of one image run in threads
+            if len(calls) == 7:
+                raise KeyboardInterrupt("simulated kill")
+            calls.append(uri)
         real_write(uri, data)
 
     monkeypatch.setattr(aug.storage, "write_bytes", crash_after_seven)

@@ -24,6 +24,7 @@ Not here: online (training-time) augmentation, see ``detforge.transforms``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -405,15 +406,41 @@ def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
         # All lossless turns of one JPEG in one pass over its coefficients.
         lossless = (jpeg_transform_lossless_many(data, [op for op, _ in needed])
                     if suffix.lower() in _JPEG_SUFFIXES else {})
+        # A re-encoded op goes first, here: it decodes the image into the cache the others share. The
+        # rest run in threads (libjpeg-turbo and file writes release the GIL), overlapping fsync waits.
+        needed.sort(key=lambda item: item[0] in lossless)
         cache: dict = {}
-        for op, uri in needed:
-            if op in lossless:
-                out, statuses[op] = lossless[op], "lossless"
-            else:
-                out, _ = transform_image_bytes(data, op, suffix=suffix, cache=cache)
-                statuses[op] = "reencoded"
-            storage.write_bytes(uri, out)
+        (op, uri), rest = needed[0], needed[1:]
+        futures = {}
+        try:
+            statuses[op] = _encode_and_write(data, op, uri, suffix=suffix, cache=cache, lossless=lossless)
+            futures = {op: _executor().submit(_encode_and_write, data, op, uri, suffix=suffix, cache=cache,
+                                              lossless=lossless) for op, uri in rest}
+        finally:
+            concurrent.futures.wait(futures.values())  # nothing keeps writing after an error
+        for op, future in futures.items():
+            statuses[op] = future.result()
     return task.origin, [statuses[op] for op, *_ in task.outputs]
+
+
+def _encode_and_write(data: bytes, op: str, uri: str, *, suffix: str, cache: dict,
+                      lossless: dict[str, bytes]) -> str:
+    if op in lossless:
+        storage.write_bytes(uri, lossless[op])
+        return "lossless"
+    out, _ = transform_image_bytes(data, op, suffix=suffix, cache=cache)
+    storage.write_bytes(uri, out)
+    return "reencoded"
+
+
+_EXECUTOR: list = []  # one thread pool per process, made on first use
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    if not _EXECUTOR:
+        _EXECUTOR.append(concurrent.futures.ThreadPoolExecutor(max_workers=4,
+                                                               thread_name_prefix="detforge-augment"))
+    return _EXECUTOR[0]
 
 
 def _decoded_size(data: bytes) -> tuple[int, int]:
