@@ -104,6 +104,9 @@ def test_dataset_layout_and_summary(small):
         "blue-box-large-job.output.manifest", "blue-box-small-job.output.manifest",
         "yellow-box-large-job.output.manifest", "yellow-box-small-job.output.manifest"]
     assert small.images == 40 and len(list((out / "images").glob("*.jpg"))) == 40
+    assert small.rejected == {
+        "blue_box_2_000032": "two colours in one frame (the line's colour names one)",
+        "yellow_box_1_000015": "bad label: box shifted", "yellow_box_2_000033": "bad label: box too large"}
     assert sum(small.job_images.values()) == 40
     saved = json.loads((out / "synth.json").read_text())
     assert saved == small.to_json() and saved["seed"] == 7 and saved["width"] == 160
@@ -214,3 +217,32 @@ def test_cli_synth(tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote 8 images (96x64, 2 videos)" in result.output
     assert len(list((tmp_path / "d" / "images").iterdir())) == 8
+
+
+def test_prepare_takes_the_dataset_unchanged(small, tmp_path):
+    """`detforge prepare` with the blog's options: rejected ids gone, classes from the colour field."""
+    cli_prepare = pytest.importorskip("detforge.cli.prepare")
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    cli_prepare.register(app)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "prepared"
+    args = ["prepare", *small.manifests, "--discard", small.rejected_file, "--class-from", "{color} {object}",
+            "--validation-fraction", "0.2", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    classes = json.loads((out / "classes.json").read_text())
+    assert sorted(classes) == ["blue box", "yellow box"]
+    records = [r for name in ("train.manifest", "validation.manifest")
+               for r in groundtruth.read_manifest(out / name)]
+    expected = {}
+    for path in small.manifests:
+        for r in groundtruth.read_manifest(path):
+            if r.image_id not in small.rejected:
+                expected[r.image_id] = [f"{r.fields['color']} box"] * len(r.boxes)
+    assert sorted(r.image_id for r in records) == sorted(expected)
+    for r in records:
+        assert [classes[int(c)] for c in r.class_ids] == expected[r.image_id]
+        assert r.class_names == expected[r.image_id]
