@@ -373,3 +373,27 @@ def test_augmented_items_depend_only_on_seed_epoch_and_index(tiny):
         assert set(target_a["labels"].tolist()) <= {1, 2}
     dataset.set_epoch(2)
     assert not all(torch.equal(dataset[i][0], first[i][0]) for i in range(4))
+
+
+def test_early_stopping_stops_a_run(tiny, tmp_path):
+    hp = HP | {
+        "epochs": "4",
+        "early_stopping": "True",
+        "early_stopping_min_epochs": "2",
+        "early_stopping_patience": "1",
+        "early_stopping_tolerance": "0.99",
+    }
+    result = train(
+        TrainConfig(
+            train=str(tiny[0]),
+            validation=str(tiny[1]),
+            out=str(tmp_path / "early"),
+            hyperparameters=hp,
+            progress=False,
+        )
+    )
+    maps = [row["validation:mAP"] for row in result.history]
+    assert len(maps) == 2 and maps[0] > 0 and maps[1] < maps[0] * 1.99  # epoch 2 is no 99% improvement
+    assert result.stopped_early and result.epochs == 2
+    assert result.stop_reason == "validation:mAP did not improve by more than 0.99 (relative) for 1 epochs"
+    assert "early stop after epoch" in (tmp_path / "early" / "train.log").read_text()
