@@ -6,7 +6,8 @@
 - ``load_run_model(run_dir, *, which="model", device="cpu") -> (model, RunInfo)``; ``run_dir`` may also be
   a ``.safetensors`` file with its ``.json`` beside it.
 - ``save_state``/``load_state``: ``checkpoints/last.pt`` for ``--resume``: plain tensors, numbers and
-  dicts written with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
+  dicts written with ``torch.save`` and read back with ``torch.load(weights_only=True)``;
+  ``rng_state``/``set_rng_state`` capture and restore the random generators for it.
 
 Every write is atomic (``storage.write_bytes``), so a run killed mid-write keeps the previous file.
 Not here: building models (``models``), the training loop (``train``).
@@ -76,8 +77,10 @@ def save_model(run_dir: str | os.PathLike, model, info: RunInfo, *, name: str = 
     run_dir = os.fspath(run_dir)
     path = storage.join(run_dir, f"{name}.safetensors")
     storage.write_bytes(path, _state_to_bytes(unwrap(model).state_dict(), {"format": "pt"}))
-    storage.write_bytes(storage.join(run_dir, f"{name}.json"),
-                        orjson.dumps(info.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    storage.write_bytes(
+        storage.join(run_dir, f"{name}.json"),
+        orjson.dumps(info.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY),
+    )
     return path
 
 
@@ -100,8 +103,11 @@ def read_run_info(run_dir: str | os.PathLike, *, which: str = "model") -> RunInf
     """The ``RunInfo`` of a saved model without loading its weights."""
     _, meta = _locate(os.fspath(run_dir), which)
     if not storage.exists(meta):
-        raise ModelError("not a detforge model: model.json is missing", path=meta,
-                         hint="give a run folder written by `detforge train` or its .safetensors file")
+        raise ModelError(
+            "not a detforge model: model.json is missing",
+            path=meta,
+            hint="give a run folder written by `detforge train` or its .safetensors file",
+        )
     try:
         obj = orjson.loads(storage.read_bytes(meta))
     except orjson.JSONDecodeError as exc:
@@ -114,8 +120,11 @@ def load_state_dict(path: str) -> dict:
     from safetensors.torch import load
 
     if not storage.exists(path):
-        raise ModelError("no such weights file", path=path,
-                         hint="a run folder holds model.safetensors (best.safetensors for the best epoch)")
+        raise ModelError(
+            "no such weights file",
+            path=path,
+            hint="a run folder holds model.safetensors (best.safetensors for the best epoch)",
+        )
     try:
         return load(storage.read_bytes(path))
     except Exception as exc:  # safetensors raises its own SafetensorError / ValueError
@@ -131,15 +140,22 @@ def load_run_model(run_dir: str | os.PathLike, *, which: str = "model", device: 
     weights, _ = _locate(run_dir, which)
     state = load_state_dict(weights)
     thresholds = info.thresholds or {}
-    model = build_model(info.base_network, num_classes=info.num_classes, image_size=info.image_shape,
-                        nms_threshold=thresholds.get("nms_threshold", 0.45),
-                        nms_topk=thresholds.get("nms_topk", 400),
-                        score_threshold=thresholds.get("score_threshold", 0.01))
+    model = build_model(
+        info.base_network,
+        num_classes=info.num_classes,
+        image_size=info.image_shape,
+        nms_threshold=thresholds.get("nms_threshold", 0.45),
+        nms_topk=thresholds.get("nms_topk", 400),
+        score_threshold=thresholds.get("score_threshold", 0.01),
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"weights do not fit a {info.base_network} model at {info.image_shape} px with "
-                         f"{info.num_classes} classes: {str(exc).splitlines()[0]}", path=weights) from None
+        raise ModelError(
+            f"weights do not fit a {info.base_network} model at {info.image_shape} px with "
+            f"{info.num_classes} classes: {str(exc).splitlines()[0]}",
+            path=weights,
+        ) from None
     model.to(device).eval()
     return model, info
 
@@ -161,9 +177,43 @@ def load_state(run_dir: str | os.PathLike) -> dict:
 
     path = storage.join(os.fspath(run_dir), STATE_FILE)
     if not storage.exists(path):
-        raise ModelError("nothing to resume: checkpoints/last.pt is missing", path=path,
-                         hint="--resume needs a run folder that finished at least one epoch")
+        raise ModelError(
+            "nothing to resume: checkpoints/last.pt is missing",
+            path=path,
+            hint="--resume needs a run folder that finished at least one epoch",
+        )
     try:
         return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(f"cannot read the resume state: {exc}", path=path) from None
+
+
+def rng_state() -> dict:
+    """torch, Python, numpy and CUDA random states as plain tensors/tuples (for ``save_state``)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

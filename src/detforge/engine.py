@@ -145,5 +145,33 @@ def validate(
     return row
 
 
+class epoch_progress:  # noqa: N801 (used as a context manager, reads like a function)
+    """A rich progress bar for one epoch (a no-op when disabled); yields ``advance(step, images)``."""
+
+    def __init__(self, enabled: bool, epoch: int, total: int) -> None:
+        self.enabled, self.epoch, self.total = enabled, epoch, total
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "[bold]epoch {task.fields[epoch]}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("train", total=self.total, epoch=self.epoch)
+        return lambda step, images: self.bar.update(task, completed=step)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _num(value: float) -> float | None:
     return None if value is None or value != value else float(value)

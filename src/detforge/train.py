@@ -166,29 +166,6 @@ def load_initial_weights(model, source: str, *, base_network: str, num_classes: 
     return note
 
 
-def _rng_state() -> dict:
-    import torch
-
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _write_metrics(run_dir: str, history: list[dict]) -> None:
     storage.write_bytes(
         storage.join(run_dir, "metrics.jsonl"), b"".join(orjson.dumps(row) + b"\n" for row in history)
@@ -401,7 +378,7 @@ def train(config: TrainConfig) -> TrainResult:
             history = [orjson.loads(row) for row in state["history"]]
             early, best = state["early_stopping"], state["best"]
             start_epoch = int(state["epoch"]) + 1
-            _set_rng_state(state["rng"])
+            checkpoint.set_rng_state(state["rng"])
             log.info(f"resuming {run_dir} after epoch {state['epoch']}")
         elif dist.main:
             storage.write_bytes(
@@ -419,7 +396,7 @@ def train(config: TrainConfig) -> TrainResult:
         for epoch in range(start_epoch, hp.epochs + 1):
             sampler.set_epoch(epoch)
             train_set.set_epoch(epoch)
-            with _progress(config.progress and dist.main, epoch, steps_per_epoch) as advance:
+            with engine.epoch_progress(config.progress and dist.main, epoch, steps_per_epoch) as advance:
                 result = engine.train_one_epoch(
                     train_model,
                     train_loader,
@@ -476,7 +453,7 @@ def train(config: TrainConfig) -> TrainResult:
                         "history": [orjson.dumps(r).decode() for r in history],
                         "early_stopping": early,
                         "best": best,
-                        "rng": _rng_state(),
+                        "rng": checkpoint.rng_state(),
                         "data": {
                             "train": os.fspath(config.train),
                             "validation": os.fspath(config.validation) if config.validation else None,
@@ -544,31 +521,3 @@ def _early_stopping_update(state: dict, score: float | None, hp: Hyperparameters
     if improvement > hp.early_stopping_tolerance:
         return {"best": score, "bad_epochs": 0}
     return {"best": best, "bad_epochs": state["bad_epochs"] + 1}
-
-
-class _progress:
-    """A rich progress bar for one epoch (a no-op when disabled); yields ``advance(step, images)``."""
-
-    def __init__(self, enabled: bool, epoch: int, total: int) -> None:
-        self.enabled, self.epoch, self.total = enabled, epoch, total
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress(
-            "[bold]epoch {task.fields[epoch]}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        self.bar.start()
-        task = self.bar.add_task("train", total=self.total, epoch=self.epoch)
-        return lambda step, images: self.bar.update(task, completed=step)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
