@@ -12,8 +12,9 @@ with ``detforge.boxes``, and ``"detforge-augment": {"op": ..., "from": <original
   are written to the output manifest with the resolved one, so that it works from its new folder.
 - JPEGs are turned without re-encoding (libjpeg-turbo's lossless transform, through ``ctypes`` on
   ``libturbojpeg``) when the image's size is a whole number of MCUs for that op (8 or 16 px, depending
-  on the chroma subsampling); otherwise, and for other formats, the image is decoded, turned and
-  re-encoded with Pillow (JPEG quality 95).
+  on the chroma subsampling); otherwise JPEGs are re-encoded at quality 95 from their decoded Y/Cb/Cr
+  planes (no colour conversion, subsampling kept), or through Pillow (odd sizes, ICC profiles, other
+  formats). An image is decoded once for all its ops; its ops are encoded and written in threads.
 - Re-running skips outputs that already exist with the expected size; every file is written atomically
   (temporary file + rename, one PUT on S3), so an interrupted run leaves no partial image or manifest.
 - A manifest named like ``*validation*`` or with lines marked ``"split": "validation"`` is refused unless
