@@ -110,7 +110,7 @@ def utc_timestamp(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def default_client_id(source: str | None) -> str:
+def default_client_id() -> str:
     """``detforge-edge-<host>-<6 hex>``: unique per process so two runtimes never kick each other off."""
     return f"detforge-edge-{socket.gethostname()[:24]}-{uuid.uuid4().hex[:6]}"
 
@@ -171,7 +171,7 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
     publisher = Publisher(
         broker,
         buffer,
-        client_id=config.client_id or default_client_id(config.source),
+        client_id=config.client_id or default_client_id(),
         status_topic=config.status_topic,
         status=status,
         subscribe=(config.request_topic,),
