@@ -1,0 +1,67 @@
+"""``detforge stats``: what a set of Ground Truth manifests holds, in one streaming pass.
+
+Counts per class (by name) and per job, images without boxes, the most boxes on one image (training's
+``label_width`` must hold it), and a summary of box sizes (min / quartiles / max of width, height and
+area fraction). Not here: checking or changing manifests (``prepare``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+
+from detforge import boxes as box_ops
+from detforge.groundtruth import read_manifest
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {}
+    q = np.percentile(np.asarray(values, dtype=np.float64), [0, 25, 50, 75, 100])
+    return {"min": float(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
+            "max": float(q[4])}
+
+
+def manifest_stats(manifests: list[str], *, label_attribute: str | None = None) -> dict:
+    """Figures of the manifests as a JSON-ready dict (keys: images, boxes, per_class, per_job, ...)."""
+    per_class: Counter = Counter()
+    per_job: Counter = Counter()
+    per_manifest: dict[str, int] = {}
+    widths, heights, areas = [], [], []
+    images = empty = max_boxes = 0
+    for path in manifests:
+        path = os.fspath(path)
+        per_manifest[path] = 0
+        for record in read_manifest(path, label_attribute=label_attribute):
+            images += 1
+            per_manifest[path] += 1
+            per_job[record.job_name or ""] += 1
+            n = len(record.class_ids)
+            empty += n == 0
+            max_boxes = max(max_boxes, n)
+            per_class.update(record.class_names)
+            ltwh = box_ops.xyxy_to_ltwh(record.boxes)
+            widths.extend(ltwh[:, 2].tolist())
+            heights.extend(ltwh[:, 3].tolist())
+            areas.extend((box_ops.area_xyxy(record.boxes) / (record.width * record.height)).tolist())
+    return {"images": images, "boxes": int(sum(per_class.values())), "empty_images": empty,
+            "max_boxes_per_image": max_boxes, "per_class": dict(sorted(per_class.items())),
+            "per_job": dict(sorted(per_job.items())), "per_manifest": per_manifest,
+            "box_width": _summary(widths), "box_height": _summary(heights),
+            "box_area_fraction": _summary(areas)}
+
+
+def format_stats(stats: dict) -> str:
+    """The figures as a few readable lines."""
+    lines = [f"{stats['images']} images, {stats['boxes']} boxes, {stats['empty_images']} without boxes, "
+             f"at most {stats['max_boxes_per_image']} boxes on one image"]
+    lines += [f"  class {name}: {count} boxes" for name, count in stats["per_class"].items()]
+    lines += [f"  job {name or '(none)'}: {count} images" for name, count in stats["per_job"].items()]
+    for key in ("box_width", "box_height", "box_area_fraction"):
+        s = stats[key]
+        if s:
+            lines.append(f"  {key}: min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} "
+                         f"(p25 {s['p25']:.4g}, p75 {s['p75']:.4g})")
+    return "\n".join(lines)
