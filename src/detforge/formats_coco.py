@@ -25,7 +25,7 @@ def save_coco(records: Iterable[Record], path: str | os.PathLike, *, classes: li
         images.append({"id": image_id, "file_name": record.source_ref, "width": record.width,
                        "height": record.height})
         xywh = box_ops.xyxy_to_ltwh(record.boxes)
-        for box, name in zip(xywh, record.class_names):
+        for box, name in zip(xywh, record.class_names, strict=True):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": index[name] + 1, "bbox": [float(v) for v in box],
                                 "area": float(box[2] * box[3]), "iscrowd": 0})

@@ -27,11 +27,11 @@ def save_voc(records: Iterable[Record], folder: str | os.PathLike, *, classes: l
         size = ET.SubElement(root, "size")
         for key, value in (("width", record.width), ("height", record.height), ("depth", record.depth)):
             ET.SubElement(size, key).text = str(value)
-        for box, name in zip(record.boxes, record.class_names):
+        for box, name in zip(record.boxes, record.class_names, strict=True):
             obj = ET.SubElement(root, "object")
             ET.SubElement(obj, "name").text = name
             bnd = ET.SubElement(obj, "bndbox")
-            for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
+            for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
                 ET.SubElement(bnd, key).text = f"{float(value):g}"
         storage.write_bytes(storage.join(folder, storage.stem(record.source_ref) + ".xml"),
                             ET.tostring(root, encoding="utf-8"))

@@ -27,7 +27,7 @@ def save_yolo(records: Iterable[Record], folder: str | os.PathLike, *, classes: 
         stem = storage.stem(record.source_ref)
         boxes = box_ops.xyxy_to_cxcywh_norm(record.boxes, width=record.width, height=record.height)
         lines = [f"{index[name]} " + " ".join(f"{v:.8f}" for v in box)
-                 for box, name in zip(boxes, record.class_names)]
+                 for box, name in zip(boxes, record.class_names, strict=True)]
         storage.write_text(storage.join(folder, "labels", stem + ".txt"), "".join(x + "\n" for x in lines))
         images[stem] = {"source-ref": record.source_ref, "width": record.width, "height": record.height}
     # YAML is a superset of JSON: each value is written as JSON so names with any character survive

@@ -178,7 +178,7 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
     names_found: Counter = Counter()
 
     # pass 1: check every line, keep compact facts
-    for index, path in enumerate(manifests):
+    for path in manifests:
         path = os.fspath(path)
         decision = bytearray()
         where_group: dict[int, str] = {}
@@ -268,7 +268,8 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
                 handles[target].write(orjson.dumps(obj) + b"\n")
                 counts[target] += 1
     summary.train, summary.validation = counts[_TRAIN], counts[_VAL]
-    storage.write_bytes(storage.join(out, "classes.json"), orjson.dumps(class_list, option=orjson.OPT_INDENT_2))
+    storage.write_bytes(storage.join(out, "classes.json"),
+                        orjson.dumps(class_list, option=orjson.OPT_INDENT_2))
     storage.write_bytes(storage.join(out, "summary.json"),
                         orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
     return summary

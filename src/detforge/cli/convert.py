@@ -12,9 +12,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("convert")
     def convert_command(
-        source: Annotated[str, typer.Argument(help="Manifest, COCO JSON, VOC XML folder or YOLO data.yaml/folder.")],
+        source: Annotated[str, typer.Argument(
+            help="Manifest, COCO JSON, VOC XML folder or YOLO folder.")],
         to: Annotated[str, typer.Option("--to", help="coco, voc, yolo or manifest.")],
-        out: Annotated[str, typer.Option("--out", help="Output file (coco, manifest) or folder (voc, yolo).")],
+        out: Annotated[str, typer.Option("--out", help="File (coco, manifest) or folder.")],
     ) -> None:
         """Convert labels between Ground Truth manifest, COCO, Pascal VOC and YOLO, keeping class names."""
         from detforge.convert import convert

@@ -21,13 +21,13 @@ def register(app: typer.Typer) -> None:
         classes: Annotated[str | None, typer.Option(
             "--classes", help="Class names in id order, e.g. 'blue box,yellow box'.")] = None,
         label_attribute: Annotated[str | None, typer.Option(
-            "--label-attribute", help="Label attribute name (found by its metadata type when absent).")] = None,
+            "--label-attribute", help="Label attribute (found by its metadata type).")] = None,
         drop_empty: Annotated[bool, typer.Option("--drop-empty", help="Drop images without boxes.")] = False,
         validation_fraction: Annotated[float, typer.Option("--validation-fraction")] = 0.1,
         seed: Annotated[int, typer.Option("--seed")] = 0,
         group_by: Annotated[str, typer.Option(
             "--group-by", help="block:N (default block:10), video, none or regex:PATTERN.")] = "block:10",
-        on_error: Annotated[str, typer.Option("--on-error", help="stop (default) or skip bad lines.")] = "stop",
+        on_error: Annotated[str, typer.Option("--on-error", help="stop or skip bad lines.")] = "stop",
     ) -> None:
         """Turn labeling-job manifests into train.manifest, validation.manifest and classes.json."""
         from detforge.prepare import prepare
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
                     validation_fraction=validation_fraction, seed=seed, group_by=group_by, on_error=on_error)
         for path, count in s.lines.items():
             typer.echo(f"read {count} lines from {path}")
-        typer.echo(f"discarded {len(s.discarded)}, rejected by verification {len(s.rejected_by_verification)}, "
+        typer.echo(f"discarded {len(s.discarded)}, failed verification {len(s.rejected_by_verification)}, "
                    f"duplicates {len(s.duplicates)}, skipped bad lines {len(s.skipped)}, "
                    f"dropped empty {s.dropped_empty}")
         for line in s.duplicates[:10]:
