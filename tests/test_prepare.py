@@ -1,0 +1,195 @@
+"""detforge prepare: the real Ground Truth jobs, discards, classes, leak-aware split, S3, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from detforge import groundtruth, storage
+from detforge.cli import main
+from detforge.errors import ConfigError, ManifestError
+from detforge.prepare import FRAME_STEM, parse_group_by, prepare, read_discard_list
+
+REJECTED = ["blue_box_1_000023", "blue_box_1_000152", "blue_box_2_000292", "yellow_box_2_000193",
+            "yellow_box_2_000204", "yellow_box_2_000205"]
+JOBS = ["blue-box-large-job-public", "blue-box-small-job-public", "yellow-box-small-job-public"]
+
+
+@pytest.fixture
+def manifests(shared_data) -> list[str]:
+    return [str(shared_data / "groundtruth" / f"{job}.output.manifest") for job in JOBS]
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _line(ref: str, *, color: str = "blue", boxes=((0, 10, 10, 20, 20),), job: str = "j",
+          class_map=None) -> str:
+    anns = [{"class_id": c, "left": x, "top": y, "width": w, "height": h} for c, x, y, w, h in boxes]
+    return json.dumps({"source-ref": ref, "color": color, "object": "box", "extra": {"keep": [1, 2]},
+                       "bb": {"annotations": anns, "image_size": [{"width": 100, "height": 80, "depth": 3}]},
+                       "bb-metadata": {"job-name": job, "class-map": class_map if class_map is not None else
+                                       ({"0": "storage box"} if anns else {}),
+                                       "objects": [{"confidence": 0.5}] * len(anns),
+                                       "type": "groundtruth/object-detection"}})
+
+
+def test_real_jobs_counts_classes_discards(manifests, tmp_path):
+    discard = tmp_path / "rejected.txt"
+    discard.write_text("# rejected after review\n" + "\n".join(f"{i}\tblurry" for i in REJECTED) + "\n")
+    s = prepare(manifests, str(tmp_path / "out"), discard=[str(discard)], class_from="{color} {object}",
+                validation_fraction=0.1, seed=7)
+    assert list(s.lines.values()) == [624, 21, 32]
+    assert s.jobs == {f"labeling-job/{job}": n for job, n in zip(JOBS, [624, 21, 32], strict=True)}
+    # only three of the six listed ids are in these public manifests (one of them has no box)
+    assert sorted(s.discarded) == ["blue_box_1_000023", "blue_box_1_000152", "blue_box_2_000292"]
+    assert s.empty_images == 36 + 2 + 1 - 1
+    assert s.classes == ["blue box", "yellow box"]
+    assert s.boxes_per_class == {"blue box": 607, "yellow box": 33}
+    assert s.train + s.validation == 677 - 3
+    assert 0.07 < s.validation / 674 < 0.13
+    out = tmp_path / "out"
+    assert json.loads((out / "classes.json").read_text()) == ["blue box", "yellow box"]
+    assert json.loads((out / "summary.json").read_text())["train"] == s.train
+    records = {r.image_id: r for name in ("train", "validation")
+               for r in groundtruth.read_manifest(out / f"{name}.manifest")}
+    assert not set(REJECTED) & set(records)
+    for r in records.values():
+        expected = f"{r.fields['color']} box"
+        assert r.class_names == [expected] * len(r.boxes)
+        assert set(r.class_map.values()) <= {expected}
+    # stratified: the rare yellow class is in both parts
+    val = [r for r in groundtruth.read_manifest(out / "validation.manifest")]
+    assert any("yellow box" in r.class_names for r in val)
+
+
+def test_no_block_of_neighbouring_frames_straddles_the_split(manifests, tmp_path):
+    prepare(manifests, str(tmp_path / "o"), class_from="{color} {object}", validation_fraction=0.2, seed=3,
+            group_by="block:10")
+    side = {}
+    for name in ("train", "validation"):
+        for r in groundtruth.read_manifest(tmp_path / "o" / f"{name}.manifest"):
+            m = FRAME_STEM.match(r.image_id)
+            side.setdefault((m.group("video"), int(m.group("frame")) // 10), set()).add(name)
+    assert all(len(v) == 1 for v in side.values())
+    assert {n for v in side.values() for n in v} == {"train", "validation"}
+    key = parse_group_by("video")
+    assert key("blue_box_1_000043") == "blue_box_1"
+    assert parse_group_by("block:10")("blue_box_1_000043") == "blue_box_1#4"
+    assert parse_group_by("regex:^(\\w+?)_\\d+_")("blue_box_1_000043") == "blue_box"
+    with pytest.raises(ConfigError, match="block size"):
+        parse_group_by("block:x")
+
+
+def test_unknown_fields_kept_and_output_deterministic(manifests, tmp_path):
+    a = prepare(manifests, str(tmp_path / "a"), class_from="{color} {object}", seed=5)
+    b = prepare(manifests, str(tmp_path / "b"), class_from="{color} {object}", seed=5)
+    assert (tmp_path / "a" / "validation.manifest").read_bytes() == (tmp_path / "b" / "validation.manifest"
+                                                                     ).read_bytes()
+    assert a.validation == b.validation
+    original = {json.loads(x)["source-ref"]: json.loads(x) for m in manifests for x in Path(m).read_text().split("\n")
+                if x}
+    for line in _lines(tmp_path / "a" / "train.manifest"):
+        before = original[line["source-ref"]]
+        assert set(line) == set(before)
+        assert line["bb-metadata"]["creation-date"] == before["bb-metadata"]["creation-date"]
+
+
+def test_pass_through_merges_class_maps_by_name_and_duplicates(tmp_path):
+    m1, m2 = tmp_path / "a.manifest", tmp_path / "b.manifest"
+    m1.write_text(_line("s3://b/v_000001.jpg", class_map={"0": "cat"}) + "\n"
+                  + _line("s3://b/v_000002.jpg", boxes=()) + "\n")
+    m2.write_text(_line("s3://b/w_000001.jpg", class_map={"0": "ant"}) + "\n"
+                  + _line("s3://b/v_000001.jpg", class_map={"0": "cat"}) + "\n")
+    s = prepare([str(m1), str(m2)], str(tmp_path / "o"), validation_fraction=0.0)
+    assert s.classes == ["ant", "cat"]
+    assert s.duplicates == [f"v_000001: kept {m1}:1, dropped {m2}:2"]
+    lines = _lines(tmp_path / "o" / "train.manifest")
+    assert [x["bb"]["annotations"][0]["class_id"] if x["bb"]["annotations"] else None for x in lines] == [1, None, 0]
+    assert [x["bb-metadata"]["class-map"] for x in lines] == [{"1": "cat"}, {}, {"0": "ant"}]
+    assert lines[0]["extra"] == {"keep": [1, 2]}
+    s = prepare([str(m1), str(m2)], str(tmp_path / "p"), validation_fraction=0.0, drop_empty=True,
+                classes=["cat", "ant"], discard=["w_000001"])
+    assert (s.dropped_empty, s.discarded, s.classes, s.train) == (1, ["w_000001"], ["cat", "ant"], 1)
+    assert _lines(tmp_path / "p" / "train.manifest")[0]["bb"]["annotations"][0]["class_id"] == 0
+
+
+def test_verification_job_rejects(tmp_path):
+    good = json.loads(_line("s3://b/v_000001.jpg"))
+    bad = json.loads(_line("s3://b/v_000002.jpg"))
+    good["verify-bb"], bad["verify-bb"] = "1", "0"
+    path = tmp_path / "v.manifest"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    s = prepare([str(path)], str(tmp_path / "o"), validation_fraction=0.0)
+    assert s.rejected_by_verification == ["v_000002"] and s.train == 1
+
+
+def test_bad_lines_stop_with_file_and_line_or_skip(tmp_path):
+    path = tmp_path / "bad.manifest"
+    path.write_text(_line("s3://b/v_000001.jpg") + "\n{not json\n"
+                    + _line("s3://b/v_000003.jpg", boxes=((0, 90, 10, 20, 20),)) + "\n"
+                    + _line("s3://b/v_000004.jpg", boxes=((3, 1, 1, 5, 5),)) + "\n")
+    out = tmp_path / "o"
+    with pytest.raises(ManifestError, match=r"bad.manifest:2: not valid JSON"):
+        prepare([str(path)], str(out))
+    assert not out.exists()
+    s = prepare([str(path)], str(out), on_error="skip", validation_fraction=0.0)
+    assert s.train == 1 and len(s.skipped) == 3
+    assert "bad.manifest:3, field 'bb.annotations[0]': box (left=90" in s.skipped[1]
+    assert "bad.manifest:4, field 'bb.annotations[0].class_id': class_id 3 is not in the class map" in s.skipped[2]
+
+
+def test_template_field_missing(tmp_path):
+    obj = json.loads(_line("s3://b/v_000001.jpg"))
+    del obj["color"]
+    path = tmp_path / "m.manifest"
+    path.write_text(_line("s3://b/v_000000.jpg") + "\n" + json.dumps(obj) + "\n")
+    with pytest.raises(ManifestError, match=r"m.manifest:2, field 'color': template field 'color' is missing"):
+        prepare([str(path)], str(tmp_path / "o"), class_from="{color} {object}")
+    with pytest.raises(ConfigError, match="not a valid template"):
+        prepare([str(path)], str(tmp_path / "o"), class_from="{color")
+    with pytest.raises(ManifestError, match="'green box' is not in --classes"):
+        p2 = tmp_path / "g.manifest"
+        p2.write_text(_line("s3://b/x_000001.jpg", color="green") + "\n")
+        prepare([str(p2)], str(tmp_path / "o"), class_from="{color} {object}", classes=["blue box"])
+
+
+def test_discard_file_format(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("# comment\na_1\n\nb_2\tblurry box\nc_3  # trailing\n")
+    assert read_discard_list(str(path)) == {"a_1", "b_2", "c_3"}
+
+
+def test_cli_bad_input_prints_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad.manifest"
+    path.write_text(_line("s3://b/v_000001.jpg") + "\n[1, 2\n")
+    code = main(["prepare", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {path}:2: not valid JSON")
+    assert "Traceback" not in err
+    assert main(["prepare", str(path), "--out", str(tmp_path / "o"), "--on-error", "skip",
+                 "--validation-fraction", "0"]) == 0
+    assert "skipped bad lines 1" in capsys.readouterr().out
+
+
+def test_s3_in_and_out_same_as_local(manifests, make_bucket, tmp_path):
+    bucket = make_bucket()
+    remote = []
+    for path in manifests:
+        uri = f"s3://{bucket}/gt/{Path(path).name}"
+        storage.write_bytes(uri, Path(path).read_bytes())
+        remote.append(uri)
+    storage.write_text(f"s3://{bucket}/rejected.txt", "\n".join(REJECTED) + "\n")
+    local = tmp_path / "local"
+    prepare(manifests, str(local), discard=[f"s3://{bucket}/rejected.txt"], class_from="{color} {object}",
+            seed=7)
+    prepare(remote, f"s3://{bucket}/prepared", discard=[f"s3://{bucket}/rejected.txt"],
+            class_from="{color} {object}", seed=7)
+    for name in ("train.manifest", "validation.manifest", "classes.json"):
+        assert storage.read_bytes(f"s3://{bucket}/prepared/{name}") == (local / name).read_bytes()
+    with pytest.raises(Exception, match="missing.manifest"):
+        prepare([f"s3://{bucket}/gt/missing.manifest"], str(tmp_path / "x"))
