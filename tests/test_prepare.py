@@ -90,8 +90,7 @@ def test_unknown_fields_kept_and_output_deterministic(manifests, tmp_path):
     assert (tmp_path / "a" / "validation.manifest").read_bytes() == (tmp_path / "b" / "validation.manifest"
                                                                      ).read_bytes()
     assert a.validation == b.validation
-    original = {json.loads(x)["source-ref"]: json.loads(x) for m in manifests for x in Path(m).read_text().split("\n")
-                if x}
+    original = {x["source-ref"]: x for m in manifests for x in _lines(m)}
     for line in _lines(tmp_path / "a" / "train.manifest"):
         before = original[line["source-ref"]]
         assert set(line) == set(before)
@@ -108,7 +107,8 @@ def test_pass_through_merges_class_maps_by_name_and_duplicates(tmp_path):
     assert s.classes == ["ant", "cat"]
     assert s.duplicates == [f"v_000001: kept {m1}:1, dropped {m2}:2"]
     lines = _lines(tmp_path / "o" / "train.manifest")
-    assert [x["bb"]["annotations"][0]["class_id"] if x["bb"]["annotations"] else None for x in lines] == [1, None, 0]
+    ids = [x["bb"]["annotations"][0]["class_id"] if x["bb"]["annotations"] else None for x in lines]
+    assert ids == [1, None, 0]
     assert [x["bb-metadata"]["class-map"] for x in lines] == [{"1": "cat"}, {}, {"0": "ant"}]
     assert lines[0]["extra"] == {"keep": [1, 2]}
     s = prepare([str(m1), str(m2)], str(tmp_path / "p"), validation_fraction=0.0, drop_empty=True,
@@ -139,7 +139,8 @@ def test_bad_lines_stop_with_file_and_line_or_skip(tmp_path):
     s = prepare([str(path)], str(out), on_error="skip", validation_fraction=0.0)
     assert s.train == 1 and len(s.skipped) == 3
     assert "bad.manifest:3, field 'bb.annotations[0]': box (left=90" in s.skipped[1]
-    assert "bad.manifest:4, field 'bb.annotations[0].class_id': class_id 3 is not in the class map" in s.skipped[2]
+    assert ("bad.manifest:4, field 'bb.annotations[0].class_id': class_id 3 is not in the class map"
+            in s.skipped[2])
 
 
 def test_template_field_missing(tmp_path):
@@ -147,7 +148,8 @@ def test_template_field_missing(tmp_path):
     del obj["color"]
     path = tmp_path / "m.manifest"
     path.write_text(_line("s3://b/v_000000.jpg") + "\n" + json.dumps(obj) + "\n")
-    with pytest.raises(ManifestError, match=r"m.manifest:2, field 'color': template field 'color' is missing"):
+    message = r"m.manifest:2, field 'color': template field 'color' is missing"
+    with pytest.raises(ManifestError, match=message):
         prepare([str(path)], str(tmp_path / "o"), class_from="{color} {object}")
     with pytest.raises(ConfigError, match="not a valid template"):
         prepare([str(path)], str(tmp_path / "o"), class_from="{color")
