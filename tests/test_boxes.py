@@ -44,8 +44,8 @@ def test_hand_values():
 @given(box_arrays())
 def test_round_trips(b):
     np.testing.assert_allclose(B.ltwh_to_xyxy(B.xyxy_to_ltwh(b)), b, atol=1e-9)
-    np.testing.assert_allclose(B.xyxy_norm_to_xyxy(B.xyxy_to_xyxy_norm(b, width=W, height=H), width=W, height=H),
-                               b, atol=1e-9)
+    norm = B.xyxy_to_xyxy_norm(b, width=W, height=H)
+    np.testing.assert_allclose(B.xyxy_norm_to_xyxy(norm, width=W, height=H), b, atol=1e-9)
     np.testing.assert_allclose(
         B.cxcywh_norm_to_xyxy(B.xyxy_to_cxcywh_norm(b, width=W, height=H), width=W, height=H), b, atol=1e-7)
 
