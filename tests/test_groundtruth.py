@@ -48,10 +48,11 @@ def _bad(change) -> dict:
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda o: o.pop("bb"), "bad.manifest:2: no bounding-box label attribute"),
-    (lambda o: o["bb"]["annotations"][0].update(left=95), "field 'bb.annotations[0]': box (left=95, top=2, "
-                                                          "width=10, height=20) lies outside the 100x50 image"),
+    (lambda o: o["bb"]["annotations"][0].update(left=95),
+     "field 'bb.annotations[0]': box (left=95, top=2, width=10, height=20) lies outside the 100x50 image"),
     (lambda o: o["bb"]["annotations"][0].update(width=0), "box has non-positive size 0x20"),
-    (lambda o: o["bb"]["annotations"][0].update(class_id=4), "field 'bb.annotations[0].class_id': class_id 4"),
+    (lambda o: o["bb"]["annotations"][0].update(class_id=4),
+     "field 'bb.annotations[0].class_id': class_id 4"),
     (lambda o: o["bb"]["annotations"][0].update(top="x"), "field 'bb.annotations[0].top': expected a number"),
     (lambda o: o["bb"].pop("image_size"), "field 'bb.image_size': missing"),
     (lambda o: o.pop("source-ref"), "field 'source-ref': missing or empty"),
