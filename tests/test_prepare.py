@@ -9,7 +9,7 @@ import pytest
 
 from detforge import groundtruth, storage
 from detforge.cli import main
-from detforge.errors import ConfigError, ManifestError
+from detforge.errors import ConfigError, ManifestError, StorageError
 from detforge.prepare import FRAME_STEM, parse_group_by, prepare, read_discard_list
 
 REJECTED = ["blue_box_1_000023", "blue_box_1_000152", "blue_box_2_000292", "yellow_box_2_000193",
@@ -193,5 +193,5 @@ def test_s3_in_and_out_same_as_local(manifests, make_bucket, tmp_path):
             class_from="{color} {object}", seed=7)
     for name in ("train.manifest", "validation.manifest", "classes.json"):
         assert storage.read_bytes(f"s3://{bucket}/prepared/{name}") == (local / name).read_bytes()
-    with pytest.raises(Exception, match="missing.manifest"):
+    with pytest.raises(StorageError, match="missing.manifest: cannot"):
         prepare([f"s3://{bucket}/gt/missing.manifest"], str(tmp_path / "x"))

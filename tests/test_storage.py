@@ -1,0 +1,39 @@
+"""Storage: local and S3 (moto) read/write/list/exists, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from detforge import storage
+from detforge.errors import StorageError
+
+
+def test_local_atomic_write_list_exists(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    storage.write_text(target, "hello\nworld\n")
+    assert storage.read_text(target) == "hello\nworld\n"
+    assert list(storage.iter_lines(target)) == [(1, b"hello"), (2, b"world")]
+    assert storage.exists(target) and not storage.exists(tmp_path / "nope")
+    with pytest.raises(RuntimeError), storage.atomic_writer(target, "wb") as handle:
+        handle.write(b"partial")
+        raise RuntimeError("writer failed")
+    assert target.read_text() == "hello\nworld\n"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.txt"]
+    assert storage.list_files(tmp_path, suffixes=(".txt",)) == [str(target)]
+    with pytest.raises(StorageError, match="no such file"):
+        storage.read_bytes(tmp_path / "missing.txt")
+
+
+def test_s3_round_trip_and_errors(make_bucket):
+    bucket = make_bucket()
+    uri = f"s3://{bucket}/dir/x.manifest"
+    storage.write_bytes(uri, b'{"a": 1}\n')
+    assert storage.read_bytes(uri) == b'{"a": 1}\n'
+    assert storage.exists(uri) and not storage.exists(f"s3://{bucket}/dir/y.manifest")
+    assert storage.list_files(f"s3://{bucket}/dir") == [uri]
+    with pytest.raises(RuntimeError), storage.atomic_writer(f"s3://{bucket}/dir/z.txt") as handle:
+        handle.write(b"half")
+        raise RuntimeError("writer failed")
+    assert not storage.exists(f"s3://{bucket}/dir/z.txt")
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/missing.manifest: cannot read"):
+        storage.read_bytes(f"s3://{bucket}/missing.manifest")
