@@ -156,35 +156,37 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0,
     annotations = label.get("annotations")
     if not isinstance(annotations, list):
         raise ManifestError("missing or not a list", path=path, line=line, field=f"{attr}.annotations")
-    ltwh = np.zeros((len(annotations), 4), dtype=np.float64)
-    class_ids = np.zeros(len(annotations), dtype=np.int64)
+    # plain Python per box, one numpy array per record at the end (numpy on tiny arrays is slow)
+    xyxy_rows: list[tuple[int, int, int, int]] = []
+    ids: list[int] = []
     for i, ann in enumerate(annotations):
         where = f"{attr}.annotations[{i}]"
         if not isinstance(ann, dict):
             raise ManifestError("expected an object", path=path, line=line, field=where)
-        for j, key in enumerate(_BOX_KEYS):
-            ltwh[i, j] = _int_field(ann.get(key), f"{where}.{key}", path, line)
+        left, top, w, h = (_int_field(ann.get(key), f"{where}.{key}", path, line) for key in _BOX_KEYS)
         cid = _int_field(ann.get("class_id"), f"{where}.class_id", path, line)
         if cid not in class_map:
             raise ManifestError(f"class_id {cid} is not in the class map {raw_map}", path=path, line=line,
                                 field=f"{where}.class_id")
-        class_ids[i] = cid
-        if ltwh[i, 2] <= 0 or ltwh[i, 3] <= 0:
-            raise ManifestError(f"box has non-positive size {int(ltwh[i, 2])}x{int(ltwh[i, 3])}", path=path,
-                                line=line, field=where)
-        left, top, w, h = ltwh[i]
+        ids.append(cid)
+        if w <= 0 or h <= 0:
+            raise ManifestError(f"box has non-positive size {w}x{h}", path=path, line=line, field=where)
         if left < 0 or top < 0 or left + w > width or top + h > height:
             raise ManifestError(
-                f"box (left={int(left)}, top={int(top)}, width={int(w)}, height={int(h)}) lies outside "
+                f"box (left={left}, top={top}, width={w}, height={h}) lies outside "
                 f"the {width}x{height} image", path=path, line=line, field=where)
+        xyxy_rows.append((left, top, left + w, top + h))
+    boxes = np.array(xyxy_rows, dtype=np.float64).reshape(-1, 4)
+    class_ids = np.array(ids, dtype=np.int64)
 
     objects = meta.get("objects")
-    confidences = np.full(len(annotations), np.nan)
+    conf_values = [np.nan] * len(annotations)
     if isinstance(objects, list) and len(objects) == len(annotations):
         for i, item in enumerate(objects):
             value = item.get("confidence") if isinstance(item, dict) else None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                confidences[i] = float(value)
+                conf_values[i] = float(value)
+    confidences = np.array(conf_values, dtype=np.float64)
 
     base = attr[len(ADJUSTED_PREFIX):] if attr.startswith(ADJUSTED_PREFIX) else attr
     verified = None
@@ -194,7 +196,7 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0,
 
     return Record(
         source_ref=source_ref, width=width, height=height, depth=depth,
-        boxes=box_ops.ltwh_to_xyxy(ltwh), class_ids=class_ids, class_map=class_map,
+        boxes=boxes, class_ids=class_ids, class_map=class_map,
         confidences=confidences, label_attribute=attr, job_name=meta.get("job-name"),
         verified=verified, fields=obj, origin=f"{path}:{line}",
     )
@@ -245,7 +247,8 @@ def record_to_json(record: Record) -> dict:
             ann[key] = int(ltwh[i, j])
         annotations.append(ann)
     label["annotations"] = annotations
-    sizes = label.get("image_size") if isinstance(label.get("image_size"), list) and label["image_size"] else [{}]
+    sizes = label.get("image_size")
+    sizes = sizes if isinstance(sizes, list) and sizes else [{}]
     size = dict(sizes[0])
     size.update(width=int(record.width), height=int(record.height), depth=int(record.depth))
     label["image_size"] = [size] + list(sizes[1:])
