@@ -171,17 +171,15 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
 
     summary = PrepareSummary(out=os.fspath(out))
     decisions: list[bytearray] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, int] = {}  # image id -> manifest index << 32 | line of the kept copy
     # group key -> [line count, class names counter]; kept lines by (manifest index, line)
     groups: dict[str, list] = {}
-    line_group: list[dict[int, str]] = []
     names_found: Counter = Counter()
 
     # pass 1: check every line, keep compact facts
-    for path in manifests:
+    for index, path in enumerate(manifests):
         path = os.fspath(path)
         decision = bytearray()
-        where_group: dict[int, str] = {}
         summary.lines[path] = 0
         for number, raw in storage.iter_lines(path):
             if len(decision) <= number:
@@ -214,9 +212,11 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
                 summary.rejected_by_verification.append(image_id)
                 continue
             if image_id in seen:
-                summary.duplicates.append(f"{image_id}: kept {seen[image_id]}, dropped {path}:{number}")
+                first = seen[image_id]
+                summary.duplicates.append(f"{image_id}: kept {os.fspath(manifests[first >> 32])}:"
+                                          f"{first & 0xFFFFFFFF}, dropped {path}:{number}")
                 continue
-            seen[image_id] = f"{path}:{number}"
+            seen[image_id] = (index << 32) | number
             if not names:
                 if drop_empty:
                     summary.dropped_empty += 1
@@ -235,12 +235,10 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
             summary.max_boxes_per_image = max(summary.max_boxes_per_image, len(names))
             decision[number] = _TRAIN
             key = group_of(image_id)
-            where_group[number] = key
             entry = groups.setdefault(key, [0, Counter()])
             entry[0] += 1
             entry[1].update(set(names) or {""})
         decisions.append(decision)
-        line_group.append(where_group)
 
     class_list = list(classes) if classes is not None else sorted(names_found)
     class_id = {name: i for i, name in enumerate(class_list)}
@@ -261,8 +259,10 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
             for number, raw in storage.iter_lines(path):
                 if number >= len(decision) or decision[number] == _DROP:
                     continue
-                target = _VAL if line_group[index][number] in validation_groups else _TRAIN
                 obj = orjson.loads(raw)
+                # the group key is computed again from the id rather than kept per line (flat memory)
+                key = group_of(storage.stem(obj["source-ref"]))
+                target = _VAL if key in validation_groups else _TRAIN
                 attr = _attribute(obj, label_attribute)
                 _set_classes(obj, attr, class_from, class_id, label_attribute)
                 handles[target].write(orjson.dumps(obj) + b"\n")
