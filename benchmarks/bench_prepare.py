@@ -75,7 +75,9 @@ def generate(total: int, folder: Path) -> tuple[list[str], list[str]]:
     discard = []
     if not all(p.exists() for p in paths):
         for (name, color, share), path in zip(jobs, paths, strict=True):
-            count = int(total * share) if name != "yellow-box" else total - int(total * 0.6) - int(total * 0.1)
+            count = int(total * share)
+            if name == "yellow-box":
+                count = total - int(total * 0.6) - int(total * 0.1)
             with open(path, "w") as f:
                 for i in range(count):
                     video = f"{color}_{name}_{i // 5000}"
@@ -86,7 +88,8 @@ def generate(total: int, folder: Path) -> tuple[list[str], list[str]]:
                                      "height": h, "left": rng.randint(0, 1920 - w)})
                     line = {"source-ref": f"s3://bucket/frames/{video}/{video}_{i % 5000:06d}.jpg",
                             "color": color, "object": "box",
-                            "bb": {"annotations": anns, "image_size": [{"width": 1920, "depth": 3, "height": 1080}]},
+                            "bb": {"annotations": anns,
+                                   "image_size": [{"width": 1920, "depth": 3, "height": 1080}]},
                             "bb-metadata": {"job-name": f"labeling-job/{name}",
                                             "class-map": {"0": "storage box"} if anns else {},
                                             "human-annotated": "yes",
