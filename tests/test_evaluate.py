@@ -156,8 +156,10 @@ def test_ambiguous_names_and_unknown_sources(data, tmp_path):
     ok = write_lines(tmp_path / "q.jsonl",
                      '{"source-ref": "s3://b/two/x.jpg", "image": "x.jpg", "prediction": []}')
     assert evaluate(ok, str(twin), coco=False).images_without_predictions == 1
-    with pytest.raises(ConfigError, match="not a predictions JSON Lines file, a training run folder"):
+    with pytest.raises(ConfigError, match="not a predictions JSON Lines file or a training run folder"):
         find_source(str(tmp_path / "nothing-here"))
+    with pytest.raises(ConfigError, match="deploy folder directly is not supported .*detforge predict"):
+        find_source(str(tmp_path / "deploy" / "model.onnx"))
 
 
 def test_manifest_class_outside_classes_json(data):

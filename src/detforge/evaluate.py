@@ -5,7 +5,7 @@ The detections come from one of three sources, told apart by ``find_source``:
   xmin, ymin, xmax, ymax], ...]}``, corners as fractions), matched to the manifest's images by
   ``source-ref``, file name or file stem;
 - a training run folder (``checkpoint.load_run_model``, torch, imported only then);
-- a deploy folder or its ``model.onnx`` (``runtime.Predictor``, imported only then).
+- not a deploy folder (``model.onnx``): run ``detforge predict`` and evaluate its predictions.
 
 Images stream through ``metrics.DetectionAccumulator`` (VOC07 ``validation:mAP``, all-point AP,
 P/R/F1, confusion matrix) and ``coco_metrics.CocoAccumulator``. Written: ``metrics.json``,
@@ -36,8 +36,6 @@ from detforge.groundtruth import read_manifest
 from detforge.metrics import DetectionAccumulator, DetectionMetrics
 
 PREDICTION_SUFFIXES = (".jsonl", ".json", ".ndjson", ".out")
-# AP needs the low-scoring detections too; the ONNX model's own NMS keeps its top-k.
-EVALUATION_SCORE_THRESHOLD = 0.01
 
 
 @dataclass
@@ -59,7 +57,7 @@ class EvaluationResult:
     metrics: DetectionMetrics
     coco: dict | None
     class_names: list[str]
-    source: str  # "predictions", "run" or "onnx"
+    source: str  # "predictions" or "run"
     images_without_predictions: int = 0
     files: list[str] = field(default_factory=list)
 
@@ -71,18 +69,18 @@ class EvaluationResult:
 
 
 def find_source(path: str) -> str:
-    """``"predictions"``, ``"run"`` or ``"onnx"`` for a path given to evaluate (ConfigError if none)."""
+    """``"predictions"`` or ``"run"`` for a path given to evaluate (ConfigError otherwise)."""
     text = os.fspath(path).rstrip("/")
     if text.endswith(".onnx") or storage.exists(storage.join(text, "model.onnx")):
-        return "onnx"
+        raise ConfigError("evaluating a deploy folder directly is not supported", path=text,
+                          hint="run `detforge predict` on the manifest and evaluate its predictions file")
     if text.endswith(".safetensors") or any(
             storage.exists(storage.join(text, name)) for name in ("model.safetensors", "model.json")):
         return "run"
     if text.lower().endswith(PREDICTION_SUFFIXES) and storage.exists(text):
         return "predictions"
     raise ConfigError(
-        "not a predictions JSON Lines file, a training run folder (model.safetensors) or a deploy "
-        "folder (model.onnx)", path=text)
+        "not a predictions JSON Lines file or a training run folder (model.safetensors)", path=text)
 
 
 def read_class_names(manifest: str, classes: str | None = None) -> list[str] | None:
@@ -238,42 +236,30 @@ def _open_image(source_ref: str, manifest: str) -> np.ndarray:
         raise ModelError(f"cannot decode the image: {exc}", path=path) from None
 
 
-def _open_model(path: str, source: str):
-    """Class names and a function from a list of RGB arrays to ``[(boxes_xyxy, scores, class_ids)]``."""
-    if source == "run":
-        require("torch", "training")
-        import torch
+def _open_model(path: str):
+    """Class names of a run and a function from RGB arrays to ``[(boxes_xyxy, scores, class_ids)]``."""
+    require("torch", "training")
+    import torch
 
-        from detforge.checkpoint import load_run_model
-        from detforge.models import labels_to_class_ids
+    from detforge.checkpoint import load_run_model
+    from detforge.models import labels_to_class_ids
 
-        model, info = load_run_model(path)
+    model, info = load_run_model(path)
 
-        def run_torch(pictures: list[np.ndarray]) -> list[tuple]:
-            tensors = [torch.from_numpy(p.copy()).permute(2, 0, 1).float().div(255) for p in pictures]
-            with torch.inference_mode():
-                outputs = model(tensors)
-            return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(),
-                     labels_to_class_ids(o["labels"].cpu().numpy())) for o in outputs]
+    def run_torch(pictures: list[np.ndarray]) -> list[tuple]:
+        tensors = [torch.from_numpy(p.copy()).permute(2, 0, 1).float().div(255) for p in pictures]
+        with torch.inference_mode():
+            outputs = model(tensors)
+        return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(),
+                 labels_to_class_ids(o["labels"].cpu().numpy())) for o in outputs]
 
-        return list(info.classes), run_torch
-
-    from detforge.runtime import Predictor
-
-    deploy_dir = os.path.dirname(path.rstrip("/")) if path.endswith(".onnx") else path
-    predictor = Predictor(deploy_dir or ".")
-
-    def run_onnx(pictures: list[np.ndarray]) -> list[tuple]:
-        return [(d.boxes_xyxy, d.scores, d.class_ids)
-                for d in predictor.predict(pictures, threshold=EVALUATION_SCORE_THRESHOLD)]
-
-    return list(predictor.class_names), run_onnx
+    return list(info.classes), run_torch
 
 
 def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float = 0.5,
              score_threshold: float = 0.5, out_dir: str | None = None, classes: str | None = None,
              label_attribute: str | None = None, coco: bool = True, batch_size: int = 8) -> EvaluationResult:
-    """Evaluate detections (predictions file, run folder or deploy folder) against ``manifest``.
+    """Evaluate detections (a predictions file or a training run folder) against ``manifest``.
 
     Writes ``metrics.json``, ``pr_<class>.png`` and ``confusion_matrix.png`` into ``out_dir`` when given.
     """
@@ -284,7 +270,7 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
         names = (read_class_names(manifest, classes)
                  or manifest_class_names(manifest, label_attribute=label_attribute))
     else:
-        names, run_model = _open_model(model_or_predictions, source)
+        names, run_model = _open_model(model_or_predictions)
     num_classes = len(names)
     acc = DetectionAccumulator(num_classes, iou_threshold=iou_threshold, score_threshold=score_threshold)
     coco_acc = CocoAccumulator(names) if coco else None
