@@ -138,10 +138,10 @@ def main() -> None:
             client.loop_start()
             subscribed.wait(10)
             started = time.perf_counter()
-            edge = subprocess.run([sys.executable, "-m", "detforge", "edge", str(deploy), "--source", str(video),
-                                   "--broker", f"mqtt://127.0.0.1:{port}", "--fps", "1000", "--threads",
-                                   str(args.threads), "--buffer-dir", str(tmp / "buffer")],
-                                  capture_output=True, text=True, timeout=600)
+            command = [sys.executable, "-m", "detforge", "edge", str(deploy), "--source", str(video),
+                       "--broker", f"mqtt://127.0.0.1:{port}", "--fps", "1000", "--threads",
+                       str(args.threads), "--buffer-dir", str(tmp / "buffer")]
+            edge = subprocess.run(command, capture_output=True, text=True, timeout=600)
             wall = time.perf_counter() - started
             done.wait(10)
             client.loop_stop()
@@ -167,9 +167,9 @@ def main() -> None:
         {"case": "edge: capture -> handed to MQTT (latency_ms)", "frames": len(in_process),
          "p50_ms": round(float(np.percentile(in_process, 50)), 2),
          "p99_ms": round(float(np.percentile(in_process, 99)), 2)},
-        {"case": "edge: capture -> message at subscriber", "frames": len(to_message), "p50_ms": round(f2m_p50, 2),
-         "p99_ms": round(f2m_p99, 2), "fps": round(fps, 1), "overhead_ms": round(f2m_p50 - bare_p50, 2),
-         "process_wall_s": round(wall, 1)},
+        {"case": "edge: capture -> message at subscriber", "frames": len(to_message),
+         "p50_ms": round(f2m_p50, 2), "p99_ms": round(f2m_p99, 2), "fps": round(fps, 1),
+         "overhead_ms": round(f2m_p50 - bare_p50, 2), "process_wall_s": round(wall, 1)},
     ]
     venv = edge_venv()
     edge_mib = site_packages_mib(venv) if venv else float("nan")
@@ -179,10 +179,10 @@ def main() -> None:
     summary = (f"frame-to-message p50 {f2m_p50:.1f} ms vs bare model {bare_p50:.1f} ms (overhead "
                f"{f2m_p50 - bare_p50:+.1f} ms, target <= 5 ms); {fps:.1f} fps sustained at batch 1; "
                f"edge install {edge_mib:.0f} MiB vs full {full_mib:.0f} MiB")
-    write_result("edge", title=f"detforge edge on this CPU ({args.size} px mobilenet-v3, {args.threads} threads, "
-                               f"640x480 video)", rows=rows, summary=summary,
-                 notes="The runtime, the broker and the subscriber share this machine's 2 CPU cores with other "
-                       "work; the bare model is timed in the same run just before.")
+    title = f"detforge edge on this CPU ({args.size} px mobilenet-v3, {args.threads} threads, 640x480 video)"
+    notes = ("The runtime, the broker and the subscriber share this machine's 2 CPU cores with other work; "
+             "the bare model is timed in the same run just before.")
+    write_result("edge", title=title, rows=rows, summary=summary, notes=notes)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 def basename(uri: str | os.PathLike) -> str:
     """The last path component of a local path or URL."""
-    return posixpath.basename(os.fspath(uri).rstrip("/")) if is_remote(uri) else os.path.basename(os.fspath(uri))
+    path = os.fspath(uri)
+    return posixpath.basename(path.rstrip("/")) if is_remote(path) else os.path.basename(path)
 
 
 def stem(uri: str | os.PathLike) -> str:
