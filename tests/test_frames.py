@@ -134,3 +134,15 @@ def test_cli_frames(video, tmp_path):
     assert "6 frames" in result.output and "skipped" in result.output
     assert manifest_lines(tmp_path / "o" / "input.manifest")[0] == {
         "source-ref": str(tmp_path / "o" / "blue_box_1_000000.jpg"), "color": "blue", "object": "box"}
+
+
+def test_main_exit_status(video, tmp_path, capsys):
+    """Through `detforge.cli.main` (what the console script runs): a skipped video gives exit status 1."""
+    from detforge.cli import main
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"junk")
+    assert main(["frames", str(video), "--out", str(tmp_path / "a"), "--max-frames", "2"]) == 0
+    assert main(["frames", str(video), str(bad), "--out", str(tmp_path / "b"), "--on-error", "skip"]) == 1
+    assert main(["frames", str(bad), "--out", str(tmp_path / "c")]) == 2
+    assert "error: " in capsys.readouterr().err

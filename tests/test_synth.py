@@ -221,9 +221,10 @@ def test_cli_synth(tmp_path):
 
 def test_prepare_takes_the_dataset_unchanged(small, tmp_path):
     """`detforge prepare` with the blog's options: rejected ids gone, classes from the colour field."""
-    cli_prepare = pytest.importorskip("detforge.cli.prepare")
     import typer
     from typer.testing import CliRunner
+
+    from detforge.cli import prepare as cli_prepare
 
     app = typer.Typer()
     cli_prepare.register(app)

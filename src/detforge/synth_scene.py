@@ -264,7 +264,8 @@ def room(rng: np.random.Generator, *, width: int, height: int) -> Image.Image:
     # A wooden cabinet panel along one side, with grain.
     panel_w = int(width * rng.uniform(0.18, 0.3))
     x0 = width - panel_w
-    if rng.random() < 0.75:
+    cabinet = rng.random() < 0.75
+    if cabinet:
         xs = np.arange(panel_w, dtype=np.float32)[None, :]
         ys = np.arange(height, dtype=np.float32)[:, None]
         grain = 8 * np.sin(xs / rng.uniform(3, 7) + 2 * np.sin(ys / 40)) + rng.normal(0, 3, (height, panel_w))
@@ -284,9 +285,10 @@ def room(rng: np.random.Generator, *, width: int, height: int) -> Image.Image:
     for _ in range(int(rng.integers(2, 5))):
         pts = [(float(rng.uniform(0, desk_w)), float(rng.uniform(wall_h, desk_h * 0.7))) for _ in range(4)]
         draw.line(pts, fill=(int(rng.integers(10, 230)),) * 3, width=max(1, width // 400))
-    # A metal handle on the cabinet.
+    # A metal handle on the cabinet (drawn from the generator either way, so a seed's other draws stay put).
     hy = int(height * rng.uniform(0.55, 0.8))
-    draw.rectangle((x0 + 4, hy, x0 + 4 + max(3, width // 120), hy + height // 12), fill=(188, 190, 194))
+    if cabinet:
+        draw.rectangle((x0 + 4, hy, x0 + 4 + max(3, width // 120), hy + height // 12), fill=(188, 190, 194))
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image

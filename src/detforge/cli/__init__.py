@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; DetforgeErrors are printed as one line without a traceback (exit 2)."""
     app = build_app()
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click hands a command's `typer.Exit(code)` back as the return value.
+        code = app(args=argv, standalone_mode=False)
     except DetforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -67,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
             print("aborted", file=sys.stderr)
             return 1
         raise
-    return 0
+    return code if isinstance(code, int) else 0
