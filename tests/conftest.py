@@ -156,3 +156,80 @@ def mqtt_broker(tmp_path):
 def chromium_path() -> str:
     """Debian's Chromium for Playwright (``executable_path``); never a downloaded browser."""
     return need_binary("chromium", "/usr/bin/chromium")
+
+
+# -- a tiny trained + exported model (shared by predict, serve, edge tests) ---------------------------
+TINY_CLASSES = ["blue box", "yellow box"]
+TINY_HP = {
+    "num_classes": "2", "base_network": "mobilenet-v3", "use_pretrained_model": "0", "epochs": "6",
+    "mini_batch_size": "4", "image_shape": "64", "workers": "0", "learning_rate": "0.002",
+    "optimizer": "adam", "augmentation": "none", "deterministic": "1",
+}
+
+
+def make_box_images(folder: Path, count: int, seed: int, size: int = 64) -> Path:
+    """``count`` gray PNGs with one blue (class 0) or yellow (class 1) box, a manifest, classes.json."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from detforge.groundtruth import make_record, write_manifest
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        pixels = np.full((size, size, 3), 110, np.uint8)
+        class_id = i % 2
+        w, h = (int(v) for v in rng.integers(size // 4, size // 2, 2))
+        x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+        pixels[y:y + h, x:x + w] = (40, 70, 210) if class_id == 0 else (230, 200, 40)
+        name = f"box_{seed}_{i:03d}.png"
+        Image.fromarray(pixels).save(folder / name)
+        records.append(make_record(name, width=size, height=size, boxes_xyxy=[[x, y, x + w, y + h]],
+                                   class_ids=[class_id], class_map=dict(enumerate(TINY_CLASSES)),
+                                   creation_date="2024-01-01T00:00:00"))
+    write_manifest(folder / "data.manifest", records)
+    (folder / "classes.json").write_text(json.dumps(TINY_CLASSES))
+    return folder / "data.manifest"
+
+
+@pytest.fixture(scope="session")
+def tiny_deploy(tmp_path_factory) -> Path:
+    """A deploy folder (model.onnx + model.json) of a mobilenet-v3 SSD at 64 px trained for a few seconds.
+
+    Built once per test run: pytest-xdist workers share it through a lock file in the common temp root.
+    Its ``default_threshold`` is 0.05 so that even this barely trained model answers with detections.
+    """
+    import fcntl
+
+    pytest.importorskip("torch")
+    root = tmp_path_factory.getbasetemp().parent / "tiny-deploy"
+    root.mkdir(exist_ok=True)
+    deploy = root / "deploy"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (deploy / "model.json").exists():
+            import torch
+
+            from detforge.export import export_run
+            from detforge.train import TrainConfig, train
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                train_manifest = make_box_images(root / "train", 16, 1)
+                validation = make_box_images(root / "validation", 4, 2)
+                train(TrainConfig(train=str(train_manifest), validation=str(validation),
+                                  out=str(root / "run"), hyperparameters=TINY_HP, progress=False))
+                export_run(str(root / "run"), str(deploy), default_threshold=0.05, name="tiny")
+            finally:
+                torch.set_num_threads(threads)
+    return deploy
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_deploy) -> Path:
+    """The run folder ``tiny_deploy`` was exported from (its validation images: ``../validation``)."""
+    return tiny_deploy.parent / "run"

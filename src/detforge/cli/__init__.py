@@ -23,6 +23,7 @@ COMMANDS = [
     "augment",
     "train",
     "evaluate",
+    "export",
     "review",
     "serve",
     "edge",

@@ -1,0 +1,421 @@
+"""A run folder -> a deploy folder: ``model.onnx`` (pre-processing, network, box decoding, NMS) and
+``model.json``.
+
+``export_run(run_dir, out_dir, ...)`` wraps the trained torchvision SSD in ``DeployableSSD`` and writes it
+with torch's TorchScript-based ONNX exporter (``dynamo=False``: the dynamo exporter cannot follow the
+data-dependent shapes of torchvision's detectors; this wrapper has none except the NMS, which is emitted
+as ONNX's own ``NonMaxSuppression`` and therefore works for all three architectures).
+
+The ONNX graph takes ``images``: uint8 ``N x H x W x 3`` RGB (any N; H, W are resized inside, the runtime
+feeds the model's input size) and returns, per image, the best ``K = min(nms_topk, classes x anchors)``
+detections after per-class NMS, exactly as torchvision's SSD post-processing does:
+``boxes`` ``N x K x 4`` (xyxy in input pixels), ``scores`` ``N x K``, ``classes`` ``N x K`` (0-based class
+ids, -1 for padding) and ``num_detections`` ``N``.
+
+Every export is verified: PyTorch and ONNX Runtime run on sample images (the run's validation images
+when known) and must agree (``verify``); otherwise nothing is written. ``--int8`` adds a post-training
+static quantization (ONNX Runtime's QDQ tools) calibrated on given images, written as the deploy model
+with its fp32 twin kept beside it as ``model-fp32.onnx``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from detforge import __version__, storage
+from detforge import boxes as boxmath
+from detforge.errors import ConfigError, ModelError
+from detforge.runtime import METADATA_FILE, MODEL_FILE, Predictor, file_sha256, load_image, resize_rgb
+
+DEFAULT_OPSET = 17
+DEFAULT_THRESHOLD = 0.3
+# Verification tolerances: a matched ONNX detection must have the same class, IoU >= VERIFY_IOU with the
+# PyTorch box and a score within VERIFY_SCORE; detections within VERIFY_SCORE of the threshold may be
+# present on one side only.
+VERIFY_IOU = 0.99
+VERIFY_SCORE = 1e-3
+VERIFY_THRESHOLD = 0.05
+
+
+def _nms_function():
+    """An autograd Function: eager batched per-class NMS that exports as ONNX ``NonMaxSuppression``."""
+    import torch
+    from torchvision.ops import nms
+
+    class BatchedClassNMS(torch.autograd.Function):
+        """``boxes`` N x A x 4, ``scores`` N x C x A -> ``selected`` K x 3 (image, class, anchor)."""
+
+        @staticmethod
+        def forward(ctx, boxes, scores, max_per_class: int, iou_threshold: float, score_threshold: float):
+            picked = []
+            for b in range(scores.shape[0]):
+                for c in range(scores.shape[1]):
+                    score = scores[b, c]
+                    candidates = torch.nonzero(score > score_threshold).squeeze(1)
+                    keep = nms(boxes[b, candidates], score[candidates], iou_threshold)[:max_per_class]
+                    index = candidates[keep]
+                    image, klass = torch.full_like(index, b), torch.full_like(index, c)
+                    picked.append(torch.stack([image, klass, index], 1))
+            if not picked:
+                return torch.zeros((0, 3), dtype=torch.int64)
+            return torch.cat(picked).to(torch.int64)
+
+        @staticmethod
+        def symbolic(g, boxes, scores, max_per_class, iou_threshold, score_threshold):
+            return g.op(
+                "NonMaxSuppression", boxes, scores,
+                g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64)),
+                g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32)),
+                g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32)),
+                center_point_box_i=0,
+            )
+
+    return BatchedClassNMS
+
+
+def deployable(model, *, image_size: int, nms_threshold: float, nms_topk: int, score_threshold: float):
+    """``DeployableSSD`` around a torchvision SSD in eval mode (shares its weights)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torchvision.models.detection.image_list import ImageList
+
+    nms_fn = _nms_function()
+    model = model.eval()
+    with torch.no_grad():
+        dummy = torch.zeros(1, 3, image_size, image_size)
+        features = list(model.backbone(dummy).values())
+        anchors = model.anchor_generator(ImageList(dummy, [(image_size, image_size)]), features)[0]
+
+    class DeployableSSD(nn.Module):
+        """uint8 NHWC images -> padded per-image detections (see the module docstring)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = model.backbone
+            self.head = model.head
+            transform = model.transform
+            self.register_buffer("mean", torch.tensor(transform.image_mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(transform.image_std).view(1, 3, 1, 1))
+            self.register_buffer("anchors", anchors.clone())
+            self.weights = tuple(float(w) for w in model.box_coder.weights)
+            self.clip = float(model.box_coder.bbox_xform_clip)
+            self.size = int(image_size)
+            self.num_classes = int(model.head.classification_head.num_columns) - 1
+            self.num_anchors = int(anchors.shape[0])
+            self.keep = min(int(nms_topk), self.num_classes * self.num_anchors)
+            self.candidates = min(int(nms_topk), self.num_anchors)
+
+        def decode(self, codes):
+            wx, wy, ww, wh = self.weights
+            a = self.anchors
+            widths, heights = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+            cx, cy = a[:, 0] + 0.5 * widths, a[:, 1] + 0.5 * heights
+            dx, dy = codes[..., 0] / wx, codes[..., 1] / wy
+            dw = torch.clamp(codes[..., 2] / ww, max=self.clip)
+            dh = torch.clamp(codes[..., 3] / wh, max=self.clip)
+            px, py = dx * widths + cx, dy * heights + cy
+            half_w, half_h = 0.5 * torch.exp(dw) * widths, 0.5 * torch.exp(dh) * heights
+            out = torch.stack([px - half_w, py - half_h, px + half_w, py + half_h], dim=-1)
+            return out.clamp(min=0.0, max=float(self.size))
+
+        def forward(self, images):
+            shape = torch._shape_as_tensor(images)
+            height, width = shape[1].float(), shape[2].float()
+            x = images.permute(0, 3, 1, 2).float() / 255.0
+            x = (x - self.mean) / self.std
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            head = self.head(list(self.backbone(x).values()))
+            boxes = self.decode(head["bbox_regression"])
+            scale = torch.stack([width, height, width, height]) / float(self.size)
+            boxes = boxes * scale
+            scores = F.softmax(head["cls_logits"], dim=-1)[..., 1:].transpose(1, 2)  # N x C x A
+            num_anchors = self.num_anchors
+            # torchvision keeps the nms_topk best candidates of each class before NMS
+            kth = torch.topk(scores, self.candidates, dim=2).values[..., -1:]
+            scores = torch.where(scores >= kth, scores, torch.zeros_like(scores))
+            selected = nms_fn.apply(boxes, scores, int(nms_topk), float(nms_threshold),
+                                    float(score_threshold))
+            flat_scores = scores.reshape(-1)
+            flat_index = (selected[:, 0] * self.num_classes + selected[:, 1]) * num_anchors + selected[:, 2]
+            picked = flat_scores.index_select(0, flat_index)
+            dense = torch.full_like(flat_scores, -1.0).scatter(0, flat_index, picked)
+            top_scores, top_index = torch.topk(dense.reshape(scores.shape[0], -1), self.keep, dim=1)
+            valid = top_scores >= 0
+            classes = torch.div(top_index, num_anchors, rounding_mode="floor")
+            anchor = top_index - classes * num_anchors
+            top_boxes = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(-1, -1, 4))
+            return (top_boxes * valid.unsqueeze(-1).float(),
+                    torch.where(valid, top_scores, torch.zeros_like(top_scores)),
+                    torch.where(valid, classes, torch.full_like(classes, -1)),
+                    valid.sum(dim=1))
+
+    return DeployableSSD().eval()
+
+
+@dataclass
+class VerifyReport:
+    """How closely ONNX Runtime reproduced PyTorch on the sample images."""
+
+    images: int
+    detections: int
+    min_iou: float = 1.0
+    max_score_diff: float = 0.0
+    threshold: float = VERIFY_THRESHOLD
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "detections": self.detections, "min_iou": round(self.min_iou, 6),
+                "max_score_diff": float(f"{self.max_score_diff:.3g}"), "threshold": self.threshold,
+                "tolerance": {"iou": VERIFY_IOU, "score": VERIFY_SCORE}, "ok": self.ok}
+
+
+def compare_detections(reference, candidate, *, threshold: float, report: VerifyReport, name: str) -> None:
+    """Match ``candidate`` (boxes, scores, classes) to ``reference`` above ``threshold``; note problems."""
+    ref_boxes, ref_scores, ref_classes = reference
+    boxes, scores, classes = candidate
+    sure = threshold + VERIFY_SCORE
+    taken = np.zeros(len(ref_scores), dtype=bool)
+    for i in np.argsort(-scores):
+        if scores[i] < threshold:
+            continue
+        same = np.flatnonzero((ref_classes == classes[i]) & ~taken & (ref_scores >= threshold - VERIFY_SCORE))
+        ious = boxmath.iou_xyxy(boxes[i:i + 1], ref_boxes[same])[0] if len(same) else np.zeros(0)
+        if len(same) and ious.max() >= VERIFY_IOU:
+            j = same[int(np.argmax(ious))]
+            taken[j] = True
+            report.detections += 1
+            report.min_iou = min(report.min_iou, float(ious.max()))
+            report.max_score_diff = max(report.max_score_diff, abs(float(scores[i]) - float(ref_scores[j])))
+            if abs(float(scores[i]) - float(ref_scores[j])) > VERIFY_SCORE:
+                report.problems.append(f"{name}: score {scores[i]:.4f} vs PyTorch {ref_scores[j]:.4f}")
+        elif scores[i] >= sure:
+            report.problems.append(f"{name}: ONNX detection (class {classes[i]}, score {scores[i]:.4f}) "
+                                   "has no PyTorch match")
+    missing = np.flatnonzero(~taken & (ref_scores >= sure))
+    for j in missing:
+        report.problems.append(f"{name}: PyTorch detection (class {ref_classes[j]}, "
+                               f"score {ref_scores[j]:.4f}) missing from ONNX")
+
+
+def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, image_size: int,
+           threshold: float = VERIFY_THRESHOLD, threads: int | None = None) -> VerifyReport:
+    """Run PyTorch (the eval model) and ONNX Runtime on the same resized images and compare detections."""
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(onnx_path, sess_options=options, providers=["CPUExecutionProvider"])
+    report = VerifyReport(images=len(images), detections=0, threshold=threshold)
+    batch = np.stack([resize_rgb(image, image_size) for image in images])
+    out_boxes, out_scores, out_classes, counts = session.run(None, {"images": batch})
+    with torch.inference_mode():
+        reference = model([torch.from_numpy(b.copy()).permute(2, 0, 1).float().div(255) for b in batch])
+    for i, ref in enumerate(reference):
+        n = int(counts[i])
+        compare_detections(
+            (ref["boxes"].numpy().astype(np.float64), ref["scores"].numpy().astype(np.float64),
+             ref["labels"].numpy() - 1),
+            (out_boxes[i, :n].astype(np.float64), out_scores[i, :n].astype(np.float64), out_classes[i, :n]),
+            threshold=threshold, report=report, name=f"sample image {i}")
+    return report
+
+
+def sample_images(run_dir: str, *, count: int, image_size: int, images: Sequence[str] | None = None,
+                  seed: int = 0) -> tuple[list[np.ndarray], str]:
+    """Images to verify and calibrate with: given ones, else the run's validation images, else random."""
+    if images:
+        return [load_image(p) for p in images[:count]], f"{min(count, len(images))} given images"
+    try:
+        from detforge.evaluate import load_ground_truth
+        from detforge.train import resume_data
+
+        _, validation = resume_data(run_dir)
+        if validation:
+            loaded = []
+            for gt in load_ground_truth(validation):
+                path = gt.source_ref
+                if not storage.is_remote(path) and not os.path.isabs(path) and not storage.exists(path):
+                    path = storage.join(os.path.dirname(os.fspath(validation)) or ".", path)
+                loaded.append(load_image(path))
+                if len(loaded) >= count:
+                    break
+            if loaded:
+                return loaded, f"{len(loaded)} validation images of the run ({validation})"
+    except Exception:  # noqa: BLE001 - any problem finding them: fall back to random images
+        pass
+    rng = np.random.default_rng(seed)
+    return ([rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(count)],
+            f"{count} random images (the run's validation images were not found)")
+
+
+def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarray], *,
+                  image_size: int) -> None:
+    """Static QDQ int8 quantization of the network's convolutions, calibrated on ``calibration`` images."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"images": resize_rgb(image, image_size)[None]} for image in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv"])
+
+
+@dataclass
+class ExportResult:
+    """What ``export_run`` wrote and measured."""
+
+    out_dir: str
+    model_path: str
+    metadata: dict
+    verify: VerifyReport
+    int8: dict | None = None
+
+
+def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int = DEFAULT_OPSET,
+               nms_threshold: float | None = None, nms_topk: int | None = None,
+               score_threshold: float | None = None, default_threshold: float = DEFAULT_THRESHOLD,
+               verify_images: Sequence[str] | None = None, verify_count: int = 4,
+               int8: bool = False, calibration: str | None = None, calibration_count: int = 32,
+               name: str | None = None) -> ExportResult:
+    """Export a trained run to ``out_dir`` (``model.onnx`` + ``model.json``), verified against PyTorch."""
+    import torch
+
+    from detforge.checkpoint import load_run_model
+
+    if storage.is_remote(out_dir):
+        raise ConfigError("export writes a local deploy folder; copy it to s3:// afterwards", field="--out")
+    model, info = load_run_model(run_dir, which=which)
+    thresholds = dict(info.thresholds or {})
+    nms_threshold = float(thresholds.get("nms_threshold", 0.45) if nms_threshold is None else nms_threshold)
+    nms_topk = int(thresholds.get("nms_topk", 400) if nms_topk is None else nms_topk)
+    if score_threshold is None:
+        score_threshold = thresholds.get("score_threshold", 0.01)
+    score_threshold = float(score_threshold)
+    for key, value, low, high in (("nms_threshold", nms_threshold, 0.0, 1.0),
+                                  ("score_threshold", score_threshold, 0.0, 1.0),
+                                  ("default_threshold", default_threshold, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise ConfigError(f"must be in [{low}, {high}], got {value}", field=key)
+    if nms_topk < 1:
+        raise ConfigError(f"must be at least 1, got {nms_topk}", field="nms_topk")
+    from detforge.models import set_postprocess
+
+    set_postprocess(model, nms_threshold=nms_threshold, nms_topk=nms_topk, score_threshold=score_threshold)
+    size = int(info.image_shape)
+    wrapper = deployable(model, image_size=size, nms_threshold=nms_threshold, nms_topk=nms_topk,
+                         score_threshold=score_threshold)
+    samples, sample_source = sample_images(run_dir, count=verify_count, image_size=size, images=verify_images)
+
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    try:
+        onnx_path = os.path.join(staging, MODEL_FILE)
+        example = torch.from_numpy(np.stack([resize_rgb(s, size) for s in samples[:2]]))
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    wrapper, (example,), onnx_path, dynamo=False, opset_version=int(opset),
+                    input_names=["images"], output_names=["boxes", "scores", "classes", "num_detections"],
+                    dynamic_axes={"images": {0: "batch", 1: "height", 2: "width"}, "boxes": {0: "batch"},
+                                  "scores": {0: "batch"}, "classes": {0: "batch"},
+                                  "num_detections": {0: "batch"}})
+        except Exception as exc:  # the exporter's own errors: name the model, not torch's internals
+            raise ModelError(f"ONNX export of the {info.base_network} model failed: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                             path=run_dir) from exc
+        report = verify(model, onnx_path, samples, image_size=size)
+        if not report.ok:
+            raise ModelError("the ONNX model does not reproduce PyTorch on "
+                             f"{sample_source}: {'; '.join(report.problems[:5])}", path=run_dir,
+                             hint="nothing was written")
+        int8_info = None
+        if int8:
+            if calibration:
+                from detforge.evaluate import load_ground_truth
+
+                refs = [gt.source_ref for gt in load_ground_truth(calibration)][:calibration_count]
+                base = os.path.dirname(os.fspath(calibration)) or "."
+                calib = [load_image(r if storage.is_remote(r) or os.path.isabs(r) or storage.exists(r)
+                                    else storage.join(base, r)) for r in refs]
+            else:
+                calib, _ = sample_images(run_dir, count=calibration_count, image_size=size)
+            if not calib:
+                raise ConfigError("no calibration images", field="--calibration")
+            int8_path = os.path.join(staging, "model-int8.onnx")
+            quantize_int8(onnx_path, int8_path, calib, image_size=size)
+            os.replace(onnx_path, os.path.join(staging, "model-fp32.onnx"))
+            os.replace(int8_path, onnx_path)
+            int8_info = {"calibration_images": len(calib), "fp32_model": "model-fp32.onnx"}
+        metadata = {
+            "name": name or os.path.basename(os.path.abspath(run_dir)),
+            "format": "detforge-deploy/1",
+            "classes": list(info.classes),
+            "base_network": info.base_network,
+            "input_size": size,
+            "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
+                      "shape": ["batch", "height", "width", 3],
+                      "resize": "the runtime resizes to input_size x input_size (bilinear, antialiased)"},
+            "outputs": {"boxes": "N x K x 4 xyxy input pixels", "scores": "N x K",
+                        "classes": "N x K (0-based, -1 pad)", "num_detections": "N"},
+            "nms_threshold": nms_threshold,
+            "nms_topk": nms_topk,
+            "score_threshold": score_threshold,
+            "default_threshold": float(default_threshold),
+            "quantization": "int8" if int8 else "fp32",
+            "int8": int8_info,
+            "opset": int(opset),
+            "source_run": os.path.abspath(run_dir),
+            "epoch": info.epoch,
+            "validation:mAP": (info.metrics or {}).get("validation:mAP"),
+            "hyperparameters": info.hyperparams,
+            "detforge_version": __version__,
+            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "verification": {**report.to_json(), "samples": sample_source},
+            "sha256": file_sha256(onnx_path),
+        }
+        with open(os.path.join(staging, METADATA_FILE), "wb") as handle:
+            handle.write(orjson.dumps(metadata, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        if os.path.exists(os.path.join(out_dir, METADATA_FILE)):  # an older export: invalid until replaced
+            os.remove(os.path.join(out_dir, METADATA_FILE))
+        for item in sorted(os.listdir(staging)):  # model.json last: a folder with it is complete
+            if item != METADATA_FILE:
+                os.replace(os.path.join(staging, item), os.path.join(out_dir, item))
+        os.replace(os.path.join(staging, METADATA_FILE), os.path.join(out_dir, METADATA_FILE))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out_dir=out_dir, model_path=os.path.join(out_dir, MODEL_FILE), metadata=metadata,
+                        verify=report, int8=int8_info)
+
+
+def load_predictor(out_dir: str, **kwargs) -> Predictor:
+    """The runtime ``Predictor`` of a deploy folder (a convenience for callers that just exported)."""
+    return Predictor(out_dir, **kwargs)
