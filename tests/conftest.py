@@ -205,7 +205,10 @@ def tiny_deploy(tmp_path_factory) -> Path:
     import fcntl
 
     pytest.importorskip("torch")
-    root = tmp_path_factory.getbasetemp().parent / "tiny-deploy"
+    # Under xdist the workers' temp folders share a parent made for this run; without xdist that parent
+    # is pytest-of-<user>/, which outlives the run and would hand a later run a model from older code.
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-deploy"
     root.mkdir(exist_ok=True)
     deploy = root / "deploy"
     with open(root / ".lock", "w") as lock:
