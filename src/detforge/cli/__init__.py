@@ -22,6 +22,7 @@ COMMANDS = [
     "stats",
     "augment",
     "train",
+    "tune",
     "evaluate",
     "export",
     "review",
