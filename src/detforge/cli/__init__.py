@@ -25,6 +25,7 @@ COMMANDS = [
     "tune",
     "evaluate",
     "export",
+    "predict",
     "review",
     "serve",
     "edge",

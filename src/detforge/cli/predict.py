@@ -1,0 +1,73 @@
+"""``detforge predict DEPLOY INPUT... --out predictions.jsonl``: batch inference, optional PDF/HTML report."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``predict`` command."""
+
+    @app.command("predict")
+    def predict_command(
+        deploy: Annotated[str, typer.Argument(
+            help="The deploy folder `detforge export` wrote (or its model.onnx).")],
+        inputs: Annotated[list[str], typer.Argument(
+            help="Images, folders (searched recursively), Ground Truth manifests or s3:// prefixes.")],
+        out: Annotated[str, typer.Option("--out", "-o", help="Predictions JSON Lines to write.")],
+        report: Annotated[str | None, typer.Option("--report", help="Also write a PDF report here.")] = None,
+        html: Annotated[str | None, typer.Option(
+            "--html", help="Also write a self-contained HTML report.")] = None,
+        threshold: Annotated[float | None, typer.Option(
+            "--threshold", help="Keep detections scoring at least this (default: the model's).")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model run.")] = 8,
+        threads: Annotated[int | None, typer.Option(
+            "--threads", help="ONNX Runtime intra-op threads (default: its own choice).")] = None,
+        on_error: Annotated[str, typer.Option(
+            "--on-error", help="An unreadable image: 'skip' (listed at the end) or 'stop'.")] = "skip",
+        iou: Annotated[float, typer.Option(
+            "--iou", help="IoU for a match with a labeled box (manifest inputs with labels).")] = 0.5,
+        label_attribute: Annotated[str | None, typer.Option(
+            "--label-attribute", help="The manifests' label attribute, when it cannot be found.")] = None,
+    ) -> None:
+        """Run a deployed model on many images: predictions in SageMaker's format, a PDF/HTML report."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from detforge.predict import predict
+
+        console = Console(stderr=True)
+        columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("predict", total=None, rate="-")
+
+            def progress(done: int, total: int) -> None:
+                elapsed = bar.tasks[0].elapsed or 0.0
+                rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
+                bar.update(task, completed=done, total=total, rate=rate)
+
+            result = predict(deploy, inputs, out=out, report=report, html=html, threshold=threshold,
+                             batch_size=batch_size, threads=threads, on_error=on_error, iou_threshold=iou,
+                             label_attribute=label_attribute, progress=progress)
+        counts = zip(result.class_names, result.detections_per_class, strict=True)
+        per_class = ", ".join(f"{name} {n}" for name, n in counts)
+        console.print(f"{result.images} images, {result.detections} detections (score >= "
+                      f"{result.threshold:g}): {per_class}; {result.images_per_second:.1f} images/s")
+        if result.metrics is not None:
+            m = result.metrics
+            ap = "-" if m.voc07_map != m.voc07_map else f"{m.voc07_map:.3f}"
+            console.print(f"against the labels of {result.images_with_truth} images: mAP (VOC07, IoU "
+                          f"{m.iou_threshold:g}) {ap}, precision {m.precision:.3f}, recall {m.recall:.3f}, "
+                          f"TP {m.tp} FP {m.fp} FN {m.fn}")
+        for warning in result.warnings:
+            console.print(f"warning: {warning}", style="yellow")
+        if result.skipped:
+            console.print(f"skipped {len(result.skipped)} unreadable images:", style="red")
+            for name, reason in result.skipped[:20]:
+                console.print(f"  {name}: {reason}", markup=False, highlight=False)
+            if len(result.skipped) > 20:
+                console.print(f"  and {len(result.skipped) - 20} more (all listed in the report)")
+        console.print("wrote " + ", ".join(result.files))
