@@ -24,6 +24,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -341,7 +342,8 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
         onnx_path = os.path.join(staging, MODEL_FILE)
         example = torch.from_numpy(np.stack([resize_rgb(s, size) for s in samples[:2]]))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
                 torch.onnx.export(
                     wrapper, (example,), onnx_path, dynamo=False, opset_version=int(opset),
                     input_names=["images"], output_names=["boxes", "scores", "classes", "num_detections"],

@@ -1,0 +1,250 @@
+"""Export and runtime: the ONNX model reproduces PyTorch for all three architectures, handles batches, any
+input size and zero detections; the torch-free Predictor maps boxes back to each image; bad deploy folders,
+bad images and a failed verification give clear errors and write nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from detforge import checkpoint, export  # noqa: E402
+from detforge.errors import ConfigError, ModelError  # noqa: E402
+from detforge.export import compare_detections, export_run  # noqa: E402
+from detforge.models import build_model  # noqa: E402
+from detforge.runtime import Predictor, file_sha256, load_image, resize_rgb  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def box_image(width: int, height: int, *, color=(40, 70, 210), seed: int = 0,
+              noise: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    pixels = np.full((height, width, 3), 110, np.uint8)
+    if noise:  # an untrained model scores flat regions alike: noise keeps NMS free of exact ties
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    x, y = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+    pixels[y:y + height // 3, x:x + width // 3] = color
+    return pixels
+
+
+def save_untrained_run(folder: Path, base_network: str, image_size: int, **thresholds) -> Path:
+    """A run folder holding a freshly initialised model (what ``train`` writes, minus the training)."""
+    torch.manual_seed(0)
+    model = build_model(base_network, num_classes=2, image_size=image_size)
+    for module in model.modules():  # LeCun-normal convolutions: an untrained model with distinct scores
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.weight[0].numel()))
+    for parameter in model.head.parameters():
+        parameter.data *= 0.5
+    info = checkpoint.RunInfo(base_network=base_network, image_shape=image_size, num_classes=2,
+                              classes=["blue box", "yellow box"],
+                              thresholds={"nms_threshold": 0.45, "nms_topk": 50, "score_threshold": 0.01,
+                                          **thresholds})
+    checkpoint.save_model(folder, model, info)
+    return folder
+
+
+def test_deploy_folder_has_what_model_json_promises(tiny_deploy):
+    meta = json.loads((tiny_deploy / "model.json").read_text())
+    assert meta["classes"] == ["blue box", "yellow box"]
+    assert meta["input_size"] == 64 and meta["base_network"] == "mobilenet-v3"
+    assert meta["sha256"] == file_sha256(str(tiny_deploy / "model.onnx"))
+    assert meta["verification"]["ok"] and meta["verification"]["detections"] > 0
+    assert meta["verification"]["samples"].startswith("4 validation images of the run")
+    assert meta["hyperparameters"]["base_network"] == "mobilenet-v3"
+    assert sorted(os.listdir(tiny_deploy)) == ["model.json", "model.onnx"]
+    session = ort.InferenceSession(str(tiny_deploy / "model.onnx"), providers=["CPUExecutionProvider"])
+    (images,) = session.get_inputs()
+    assert images.name == "images" and images.type == "tensor(uint8)" and images.shape[3] == 3
+    assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "classes", "num_detections"]
+
+
+def test_onnx_batches_are_independent_and_any_input_size_runs(tiny_deploy):
+    session = ort.InferenceSession(str(tiny_deploy / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.stack([box_image(64, 64, seed=s) for s in range(3)])
+    boxes, scores, classes, counts = session.run(None, {"images": batch})
+    assert boxes.shape[:2] == scores.shape == classes.shape and counts.shape == (3,)
+    for i in range(3):
+        one = session.run(None, {"images": batch[i:i + 1]})
+        n = int(counts[i])
+        assert int(one[3][0]) == n
+        np.testing.assert_allclose(one[1][0, :n], scores[i, :n], atol=1e-5)
+        np.testing.assert_allclose(one[0][0, :n], boxes[i, :n], atol=1e-3)
+        assert np.all(classes[i, n:] == -1) and np.all(scores[i, n:] == 0)
+        assert np.all(np.diff(scores[i, :n]) <= 1e-7)  # best first
+    # a raw 100 x 80 frame is resized inside the graph; its boxes come back in its own pixels
+    frame = box_image(100, 80)[None]
+    fb, _, _, fn = session.run(None, {"images": frame})
+    n = int(fn[0])
+    assert n > 0 and fb[0, :n, [0, 2]].max() <= 100 and fb[0, :n, [1, 3]].max() <= 80
+
+
+# mobilenet-v3 is covered by the trained ``tiny_deploy`` (untrained, its scores are all but equal: NMS ties)
+@pytest.mark.parametrize("base_network,size", [("resnet-50", 64), ("vgg-16", 64)])
+def test_every_architecture_exports_and_matches_pytorch(tmp_path, base_network, size):
+    run = save_untrained_run(tmp_path / "run", base_network, size)
+    images = []
+    for i in range(2):
+        path = tmp_path / f"sample{i}.png"
+        from PIL import Image
+
+        Image.fromarray(box_image(size + 16 * i, size, seed=i, noise=True)).save(path)
+        images.append(str(path))
+    result = export_run(str(run), str(tmp_path / "deploy"), verify_images=images, default_threshold=0.0)
+    assert result.verify.ok and result.verify.detections > 0
+    assert result.verify.min_iou >= export.VERIFY_IOU and result.verify.max_score_diff <= export.VERIFY_SCORE
+    # the runtime's detections are the PyTorch model's on the same resized pixels, in the original image
+    model, _ = checkpoint.load_run_model(str(run))
+    predictor = Predictor(str(tmp_path / "deploy"))
+    picture = load_image(images[1])
+    found = predictor.predict([images[1]], threshold=0.05)[0]
+    resized = torch.from_numpy(resize_rgb(picture, size).copy()).permute(2, 0, 1).float().div(255)
+    with torch.inference_mode():
+        ref = model([resized])[0]
+    keep = ref["scores"].numpy() >= 0.05
+    sx = picture.shape[1] / size
+    ref_boxes = ref["boxes"].numpy()[keep] * np.array([sx, 1.0, sx, 1.0])
+    assert len(found) == int(keep.sum())
+    np.testing.assert_allclose(found.scores, ref["scores"].numpy()[keep], atol=1e-3)
+    np.testing.assert_allclose(found.boxes_xyxy, ref_boxes, atol=0.05)
+    np.testing.assert_array_equal(found.class_ids, ref["labels"].numpy()[keep] - 1)
+
+
+def test_predictor_maps_boxes_to_each_image_and_to_sagemaker(tiny_deploy):
+    predictor = Predictor(str(tiny_deploy))
+    small = box_image(64, 64)
+    large = np.repeat(np.repeat(small, 2, axis=1), 3, axis=0)[::2]  # 128 x 96, nearest-neighbour
+    a, b = predictor.predict([small, large], threshold=0.0)
+    assert (a.width, a.height, b.width, b.height) == (64, 64, 128, 96)
+    assert len(a) > 0 and len(a) == len(b)
+    np.testing.assert_allclose(b.boxes_xyxy, a.boxes_xyxy * np.array([2.0, 1.5, 2.0, 1.5]), atol=1.0)
+    rows = a.to_sagemaker()
+    assert all(len(r) == 6 and 0 <= r[2] <= r[4] <= 1 and 0 <= r[3] <= r[5] <= 1 for r in rows)
+    assert [r[0] for r in rows] == a.class_ids.astype(float).tolist()
+    # bytes, paths and PIL images give the same answer as arrays; a batch the same as one by one
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(small).save(buffer, format="PNG")
+    same = predictor.predict([buffer.getvalue(), Image.fromarray(small)], threshold=0.0, batch_size=1)
+    for d in same:
+        np.testing.assert_allclose(d.scores, a.scores, atol=1e-6)
+    assert predictor.predict([small], threshold=1.01)[0].to_sagemaker() == []
+    assert predictor.threshold == 0.05 and predictor.class_names == ["blue box", "yellow box"]
+
+
+def test_zero_detections_come_back_empty(tmp_path):
+    run = save_untrained_run(tmp_path / "run", "mobilenet-v3", 64)
+    export_run(str(run), str(tmp_path / "deploy"), score_threshold=0.99)
+    predictor = Predictor(str(tmp_path / "deploy"))
+    (found,) = predictor.predict([box_image(64, 64)], threshold=0.0)
+    assert len(found) == 0 and found.boxes_xyxy.shape == (0, 4) and found.to_sagemaker() == []
+
+
+def test_int8_export_runs_and_records_itself(tiny_run, tmp_path):
+    calibration = tiny_run.parent / "validation" / "data.manifest"
+    result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True, calibration=str(calibration))
+    meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
+    assert meta["quantization"] == "int8" and meta["int8"]["calibration_images"] == 4
+    assert (tmp_path / "deploy" / "model-fp32.onnx").exists() and result.int8
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "deploy" / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "NonMaxSuppression" in ops
+    found = Predictor(str(tmp_path / "deploy")).predict([box_image(64, 64)], threshold=0.0)[0]
+    assert len(found) > 0
+
+
+def test_a_failed_verification_writes_nothing(tiny_run, tmp_path, monkeypatch):
+    def disagree(*args, **kwargs):
+        report = export.VerifyReport(images=1, detections=0)
+        report.problems.append("sample image 0: PyTorch detection (class 0, score 0.9000) missing from ONNX")
+        return report
+
+    monkeypatch.setattr(export, "verify", disagree)
+    with pytest.raises(ModelError, match="does not reproduce PyTorch.*missing from ONNX"):
+        export_run(str(tiny_run), str(tmp_path / "deploy"))
+    assert os.listdir(tmp_path / "deploy") == []
+
+
+def test_compare_detections_tolerates_the_threshold_edge_only():
+    ref = (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([0.9, 0.0505]), np.array([0, 1]))
+    report = export.VerifyReport(images=1, detections=0)
+    compare_detections(ref, (ref[0][:1], ref[1][:1], ref[2][:1]), threshold=0.05, report=report, name="x")
+    assert report.ok and report.detections == 1  # the 0.0505 one is within the score tolerance of 0.05
+    report = export.VerifyReport(images=1, detections=0)
+    moved = (ref[0] + np.array([[1, 0, 1, 0], [0, 0, 0, 0]]), ref[1], ref[2])
+    compare_detections(ref, moved, threshold=0.05, report=report, name="x")
+    assert not report.ok and "no PyTorch match" in report.problems[0]
+    report = export.VerifyReport(images=1, detections=0)
+    compare_detections(ref, (ref[0], ref[1] + [0.01, 0], ref[2]), threshold=0.05, report=report, name="x")
+    assert not report.ok and "score" in report.problems[0]
+
+
+def test_bad_deploy_folders_and_images(tiny_deploy, tmp_path):
+    with pytest.raises(ModelError, match="not a deploy folder"):
+        Predictor(str(tmp_path))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.json").write_text((tiny_deploy / "model.json").read_text())
+    (copy / "model.onnx").write_bytes((tiny_deploy / "model.onnx").read_bytes()[:1000])
+    with pytest.raises(ModelError, match="does not match the sha256"):
+        Predictor(str(copy))
+    (copy / "model.json").write_text("{")
+    with pytest.raises(ModelError, match="model.json: not valid JSON"):
+        Predictor(str(copy))
+    predictor = Predictor(str(tiny_deploy / "model.onnx"))  # the model file works as well as the folder
+    with pytest.raises(ModelError, match="cannot decode the image"):
+        predictor.predict([b"not an image"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ModelError, match="broken.jpg"):
+        predictor.predict([str(broken)])
+    with pytest.raises(ModelError, match="HxWx3 uint8"):
+        predictor.predict([np.zeros((4, 4, 3), np.float32)])
+    with pytest.raises(ConfigError, match="threads"):
+        Predictor(str(tiny_deploy), threads=0)
+
+
+def test_export_refuses_bad_settings(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="nms_threshold"):
+        export_run(str(tiny_run), str(tmp_path / "d"), nms_threshold=1.5)
+    with pytest.raises(ModelError):
+        export_run(str(tmp_path / "nothing"), str(tmp_path / "d"))
+
+
+def test_cli_export_and_its_error(tiny_run, tmp_path):
+    exe = [sys.executable, "-m", "detforge"]
+    command = [*exe, "export", str(tiny_run), "--out", str(tmp_path / "deploy"), "--threshold", "0.2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "match PyTorch" in done.stdout and (tmp_path / "deploy" / "model.onnx").exists()
+    assert json.loads((tmp_path / "deploy" / "model.json").read_text())["default_threshold"] == 0.2
+    bad = subprocess.run([*exe, "export", str(tmp_path / "missing"), "--out", str(tmp_path / "d2")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_runtime_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+            "import detforge.runtime, detforge.cli.edge, detforge.cli.serve\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
