@@ -236,12 +236,12 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}", field="threshold")
     if not 0.0 < float(iou_threshold) <= 1.0:
         raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}", field="iou")
-    specs = resolve_inputs(inputs)
-    total = sum(spec.count for spec in specs)
     if predictor is None:
         from detforge.runtime import Predictor
 
         predictor = Predictor(deploy, threads=threads, providers=providers)
+    specs = resolve_inputs(inputs)
+    total = sum(spec.count for spec in specs)
     names = list(predictor.class_names)
     threshold = float(predictor.threshold if threshold is None else threshold)
     accumulator = DetectionAccumulator(len(names), iou_threshold=iou_threshold, score_threshold=threshold)

@@ -38,10 +38,11 @@ def register(app: typer.Typer) -> None:
 
         from detforge.predict import predict
 
-        console = Console(stderr=True)
+        console = Console(soft_wrap=True)  # the summary: stdout, one line each
         columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
+        err = Console(stderr=True)
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("predict", total=None, rate="-")
 
             def progress(done: int, total: int) -> None:
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
                           f"{m.iou_threshold:g}) {ap}, precision {m.precision:.3f}, recall {m.recall:.3f}, "
                           f"TP {m.tp} FP {m.fp} FN {m.fn}")
         for warning in result.warnings:
-            console.print(f"warning: {warning}", style="yellow")
+            console.print(f"warning: {warning}", style="yellow", markup=False)
         if result.skipped:
             console.print(f"skipped {len(result.skipped)} unreadable images:", style="red")
             for name, reason in result.skipped[:20]:
