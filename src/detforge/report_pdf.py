@@ -48,6 +48,7 @@ _HELVETICA_BOLD = (
 _ELLIPSIS = "\u2026"
 PAGE_WIDTH, PAGE_HEIGHT = 842.0, 595.0  # A4 landscape, points
 MARGIN = 28.0
+MAX_DRAWN = 30  # detections drawn per thumbnail (the best ones); a barely trained model gives hundreds
 
 
 def text_width(text: str, size: float, *, bold: bool = False) -> float:
@@ -287,7 +288,8 @@ def draw_cell(canvas: _Canvas, item: ReportItem, image_name: str, names: list[st
             name = names[int(cid)] if 0 <= int(cid) < len(names) else str(int(cid))
             _box(canvas, box, ix, iy, w, h, color=color, dash=(1.2, 1.6), label=f"FN {name}", size=size,
                  label_fill="#ffffff", label_color="#000000")
-    for j in np.argsort(item.scores, kind="stable"):  # the best on top
+    order = np.argsort(item.scores, kind="stable")[-MAX_DRAWN:]  # the best, drawn last (on top)
+    for j in order:
         color = class_color(int(item.class_ids[j]))
         false_positive = item.is_tp is not None and not item.is_tp[j]
         _box(canvas, item.boxes[j], ix, iy, w, h, color=color, dash=(3.5, 2) if false_positive else (),
@@ -296,7 +298,8 @@ def draw_cell(canvas: _Canvas, item: ReportItem, image_name: str, names: list[st
     canvas.restore()
     canvas.rect(ix, iy, w, h, stroke="#bbbbbb", width=0.4)
     canvas.text(x, y + area_h + 9, fit_text(item.name, width, 7.5, bold=True), size=7.5, bold=True)
-    canvas.text(x, y + area_h + 18, fit_text(caption(item), width, 6.5), size=6.5, color="#555555")
+    text = caption(item) + (f"  (best {MAX_DRAWN} drawn)" if len(order) < len(item.scores) else "")
+    canvas.text(x, y + area_h + 18, fit_text(text, width, 6.5), size=6.5, color="#555555")
 
 
 def _box(canvas: _Canvas, box, ix: float, iy: float, w: float, h: float, *, color: str, dash: tuple,
