@@ -77,31 +77,34 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from detforge.hyperparams import parse_overrides
-        from detforge.tune import TuneConfig, _console_logging, tune
+        from detforge.tune import TuneConfig, console_logging, log, tune
         from detforge.tune_ranges import OBJECTIVE
 
-        _console_logging()
-        result = tune(
-            TuneConfig(
-                train=train,
-                validation=validation,
-                out=out,
-                hyperparameters=hyperparameters,
-                overrides=parse_overrides(set_ or []),
-                ranges=ranges,
-                trials=trials,
-                parallel=parallel,
-                storage=storage,
-                study_name=study_name,
-                pruner=pruner,
-                prune_startup_trials=prune_startup_trials,
-                prune_after_epochs=prune_after,
-                seed=seed,
-                classes=classes,
-                label_attribute=label_attribute,
-                verbose=True,
+        handler = console_logging()
+        try:
+            result = tune(
+                TuneConfig(
+                    train=train,
+                    validation=validation,
+                    out=out,
+                    hyperparameters=hyperparameters,
+                    overrides=parse_overrides(set_ or []),
+                    ranges=ranges,
+                    trials=trials,
+                    parallel=parallel,
+                    storage=storage,
+                    study_name=study_name,
+                    pruner=pruner,
+                    prune_startup_trials=prune_startup_trials,
+                    prune_after_epochs=prune_after,
+                    seed=seed,
+                    classes=classes,
+                    label_attribute=label_attribute,
+                    verbose=True,
+                )
             )
-        )
+        finally:
+            log.removeHandler(handler)
         table = Table(title=f"study {result.study_name} ({result.storage})")
         skip = {"run_dir", "worker"}
         columns = [c for c in (result.rows[0] if result.rows else {}) if c not in skip]
