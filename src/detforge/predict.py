@@ -281,8 +281,10 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
                                        pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
                                        image_id=source.source_ref)
                     result.images_with_truth += 1
-                for target in reports:
-                    target.add(_report_item(outcome, thumbnail))
+                if reports:
+                    item = _report_item(outcome, thumbnail)
+                    for target in reports:
+                        target.add(item)
                 result.images += 1
             batch.clear()
 
