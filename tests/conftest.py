@@ -20,6 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 UNDER_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
+# The suite runs as 2 pytest-xdist workers on 2 cores: one compute thread per process (and per subprocess
+# it starts). Two OpenMP threads per worker oversubscribe the cores and make torch up to ~17x slower
+# (measured: one tiny training epoch 8.8 s with 1 thread, 153 s with 2 on the loaded machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 
 def missing(reason: str) -> None:
     """Skip the test, or fail it under CI where everything must be there."""

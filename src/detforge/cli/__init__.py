@@ -29,6 +29,7 @@ COMMANDS = [
     "review",
     "serve",
     "edge",
+    "demo",
 ]
 
 
