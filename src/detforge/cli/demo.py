@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
         from detforge.demo import STEPS, run_demo
 
-        console = Console()
+        console = Console(soft_wrap=True)
         result = run_demo(out, start=start, tiny=tiny, device=device, progress=progress,
                           say=lambda text: console.print(f"   {text}", highlight=False),
                           header=lambda i, name: console.rule(f"[bold]{i}/{len(STEPS)} {name}"))
