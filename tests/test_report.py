@@ -125,6 +125,25 @@ def test_pdf_pages_render_and_are_not_blank(tmp_path):
     assert ink[2] < ink[1] / 4
 
 
+def test_pdf_cross_reference_table_is_exact(tmp_path):
+    """Every xref entry points at its object, so strict readers need no repair."""
+    items = make_items(14, truth=False)
+    pdf = tmp_path / "r.pdf"
+    write_pdf(pdf, items, make_summary(items, truth=False))
+    data = pdf.read_bytes()
+    start = int(data.rsplit(b"startxref", 1)[1].split()[0])
+    assert data[start:start + 4] == b"xref"
+    rows = data[start:].split(b"trailer")[0].splitlines()
+    count = int(rows[1].split()[1])
+    entries = rows[3:3 + count - 1]
+    assert len(entries) == count - 1 and all(len(row) == 19 for row in entries)  # + "\n": 20 bytes
+    for number, row in enumerate(entries, start=1):
+        offset = int(row[:10])
+        assert data[offset:].startswith(b"%d 0 obj\n" % number)
+    trailer = data[start:].split(b"trailer", 1)[1]
+    assert b"/Size %d" % count in trailer
+
+
 def test_pdf_text_is_there(tmp_path):
     pdftotext = need_binary("pdftotext")
     items = make_items(3, truth=False)
