@@ -158,8 +158,7 @@ def test_ambiguous_names_and_unknown_sources(data, tmp_path):
     assert evaluate(ok, str(twin), coco=False).images_without_predictions == 1
     with pytest.raises(ConfigError, match="not a predictions JSON Lines file or a training run folder"):
         find_source(str(tmp_path / "nothing-here"))
-    with pytest.raises(ConfigError, match="deploy folder directly is not supported .*detforge predict"):
-        find_source(str(tmp_path / "deploy" / "model.onnx"))
+    assert find_source(str(tmp_path / "deploy" / "model.onnx")) == "deploy"
 
 
 def test_manifest_class_outside_classes_json(data):
@@ -235,3 +234,18 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
     assert a.voc07_map == pytest.approx(b.voc07_map, abs=1e-12) and a.voc07_map > 0
     assert a.all_point_map == pytest.approx(b.all_point_map, abs=1e-12)
     assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_deploy_folder_scores_as_its_predictions_file(tiny_deploy, tmp_path):
+    """ONNX Runtime evaluated directly gives the metrics of `detforge predict`'s file on the same manifest."""
+    pytest.importorskip("onnxruntime")
+    from detforge.predict import predict
+
+    manifest = tiny_deploy.parent / "validation" / "data.manifest"
+    direct = evaluate(str(tiny_deploy), str(manifest), coco=False)
+    predictions = tmp_path / "p.jsonl"
+    predict(str(tiny_deploy), [str(manifest)], out=str(predictions), threshold=0.0)
+    via_file = evaluate(str(predictions), str(manifest), coco=False)
+    assert direct.source == "deploy" and direct.metrics.num_images == 4
+    assert direct.metrics.voc07_map == pytest.approx(via_file.metrics.voc07_map, abs=1e-3)
+    assert direct.metrics.num_detections == via_file.metrics.num_detections

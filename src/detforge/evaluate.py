@@ -69,11 +69,10 @@ class EvaluationResult:
 
 
 def find_source(path: str) -> str:
-    """``"predictions"`` or ``"run"`` for a path given to evaluate (ConfigError otherwise)."""
+    """``"predictions"``, ``"deploy"`` or ``"run"`` for a path given to evaluate (ConfigError otherwise)."""
     text = os.fspath(path).rstrip("/")
     if text.endswith(".onnx") or storage.exists(storage.join(text, "model.onnx")):
-        raise ConfigError("evaluating a deploy folder directly is not supported", path=text,
-                          hint="run `detforge predict` on the manifest and evaluate its predictions file")
+        return "deploy"
     if text.endswith(".safetensors") or any(
             storage.exists(storage.join(text, name)) for name in ("model.safetensors", "model.json")):
         return "run"
@@ -256,10 +255,23 @@ def _open_model(path: str):
     return list(info.classes), run_torch
 
 
+def _open_deploy(path: str):
+    """Class names of a deploy folder and a function from RGB arrays to detections (ONNX Runtime)."""
+    from detforge.runtime import Predictor
+
+    predictor = Predictor(path)
+
+    def run_onnx(pictures: list[np.ndarray]) -> list[tuple]:
+        found = predictor.predict(pictures, threshold=0.0)
+        return [(d.boxes_xyxy, d.scores, d.class_ids) for d in found]
+
+    return list(predictor.class_names), run_onnx
+
+
 def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float = 0.5,
              score_threshold: float = 0.5, out_dir: str | None = None, classes: str | None = None,
              label_attribute: str | None = None, coco: bool = True, batch_size: int = 8) -> EvaluationResult:
-    """Evaluate detections (a predictions file or a training run folder) against ``manifest``.
+    """Evaluate detections (a predictions file, a run folder or a deploy folder) against ``manifest``.
 
     Writes ``metrics.json``, ``pr_<class>.png`` and ``confusion_matrix.png`` into ``out_dir`` when given.
     """
@@ -269,6 +281,8 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     if source == "predictions":
         names = (read_class_names(manifest, classes)
                  or manifest_class_names(manifest, label_attribute=label_attribute))
+    elif source == "deploy":
+        names, run_model = _open_deploy(model_or_predictions)
     else:
         names, run_model = _open_model(model_or_predictions)
     num_classes = len(names)
