@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_command(
         model_or_predictions: Annotated[str, typer.Argument(
-            help="A predictions JSON Lines file (SageMaker format), a training run folder or a deploy folder.")],
+            help="A predictions JSON Lines file (SageMaker format), a run folder or a deploy folder.")],
         manifest: Annotated[str, typer.Argument(help="The labeled Ground Truth manifest to evaluate on.")],
         iou: Annotated[float, typer.Option(
             "--iou", help="IoU for a match (SageMaker's overlap_threshold).")] = 0.5,
