@@ -40,6 +40,29 @@ def render() -> None:
             lines += [result["notes"], ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'RESULTS.md'}")
+    render_readme(results)
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def render_readme(results: list[dict]) -> None:
+    """The README's benchmark table (between its bench markers): one row per benchmark, its summary."""
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return
+    rows = ["| benchmark | result (baseline in the same run) | measured |", "|---|---|---|"]
+    for result in results:
+        summary = str(result["summary"]).replace("|", "/").replace("\n", " ")
+        rows.append(f"| {result['title']} | {summary} | {str(result['date'])[:10]} |")
+    machines = sorted({r["machine"]["cpu"] + f", {r['machine']['cores']} cores" for r in results})
+    rows += ["", f"Machine: {'; '.join(machines)} (shared and noisy: read the ratios). Details, rows and "
+                 "notes: [benchmarks/RESULTS.md](benchmarks/RESULTS.md)."]
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(head + README_START + "\n" + "\n".join(rows) + "\n" + README_END + tail)
+    print(f"updated the benchmark table in {readme}")
 
 
 def _cell(value) -> str:
