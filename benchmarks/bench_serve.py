@@ -1,8 +1,9 @@
 """``detforge serve`` under load on loopback: end-to-end latency vs the bare ``Predictor``, and what dynamic
 batching buys when many clients call at once.
 
-Same model (mobilenet-v3 SSD, random init, exported at 320 px unless ``--deploy`` is given), same 640x480
-JPEG, same ONNX Runtime thread count, in one run:
+Same model (a stand-in mobilenet-v3 SSD exported at 320 px, ``common.export_bench_deploy``, unless
+``--deploy`` is given), same 640x360 JPEG (a synthetic storage-box frame), same ONNX Runtime thread
+count, in one run:
 1. bare ``Predictor.predict([jpeg bytes])`` one call at a time (decode + model) -> p50;
 2. one HTTP client, one request at a time -> p50/p99, overhead vs 1 (target <= 10 %);
 3. ``--clients`` concurrent clients x ``--requests`` each, with ``--max-batch 8`` and with ``--max-batch 1``
@@ -14,12 +15,10 @@ JPEG, same ONNX Runtime thread count, in one run:
 from __future__ import annotations
 
 import argparse
-import io
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,27 +26,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import bench_frames, export_bench_deploy, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_deploy(folder: Path, size: int) -> Path:
-    """Export a random-init mobilenet-v3 SSD at ``size`` px (torch is used here only, never by the server)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import export_tiny_deploy
-
-    return export_tiny_deploy(folder, image_size=size)
+def make_deploy(size: int) -> Path:
+    """A random-init mobilenet-v3 SSD exported at ``size`` px, cached in benchmarks/data/ (torch is used
+    here only, never by the server)."""
+    return export_bench_deploy(REPO / "benchmarks" / "data" / f"deploy-mobilenet-v3-{size}", image_size=size)
 
 
-def test_jpeg(width: int = 640, height: int = 480) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    image = np.clip(rng.normal(120, 40, (height, width, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+def test_jpeg() -> bytes:
+    """A 640x360 synthetic frame with a yellow box (the stand-in model finds a dozen boxes in it)."""
+    return bench_frames(16)[15]
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
@@ -165,82 +157,83 @@ def main() -> None:
 
     from detforge.runtime import Predictor
 
-    with tempfile.TemporaryDirectory() as tmp:
-        deploy = args.deploy or make_deploy(Path(tmp) / "deploy", args.size)
-        body = test_jpeg()
-        predictor = Predictor(str(deploy), threads=args.threads)
-        for _ in range(3):
-            predictor.predict([body])
-        bare = []
-        for _ in range(args.sequential):
-            t0 = time.perf_counter()
-            predictor.predict([body])
-            bare.append(time.perf_counter() - t0)
-        del predictor
-        bare_p50, bare_p99 = percentiles(bare)
-        rows = [
+    deploy = args.deploy or make_deploy(args.size)
+    body = test_jpeg()
+    predictor = Predictor(str(deploy), threads=args.threads)
+    for _ in range(3):
+        predictor.predict([body])
+    detections = len(predictor.predict([body])[0])
+    bare = []
+    for _ in range(args.sequential):
+        t0 = time.perf_counter()
+        predictor.predict([body])
+        bare.append(time.perf_counter() - t0)
+    del predictor
+    bare_p50, bare_p99 = percentiles(bare)
+    rows = [
+        {
+            "case": "bare Predictor, batch 1",
+            "requests": len(bare),
+            "detections_per_image": detections,
+            "p50_ms": round(bare_p50, 2),
+            "p99_ms": round(bare_p99, 2),
+            "throughput_rps": round(len(bare) / sum(bare), 1),
+        }
+    ]
+
+    process, url = start(deploy, args.threads, "--max-batch", "8", "--max-wait-ms", "5")
+    try:
+        seq = sequential(url, body, args.sequential)
+        seq_p50, seq_p99 = percentiles(seq)
+        rows.append(
             {
-                "case": "bare Predictor, batch 1",
-                "requests": len(bare),
-                "p50_ms": round(bare_p50, 2),
-                "p99_ms": round(bare_p99, 2),
-                "throughput_rps": round(len(bare) / sum(bare), 1),
+                "case": "serve, 1 client, max-batch 8",
+                "requests": len(seq),
+                "p50_ms": round(seq_p50, 2),
+                "p99_ms": round(seq_p99, 2),
+                "throughput_rps": round(len(seq) / sum(seq), 1),
+                "overhead_vs_bare": round(seq_p50 / bare_p50 - 1, 3),
             }
-        ]
+        )
+        runs0, images0 = (
+            metric_sum(url, "detforge_batch_size_count"),
+            metric_sum(url, "detforge_batch_size_sum"),
+        )
+        times, wall, errors = concurrent(url, body, args.clients, args.requests)
+        runs = metric_sum(url, "detforge_batch_size_count") - runs0
+        images = metric_sum(url, "detforge_batch_size_sum") - images0
+        p50, p99 = percentiles(times)
+        rows.append(
+            {
+                "case": f"serve, {args.clients} clients, max-batch 8",
+                "requests": len(times),
+                "errors": errors,
+                "p50_ms": round(p50, 2),
+                "p99_ms": round(p99, 2),
+                "throughput_rps": round(len(times) / wall, 1),
+                "mean_batch": round(images / runs, 2),
+            }
+        )
+    finally:
+        stop(process)
 
-        process, url = start(deploy, args.threads, "--max-batch", "8", "--max-wait-ms", "5")
-        try:
-            seq = sequential(url, body, args.sequential)
-            seq_p50, seq_p99 = percentiles(seq)
-            rows.append(
-                {
-                    "case": "serve, 1 client, max-batch 8",
-                    "requests": len(seq),
-                    "p50_ms": round(seq_p50, 2),
-                    "p99_ms": round(seq_p99, 2),
-                    "throughput_rps": round(len(seq) / sum(seq), 1),
-                    "overhead_vs_bare": round(seq_p50 / bare_p50 - 1, 3),
-                }
-            )
-            runs0, images0 = (
-                metric_sum(url, "detforge_batch_size_count"),
-                metric_sum(url, "detforge_batch_size_sum"),
-            )
-            times, wall, errors = concurrent(url, body, args.clients, args.requests)
-            runs = metric_sum(url, "detforge_batch_size_count") - runs0
-            images = metric_sum(url, "detforge_batch_size_sum") - images0
-            p50, p99 = percentiles(times)
-            rows.append(
-                {
-                    "case": f"serve, {args.clients} clients, max-batch 8",
-                    "requests": len(times),
-                    "errors": errors,
-                    "p50_ms": round(p50, 2),
-                    "p99_ms": round(p99, 2),
-                    "throughput_rps": round(len(times) / wall, 1),
-                    "mean_batch": round(images / runs, 2),
-                }
-            )
-        finally:
-            stop(process)
-
-        process, url = start(deploy, args.threads, "--max-batch", "1")
-        try:
-            times1, wall1, errors1 = concurrent(url, body, args.clients, args.requests)
-            p50_1, p99_1 = percentiles(times1)
-            rows.append(
-                {
-                    "case": f"serve, {args.clients} clients, max-batch 1",
-                    "requests": len(times1),
-                    "errors": errors1,
-                    "p50_ms": round(p50_1, 2),
-                    "p99_ms": round(p99_1, 2),
-                    "throughput_rps": round(len(times1) / wall1, 1),
-                    "mean_batch": 1.0,
-                }
-            )
-        finally:
-            stop(process)
+    process, url = start(deploy, args.threads, "--max-batch", "1")
+    try:
+        times1, wall1, errors1 = concurrent(url, body, args.clients, args.requests)
+        p50_1, p99_1 = percentiles(times1)
+        rows.append(
+            {
+                "case": f"serve, {args.clients} clients, max-batch 1",
+                "requests": len(times1),
+                "errors": errors1,
+                "p50_ms": round(p50_1, 2),
+                "p99_ms": round(p99_1, 2),
+                "throughput_rps": round(len(times1) / wall1, 1),
+                "mean_batch": 1.0,
+            }
+        )
+    finally:
+        stop(process)
 
     batched, unbatched = rows[2]["throughput_rps"], rows[3]["throughput_rps"]
     summary = (

@@ -242,6 +242,7 @@ def test_jsonlines_reads_allowed_files_only(server, predictor, allowed):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_jsonlines_refused_without_allow_path(tiny_deploy, predictor):
     from starlette.testclient import TestClient
 
