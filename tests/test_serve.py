@@ -241,6 +241,26 @@ def test_jsonlines_reads_allowed_files_only(server, predictor, allowed):
     assert missing.status_code == 400 and missing.json() == {"error": 'line 1: needs a "source-ref" string'}
 
 
+def test_invocations_match_detforge_predict(server, tiny_deploy, allowed, tmp_path):
+    """The endpoint and `detforge predict` (batch 1) give identical detections for the same files."""
+    url, _ = server
+    out = tmp_path / "predictions.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "detforge", "predict", str(tiny_deploy), str(allowed),
+         "--out", str(out), "--batch-size", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    predicted = {Path(json.loads(line)["image"]).name: json.loads(line)["prediction"]
+                 for line in out.read_text().splitlines()}
+    assert sorted(predicted) == ["a.png", "b.jpg"]
+    for name, content_type in (("a.png", "image/png"), ("b.jpg", "image/jpeg")):
+        answer = httpx.post(f"{url}/invocations", content=(allowed / name).read_bytes(),
+                            headers={"Content-Type": content_type})
+        assert answer.status_code == 200
+        assert answer.json()["prediction"] == predicted[name], name
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_jsonlines_refused_without_allow_path(tiny_deploy, predictor):
