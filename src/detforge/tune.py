@@ -18,15 +18,12 @@ interrupted trial (Ctrl-C, or a killed process whose heartbeat stopped) does not
 re-running the same command continues to the requested number. ``parallel`` local worker
 processes share the storage; workers on other machines do the same through a shared URL.
 
-Not here: the ranges file (``tune_ranges``), training itself (``train``).
+Not here: the ranges file (``tune_ranges``), the summary and plots (``tune_summary``), training (``train``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import os
 import socket
 import sys
@@ -43,12 +40,12 @@ from detforge import storage
 from detforge.errors import ConfigError, DetforgeError, MissingDependencyError, require
 from detforge.hyperparams import parse_hyperparameters
 from detforge.tune_ranges import OBJECTIVE, TuningSpec, load_tuning_config, parse_tuning_config
+from detforge.tune_summary import COUNTED, TuneResult, public_url, trial_state, write_summary
 
 log = logging.getLogger("detforge.tune")
 
 PRUNERS = ("median", "halving", "hyperband", "none")
 MACHINE_KEYS = ("device", "workers", "image_cache")  # may differ between machines sharing a study
-COUNTED = ("complete", "pruned", "failed")
 
 
 @dataclass
@@ -74,22 +71,6 @@ class TuneConfig:
     classes: str | None = None
     label_attribute: str | None = None
     verbose: bool = False  # log one line per trial to the console (the CLI sets it)
-
-
-@dataclass
-class TuneResult:
-    """The study after this call: every trial's row, the best one and its hyperparameters."""
-
-    out: str
-    study_name: str
-    storage: str  # the URL with any password hidden
-    rows: list[dict]
-    best: dict | None
-    best_hyperparameters: dict | None
-
-    def count(self, state: str) -> int:
-        """Trials in ``state`` (complete, pruned, failed, interrupted, skipped, running)."""
-        return sum(1 for row in self.rows if row["state"] == state)
 
 
 @dataclass(frozen=True)
@@ -170,15 +151,6 @@ def _resolve(config: TuneConfig) -> _Job:
     return _Job(config, spec, base, trials, pruner, url, name)
 
 
-def _public_url(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
-
 def _storage(job: _Job):
     optuna = _optuna()
     if job.url.startswith("sqlite:///"):
@@ -202,7 +174,7 @@ def _storage(job: _Job):
                 hint="pip install psycopg2-binary for postgresql://, pymysql for mysql+pymysql://",
             ) from exc
         except Exception as exc:
-            raise ConfigError(f"cannot open {_public_url(job.url)}: {exc}", field="--storage") from exc
+            raise ConfigError(f"cannot open {public_url(job.url)}: {exc}", field="--storage") from exc
 
 
 def _pruner(job: _Job):
@@ -253,7 +225,7 @@ def _next_grid_point(job: _Job, trials) -> dict | None:
         for values in itertools.product(*(r.values for r in job.spec.ranges))
     ]
     random.Random(job.config.seed).shuffle(points)
-    taken = [t.params for t in trials if _state(t) in (*COUNTED, "running", "waiting")]
+    taken = [t.params for t in trials if trial_state(t) in (*COUNTED, "running", "waiting")]
     return next((p for p in points if p not in taken), None)
 
 
@@ -281,7 +253,7 @@ def _open_study(job: _Job, *, create: bool):
     elif stored != identity:
         changed = [k for k in identity if identity[k] != stored.get(k)]
         raise ConfigError(
-            f"the study {job.study_name!r} in {_public_url(job.url)} was started with other "
+            f"the study {job.study_name!r} in {public_url(job.url)} was started with other "
             f"{', '.join(k.replace('_', ' ') for k in changed)}",
             field="--study-name",
             hint="give the same files as before, or another --study-name / --out",
@@ -291,23 +263,13 @@ def _open_study(job: _Job, *, create: bool):
     return study
 
 
-def _state(trial) -> str:
-    """complete | pruned | failed | interrupted | skipped | running | waiting."""
-    name = trial.state.name.lower()
-    if name != "fail":
-        return name
-    if trial.user_attrs.get("skipped"):
-        return "skipped"
-    return "failed" if "error" in trial.user_attrs else "interrupted"
-
-
 def _taken(trials, *, before: int | None = None) -> tuple[int, int]:
     """(finished trials that count, trials running) among those numbered below ``before``."""
     done = running = 0
     for trial in trials:
         if before is not None and trial.number >= before:
             continue
-        state = _state(trial)
+        state = trial_state(trial)
         done += state in COUNTED
         running += state in ("running", "waiting")
     return done, running
@@ -400,7 +362,6 @@ def _write_error(run_dir: str, text: str) -> None:
 
 def _run_worker(job: _Job, worker: int, barrier=None) -> None:
     """Run trials until the study holds ``job.trials`` finished ones (waits for others' running ones)."""
-    optuna = _optuna()
     overrides: dict = {}
     if job.config.parallel > 1:
         import torch
@@ -415,6 +376,15 @@ def _run_worker(job: _Job, worker: int, barrier=None) -> None:
     objective = _objective(job, worker=worker, overrides=overrides)
     if barrier is not None:
         barrier.wait()  # start the local workers together
+    try:
+        _trial_loop(job, study, objective, worker)
+    except KeyboardInterrupt:
+        write_summary(study, job, plots=False)  # the interrupted trial is recorded as such
+        raise
+
+
+def _trial_loop(job: _Job, study, objective, worker: int) -> None:
+    optuna = _optuna()
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -439,13 +409,18 @@ def _run_worker(job: _Job, worker: int, barrier=None) -> None:
 def _worker_main(job: _Job, worker: int, barrier) -> None:
     if job.config.verbose:
         console_logging()
-    _run_worker(job, worker, barrier)
+    try:
+        _run_worker(job, worker, barrier)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker; the trial is recorded as interrupted
+        code = 130
+    else:
+        code = 0
     # Every result is committed to the study and every file renamed into place; skip the interpreter's
     # teardown, which takes seconds in a process that has loaded torch (measured: 2-8 s per worker).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def console_logging() -> logging.Handler:
@@ -463,7 +438,7 @@ def tune(config: TuneConfig) -> TuneResult:
     _optuna()
     study = _open_study(job, create=True)
     log.info(
-        f"study {job.study_name!r} in {_public_url(job.url)}: {len(job.spec.ranges)} ranges, "
+        f"study {job.study_name!r} in {public_url(job.url)}: {len(job.spec.ranges)} ranges, "
         f"{job.spec.strategy} search, {job.pruner} pruning, {job.trials} trials"
     )
     done, _ = _taken(study.get_trials(deepcopy=False))
@@ -492,179 +467,3 @@ def tune(config: TuneConfig) -> TuneResult:
         if failed:
             raise ConfigError(f"worker process {', '.join(failed)} stopped with an error (see above)")
     return write_summary(study, job, plots=True)
-
-
-# ----------------------------------------------------------------------------------------- summary
-
-
-def _row(trial, job: _Job) -> dict:
-    values = trial.user_attrs.get("hyperparameters") or {
-        r.name: r.value_from_params(trial.params) for r in job.spec.ranges
-    }
-    best = trial.user_attrs.get("best_map")
-    if best is None and trial.value is not None:
-        best = trial.value
-    seconds = trial.user_attrs.get("seconds")
-    if seconds is None and trial.datetime_start and trial.datetime_complete:
-        seconds = round((trial.datetime_complete - trial.datetime_start).total_seconds(), 3)
-    row = {
-        "trial": trial.number,
-        "state": _state(trial),
-        OBJECTIVE: best,
-        "best_epoch": trial.user_attrs.get("best_epoch"),
-        "epochs": trial.user_attrs.get("epochs", len(trial.intermediate_values) or None),
-    }
-    row |= {r.name: values.get(r.name) for r in job.spec.ranges}
-    row |= {
-        "seconds": seconds,
-        "worker": trial.user_attrs.get("worker"),
-        "run_dir": trial.user_attrs.get("run_dir"),
-        "error": trial.user_attrs.get("error") or trial.user_attrs.get("skipped") or "",
-    }
-    return row
-
-
-def best_hyperparameters(study, job: _Job) -> tuple[dict | None, dict | None]:
-    """(the best complete trial's row, the static hyperparameters with its values), or (None, None)."""
-    complete = [t for t in study.get_trials(deepcopy=False) if _state(t) == "complete"]
-    if not complete:
-        return None, None
-    best = max(complete, key=lambda t: (t.value, -t.number))
-    row = _row(best, job)
-    values = {r.name: row[r.name] for r in job.spec.ranges}
-    return row, {**job.base, **values}
-
-
-def write_summary(study, job: _Job, *, plots: bool = True) -> TuneResult:
-    """``trials.csv``, ``summary.json``, ``best-hyperparams.json`` and (``plots``) the two PNGs."""
-    out = os.fspath(job.config.out)
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    rows = [_row(t, job) for t in trials]
-    columns = list(rows[0]) if rows else ["trial", "state", OBJECTIVE]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-    storage.write_text(storage.join(out, "trials.csv"), text.getvalue())
-    best, hyperparameters = best_hyperparameters(study, job)
-    if hyperparameters is not None:
-        storage.write_bytes(
-            storage.join(out, "best-hyperparams.json"),
-            orjson.dumps(hyperparameters, option=orjson.OPT_INDENT_2),
-        )
-    counts = {state: sum(r["state"] == state for r in rows) for state in sorted({r["state"] for r in rows})}
-    summary = {
-        "study": job.study_name,
-        "storage": _public_url(job.url),
-        "objective": {"metric": OBJECTIVE, "direction": "maximize"},
-        "strategy": job.spec.strategy,
-        "pruner": job.pruner,
-        "trials_wanted": job.trials,
-        "trials": counts,
-        "parameter_ranges": job.spec.parameter_ranges(),
-        "best": best,
-    }
-    storage.write_bytes(storage.join(out, "summary.json"), orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    if plots:
-        _plot_history(trials, rows, storage.join(out, "optimization-history.png"), title=job.study_name)
-        _plot_importances(study, job, storage.join(out, "param-importances.png"))
-    return TuneResult(
-        out=out,
-        study_name=job.study_name,
-        storage=_public_url(job.url),
-        rows=rows,
-        best=best,
-        best_hyperparameters=hyperparameters,
-    )
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
-
-
-def _save(figure, path: str) -> None:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    storage.write_bytes(path, buffer.getvalue())
-
-
-def _plot_history(trials, rows: list[dict], path: str, *, title: str) -> None:
-    """Left: each trial's objective and the best so far; right: validation:mAP per epoch of each trial."""
-    figure = _figure(11, 4)
-    history, curves = figure.subplots(1, 2)
-    styles = {"complete": ("o", "tab:blue"), "pruned": ("x", "tab:gray"), "failed": ("v", "tab:red")}
-    for state, (marker, color) in styles.items():
-        points = [(r["trial"], r[OBJECTIVE] or 0.0) for r in rows if r["state"] == state]
-        if points:
-            history.scatter(*zip(*points, strict=True), marker=marker, color=color, label=state, zorder=3)
-    best, steps = -math.inf, []
-    for row in rows:
-        if row["state"] == "complete" and row[OBJECTIVE] is not None:
-            best = max(best, row[OBJECTIVE])
-        steps.append((row["trial"], best if best > -math.inf else math.nan))
-    if steps:
-        history.step(*zip(*steps, strict=True), where="post", color="tab:orange", label="best so far")
-    history.set_xlabel("trial")
-    history.set_ylabel(OBJECTIVE)
-    history.set_title("optimization history")
-    for trial, row in zip(trials, rows, strict=True):
-        if trial.intermediate_values:
-            epochs = sorted(trial.intermediate_values)
-            curves.plot(
-                epochs,
-                [trial.intermediate_values[e] for e in epochs],
-                marker=".",
-                linestyle="--" if row["state"] == "pruned" else "-",
-                alpha=0.8,
-                label=f"{row['trial']}" if len(rows) <= 12 else None,
-            )
-    curves.set_xlabel("epoch")
-    curves.set_ylabel(OBJECTIVE)
-    curves.set_title("per epoch (dashed: pruned)")
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (history, curves):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    figure.suptitle(title)
-    _save(figure, path)
-
-
-def _plot_importances(study, job: _Job, path: str) -> None:
-    """Optuna's parameter importances (PED-ANOVA) over the complete trials, as horizontal bars."""
-    optuna = _optuna()
-    labels = {
-        r.optuna_name: r.name + (" (1-x, log)" if r.optuna_name != r.name else "") for r in job.spec.ranges
-    }
-    complete = [t for t in study.get_trials(deepcopy=False) if _state(t) == "complete"]
-    importances, reason = {}, None
-    if len(complete) < 2:
-        reason = f"needs 2 complete trials, has {len(complete)}"
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                importances = optuna.importance.get_param_importances(study)
-        except (ValueError, RuntimeError) as exc:
-            reason = str(exc)
-    figure = _figure(7, 1.2 + 0.45 * max(len(importances), 2))
-    ax = figure.subplots()
-    if importances:
-        names = list(importances)[::-1]
-        ax.barh([labels.get(n, n) for n in names], [importances[n] for n in names], color="tab:blue")
-        ax.set_xlabel(f"importance for {OBJECTIVE} (share)")
-        ax.set_xlim(0, 1)
-    else:
-        ax.text(0.5, 0.5, f"no importances yet: {reason}", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    ax.set_title(f"hyperparameter importance ({len(complete)} complete trials)")
-    _save(figure, path)
