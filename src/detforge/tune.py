@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -283,6 +284,18 @@ def _objective(job: _Job, *, worker: int, overrides: dict):
 
     def objective(trial) -> float:
         run_dir = storage.join(os.fspath(cfg.out), f"trial-{trial.number:03d}")
+        try:
+            return attempt(trial, run_dir)
+        except (_Skipped, optuna.TrialPruned):
+            raise
+        except Exception as exc:  # recorded as failed (it counts, so a failing setup cannot loop forever)
+            message = str(exc) if isinstance(exc, DetforgeError) else f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", message[:2000])
+            _write_error(run_dir, traceback.format_exc())
+            log.info(f"trial {trial.number} failed: {message}")
+            raise
+
+    def attempt(trial, run_dir: str) -> float:
         trial.set_user_attr("run_dir", run_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}/{worker}")
         done, running = _taken(trial.study.get_trials(deepcopy=False), before=trial.number)
@@ -321,12 +334,6 @@ def _objective(job: _Job, *, worker: int, overrides: dict):
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", "KeyboardInterrupt")
             raise
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, DetforgeError) else f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("error", message[:2000])
-            _write_error(run_dir, traceback.format_exc())
-            log.info(f"trial {trial.number} failed: {message}")
-            raise
         trial.set_user_attr("best_map", result.best_map)
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("epochs", result.epochs)
@@ -360,14 +367,18 @@ def _write_error(run_dir: str, text: str) -> None:
         pass  # the error is in the study either way
 
 
-def _run_worker(job: _Job, worker: int, barrier=None) -> None:
-    """Run trials until the study holds ``job.trials`` finished ones (waits for others' running ones)."""
+def _run_worker(job: _Job, worker: int, *, processes: int = 1, barrier=None) -> None:
+    """Run trials until the study holds ``job.trials`` finished ones (waits for others' running ones).
+
+    ``processes > 1``: this is one of several spawned workers; it takes its share of the cores and,
+    on a machine with several GPUs, its own GPU.
+    """
     overrides: dict = {}
-    if job.config.parallel > 1:
+    if processes > 1:
         import torch
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // job.config.parallel))
+        torch.set_num_threads(max(1, cores // processes))
         device = str(parse_hyperparameters(job.base).device)
         if device in ("auto", "cuda") and torch.cuda.device_count() > 1:
             overrides["device"] = f"cuda:{worker % torch.cuda.device_count()}"
@@ -375,7 +386,10 @@ def _run_worker(job: _Job, worker: int, barrier=None) -> None:
     study = _open_study(job, create=False)
     objective = _objective(job, worker=worker, overrides=overrides)
     if barrier is not None:
-        barrier.wait()  # start the local workers together
+        try:
+            barrier.wait(timeout=300)  # start the local workers together
+        except threading.BrokenBarrierError:
+            pass  # a worker failed to start (its error is printed); go on without it
     try:
         _trial_loop(job, study, objective, worker)
     except KeyboardInterrupt:
@@ -406,11 +420,11 @@ def _trial_loop(job: _Job, study, objective, worker: int) -> None:
         write_summary(study, job, plots=False)
 
 
-def _worker_main(job: _Job, worker: int, barrier) -> None:
+def _worker_main(job: _Job, worker: int, processes: int, barrier) -> None:
     if job.config.verbose:
         console_logging()
     try:
-        _run_worker(job, worker, barrier)
+        _run_worker(job, worker, processes=processes, barrier=barrier)
     except KeyboardInterrupt:  # Ctrl-C reaches every worker; the trial is recorded as interrupted
         code = 130
     else:
@@ -451,7 +465,7 @@ def tune(config: TuneConfig) -> TuneResult:
         context = multiprocessing.get_context("spawn")  # torch and SQLite connections do not fork well
         barrier = context.Barrier(parallel)
         workers = [
-            context.Process(target=_worker_main, args=(job, i, barrier), name=f"detforge-tune-{i}")
+            context.Process(target=_worker_main, args=(job, i, parallel, barrier), name=f"detforge-tune-{i}")
             for i in range(parallel)
         ]
         for process in workers:
