@@ -248,3 +248,27 @@ def test_runtime_imports_without_torch():
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_an_untrained_model_with_tied_scores_exports(tmp_path):
+    """Freshly initialised MobileNetV3 features vanish: hundreds of detections share one score, and NMS may
+    keep different ones of them in PyTorch and ONNX Runtime. Those are compared by score only."""
+    torch.manual_seed(0)
+    model = build_model("mobilenet-v3", num_classes=2, image_size=64)
+    info = checkpoint.RunInfo(base_network="mobilenet-v3", image_shape=64, num_classes=2, classes=["a", "b"])
+    checkpoint.save_model(tmp_path / "run", model, info)
+    result = export_run(str(tmp_path / "run"), str(tmp_path / "deploy"))
+    assert result.verify.ok and result.verify.tied > 0
+    assert json.loads((tmp_path / "deploy" / "model.json").read_text())["verification"]["tied"] > 0
+
+
+def test_tied_scores_need_a_reference_of_the_same_score():
+    ref = (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([0.4, 0.4]), np.array([0, 0]))
+    other = (np.array([[40, 40, 50, 50], [60, 60, 70, 70]], float), np.array([0.4, 0.4]), np.array([0, 0]))
+    report = export.VerifyReport(images=1, detections=0)
+    compare_detections(ref, other, threshold=0.05, report=report, name="x")
+    assert report.ok and report.tied == 2
+    report = export.VerifyReport(images=1, detections=0)
+    higher = (other[0], np.array([0.5, 0.5]), other[2])
+    compare_detections(ref, higher, threshold=0.05, report=report, name="x")
+    assert not report.ok and "no PyTorch detection of that score" in report.problems[0]

@@ -171,6 +171,7 @@ class VerifyReport:
     min_iou: float = 1.0
     max_score_diff: float = 0.0
     threshold: float = VERIFY_THRESHOLD
+    tied: int = 0  # detections whose score equals another's of the same class: compared by score only
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -180,17 +181,41 @@ class VerifyReport:
     def to_json(self) -> dict:
         return {"images": self.images, "detections": self.detections, "min_iou": round(self.min_iou, 6),
                 "max_score_diff": float(f"{self.max_score_diff:.3g}"), "threshold": self.threshold,
-                "tolerance": {"iou": VERIFY_IOU, "score": VERIFY_SCORE}, "ok": self.ok}
+                "tied": self.tied, "tolerance": {"iou": VERIFY_IOU, "score": VERIFY_SCORE}, "ok": self.ok}
+
+
+def _tied(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Detections whose score another detection of the same class shares (within 1e-6)."""
+    tied = np.zeros(len(scores), dtype=bool)
+    for c in np.unique(classes):
+        index = np.flatnonzero(classes == c)
+        order = index[np.argsort(scores[index])]
+        close = np.diff(scores[order]) <= 1e-6
+        tied[order[1:][close]] = True
+        tied[order[:-1][close]] = True
+    return tied
 
 
 def compare_detections(reference, candidate, *, threshold: float, report: VerifyReport, name: str) -> None:
-    """Match ``candidate`` (boxes, scores, classes) to ``reference`` above ``threshold``; note problems."""
+    """Match ``candidate`` (boxes, scores, classes) to ``reference`` above ``threshold``; note problems.
+
+    Detections with exactly equal scores (an undertrained model scores many anchors alike) leave NMS free
+    to keep any of them, and PyTorch and ONNX Runtime may choose differently: such a detection only needs
+    a reference detection of its class with the same score, and a tied reference is never "missing".
+    """
     ref_boxes, ref_scores, ref_classes = reference
     boxes, scores, classes = candidate
     sure = threshold + VERIFY_SCORE
     taken = np.zeros(len(ref_scores), dtype=bool)
+    ref_tied, tied = _tied(ref_scores, ref_classes), _tied(scores, classes)
     for i in np.argsort(-scores):
         if scores[i] < threshold:
+            continue
+        if tied[i]:
+            report.tied += 1
+            if not np.any((ref_classes == classes[i]) & (np.abs(ref_scores - scores[i]) <= VERIFY_SCORE)):
+                report.problems.append(f"{name}: ONNX detection (class {classes[i]}, score {scores[i]:.4f}) "
+                                       "has no PyTorch detection of that score")
             continue
         same = np.flatnonzero((ref_classes == classes[i]) & ~taken & (ref_scores >= threshold - VERIFY_SCORE))
         ious = boxmath.iou_xyxy(boxes[i:i + 1], ref_boxes[same])[0] if len(same) else np.zeros(0)
@@ -205,7 +230,7 @@ def compare_detections(reference, candidate, *, threshold: float, report: Verify
         elif scores[i] >= sure:
             report.problems.append(f"{name}: ONNX detection (class {classes[i]}, score {scores[i]:.4f}) "
                                    "has no PyTorch match")
-    missing = np.flatnonzero(~taken & (ref_scores >= sure))
+    missing = np.flatnonzero(~taken & ~ref_tied & (ref_scores >= sure))
     for j in missing:
         report.problems.append(f"{name}: PyTorch detection (class {ref_classes[j]}, "
                                f"score {ref_scores[j]:.4f}) missing from ONNX")
