@@ -531,15 +531,19 @@ def test_two_worker_processes_share_one_sqlite_study(tiny, tmp_path, _one_thread
             pruner="none",
         )
     )
-    assert [(r["trial"], r["state"]) for r in result.rows] == [(i, "complete") for i in range(3)]
-    assert {r["worker"].rsplit("/", 1)[1] for r in result.rows} == {"0", "1"}
+    # when both workers claim the last place at the same moment, one records a "skipped" row that trains
+    # nothing and does not count (docs/tuning.md)
+    rows = [r for r in result.rows if r["state"] != "skipped"]
+    assert len(result.rows) - len(rows) <= 1
+    assert [r["state"] for r in rows] == ["complete"] * 3
+    assert {r["worker"].rsplit("/", 1)[1] for r in rows} == {"0", "1"}
     study = optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}")
-    spans = {
-        t.user_attrs["worker"]: [] for t in study.trials
-    }  # each worker's trials; some overlap in time with the other worker's
+    done = {r["trial"] for r in rows}
+    spans: dict = {}  # each worker's trials; some overlap in time with the other worker's
     for t in study.trials:
-        spans[t.user_attrs["worker"]].append((t.datetime_start, t.datetime_complete))
+        if t.number in done:
+            spans.setdefault(t.user_attrs["worker"], []).append((t.datetime_start, t.datetime_complete))
     first, second = spans.values()
     assert any(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in second)
-    assert len({r["learning_rate"] for r in result.rows}) == 3  # the workers draw different values
+    assert len({r["learning_rate"] for r in rows}) == 3  # the workers draw different values
     assert (out / "optimization-history.png").exists() and (out / "best-hyperparams.json").exists()
