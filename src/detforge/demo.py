@@ -43,8 +43,8 @@ DEMO_PROFILES = {
         "images": 600, "heldout": 48, "size": (640, 360), "ops": ("xflip",),
         "hyperparameters": {
             "base_network": "mobilenet-v3", "use_pretrained_model": "0", "image_shape": "128",
-            "epochs": "12", "mini_batch_size": "16", "optimizer": "adam", "learning_rate": "0.003",
-            "weight_decay": "0.0001", "lr_scheduler_step": "9,11", "lr_scheduler_factor": "0.1",
+            "epochs": "7", "mini_batch_size": "16", "optimizer": "adam", "learning_rate": "0.003",
+            "weight_decay": "0.0001", "lr_scheduler_step": "5,6", "lr_scheduler_factor": "0.1",
             "warmup_epochs": "1", "augmentation": "none", "workers": "0", "seed": "1",
         },
     },
