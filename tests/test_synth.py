@@ -40,6 +40,10 @@ def test_plan_videos_jobs_and_lengths():
     five = [(p.name, p.frames) for p in synth.plan_videos(5, seed=0)]
     assert five == [("blue_box_1", 3), ("yellow_box_1", 2)]
     assert [(p.name, p.frames) for p in synth.plan_videos(1, seed=0)] == [("blue_box_1", 1)]
+    short = synth.plan_videos(600, seed=0, frames_per_video=20)  # more, shorter videos: more scenes
+    assert len(short) == 34 and sum(p.frames for p in short) == 600 and max(p.frames for p in short) <= 20
+    with pytest.raises(ConfigError, match="frames per video"):
+        synth.plan_videos(600, seed=0, frames_per_video=1)
 
 
 def test_labels_are_the_drawn_boxes(rendered):

@@ -118,10 +118,17 @@ def _split(total: int, weights: list[float]) -> list[int]:
     return parts
 
 
-def plan_videos(images: int, *, seed: int) -> list[VideoPlan]:
-    """The videos and jobs for ``images`` frames: per colour a short video for a small job, the rest large."""
+def plan_videos(images: int, *, seed: int, frames_per_video: int = FRAMES_PER_VIDEO) -> list[VideoPlan]:
+    """The videos and jobs for ``images`` frames: per colour a short video for a small job, the rest large.
+
+    ``frames_per_video`` is a large job's video length; fewer frames per video give more videos (more
+    scenes) for the same number of images.
+    """
     if images < 1:
         raise ConfigError(f"images must be at least 1, got {images}", field="images")
+    if frames_per_video < 2:
+        raise ConfigError(f"frames per video must be at least 2, got {frames_per_video}",
+                          field="frames_per_video")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1_000_003]))
     per_color = {"blue": images - images // 2, "yellow": images // 2}
     plans: list[VideoPlan] = []
@@ -129,7 +136,7 @@ def plan_videos(images: int, *, seed: int) -> list[VideoPlan]:
         count = per_color[color]
         if count == 0:
             continue
-        n_videos = 1 if count < 8 else max(2, round(count / (FRAMES_PER_VIDEO * 0.875)))
+        n_videos = 1 if count < 8 else max(2, round(count / (frames_per_video * 0.875)))
         lengths = _split(count, [0.5] + [1.0] * (n_videos - 1))
         for k, length in enumerate(lengths):
             job = f"{color}-box-{'small' if k == 0 else 'large'}-job"
@@ -339,8 +346,8 @@ def _creation_dates(rng: np.random.Generator, job_index: int) -> Iterator[str]:
 
 
 def synthesize(out: str | os.PathLike, *, images: int = DEFAULT_IMAGES, seed: int = 0,
-               size: tuple[int, int] = DEFAULT_SIZE, progress: Callable[[int], None] | None = None
-               ) -> SynthSummary:
+               size: tuple[int, int] = DEFAULT_SIZE, progress: Callable[[int], None] | None = None,
+               frames_per_video: int = FRAMES_PER_VIDEO) -> SynthSummary:
     """Write the synthetic storage-box dataset to ``out`` (local folder or ``s3://`` prefix).
 
     ``progress`` is called with the number of images written so far after each one.
@@ -353,7 +360,7 @@ def synthesize(out: str | os.PathLike, *, images: int = DEFAULT_IMAGES, seed: in
         out = os.path.abspath(out)
     storage.makedirs(out)
     started = time.perf_counter()
-    plans = plan_videos(images, seed=seed)
+    plans = plan_videos(images, seed=seed, frames_per_video=frames_per_video)
     jobs: dict[str, list[VideoPlan]] = {}
     for plan in plans:
         jobs.setdefault(plan.job, []).append(plan)

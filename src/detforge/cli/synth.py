@@ -16,6 +16,8 @@ def register(app: typer.Typer) -> None:
         images: Annotated[int, typer.Option("--images", help="How many frames in all.")] = 600,
         seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
         size: Annotated[str, typer.Option("--size", help="Frame size WIDTHxHEIGHT.")] = "640x360",
+        frames_per_video: Annotated[int, typer.Option(
+            "--frames-per-video", help="Frames of a large job's video (fewer: more scenes).")] = 80,
     ) -> None:
         """Generate blue/yellow storage-box videos labeled as several Ground Truth jobs, plus rejected.txt."""
         from rich.console import Console
@@ -28,6 +30,7 @@ def register(app: typer.Typer) -> None:
                       TimeRemainingColumn(), transient=True) as bar:
             task = bar.add_task("drawing frames", total=images)
             summary = synthesize(out, images=images, seed=seed, size=(width, height),
+                                 frames_per_video=frames_per_video,
                                  progress=lambda done: bar.update(task, completed=done))
         console = Console()
         console.print(f"wrote {summary.images} images ({summary.width}x{summary.height}, "
