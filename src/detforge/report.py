@@ -221,7 +221,7 @@ def html_summary(summary: ReportSummary) -> dict[str, str]:
             extra = f" · TP {s.tp} FP {s.fp} FN {s.fn}"
         classes.append(f'<label class="check"><input type="checkbox" class="class-filter" value="{cid}" '
                        f'checked><i class="swatch c{cid}"></i>{_e(name)} '
-                       f'<small>({summary.detections_per_class[cid]}{_e(extra)})</small></label>')
+                       f'<small>({summary.detections_per_class[cid]} detections{_e(extra)})</small></label>')
     colors = "".join(f".c{cid}{{--c:{class_color(cid)};--t:{text_on(class_color(cid))}}}"
                      for cid in range(len(summary.class_names)))
     skipped = ""
