@@ -25,6 +25,7 @@ UNDER_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 # (measured: one tiny training epoch 8.8 s with 1 thread, 153 s with 2 on the loaded machine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see detforge/cli/__init__.py
 
 
 def missing(reason: str) -> None:

@@ -5,7 +5,7 @@ Steps, each writing into ``OUT/`` and leaving a marker ``OUT/.steps/<step>.json`
 1. ``synth``: storage-box videos labeled by four Ground Truth jobs + a reviewer's discard list, and a
    separate held-out set (other videos, other seed) for the final predictions;
 2. ``prepare``: join the jobs, discard rejected images, classes ``blue box``/``yellow box`` from the
-   ``color``/``object`` fields, leak-aware train/validation split (whole blocks of consecutive frames);
+   ``color``/``object`` fields, train/validation split by whole videos (validation videos are unseen);
 3. ``augment``: offline x-flipped copies of the training images (boxes moved exactly);
 4. ``train``: an SSD with SageMaker's hyperparameters (``DEMO_PROFILES``: MobileNetV3 at a small size on
    a CPU, larger on a GPU), validation:mAP after every epoch, ``metrics.png``;
@@ -40,7 +40,7 @@ CLASSES = ["blue box", "yellow box"]
 # the 10-minute budget on 2 cores (docs/demo.md has the measurements behind it).
 DEMO_PROFILES = {
     "cpu": {
-        "images": 600, "heldout": 48, "size": (640, 360), "ops": ("xflip",),
+        "images": 600, "heldout": 48, "size": (640, 360), "frames_per_video": 20, "ops": ("xflip",),
         "hyperparameters": {
             "base_network": "mobilenet-v3", "use_pretrained_model": "0", "image_shape": "128",
             "epochs": "7", "mini_batch_size": "16", "optimizer": "adam", "learning_rate": "0.003",
@@ -49,7 +49,7 @@ DEMO_PROFILES = {
         },
     },
     "gpu": {
-        "images": 1200, "heldout": 96, "size": (640, 360), "ops": ("xflip", "yflip"),
+        "images": 1200, "heldout": 96, "size": (640, 360), "frames_per_video": 20, "ops": ("xflip", "yflip"),
         "hyperparameters": {
             "base_network": "mobilenet-v3", "use_pretrained_model": "0", "image_shape": "320",
             "epochs": "30", "mini_batch_size": "32", "optimizer": "adam", "learning_rate": "0.003",
@@ -58,7 +58,7 @@ DEMO_PROFILES = {
         },
     },
     "tiny": {
-        "images": 60, "heldout": 6, "size": (320, 180), "ops": ("xflip",),
+        "images": 60, "heldout": 6, "size": (320, 180), "frames_per_video": 10, "ops": ("xflip",),
         "hyperparameters": {
             "base_network": "mobilenet-v3", "use_pretrained_model": "0", "image_shape": "64",
             "epochs": "1", "mini_batch_size": "8", "optimizer": "adam", "learning_rate": "0.003",
@@ -112,9 +112,9 @@ def _step_synth(out: str, profile: dict, say: Callable) -> dict:
     from detforge.synth import synthesize
 
     data = synthesize(os.path.join(out, "data", "synth"), images=profile["images"], seed=0,
-                      size=profile["size"])
+                      size=profile["size"], frames_per_video=profile["frames_per_video"])
     heldout = synthesize(os.path.join(out, "data", "heldout"), images=profile["heldout"], seed=1,
-                         size=profile["size"])
+                         size=profile["size"], frames_per_video=profile["frames_per_video"])
     say(f"{data.images} labeled frames in {len(data.job_images)} labeling jobs, {len(data.rejected)} ids on "
         f"the reviewer's discard list; {heldout.images} held-out frames (other videos)")
     return {"images": data.images, "heldout": heldout.images, "jobs": data.job_images,
@@ -132,13 +132,13 @@ def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
     synth = os.path.join(out, "data", "synth")
     summary = prepare(_manifests(synth), os.path.join(out, "prepared"),
                       discard=[os.path.join(synth, "rejected.txt")], class_from="{color} {object}",
-                      classes=CLASSES, validation_fraction=0.15, seed=7)
+                      classes=CLASSES, validation_fraction=0.15, seed=7, group_by="video")
     heldout = os.path.join(out, "data", "heldout")
     prepare(_manifests(heldout), os.path.join(out, "heldout"),
             discard=[os.path.join(heldout, "rejected.txt")], class_from="{color} {object}", classes=CLASSES,
             validation_fraction=0.0, seed=7)
     say(f"discarded {len(summary.discarded)}, boxes per class {summary.boxes_per_class}; "
-        f"train {summary.train}, validation {summary.validation} ({summary.groups} groups of frames)")
+        f"train {summary.train}, validation {summary.validation} (split by video: {summary.groups} videos)")
     return {"train": summary.train, "validation": summary.validation, "discarded": len(summary.discarded),
             "boxes_per_class": summary.boxes_per_class}
 
