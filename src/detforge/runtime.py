@@ -63,7 +63,7 @@ class Detections:
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -73,6 +73,8 @@ def _decode(data: bytes, name: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except ModelError:
         raise
+    except UnidentifiedImageError:
+        raise ModelError("cannot decode the image (unknown format or corrupt data)", path=name) from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ModelError(f"cannot decode the image: {exc}", path=name) from None
 
