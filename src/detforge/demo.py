@@ -22,6 +22,7 @@ accuracy target. Not here: any of the steps' own logic (each is one library call
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -108,13 +109,30 @@ def _write_marker(out: str, step: str, result: dict) -> None:
     storage.write_text(_marker(out, step), json.dumps(result, indent=2, default=str))
 
 
-def _step_synth(out: str, profile: dict, say: Callable) -> dict:
+@contextlib.contextmanager
+def _bar(enabled: bool, description: str, total: int):
+    """A rich progress bar (when ``enabled``) as a callback ``update(done, total=None)``."""
+    if not enabled:
+        yield lambda done, total=None: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(f"   {description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done, total=None: bar.update(task, completed=done, **({"total": total} if total else {}))
+
+
+def _step_synth(out: str, profile: dict, say: Callable, progress: bool) -> dict:
     from detforge.synth import synthesize
 
-    data = synthesize(os.path.join(out, "data", "synth"), images=profile["images"], seed=0,
-                      size=profile["size"], frames_per_video=profile["frames_per_video"])
-    heldout = synthesize(os.path.join(out, "data", "heldout"), images=profile["heldout"], seed=1,
-                         size=profile["size"], frames_per_video=profile["frames_per_video"])
+    with _bar(progress, "drawing frames", profile["images"]) as update:
+        data = synthesize(os.path.join(out, "data", "synth"), images=profile["images"], seed=0,
+                          size=profile["size"], frames_per_video=profile["frames_per_video"], progress=update)
+    with _bar(progress, "drawing held-out frames", profile["heldout"]) as update:
+        heldout = synthesize(os.path.join(out, "data", "heldout"), images=profile["heldout"], seed=1,
+                             size=profile["size"], frames_per_video=profile["frames_per_video"],
+                             progress=update)
     say(f"{data.images} labeled frames in {len(data.job_images)} labeling jobs, {len(data.rejected)} ids on "
         f"the reviewer's discard list; {heldout.images} held-out frames (other videos)")
     return {"images": data.images, "heldout": heldout.images, "jobs": data.job_images,
@@ -143,11 +161,13 @@ def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
             "boxes_per_class": summary.boxes_per_class}
 
 
-def _step_augment(out: str, profile: dict, say: Callable) -> dict:
+def _step_augment(out: str, profile: dict, say: Callable, progress: bool) -> dict:
     from detforge.augment import augment
 
-    result = augment(os.path.join(out, "prepared", "train.manifest"), out_dir=os.path.join(out, "augmented"),
-                     ops=profile["ops"], workers=2, overwrite=True)
+    with _bar(progress, "augmenting", 0) as update:
+        result = augment(os.path.join(out, "prepared", "train.manifest"),
+                         out_dir=os.path.join(out, "augmented"), ops=profile["ops"], workers=2,
+                         overwrite=True, progress=update)
     say(f"{result.written} new images ({', '.join(profile['ops'])}), {result.lossless} without re-encoding; "
         f"training manifest {result.manifest}")
     return {"written": result.written, "lossless": result.lossless, "manifest": result.manifest}
@@ -210,7 +230,7 @@ def _latency_ms(deploy: str, image: str, repeats: int) -> float:
     return float(np.median(times) * 1000.0)
 
 
-def _step_predict(out: str, profile: dict, say: Callable) -> dict:
+def _step_predict(out: str, profile: dict, say: Callable, progress: bool) -> dict:
     from detforge.evaluate import evaluate
     from detforge.predict import predict
 
@@ -220,8 +240,10 @@ def _step_predict(out: str, profile: dict, say: Callable) -> dict:
     predict(deploy, [validation], out=on_validation, threshold=0.01)
     onnx_map = evaluate(on_validation, validation, coco=False).metrics.voc07_map
     heldout = os.path.join(out, "heldout", "train.manifest")
-    result = predict(deploy, [heldout], out=os.path.join(out, "predictions", "heldout.jsonl"),
-                     report=os.path.join(out, "report.pdf"), html=os.path.join(out, "report.html"))
+    with _bar(progress, "predicting held-out frames", profile["heldout"]) as update:
+        result = predict(deploy, [heldout], out=os.path.join(out, "predictions", "heldout.jsonl"),
+                         report=os.path.join(out, "report.pdf"), html=os.path.join(out, "report.html"),
+                         progress=update)
     first_image = json.loads(open(heldout).readline())["source-ref"]
     latency = _latency_ms(deploy, first_image, 5 if profile is DEMO_PROFILES["tiny"] else 30)
     # every detection counts here (the report's own mAP only sees those above the display threshold)
@@ -315,11 +337,11 @@ def run_demo(out: str = "demo", *, start: str | None = None, tiny: bool = False,
         header(index + 1, step)
         tick = time.perf_counter()
         if step == "synth":
-            result = _step_synth(out, profile, say)
+            result = _step_synth(out, profile, say, progress)
         elif step == "prepare":
             result = _step_prepare(out, profile, say)
         elif step == "augment":
-            result = _step_augment(out, profile, say)
+            result = _step_augment(out, profile, say, progress)
         elif step == "train":
             result = _step_train(out, profile, say, progress)
         elif step == "evaluate":
@@ -327,7 +349,7 @@ def run_demo(out: str = "demo", *, start: str | None = None, tiny: bool = False,
         elif step == "export":
             result = _step_export(out, profile, say)
         elif step == "predict":
-            result = _step_predict(out, profile, say)
+            result = _step_predict(out, profile, say, progress)
         else:
             total = sum(seconds.values())
             result = _summary(out, results, seconds, total, profile_name)
