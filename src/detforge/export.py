@@ -44,6 +44,8 @@ DEFAULT_THRESHOLD = 0.3
 VERIFY_IOU = 0.99
 VERIFY_SCORE = 1e-3
 VERIFY_THRESHOLD = 0.05
+# The int8 graph's input normalisation, as one depthwise Conv (quantize_int8).
+NORMALIZE_NODE = "/detforge_normalize/Conv"
 
 
 def _nms_function():
@@ -289,9 +291,98 @@ def sample_images(run_dir: str, *, count: int, image_size: int, images: Sequence
             f"{count} random images (the run's validation images were not found)")
 
 
+def _constant(model, name: str):
+    """The value of an initializer or Constant node output ``name`` (numpy), or None."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute:
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _normalization_as_conv(model) -> str | None:
+    """Replace the graph's ``x / 255 -> - mean -> / std`` by one 1 x 1 depthwise ``Conv`` (same values).
+
+    Left as they are in an int8 graph, these per-channel broadcasts took a tenth of mobilenet-v3's
+    int8 time (measured; ~20x their fp32 time, likely as ONNX Runtime moves them to the NHWC layout of
+    its int8 convolutions). As a Conv on the uint8 pixel values they quantize exactly (scale 1).
+    Returns the Conv's input tensor (the pixels), None when the pattern is not found.
+    """
+    from onnx import helper, numpy_helper
+
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_consumer(node, op_type: str):
+        found = consumers.get(node.output[0], [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+    for first in list(model.graph.node):
+        scale = _constant(model, first.input[1]) if first.op_type == "Div" and len(first.input) == 2 else None
+        if scale is None or scale.size != 1 or float(scale.reshape(-1)[0]) != 255.0:
+            continue
+        sub = only_consumer(first, "Sub")
+        div = only_consumer(sub, "Div") if sub is not None else None
+        if div is None:
+            continue
+        mean, std = _constant(model, sub.input[1]), _constant(model, div.input[1])
+        if mean is None or std is None or mean.size != 3 or std.size != 3:
+            continue
+        mean, std = mean.reshape(3).astype(np.float64), std.reshape(3).astype(np.float64)
+        weight = (1.0 / (255.0 * std)).astype(np.float32).reshape(3, 1, 1, 1)
+        bias = (-mean / std).astype(np.float32)
+        names = ("detforge_normalize_weight", "detforge_normalize_bias")
+        model.graph.initializer.extend([numpy_helper.from_array(weight, names[0]),
+                                        numpy_helper.from_array(bias, names[1])])
+        conv = helper.make_node("Conv", [first.input[0], *names], [div.output[0]], name=NORMALIZE_NODE,
+                                group=3, kernel_shape=[1, 1])
+        index = list(model.graph.node).index(first)
+        for node in (first, sub, div):
+            model.graph.node.remove(node)
+        model.graph.node.insert(index, conv)
+        return first.input[0]
+    return None
+
+
+def _network_nodes(model) -> list[str]:
+    """Names of the nodes of backbone and head: ancestors of the ``/head/`` nodes that do not feed the
+    input ``Resize`` (pre-processing). Box decoding, softmax, top-k and NMS come after the head."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def ancestors(seeds) -> set[int]:
+        seen: set[int] = set()
+        stack = list(seeds)
+        while stack:
+            node = stack.pop()
+            if id(node) not in seen:
+                seen.add(id(node))
+                stack += [producers[name] for name in node.input if name in producers]
+        return seen
+
+    network = ancestors(n for n in model.graph.node if n.name.startswith("/head/"))
+    network -= ancestors(n for n in model.graph.node if n.op_type == "Resize")
+    return [node.name for node in model.graph.node if id(node) in network]
+
+
 def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarray], *,
                   image_size: int) -> None:
-    """Static QDQ int8 quantization of the network's convolutions, calibrated on ``calibration`` images."""
+    """Static QDQ int8 quantization of the network, calibrated on ``calibration`` images.
+
+    Quantized: every operator of backbone and head (convolutions per channel, residual adds, the
+    activations, squeeze-excitation products, pooling, the head's reshapes and concatenations) and the
+    input normalisation (as a 1 x 1 depthwise Conv, exact on uint8 pixels). Left in float: the input
+    resize, box decoding, softmax, top-k and NMS, so scores and boxes keep their precision. Quantizing
+    the convolutions only (each one wrapped in its own quantize/dequantize pair) made mobilenet-v3
+    slower than fp32 at batch 8 (measured: docs/deploy.md, Benchmark).
+    """
+    import onnx
+    import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -307,12 +398,31 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarr
         def get_next(self):
             return next(self.items, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = os.path.join(tmp, "prepared.onnx")
-        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv"])
+    ort.set_default_logger_severity(3)  # the quantizer's sessions warn about every unused initializer
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = os.path.join(tmp, "prepared.onnx")
+            quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+            model = onnx.load(prepared)
+            pixels = _normalization_as_conv(model)
+            for k, node in enumerate(model.graph.node):  # inlined functions (HardSwish) have no names
+                if not node.name:
+                    node.name = f"/detforge_inlined/{node.op_type}_{k}"
+            network = _network_nodes(model)
+            options: dict = {"quant_format": QuantFormat.QDQ, "per_channel": True,
+                             "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
+            if network:
+                if pixels is not None:
+                    network.append(NORMALIZE_NODE)
+                    pixel_range = {"rmin": np.float32(0.0), "rmax": np.float32(255.0)}  # scale 1: exact
+                    options["extra_options"] = {"TensorQuantOverrides": {pixels: [pixel_range]}}
+                options["nodes_to_quantize"] = network
+            else:  # not a graph export_run wrote: its convolutions only
+                options["op_types_to_quantize"] = ["Conv"]
+            onnx.save(model, prepared)
+            quantize_static(prepared, int8_path, Reader(), **options)
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
 
 
 @dataclass
