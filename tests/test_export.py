@@ -163,6 +163,10 @@ def test_int8_export_runs_and_records_itself(tiny_run, tmp_path):
     result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True, calibration=str(calibration))
     meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
     assert meta["quantization"] == "int8" and meta["int8"]["calibration_images"] == 4
+    q = meta["int8"]  # the export compares both models: latency and the run's validation:mAP
+    assert q["fp32_ms"] > 0 and q["int8_ms"] > 0 and q["validation"].endswith("data.manifest")
+    lost = 100 * (q["fp32_map"] - q["int8_map"])
+    assert 0 <= q["int8_map"] <= 1 and q["map_points_lost"] == pytest.approx(lost, abs=0.01)
     assert (tmp_path / "deploy" / "model-fp32.onnx").exists() and result.int8
     import onnx
 

@@ -24,6 +24,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -425,6 +426,50 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarr
         ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
 
 
+def _run_validation(run_dir: str) -> str | None:
+    """The validation manifest a run was trained with, when its resume state names one."""
+    try:
+        from detforge.train import resume_data
+
+        return resume_data(run_dir)[1]
+    except Exception:  # noqa: BLE001 - no state, no manifest: the comparison says so
+        return None
+
+
+def compare_int8(staging: str, sample: np.ndarray, *, classes: list[str], image_size: int,
+                 validation: str | None, repeats: int = 15) -> dict:
+    """Latency (batch 1, median) of the fp32 and int8 models and, given a manifest, their validation:mAP."""
+    import onnxruntime as ort
+
+    from detforge.evaluate import evaluate
+
+    batch = resize_rgb(sample, image_size)[None]
+    sessions = {kind: ort.InferenceSession(os.path.join(staging, name), providers=["CPUExecutionProvider"])
+                for kind, name in (("fp32", "model-fp32.onnx"), ("int8", MODEL_FILE))}
+    times: dict[str, list[float]] = {kind: [] for kind in sessions}
+    for _ in range(repeats + 1):  # interleaved, the first call of each is a warm-up
+        for kind, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {"images": batch})
+            times[kind].append(time.perf_counter() - start)
+    result = {f"{kind}_ms": round(float(np.median(t[1:])) * 1000.0, 2) for kind, t in times.items()}
+    result["speedup"] = round(result["fp32_ms"] / max(result["int8_ms"], 1e-9), 2)
+    if not validation:
+        result["validation"] = None
+        return result
+    for kind, name in (("fp32", "model-fp32.onnx"), ("int8", MODEL_FILE)):
+        folder = os.path.join(staging, f".{kind}")
+        os.makedirs(folder)
+        os.link(os.path.join(staging, name), os.path.join(folder, MODEL_FILE))
+        with open(os.path.join(folder, METADATA_FILE), "wb") as handle:
+            handle.write(orjson.dumps({"classes": classes, "input_size": image_size, "score_threshold": 0.0}))
+        result[f"{kind}_map"] = round(evaluate(folder, validation, coco=False).metrics.voc07_map, 4)
+        shutil.rmtree(folder)
+    result["validation"] = validation
+    result["map_points_lost"] = round(100.0 * (result["fp32_map"] - result["int8_map"]), 2)
+    return result
+
+
 @dataclass
 class ExportResult:
     """What ``export_run`` wrote and measured."""
@@ -511,7 +556,9 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             quantize_int8(onnx_path, int8_path, calib, image_size=size)
             os.replace(onnx_path, os.path.join(staging, "model-fp32.onnx"))
             os.replace(int8_path, onnx_path)
-            int8_info = {"calibration_images": len(calib), "fp32_model": "model-fp32.onnx"}
+            int8_info = {"calibration_images": len(calib), "fp32_model": "model-fp32.onnx",
+                         **compare_int8(staging, samples[0], classes=list(info.classes), image_size=size,
+                                        validation=_run_validation(run_dir))}
         metadata = {
             "name": name or os.path.basename(os.path.abspath(run_dir)),
             "format": "detforge-deploy/1",

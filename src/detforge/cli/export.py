@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
         from detforge.export import export_run
 
-        console = Console()
+        console = Console(soft_wrap=True)
         with console.status("exporting and verifying"):
             result = export_run(run, out, which=which, opset=opset, default_threshold=threshold,
                                 nms_threshold=nms_threshold, nms_topk=nms_topk,
@@ -55,5 +55,14 @@ def register(app: typer.Typer) -> None:
                       f"{check.threshold:g} match PyTorch (min IoU {check.min_iou:.4f}, "
                       f"max score difference {check.max_score_diff:.2g})")
         if result.int8:
-            console.print(f"int8: calibrated on {result.int8['calibration_images']} images; "
-                          f"the fp32 model is {out}/{result.int8['fp32_model']}")
+            q = result.int8
+            console.print(f"int8: calibrated on {q['calibration_images']} images; the fp32 model is "
+                          f"{out}/{q['fp32_model']}")
+            console.print(f"latency at batch 1: fp32 {q['fp32_ms']:.1f} ms, int8 {q['int8_ms']:.1f} ms "
+                          f"({q['speedup']:.2f}x)")
+            if q.get("validation"):
+                console.print(f"validation:mAP on {q['validation']}: fp32 {q['fp32_map']:.4f}, int8 "
+                              f"{q['int8_map']:.4f} ({q['map_points_lost']:+.2f} points lost)")
+            else:
+                console.print("validation:mAP not compared: the run's validation manifest is unknown "
+                              "(measure with `detforge evaluate DEPLOY MANIFEST`)")
