@@ -174,8 +174,10 @@ TINY_HP = {
 }
 
 
-def make_box_images(folder: Path, count: int, seed: int, size: int = 64) -> Path:
-    """``count`` gray PNGs with one blue (class 0) or yellow (class 1) box, a manifest, classes.json."""
+def make_tiny_set(folder: Path, count: int, seed: int, size: int = 64, *, classes=("red", "blue"),
+                  colors=((220, 30, 30), (30, 30, 220)), background: int = 128, prefix: str = "img") -> Path:
+    """``count`` gray PNGs ``<prefix>_<seed>_<i>.png`` with one box of class ``i % 2`` in that class's colour,
+    a manifest and classes.json (the training, tuning and deploy tests' data)."""
     import json
 
     import numpy as np
@@ -187,19 +189,25 @@ def make_box_images(folder: Path, count: int, seed: int, size: int = 64) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(count):
-        pixels = np.full((size, size, 3), 110, np.uint8)
+        pixels = np.full((size, size, 3), background, np.uint8)
         class_id = i % 2
         w, h = (int(v) for v in rng.integers(size // 4, size // 2, 2))
         x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-        pixels[y:y + h, x:x + w] = (40, 70, 210) if class_id == 0 else (230, 200, 40)
-        name = f"box_{seed}_{i:03d}.png"
+        pixels[y:y + h, x:x + w] = colors[class_id]
+        name = f"{prefix}_{seed}_{i:03d}.png"
         Image.fromarray(pixels).save(folder / name)
         records.append(make_record(name, width=size, height=size, boxes_xyxy=[[x, y, x + w, y + h]],
-                                   class_ids=[class_id], class_map=dict(enumerate(TINY_CLASSES)),
+                                   class_ids=[class_id], class_map=dict(enumerate(classes)),
                                    creation_date="2024-01-01T00:00:00"))
     write_manifest(folder / "data.manifest", records)
-    (folder / "classes.json").write_text(json.dumps(TINY_CLASSES))
+    (folder / "classes.json").write_text(json.dumps(list(classes)))
     return folder / "data.manifest"
+
+
+def make_box_images(folder: Path, count: int, seed: int) -> Path:
+    """The tiny deploy model's data: blue (class 0) and yellow (class 1) boxes on darker gray."""
+    return make_tiny_set(folder, count, seed, classes=TINY_CLASSES, colors=((40, 70, 210), (230, 200, 40)),
+                         background=110, prefix="box")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_train import HP, make_tiny_set  # noqa: E402
+from conftest import make_tiny_set  # noqa: E402
+from test_train import HP  # noqa: E402
 
 from detforge import checkpoint, engine  # noqa: E402
 from detforge.dataset import ManifestDataset, collate, load_split  # noqa: E402

@@ -77,3 +77,17 @@ def test_malformed_json_and_missing_named_attribute(tmp_path):
     path.write_text(json.dumps(GOOD) + "\n")
     with pytest.raises(ManifestError, match=r"m.manifest:1, field 'labels': label attribute missing"):
         list(groundtruth.read_manifest(path, label_attribute="labels"))
+
+
+def test_resolve_source_ref(tmp_path, monkeypatch):
+    """A URI, an absolute path or a path that exists as given stays; other refs sit beside the manifest."""
+    resolve_source_ref = groundtruth.resolve_source_ref
+
+    manifest = str(tmp_path / "jobs" / "a.manifest")
+    assert resolve_source_ref("s3://b/k.jpg", manifest) == "s3://b/k.jpg"
+    assert resolve_source_ref("/data/x.jpg", manifest) == "/data/x.jpg"
+    assert resolve_source_ref("img/x.jpg", manifest) == str(tmp_path / "jobs" / "img" / "x.jpg")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here.jpg").write_bytes(b"")
+    assert resolve_source_ref("here.jpg", manifest) == "here.jpg"
+    assert resolve_source_ref("x.jpg", "s3://b/jobs/a.manifest") == "s3://b/jobs/x.jpg"

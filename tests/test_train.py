@@ -13,15 +13,14 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import make_tiny_set
 
 torch = pytest.importorskip("torch")
 
 from detforge import checkpoint, engine  # noqa: E402
 from detforge.dataset import ManifestDataset, load_split  # noqa: E402
 from detforge.errors import ConfigError, ManifestError  # noqa: E402
-from detforge.groundtruth import make_record, write_manifest  # noqa: E402
 from detforge.hyperparams import parse_hyperparameters  # noqa: E402
 from detforge.train import TrainConfig, _early_stopping_update, lr_multiplier, train  # noqa: E402
 
@@ -38,37 +37,6 @@ HP = {
     "augmentation": "none",
     "deterministic": "1",
 }
-
-
-def make_tiny_set(folder: Path, count: int, seed: int, size: int = 64) -> Path:
-    """``count`` gray PNGs with one red (class 0) or blue (class 1) rectangle, a manifest and classes.json."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(count):
-        pixels = np.full((size, size, 3), 128, np.uint8)
-        class_id = i % 2
-        w, h = (int(v) for v in rng.integers(16, 32, 2))
-        x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-        pixels[y : y + h, x : x + w] = (220, 30, 30) if class_id == 0 else (30, 30, 220)
-        name = f"img_{seed}_{i:03d}.png"
-        Image.fromarray(pixels).save(folder / name)
-        records.append(
-            make_record(
-                name,
-                width=size,
-                height=size,
-                boxes_xyxy=[[x, y, x + w, y + h]],
-                class_ids=[class_id],
-                class_map={0: "red", 1: "blue"},
-                creation_date="2024-01-01T00:00:00",
-            )
-        )
-    write_manifest(folder / "data.manifest", records)
-    (folder / "classes.json").write_text(json.dumps(["red", "blue"]))
-    return folder / "data.manifest"
 
 
 @pytest.fixture(scope="module")

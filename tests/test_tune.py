@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_set
 
 from detforge.errors import ConfigError
 from detforge.tune_ranges import DEFAULT_RANGES, load_tuning_config, parse_tuning_config
@@ -32,37 +33,6 @@ HP = {
     "learning_rate": "0.05",
     "augmentation": "none",
 }
-
-
-def make_tiny_set(folder: Path, count: int, seed: int, size: int = 64) -> Path:
-    """``count`` gray PNGs with one red (class 0) or blue (class 1) rectangle, a manifest, classes.json."""
-    from PIL import Image
-
-    from detforge.groundtruth import make_record, write_manifest
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(count):
-        pixels = np.full((size, size, 3), 128, np.uint8)
-        w, h = (int(v) for v in rng.integers(16, 32, 2))
-        x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-        pixels[y : y + h, x : x + w] = (220, 30, 30) if i % 2 == 0 else (30, 30, 220)
-        Image.fromarray(pixels).save(folder / f"img_{seed}_{i:03d}.png")
-        records.append(
-            make_record(
-                f"img_{seed}_{i:03d}.png",
-                width=size,
-                height=size,
-                boxes_xyxy=[[x, y, x + w, y + h]],
-                class_ids=[i % 2],
-                class_map={0: "red", 1: "blue"},
-                creation_date="2024-01-01T00:00:00",
-            )
-        )
-    write_manifest(folder / "data.manifest", records)
-    (folder / "classes.json").write_text(json.dumps(["red", "blue"]))
-    return folder / "data.manifest"
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from detforge import boxes as box_ops
 from detforge import storage
 from detforge.coco_metrics import CocoAccumulator
 from detforge.errors import ConfigError, FormatError, ManifestError, ModelError, require
-from detforge.groundtruth import read_manifest
+from detforge.groundtruth import read_manifest, resolve_source_ref
 from detforge.metrics import DetectionAccumulator, DetectionMetrics
 
 PREDICTION_SUFFIXES = (".jsonl", ".json", ".ndjson", ".out")
@@ -225,9 +225,7 @@ def _open_image(source_ref: str, manifest: str) -> np.ndarray:
     """An ``HxWx3`` uint8 RGB array of a manifest image; a relative reference is read beside the manifest."""
     from PIL import Image
 
-    path = source_ref
-    if not storage.is_remote(path) and not os.path.isabs(path) and not storage.exists(path):
-        path = storage.join(os.path.dirname(os.fspath(manifest)) or ".", path)
+    path = resolve_source_ref(source_ref, manifest)
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
             return np.asarray(image.convert("RGB"))

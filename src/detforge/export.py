@@ -34,8 +34,9 @@ import orjson
 
 from detforge import __version__, storage
 from detforge import boxes as boxmath
-from detforge.errors import ConfigError, ModelError
-from detforge.runtime import METADATA_FILE, MODEL_FILE, Predictor, file_sha256, load_image, resize_rgb
+from detforge.errors import ConfigError, DetforgeError, ManifestError, ModelError
+from detforge.groundtruth import read_image_refs, resolve_source_ref
+from detforge.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image, resize_rgb
 
 DEFAULT_OPSET = 17
 DEFAULT_THRESHOLD = 0.3
@@ -264,29 +265,33 @@ def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, image_size: i
     return report
 
 
+def manifest_images(manifest: str, count: int) -> list[np.ndarray]:
+    """The first ``count`` images of a manifest (labeled or an input manifest), decoded to RGB."""
+    images: list[np.ndarray] = []
+    for number, obj in read_image_refs(manifest):
+        ref = obj.get("source-ref") if isinstance(obj, dict) else None
+        if not isinstance(ref, str) or not ref:
+            raise ManifestError("missing or not a string", path=os.fspath(manifest), line=number,
+                                field="source-ref")
+        images.append(load_image(resolve_source_ref(ref, manifest)))
+        if len(images) >= count:
+            break
+    return images
+
+
 def sample_images(run_dir: str, *, count: int, image_size: int, images: Sequence[str] | None = None,
                   seed: int = 0) -> tuple[list[np.ndarray], str]:
     """Images to verify and calibrate with: given ones, else the run's validation images, else random."""
     if images:
         return [load_image(p) for p in images[:count]], f"{min(count, len(images))} given images"
-    try:
-        from detforge.evaluate import load_ground_truth
-        from detforge.train import resume_data
-
-        _, validation = resume_data(run_dir)
-        if validation:
+    validation = _run_validation(run_dir)
+    if validation:
+        try:
+            loaded = manifest_images(validation, count)
+        except DetforgeError:  # unreadable now: fall back to random images
             loaded = []
-            for gt in load_ground_truth(validation):
-                path = gt.source_ref
-                if not storage.is_remote(path) and not os.path.isabs(path) and not storage.exists(path):
-                    path = storage.join(os.path.dirname(os.fspath(validation)) or ".", path)
-                loaded.append(load_image(path))
-                if len(loaded) >= count:
-                    break
-            if loaded:
-                return loaded, f"{len(loaded)} validation images of the run ({validation})"
-    except Exception:  # noqa: BLE001 - any problem finding them: fall back to random images
-        pass
+        if loaded:
+            return loaded, f"{len(loaded)} validation images of the run ({validation})"
     rng = np.random.default_rng(seed)
     return ([rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(count)],
             f"{count} random images (the run's validation images were not found)")
@@ -428,11 +433,11 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarr
 
 def _run_validation(run_dir: str) -> str | None:
     """The validation manifest a run was trained with, when its resume state names one."""
-    try:
-        from detforge.train import resume_data
+    from detforge.train import resume_data
 
+    try:
         return resume_data(run_dir)[1]
-    except Exception:  # noqa: BLE001 - no state, no manifest: the comparison says so
+    except DetforgeError:  # no resume state, or one that does not name the manifests
         return None
 
 
@@ -542,12 +547,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
         int8_info = None
         if int8:
             if calibration:
-                from detforge.evaluate import load_ground_truth
-
-                refs = [gt.source_ref for gt in load_ground_truth(calibration)][:calibration_count]
-                base = os.path.dirname(os.fspath(calibration)) or "."
-                calib = [load_image(r if storage.is_remote(r) or os.path.isabs(r) or storage.exists(r)
-                                    else storage.join(base, r)) for r in refs]
+                calib = manifest_images(calibration, calibration_count)
             else:
                 calib, _ = sample_images(run_dir, count=calibration_count, image_size=size)
             if not calib:
@@ -600,6 +600,3 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
                         verify=report, int8=int8_info)
 
 
-def load_predictor(out_dir: str, **kwargs) -> Predictor:
-    """The runtime ``Predictor`` of a deploy folder (a convenience for callers that just exported)."""
-    return Predictor(out_dir, **kwargs)

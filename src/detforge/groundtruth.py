@@ -319,6 +319,14 @@ def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_i
     return record
 
 
+def resolve_source_ref(source_ref: str, manifest: str | os.PathLike) -> str:
+    """Where to read a manifest line's image: a URI, an absolute path or a path that exists as given
+    stays as it is; any other relative reference is taken from the manifest's folder."""
+    if storage.is_remote(source_ref) or os.path.isabs(source_ref) or storage.exists(source_ref):
+        return source_ref
+    return storage.join(os.path.dirname(os.fspath(manifest).rstrip("/")) or ".", source_ref)
+
+
 def read_image_refs(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Stream (line, object) of any JSON Lines manifest, e.g. a labeling *input* manifest."""
     path = os.fspath(path)

@@ -250,6 +250,18 @@ def parse_overrides(items: Iterable[str]) -> dict:
     return out
 
 
+def read_hyperparameters_file(path: str | os.PathLike) -> dict:
+    """The raw name -> value object of a ``hyperparams.json`` (local or ``s3://``), not yet checked."""
+    source = os.fspath(path)
+    try:
+        loaded = orjson.loads(storage.read_bytes(source))
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON: {exc}", path=source) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError("expected a JSON object of name -> value", path=source)
+    return loaded
+
+
 def load_hyperparameters(
     path: str | os.PathLike | None = None,
     *,
@@ -261,13 +273,7 @@ def load_hyperparameters(
     source = None
     if path is not None:
         source = os.fspath(path)
-        try:
-            loaded = orjson.loads(storage.read_bytes(source))
-        except orjson.JSONDecodeError as exc:
-            raise ConfigError(f"not valid JSON: {exc}", path=source) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError("expected a JSON object of name -> value", path=source)
-        raw.update(loaded)
+        raw.update(read_hyperparameters_file(source))
     raw.update(overrides or {})
     return parse_hyperparameters(raw, source=source)
 

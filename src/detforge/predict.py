@@ -28,7 +28,14 @@ import numpy as np
 from detforge import boxes as box_ops
 from detforge import storage
 from detforge.errors import ConfigError, DetforgeError, ManifestError
-from detforge.groundtruth import Record, dumps_line, find_label_attribute, parse_record, read_image_refs
+from detforge.groundtruth import (
+    Record,
+    dumps_line,
+    find_label_attribute,
+    parse_record,
+    read_image_refs,
+    resolve_source_ref,
+)
 from detforge.metrics import DetectionAccumulator, DetectionMetrics, match_image
 
 MANIFEST_SUFFIXES = (".manifest", ".jsonl", ".json", ".ndjson")
@@ -127,7 +134,6 @@ def resolve_inputs(inputs: Sequence[str]) -> list[InputSpec]:
 
 
 def _manifest_sources(path: str, *, label_attribute: str | None) -> Iterator[Source]:
-    folder = os.path.dirname(path.rstrip("/")) or "."
     labeled: bool | None = None
     for number, obj in read_image_refs(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("source-ref"), str) or not obj["source-ref"]:
@@ -138,9 +144,7 @@ def _manifest_sources(path: str, *, label_attribute: str | None) -> Iterator[Sou
         truth = (parse_record(obj, path=path, line=number, label_attribute=label_attribute)
                  if labeled else None)
         ref = obj["source-ref"]
-        if not storage.is_remote(ref) and not os.path.isabs(ref) and not storage.exists(ref):
-            ref = storage.join(folder, ref)
-        yield Source(ref=ref, source_ref=obj["source-ref"], truth=truth)
+        yield Source(ref=resolve_source_ref(ref, path), source_ref=ref, truth=truth)
 
 
 def iter_sources(specs: Sequence[InputSpec], *, label_attribute: str | None = None) -> Iterator[Source]:

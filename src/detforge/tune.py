@@ -35,11 +35,9 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import orjson
-
 from detforge import storage
 from detforge.errors import ConfigError, DetforgeError, MissingDependencyError, require
-from detforge.hyperparams import parse_hyperparameters
+from detforge.hyperparams import parse_hyperparameters, read_hyperparameters_file
 from detforge.tune_ranges import OBJECTIVE, TuningSpec, load_tuning_config, parse_tuning_config
 from detforge.tune_summary import COUNTED, TuneResult, public_url, trial_state, write_summary
 
@@ -106,14 +104,7 @@ def _resolve(config: TuneConfig) -> _Job:
     if isinstance(config.hyperparameters, Mapping):
         base.update(config.hyperparameters)
     elif config.hyperparameters is not None:
-        source = os.fspath(config.hyperparameters)
-        try:
-            loaded = orjson.loads(storage.read_bytes(source))
-        except orjson.JSONDecodeError as exc:
-            raise ConfigError(f"not valid JSON: {exc}", path=source) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError("expected a JSON object of name -> value", path=source)
-        base.update(loaded)
+        base.update(read_hyperparameters_file(config.hyperparameters))
     base.update(config.overrides)
     path = config.hyperparameters if isinstance(config.hyperparameters, (str, os.PathLike)) else None
     parse_hyperparameters(base, source=os.fspath(path) if path is not None else None)
