@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 COMMANDS = [
     "frames",
     "synth",
+    "label",
     "prepare",
     "convert",
     "stats",

@@ -1,0 +1,252 @@
+"""``detforge label``'s local server: the labeling page and a small JSON API over a ``LabelJob``.
+
+A stdlib HTTP server bound to loopback, every request checked for a loopback ``Host`` and the random
+token printed in the URL. Items go to the page in pages (``/api/items?offset=&limit=``), one image's
+boxes and proposals at a time (``/api/item/<i>``), images by index only. Every change the page sends
+(``POST /api/item/<i>``) is written to the output manifest before the answer, so stopping the server
+(Ctrl+C) loses nothing. Not here: the job's data and its output format (``label.jobs``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import secrets
+import urllib.parse
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+
+import orjson
+
+from detforge.errors import ConfigError, DetforgeError
+from detforge.label.jobs import PROPOSAL_FLOOR, LabelJob, open_job
+
+TOKEN_HEADER = "X-Detforge-Token"
+MAX_PAGE = 500  # items per /api/items answer
+MAX_BODY = 1 << 20
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def page_html(token: str) -> bytes:
+    """The labeling page with its script and style inlined (one request, works offline)."""
+    static = resources.files("detforge.label") / "static"
+    html = (static / "label.html").read_text(encoding="utf-8")
+    html = html.replace("/*LABEL_CSS*/", (static / "label.css").read_text(encoding="utf-8"))
+    html = html.replace("/*LABEL_JS*/", (static / "label.js").read_text(encoding="utf-8"))
+    return html.replace("__TOKEN__", token).encode("utf-8")
+
+
+class LabelServer(ThreadingHTTPServer):
+    """A LabelJob behind a token, on a loopback address."""
+
+    daemon_threads = True
+
+    def __init__(self, job: LabelJob, *, host: str = "127.0.0.1", port: int = 8766, token: str | None = None,
+                 threshold: float = 0.5) -> None:
+        if not is_loopback(host):
+            raise ConfigError(f"the label server listens on loopback only, not {host!r}", field="--host",
+                              hint="use 127.0.0.1 and an SSH tunnel to label from another machine")
+        self.job = job
+        self.token = token or secrets.token_urlsafe(24)
+        self.threshold = threshold
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        """The page's address, token included."""
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/?token={self.token}"
+
+    def job_info(self) -> dict:
+        job = self.job
+        start = job.next_todo(0)
+        return {"classes": [[cid, name] for cid, name in sorted(job.class_map.items())],
+                "adjust": job.adjust, "attribute": job.attribute, "job": job.job_name,
+                "manifest": job.manifest, "out": job.out, "total": len(job.items), "order": job.order_name,
+                "model": job.predictor is not None, "threshold": self.threshold, "floor": PROPOSAL_FLOOR,
+                "progress": job.progress(), "start": 0 if start is None else start}
+
+
+def _int(query: dict[str, list[str]], key: str, default: int) -> int:
+    value = (query.get(key) or [""])[0]
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number, got {value!r}") from None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: LabelServer
+    server_version = "detforge-label"
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's name
+        pass  # the terminal is for the summary, not one line per thumbnail
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj) -> None:
+        self._send(status, orjson.dumps(obj), headers={"Cache-Control": "no-store"})
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _authorized(self, query: dict[str, list[str]]) -> bool:
+        # The Host check stops DNS-rebinding pages from talking to us; the token stops everyone else.
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if not is_loopback(host):
+            self._error(403, "wrong Host header")
+            return False
+        given = self.headers.get(TOKEN_HEADER) or (query.get("token") or [""])[0]
+        if not given:
+            self._error(401, "missing token: open the URL printed by `detforge label`")
+            return False
+        if not hmac.compare_digest(given.encode(), self.server.token.encode()):
+            self._error(403, "wrong token")
+            return False
+        return True
+
+    def _parse(self) -> tuple[str, dict[str, list[str]]]:
+        url = urllib.parse.urlsplit(self.path)
+        return urllib.parse.unquote(url.path), urllib.parse.parse_qs(url.query)
+
+    def _index(self, key: str) -> int | None:
+        if not key.isdigit() or not 0 <= int(key) < len(self.server.job.items):
+            self._error(404, "items are fetched by their index in the manifest only")
+            return None
+        return int(key)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - the stdlib's name
+        self.do_GET()
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        path, query = self._parse()
+        if not self._authorized(query):
+            return
+        job = self.server.job
+        try:
+            if path in ("/", "/index.html"):
+                self._send(200, page_html(self.server.token), "text/html; charset=utf-8",
+                           {"Cache-Control": "no-store"})
+            elif path == "/api/job":
+                self._json(200, self.server.job_info())
+            elif path == "/api/items":
+                limit = min(max(_int(query, "limit", 100), 0), MAX_PAGE)
+                self._json(200, {"items": job.page(_int(query, "offset", 0), limit), "total": len(job.items)})
+            elif path == "/api/next":
+                pos = job.next_todo(_int(query, "from", 0), -1 if _int(query, "step", 1) < 0 else 1)
+                self._json(200, {"pos": pos})
+            elif path.startswith("/api/item/"):
+                index = self._index(path[len("/api/item/"):])
+                if index is not None:
+                    self._json(200, job.detail(index))
+            elif path.startswith("/api/image/"):
+                index = self._index(path[len("/api/image/"):])
+                if index is not None:
+                    thumb = (query.get("size") or [""])[0] == "thumb"
+                    data, content_type = job.image_bytes(index, thumb=thumb)
+                    self._send(200, data, content_type, {"Cache-Control": "private, max-age=3600"})
+            else:
+                self._error(404, "not found")
+        except ConfigError as exc:
+            self._error(400, str(exc))
+        except DetforgeError as exc:
+            self._error(502, str(exc))
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        path, query = self._parse()
+        if not self._authorized(query):
+            return
+        if not path.startswith("/api/item/"):
+            self._error(404, "not found")
+            return
+        index = self._index(path[len("/api/item/"):])
+        if index is None:
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self._error(413, "request too large")
+            return
+        try:
+            body = orjson.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(body, dict):
+                raise ConfigError('expected JSON {"boxes": [[x1, y1, x2, y2, class_id, score|null], ...]}')
+            done = body.get("done", True) is not False
+            summary = self.server.job.update(index, body.get("boxes"), done=done)
+        except orjson.JSONDecodeError:
+            self._error(400, 'expected JSON {"boxes": [[x1, y1, x2, y2, class_id, score|null], ...]}')
+            return
+        except ConfigError as exc:
+            self._error(400, str(exc))
+            return
+        except DetforgeError as exc:
+            self._error(500, f"could not save: {exc}")
+            return
+        self._json(200, {"item": summary, "progress": self.server.job.progress()})
+
+
+def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str | Sequence[str] | None = None,
+          adjust: bool = False, label_attribute: str | None = None, job_name: str | None = None,
+          model: str | os.PathLike | None = None, order: str = "manifest", threshold: float | None = None,
+          host: str = "127.0.0.1", port: int = 8766, open_browser: bool = True,
+          on_progress: Callable[[int, int], None] | None = None,
+          on_ready: Callable[[LabelServer], None] | None = None) -> LabelJob:
+    """Open the job (resuming its output) and serve the labeling page until interrupted; returns the job.
+
+    ``model``: a deploy folder whose detections are offered as proposals; ``threshold`` is where the
+    page's slider starts (default: the model's ``default_threshold``). ``on_progress(done, total)``
+    follows the model's pass over every image for ``order="uncertainty"``; ``on_ready(server)`` is called
+    once the server listens (the CLI prints ``server.url`` there).
+    """
+    predictor = None
+    if model is not None:
+        from detforge.runtime import Predictor
+
+        predictor = Predictor(model)
+    job = open_job(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
+                   job_name=job_name, predictor=predictor, order=order, on_progress=on_progress)
+    if threshold is None:
+        threshold = predictor.threshold if predictor is not None else 0.5
+    if not PROPOSAL_FLOOR <= threshold <= 1:
+        raise ConfigError(f"the threshold must be between {PROPOSAL_FLOOR} and 1, got {threshold}",
+                          field="--threshold")
+    try:
+        server = LabelServer(job, host=host, port=port, threshold=max(threshold, PROPOSAL_FLOOR))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port",
+                          hint="choose another --port") from None
+    if on_ready is not None:
+        on_ready(server)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return job

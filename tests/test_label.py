@@ -1,0 +1,359 @@
+"""detforge label: Ground Truth output, resume, adjustment jobs, paging, the server, the CLI, the page."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detforge.errors import ConfigError, ManifestError
+from detforge.groundtruth import read_manifest
+from detforge.label import app, jobs
+from detforge.prepare import prepare
+
+CLASSES = ["blue box", "yellow box"]
+W, H = 200, 150
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def make_frames(folder: Path, count: int = 4) -> Path:
+    """``count`` gray PNG frames with a blue and a yellow box, and an input manifest with extra fields."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        pixels = np.full((H, W, 3), 100, np.uint8)
+        pixels[20 + i:70 + i, 30:90] = (40, 70, 210)
+        pixels[80:130, 120 + i:180 + i] = (230, 200, 40)
+        Image.fromarray(pixels).save(folder / f"frame_{i:03d}.png")
+        lines.append({"source-ref": f"frame_{i:03d}.png", "color": "blue", "object": "box", "extra": {"n": i}})
+    manifest = folder / "input.manifest"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def lines_of(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- the job and its output
+
+
+def test_output_is_ground_truth_and_prepare_reads_it(tmp_path):
+    manifest = make_frames(tmp_path / "frames")
+    out = tmp_path / "jobs" / "boxes-1.output.manifest"
+    job = jobs.open_job(manifest, out=out, classes="blue box, yellow box")
+    assert job.attribute == "boxes-1" and job.job_name == "boxes-1" and job.class_map == {0: "blue box",
+                                                                                         1: "yellow box"}
+    assert not out.exists()
+    job.update(1, [[30.4, 20.6, 90.2, 70.49, 0, None], [119.6, 80, 180, 130, 1, 0.8125]])
+    job.update(0, [])
+    job.update(3, [[200, 150, 150.2, 100.7, 1, 0.5]])  # corners in any order, clipped to the image
+    found = lines_of(out)
+    # the output lies in another folder: relative references are rewritten to name the same images
+    assert [line["source-ref"] for line in found] == ["../frames/frame_000.png", "../frames/frame_001.png",
+                                                      "../frames/frame_003.png"]
+    line = found[1]
+    date = line["boxes-1-metadata"].pop("creation-date")
+    assert len(date) == 26 and date[10] == "T"
+    assert line == {
+        "source-ref": "../frames/frame_001.png", "color": "blue", "object": "box", "extra": {"n": 1},
+        "boxes-1": {"annotations": [{"class_id": 0, "width": 60, "top": 21, "height": 49, "left": 30},
+                                    {"class_id": 1, "width": 60, "top": 80, "height": 50, "left": 120}],
+                    "image_size": [{"width": 200, "depth": 3, "height": 150}]},
+        "boxes-1-metadata": {"job-name": "labeling-job/boxes-1", "class-map": {"0": "blue box", "1": "yellow box"},
+                             "human-annotated": "yes", "objects": [{"confidence": 1.0}, {"confidence": 0.8125}],
+                             "type": "groundtruth/object-detection"}}
+    assert found[0]["boxes-1"]["annotations"] == [] and found[0]["boxes-1-metadata"]["class-map"] == {}
+    assert found[2]["boxes-1"]["annotations"] == [{"class_id": 1, "width": 50, "top": 101, "height": 49,
+                                                   "left": 150}]
+    assert found[2]["boxes-1-metadata"]["human-annotated"] == "no"  # only an unchanged model proposal
+    records = list(read_manifest(out))
+    assert [r.boxes.tolist() for r in records] == [[], [[30, 21, 90, 70], [120, 80, 180, 130]],
+                                                   [[150, 101, 200, 150]]]
+    assert records[1].confidences.tolist() == [1.0, 0.8125] and records[1].job_name == "labeling-job/boxes-1"
+    summary = prepare([str(out)], str(tmp_path / "prepared"), validation_fraction=0.0)
+    assert json.loads((tmp_path / "prepared" / "classes.json").read_text()) == CLASSES
+    prepared = lines_of(tmp_path / "prepared" / "train.manifest")
+    assert len(prepared) == 3 and summary is not None
+
+
+def test_bad_boxes_and_options(tmp_path):
+    manifest = make_frames(tmp_path / "frames", count=2)
+    out = tmp_path / "out.manifest"
+    job = jobs.open_job(manifest, out=out, classes=CLASSES)
+    for boxes, message in [([[1, 2, 3, 4, 5, None]], "class_id 5"), ([[1, 2, 3]], "a box is"),
+                           ([[1, 2, 1.2, 40, 0, None]], "smaller than one pixel"),
+                           ([[1, 2, 30, 40, 0, 1.5]], "score must be"), ("x", "boxes must be a list")]:
+        with pytest.raises(ConfigError, match=message):
+            job.update(0, boxes)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="name the classes"):
+        jobs.open_job(manifest, out=out)
+    with pytest.raises(ConfigError, match="overwrite the input"):
+        jobs.open_job(manifest, out=manifest, classes=CLASSES)
+    with pytest.raises(ConfigError, match="named twice"):
+        jobs.open_job(manifest, out=out, classes="a,b,a")
+    with pytest.raises(ConfigError, match="needs the model"):
+        jobs.open_job(manifest, out=out, classes=CLASSES, order="uncertainty")
+    job.update(0, [[1, 2, 30, 40, 0, None]])
+    with pytest.raises(ManifestError, match=r"out.manifest:1: this line already has labels under 'out'"):
+        jobs.open_job(out, out=tmp_path / "again" / "out.manifest", classes=CLASSES)
+    (tmp_path / "bad.manifest").write_text('{"source-ref": "a.png"}\n{"color": "x"}\n')
+    with pytest.raises(ManifestError, match=r"bad.manifest:2, field 'source-ref'"):
+        jobs.open_job(tmp_path / "bad.manifest", out=out, classes=CLASSES)
+
+
+def test_resume_keeps_everything(tmp_path):
+    manifest = make_frames(tmp_path / "frames")
+    out = tmp_path / "job.output.manifest"
+    out.write_text('{"source-ref": "elsewhere.png", "kept": true}\n')  # a line of another input
+    job = jobs.open_job(manifest, out=out, classes=CLASSES)
+    assert job.progress() == {"done": 0, "total": 4}
+    job.update(2, [[10, 10, 50, 60, 1, 0.75], [60, 10, 90, 40, 0, None]])
+    job.update(1, [], done=True)
+    before = out.read_bytes()
+    again = jobs.open_job(manifest, out=out, classes=CLASSES)
+    assert again.progress() == {"done": 2, "total": 4} and again.next_todo(0) == 0 and again.next_todo(1) == 3
+    assert again.items[2].boxes == [[10.0, 10.0, 50.0, 60.0, 1, 0.75], [60.0, 10.0, 90.0, 40.0, 0, None]]
+    again.save()
+    assert out.read_bytes() == before  # same bytes, dates included
+    assert lines_of(out)[-1] == {"source-ref": "elsewhere.png", "kept": True}
+    with pytest.raises(ConfigError, match="class 'yellow box' is not one of the job's classes"):
+        jobs.open_job(manifest, out=out, classes=["blue box"])
+
+
+def test_adjustment_job(tmp_path):
+    manifest = make_frames(tmp_path / "frames", count=3)
+    first = tmp_path / "frames" / "boxes-1.output.manifest"
+    job = jobs.open_job(manifest, out=first, classes=CLASSES)
+    for i in range(3):
+        job.update(i, [[30, 20 + i, 90, 70 + i, 0, None]])
+    out = tmp_path / "frames" / "boxes-1-adjusted.output.manifest"
+    adjust = jobs.open_job(first, out=out, adjust=True, classes="blue box,green box")
+    assert adjust.attribute == "adjusted-boxes-1" and adjust.class_map == {0: "blue box", 1: "green box"}
+    assert adjust.items[1].current == [[30.0, 21.0, 90.0, 71.0, 0, None]]
+    adjust.update(0, adjust.items[0].current)  # looked at, unchanged
+    adjust.update(1, [[30, 21, 95, 71, 1, None]])
+    found = lines_of(out)
+    assert len(found) == 2 and found[0]["boxes-1"] == lines_of(first)[0]["boxes-1"]  # the original stays
+    meta = found[1]["adjusted-boxes-1-metadata"]
+    assert meta["adjustment-status"] == "adjusted" and meta["human-annotated"] == "yes"
+    assert meta["class-map"] == {"1": "green box"}
+    assert found[0]["adjusted-boxes-1-metadata"]["adjustment-status"] == "unadjusted"
+    assert found[1]["adjusted-boxes-1"]["annotations"] == [{"class_id": 1, "width": 65, "top": 21, "height": 50,
+                                                            "left": 30}]
+    records = list(read_manifest(out))  # the adjusted attribute wins
+    assert records[1].label_attribute == "adjusted-boxes-1" and records[1].class_names == ["green box"]
+    with pytest.raises(ManifestError, match=r"boxes-1.output.manifest:1.*class id 0 is 'blue box' here but "
+                       "'green box' in --classes"):
+        jobs.open_job(first, out=out, adjust=True, classes="green box")
+    resumed = jobs.open_job(first, out=out, adjust=True, classes="blue box,green box")
+    assert [item.done for item in resumed.items] == [True, True, False]
+    assert resumed.items[1].current == [[30.0, 21.0, 95.0, 71.0, 1, None]]
+
+
+# ----------------------------------------------------------------------------- the model's proposals
+
+
+def test_model_proposals_and_uncertainty_order(tiny_deploy, tmp_path):
+    from detforge.runtime import Predictor
+
+    manifest = make_frames(tmp_path / "frames", count=4)
+    out = tmp_path / "out.manifest"
+    predictor = Predictor(tiny_deploy, threads=1)
+    seen = []
+    job = jobs.open_job(manifest, out=out, predictor=predictor, order="uncertainty",
+                        on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert job.class_map == {0: "blue box", 1: "yellow box"}  # the model's classes
+    scores = [job.items[i].uncertainty for i in job.order]
+    assert scores == sorted(scores, reverse=True) and job.order_name == "uncertainty"
+    expected = predictor.predict([np.asarray(Image.open(tmp_path / "frames" / "frame_002.png"))],
+                                 threshold=jobs.PROPOSAL_FLOOR)[0]
+    proposals = job.proposals(2)
+    assert len(proposals) == len(expected) > 0
+    assert sorted(p[5] for p in proposals) == sorted(round(s, 4) for s in expected.scores.tolist())
+    assert job.items[2].uncertainty == pytest.approx(max(1 - abs(2 * p[5] - 1) for p in proposals))
+    detail = job.detail(2)
+    assert detail["proposals"] == proposals and (detail["w"], detail["h"]) == (W, H)
+    best = proposals[0]
+    job.update(2, [best])  # accepted unchanged
+    line = lines_of(out)[0]
+    assert line["out-metadata"]["human-annotated"] == "no"
+    assert line["out-metadata"]["objects"] == [{"confidence": best[5]}]
+    job.update(2, [best[:5] + [None]])  # changed: a person's box now
+    assert lines_of(out)[0]["out-metadata"]["human-annotated"] == "yes"
+    assert lines_of(out)[0]["out-metadata"]["objects"] == [{"confidence": 1.0}]
+    with pytest.raises(ConfigError, match="none of the model's classes"):
+        jobs.open_job(manifest, out=out, classes="cat,dog", predictor=predictor)
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+class FixedProposals:
+    """A stand-in for ``runtime.Predictor`` with known detections, so the page test knows where to click
+    (the real predictor is tested above)."""
+
+    class_names = ["yellow box", "blue box", "unknown thing"]  # a different order than the job's classes
+    threshold = 0.5
+
+    def __init__(self, by_size: dict[int, list]) -> None:
+        self.by_first_pixel = by_size
+
+    def predict(self, images, *, threshold=None):
+        from detforge.runtime import Detections
+
+        out = []
+        for image in images:
+            rows = self.by_first_pixel.get(int(image[0, 0, 0]), [])
+            array = np.array([r[:4] for r in rows], dtype=np.float64).reshape(-1, 4)
+            out.append(Detections(array, np.array([r[4] for r in rows], dtype=np.float64),
+                                  np.array([r[5] for r in rows], dtype=np.int64), image.shape[1], image.shape[0]))
+        return out
+
+
+def serve(job, **kwargs):
+    srv = app.LabelServer(job, port=0, token="secret-token", **kwargs)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return srv
+
+
+def http(url: str, *, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def get(srv, path: str):
+    status, body, _ = http(f"http://127.0.0.1:{srv.server_address[1]}{path}",
+                           headers={"X-Detforge-Token": "secret-token"})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_ten_thousand_images_in_pages(tmp_path):
+    manifest = tmp_path / "big.manifest"
+    manifest.write_text("".join(json.dumps({"source-ref": f"s3://bucket/frames/f_{i:05d}.jpg", "n": i}) + "\n"
+                                for i in range(10_000)))
+    job = jobs.open_job(manifest, out=tmp_path / "big.output.manifest", classes=CLASSES)
+    srv = serve(job)
+    try:
+        info = get(srv, "/api/job")
+        assert info["total"] == 10_000 and info["progress"] == {"done": 0, "total": 10_000}
+        assert info["start"] == 0 and info["classes"] == [[0, "blue box"], [1, "yellow box"]]
+        page = get(srv, "/api/items?offset=9990&limit=100")
+        assert page["total"] == 10_000 and [item["pos"] for item in page["items"]] == list(range(9990, 10_000))
+        assert page["items"][0] == {"pos": 9990, "i": 9990, "name": "f_09990.jpg", "done": False, "n": 0}
+        assert len(get(srv, "/api/items?offset=0&limit=100000")["items"]) == app.MAX_PAGE  # never the whole list
+        assert get(srv, "/api/items")["items"][-1]["pos"] == 99
+        job.items[0].done = job.items[1].done = True
+        assert get(srv, "/api/next?from=0") == {"pos": 2}
+        assert get(srv, "/api/next?from=1&step=-1") == {"pos": None}
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_server_guards_and_saves(tmp_path):
+    manifest = make_frames(tmp_path / "frames", count=3)
+    out = tmp_path / "frames" / "out.manifest"
+    srv = serve(jobs.open_job(manifest, out=out, classes=CLASSES))
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert http(f"{url}/api/job")[0] == 401
+        assert http(f"{url}/api/job?token=wrong")[0] == 403
+        assert http(f"{url}/", headers={"X-Detforge-Token": "secret-token", "Host": "evil.example:80"})[0] == 403
+        for bad in ("3", "-1", "..%2F..%2Fetc%2Fpasswd", "frame_000.png"):
+            assert http(f"{url}/api/image/{bad}?token=secret-token")[0] == 404, bad
+        status, body, headers = http(f"{url}/api/image/1?token=secret-token")
+        assert status == 200 and headers["Content-Type"] == "image/png"
+        assert body == (tmp_path / "frames" / "frame_001.png").read_bytes()
+        status, body, _ = http(f"{url}/api/image/1?size=thumb&token=secret-token")
+        assert status == 200 and Image.open(io.BytesIO(body)).size == (160, 120)
+        assert http(f"{url}/api/image/1?size=thumb&token=secret-token")[1] == body  # from the cache
+        assert get(srv, "/api/item/1") == {"pos": 1, "i": 1, "name": "frame_001.png", "done": False, "n": 0,
+                                           "w": W, "h": H, "boxes": [], "start": [], "proposals": [],
+                                           "uncertainty": 0.0}
+        post = f"{url}/api/item/1?token=secret-token"
+        status, body, _ = http(post, data=b'{"boxes": [[10, 20, 30, 40, 1, null]]}')
+        assert status == 200 and json.loads(body) == {
+            "item": {"pos": 1, "i": 1, "name": "frame_001.png", "done": True, "n": 1},
+            "progress": {"done": 1, "total": 3}}
+        assert lines_of(out)[0]["out"]["annotations"] == [{"class_id": 1, "width": 20, "top": 20, "height": 20,
+                                                           "left": 10}]
+        status, body, _ = http(post, data=b'{"boxes": [[10, 20, 30, 40, 7, null]]}')
+        assert status == 400 and "class_id 7" in json.loads(body)["error"]
+        assert http(post, data=b"[1, 2]")[0] == 400 and http(post, data=b"{bad")[0] == 400
+        assert http(f"{url}/api/item/1", data=b'{"boxes": []}')[0] == 401
+        assert len(lines_of(out)) == 1 and lines_of(out)[0]["out"]["annotations"][0]["class_id"] == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    with pytest.raises(ConfigError, match="loopback only"):
+        app.LabelServer(jobs.open_job(manifest, out=out, classes=CLASSES), host="0.0.0.0", port=0)
+
+
+# The CLI with the command modules that exist, so this test need not wait for every other command.
+CLI = [sys.executable, "-c", "import sys, importlib.util as u, detforge.cli as c; "
+       "c.COMMANDS[:] = [n for n in c.COMMANDS if u.find_spec('detforge.cli.' + n)]; sys.exit(c.main())"]
+
+
+def start_cli(args: list[str]) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([*CLI, "label", *args, "--port", "0", "--no-browser"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    first = process.stdout.readline()
+    second = process.stdout.readline()
+    assert "open http://127.0.0.1:" in second, (first, second)
+    return process, first + second
+
+
+def test_cli_killed_mid_job_resumes_with_nothing_lost(tmp_path):
+    manifest = make_frames(tmp_path / "frames", count=4)
+    out = tmp_path / "jobs" / "boxes-1.output.manifest"
+    args = [str(manifest), "--classes", "blue box,yellow box", "--out", str(out)]
+    process, text = start_cli(args)
+    try:
+        assert text.startswith(f"4 images, 0 done; labels go to {out} as 'boxes-1'")
+        url = text.split("open ")[1].split()[0]
+        base, token = url.split("/?token=")
+        for index, boxes in ((2, b"[[30, 20, 90, 70, 0, null]]"), (0, b"[]"), (2, b"[[31, 20, 90, 70, 1, 0.5]]")):
+            status, body, _ = http(f"{base}/api/item/{index}?token={token}", data=b'{"boxes": %s}' % boxes)
+            assert status == 200, body
+    finally:
+        process.send_signal(signal.SIGKILL)  # no chance to save anything more
+        process.communicate(timeout=20)
+    saved = out.read_bytes()
+    process, text = start_cli(args)
+    try:
+        assert text.startswith("4 images, 2 done")
+        base, token = text.split("open ")[1].split()[0].split("/?token=")
+        status, body, _ = http(f"{base}/api/item/2?token={token}")
+        assert json.loads(body)["boxes"] == [[31.0, 20.0, 90.0, 70.0, 1, 0.5]]
+        status, body, _ = http(f"{base}/api/job?token={token}")
+        assert json.loads(body)["start"] == 1  # the first image not done yet
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=20)
+    assert process.returncode == 0 and "stopped: 2 of 4 images done" in rest
+    assert out.read_bytes() == saved
+    assert [r.image_id for r in read_manifest(out)] == ["frame_000", "frame_002"]
+    bad = subprocess.run([*CLI, "label", str(manifest), "--out", str(out), "--no-browser"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "--classes" in bad.stderr
