@@ -204,24 +204,25 @@ def test_model_proposals_and_uncertainty_order(tiny_deploy, tmp_path):
 
 
 class FixedProposals:
-    """A stand-in for ``runtime.Predictor`` with known detections, so the page test knows where to click
-    (the real predictor is tested above)."""
+    """A stand-in for ``runtime.Predictor`` with known detections, so that the page test knows where to
+    click (the real predictor is tested above): on frames 2 and 3 of ``make_frames``, a sure blue box, an
+    unsure yellow one and a class the job does not have."""
 
-    class_names = ["yellow box", "blue box", "unknown thing"]  # a different order than the job's classes
+    class_names = ["yellow box", "blue box", "unknown thing"]  # another order than the job's classes
     threshold = 0.5
-
-    def __init__(self, by_size: dict[int, list]) -> None:
-        self.by_first_pixel = by_size
 
     def predict(self, images, *, threshold=None):
         from detforge.runtime import Detections
 
         out = []
         for image in images:
-            rows = self.by_first_pixel.get(int(image[0, 0, 0]), [])
+            i = int(np.argmax(image[:, 30, 2] > 150)) - 20  # the frame number: its blue box's top row - 20
+            rows = [[30, 20 + i, 90, 70 + i, 0.9, 1], [120 + i, 80, 180 + i, 130, 0.3, 0],
+                    [5, 5, 15, 15, 0.2, 2]] if i in (2, 3) else []
             array = np.array([r[:4] for r in rows], dtype=np.float64).reshape(-1, 4)
-            out.append(Detections(array, np.array([r[4] for r in rows], dtype=np.float64),
-                                  np.array([r[5] for r in rows], dtype=np.int64), image.shape[1], image.shape[0]))
+            scores = np.array([r[4] for r in rows], dtype=np.float64)
+            ids = np.array([r[5] for r in rows], dtype=np.int64)
+            out.append(Detections(array, scores, ids, image.shape[1], image.shape[0]))
         return out
 
 
@@ -357,3 +358,170 @@ def test_cli_killed_mid_job_resumes_with_nothing_lost(tmp_path):
     bad = subprocess.run([*CLI, "label", str(manifest), "--out", str(out), "--no-browser"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "--classes" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the page in Chromium
+
+
+def drag(page, start, end) -> None:
+    """Drag with the real mouse between two image points and wait until the change is saved."""
+    to = "([x, y]) => window.detforgeLabel.toPage(x, y)"
+    page.mouse.move(*page.evaluate(to, list(start)))
+    page.mouse.down()
+    page.mouse.move(*page.evaluate(to, list(end)), steps=6)
+    page.mouse.up()
+    page.wait_for_function("window.detforgeLabel.idle()")
+
+
+def click(page, point) -> None:
+    page.mouse.click(*page.evaluate("([x, y]) => window.detforgeLabel.toPage(x, y)", list(point)))
+    page.wait_for_function("window.detforgeLabel.idle()")
+
+
+def boxes_in(out: Path, name: str) -> list[list[int]]:
+    """[class_id, left, top, width, height, confidence] of one image's line."""
+    line = next(x for x in lines_of(out) if x["source-ref"] == name)
+    objects = line["boxes-1-metadata"]["objects"]
+    return [[a["class_id"], a["left"], a["top"], a["width"], a["height"], o["confidence"]]
+            for a, o in zip(line["boxes-1"]["annotations"], objects, strict=True)]
+
+
+def near(found, expected) -> bool:
+    """Same boxes, corners within 1 px (the mouse lands on whole screen pixels)."""
+    return len(found) == len(expected) and all(
+        f[0] == e[0] and f[5] == e[5] and all(abs(a - b) <= 1 for a, b in zip(f[1:5], e[1:5], strict=True))
+        for f, e in zip(found, expected, strict=True))
+
+
+def test_page_in_chromium(chromium_path, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    manifest = make_frames(tmp_path / "frames", count=6)
+    out = tmp_path / "frames" / "boxes-1.output.manifest"
+    job = jobs.open_job(manifest, out=out, classes=CLASSES, predictor=FixedProposals())
+    srv = serve(job, threshold=0.5)
+    port = srv.server_address[1]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 760})
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+                requests: list[str] = []
+                page.on("request", lambda req: requests.append(req.url))
+                page.goto(f"http://127.0.0.1:{port}/?token=secret-token")
+                page.wait_for_function("window.detforgeLabel && window.detforgeLabel.state.item")
+                assert page.locator("#position").inner_text() == "#1 of 6"
+                assert page.locator("#classes li").all_inner_texts() == ["1\nblue box", "2\nyellow box"]
+                assert page.locator(".thumb").count() == 6
+
+                # zoom in, then draw, resize by the corner handle, move
+                fit_scale = page.evaluate("window.detforgeLabel.state.view.scale")
+                page.keyboard.press("+")  # every point used below stays on the canvas at this zoom
+                assert page.evaluate("window.detforgeLabel.state.view.scale") == pytest.approx(fit_scale * 1.25)
+                drag(page, (30, 20), (90, 70))
+                assert near(boxes_in(out, "frame_000.png"), [[0, 30, 20, 60, 50, 1.0]])
+                drag(page, (90, 70), (100, 80))
+                assert near(boxes_in(out, "frame_000.png"), [[0, 30, 20, 70, 60, 1.0]])
+                drag(page, (60, 50), (65, 55))
+                assert near(boxes_in(out, "frame_000.png"), [[0, 35, 25, 70, 60, 1.0]])
+                # a second box, its class by key; delete, undo, redo, undo
+                drag(page, (120, 80), (180, 130))
+                page.keyboard.press("2")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                two = [[0, 35, 25, 70, 60, 1.0], [1, 120, 80, 60, 50, 1.0]]
+                assert near(boxes_in(out, "frame_000.png"), two)
+                assert page.locator("#classes li.current").inner_text().endswith("yellow box")
+                page.keyboard.press("Delete")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                assert near(boxes_in(out, "frame_000.png"), two[:1])
+                page.keyboard.press("Control+z")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                assert near(boxes_in(out, "frame_000.png"), two)
+                page.keyboard.press("Control+Shift+z")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                assert near(boxes_in(out, "frame_000.png"), two[:1])
+                page.keyboard.press("Control+z")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                frame0 = boxes_in(out, "frame_000.png")
+                assert near(frame0, two)
+                page.screenshot(path=str(tmp_path / "drawn.png"))
+
+                # Enter: done, on to the next image not done; c copies the previous image's boxes
+                page.keyboard.press("Enter")
+                page.wait_for_function("document.getElementById('position').textContent === '#2 of 6'")
+                page.keyboard.press("c")
+                page.wait_for_function("window.detforgeLabel.state.boxes.length === 2 && window.detforgeLabel.idle()")
+                assert boxes_in(out, "frame_001.png") == frame0
+
+                # proposals: the sure one shows at 0.5; a click accepts it with the model's confidence
+                page.keyboard.press("ArrowRight")
+                page.wait_for_function("document.getElementById('position').textContent === '#3 of 6'")
+                assert page.evaluate("window.detforgeLabel.state.item.proposals") == [
+                    [30, 22, 90, 72, 0, 0.9], [122, 80, 182, 130, 1, 0.3]]  # the unknown class is dropped
+                click(page, (60, 47))
+                assert boxes_in(out, "frame_002.png") == [[0, 30, 22, 60, 50, 0.9]]
+                page.evaluate("() => { const s = document.getElementById('threshold'); s.value = '0.25';"
+                              " s.dispatchEvent(new Event('input')); }")
+                assert page.locator("#threshold-text").inner_text() == "0.25"
+                page.keyboard.press("a")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                assert boxes_in(out, "frame_002.png") == [[0, 30, 22, 60, 50, 0.9], [1, 122, 80, 60, 50, 0.3]]
+                click(page, (150, 105))  # select the yellow box, then widen it: a person's box now
+                drag(page, (182, 105), (185, 105))
+                assert near(boxes_in(out, "frame_002.png"), [[0, 30, 22, 60, 50, 0.9], [1, 122, 80, 63, 50, 1.0]])
+                page.keyboard.press("ArrowRight")
+                page.wait_for_function("document.getElementById('position').textContent === '#4 of 6'")
+                page.wait_for_timeout(100)
+                page.screenshot(path=str(tmp_path / "proposals.png"))
+                page.keyboard.press("a")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                assert page.locator("#progress-text").inner_text() == "done 4 / 6"
+
+                # a reload opens the first image not done
+                page.reload()
+                page.wait_for_function("window.detforgeLabel && window.detforgeLabel.state.item")
+                assert page.locator("#position").inner_text() == "#5 of 6"
+                assert page.locator(".thumb.done").count() == 4
+                assert errors == []
+                assert all(u.startswith(f"http://127.0.0.1:{port}/") or u.startswith("data:") for u in requests)
+            finally:
+                browser.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+    found = lines_of(out)
+    for line in found:
+        assert line["boxes-1-metadata"].pop("creation-date")
+    meta = {"job-name": "labeling-job/boxes-1", "type": "groundtruth/object-detection"}
+    size = [{"width": 200, "depth": 3, "height": 150}]
+
+    def ann(rows):
+        return [{"class_id": r[0], "width": r[3], "top": r[2], "height": r[4], "left": r[1]} for r in rows]
+
+    def line(i, rows, human, class_map):
+        return {"source-ref": f"frame_{i:03d}.png", "color": "blue", "object": "box", "extra": {"n": i},
+                "boxes-1": {"annotations": ann(rows), "image_size": size},
+                "boxes-1-metadata": {"job-name": meta["job-name"], "class-map": class_map, "human-annotated": human,
+                                     "objects": [{"confidence": r[5]} for r in rows], "type": meta["type"]}}
+
+    both = {"0": "blue box", "1": "yellow box"}
+    f2 = [r[:] for r in [[0, 30, 22, 60, 50, 0.9], boxes_in_row(found, 2)[1]]]
+    assert found == [line(0, frame0, "yes", both), line(1, frame0, "yes", both), line(2, f2, "yes", both),
+                     line(3, [[0, 30, 23, 60, 50, 0.9], [1, 123, 80, 60, 50, 0.3]], "no", both)]
+    assert near([f2[1]], [[1, 122, 80, 63, 50, 1.0]])
+    resumed = jobs.open_job(manifest, out=out, classes=CLASSES)
+    assert resumed.progress() == {"done": 4, "total": 6}
+    summary = prepare([str(out)], str(tmp_path / "prepared"), validation_fraction=0.0)
+    assert len(lines_of(tmp_path / "prepared" / "train.manifest")) == 4 and summary is not None
+    pixels = np.asarray(Image.open(tmp_path / "proposals.png").convert("L"), dtype=np.float64)
+    assert pixels.std() > 10  # not a blank page
+
+
+def boxes_in_row(found: list[dict], i: int) -> list[list]:
+    line = found[i]
+    return [[a["class_id"], a["left"], a["top"], a["width"], a["height"], o["confidence"]]
+            for a, o in zip(line["boxes-1"]["annotations"], line["boxes-1-metadata"]["objects"], strict=True)]

@@ -212,9 +212,12 @@
   function drawBox(b, { dashed = false, selected = false, label = "" }) {
     const [x1, y1] = toScreen(b[0], b[1]), [x2, y2] = toScreen(b[2], b[3]);
     ctx.save();
-    ctx.strokeStyle = colour(b[4]); ctx.lineWidth = selected ? 3 : 2;
     if (dashed) { ctx.setLineDash([6, 4]); ctx.globalAlpha = 0.9; }
     if (selected) { ctx.fillStyle = colour(b[4]) + "33"; ctx.fillRect(x1, y1, x2 - x1, y2 - y1); }
+    // a dark rim first, so that a box stays visible on an object of its own colour
+    ctx.strokeStyle = "rgba(0,0,0,0.75)"; ctx.lineWidth = selected ? 5 : 4;
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    ctx.strokeStyle = colour(b[4]); ctx.lineWidth = selected ? 3 : 2;
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
     ctx.setLineDash([]);
     if (label) {
