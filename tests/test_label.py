@@ -488,6 +488,20 @@ def test_page_in_chromium(chromium_path, tmp_path):
                 page.keyboard.press("a")
                 page.wait_for_function("window.detforgeLabel.idle()")
                 assert page.locator("#progress-text").inner_text() == "done 4 / 6"
+                # the wheel zooms about the mouse (the point under it stays), a right drag pans
+                to = "([x, y]) => window.detforgeLabel.toPage(x, y)"
+                x, y = page.evaluate(to, [100, 75])
+                scale = page.evaluate("window.detforgeLabel.state.view.scale")
+                page.mouse.move(x, y)
+                page.mouse.wheel(0, -100)
+                page.wait_for_function(f"window.detforgeLabel.state.view.scale > {scale}")
+                assert page.evaluate("window.detforgeLabel.state.view.scale") == pytest.approx(scale * 1.25)
+                assert page.evaluate(to, [100, 75]) == pytest.approx([x, y], abs=0.5)
+                page.mouse.down(button="right")
+                page.mouse.move(x + 40, y + 30, steps=3)
+                page.mouse.up(button="right")
+                assert page.evaluate(to, [100, 75]) == pytest.approx([x + 40, y + 30], abs=0.5)
+                assert len(lines_of(out)) == 4  # neither changed a box
 
                 # a reload opens the first image not done
                 page.reload()
