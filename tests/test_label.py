@@ -316,6 +316,27 @@ def test_server_guards_and_saves(tmp_path):
         app.LabelServer(jobs.open_job(manifest, out=out, classes=CLASSES), host="0.0.0.0", port=0)
 
 
+def test_exif_turned_images_are_served_upright(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 20 wide, 40 high, red on top
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    (tmp_path / "in.manifest").write_text('{"source-ref": "turned.jpg"}\n')
+    job = jobs.open_job(tmp_path / "in.manifest", out=tmp_path / "out.manifest", classes=CLASSES)
+    detail = job.detail(0)
+    assert (detail["w"], detail["h"]) == (20, 40)
+    data, content_type = job.image_bytes(0, thumb=False)
+    shown = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int64)
+    assert content_type == "image/jpeg" and shown.shape == (40, 20, 3)
+    assert shown[5, 10, 0] > 200 and shown[35, 10, 0] < 60  # red on top
+    job.update(0, [[0, 0, 20, 40, 0, None]])
+    written = lines_of(tmp_path / "out.manifest")[0]["out"]["image_size"]
+    assert written == [{"width": 20, "depth": 3, "height": 40}]
+    with pytest.raises(ConfigError, match="smaller than one pixel"):
+        job.update(0, [[25, 0, 30, 40, 0, None]])  # clipped to nothing: the image is 20 wide
+
+
 # The CLI with the command modules that exist, so this test need not wait for every other command.
 CLI = [sys.executable, "-c", "import sys, importlib.util as u, detforge.cli as c; "
        "c.COMMANDS[:] = [n for n in c.COMMANDS if u.find_spec('detforge.cli.' + n)]; sys.exit(c.main())"]

@@ -73,6 +73,17 @@ def _open_image(path: str):
         raise ManifestError(f"cannot decode the image: {exc}", path=path) from None
 
 
+def _orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag of encoded image bytes (None when there is none or it cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
 def image_size(path: str) -> tuple[int, int]:
     """Upright (width, height) of an image from its header (EXIF orientation 5-8 swaps the sides)."""
     from PIL import Image, UnidentifiedImageError
@@ -384,7 +395,13 @@ class LabelJob:
 
         item = self.items[index]
         if not thumb:
-            return storage.read_bytes(item.path), mimetypes.guess_type(item.name)[0] or "image/jpeg"
+            data = storage.read_bytes(item.path)
+            if _orientation(data) in (1, None):
+                return data, mimetypes.guess_type(item.name)[0] or "image/jpeg"
+            # turned upright here, so the page shows exactly the pixels the boxes refer to
+            out = io.BytesIO()
+            _open_image(item.path).save(out, "JPEG", quality=95)
+            return out.getvalue(), "image/jpeg"
         with self._lock:
             if index in self._thumbs:
                 self._thumbs.move_to_end(index)
