@@ -228,6 +228,21 @@ class FixedProposals:
         return out
 
 
+def test_uncertainty_order_puts_unsure_images_first(tmp_path):
+    manifest = make_frames(tmp_path / "frames", count=5)
+    (tmp_path / "frames" / "broken.png").write_bytes(b"not an image")
+    with open(manifest, "a") as handle:
+        handle.write('{"source-ref": "broken.png"}\n')
+    job = jobs.open_job(manifest, out=tmp_path / "out.manifest", classes=CLASSES, predictor=FixedProposals(),
+                        order="uncertainty")
+    # frames 2 and 3: a sure box (0.9) and an unsure one (0.3): uncertainty 1 - |0.6 - 1| = 0.6
+    assert job.order == [2, 3, 0, 1, 4, 5]
+    assert [job.items[i].uncertainty for i in job.order] == pytest.approx([0.6, 0.6, 0, 0, 0, 0])
+    assert len(job.unreadable) == 1 and "broken.png" in job.unreadable[0]
+    assert [s["name"] for s in job.page(0, 3)] == ["frame_002.png", "frame_003.png", "frame_000.png"]
+    assert job.next_todo(0) == 0 and job.position(2) == 0
+
+
 def serve(job, **kwargs):
     srv = app.LabelServer(job, port=0, token="secret-token", **kwargs)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -64,6 +64,10 @@ def register(app: typer.Typer) -> None:
 
         def ready(server) -> None:
             p = server.job.progress()
+            for problem in server.job.unreadable[:5]:
+                console.print(f"[yellow]not scored:[/yellow] {problem}", highlight=False)
+            if len(server.job.unreadable) > 5:
+                console.print(f"[yellow]and {len(server.job.unreadable) - 5} more images not scored[/yellow]")
             console.print(f"{p['total']} images, {p['done']} done; labels go to {out} as "
                           f"'{server.job.attribute}'", highlight=False)
             console.print(f"open [bold]{server.url}[/bold]  (Ctrl+C stops; every change is already saved)",

@@ -232,6 +232,7 @@ class LabelJob:
         self._lock = threading.RLock()
         self._thumbs: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self.thumb_cache_size = 5000
+        self.unreadable: list[str] = []  # images the model could not score (``set_order``), with why
         self._model_ids: dict[int, int] = {}
         if predictor is not None:
             by_name = {name: cid for cid, name in self.class_map.items()}
@@ -251,8 +252,12 @@ class LabelJob:
             if self.predictor is None:
                 raise ConfigError("ordering by uncertainty needs the model", field="--order",
                                   hint="add --model DEPLOY_DIR")
+            self.unreadable = []
             for count, item in enumerate(self.items, start=1):
-                self.proposals(item.index)
+                try:
+                    self.proposals(item.index)
+                except ManifestError as exc:  # one bad frame must not block the job: it goes last
+                    self.unreadable.append(str(exc))
                 if on_progress is not None:
                     on_progress(count, len(self.items))
             self.order = sorted(range(len(self.items)), key=lambda i: (-self.items[i].uncertainty, i))
@@ -312,11 +317,15 @@ class LabelJob:
             return []
         if item.proposals is None:
             image = _open_image(item.path)
-            item.width, item.height = image.size
+            if item.width is None or item.height is None:
+                item.width, item.height = image.size
+            # boxes in the manifest's pixels, should its image_size differ from the file's
+            sx, sy = item.width / image.size[0], item.height / image.size[1]
             detections = self.predictor.predict([np.asarray(image)], threshold=PROPOSAL_FLOOR)[0]
             found = []
             for box, score, cid in zip(detections.boxes_xyxy.tolist(), detections.scores.tolist(),
                                        detections.class_ids.tolist(), strict=True):
+                box = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
                 if int(cid) in self._model_ids and box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
                     found.append([round(v, 1) for v in box] + [self._model_ids[int(cid)], round(score, 4)])
             found.sort(key=lambda p: -p[5])
