@@ -579,3 +579,54 @@ def test_page_in_chromium(chromium_path, tmp_path):
     pixels = np.asarray(Image.open(tmp_path / "proposals.png").convert("L"), dtype=np.float64)
     assert pixels.std() > 10  # not a blank page
 
+
+
+def test_page_accepts_and_edits_real_proposals(tiny_deploy, chromium_path, tmp_path):
+    """The tiny deploy folder's detections on the page: accepted unchanged they keep the model's scores
+    (human-annotated "no"); one moved by the mouse becomes a person's box (1.0, "yes")."""
+    from playwright.sync_api import sync_playwright
+
+    from detforge.runtime import Predictor
+
+    manifest = make_frames(tmp_path / "frames", count=3)
+    out = tmp_path / "frames" / "boxes-1.output.manifest"
+    job = jobs.open_job(manifest, out=out, predictor=Predictor(tiny_deploy, threads=1), order="uncertainty")
+    srv = serve(job, threshold=0.05)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 700})
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"http://127.0.0.1:{srv.server_address[1]}/?token=secret-token")
+                page.wait_for_function("window.detforgeLabel && window.detforgeLabel.state.item")
+                item = page.evaluate("window.detforgeLabel.state.item")
+                assert item["proposals"] == job.proposals(job.order[0]) and item["proposals"]
+                page.keyboard.press("a")
+                page.wait_for_function("window.detforgeLabel.idle()")
+                accepted = page.evaluate("window.detforgeLabel.state.boxes")
+                assert accepted and all(b in item["proposals"] for b in accepted)
+                line = lines_of(out)[0]
+                assert line["boxes-1-metadata"]["human-annotated"] == "no"
+                scores = [o["confidence"] for o in line["boxes-1-metadata"]["objects"]]
+                assert scores == [b[5] for b in accepted]
+                # move the smallest box (its centre hits no other box first) by 3 image pixels
+                k = min(range(len(accepted)), key=lambda j: (accepted[j][2] - accepted[j][0])
+                        * (accepted[j][3] - accepted[j][1]))
+                b = accepted[k]
+                centre = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
+                room = 3 if b[2] + 3 <= W else -3
+                drag(page, centre, (centre[0] + room, centre[1]))
+                line = lines_of(out)[0]
+                assert line["boxes-1-metadata"]["human-annotated"] == "yes"
+                expected = [1.0 if j == k else a[5] for j, a in enumerate(accepted)]
+                assert [o["confidence"] for o in line["boxes-1-metadata"]["objects"]] == expected
+                moved = line["boxes-1"]["annotations"][k]
+                assert abs(moved["left"] - (b[0] + room)) <= 1 and abs(moved["top"] - b[1]) <= 1
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
