@@ -259,6 +259,8 @@
     $("current-status").textContent = S.item.done ? "done" : "not done";
     $("current-status").className = "status" + (S.item.done ? " done" : "");
     $("box-count").textContent = `${S.boxes.length} box${S.boxes.length === 1 ? "" : "es"}`;
+    $("uncertainty").hidden = !S.job.model;
+    $("uncertainty").textContent = `model: ${S.item.proposals.length} proposals, uncertainty ${S.item.uncertainty.toFixed(2)}`;
   }
   function showThreshold() { $("threshold-text").textContent = S.threshold.toFixed(2); }
 
