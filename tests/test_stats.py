@@ -6,7 +6,7 @@ import json
 
 from detforge import groundtruth
 from detforge.cli import main
-from detforge.stats import format_stats, manifest_stats
+from detforge.data.stats import format_stats, manifest_stats
 
 
 def test_small_fixture(tmp_path, capsys):

@@ -18,7 +18,6 @@ Not here: the training loop (``train``), augmentation recipes (``transforms``).
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 
@@ -26,9 +25,9 @@ import numpy as np
 import orjson
 
 from detforge import boxes as box_ops
-from detforge import storage
-from detforge.errors import ManifestError, StorageError
-from detforge.groundtruth import read_manifest
+from detforge import images, storage
+from detforge.errors import ManifestError
+from detforge.groundtruth import read_manifest, resolve_source_ref
 
 
 @dataclass
@@ -63,12 +62,6 @@ def read_classes(manifest: str, classes: str | None = None) -> list[str] | None:
     return names
 
 
-def _resolve(source_ref: str, manifest: str) -> str:
-    if storage.is_remote(source_ref) or os.path.isabs(source_ref):
-        return source_ref
-    return storage.join(os.path.dirname(manifest) or ".", source_ref)
-
-
 def load_split(
     manifest: str | os.PathLike, *, classes: list[str] | None = None, label_attribute: str | None = None
 ) -> tuple[list[Sample], list[str]]:
@@ -101,7 +94,7 @@ def load_split(
                     )
         samples.append(
             Sample(
-                _resolve(record.source_ref, manifest),
+                resolve_source_ref(record.source_ref, manifest),
                 record.width,
                 record.height,
                 record.boxes.astype(np.float64),
@@ -184,17 +177,11 @@ class ManifestDataset:
 
     def read_image(self, index: int):
         """The RGB PIL image of sample ``index`` (remote images through the local cache)."""
-        from PIL import Image
-
         sample = self.samples[index]
         path = sample.image
         if storage.is_remote(path):
             path = storage.local_copy(path, self.cache_dir)
-        try:
-            with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-                return image.convert("RGB")
-        except OSError as exc:
-            raise StorageError(f"cannot decode the image: {exc}", path=sample.image) from None
+        return images.decode_pil(images.read_bytes(path), name=sample.image)
 
     def __getitem__(self, index: int):
         import torch

@@ -145,7 +145,7 @@ def _manifests(folder: str) -> list[str]:
 
 
 def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
-    from detforge.prepare import prepare
+    from detforge.data.prepare import prepare
 
     synth = os.path.join(out, "data", "synth")
     summary = prepare(_manifests(synth), os.path.join(out, "prepared"),

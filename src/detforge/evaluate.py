@@ -29,9 +29,9 @@ import numpy as np
 import orjson
 
 from detforge import boxes as box_ops
-from detforge import storage
+from detforge import images, storage
 from detforge.coco_metrics import CocoAccumulator
-from detforge.errors import ConfigError, FormatError, ManifestError, ModelError, require
+from detforge.errors import ConfigError, FormatError, ManifestError, require
 from detforge.groundtruth import read_manifest, resolve_source_ref
 from detforge.metrics import DetectionAccumulator, DetectionMetrics
 
@@ -223,14 +223,7 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 def _open_image(source_ref: str, manifest: str) -> np.ndarray:
     """An ``HxWx3`` uint8 RGB array of a manifest image; a relative reference is read beside the manifest."""
-    from PIL import Image
-
-    path = resolve_source_ref(source_ref, manifest)
-    try:
-        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as exc:
-        raise ModelError(f"cannot decode the image: {exc}", path=path) from None
+    return images.read(resolve_source_ref(source_ref, manifest))
 
 
 def _open_model(path: str):
