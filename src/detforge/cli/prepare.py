@@ -22,8 +22,9 @@ def register(app: typer.Typer) -> None:
             "--discard",
             help="Discard file (one id per line, # comments) or ids 'a,b'; repeatable.")] = [],  # noqa: B006
         reject_labels: Annotated[str | None, typer.Option(
-            "--reject-labels", help="Verification-job answers (class-name) that reject an image, e.g. "
-                                    "'bad,needs fixing' (default: bad, incorrect, wrong, reject, ...).")] = None,
+            "--reject-labels",
+            help="Verification-job answers (class-name) that reject an image, e.g. 'bad,needs fixing' "
+                 "(default: bad, incorrect, wrong, reject, ...).")] = None,
         class_from: Annotated[str | None, typer.Option(
             "--class-from", help="Class name template over line fields, e.g. '{color} {object}'.")] = None,
         classes: Annotated[str | None, typer.Option(

@@ -6,6 +6,7 @@ Reading follows Ultralytics' own dataset rules (written here from its documentat
   as folders, list files (``.txt``, one image per line; ``./x`` relative to the list file) or lists of
   either; a relative entry that does not exist and starts with ``../`` is also tried without it (what
   Roboflow's exports need); ``names`` as a list or an ``{id: name}`` map; ``nc`` checked when given.
+  An image named by several splits is read once, in the first (train, val, test).
 - An image's labels are at the same path with the last ``images`` folder replaced by ``labels`` and the
   suffix by ``.txt``; a missing or empty label file is an image without objects.
 - A label line is ``class cx cy w h`` (normalized) or ``class x1 y1 x2 y2 ...`` (a segmentation polygon,
@@ -192,6 +193,7 @@ def read_yolo(
         )
     )
     splits = []
+    seen: set[str] = set()  # an image named by several splits (e.g. val: the train folder) is read once
     for key, split in SPLIT_KEYS.items():
         value = data.get(key)
         if value in (None, ""):
@@ -199,7 +201,8 @@ def read_yolo(
         entries = value if isinstance(value, list) else [value]
         paths: list[str] = []
         for entry in entries:
-            paths.extend(_images_of(entry, root, yaml_path, key))
+            paths.extend(p for p in _images_of(entry, root, yaml_path, key) if p not in seen)
+        seen.update(paths)
         splits.append((split, paths))
     if not splits:
         raise FormatError("names no split: expected 'train' (and 'val')", path=yaml_path)
@@ -287,8 +290,8 @@ def write_yolo(
 ) -> int:
     """Write ``<split>/images/*`` (copies), ``<split>/labels/*.txt`` and ``data.yaml``; returns the count.
 
-    Records without a split go to ``train``; without validation images, ``val`` names the train
-    images (Ultralytics requires a ``val`` entry). ``resolve`` maps a record's ``source_ref`` to the
+    Records without a split go to ``train``; Ultralytics requires both ``train`` and ``val``: a missing
+    one names the images of the other. ``resolve`` maps a record's ``source_ref`` to the
     image to copy (e.g. the manifest's folder rule).
     """
     import yaml
@@ -319,7 +322,9 @@ def write_yolo(
             storage.join(folder, split, "labels", stem + ".txt"), "".join(x + "\n" for x in lines)
         )
         count += 1
-    data = {"train": "train/images", "val": "val/images" if "val" in used else "train/images"}
+    first = next((f"{s}/images" for s in ("train", "val", "test") if s in used), "train/images")
+    data = {"train": "train/images" if "train" in used else first,
+            "val": "val/images" if "val" in used else first}
     if "test" in used:
         data["test"] = "test/images"
     data["nc"] = len(classes)
