@@ -40,6 +40,7 @@ class Sample:
     boxes: np.ndarray
     class_ids: np.ndarray
     image_id: str
+    difficult: np.ndarray | None = None  # (N,) bool; validation counts them as the VOC devkit does
 
 
 def default_cache_dir() -> str:
@@ -100,6 +101,7 @@ def load_split(
                 record.boxes.astype(np.float64),
                 ids,
                 record.image_id,
+                record.difficult,
             )
         )
     if names is None:
@@ -203,6 +205,9 @@ class ManifestDataset:
         keep = box_ops.positive_size_xyxy(boxes_np, min_size=1e-3)
         labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)[torch.from_numpy(keep)]
         target = {"boxes": torch.from_numpy(boxes_np[keep]).float(), "labels": labels_t + 1}
+        if not self.train and sample.difficult is not None and len(sample.difficult) == len(keep):
+            # without augmentation the boxes keep their order, so the flags still line up
+            target["difficult"] = torch.from_numpy(np.asarray(sample.difficult, dtype=bool)[keep])
         return pixels.float().contiguous(), target, index
 
 

@@ -48,6 +48,7 @@ class GroundTruth:
     boxes: np.ndarray  # (N, 4) xyxy pixels
     class_ids: np.ndarray  # (N,)
     origin: str
+    difficult: np.ndarray | None = None  # (N,) bool: neither a hit nor a miss (VOC devkit, COCO iscrowd)
 
 
 @dataclass
@@ -101,7 +102,8 @@ def load_ground_truth(manifest: str, *, label_attribute: str | None = None) -> I
     """Stream the manifest as GroundTruth items (the untouched line is dropped)."""
     for record in read_manifest(manifest, label_attribute=label_attribute):
         yield GroundTruth(source_ref=record.source_ref, width=record.width, height=record.height,
-                          boxes=record.boxes, class_ids=record.class_ids, origin=record.origin or manifest)
+                          boxes=record.boxes, class_ids=record.class_ids, origin=record.origin or manifest,
+                          difficult=record.difficult)
 
 
 def manifest_class_names(manifest: str, *, label_attribute: str | None = None) -> list[str]:
@@ -284,7 +286,8 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
         for target in (acc, coco_acc):
             if target is not None:
                 target.update(gt_boxes=gt.boxes, gt_classes=gt.class_ids, pred_boxes=boxes,
-                              pred_scores=scores, pred_classes=labels, image_id=gt.source_ref)
+                              pred_scores=scores, pred_classes=labels, image_id=gt.source_ref,
+                              gt_difficult=gt.difficult)
 
     images_iter = _checked(load_ground_truth(manifest, label_attribute=label_attribute), names)
     missing = 0

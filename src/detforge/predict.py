@@ -283,7 +283,7 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
                         source.truth, rows, iou_threshold=iou_threshold)
                     accumulator.update(gt_boxes=source.truth.boxes, gt_classes=source.truth.class_ids,
                                        pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
-                                       image_id=source.source_ref)
+                                       image_id=source.source_ref, gt_difficult=source.truth.difficult)
                     result.images_with_truth += 1
                 if reports:
                     item = _report_item(outcome, thumbnail)
