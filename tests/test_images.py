@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detforge import groundtruth, images
+from detforge import images
+from detforge.data import groundtruth
 from detforge.images import ImageError
 
 # An upright 60x40 photo with a red box at x 40..56, y 4..20 (left, top, width 16, height 16).
@@ -55,7 +56,7 @@ def test_exif_orientation_applied_to_pixels_and_header_size():
 
 
 def test_phone_photo_box_lands_right_through_prepare_dataset_augment_and_predict(tmp_path):
-    from detforge.augment import augment
+    from detforge.data.augment import augment
     from detforge.data.prepare import prepare
     from detforge.dataset import ManifestDataset, load_split
     from detforge.predict import Source, _decode

@@ -13,9 +13,9 @@ from conftest import TINY_CLASSES, need_binary
 
 from detforge import storage
 from detforge.cli import main
+from detforge.data.groundtruth import make_record, write_manifest
 from detforge.errors import ConfigError, ManifestError
 from detforge.evaluate import evaluate
-from detforge.groundtruth import make_record, write_manifest
 from detforge.images import ImageError
 from detforge.predict import match_truth, predict, resolve_inputs
 

@@ -26,8 +26,8 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
+from detforge.data.groundtruth import read_manifest, resolve_source_ref
 from detforge.errors import ManifestError
-from detforge.groundtruth import read_manifest, resolve_source_ref
 
 
 @dataclass

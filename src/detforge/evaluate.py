@@ -31,8 +31,8 @@ import orjson
 from detforge import boxes as box_ops
 from detforge import images, storage
 from detforge.coco_metrics import CocoAccumulator
+from detforge.data.groundtruth import read_manifest, resolve_source_ref
 from detforge.errors import ConfigError, FormatError, ManifestError, require
-from detforge.groundtruth import read_manifest, resolve_source_ref
 from detforge.metrics import DetectionAccumulator, DetectionMetrics
 
 PREDICTION_SUFFIXES = (".jsonl", ".json", ".ndjson", ".out")

@@ -27,8 +27,7 @@ import numpy as np
 
 from detforge import boxes as box_ops
 from detforge import storage
-from detforge.errors import ConfigError, DetforgeError, ManifestError
-from detforge.groundtruth import (
+from detforge.data.groundtruth import (
     Record,
     dumps_line,
     find_label_attribute,
@@ -36,6 +35,7 @@ from detforge.groundtruth import (
     read_image_refs,
     resolve_source_ref,
 )
+from detforge.errors import ConfigError, DetforgeError, ManifestError
 from detforge.metrics import DetectionAccumulator, DetectionMetrics, match_image
 
 MANIFEST_SUFFIXES = (".manifest", ".jsonl", ".json", ".ndjson")

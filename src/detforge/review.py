@@ -36,9 +36,9 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import storage
+from detforge.data.groundtruth import resolve_source_ref
 from detforge.data.sources import read_source
 from detforge.errors import ConfigError, DetforgeError, FormatError
-from detforge.groundtruth import resolve_source_ref
 
 TINY_FRACTION = 0.02  # a box narrower or lower than 2% of the image side is "tiny"
 EDGE_PIXELS = 1.0  # a box within 1 px of the border "touches the edge"

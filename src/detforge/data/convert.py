@@ -20,9 +20,9 @@ from detforge import storage
 from detforge.data.formats.coco import write_coco
 from detforge.data.formats.voc import write_voc
 from detforge.data.formats.yolo import write_yolo
+from detforge.data.groundtruth import ReadReport, Record, ref_from, resolve_source_ref, write_manifest
 from detforge.data.sources import manifest_classes, read_source
 from detforge.errors import ConfigError
-from detforge.groundtruth import ReadReport, Record, ref_from, resolve_source_ref, write_manifest
 
 FORMATS = ("coco", "voc", "yolo", "manifest")
 

@@ -41,9 +41,7 @@ from dataclasses import asdict, dataclass, field
 import orjson
 
 from detforge import storage
-from detforge.data.sources import detect_format, read_source
-from detforge.errors import ConfigError, ManifestError
-from detforge.groundtruth import (
+from detforge.data.groundtruth import (
     ADJUSTED_PREFIX,
     DEFAULT_REJECT_LABELS,
     SPLIT_FIELD,
@@ -55,6 +53,8 @@ from detforge.groundtruth import (
     resolve_source_ref,
     write_manifest,
 )
+from detforge.data.sources import detect_format, read_source
+from detforge.errors import ConfigError, ManifestError
 
 DEFAULT_BLOCK = 10
 DEFAULT_GROUP_BY = "auto"

@@ -17,8 +17,8 @@ import orjson
 
 from detforge import storage
 from detforge.data.formats import coco, voc, yolo
+from detforge.data.groundtruth import ReadReport, Record, read_manifest
 from detforge.errors import FormatError
-from detforge.groundtruth import ReadReport, Record, read_manifest
 
 FORMATS = ("manifest", "yolo", "voc", "coco")
 

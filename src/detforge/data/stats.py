@@ -13,8 +13,8 @@ from collections import Counter
 import numpy as np
 
 from detforge import boxes as box_ops
+from detforge.data.groundtruth import ReadReport
 from detforge.data.sources import read_source
-from detforge.groundtruth import ReadReport
 
 
 def _summary(values: list[float]) -> dict:

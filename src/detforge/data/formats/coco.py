@@ -22,8 +22,8 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
+from detforge.data.groundtruth import ReadReport, Record, checked_boxes, make_record
 from detforge.errors import FormatError, ManifestError
-from detforge.groundtruth import ReadReport, Record, checked_boxes, make_record
 
 ROBOFLOW_FILE = "_annotations.coco.json"
 _FOLDER_SPLITS = {"train": "train", "valid": "validation", "val": "validation", "test": "test"}

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from detforge import images, storage
+from detforge.data.groundtruth import ReadReport, Record, checked_boxes, make_record
 from detforge.errors import FormatError, ManifestError
-from detforge.groundtruth import ReadReport, Record, checked_boxes, make_record
 
 IMAGE_FOLDERS = ("JPEGImages", "images", "Images")
 _SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}

@@ -27,8 +27,8 @@ import numpy as np
 
 from detforge import boxes as box_ops
 from detforge import images, storage
+from detforge.data.groundtruth import ReadReport, Record, checked_boxes, make_record
 from detforge.errors import FormatError, ManifestError
-from detforge.groundtruth import ReadReport, Record, checked_boxes, make_record
 
 YAML_SUFFIXES = (".yaml", ".yml")
 SPLIT_KEYS = {"train": "train", "val": "validation", "test": "test"}

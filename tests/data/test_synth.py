@@ -1,4 +1,4 @@
-"""detforge.synth: the synthetic storage-box dataset (layout, Ground Truth format, exact boxes, seeds)."""
+"""detforge.data.synth: the synthetic storage-box dataset (layout, Ground Truth format, exact boxes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import orjson
 import pytest
 from PIL import Image
 
-from detforge import boxes, groundtruth, storage, synth, synth_scene
+from detforge import boxes, storage
+from detforge.data import groundtruth, synth
+from detforge.data.synth import scene as synth_scene
 from detforge.errors import ConfigError
 
 

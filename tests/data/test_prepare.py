@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from detforge import groundtruth, storage
+from detforge import storage
 from detforge.cli import main
+from detforge.data import groundtruth
 from detforge.data.prepare import FRAME_STEM, parse_group_by, prepare, read_discard_list
 from detforge.errors import ConfigError, ManifestError, StorageError
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from detforge import groundtruth
+from detforge.data import groundtruth
 from detforge.errors import ManifestError
 
 GOOD = {"source-ref": "s3://b/a_000001.jpg", "color": "blue",

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from detforge import groundtruth
 from detforge.cli import main
+from detforge.data import groundtruth
 from detforge.data.convert import convert
 from detforge.data.sources import detect_format, read_source
 from detforge.errors import FormatError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from detforge import groundtruth
 from detforge.cli import main
+from detforge.data import groundtruth
 from detforge.data.stats import format_stats, manifest_stats
 
 

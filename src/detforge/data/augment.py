@@ -38,8 +38,8 @@ import numpy as np
 
 from detforge import boxes as box_ops
 from detforge import images, storage
+from detforge.data.groundtruth import Record, dumps_line, read_manifest, record_to_json, resolve_source_ref
 from detforge.errors import ConfigError, ManifestError, StorageError
-from detforge.groundtruth import Record, dumps_line, read_manifest, record_to_json, resolve_source_ref
 
 PROVENANCE_KEY = "detforge-augment"
 JPEG_QUALITY = 95

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from detforge import groundtruth
 from detforge.cli import main
+from detforge.data import groundtruth
 from detforge.data.convert import convert
 from detforge.data.formats import coco, voc, yolo
 from detforge.data.prepare import prepare
