@@ -148,9 +148,10 @@ def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
     from detforge.data.prepare import prepare
 
     synth = os.path.join(out, "data", "synth")
+    # the default split (auto): whole videos, since the demo has enough of them
     summary = prepare(_manifests(synth), os.path.join(out, "prepared"),
                       discard=[os.path.join(synth, "rejected.txt")], class_from="{color} {object}",
-                      classes=CLASSES, validation_fraction=0.15, seed=7)  # the default split: whole videos here
+                      classes=CLASSES, validation_fraction=0.15, seed=7)
     heldout = os.path.join(out, "data", "heldout")
     prepare(_manifests(heldout), os.path.join(out, "heldout"),
             discard=[os.path.join(heldout, "rejected.txt")], class_from="{color} {object}", classes=CLASSES,
