@@ -107,3 +107,12 @@ def test_resolve_source_ref(tmp_path, monkeypatch):
     assert resolve_source_ref("here.jpg", manifest) == str(tmp_path / "jobs" / "here.jpg")
     assert resolve_source_ref("../img/y.jpg", manifest) == str(tmp_path / "img" / "y.jpg")
     assert resolve_source_ref("x.jpg", "s3://b/jobs/a.manifest") == "s3://b/jobs/x.jpg"
+
+
+def test_ref_from_relative_only_within_a_shared_top_folder(tmp_path):
+    out = tmp_path / "prepared"
+    assert groundtruth.ref_from(str(tmp_path / "frames" / "a.jpg"), out) == "../frames/a.jpg"
+    assert groundtruth.ref_from("s3://b/frames/a.jpg", out) == "s3://b/frames/a.jpg"
+    assert groundtruth.ref_from(str(tmp_path / "a.jpg"), "s3://b/prepared") == str(tmp_path / "a.jpg")
+    # nothing in common but the root: the absolute path, not ../../../...
+    assert groundtruth.ref_from("/opt/photos/a.jpg", "/srv/out") == "/opt/photos/a.jpg"

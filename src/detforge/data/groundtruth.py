@@ -421,11 +421,15 @@ def resolve_source_ref(source_ref: str, manifest: str | os.PathLike) -> str:
 
 def ref_from(image: str, folder: str | os.PathLike) -> str:
     """How a manifest written into ``folder`` refers to ``image`` (a resolved path or URI): relative when
-    both are local (the folder and its images can move together), else the full URI or path."""
+    both are local and share a top folder (they can move together), else the full URI or absolute path."""
     folder = os.fspath(folder)
     if storage.is_remote(image) or storage.is_remote(folder):
         return image
-    return os.path.relpath(os.path.abspath(image), os.path.abspath(folder))
+    image, folder = os.path.abspath(image), os.path.abspath(folder)
+    common = os.path.commonpath([image, folder])
+    if common == os.path.dirname(common):  # nothing in common but the root
+        return image
+    return os.path.relpath(image, folder)
 
 
 def read_image_refs(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

@@ -18,7 +18,8 @@ Split (``--group-by``, default ``auto``): lines are grouped — ``video`` (every
 ``<video>_<frame>`` stem), ``block:N`` (runs of N consecutive frame numbers), ``none`` or
 ``regex:PATTERN`` — and whole groups go to validation, drawn per stratum (the rarest class of the
 group) with the seed until the stratum's share is reached. ``auto`` splits by video when there are
-enough videos (validation gets at least ``MIN_VALIDATION_VIDEOS`` whole ones), else by blocks. With
+enough videos (validation gets at least ``MIN_VALIDATION_VIDEOS`` whole ones), else by blocks, and
+image by image when no id looks like a video frame. With
 blocks, training frames within ``--gap`` frames of a validation frame of the same video are left out
 (neighbouring frames are near copies: keeping them would grade the model on what it trained on).
 ``--keep-splits`` keeps the split a YOLO/VOC/COCO source gave its images.
@@ -407,6 +408,8 @@ def _resolve_group_by(spec: str, image_ids: list[str], fraction: float) -> str:
     if spec != "auto":
         return spec
     videos = {m.group("video") for i in image_ids if (m := FRAME_STEM.match(i))}
+    if not videos:
+        return "none"  # no video frames (e.g. photos): every image is its own group
     return "video" if len(videos) * fraction >= MIN_VALIDATION_VIDEOS else f"block:{DEFAULT_BLOCK}"
 
 
