@@ -29,9 +29,9 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from detforge import augment as aug  # noqa: E402
 from detforge import boxes as box_ops  # noqa: E402
-from detforge.groundtruth import make_record, record_to_json  # noqa: E402
+from detforge.data import augment as aug  # noqa: E402
+from detforge.data.groundtruth import make_record, record_to_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "augment"

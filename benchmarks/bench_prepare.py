@@ -1,7 +1,7 @@
 """bench_prepare: `detforge prepare` vs the blog notebook's approach on a large generated manifest.
 
 Generates realistic Ground Truth output lines (3 jobs, 0-3 boxes, metadata) under benchmarks/data/,
-then runs, each in its own subprocess, (a) ``detforge.prepare.prepare`` (two streaming passes, every
+then runs, each in its own subprocess, (a) ``detforge.data.prepare.prepare`` (two streaming passes, every
 line checked) and (b) the notebook's way: json.loads every line into a list, discard, inject class ids,
 deepcopy, shuffle, json.dumps train/validation. Reports lines/s, the ratio and each child's peak RSS,
 at two sizes to show whether memory stays flat.
@@ -57,7 +57,7 @@ print(json.dumps({"seconds": time.perf_counter() - t,
 
 DETFORGE = r"""
 import json, resource, sys, time
-from detforge.prepare import prepare
+from detforge.data.prepare import prepare
 paths, out, discard = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
 t = time.perf_counter()
 s = prepare(paths, out, discard=[discard], class_from="{color} {object}", validation_fraction=0.1, seed=7)

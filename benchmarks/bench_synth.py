@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 from common import write_result  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from detforge import synth, synth_scene  # noqa: E402
+from detforge.data import synth  # noqa: E402
+from detforge.data.synth import scene as synth_scene  # noqa: E402
 
 
 def rebuild_seconds(*, width: int, height: int, count: int) -> float:

@@ -32,7 +32,7 @@ def make_data(folder: Path, count: int, size: int) -> Path:
     """``count`` RGB PNGs with 1-3 colored boxes each, a manifest and classes.json."""
     from PIL import Image
 
-    from detforge.groundtruth import make_record, write_manifest
+    from detforge.data.groundtruth import make_record, write_manifest
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)

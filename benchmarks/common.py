@@ -105,7 +105,7 @@ def bench_frames(count: int, *, width: int = 640, height: int = 360, seed: int =
     """``count`` consecutive JPEG frames of synthetic storage-box videos (the runtime benchmarks' input)."""
     import tempfile
 
-    from detforge.synth import synthesize
+    from detforge.data.synth import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = synthesize(Path(tmp), images=count, seed=seed, size=(width, height))

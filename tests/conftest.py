@@ -183,7 +183,7 @@ def make_tiny_set(folder: Path, count: int, seed: int, size: int = 64, *, classe
     import numpy as np
     from PIL import Image
 
-    from detforge.groundtruth import make_record, write_manifest
+    from detforge.data.groundtruth import make_record, write_manifest
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detforge.coco_metrics import CocoAccumulator, coco_metrics, run_cocoeval
-from detforge.groundtruth import make_record
+from detforge.data.groundtruth import make_record
 from detforge.metrics import DetectionAccumulator, all_point_ap, pr_curve
 
 NUM_CLASSES = 3

@@ -14,7 +14,7 @@ from conftest import need_binary
 
 pytest.importorskip("torch")
 
-from detforge.groundtruth import read_manifest  # noqa: E402
+from detforge.data.groundtruth import read_manifest  # noqa: E402
 from detforge.runtime import Predictor  # noqa: E402
 
 

@@ -11,9 +11,9 @@ import typer
 from typer.testing import CliRunner
 
 from detforge.cli import evaluate as evaluate_cli
+from detforge.data.groundtruth import make_record, read_manifest, write_manifest
 from detforge.errors import ConfigError, FormatError, ManifestError
 from detforge.evaluate import evaluate, find_source
-from detforge.groundtruth import make_record, read_manifest, write_manifest
 
 CLASSES = ["blue box", "yellow box"]
 CMAP = {0: "blue box", 1: "yellow box"}

@@ -20,6 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 from detforge import checkpoint, export  # noqa: E402
 from detforge.errors import ConfigError, ModelError  # noqa: E402
 from detforge.export import compare_detections, export_run  # noqa: E402
+from detforge.images import ImageError  # noqa: E402
 from detforge.models import build_model  # noqa: E402
 from detforge.runtime import Predictor, file_sha256, load_image, resize_rgb  # noqa: E402
 
@@ -215,13 +216,13 @@ def test_bad_deploy_folders_and_images(tiny_deploy, tmp_path):
     with pytest.raises(ModelError, match="model.json: not valid JSON"):
         Predictor(str(copy))
     predictor = Predictor(str(tiny_deploy / "model.onnx"))  # the model file works as well as the folder
-    with pytest.raises(ModelError, match="cannot decode the image"):
+    with pytest.raises(ImageError, match="not a JPEG/PNG/WEBP/BMP image"):
         predictor.predict([b"not an image"])
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(ModelError, match="broken.jpg"):
+    with pytest.raises(ImageError, match="broken.jpg"):
         predictor.predict([str(broken)])
-    with pytest.raises(ModelError, match="HxWx3 uint8"):
+    with pytest.raises(ImageError, match="HxWx3 uint8"):
         predictor.predict([np.zeros((4, 4, 3), np.float32)])
     with pytest.raises(ConfigError, match="threads"):
         Predictor(str(tiny_deploy), threads=0)

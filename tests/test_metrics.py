@@ -229,3 +229,24 @@ def test_merge_refuses_different_settings():
         DetectionAccumulator(2).merge(DetectionAccumulator(2, iou_threshold=0.75))
     with pytest.raises(ValueError, match="num_classes must be at least 1"):
         DetectionAccumulator(0)
+
+
+def test_difficult_boxes_are_neither_hit_nor_miss_as_in_the_voc_devkit():
+    """GT: box A, difficult box B. Detections: FP 0.95, on B 0.9, on A 0.8.
+
+    Devkit: the detection on B is ignored and B is not counted -> FP, TP: 11-point AP 0.5 (precision
+    1/2 at recall 1). Without the flag B counts: FP, TP, TP -> precision 2/3 at every recall: AP 2/3.
+    """
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=float)
+    pred = np.array([[50, 50, 60, 60], [20, 20, 30, 30], [0, 0, 10, 10]], dtype=float)
+    fields = dict(gt_boxes=gt, gt_classes=[0, 0], pred_boxes=pred, pred_scores=[0.95, 0.9, 0.8],
+                  pred_classes=[0, 0, 0])
+    flagged = DetectionAccumulator(1)
+    flagged.update(**fields, gt_difficult=[False, True])
+    plain = DetectionAccumulator(1)
+    plain.update(**fields)
+    assert flagged.n_gt.tolist() == [1] and plain.n_gt.tolist() == [2]
+    assert flagged.compute().voc07_map == pytest.approx(0.5)
+    assert plain.compute().voc07_map == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 gt boxes but 1 gt_difficult"):
+        flagged.update(**fields, gt_difficult=[True])

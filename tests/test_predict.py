@@ -13,9 +13,10 @@ from conftest import TINY_CLASSES, need_binary
 
 from detforge import storage
 from detforge.cli import main
-from detforge.errors import ConfigError, ManifestError, ModelError
+from detforge.data.groundtruth import make_record, write_manifest
+from detforge.errors import ConfigError, ManifestError
 from detforge.evaluate import evaluate
-from detforge.groundtruth import make_record, write_manifest
+from detforge.images import ImageError
 from detforge.predict import match_truth, predict, resolve_inputs
 
 pytest.importorskip("onnxruntime")
@@ -52,7 +53,7 @@ def test_folder_skips_and_names_a_corrupt_image(predictor, images, tmp_path):
                      progress=lambda done, total: seen.append((done, total)))
     assert result.images == 4
     assert [name for name, _ in result.skipped] == [str(images / "sub" / "corrupt.png")]
-    assert "cannot decode the image" in result.skipped[0][1]
+    assert "not a JPEG/PNG/WEBP/BMP image" in result.skipped[0][1]
     assert seen[-1] == (5, 5) and all(total == 5 for _, total in seen)
     lines = read_lines(out)
     paths = [line["source-ref"] for line in lines]
@@ -81,7 +82,7 @@ def test_threshold_and_single_images(predictor, images, tmp_path):
 
 def test_on_error_stop_writes_nothing(predictor, images, tmp_path):
     out = tmp_path / "out" / "p.jsonl"
-    with pytest.raises(ModelError, match="corrupt.png: cannot decode the image"):
+    with pytest.raises(ImageError, match="corrupt.png: not a JPEG/PNG/WEBP/BMP image"):
         predict("unused", [str(images)], out=str(out), predictor=predictor, on_error="stop",
                 report=str(tmp_path / "out" / "r.pdf"), html=str(tmp_path / "out" / "r.html"))
     assert not out.parent.exists() or list(out.parent.iterdir()) == []

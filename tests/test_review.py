@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from detforge import review, storage
+from detforge.data.groundtruth import make_record, write_manifest
 from detforge.errors import ConfigError, FormatError
-from detforge.groundtruth import make_record, write_manifest
 
 CLASS_MAP = {0: "red box", 1: "blue box"}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -285,7 +285,7 @@ def test_jsonlines_refused_without_allow_path(tiny_deploy, predictor):
 
 BAD_INPUTS = [
     ("empty body", b"", "image/jpeg", 400, "empty body: send the image bytes"),
-    ("not an image", b"hello, not an image" * 10, "image/png", 400, "the body is not an image"),
+    ("not an image", b"hello, not an image" * 10, "image/png", 400, "not a JPEG/PNG/WEBP/BMP image"),
     ("truncated jpeg", jpeg_bytes(200, 150)[:1500], "image/jpeg", 400, "image data is truncated or corrupt"),
     ("too many pixels", None, "image/png", 413, "image is 3000x2000 = 6000000 pixels, more than the limit"),
     ("20000x20000 bomb", None, "image/png", 413, "pixels"),

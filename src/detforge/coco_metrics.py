@@ -2,7 +2,8 @@
 
 Our records and detections are turned into COCO datasets in memory (no files): image ids are
 1..N in the order seen, category ids are our 0-based class ids, boxes ``xyxy`` pixels become COCO
-``xywh`` through ``detforge.boxes``, ``area`` is the box area (no segmentation), ``iscrowd`` 0.
+``xywh`` through ``detforge.boxes``, ``area`` is the box area (no segmentation), ``iscrowd`` 1 for
+difficult/crowd ground truth (``gt_difficult``), else 0.
 ``CocoAccumulator`` has the same ``update``/``merge``/``state_dict``/``compute`` shape as
 ``metrics.DetectionAccumulator``; it keeps every box (validation sets are small).
 
@@ -20,7 +21,7 @@ import numpy as np
 from detforge import boxes as box_ops
 from detforge.errors import require
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: ground truth carries difficult (iscrowd) flags
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -35,8 +36,12 @@ class CocoAccumulator:
         self._gt: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._dt: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def update(self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None) -> None:
-        """Add one image: ``(N, 4)`` xyxy pixel boxes, 0-based class ids, scores (``image_id`` unused)."""
+    def update(self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None,
+               gt_difficult=None) -> None:
+        """Add one image: ``(N, 4)`` xyxy pixel boxes, 0-based class ids, scores (``image_id`` unused).
+
+        ``gt_difficult`` boxes go to pycocotools as ``iscrowd`` (neither a hit nor a miss).
+        """
         n = len(self.class_names)
         gt_b, pr_b = box_ops.as_boxes(gt_boxes), box_ops.as_boxes(pred_boxes)
         gt_c = np.asarray(gt_classes, dtype=np.int64).reshape(-1)
@@ -52,8 +57,12 @@ class CocoAccumulator:
             raise ValueError(f"pred_scores contains NaN{where}")
         index = self.num_images
         self.num_images += 1
+        hard = (np.zeros(len(gt_c), dtype=bool) if gt_difficult is None
+                else np.asarray(gt_difficult, dtype=bool).reshape(-1))
+        if len(hard) != len(gt_c):
+            raise ValueError(f"{len(gt_c)} gt boxes but {len(hard)} gt_difficult flags{where}")
         if len(gt_b):
-            self._gt.append((index, gt_b, gt_c))
+            self._gt.append((index, gt_b, gt_c, hard))
         if len(pr_b):
             self._dt.append((index, pr_b, pr_s, pr_c))
 
@@ -62,7 +71,7 @@ class CocoAccumulator:
         if other.class_names != self.class_names:
             raise ValueError(f"cannot merge: class names differ ({self.class_names} vs {other.class_names})")
         offset = self.num_images
-        self._gt += [(i + offset, b, c) for i, b, c in other._gt]
+        self._gt += [(i + offset, b, c, h) for i, b, c, h in other._gt]
         self._dt += [(i + offset, b, s, c) for i, b, s, c in other._dt]
         self.num_images += other.num_images
         return self
@@ -79,7 +88,8 @@ class CocoAccumulator:
             raise ValueError(f"unknown COCO accumulator state version {state.get('version')!r}")
         acc = cls(state["class_names"])
         acc.num_images = int(state["num_images"])
-        acc._gt = [(int(i), np.asarray(b), np.asarray(c)) for i, b, c in state["gt"]]
+        acc._gt = [(int(i), np.asarray(b), np.asarray(c), np.asarray(h, dtype=bool))
+                   for i, b, c, h in state["gt"]]
         acc._dt = [(int(i), np.asarray(b), np.asarray(s), np.asarray(c)) for i, b, s, c in state["dt"]]
         return acc
 
@@ -88,10 +98,11 @@ class CocoAccumulator:
         images = [{"id": i + 1} for i in range(self.num_images)]
         categories = [{"id": c, "name": name} for c, name in enumerate(self.class_names)]
         gt_anns, dt_anns = [], []
-        for index, b, c in self._gt:
-            for box, cls in zip(box_ops.xyxy_to_coco_xywh(b).tolist(), c.tolist(), strict=True):
+        for index, b, c, h in self._gt:
+            xywh = box_ops.xyxy_to_coco_xywh(b).tolist()
+            for box, cls, hard in zip(xywh, c.tolist(), h.tolist(), strict=True):
                 gt_anns.append({"id": len(gt_anns) + 1, "image_id": index + 1, "category_id": int(cls),
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(hard)})
         for index, b, s, c in self._dt:
             for box, score, cls in zip(box_ops.xyxy_to_coco_xywh(b).tolist(), s.tolist(), c.tolist(),
                                        strict=True):

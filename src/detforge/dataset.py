@@ -18,7 +18,6 @@ Not here: the training loop (``train``), augmentation recipes (``transforms``).
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 
@@ -26,9 +25,9 @@ import numpy as np
 import orjson
 
 from detforge import boxes as box_ops
-from detforge import storage
-from detforge.errors import ManifestError, StorageError
-from detforge.groundtruth import read_manifest
+from detforge import images, storage
+from detforge.data.groundtruth import read_manifest, resolve_source_ref
+from detforge.errors import ManifestError
 
 
 @dataclass
@@ -41,6 +40,7 @@ class Sample:
     boxes: np.ndarray
     class_ids: np.ndarray
     image_id: str
+    difficult: np.ndarray | None = None  # (N,) bool; validation counts them as the VOC devkit does
 
 
 def default_cache_dir() -> str:
@@ -61,12 +61,6 @@ def read_classes(manifest: str, classes: str | None = None) -> list[str] | None:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ManifestError("expected a JSON list of class names (index = class id)", path=path)
     return names
-
-
-def _resolve(source_ref: str, manifest: str) -> str:
-    if storage.is_remote(source_ref) or os.path.isabs(source_ref):
-        return source_ref
-    return storage.join(os.path.dirname(manifest) or ".", source_ref)
 
 
 def load_split(
@@ -101,12 +95,13 @@ def load_split(
                     )
         samples.append(
             Sample(
-                _resolve(record.source_ref, manifest),
+                resolve_source_ref(record.source_ref, manifest),
                 record.width,
                 record.height,
                 record.boxes.astype(np.float64),
                 ids,
                 record.image_id,
+                record.difficult,
             )
         )
     if names is None:
@@ -184,17 +179,11 @@ class ManifestDataset:
 
     def read_image(self, index: int):
         """The RGB PIL image of sample ``index`` (remote images through the local cache)."""
-        from PIL import Image
-
         sample = self.samples[index]
         path = sample.image
         if storage.is_remote(path):
             path = storage.local_copy(path, self.cache_dir)
-        try:
-            with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-                return image.convert("RGB")
-        except OSError as exc:
-            raise StorageError(f"cannot decode the image: {exc}", path=sample.image) from None
+        return images.decode_pil(images.read_bytes(path), name=sample.image)
 
     def __getitem__(self, index: int):
         import torch
@@ -216,6 +205,9 @@ class ManifestDataset:
         keep = box_ops.positive_size_xyxy(boxes_np, min_size=1e-3)
         labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)[torch.from_numpy(keep)]
         target = {"boxes": torch.from_numpy(boxes_np[keep]).float(), "labels": labels_t + 1}
+        if not self.train and sample.difficult is not None and len(sample.difficult) == len(keep):
+            # without augmentation the boxes keep their order, so the flags still line up
+            target["difficult"] = torch.from_numpy(np.asarray(sample.difficult, dtype=bool)[keep])
         return pixels.float().contiguous(), target, index
 
 

@@ -124,7 +124,7 @@ def _bar(enabled: bool, description: str, total: int):
 
 
 def _step_synth(out: str, profile: dict, say: Callable, progress: bool) -> dict:
-    from detforge.synth import synthesize
+    from detforge.data.synth import synthesize
 
     with _bar(progress, "drawing frames", profile["images"]) as update:
         data = synthesize(os.path.join(out, "data", "synth"), images=profile["images"], seed=0,
@@ -145,24 +145,26 @@ def _manifests(folder: str) -> list[str]:
 
 
 def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
-    from detforge.prepare import prepare
+    from detforge.data.prepare import prepare
 
     synth = os.path.join(out, "data", "synth")
+    # the default split (auto): whole videos, since the demo has enough of them
     summary = prepare(_manifests(synth), os.path.join(out, "prepared"),
                       discard=[os.path.join(synth, "rejected.txt")], class_from="{color} {object}",
-                      classes=CLASSES, validation_fraction=0.15, seed=7, group_by="video")
+                      classes=CLASSES, validation_fraction=0.15, seed=7)
     heldout = os.path.join(out, "data", "heldout")
     prepare(_manifests(heldout), os.path.join(out, "heldout"),
             discard=[os.path.join(heldout, "rejected.txt")], class_from="{color} {object}", classes=CLASSES,
             validation_fraction=0.0, seed=7)
     say(f"discarded {len(summary.discarded)}, boxes per class {summary.boxes_per_class}; "
-        f"train {summary.train}, validation {summary.validation} (split by video: {summary.groups} videos)")
+        f"train {summary.train}, validation {summary.validation} (split by {summary.group_by}: "
+        f"{summary.groups} groups)")
     return {"train": summary.train, "validation": summary.validation, "discarded": len(summary.discarded),
-            "boxes_per_class": summary.boxes_per_class}
+            "boxes_per_class": summary.boxes_per_class, "split": summary.group_by}
 
 
 def _step_augment(out: str, profile: dict, say: Callable, progress: bool) -> dict:
-    from detforge.augment import augment
+    from detforge.data.augment import augment
 
     with _bar(progress, "augmenting", 0) as update:
         result = augment(os.path.join(out, "prepared", "train.manifest"),

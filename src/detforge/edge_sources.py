@@ -296,15 +296,14 @@ class WatchSource:
 
 def load_rgb(path: str) -> np.ndarray:
     """Decode an image file to RGB ``HxWx3`` uint8, or raise StorageError saying why not."""
-    from PIL import Image
+    from detforge import images
 
+    if not os.path.exists(path):
+        raise StorageError("no such file", path=path)
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError as exc:
-        raise StorageError("no such file", path=path) from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise StorageError(f"not a readable image: {exc}", path=path) from exc
+        return images.read(path)
+    except images.ImageError as exc:
+        raise StorageError(f"not a readable image: {exc.message}", path=path) from None
 
 
 def resolve_allowed_path(path: object, allowed: tuple[str, ...] | list[str]) -> str:

@@ -118,6 +118,7 @@ def validate(
                     pred_scores=output["scores"].float().cpu().numpy().astype("float64"),
                     pred_classes=output["labels"].cpu().numpy() - 1,
                     image_id=str(index),
+                    gt_difficult=target["difficult"].numpy() if "difficult" in target else None,
                 )
                 acc.update(**fields)
                 if coco_acc is not None:

@@ -29,10 +29,10 @@ import numpy as np
 import orjson
 
 from detforge import boxes as box_ops
-from detforge import storage
+from detforge import images, storage
 from detforge.coco_metrics import CocoAccumulator
-from detforge.errors import ConfigError, FormatError, ManifestError, ModelError, require
-from detforge.groundtruth import read_manifest, resolve_source_ref
+from detforge.data.groundtruth import read_manifest, resolve_source_ref
+from detforge.errors import ConfigError, FormatError, ManifestError, require
 from detforge.metrics import DetectionAccumulator, DetectionMetrics
 
 PREDICTION_SUFFIXES = (".jsonl", ".json", ".ndjson", ".out")
@@ -48,6 +48,7 @@ class GroundTruth:
     boxes: np.ndarray  # (N, 4) xyxy pixels
     class_ids: np.ndarray  # (N,)
     origin: str
+    difficult: np.ndarray | None = None  # (N,) bool: neither a hit nor a miss (VOC devkit, COCO iscrowd)
 
 
 @dataclass
@@ -101,7 +102,8 @@ def load_ground_truth(manifest: str, *, label_attribute: str | None = None) -> I
     """Stream the manifest as GroundTruth items (the untouched line is dropped)."""
     for record in read_manifest(manifest, label_attribute=label_attribute):
         yield GroundTruth(source_ref=record.source_ref, width=record.width, height=record.height,
-                          boxes=record.boxes, class_ids=record.class_ids, origin=record.origin or manifest)
+                          boxes=record.boxes, class_ids=record.class_ids, origin=record.origin or manifest,
+                          difficult=record.difficult)
 
 
 def manifest_class_names(manifest: str, *, label_attribute: str | None = None) -> list[str]:
@@ -223,14 +225,7 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 def _open_image(source_ref: str, manifest: str) -> np.ndarray:
     """An ``HxWx3`` uint8 RGB array of a manifest image; a relative reference is read beside the manifest."""
-    from PIL import Image
-
-    path = resolve_source_ref(source_ref, manifest)
-    try:
-        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as exc:
-        raise ModelError(f"cannot decode the image: {exc}", path=path) from None
+    return images.read(resolve_source_ref(source_ref, manifest))
 
 
 def _open_model(path: str):
@@ -291,7 +286,8 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
         for target in (acc, coco_acc):
             if target is not None:
                 target.update(gt_boxes=gt.boxes, gt_classes=gt.class_ids, pred_boxes=boxes,
-                              pred_scores=scores, pred_classes=labels, image_id=gt.source_ref)
+                              pred_scores=scores, pred_classes=labels, image_id=gt.source_ref,
+                              gt_difficult=gt.difficult)
 
     images_iter = _checked(load_ground_truth(manifest, label_attribute=label_attribute), names)
     missing = 0

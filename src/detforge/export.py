@@ -34,8 +34,8 @@ import orjson
 
 from detforge import __version__, storage
 from detforge import boxes as boxmath
+from detforge.data.groundtruth import read_image_refs, resolve_source_ref
 from detforge.errors import ConfigError, DetforgeError, ManifestError, ModelError
-from detforge.groundtruth import read_image_refs, resolve_source_ref
 from detforge.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image, resize_rgb
 
 DEFAULT_OPSET = 17

@@ -145,10 +145,13 @@ def _finite_boxes(values, name: str) -> np.ndarray:
 
 def match_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes: np.ndarray,
                 pred_scores: np.ndarray, pred_classes: np.ndarray, iou_threshold: float,
-                iou: np.ndarray | None = None) -> np.ndarray:
+                iou: np.ndarray | None = None, gt_difficult: np.ndarray | None = None,
+                ignored: np.ndarray | None = None) -> np.ndarray:
     """VOC matching of one image: ``is_tp`` (bool) for each detection, in the input order.
 
-    ``iou``: the ``(n_pred, n_gt)`` IoU matrix when the caller has it already.
+    ``iou``: the ``(n_pred, n_gt)`` IoU matrix when the caller has it already. ``gt_difficult``: the
+    VOC devkit's rule — a detection whose best same-class box is difficult (IoU >= threshold) is
+    neither a hit nor a miss; its index is set in ``ignored`` (a bool array of n_pred) when given.
     """
     n_pred = len(pred_scores)
     is_tp = np.zeros(n_pred, dtype=bool)
@@ -162,6 +165,11 @@ def match_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes: np.
     # positive is the highest-scoring detection (first in stable order) among those reaching its box.
     order = np.argsort(-pred_scores, kind="stable")
     order = order[best_iou[order] >= iou_threshold]
+    if gt_difficult is not None and np.any(gt_difficult):
+        hard = np.asarray(gt_difficult, dtype=bool)[best[order]]
+        if ignored is not None:
+            ignored[order[hard]] = True
+        order = order[~hard]
     _, first = np.unique(best[order], return_index=True)
     is_tp[order[first]] = True
     return is_tp
@@ -223,10 +231,13 @@ class DetectionAccumulator:
         self._classes = np.zeros(0, dtype=np.int32)
         self._tp = np.zeros(0, dtype=bool)
 
-    def update(self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None) -> None:
+    def update(self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None,
+               gt_difficult=None) -> None:
         """Add one image: ``(N, 4)`` xyxy pixel boxes, 0-based class ids, detection scores.
 
-        ``image_id`` only names the image in error messages.
+        ``image_id`` only names the image in error messages. ``gt_difficult`` (N bools, VOC ``difficult``
+        or COCO ``iscrowd``): such boxes are not counted, and detections on them are neither hits nor
+        misses (the VOC devkit's rule).
         """
         where = f" (image {image_id})" if image_id is not None else ""
         try:
@@ -244,8 +255,20 @@ class DetectionAccumulator:
         except ValueError as exc:
             raise ValueError(f"{exc}{where}") from None
         iou = box_ops.iou_xyxy(pr_b, gt_b) if len(pr_b) and len(gt_b) else None
+        hard = (np.zeros(len(gt_c), dtype=bool) if gt_difficult is None
+                else np.asarray(gt_difficult, dtype=bool).reshape(-1))
+        if len(hard) != len(gt_c):
+            raise ValueError(f"{len(gt_c)} gt boxes but {len(hard)} gt_difficult flags{where}")
+        ignored = np.zeros(len(pr_s), dtype=bool)
         is_tp = match_image(gt_boxes=gt_b, gt_classes=gt_c, pred_boxes=pr_b, pred_scores=pr_s,
-                            pred_classes=pr_c, iou_threshold=self.iou_threshold, iou=iou)
+                            pred_classes=pr_c, iou_threshold=self.iou_threshold, iou=iou,
+                            gt_difficult=hard, ignored=ignored)
+        if ignored.any():
+            pr_b, pr_s, pr_c, is_tp = pr_b[~ignored], pr_s[~ignored], pr_c[~ignored], is_tp[~ignored]
+            iou = None if iou is None else iou[~ignored]
+        if hard.any():  # the confusion matrix counts only boxes that count
+            gt_b, gt_c = gt_b[~hard], gt_c[~hard]
+            iou = None if iou is None else iou[:, ~hard]
         self.n_gt += np.bincount(gt_c, minlength=self.num_classes)
         keep = pr_s >= self.score_threshold
         self.confusion += confusion_image(gt_boxes=gt_b, gt_classes=gt_c, pred_boxes=pr_b[keep],

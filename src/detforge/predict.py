@@ -27,8 +27,7 @@ import numpy as np
 
 from detforge import boxes as box_ops
 from detforge import storage
-from detforge.errors import ConfigError, DetforgeError, ManifestError
-from detforge.groundtruth import (
+from detforge.data.groundtruth import (
     Record,
     dumps_line,
     find_label_attribute,
@@ -36,6 +35,7 @@ from detforge.groundtruth import (
     read_image_refs,
     resolve_source_ref,
 )
+from detforge.errors import ConfigError, DetforgeError, ManifestError
 from detforge.metrics import DetectionAccumulator, DetectionMetrics, match_image
 
 MANIFEST_SUFFIXES = (".manifest", ".jsonl", ".json", ".ndjson")
@@ -283,7 +283,7 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
                         source.truth, rows, iou_threshold=iou_threshold)
                     accumulator.update(gt_boxes=source.truth.boxes, gt_classes=source.truth.class_ids,
                                        pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
-                                       image_id=source.source_ref)
+                                       image_id=source.source_ref, gt_difficult=source.truth.difficult)
                     result.images_with_truth += 1
                 if reports:
                     item = _report_item(outcome, thumbnail)

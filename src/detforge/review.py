@@ -18,7 +18,6 @@ import collections
 import datetime as _dt
 import functools
 import hmac
-import io
 import ipaddress
 import json
 import mimetypes
@@ -37,8 +36,9 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import storage
+from detforge.data.groundtruth import resolve_source_ref
+from detforge.data.sources import read_source
 from detforge.errors import ConfigError, DetforgeError, FormatError
-from detforge.groundtruth import read_manifest
 
 TINY_FRACTION = 0.02  # a box narrower or lower than 2% of the image side is "tiny"
 EDGE_PIXELS = 1.0  # a box within 1 px of the border "touches the edge"
@@ -272,15 +272,9 @@ class ReviewSession:
 
 def make_thumbnail(data: bytes, size: int = THUMB_SIZE) -> bytes:
     """A JPEG no larger than ``size`` on its long side (the aspect ratio kept)."""
-    from PIL import Image
+    from detforge import images
 
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
-        image = image.convert("RGB")
-        image.thumbnail((size, size))
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=80)
-        return out.getvalue()
+    return images.thumbnail_jpeg(data, size=size)
 
 
 def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.PathLike,
@@ -294,7 +288,8 @@ def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.Pat
     class_names = load_class_names(classes) if classes is not None else None
     items: list[ReviewItem] = []
     for manifest in manifests:
-        for record in read_manifest(manifest, label_attribute=label_attribute):
+        _, _, records = read_source(manifest, label_attribute=label_attribute)
+        for record in records:
             boxes = record.boxes
             w, h = record.width, record.height
             widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -302,7 +297,8 @@ def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.Pat
             edge = (boxes[:, 0] <= EDGE_PIXELS) | (boxes[:, 1] <= EDGE_PIXELS) | \
                    (boxes[:, 2] >= w - EDGE_PIXELS) | (boxes[:, 3] >= h - EDGE_PIXELS)
             item = ReviewItem(
-                index=len(items), image_id=record.image_id, source_ref=record.source_ref,
+                index=len(items), image_id=record.image_id,
+                source_ref=resolve_source_ref(record.source_ref, manifest),
                 job=record.job_name or storage.basename(manifest), width=w, height=h,
                 boxes=boxes.tolist(), classes=record.class_names, tiny=int(tiny.sum()), edge=int(edge.sum()))
             if preds is not None:

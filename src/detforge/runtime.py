@@ -14,7 +14,6 @@ reading folders/manifests and writing reports (``predict``, ``report``).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 import orjson
 
 from detforge import boxes as boxmath
-from detforge import storage
+from detforge import images, storage
 from detforge.errors import ConfigError, ModelError, require
 
 MODEL_FILE = "model.onnx"
@@ -31,7 +30,7 @@ METADATA_FILE = "model.json"
 # Preferred execution providers, best first; the first ones present in this onnxruntime build are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # A decompression bomb guard for every image the runtime decodes (pixels).
-MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_PIXELS = images.MAX_PIXELS
 
 
 @dataclass
@@ -62,39 +61,10 @@ class Detections:
         ]
 
 
-def _decode(data: bytes, name: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ModelError(f"image is too large ({image.width}x{image.height} pixels)", path=name)
-            return np.asarray(image.convert("RGB"))
-    except ModelError:
-        raise
-    except UnidentifiedImageError:
-        raise ModelError("cannot decode the image (unknown format or corrupt data)", path=name) from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise ModelError(f"cannot decode the image: {exc}", path=name) from None
-
-
 def load_image(source) -> np.ndarray:
-    """An ``HxWx3`` uint8 RGB array from a path/URI, encoded bytes, a PIL image or an array."""
-    if isinstance(source, np.ndarray):
-        array = source
-        if array.ndim == 2:
-            array = np.repeat(array[:, :, None], 3, axis=2)
-        if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-            raise ModelError(f"an image array must be HxWx3 uint8, got shape {array.shape} {array.dtype}")
-        return array[:, :, :3]
-    if isinstance(source, bytes | bytearray | memoryview):
-        return _decode(bytes(source), "<bytes>")
-    if isinstance(source, str | os.PathLike):
-        return _decode(storage.read_bytes(source), os.fspath(source))
-    if hasattr(source, "convert"):  # a PIL image
-        return np.asarray(source.convert("RGB"))
-    raise ModelError(f"cannot read an image from a {type(source).__name__}")
+    """An upright ``HxWx3`` uint8 RGB array from a path/URI, encoded bytes, a PIL image or an array
+    (``images.from_any``: the one decoder; ``images.ImageError`` saying why not)."""
+    return images.from_any(source, max_pixels=MAX_IMAGE_PIXELS)
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from detforge import images
 from detforge.edge_sources import resolve_allowed_path
 from detforge.errors import ConfigError, DetforgeError
 
@@ -84,30 +84,14 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     Raises BadInput: 400 for empty/unreadable/truncated data, 413 for more than ``max_pixels`` pixels
     (a decompression bomb is refused from its header, before any pixel memory is allocated).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise BadInput(400, "empty body: send the image bytes")
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise BadInput(413, f"image refused as a decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise BadInput(400, "the body is not an image that can be decoded (JPEG, PNG, ...)") from exc
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise BadInput(400, f"image has an empty size {width}x{height}")
-    if width * height > max_pixels:
-        raise BadInput(
-            413,
-            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
-            f"{max_pixels} (--max-pixels)",
-        )
-    try:
-        rgb = image.convert("RGB")  # decodes now; truncated data fails here
-        return np.asarray(rgb, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise BadInput(400, f"image data is truncated or corrupt: {exc}") from exc
+        return images.decode(data, name="body", max_pixels=max_pixels)
+    except images.ImageError as exc:
+        if exc.too_large:
+            raise BadInput(413, f"{exc.message} (--max-pixels)") from None
+        raise BadInput(400, f"{exc.message} (send JPEG, PNG, WebP or BMP)") from None
 
 
 class Metrics:

@@ -22,7 +22,7 @@ Presets (``PRESETS``), in training mode; ``train=False`` is always "resize only"
   down at storage boxes sees them in any orientation).
 
 Randomness comes from torch's global generator (seed it per worker as usual). Not here: offline copies
-of images on disk (``detforge.augment``).
+of images on disk (``detforge.data.augment``).
 """
 
 from __future__ import annotations

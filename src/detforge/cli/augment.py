@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from detforge.augment import augment
+        from detforge.data.augment import augment
 
         console = Console(stderr=True)
         with Progress(TextColumn("augment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        from detforge.frames import extract_frames, parse_metadata
+        from detforge.data.frames import extract_frames, parse_metadata
 
         metadata = parse_metadata(meta or [])
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

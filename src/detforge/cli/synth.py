@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        from detforge.synth import parse_size, synthesize
+        from detforge.data.synth import parse_size, synthesize
 
         width, height = parse_size(size)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

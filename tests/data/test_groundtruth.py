@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from detforge import groundtruth
+from detforge.data import groundtruth
 from detforge.errors import ManifestError
 
 GOOD = {"source-ref": "s3://b/a_000001.jpg", "color": "blue",
@@ -35,9 +35,19 @@ def test_good_line_values(tmp_path):
     adjusted = json.loads(json.dumps(GOOD))
     adjusted["adjusted-bb"] = {"annotations": [], "image_size": [{"width": 100, "height": 50}]}
     adjusted["adjusted-bb-metadata"] = dict(GOOD["bb-metadata"], **{"class-map": {}})
-    adjusted["verify-bb"] = "0"
+    # AWS's own example: the value is the index of the worker's choice; what it means is class-name
+    adjusted["check"] = "1"
+    adjusted["check-metadata"] = {"class-name": "bad", "confidence": 0.93, "job-name": "verify-job",
+                                  "type": "groundtruth/label-verification",
+                                  "worker-feedback": [{"comment": "too wide"}]}
     record = groundtruth.parse_record(adjusted)
-    assert record.label_attribute == "adjusted-bb" and len(record.boxes) == 0 and record.verified is False
+    assert record.label_attribute == "adjusted-bb" and len(record.boxes) == 0
+    assert record.verification == groundtruth.Verification("check", "bad", "verify-job", ("too wide",))
+    assert record.verification.rejects(groundtruth.DEFAULT_REJECT_LABELS)
+    assert not record.verification.rejects(["needs fixing"])
+    del adjusted["check-metadata"]["class-name"]
+    with pytest.raises(ManifestError, match="field 'check-metadata.class-name'"):
+        groundtruth.parse_record(adjusted, path="v.manifest", line=3)
 
 
 def _bad(change) -> dict:
@@ -65,8 +75,13 @@ def test_bad_lines(tmp_path, change, message):
     assert str(info.value).startswith(f"{path}:2")
     assert message in str(info.value)
     report = groundtruth.ReadReport()
-    assert len(list(groundtruth.read_manifest(path, on_error="skip", report=report))) == 1
-    assert report.lines == 2 and report.skipped[0][1] == 2
+    records = list(groundtruth.read_manifest(path, on_error="skip", report=report))
+    if "box (" in message or "non-positive" in message:  # a bad box is left out of its line, the line kept
+        assert [len(r.boxes) for r in records] == [1, 0] and report.skipped == []
+        assert report.skipped_boxes == [str(info.value)]
+    else:
+        assert len(records) == 1 and report.skipped[0][1] == 2
+    assert report.lines == 2
 
 
 def test_malformed_json_and_missing_named_attribute(tmp_path):
@@ -80,7 +95,7 @@ def test_malformed_json_and_missing_named_attribute(tmp_path):
 
 
 def test_resolve_source_ref(tmp_path, monkeypatch):
-    """A URI, an absolute path or a path that exists as given stays; other refs sit beside the manifest."""
+    """A URI or an absolute path stays; any relative ref sits beside the manifest, whatever the cwd."""
     resolve_source_ref = groundtruth.resolve_source_ref
 
     manifest = str(tmp_path / "jobs" / "a.manifest")
@@ -89,5 +104,15 @@ def test_resolve_source_ref(tmp_path, monkeypatch):
     assert resolve_source_ref("img/x.jpg", manifest) == str(tmp_path / "jobs" / "img" / "x.jpg")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "here.jpg").write_bytes(b"")
-    assert resolve_source_ref("here.jpg", manifest) == "here.jpg"
+    assert resolve_source_ref("here.jpg", manifest) == str(tmp_path / "jobs" / "here.jpg")
+    assert resolve_source_ref("../img/y.jpg", manifest) == str(tmp_path / "img" / "y.jpg")
     assert resolve_source_ref("x.jpg", "s3://b/jobs/a.manifest") == "s3://b/jobs/x.jpg"
+
+
+def test_ref_from_relative_only_within_a_shared_top_folder(tmp_path):
+    out = tmp_path / "prepared"
+    assert groundtruth.ref_from(str(tmp_path / "frames" / "a.jpg"), out) == "../frames/a.jpg"
+    assert groundtruth.ref_from("s3://b/frames/a.jpg", out) == "s3://b/frames/a.jpg"
+    assert groundtruth.ref_from(str(tmp_path / "a.jpg"), "s3://b/prepared") == str(tmp_path / "a.jpg")
+    # nothing in common but the root: the absolute path, not ../../../...
+    assert groundtruth.ref_from("/opt/photos/a.jpg", "/srv/out") == "/opt/photos/a.jpg"

@@ -1,4 +1,4 @@
-"""detforge.synth: the synthetic storage-box dataset (layout, Ground Truth format, exact boxes, seeds)."""
+"""detforge.data.synth: the synthetic storage-box dataset (layout, Ground Truth format, exact boxes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import orjson
 import pytest
 from PIL import Image
 
-from detforge import boxes, groundtruth, storage, synth, synth_scene
+from detforge import boxes, storage
+from detforge.data import groundtruth, synth
+from detforge.data.synth import scene as synth_scene
 from detforge.errors import ConfigError
 
 
@@ -235,7 +237,7 @@ def test_prepare_takes_the_dataset_unchanged(small, tmp_path):
     app.command("noop")(lambda: None)
     out = tmp_path / "prepared"
     args = ["prepare", *small.manifests, "--discard", small.rejected_file, "--class-from", "{color} {object}",
-            "--validation-fraction", "0.2", "--out", str(out)]
+            "--validation-fraction", "0.2", "--gap", "0", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     classes = json.loads((out / "classes.json").read_text())
@@ -251,3 +253,32 @@ def test_prepare_takes_the_dataset_unchanged(small, tmp_path):
     for r in records:
         assert [classes[int(c)] for c in r.class_ids] == expected[r.image_id]
         assert r.class_names == expected[r.image_id]
+
+
+def test_default_split_leaves_no_training_frame_next_to_a_validation_frame(tmp_path):
+    """The leak check: under the default split no validation frame has a training frame within the gap."""
+    from detforge.data.prepare import DEFAULT_BLOCK, FRAME_STEM, prepare
+
+    data = synth.synthesize(tmp_path / "d", images=120, seed=4, size=(64, 48), frames_per_video=30)
+    s = prepare(data.manifests, str(tmp_path / "p"), validation_fraction=0.2, seed=1)
+    assert s.group_by == f"block:{DEFAULT_BLOCK}" and s.validation > 0 and s.dropped_for_gap > 0
+
+    def frames(name):
+        found = {}
+        for r in groundtruth.read_manifest(tmp_path / "p" / name):
+            m = FRAME_STEM.match(r.image_id)
+            found.setdefault(m.group("video"), []).append(int(m.group("frame")))
+        return found
+    train, validation = frames("train.manifest"), frames("validation.manifest")
+    closest = min(abs(t - v) for video, vs in validation.items() for v in vs
+                  for t in train.get(video, [10**9]))
+    assert closest > DEFAULT_BLOCK
+    assert s.train + s.validation + s.dropped_for_gap + len(s.discarded) == 120
+    # with enough videos the default takes whole videos: nothing is left out
+    many = synth.synthesize(tmp_path / "m", images=120, seed=4, size=(64, 48), frames_per_video=6)
+    s = prepare(many.manifests, str(tmp_path / "q"), validation_fraction=0.2, seed=1)
+    assert s.group_by == "video" and s.dropped_for_gap == 0
+    videos = {name: {FRAME_STEM.match(r.image_id).group("video")
+                     for r in groundtruth.read_manifest(tmp_path / "q" / name)}
+              for name in ("train.manifest", "validation.manifest")}
+    assert videos["validation.manifest"] and not videos["train.manifest"] & videos["validation.manifest"]

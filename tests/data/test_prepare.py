@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from detforge import groundtruth, storage
+from detforge import storage
 from detforge.cli import main
+from detforge.data import groundtruth
+from detforge.data.prepare import FRAME_STEM, parse_group_by, prepare, read_discard_list
 from detforge.errors import ConfigError, ManifestError, StorageError
-from detforge.prepare import FRAME_STEM, parse_group_by, prepare, read_discard_list
 
 REJECTED = ["blue_box_1_000023", "blue_box_1_000152", "blue_box_2_000292", "yellow_box_2_000193",
             "yellow_box_2_000204", "yellow_box_2_000205"]
@@ -49,7 +50,7 @@ def test_real_jobs_counts_classes_discards(manifests, tmp_path):
     assert s.empty_images == 36 + 2 + 1 - 1
     assert s.classes == ["blue box", "yellow box"]
     assert s.boxes_per_class == {"blue box": 607, "yellow box": 33}
-    assert s.train + s.validation == 677 - 3
+    assert s.train + s.validation + s.dropped_for_gap == 677 - 3 and s.group_by == "block:10"
     assert 0.07 < s.validation / 674 < 0.13
     out = tmp_path / "out"
     assert json.loads((out / "classes.json").read_text()) == ["blue box", "yellow box"]
@@ -117,14 +118,33 @@ def test_pass_through_merges_class_maps_by_name_and_duplicates(tmp_path):
     assert _lines(tmp_path / "p" / "train.manifest")[0]["bb"]["annotations"][0]["class_id"] == 0
 
 
-def test_verification_job_rejects(tmp_path):
-    good = json.loads(_line("s3://b/v_000001.jpg"))
-    bad = json.loads(_line("s3://b/v_000002.jpg"))
-    good["verify-bb"], bad["verify-bb"] = "1", "0"
-    path = tmp_path / "v.manifest"
-    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    s = prepare([str(path)], str(tmp_path / "o"), validation_fraction=0.0)
-    assert s.rejected_by_verification == ["v_000002"] and s.train == 1
+def _verified(line: str, answer: str, index: str, *, attribute: str = "verify-bb") -> dict:
+    obj = json.loads(line)
+    obj[attribute] = index  # the index of the worker's choice in the job's own label list: no meaning alone
+    obj[f"{attribute}-metadata"] = {"class-name": answer, "confidence": 0.9, "job-name": "labeling-job/check",
+                                    "type": "groundtruth/label-verification", "human-annotated": "yes",
+                                    "worker-feedback": [{"comment": f"{answer} box"}]}
+    return obj
+
+
+def test_verification_job_decided_by_class_name(tmp_path):
+    """Approved images stay, rejected ones go, whatever the index says and the attribute is called."""
+    job = tmp_path / "job1.manifest"
+    job.write_text("".join(_line(f"s3://b/v_00000{i}.jpg") + "\n" for i in range(1, 5)))
+    verify = tmp_path / "verify.manifest"
+    lines = [_verified(_line("s3://b/v_000001.jpg"), "good", "0"),
+             _verified(_line("s3://b/v_000002.jpg"), "bad", "1", attribute="quality-check"),
+             _verified(_line("s3://b/v_000003.jpg"), "needs fixing", "2")]
+    verify.write_text("".join(json.dumps(o) + "\n" for o in lines))
+    s = prepare([str(job), str(verify)], str(tmp_path / "o"), validation_fraction=0.0)
+    assert s.rejected_by_verification == ["v_000002"] and s.train == 3
+    assert s.verification == {"v_000001": "good", "v_000002": "bad", "v_000003": "needs fixing"}
+    assert s.verification_comments["v_000002"] == ["bad box"]
+    s = prepare([str(job), str(verify)], str(tmp_path / "o"), validation_fraction=0.0,
+                reject_labels=["bad", "needs fixing"])
+    assert s.rejected_by_verification == ["v_000002", "v_000003"] and s.train == 2
+    kept = {r.image_id for r in groundtruth.read_manifest(tmp_path / "o" / "train.manifest")}
+    assert kept == {"v_000001", "v_000004"}
 
 
 def test_bad_lines_stop_with_file_and_line_or_skip(tmp_path):
@@ -137,10 +157,11 @@ def test_bad_lines_stop_with_file_and_line_or_skip(tmp_path):
         prepare([str(path)], str(out))
     assert not out.exists()
     s = prepare([str(path)], str(out), on_error="skip", validation_fraction=0.0)
-    assert s.train == 1 and len(s.skipped) == 3
-    assert "bad.manifest:3, field 'bb.annotations[0]': box (left=90" in s.skipped[1]
+    # a bad line is passed over, a bad box is left out of its (kept) line
+    assert s.train == 2 and len(s.skipped) == 2 and len(s.skipped_boxes) == 1
+    assert "bad.manifest:3, field 'bb.annotations[0]': box (left=90" in s.skipped_boxes[0]
     assert ("bad.manifest:4, field 'bb.annotations[0].class_id': class_id 3 is not in the class map"
-            in s.skipped[2])
+            in s.skipped[1])
 
 
 def test_template_field_missing(tmp_path):
@@ -175,7 +196,7 @@ def test_cli_bad_input_prints_one_line_exit_2(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["prepare", str(path), "--out", str(tmp_path / "o"), "--on-error", "skip",
                  "--validation-fraction", "0"]) == 0
-    assert "skipped bad lines 1" in capsys.readouterr().out
+    assert "skipped bad lines/images 1" in capsys.readouterr().out
 
 
 def test_s3_in_and_out_same_as_local(manifests, make_bucket, tmp_path):

@@ -1,4 +1,4 @@
-"""detforge.frames: videos -> JPEG frames, a labeling input manifest and a contact sheet."""
+"""detforge.data.frames: videos -> JPEG frames, a labeling input manifest and a contact sheet."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from detforge import storage
+from detforge.data.frames import extract_frames, parse_metadata
 from detforge.errors import ConfigError, FormatError
-from detforge.frames import extract_frames, parse_metadata
 
 cv2 = pytest.importorskip("cv2")
 

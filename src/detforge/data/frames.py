@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detforge import storage
+from detforge.data.groundtruth import dumps_line
 from detforge.errors import ConfigError, DetforgeError, FormatError
-from detforge.groundtruth import dumps_line
 
 MANIFEST_NAME = "input.manifest"
 SHEET_NAME = "contact-sheet.jpg"

@@ -13,7 +13,7 @@
 
 A label is the tight box of the pixels the drawn box covers (lid and walls), clipped to the frame:
 labelers outline the whole box, so hands over its edges do not shrink it (they never reach its corners).
-Same seed and size, same bytes. Drawing lives in ``synth_scene``; nothing here imports torch.
+Same seed and size, same bytes. Drawing lives in ``data.synth.scene``; nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from detforge import groundtruth, storage
-from detforge import synth_scene as scene
+from detforge import storage
+from detforge.data import groundtruth
+from detforge.data.synth import scene
 from detforge.errors import ConfigError
 
 COLORS = ("blue", "yellow")
@@ -65,7 +66,7 @@ class SynthFrame:
     colors: list[str]  # colour of each box
     label_boxes: np.ndarray  # (N, 4) xyxy as written to the manifest
     reject_reason: str | None
-    shapes: list = field(repr=False, default_factory=list)  # the display list (synth_scene.Shape)
+    shapes: list = field(repr=False, default_factory=list)  # the display list (scene.Shape)
 
 
 @dataclass

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from detforge import groundtruth
 from detforge.cli import main
-from detforge.stats import format_stats, manifest_stats
+from detforge.data import groundtruth
+from detforge.data.stats import format_stats, manifest_stats
 
 
 def test_small_fixture(tmp_path, capsys):

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from detforge import augment as aug
 from detforge import boxes as box_ops
+from detforge.data import augment as aug
+from detforge.data.groundtruth import make_record, parse_record, read_manifest, record_to_json
 from detforge.errors import ConfigError, ManifestError
-from detforge.groundtruth import make_record, parse_record, read_manifest, record_to_json
 
 REAL_LINE_BOX = (213, 443, 688, 632)  # ltwh of blue_box_1_000133 in blue-box-large-job-public
 # Hand-computed ltwh of that box in each op's image (1920x1080 frame; 90° turns give 1080x1920).
@@ -422,7 +422,7 @@ def test_hard_kill_leaves_only_complete_files_and_resumes(tmp_path):
         lines.append(_line(path, 640, 480, [(40, 30, 200, 150)]))
     manifest = _write_manifest(tmp_path / "train.manifest", lines)
     out = str(tmp_path / "killed")
-    code = f"from detforge.augment import augment; augment({manifest!r}, out_dir={out!r})"
+    code = f"from detforge.data.augment import augment; augment({manifest!r}, out_dir={out!r})"
     process = subprocess.Popen([sys.executable, "-c", code])
     images = tmp_path / "killed" / "images"
     deadline = time.monotonic() + 120

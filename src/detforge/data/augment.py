@@ -31,16 +31,15 @@ import ctypes
 import ctypes.util
 import io
 import os
-import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from detforge import boxes as box_ops
-from detforge import storage
+from detforge import images, storage
+from detforge.data.groundtruth import Record, dumps_line, read_manifest, record_to_json, resolve_source_ref
 from detforge.errors import ConfigError, ManifestError, StorageError
-from detforge.groundtruth import Record, dumps_line, read_manifest, record_to_json
 
 PROVENANCE_KEY = "detforge-augment"
 JPEG_QUALITY = 95
@@ -360,11 +359,9 @@ class AugmentResult:
 
 
 def _resolve(ref: str, manifest: str) -> str:
-    if storage.is_remote(ref) or os.path.isabs(ref) or ref.startswith("file://"):
-        return ref
-    if storage.is_remote(manifest):
-        return posixpath.join(posixpath.dirname(manifest), ref)
-    return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(manifest)), ref))
+    """The image of a line by the one rule (``groundtruth.resolve_source_ref``), local paths made absolute."""
+    found = resolve_source_ref(ref, manifest)
+    return found if storage.is_remote(found) else os.path.abspath(found)
 
 
 def _check_manifest(path: str, label_attribute: str | None, *, force: bool) -> int:
@@ -397,7 +394,10 @@ def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
               if overwrite or image_size(uri) != (width, height)]
     statuses = dict.fromkeys((op for op, *_ in task.outputs), "skipped")
     if needed:
-        data = storage.read_bytes(task.source)
+        data = images.read_bytes(task.source)
+        if images.orientation(data) != 1:
+            # a phone photo stored sideways: its boxes are upright, so its pixels must be too (re-encoded)
+            data = images.encode(images.decode_pil(data, name=task.source), task.source)
         size = _decoded_size(data)
         if size != (task.width, task.height):
             path, line = task.origin.rsplit(":", 1)

@@ -13,7 +13,8 @@ from collections import Counter
 import numpy as np
 
 from detforge import boxes as box_ops
-from detforge.groundtruth import read_manifest
+from detforge.data.groundtruth import ReadReport
+from detforge.data.sources import read_source
 
 
 def _summary(values: list[float]) -> dict:
@@ -24,8 +25,14 @@ def _summary(values: list[float]) -> dict:
             "max": float(q[4])}
 
 
-def manifest_stats(manifests: list[str], *, label_attribute: str | None = None) -> dict:
-    """Figures of the manifests as a JSON-ready dict (keys: images, boxes, per_class, per_job, ...)."""
+def manifest_stats(manifests: list[str], *, label_attribute: str | None = None, images_dir: str | None = None,
+                   on_error: str = "stop") -> dict:
+    """Figures of labeled inputs as a JSON-ready dict (keys: images, boxes, per_class, per_job, ...).
+
+    Inputs are anything ``prepare`` reads (manifests, YOLO, VOC, COCO), through the same readers and
+    with the same ``on_error`` treatment; skipped lines/images and boxes are listed under ``skipped``.
+    """
+    report = ReadReport()
     per_class: Counter = Counter()
     per_job: Counter = Counter()
     per_manifest: dict[str, int] = {}
@@ -34,7 +41,9 @@ def manifest_stats(manifests: list[str], *, label_attribute: str | None = None) 
     for path in manifests:
         path = os.fspath(path)
         per_manifest[path] = 0
-        for record in read_manifest(path, label_attribute=label_attribute):
+        _, _, records = read_source(path, images=images_dir, label_attribute=label_attribute,
+                                    on_error=on_error, report=report)
+        for record in records:
             images += 1
             per_manifest[path] += 1
             per_job[record.job_name or ""] += 1
@@ -50,7 +59,8 @@ def manifest_stats(manifests: list[str], *, label_attribute: str | None = None) 
             "max_boxes_per_image": max_boxes, "per_class": dict(sorted(per_class.items())),
             "per_job": dict(sorted(per_job.items())), "per_manifest": per_manifest,
             "box_width": _summary(widths), "box_height": _summary(heights),
-            "box_area_fraction": _summary(areas)}
+            "box_area_fraction": _summary(areas),
+            "skipped": [message for _, _, message in report.skipped] + list(report.skipped_boxes)}
 
 
 def format_stats(stats: dict) -> str:
@@ -59,6 +69,7 @@ def format_stats(stats: dict) -> str:
              f"at most {stats['max_boxes_per_image']} boxes on one image"]
     lines += [f"  class {name}: {count} boxes" for name, count in stats["per_class"].items()]
     lines += [f"  job {name or '(none)'}: {count} images" for name, count in stats["per_job"].items()]
+    lines += [f"  skipped: {message}" for message in stats.get("skipped", [])]
     for key in ("box_width", "box_height", "box_area_fraction"):
         s = stats[key]
         if s:

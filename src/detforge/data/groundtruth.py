@@ -24,9 +24,29 @@ from detforge import storage
 from detforge.errors import ManifestError
 
 DETECTION_TYPES = ("groundtruth/object-detection", "groundtruth/object_detection")
+VERIFICATION_TYPES = ("groundtruth/label-verification", "groundtruth/label_verification")
 ADJUSTED_PREFIX = "adjusted-"
-VERIFY_PREFIX = "verify-"
+# Where an import from YOLO/VOC/COCO notes the split the source gave an image (``--keep-splits``).
+SPLIT_FIELD = "detforge-split"
+# What a verification job's worker answer (its metadata ``class-name``) must be for the image to be
+# rejected, compared case-insensitively: the names AWS's examples and the console's templates use.
+DEFAULT_REJECT_LABELS = ("bad", "incorrect", "invalid", "no", "not correct", "reject", "rejected", "wrong",
+                         "needs adjustment", "poor", "false")
 _BOX_KEYS = ("left", "top", "width", "height")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A label-verification job's answer for one image: the label the worker chose and their comments."""
+
+    attribute: str
+    class_name: str
+    job_name: str | None = None
+    comments: tuple[str, ...] = ()
+
+    def rejects(self, reject_labels) -> bool:
+        """True when the chosen label is one of ``reject_labels`` (case-insensitive)."""
+        return self.class_name.strip().lower() in {str(x).strip().lower() for x in reject_labels}
 
 
 @dataclass
@@ -43,9 +63,15 @@ class Record:
     confidences: np.ndarray  # (N,) float64, NaN where the line has none
     label_attribute: str = "bb"
     job_name: str | None = None
-    verified: bool | None = None  # from a verification job's verify-<attr>; None when absent
+    verification: Verification | None = None  # a verification job's answer on this line, if any
     fields: dict = field(default_factory=dict, repr=False)  # the line as read
     origin: str | None = None  # "path:line" for messages
+    difficult: np.ndarray | None = None  # (N,) bool: VOC "difficult" / COCO "iscrowd"; None = none
+    split: str | None = None  # "train", "validation" or "test" when the source says so
+
+    def __post_init__(self) -> None:
+        if self.difficult is None:
+            self.difficult = np.zeros(len(self.class_ids), dtype=bool)
 
     @property
     def image_id(self) -> str:
@@ -64,10 +90,46 @@ class Record:
 
 @dataclass
 class ReadReport:
-    """What a lenient read (``on_error='skip'``) passed over."""
+    """What a lenient read (``on_error='skip'``) passed over: whole lines and single boxes."""
 
     lines: int = 0
     skipped: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, message)
+    skipped_boxes: list[str] = field(default_factory=list)  # the error message of each box left out
+
+
+def box_problem(left: float, top: float, width: float, height: float, *, image_width: int,
+                image_height: int) -> str | None:
+    """Why a ``ltwh`` pixel box cannot be used in an image of that size, or None when it can.
+
+    The one rule for every input format (manifest, YOLO, VOC, COCO) and every command.
+    """
+    if not width > 0 or not height > 0:
+        return f"box has non-positive size {width:g}x{height:g}"
+    if left < 0 or top < 0 or left + width > image_width or top + height > image_height:
+        return (f"box (left={left:g}, top={top:g}, width={width:g}, height={height:g}) lies outside "
+                f"the {image_width}x{image_height} image")
+    return None
+
+
+def find_verification(obj: dict) -> Verification | None:
+    """The label-verification answer of a line, found by its metadata ``type`` whatever the attribute's name.
+
+    The attribute's own value is only the index of the chosen label in the job's list; what it means is
+    the metadata's ``class-name`` (AWS: ``"verify-bounding-box": "1"`` with ``"class-name": "bad"``).
+    """
+    for key, meta in obj.items():
+        if key.endswith("-metadata") and isinstance(meta, dict) and meta.get("type") in VERIFICATION_TYPES:
+            name = meta.get("class-name")
+            if not isinstance(name, str) or not name.strip():
+                raise ManifestError("a label-verification result without its 'class-name'",
+                                    field=f"{key}.class-name")
+            feedback = meta.get("worker-feedback")
+            comments = tuple(str(item["comment"]) for item in feedback or ()
+                             if isinstance(item, dict) and item.get("comment")) if isinstance(
+                feedback, list) else ()
+            return Verification(attribute=key[: -len("-metadata")], class_name=name.strip(),
+                                job_name=meta.get("job-name"), comments=comments)
+    return None
 
 
 def find_label_attribute(obj: dict) -> str | None:
@@ -100,9 +162,13 @@ def _int_field(value, where: str, path: str, line: int) -> int:
     return int(value)
 
 
-def parse_record(obj, *, path: str = "<memory>", line: int = 0,
-                 label_attribute: str | None = None) -> Record:
-    """Check one decoded manifest line and turn it into a Record (ManifestError naming the field)."""
+def parse_record(obj, *, path: str = "<memory>", line: int = 0, label_attribute: str | None = None,
+                 skipped_boxes: list[str] | None = None) -> Record:
+    """Check one decoded manifest line and turn it into a Record (ManifestError naming the field).
+
+    A box that cannot be used (``box_problem``) stops with an error, or, when ``skipped_boxes`` is a
+    list, is left out and its message appended there (``--on-error skip``).
+    """
     if not isinstance(obj, dict):
         raise ManifestError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
     source_ref = obj.get("source-ref")
@@ -159,6 +225,8 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0,
     # plain Python per box, one numpy array per record at the end (numpy on tiny arrays is slow)
     xyxy_rows: list[tuple[int, int, int, int]] = []
     ids: list[int] = []
+    difficult: list[bool] = []
+    kept: list[int] = []
     for i, ann in enumerate(annotations):
         where = f"{attr}.annotations[{i}]"
         if not isinstance(ann, dict):
@@ -168,37 +236,41 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0,
         if cid not in class_map:
             raise ManifestError(f"class_id {cid} is not in the class map {raw_map}", path=path, line=line,
                                 field=f"{where}.class_id")
+        problem = box_problem(left, top, w, h, image_width=width, image_height=height)
+        if problem is not None:
+            error = ManifestError(problem, path=path, line=line, field=where)
+            if skipped_boxes is None:
+                raise error
+            skipped_boxes.append(str(error))
+            continue
         ids.append(cid)
-        if w <= 0 or h <= 0:
-            raise ManifestError(f"box has non-positive size {w}x{h}", path=path, line=line, field=where)
-        if left < 0 or top < 0 or left + w > width or top + h > height:
-            raise ManifestError(
-                f"box (left={left}, top={top}, width={w}, height={h}) lies outside "
-                f"the {width}x{height} image", path=path, line=line, field=where)
+        kept.append(i)
+        difficult.append(bool(ann.get("difficult")) or bool(ann.get("iscrowd")))
         xyxy_rows.append((left, top, left + w, top + h))
     boxes = np.array(xyxy_rows, dtype=np.float64).reshape(-1, 4)
     class_ids = np.array(ids, dtype=np.int64)
 
     objects = meta.get("objects")
-    conf_values = [np.nan] * len(annotations)
+    conf_values = [np.nan] * len(kept)
     if isinstance(objects, list) and len(objects) == len(annotations):
-        for i, item in enumerate(objects):
+        for j, i in enumerate(kept):
+            item = objects[i]
             value = item.get("confidence") if isinstance(item, dict) else None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                conf_values[i] = float(value)
+                conf_values[j] = float(value)
     confidences = np.array(conf_values, dtype=np.float64)
-
-    base = attr[len(ADJUSTED_PREFIX):] if attr.startswith(ADJUSTED_PREFIX) else attr
-    verified = None
-    verify = obj.get(VERIFY_PREFIX + base)
-    if verify is not None:
-        verified = str(verify).strip() not in {"0", "false", "False"}
+    try:
+        verification = find_verification(obj)
+    except ManifestError as exc:
+        raise ManifestError(exc.message, path=path, line=line, field=exc.field) from None
+    split = obj.get(SPLIT_FIELD)
 
     return Record(
         source_ref=source_ref, width=width, height=height, depth=depth,
         boxes=boxes, class_ids=class_ids, class_map=class_map,
         confidences=confidences, label_attribute=attr, job_name=meta.get("job-name"),
-        verified=verified, fields=obj, origin=f"{path}:{line}",
+        verification=verification, fields=obj, origin=f"{path}:{line}",
+        difficult=np.array(difficult, dtype=bool), split=split if isinstance(split, str) else None,
     )
 
 
@@ -222,7 +294,9 @@ def read_manifest(path: str | os.PathLike, *, label_attribute: str | None = None
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise ManifestError(f"not valid JSON: {exc}", path=path, line=number) from None
-            yield parse_record(obj, path=path, line=number, label_attribute=label_attribute)
+            yield parse_record(obj, path=path, line=number, label_attribute=label_attribute,
+                               skipped_boxes=None if on_error == "stop" or report is None
+                               else report.skipped_boxes)
         except ManifestError as exc:
             if on_error == "stop":
                 raise
@@ -245,6 +319,11 @@ def record_to_json(record: Record) -> dict:
         ann["class_id"] = int(record.class_ids[i])
         for j, key in enumerate(_BOX_KEYS):
             ann[key] = int(ltwh[i, j])
+        ann.pop("iscrowd", None)
+        if record.difficult is not None and i < len(record.difficult) and record.difficult[i]:
+            ann["difficult"] = 1
+        else:
+            ann.pop("difficult", None)
         annotations.append(ann)
     label["annotations"] = annotations
     sizes = label.get("image_size")
@@ -293,7 +372,7 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record | dict]) ->
 def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_ids, class_map: dict[int, str],
                 depth: int = 3, label_attribute: str = "bb", job_name: str | None = None,
                 confidences=None, metadata: dict | None = None, creation_date: str | None = None,
-                human_annotated: str = "yes") -> Record:
+                human_annotated: str = "yes", difficult=None, split: str | None = None) -> Record:
     """A new record with Ground Truth's full set of fields (for synthetic data and format imports).
 
     ``metadata`` adds per-line fields such as ``{"color": "blue", "object": "box"}``.
@@ -314,17 +393,43 @@ def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_i
     }
     record = Record(source_ref=source_ref, width=int(width), height=int(height), depth=int(depth),
                     boxes=boxes, class_ids=ids, class_map=dict(class_map), confidences=conf,
-                    label_attribute=label_attribute, job_name=job_name, fields=fields)
+                    label_attribute=label_attribute, job_name=job_name, fields=fields,
+                    difficult=None if difficult is None else np.asarray(difficult, dtype=bool).reshape(-1),
+                    split=split)
+    if split is not None:
+        record.fields[SPLIT_FIELD] = split
     record.fields = record_to_json(record)
     return record
 
 
+def is_relative_ref(source_ref: str) -> bool:
+    """True for a relative image reference (neither a URI nor an absolute path)."""
+    return not (storage.is_remote(source_ref) or os.path.isabs(source_ref))
+
+
 def resolve_source_ref(source_ref: str, manifest: str | os.PathLike) -> str:
-    """Where to read a manifest line's image: a URI, an absolute path or a path that exists as given
-    stays as it is; any other relative reference is taken from the manifest's folder."""
-    if storage.is_remote(source_ref) or os.path.isabs(source_ref) or storage.exists(source_ref):
+    """Where a manifest line's image is, the one rule of every command: a URI or an absolute path as given,
+    a relative reference beside the manifest (never the current directory)."""
+    if not is_relative_ref(source_ref):
         return source_ref
-    return storage.join(os.path.dirname(os.fspath(manifest).rstrip("/")) or ".", source_ref)
+    manifest = os.fspath(manifest)
+    folder = manifest.rstrip("/").rsplit("/", 1)[0] if "/" in manifest.rstrip("/") else "."
+    if storage.is_remote(manifest):
+        return storage.join(folder, source_ref)
+    return os.path.normpath(os.path.join(folder, source_ref))
+
+
+def ref_from(image: str, folder: str | os.PathLike) -> str:
+    """How a manifest written into ``folder`` refers to ``image`` (a resolved path or URI): relative when
+    both are local and share a top folder (they can move together), else the full URI or absolute path."""
+    folder = os.fspath(folder)
+    if storage.is_remote(image) or storage.is_remote(folder):
+        return image
+    image, folder = os.path.abspath(image), os.path.abspath(folder)
+    common = os.path.commonpath([image, folder])
+    if common == os.path.dirname(common):  # nothing in common but the root
+        return image
+    return os.path.relpath(image, folder)
 
 
 def read_image_refs(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -336,3 +441,26 @@ def read_image_refs(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 yield number, orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise ManifestError(f"not valid JSON: {exc}", path=path, line=number) from None
+
+
+def checked_boxes(boxes_xyxy, *, width: int, height: int, where: list[tuple[str, int | None, str | None]],
+                  skipped_boxes: list[str] | None) -> np.ndarray:
+    """Indices of the ``xyxy`` boxes that a manifest can hold, checked as ``parse_record`` checks a line.
+
+    Boxes are taken as Ground Truth will store them (corners rounded to whole pixels). ``where`` gives
+    each box's (path, line, field) for the message. A bad box raises a ManifestError, or, when
+    ``skipped_boxes`` is a list, is left out with its message appended there.
+    """
+    ltwh = box_ops.xyxy_to_ltwh_int(boxes_xyxy)
+    keep = []
+    for i, (left, top, w, h) in enumerate(ltwh.tolist()):
+        problem = box_problem(left, top, w, h, image_width=width, image_height=height)
+        if problem is None:
+            keep.append(i)
+            continue
+        path, line, fld = where[i]
+        error = ManifestError(problem, path=path, line=line, field=fld)
+        if skipped_boxes is None:
+            raise error
+        skipped_boxes.append(str(error))
+    return np.asarray(keep, dtype=np.int64)
