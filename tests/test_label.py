@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detforge.data.groundtruth import read_manifest
+from detforge.data.prepare import prepare
 from detforge.errors import ConfigError, ManifestError
-from detforge.groundtruth import read_manifest
 from detforge.label import app, jobs
-from detforge.prepare import prepare
 
 CLASSES = ["blue box", "yellow box"]
 W, H = 200, 150

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
-import io
 import math
 import os
 import threading
@@ -39,73 +38,23 @@ import numpy as np
 import orjson
 
 from detforge import boxes as box_ops
-from detforge import storage
-from detforge.errors import ConfigError, ManifestError
-from detforge.groundtruth import (
+from detforge import images, storage
+from detforge.data.groundtruth import (
     ADJUSTED_PREFIX,
     DETECTION_TYPES,
     find_label_attribute,
     parse_record,
     read_image_refs,
+    ref_from,
     resolve_source_ref,
 )
+from detforge.errors import ConfigError, DetforgeError, ManifestError
 
 HUMAN_CONFIDENCE = 1.0  # the confidence written for a box a person drew or changed
 PROPOSAL_FLOOR = 0.05  # proposals below this score are never sent to the page (the slider's minimum)
 THUMB_SIZE = 160
 ORDERS = ("manifest", "uncertainty")
 MAX_BOXES = 1000  # per image: a page that sends more is broken
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def _open_image(path: str):
-    """An upright RGB PIL image of ``path`` (EXIF orientation applied); ManifestError naming it otherwise."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except UnidentifiedImageError:
-        raise ManifestError("cannot decode the image (unknown format or corrupt data)", path=path) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ManifestError(f"cannot decode the image: {exc}", path=path) from None
-
-
-def _orientation(data: bytes) -> int | None:
-    """The EXIF orientation tag of encoded image bytes (None when there is none or it cannot be read)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.getexif().get(0x0112)
-    except (OSError, ValueError, SyntaxError):
-        return None
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """Upright (width, height) of an image from its header (EXIF orientation 5-8 swaps the sides)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except UnidentifiedImageError:
-        raise ManifestError("cannot decode the image (unknown format or corrupt data)", path=path) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ManifestError(f"cannot decode the image: {exc}", path=path) from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def make_thumbnail(image, size: int = THUMB_SIZE) -> bytes:
-    """A JPEG of a PIL image no larger than ``size`` on its long side."""
-    image = image.copy()
-    image.thumbnail((size, size))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=80)
-    return out.getvalue()
 
 
 # ----------------------------------------------------------------------------- classes
@@ -256,7 +205,7 @@ class LabelJob:
             for count, item in enumerate(self.items, start=1):
                 try:
                     self.proposals(item.index)
-                except ManifestError as exc:  # one bad frame must not block the job: it goes last
+                except DetforgeError as exc:  # one bad frame must not block the job: it goes last
                     self.unreadable.append(str(exc))
                 if on_progress is not None:
                     on_progress(count, len(self.items))
@@ -299,7 +248,7 @@ class LabelJob:
     def ensure_size(self, item: LabelItem) -> None:
         """Fill the item's width and height from its image header when the manifest does not give them."""
         if item.width is None or item.height is None:
-            item.width, item.height = image_size(item.path)
+            item.width, item.height = images.probe(item.path)
 
     def detail(self, index: int) -> dict:
         """Everything the page needs to edit one image."""
@@ -316,7 +265,7 @@ class LabelJob:
         if self.predictor is None:
             return []
         if item.proposals is None:
-            image = _open_image(item.path)
+            image = images.read_pil(item.path)
             if item.width is None or item.height is None:
                 item.width, item.height = image.size
             # boxes in the manifest's pixels, should its image_size differ from the file's
@@ -384,9 +333,8 @@ class LabelJob:
         ref = item.source_ref
         if storage.is_remote(ref) or os.path.isabs(ref):
             return ref
-        if storage.is_remote(self.out) or storage.is_remote(item.path):
-            return image_key(item.path)
-        return os.path.relpath(image_key(item.path), os.path.dirname(os.path.abspath(self.out)))
+        folder = self.out if storage.is_remote(self.out) else os.path.dirname(os.path.abspath(self.out))
+        return ref_from(item.path, folder)
 
     def encode(self, item: LabelItem) -> bytes:
         return orjson.dumps(self.line_object(item)) + b"\n"
@@ -404,18 +352,17 @@ class LabelJob:
 
         item = self.items[index]
         if not thumb:
-            data = storage.read_bytes(item.path)
-            if _orientation(data) in (1, None):
+            data = images.read_bytes(item.path)
+            if images.orientation(data) == 1:
                 return data, mimetypes.guess_type(item.name)[0] or "image/jpeg"
             # turned upright here, so the page shows exactly the pixels the boxes refer to
-            out = io.BytesIO()
-            _open_image(item.path).save(out, "JPEG", quality=95)
-            return out.getvalue(), "image/jpeg"
+            upright = images.decode_pil(data, name=item.path)
+            return images.encode(upright, item.name), mimetypes.guess_type(item.name)[0] or "image/jpeg"
         with self._lock:
             if index in self._thumbs:
                 self._thumbs.move_to_end(index)
                 return self._thumbs[index], "image/jpeg"
-        data = make_thumbnail(_open_image(item.path))
+        data = images.thumbnail_jpeg(images.read_bytes(item.path), size=THUMB_SIZE)
         with self._lock:
             self._thumbs[index] = data
             while len(self._thumbs) > self.thumb_cache_size:
