@@ -439,6 +439,9 @@ def test_page_in_chromium(chromium_path, tmp_path):
     from playwright.sync_api import sync_playwright
 
     manifest = make_frames(tmp_path / "frames", count=6)
+    (tmp_path / "frames" / "broken.png").write_bytes(b"not an image")
+    with open(manifest, "a") as handle:
+        handle.write('{"source-ref": "broken.png"}\n')
     out = tmp_path / "frames" / "boxes-1.output.manifest"
     job = jobs.open_job(manifest, out=out, classes=CLASSES, predictor=FixedProposals())
     srv = serve(job, threshold=0.5)
@@ -450,14 +453,16 @@ def test_page_in_chromium(chromium_path, tmp_path):
                 page = browser.new_page(viewport={"width": 1200, "height": 760})
                 errors: list[str] = []
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+                # (the broken image's own requests answer 502: that is the message, not an error of the page)
+                page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error"
+                        and "status of 502" not in msg.text else None)
                 requests: list[str] = []
                 page.on("request", lambda req: requests.append(req.url))
                 page.goto(f"http://127.0.0.1:{port}/?token=secret-token")
                 page.wait_for_function("window.detforgeLabel && window.detforgeLabel.state.item")
-                assert page.locator("#position").inner_text() == "#1 of 6"
+                assert page.locator("#position").inner_text() == "#1 of 7"
                 assert page.locator("#classes li").all_inner_texts() == ["1\nblue box", "2\nyellow box"]
-                assert page.locator(".thumb").count() == 6
+                assert page.locator(".thumb").count() == 7
 
                 # zoom in, then draw, resize by the corner handle, move
                 fit_scale = page.evaluate("window.detforgeLabel.state.view.scale")
@@ -494,7 +499,7 @@ def test_page_in_chromium(chromium_path, tmp_path):
 
                 # Enter: done, on to the next image not done; c copies the previous image's boxes
                 page.keyboard.press("Enter")
-                page.wait_for_function("document.getElementById('position').textContent === '#2 of 6'")
+                page.wait_for_function("document.getElementById('position').textContent === '#2 of 7'")
                 page.keyboard.press("c")
                 page.wait_for_function("window.detforgeLabel.state.boxes.length === 2 "
                                        "&& window.detforgeLabel.idle()")
@@ -502,7 +507,7 @@ def test_page_in_chromium(chromium_path, tmp_path):
 
                 # proposals: the sure one shows at 0.5; a click accepts it with the model's confidence
                 page.keyboard.press("ArrowRight")
-                page.wait_for_function("document.getElementById('position').textContent === '#3 of 6'")
+                page.wait_for_function("document.getElementById('position').textContent === '#3 of 7'")
                 assert page.evaluate("window.detforgeLabel.state.item.proposals") == [
                     [30, 22, 90, 72, 0, 0.9], [122, 80, 182, 130, 1, 0.3]]  # the unknown class is dropped
                 click(page, (60, 47))
@@ -518,12 +523,12 @@ def test_page_in_chromium(chromium_path, tmp_path):
                 assert near(boxes_in(out, "frame_002.png"),
                             [[0, 30, 22, 60, 50, 0.9], [1, 122, 80, 63, 50, 1.0]])
                 page.keyboard.press("ArrowRight")
-                page.wait_for_function("document.getElementById('position').textContent === '#4 of 6'")
+                page.wait_for_function("document.getElementById('position').textContent === '#4 of 7'")
                 page.wait_for_timeout(100)
                 page.screenshot(path=str(tmp_path / "proposals.png"))
                 page.keyboard.press("a")
                 page.wait_for_function("window.detforgeLabel.idle()")
-                assert page.locator("#progress-text").inner_text() == "done 4 / 6"
+                assert page.locator("#progress-text").inner_text() == "done 4 / 7"
                 # the wheel zooms about the mouse (the point under it stays), a right drag pans
                 to = "([x, y]) => window.detforgeLabel.toPage(x, y)"
                 x, y = page.evaluate(to, [100, 75])
@@ -542,8 +547,17 @@ def test_page_in_chromium(chromium_path, tmp_path):
                 # a reload opens the first image not done
                 page.reload()
                 page.wait_for_function("window.detforgeLabel && window.detforgeLabel.state.item")
-                assert page.locator("#position").inner_text() == "#5 of 6"
+                assert page.locator("#position").inner_text() == "#5 of 7"
                 assert page.locator(".thumb.done").count() == 4
+                # an image that cannot be read says so, and the keys still move on
+                page.fill("#goto", "7")
+                page.press("#goto", "Enter")
+                page.wait_for_function("document.getElementById('position').textContent === '#7 of 7'")
+                assert page.locator("#toast").inner_text().startswith("cannot open #7: ")
+                assert "broken.png" in page.locator("#toast").inner_text()
+                page.keyboard.press("Delete")  # nothing to edit: ignored
+                page.keyboard.press("ArrowLeft")
+                page.wait_for_function("document.getElementById('position').textContent === '#6 of 7'")
                 assert errors == []
                 assert all(u.startswith((f"http://127.0.0.1:{port}/", "data:")) for u in requests)
             finally:
@@ -573,7 +587,7 @@ def test_page_in_chromium(chromium_path, tmp_path):
     assert found == [line(0, frame0, "yes", both), line(1, frame0, "yes", both), line(2, frame2, "yes", both),
                      line(3, [[0, 30, 23, 60, 50, 0.9], [1, 123, 80, 60, 50, 0.3]], "no", both)]
     resumed = jobs.open_job(manifest, out=out, classes=CLASSES)
-    assert resumed.progress() == {"done": 4, "total": 6}
+    assert resumed.progress() == {"done": 4, "total": 7}
     summary = prepare([str(out)], str(tmp_path / "prepared"), validation_fraction=0.0)
     assert len(lines_of(tmp_path / "prepared" / "train.manifest")) == 4 and summary is not None
     pixels = np.asarray(Image.open(tmp_path / "proposals.png").convert("L"), dtype=np.float64)

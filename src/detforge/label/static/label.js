@@ -80,11 +80,22 @@
   async function go(pos) {
     if (!S.job || pos < 0 || pos >= S.job.total) return;
     const seq = ++S.loadSeq;
-    const summary = await summaryAt(pos);
-    const item = await getJSON(`/api/item/${summary.i}`);
-    const image = new Image();
-    image.src = api(`/api/image/${item.i}`);
-    await image.decode().catch(() => toast("cannot show image " + item.name));
+    let item = null, image = null;
+    try {
+      const summary = await summaryAt(pos);
+      item = await getJSON(`/api/item/${summary.i}`);
+      image = new Image();
+      image.src = api(`/api/image/${item.i}`);
+      await image.decode();
+    } catch (error) {
+      if (seq !== S.loadSeq) return;
+      // an image that cannot be read: nothing to edit here, but → and ← still move on
+      S.pos = pos; S.item = null; S.boxes = []; S.selected = -1; S.image = null; S.drag = null;
+      toast(`cannot open #${pos + 1}: ${error.message || "the image does not decode"}`);
+      render(); $("position").textContent = `#${pos + 1} of ${S.job.total}`;
+      $("current-name").textContent = "(cannot be read)"; renderStrip();
+      return;
+    }
     if (seq !== S.loadSeq) return; // a later navigation won
     S.pos = pos; S.item = item; S.boxes = item.boxes.map((b) => b.slice()); S.selected = -1; S.image = image;
     S.drag = null;
@@ -403,9 +414,11 @@
     }
     if (!$("help").hidden) { if (event.key === "Escape" || event.key === "?") $("help").hidden = true; return; }
     const key = event.key, ctrl = event.ctrlKey || event.metaKey;
+    if (ctrl && !S.item) return;
     if (ctrl && (key === "z" || key === "Z")) { event.shiftKey ? redo() : undo(); event.preventDefault(); return; }
     if (ctrl && (key === "y" || key === "Y")) { redo(); event.preventDefault(); return; }
     if (ctrl || event.altKey) return;
+    if (!S.item && !["ArrowRight", "ArrowLeft", "PageDown", "PageUp", "?"].includes(key)) return;
     if (/^[1-9]$/.test(key)) { const c = S.classes[+key - 1]; if (c) chooseClass(c[0]); return; }
     const W = canvas.clientWidth / 2, H = canvas.clientHeight / 2;
     switch (key) {
@@ -433,12 +446,13 @@
 
   $("btn-prev").addEventListener("click", () => go(S.pos - 1));
   $("btn-next").addEventListener("click", () => go(S.pos + 1));
-  $("btn-done").addEventListener("click", markDone);
-  $("btn-copy").addEventListener("click", copyPrevious);
-  $("btn-accept").addEventListener("click", acceptAll);
-  $("btn-delete").addEventListener("click", deleteSelected);
-  $("btn-undo").addEventListener("click", undo);
-  $("btn-redo").addEventListener("click", redo);
+  const withItem = (action) => () => { if (S.item) action(); };
+  $("btn-done").addEventListener("click", withItem(markDone));
+  $("btn-copy").addEventListener("click", withItem(copyPrevious));
+  $("btn-accept").addEventListener("click", withItem(acceptAll));
+  $("btn-delete").addEventListener("click", withItem(deleteSelected));
+  $("btn-undo").addEventListener("click", withItem(undo));
+  $("btn-redo").addEventListener("click", withItem(redo));
   $("btn-fit").addEventListener("click", () => { fit(); render(); });
   $("strip-prev").addEventListener("click", () => go(Math.max(S.pos - 10, 0)));
   $("strip-next").addEventListener("click", () => go(Math.min(S.pos + 10, S.job.total - 1)));
