@@ -201,6 +201,23 @@ def test_model_proposals_and_uncertainty_order(tiny_deploy, tmp_path):
     with pytest.raises(ConfigError, match="none of the model's classes"):
         jobs.open_job(manifest, out=out, classes="cat,dog", predictor=predictor)
 
+    # a restart takes the model's pass from the file beside the output instead of running it again
+    calls = []
+
+    class Counted:
+        metadata, class_names = predictor.metadata, predictor.class_names
+
+        def predict(self, images, **kwargs):
+            calls.append(len(images))
+            return predictor.predict(images, **kwargs)
+
+    assert Path(str(out) + ".proposals.json").exists()
+    again = jobs.open_job(manifest, out=out, predictor=Counted(), order="uncertainty")
+    assert calls == [] and again.order == job.order and again.proposals(2) == proposals
+    again = jobs.open_job(manifest, out=out, predictor=Counted(), order="uncertainty",
+                          classes="yellow box,blue box")
+    assert calls == [1, 1, 1, 1]  # other class ids: computed again
+
 
 # ----------------------------------------------------------------------------- the server
 

@@ -202,6 +202,7 @@ class LabelJob:
                 raise ConfigError("ordering by uncertainty needs the model", field="--order",
                                   hint="add --model DEPLOY_DIR")
             self.unreadable = []
+            cached = self.load_proposals()
             for count, item in enumerate(self.items, start=1):
                 try:
                     self.proposals(item.index)
@@ -209,6 +210,8 @@ class LabelJob:
                     self.unreadable.append(str(exc))
                 if on_progress is not None:
                     on_progress(count, len(self.items))
+            if cached < len(self.items):
+                self.save_proposals()
             self.order = sorted(range(len(self.items)), key=lambda i: (-self.items[i].uncertainty, i))
         else:
             self.order = list(range(len(self.items)))
@@ -216,6 +219,50 @@ class LabelJob:
         self._position = [0] * len(self.items)
         for pos, index in enumerate(self.order):
             self._position[index] = pos
+
+    # -- the model's pass over every image, kept beside the output so that a restart need not redo it
+    @property
+    def proposals_path(self) -> str:
+        return self.out + ".proposals.json"
+
+    def _model_key(self) -> str | None:
+        sha = getattr(self.predictor, "metadata", {}).get("sha256")
+        classes = sorted(self._model_ids.items())
+        return f"{sha} {classes} {PROPOSAL_FLOOR}" if sha else None
+
+    def load_proposals(self) -> int:
+        """Take the proposals saved by an earlier run of the same model; returns how many images got some."""
+        key = self._model_key()
+        if key is None or not storage.exists(self.proposals_path):
+            return 0
+        try:
+            saved = orjson.loads(storage.read_bytes(self.proposals_path))
+        except orjson.JSONDecodeError:
+            return 0  # a damaged cache is only work to redo
+        if not isinstance(saved, dict) or saved.get("model") != key:
+            return 0
+        if not isinstance(saved.get("images"), dict):
+            return 0
+        found = 0
+        for item in self.items:
+            entry = saved["images"].get(image_key(item.path))
+            if isinstance(entry, dict) and isinstance(entry.get("proposals"), list):
+                item.proposals = entry["proposals"]
+                item.uncertainty = float(entry.get("uncertainty", 0.0))
+                item.width = item.width or entry.get("w")
+                item.height = item.height or entry.get("h")
+                found += 1
+        return found
+
+    def save_proposals(self) -> None:
+        """Save every computed proposal (one file, atomically) for the next start of this job."""
+        key = self._model_key()
+        if key is None:
+            return
+        entries = {image_key(item.path): {"proposals": item.proposals, "uncertainty": item.uncertainty,
+                                          "w": item.width, "h": item.height}
+                   for item in self.items if item.proposals is not None}
+        storage.write_bytes(self.proposals_path, orjson.dumps({"model": key, "images": entries}))
 
     def position(self, index: int) -> int:
         return self._position[index]
