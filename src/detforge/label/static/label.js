@@ -37,7 +37,7 @@
     for (const [cid, name] of job.classes) S.names[cid] = name;
     assignColours();
     S.cls = job.classes.length ? job.classes[0][0] : 0;
-    $("job-name").textContent = job.job + (job.adjust ? " (adjusting " + job.attribute + ")" : "");
+    $("job-name").textContent = job.job + (job.adjust ? " (adjusting " + job.attribute.replace(/^adjusted-/, "") + ")" : "");
     $("out-path").textContent = "saving to " + job.out + " as " + job.attribute;
     if (job.model) {
       $("threshold-box").hidden = false; $("btn-accept").hidden = false;
