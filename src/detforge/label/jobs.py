@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import math
+import mimetypes
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -164,7 +165,7 @@ class LabelJob:
     """
 
     def __init__(self, items: list[LabelItem], *, manifest: str, out: str, class_map: dict[int, str],
-                 attribute: str, job_name: str, adjust: bool, predictor=None, order: str = "manifest",
+                 attribute: str, job_name: str, adjust: bool, predictor=None,
                  foreign: Sequence[bytes] = ()) -> None:
         self.items = items
         self.manifest = manifest
@@ -176,7 +177,7 @@ class LabelJob:
         self.predictor = predictor
         self.foreign = list(foreign)  # output lines of images not in this input: kept as they were
         self.order = list(range(len(items)))
-        self.order_name = order
+        self.order_name = "manifest"
         self._position = self.order[:]
         self._lock = threading.RLock()
         self._thumbs: collections.OrderedDict[int, bytes] = collections.OrderedDict()
@@ -395,8 +396,6 @@ class LabelJob:
     # -- images
     def image_bytes(self, index: int, *, thumb: bool) -> tuple[bytes, str]:
         """(bytes, content type) of an item's image; thumbnails are upright JPEGs kept in memory."""
-        import mimetypes
-
         item = self.items[index]
         if not thumb:
             data = images.read_bytes(item.path)
