@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detforge import review
+from detforge.data.convert import convert
 from detforge.data.groundtruth import read_manifest
 from detforge.data.prepare import prepare
+from detforge.data.stats import manifest_stats
 from detforge.errors import ConfigError, ManifestError
 from detforge.label import app, jobs
 
@@ -89,6 +92,17 @@ def test_output_is_ground_truth_and_prepare_reads_it(tmp_path):
     assert json.loads((tmp_path / "prepared" / "classes.json").read_text()) == CLASSES
     prepared = lines_of(tmp_path / "prepared" / "train.manifest")
     assert len(prepared) == 3 and summary is not None
+    # stats, convert and review read it with no special case
+    figures = manifest_stats([str(out)])
+    assert (figures["images"], figures["boxes"], figures["empty_images"]) == (3, 3, 1)
+    assert figures["per_class"] == {"blue box": 1, "yellow box": 2}
+    assert figures["per_job"] == {"labeling-job/boxes-1": 3}
+    convert(str(out), to="coco", out=str(tmp_path / "coco.json"))
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert sorted(a["bbox"] for a in coco["annotations"]) == [[30, 21, 60, 49], [120, 80, 60, 50],
+                                                               [150, 101, 50, 49]]
+    assert [item.image_id for item in review.load_review([out], discard=tmp_path / "d.txt").items] == [
+        "frame_000", "frame_001", "frame_003"]
 
 
 def test_bad_boxes_and_options(tmp_path):
