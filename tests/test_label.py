@@ -553,6 +553,10 @@ def test_page_in_chromium(chromium_path, tmp_path):
                 drag(page, (182, 105), (185, 105))
                 assert near(boxes_in(out, "frame_002.png"),
                             [[0, 30, 22, 60, 50, 0.9], [1, 122, 80, 63, 50, 1.0]])
+                widened = boxes_in(out, "frame_002.png")[1]
+                page.keyboard.press("Shift+ArrowDown")  # one pixel down, by the keyboard
+                page.wait_for_function("window.detforgeLabel.idle()")
+                assert boxes_in(out, "frame_002.png")[1] == [1, widened[1], 81, *widened[3:]]
                 page.keyboard.press("ArrowRight")
                 page.wait_for_function("document.getElementById('position').textContent === '#4 of 7'")
                 page.wait_for_timeout(100)

@@ -310,6 +310,13 @@
     const props = visibleProposals(); if (!props.length) return;
     const before = snapshot(); for (const p of props) S.boxes.push(p.slice()); commit(before);
   }
+  const NUDGE = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  function nudge([dx, dy]) {
+    const b = S.boxes[S.selected], w = b[2] - b[0], h = b[3] - b[1];
+    const nx = Math.min(Math.max(b[0] + dx, 0), S.item.w - w), ny = Math.min(Math.max(b[1] + dy, 0), S.item.h - h);
+    if (nx === b[0] && ny === b[1]) return;
+    const before = snapshot(); S.boxes[S.selected] = [nx, ny, nx + w, ny + h, b[4], null]; commit(before);
+  }
   async function copyPrevious() {
     if (S.pos === 0) { toast("no previous image"); return; }
     const summary = await summaryAt(S.pos - 1);
@@ -419,6 +426,7 @@
     if (ctrl && (key === "y" || key === "Y")) { redo(); event.preventDefault(); return; }
     if (ctrl || event.altKey) return;
     if (!S.item && !["ArrowRight", "ArrowLeft", "PageDown", "PageUp", "?"].includes(key)) return;
+    if (event.shiftKey && S.selected >= 0 && NUDGE[key]) { nudge(NUDGE[key]); event.preventDefault(); return; }
     if (/^[1-9]$/.test(key)) { const c = S.classes[+key - 1]; if (c) chooseClass(c[0]); return; }
     const W = canvas.clientWidth / 2, H = canvas.clientHeight / 2;
     switch (key) {
