@@ -22,7 +22,8 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.groundtruth import ReadReport, Record, checked_boxes, make_record
+from detforge.data.formats import imported_record, pass_over, skipped_boxes_list
+from detforge.data.groundtruth import ReadReport, Record
 from detforge.errors import FormatError, ManifestError
 
 ROBOFLOW_FILE = "_annotations.coco.json"
@@ -97,11 +98,7 @@ def read_coco(
 
 
 def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
-    skipped_boxes = (
-        report.skipped_boxes
-        if (on_error == "skip" and report is not None)
-        else ([] if on_error == "skip" else None)
-    )
+    skipped_boxes = skipped_boxes_list(on_error, report)
     for path, split, data in loaded:
         _, class_of = categories(data, path)
         base = images_dir or (os.path.dirname(path) or ".")
@@ -158,27 +155,22 @@ def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
                     ids.append(class_of[ann["category_id"]])
                     crowd.append(bool(ann.get("iscrowd")))
                     where.append((path, None, f"{fld}.bbox"))
-                xyxy = box_ops.coco_xywh_to_xyxy(np.asarray(rows, dtype=np.float64).reshape(-1, 4))
-                keep = checked_boxes(
-                    xyxy, width=width, height=height, where=where, skipped_boxes=skipped_boxes
+                record = imported_record(
+                    image,
+                    width=width,
+                    height=height,
+                    names=names,
+                    where=where,
+                    split=split,
+                    boxes_xyxy=box_ops.coco_xywh_to_xyxy(np.asarray(rows, dtype=np.float64).reshape(-1, 4)),
+                    class_ids=ids,
+                    difficult=crowd,
+                    skipped_boxes=skipped_boxes,
                 )
             except (FormatError, ManifestError, images.ImageError) as exc:
-                if on_error == "stop":
-                    raise
-                if report is not None:
-                    report.skipped.append((exc.path or path, exc.line or 0, str(exc)))
+                pass_over(exc, on_error=on_error, report=report, path=path)
                 continue
-            kept = np.asarray(ids, dtype=np.int64)[keep]
-            yield make_record(
-                image,
-                width=width,
-                height=height,
-                boxes_xyxy=xyxy[keep],
-                class_ids=kept,
-                difficult=np.asarray(crowd, dtype=bool)[keep],
-                split=split,
-                class_map={int(i): names[int(i)] for i in sorted(set(kept.tolist()))},
-            )
+            yield record
 
 
 def write_coco(records: Iterable[Record], path: str | os.PathLike, *, classes: list[str]) -> int:

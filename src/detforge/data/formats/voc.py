@@ -18,10 +18,9 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 
-import numpy as np
-
 from detforge import images, storage
-from detforge.data.groundtruth import ReadReport, Record, checked_boxes, make_record
+from detforge.data.formats import imported_record, pass_over, skipped_boxes_list
+from detforge.data.groundtruth import ReadReport, Record
 from detforge.errors import FormatError, ManifestError
 
 IMAGE_FOLDERS = ("JPEGImages", "images", "Images")
@@ -127,11 +126,7 @@ def read_voc(
 
 def _records(paths, classes, splits, images_dir, annotations, on_error, report) -> Iterator[Record]:
     index = {name: i for i, name in enumerate(classes)}
-    skipped_boxes = (
-        report.skipped_boxes
-        if (on_error == "skip" and report is not None)
-        else ([] if on_error == "skip" else None)
-    )
+    skipped_boxes = skipped_boxes_list(on_error, report)
     for path in paths:
         if report is not None:
             report.lines += 1
@@ -163,26 +158,23 @@ def _records(paths, classes, splits, images_dir, annotations, on_error, report) 
                 ids.append(index[name])
                 flags.append((obj.findtext("difficult") or "0").strip() in ("1", "true"))
                 where.append((path, None, f"{fld}.bndbox"))
-            xyxy = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
-            keep = checked_boxes(xyxy, width=width, height=height, where=where, skipped_boxes=skipped_boxes)
+            record = imported_record(
+                image,
+                width=width,
+                height=height,
+                depth=depth,
+                boxes_xyxy=rows,
+                class_ids=ids,
+                names=classes,
+                where=where,
+                difficult=flags,
+                split=splits.get(storage.stem(path)),
+                skipped_boxes=skipped_boxes,
+            )
         except (FormatError, ManifestError, images.ImageError) as exc:
-            if on_error == "stop":
-                raise
-            if report is not None:
-                report.skipped.append((exc.path or path, exc.line or 0, str(exc)))
+            pass_over(exc, on_error=on_error, report=report, path=path)
             continue
-        kept_ids = np.asarray(ids, dtype=np.int64)[keep]
-        yield make_record(
-            image,
-            width=width,
-            height=height,
-            depth=depth,
-            boxes_xyxy=xyxy[keep],
-            class_ids=kept_ids,
-            difficult=np.asarray(flags, dtype=bool)[keep],
-            class_map={int(i): classes[int(i)] for i in sorted(set(kept_ids.tolist()))},
-            split=splits.get(storage.stem(path)),
-        )
+        yield record
 
 
 def write_voc(records: Iterable[Record], folder: str | os.PathLike, *, classes: list[str]) -> int:

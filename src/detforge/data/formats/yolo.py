@@ -27,7 +27,8 @@ import numpy as np
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.groundtruth import ReadReport, Record, checked_boxes, make_record
+from detforge.data.formats import imported_record, pass_over, skipped_boxes_list
+from detforge.data.groundtruth import ReadReport, Record
 from detforge.errors import FormatError, ManifestError
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -236,11 +237,7 @@ def _parse_label_line(parts: list[str], n_classes: int, path: str, line: int) ->
 def _records(
     names: list[str], splits: list[tuple[str | None, list[str]]], *, on_error: str, report: ReadReport | None
 ) -> Iterator[Record]:
-    skipped_boxes = (
-        report.skipped_boxes
-        if (on_error == "skip" and report is not None)
-        else ([] if on_error == "skip" else None)
-    )
+    skipped_boxes = skipped_boxes_list(on_error, report)
     for split, paths in splits:
         for image in paths:
             label = label_path(image)
@@ -264,25 +261,21 @@ def _records(
                     | (xyxy[:, 3] > height + CLIP_TOLERANCE)
                 )
                 xyxy = np.where(overshoot[:, None], xyxy, box_ops.clip_xyxy(xyxy, width=width, height=height))
-                keep = checked_boxes(
-                    xyxy, width=width, height=height, where=where, skipped_boxes=skipped_boxes
+                record = imported_record(
+                    image,
+                    width=width,
+                    height=height,
+                    boxes_xyxy=xyxy,
+                    class_ids=ids,
+                    names=names,
+                    where=where,
+                    split=split,
+                    skipped_boxes=skipped_boxes,
                 )
             except (FormatError, ManifestError, images.ImageError) as exc:
-                if on_error == "stop":
-                    raise
-                if report is not None:
-                    report.skipped.append((exc.path or label, exc.line or 0, str(exc)))
+                pass_over(exc, on_error=on_error, report=report, path=label)
                 continue
-            ids = ids[keep]
-            yield make_record(
-                image,
-                width=width,
-                height=height,
-                boxes_xyxy=np.round(xyxy[keep], 6),
-                class_ids=ids,
-                class_map={int(i): names[int(i)] for i in sorted(set(ids.tolist()))},
-                split=split,
-            )
+            yield record
 
 
 def write_yolo(
@@ -323,8 +316,10 @@ def write_yolo(
         )
         count += 1
     first = next((f"{s}/images" for s in ("train", "val", "test") if s in used), "train/images")
-    data = {"train": "train/images" if "train" in used else first,
-            "val": "val/images" if "val" in used else first}
+    data = {
+        "train": "train/images" if "train" in used else first,
+        "val": "val/images" if "val" in used else first,
+    }
     if "test" in used:
         data["test"] = "test/images"
     data["nc"] = len(classes)
