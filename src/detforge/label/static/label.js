@@ -100,6 +100,12 @@
     S.pos = pos; S.item = item; S.boxes = item.boxes.map((b) => b.slice()); S.selected = -1; S.image = image;
     S.drag = null;
     fit(); render(); showItem(); renderStrip();
+    prefetch(pos + 1);
+  }
+  // the next image into the browser's cache while this one is labeled (the server allows an hour)
+  async function prefetch(pos) {
+    if (pos >= S.job.total) return;
+    try { const next = await summaryAt(pos); new Image().src = api(`/api/image/${next.i}`); } catch (e) { /* later */ }
   }
 
   // ------------------------------------------------------------------ saving
