@@ -391,10 +391,11 @@ CLI = [sys.executable, "-c", "import sys, importlib.util as u, detforge.cli as c
 def start_cli(args: list[str]) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([*CLI, "label", *args, "--port", "0", "--no-browser"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
-    first = process.stdout.readline()
-    second = process.stdout.readline()
-    assert "open http://127.0.0.1:" in second, (first, second)
-    return process, first + second
+    lines = [process.stdout.readline()]
+    while "open http://127.0.0.1:" not in lines[-1] and len(lines) < 10 and lines[-1]:
+        lines.append(process.stdout.readline())
+    assert "open http://127.0.0.1:" in lines[-1], lines
+    return process, "".join(lines)
 
 
 def test_cli_killed_mid_job_resumes_with_nothing_lost(tmp_path):
@@ -679,3 +680,30 @@ def test_page_accepts_and_edits_real_proposals(tiny_deploy, chromium_path, tmp_p
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_cli_with_model_and_adjust(tiny_deploy, tmp_path):
+    manifest = make_frames(tmp_path / "frames", count=2)
+    out = tmp_path / "jobs" / "boxes-2.output.manifest"
+    process, text = start_cli([str(manifest), "--model", str(tiny_deploy), "--order", "uncertainty",
+                               "--threshold", "0.2", "--out", str(out)])
+    try:
+        assert text.splitlines()[0] == "model: 2 of 2 images scored"
+        base, token = text.split("open ")[1].split()[0].split("/?token=")
+        status, body, _ = http(f"{base}/api/job?token={token}")
+        info = json.loads(body)
+        assert (info["order"], info["threshold"], info["model"]) == ("uncertainty", 0.2, True)
+        assert info["classes"] == [[0, "blue box"], [1, "yellow box"]]
+        box = b'{"boxes": [[30, 20, 90, 70, 1, null]]}'
+        assert http(f"{base}/api/item/0?token={token}", data=box)[0] == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=20)
+    adjusted = tmp_path / "jobs" / "boxes-2-adjusted.output.manifest"
+    process, text = start_cli([str(out), "--adjust", "--out", str(adjusted)])
+    try:
+        assert text.startswith(f"1 images, 0 done; labels go to {adjusted} as 'adjusted-boxes-2'")
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=20)
+    assert process.returncode == 0 and "stopped: 0 of 1 images done" in rest and not adjusted.exists()

@@ -237,13 +237,13 @@ def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str |
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port",
                           hint="choose another --port") from None
-    if on_ready is not None:
-        on_ready(server)
-    if open_browser:
-        import webbrowser
+    try:  # Ctrl+C at any moment from here on is a normal stop: every change is already saved
+        if on_ready is not None:
+            on_ready(server)
+        if open_browser:
+            import webbrowser
 
-        webbrowser.open(server.url)
-    try:
+            webbrowser.open(server.url)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
