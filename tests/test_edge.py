@@ -362,6 +362,80 @@ def test_disk_buffer_is_bounded_ordered_and_survives_a_restart(tmp_path):
         DiskBuffer(str(tmp_path), max_messages=0)
 
 
+def _damage(buffer_dir: Path) -> dict[str, bytes]:
+    """What a power loss or a bad disk can leave in a buffer folder, by file name."""
+    return {
+        "000000000003.msg": b"",  # created, never written
+        "000000000004.msg": b'detforge/infer/output\n{"n": 3, "se',  # cut mid-payload
+        "000000000005.msg": bytes(range(256)) * 3,  # garbage, no topic line
+        "000000000006.msg": b'detforge/infer/#\n{"n": 5}',  # a topic no one may publish to
+        ".000000000009.part": b'detforge/infer/output\n{"n": 8',  # a write a crash cut short
+    }
+
+
+def test_disk_buffer_fsyncs_and_quarantines_what_cannot_be_read(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    buffer = DiskBuffer(str(tmp_path))
+    buffer.append("t/a", b'{"n": 0}')
+    # the message file, then the folder holding its new name
+    assert synced == [str(tmp_path / ".000000000001.part"), str(tmp_path)]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    buffer.append("t/a", b'{"n": 1}')
+    for name, data in _damage(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "000000000007.msg").write_bytes(b't/a\n{"n": 6}')
+    again = DiskBuffer(str(tmp_path))
+    assert again.quarantined == 1  # the leftover .part, at once
+    assert again.pending() == [1, 2, 3, 4, 5, 6, 7]
+    readable = {seq: again.read(seq) for seq in again.pending()}
+    assert readable == {
+        1: ("t/a", b'{"n": 0}'),
+        2: ("t/a", b'{"n": 1}'),
+        3: None,
+        4: None,
+        5: None,
+        6: None,
+        7: ("t/a", b'{"n": 6}'),
+    }
+    assert again.pending() == [1, 2, 7] and again.quarantined == 5
+    assert sorted(os.listdir(tmp_path / "quarantine")) == sorted(_damage(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["000000000001.msg", "000000000002.msg", "000000000007.msg",
+                                            "quarantine"]
+    assert again.next_seq() == 10  # after the cut-short .part's 9: a number is never reused
+    (tmp_path / "000000000007.msg").write_bytes(b"")  # damaged again later, under a name already seen
+    (tmp_path / "000000000003.msg").write_bytes(b"")
+    later = DiskBuffer(str(tmp_path))
+    assert later.quarantined == 5  # the count survives a restart (the files do)
+    assert [later.read(seq) for seq in later.pending()] == [("t/a", b'{"n": 0}'), ("t/a", b'{"n": 1}'), None,
+                                                            None]
+    assert later.quarantined == 7 and later.pending() == [1, 2]
+    assert {"000000000003.msg", "000000000003.msg.2", "000000000007.msg"} <= set(
+        os.listdir(tmp_path / "quarantine")
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"", "empty file"),
+        (b'{"n": 1}', "no topic line"),
+        (b"\xff\xfe\n{}", "the topic is not UTF-8"),
+        (b"\n{}", "not a topic one can publish to: ''"),
+        (b"a/+/b\n{}", "not a topic one can publish to: 'a/+/b'"),
+        (b't\n{"n": 1', "the payload is not JSON (truncated?)"),
+        (b"t\n", "the payload is not JSON (truncated?)"),
+    ],
+)
+def test_message_problem(data, problem):
+    from detforge.edge_buffer import message_problem
+
+    assert message_problem(data).startswith(problem)
+    assert message_problem(b't/a\n{"n": 1}') is None
+
+
 # -- the publisher against a real broker ---------------------------------------------------------------
 
 
@@ -421,6 +495,54 @@ def test_publisher_flushes_the_backlog_once_and_in_order_after_a_broker_restart(
     assert [m["n"] for m in received] == list(range(15))  # each exactly once, in order
     assert [m["seq"] for m in received] == list(range(1, 16))
     assert publisher.connections == 2
+
+
+def test_publisher_skips_damaged_files_and_loses_no_good_message_across_a_broker_restart(
+    mqtt_broker, tmp_path
+):
+    buffer_dir = tmp_path / "buffer"
+    old = DiskBuffer(str(buffer_dir))
+    for n in (0, 1):
+        old.append("detforge/infer/output", json.dumps({"n": n, "seq": n + 1}).encode())
+    for name, data in _damage(buffer_dir).items():  # seq 3..6 and a .part for 9: a power loss's leftovers
+        (buffer_dir / name).write_bytes(data)
+    (buffer_dir / "000000000007.msg").write_bytes(b'detforge/infer/output\n{"n": 6, "seq": 7}')
+    (buffer_dir / "000000000008.msg").write_bytes(b'detforge/infer/output\n{"n": 7, "seq": 8}')
+    gate = Gate(mqtt_broker.port)
+    recorder = Recorder(mqtt_broker.port).connect()
+    publisher = _publisher(gate.url, buffer_dir)
+    topic = "detforge/infer/output"
+    try:
+        publisher.start()
+        assert len(recorder.wait_for(topic, 4)) == 4
+        assert _wait(lambda: len(publisher.buffer) == 0)
+        online = [m for m in recorder.wait_for("detforge/infer/status", 1) if m["status"] == "online"]
+        assert online[0]["quarantined"] == 5 and online[0]["buffered"] == 4  # sent, PUBACKs not yet in
+        gate.close()
+        recorder.close()
+        mqtt_broker.stop()
+        assert _wait(lambda: not publisher.connected)
+        seqs = [publisher.publish(topic, {"n": n}) for n in range(8, 13)]
+        assert seqs == [10, 11, 12, 13, 14]  # after the .part's 9: a number is never reused
+        (buffer_dir / "000000000012.msg").write_bytes(b"detforge/infer/output\n{")  # damaged while away
+        mqtt_broker.start()
+        recorder.connect()
+        gate.open()
+        received = recorder.wait_for(topic, 4 + 4)
+        assert _wait(lambda: len(publisher.buffer) == 0)
+        publisher.publish(topic, {"n": 13})
+        received = recorder.wait_for(topic, 9)
+        time.sleep(0.3)  # nothing else arrives late
+        received = recorder.on(topic)
+    finally:
+        publisher.close(drain_timeout=5)
+        recorder.close()
+        gate.stop()
+    assert [m["n"] for m in received] == [0, 1, 6, 7, 8, 9, 11, 12, 13]  # each good one once, in order
+    assert [m["seq"] for m in received] == [1, 2, 7, 8, 10, 11, 13, 14, 15]
+    assert publisher.buffer.quarantined == 6
+    assert "000000000012.msg: the payload is not JSON" in publisher.last_error
+    assert len(os.listdir(buffer_dir / "quarantine")) == 6
 
 
 def test_publisher_sends_a_backlog_left_by_an_earlier_run_first(mqtt_broker, tmp_path):

@@ -9,8 +9,10 @@ connection drops, the client is thrown away with whatever paho still held, and a
 a growing pause (0.5 s doubling to 30 s); once connected it sends every buffered message in sequence
 order before any new one. So each result reaches the broker at least once and in order; QoS 1 may repeat
 a message whose PUBACK was lost in the drop, which subscribers can discard by its ``seq``. The buffer is
-bounded: when full, the oldest result is dropped (and counted). Not in here: frames, the model, the
-main loop (``detforge.edge``). No torch.
+bounded: when full, the oldest result is dropped (and counted). Writes are fsync-ed (file and folder), so a
+power loss leaves each message whole or absent; a file that still cannot be published (empty, truncated,
+garbage) is moved to ``quarantine/`` and counted, and the ones behind it go out. Not in here: frames, the
+model, the main loop (``detforge.edge``). No torch.
 """
 
 from __future__ import annotations
@@ -77,8 +79,19 @@ def parse_broker(url: str, **settings) -> BrokerSpec:
     )
 
 
+QUARANTINE = "quarantine"
+TOPIC_MAX_BYTES = 65535  # MQTT's limit for a topic name
+
+
 class DiskBuffer:
-    """Messages waiting for their PUBACK, one file each (``<seq>.msg``: topic line, then payload)."""
+    """Messages waiting for their PUBACK, one file each (``<seq>.msg``: topic line, then a JSON payload).
+
+    Durable: a message is written to a hidden temp file, flushed and ``fsync``-ed, renamed into place and
+    the folder ``fsync``-ed before ``append`` returns, so after a power loss a message is either whole or
+    absent. A file that still cannot be read back (empty, truncated, garbage, a leftover ``.part``) is
+    moved to ``quarantine/`` beside the messages and counted in ``quarantined``; it never blocks the ones
+    behind it.
+    """
 
     def __init__(self, directory: str, *, max_messages: int = 10000) -> None:
         if max_messages < 1:
@@ -86,13 +99,22 @@ class DiskBuffer:
         self.directory = directory
         self.max_messages = max_messages
         self.dropped = 0
+        self.last_quarantine_reason: str | None = None
         self._lock = threading.Lock()
         os.makedirs(directory, exist_ok=True)
-        seqs = sorted(
-            int(name[:-4]) for name in os.listdir(directory) if name.endswith(".msg") and name[:-4].isdigit()
-        )
+        self.quarantine_dir = os.path.join(directory, QUARANTINE)
+        self.quarantined = len(os.listdir(self.quarantine_dir)) if os.path.isdir(self.quarantine_dir) else 0
+        seqs, last = [], 0
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".msg") and name[:-4].isdigit():
+                seqs.append(int(name[:-4]))
+            elif name.endswith(".part") and name != SEQ_FILE + ".part":
+                self._quarantine_file(name)  # a write that a crash cut short: never acknowledged
+                if name[1:-5].isdigit():
+                    last = max(last, int(name[1:-5]))  # its number is not reused
+        seqs.sort()
         self._seqs: dict[int, None] = dict.fromkeys(seqs)
-        last = seqs[-1] if seqs else 0
+        last = max([last, *seqs[-1:]])
         try:
             with open(os.path.join(directory, SEQ_FILE)) as handle:
                 last = max(last, int(handle.read().strip() or 0))
@@ -107,14 +129,12 @@ class DiskBuffer:
         return len(self._seqs)
 
     def append(self, topic: str, payload: bytes) -> int:
-        """Store a message under the next sequence number (returned); drop the oldest when full."""
+        """Store a message durably under the next sequence number (returned); drop the oldest when full."""
         with self._lock:
             self._last_seq += 1
             seq = self._last_seq
             tmp = os.path.join(self.directory, f".{seq:012d}.part")
-            with open(tmp, "wb") as handle:
-                handle.write(topic.encode("utf-8") + b"\n" + payload)
-            os.replace(tmp, self._path(seq))  # a reader never sees half a message
+            _write_durably(tmp, self._path(seq), topic.encode("utf-8") + b"\n" + payload)
             self._seqs[seq] = None
             while len(self._seqs) > self.max_messages:
                 oldest = next(iter(self._seqs))
@@ -145,22 +165,94 @@ class DiskBuffer:
             return list(self._seqs)
 
     def read(self, seq: int) -> tuple[str, bytes] | None:
-        """(topic, payload) of a buffered message, or None if it is gone."""
+        """(topic, payload) of a buffered message, or None if it is gone or unreadable (then quarantined)."""
         try:
             with open(self._path(seq), "rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
+            with self._lock:
+                self._seqs.pop(seq, None)
+            return None
+        except OSError as exc:
+            self.quarantine(seq, f"unreadable: {exc}")
+            return None
+        problem = message_problem(data)
+        if problem is not None:
+            self.quarantine(seq, problem)
             return None
         topic, _, payload = data.partition(b"\n")
         return topic.decode("utf-8"), payload
+
+    def quarantine(self, seq: int, reason: str) -> None:
+        """Move a message that cannot be published out of the way (``quarantine/``) and count it."""
+        with self._lock:
+            if self._seqs.pop(seq, False) is None:
+                self._quarantine_file(os.path.basename(self._path(seq)))
+            self.last_quarantine_reason = f"{seq:012d}.msg: {reason}"
+
+    def _quarantine_file(self, name: str) -> None:
+        os.makedirs(self.quarantine_dir, exist_ok=True)
+        target, n = os.path.join(self.quarantine_dir, name), 1
+        while os.path.exists(target):  # an earlier run's file of the same name stays
+            n += 1
+            target = os.path.join(self.quarantine_dir, f"{name}.{n}")
+        try:
+            os.replace(os.path.join(self.directory, name), target)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(self.directory)
+        self.quarantined += 1
 
     def save_seq(self) -> None:
         """Remember the last sequence number so numbering continues after a restart."""
         with self._lock:
             tmp = os.path.join(self.directory, SEQ_FILE + ".part")
-            with open(tmp, "w") as handle:
-                handle.write(str(self._last_seq))
-            os.replace(tmp, os.path.join(self.directory, SEQ_FILE))
+            _write_durably(tmp, os.path.join(self.directory, SEQ_FILE), str(self._last_seq).encode())
+
+
+def message_problem(data: bytes) -> str | None:
+    """Why a buffered file is not a publishable message (None when it is): empty, no topic, bad JSON..."""
+    if not data:
+        return "empty file"
+    topic, newline, payload = data.partition(b"\n")
+    if not newline:
+        return "no topic line"
+    try:
+        name = topic.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the topic is not UTF-8"
+    if not name or len(topic) > TOPIC_MAX_BYTES or any(c in name for c in "+#\x00"):
+        return f"not a topic one can publish to: {name[:80]!r}"
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        return f"the payload is not JSON (truncated?): {exc}"
+    return None
+
+
+def _write_durably(tmp: str, path: str, data: bytes) -> None:
+    """Write ``data`` to ``tmp``, fsync it, rename it to ``path``, fsync the folder (survives power loss)."""
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)  # a reader never sees half a message
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename or unlink in ``directory`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Publisher:
@@ -233,11 +325,24 @@ class Publisher:
 
     # -- the network thread ---------------------------------------------------------------------------
     def _send(self, seq: int) -> None:
-        """Hand one buffered message to paho (called with the lock held)."""
-        stored = self.buffer.read(seq)
-        if stored is None or self._client is None:
+        """Hand one buffered message to paho (called with the lock held).
+
+        A message that cannot be read back or that paho refuses is quarantined, never retried forever:
+        one bad file must not stop the ones behind it.
+        """
+        if self._client is None:
             return
-        info = self._client.publish(stored[0], stored[1], qos=1)
+        stored = self.buffer.read(seq)
+        if stored is None:
+            if self.buffer.last_quarantine_reason:
+                self.last_error = f"quarantined {self.buffer.last_quarantine_reason}"
+            return
+        try:
+            info = self._client.publish(stored[0], stored[1], qos=1)
+        except (ValueError, TypeError) as exc:  # paho refuses e.g. an oversized payload
+            self.buffer.quarantine(seq, f"refused by the MQTT client: {exc}")
+            self.last_error = f"quarantined {self.buffer.last_quarantine_reason}"
+            return
         self._inflight[info.mid] = seq
 
     def _new_client(self):
@@ -281,6 +386,7 @@ class Publisher:
                 "client_id": self.client_id,
                 "timestamp": time.time(),
                 "buffered": len(self.buffer),
+                "quarantined": self.buffer.quarantined,
             },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
@@ -296,7 +402,12 @@ class Publisher:
     def _run(self) -> None:
         pause = self.backoff[0]
         while not self._stop.is_set() and not self._closing.is_set():
-            if self._connect_and_serve():
+            try:
+                connected = self._connect_and_serve()
+            except Exception as exc:  # never let the network thread die: results would pile up unsent
+                self.last_error = f"MQTT loop failed: {type(exc).__name__}: {exc}"
+                connected = False
+            if connected:
                 pause = self.backoff[0]
             if self._closing.wait(pause) or self._stop.is_set():
                 break
