@@ -289,6 +289,47 @@ def test_watch_source_picks_up_new_images_only(tmp_path):
     assert source.next_frame(timeout=0.1) is None  # each file once
 
 
+# -- credentials ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("rtsp://admin:s3cret@cam.local:554/stream", "rtsp://***@cam.local:554/stream"),
+        ("rtsp://admin@cam.local/stream", "rtsp://***@cam.local/stream"),
+        ("rtsp://:s3cret@cam/stream", "rtsp://***@cam/stream"),
+        ("http://cam/mjpeg?user=admin&password=s3cret&fps=5", "http://cam/mjpeg?user=admin&password=***&fps=5"),
+        ("https://cam/live?TOKEN=abc;x=1", "https://cam/live?TOKEN=***;x=1"),
+        ("rtsp://cam.local:554/stream", "rtsp://cam.local:554/stream"),
+        ("camera:0", "camera:0"),
+        ("/data/videos/a@b.mp4", "/data/videos/a@b.mp4"),
+        (
+            "OpenCV cannot open rtsp://u:p@cam/s and rtsp://v:q@cam2/s",
+            "OpenCV cannot open rtsp://***@cam/s and rtsp://***@cam2/s",
+        ),
+    ],
+)
+def test_mask_credentials(text, shown):
+    from detforge.edge_sources import mask_credentials
+
+    assert mask_credentials(text) == shown
+
+
+def test_no_credentials_in_the_buffer_folder_name_or_errors(tiny_deploy, tmp_path):
+    from detforge.edge import EdgeConfig, default_buffer_dir
+
+    config = EdgeConfig(deploy_dir=str(tiny_deploy), broker="mqtt://127.0.0.1:1",
+                        source="rtsp://admin:s3cret@cam.local:554/stream?token=t0k")
+    assert config.public_source == "rtsp://***@cam.local:554/stream?token=***"
+    assert os.path.basename(default_buffer_dir(config)) == "rtsp_____cam.local_554_stream_token____"
+    with pytest.raises(ConfigError) as info:
+        parse_broker("mqtt://user:s3cret@host:99999")
+    assert str(info.value) == "field 'broker': bad port in broker URL 'mqtt://***@host:99999'"
+    with pytest.raises(ConfigError) as info:
+        parse_source("s3://KEY:s3cret@bucket/video.mp4")
+    assert "s3cret" not in str(info.value) and "s3://***@bucket/video.mp4" in str(info.value)
+
+
 # -- allowed paths -------------------------------------------------------------------------------------
 
 
@@ -756,6 +797,75 @@ def test_broker_restart_every_result_arrives_once_in_order(tiny_deploy, mqtt_bro
     assert [m["frame"] for m in received] == [f"img{i}.png" for i in range(7)]
     assert [m["seq"] for m in received] == list(range(1, 8))
     assert all(isinstance(m["prediction"], list) for m in received)
+
+
+def test_a_stream_with_credentials_never_shows_them_and_uses_the_default_threshold(
+    tiny_deploy, mqtt_broker, tmp_path
+):
+    """A stream URL with a password: no message, status or log line carries it; no --threshold: the
+    deploy folder's default_threshold is used (as predict and serve do)."""
+    import functools
+    import http.server
+    import shutil
+
+    from detforge.runtime import Predictor
+
+    site = tmp_path / "site"
+    site.mkdir()
+    video = site / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 64))
+    frame = np.full((64, 64, 3), 110, dtype=np.uint8)
+    frame[16:48, 20:44] = (210, 70, 40)  # BGR: a blue box, what the tiny model was trained on
+    for _ in range(20):
+        writer.write(frame)
+    writer.release()
+    decoded = np.ascontiguousarray(cv2.VideoCapture(str(video)).read()[1][:, :, ::-1])
+    # a default_threshold that gives another answer than the old fixed 0.3 would
+    raw = Predictor(str(tiny_deploy)).predict([decoded], threshold=0.0)[0]
+    scores = [row[1] for row in raw.to_sagemaker()]
+    default = round(max(scores) + 0.001, 6) if max(scores) >= 0.3 else 0.0
+    deploy = tmp_path / "deploy"
+    shutil.copytree(tiny_deploy, deploy)
+    meta = json.loads((deploy / "model.json").read_text())
+    meta["default_threshold"] = default
+    (deploy / "model.json").write_text(json.dumps(meta))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://admin:s3cret@127.0.0.1:{server.server_address[1]}/clip.avi?password=hunter2"
+    recorder = Recorder(mqtt_broker.port).connect()
+    process = start_edge(deploy, mqtt_broker.url, tmp_path, "--source", url, "--fps", "20")
+    try:
+        online = wait_online(recorder, process)
+        messages = recorder.wait_for(OUTPUT, 3)
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+        recorder.wait_for(STATUS, 2, timeout=5)
+        refused = subprocess.run(
+            [sys.executable, "-m", "detforge", "edge", str(deploy), "--broker", mqtt_broker.url,
+             "--buffer-dir", str(tmp_path / "buffer2"), "--source", "rtsp://admin:s3cret@127.0.0.1:1/x"],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        if process.poll() is None:
+            process.kill()
+        recorder.close()
+        server.shutdown()
+    assert code == 0, output
+    shown = f"http://***@127.0.0.1:{server.server_address[1]}/clip.avi?password=***"
+    assert online["source"] == shown and online["threshold"] == default
+    assert len(messages) >= 3 and {m["source"] for m in messages} == {shown}
+    expected = Predictor(str(deploy)).predict([decoded])[0].to_sagemaker()
+    assert all(m["prediction"] == json.loads(json.dumps(expected)) for m in messages)
+    assert expected != Predictor(str(deploy)).predict([decoded], threshold=0.3)[0].to_sagemaker()
+    everything = json.dumps(recorder.messages, default=str) + output + refused.stdout + refused.stderr
+    assert "s3cret" not in everything and "hunter2" not in everything and "admin" not in everything
+    assert refused.returncode != 0 and "rtsp://***@127.0.0.1:1/x" in refused.stderr
 
 
 def test_sigkill_makes_the_broker_publish_the_last_will(tiny_deploy, mqtt_broker, tmp_path):

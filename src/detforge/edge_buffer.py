@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from detforge.edge_sources import mask_credentials
 from detforge.errors import ConfigError
 
 SEQ_FILE = ".last-seq"
@@ -50,6 +51,7 @@ class BrokerSpec:
 def parse_broker(url: str, **settings) -> BrokerSpec:
     """``mqtt://HOST[:PORT]`` (1883) or ``mqtts://HOST[:PORT]`` (8883, TLS); ``settings`` fill the rest."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    shown = mask_credentials(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConfigError(
             f"unsupported broker URL scheme {parts.scheme!r}",
@@ -57,12 +59,12 @@ def parse_broker(url: str, **settings) -> BrokerSpec:
             hint="use mqtt://HOST:1883 or mqtts://HOST:8883",
         )
     if not parts.hostname:
-        raise ConfigError(f"no host in broker URL {url!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883")
+        raise ConfigError(f"no host in broker URL {shown!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883")
     tls = parts.scheme in ("mqtts", "ssl") or bool(settings.pop("tls", False))
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
-        raise ConfigError(f"bad port in broker URL {url!r}", field="broker") from exc
+        raise ConfigError(f"bad port in broker URL {shown!r}", field="broker") from exc
     username = settings.pop("username", None) or parts.username
     password = settings.pop("password", None) or parts.password
     for name in ("ca_file", "cert_file", "key_file"):

@@ -34,7 +34,8 @@ RUN_SH = """#!/bin/sh
 set -e
 set -- "$DETFORGE_HOME/deploy" --broker "$DETFORGE_BROKER" --topic "$DETFORGE_TOPIC" \\
     --request-topic "$DETFORGE_REQUEST_TOPIC" --status-topic "$DETFORGE_STATUS_TOPIC" \\
-    --fps "$DETFORGE_FPS" --threshold "$DETFORGE_THRESHOLD" --buffer-dir "$DETFORGE_BUFFER_DIR"
+    --fps "$DETFORGE_FPS" --buffer-dir "$DETFORGE_BUFFER_DIR"
+if [ -n "$DETFORGE_THRESHOLD" ]; then set -- "$@" --threshold "$DETFORGE_THRESHOLD"; fi
 if [ -n "$DETFORGE_SOURCE" ]; then set -- "$@" --source "$DETFORGE_SOURCE"; fi
 if [ -n "$DETFORGE_ALLOW_PATH" ]; then set -- "$@" --allow-path "$DETFORGE_ALLOW_PATH"; fi
 PYTHONPATH="$DETFORGE_HOME${PYTHONPATH:+:$PYTHONPATH}"
@@ -111,7 +112,7 @@ def make_recipe(
     request_topic: str,
     status_topic: str,
     fps: float,
-    threshold: float,
+    threshold: float | None,
     allow_path: str | None,
 ) -> dict:
     """The Greengrass v2 recipe (a dict to dump as YAML)."""
@@ -131,7 +132,7 @@ def make_recipe(
                 "requestTopic": request_topic,
                 "statusTopic": status_topic,
                 "fps": f"{fps:g}",
-                "threshold": f"{threshold:g}",
+                "threshold": "" if threshold is None else f"{threshold:g}",  # "": model.json's default
                 "allowPath": allow_path or "",
             }
         },
@@ -186,7 +187,7 @@ def package_component(
     request_topic: str = DEFAULT_REQUEST_TOPIC,
     status_topic: str = DEFAULT_STATUS_TOPIC,
     fps: float = 5.0,
-    threshold: float = 0.3,
+    threshold: float | None = None,
     allow_path: str | None = None,
 ) -> Component:
     """Write ``OUT/recipes/<name>-<version>.yaml`` and ``OUT/artifacts/<name>/<version>/detforge-edge.zip``.

@@ -62,8 +62,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = 5.0,
         threshold: Annotated[
-            float, typer.Option("--threshold", help="Drop detections below this score.")
-        ] = 0.3,
+            float | None,
+            typer.Option(
+                "--threshold",
+                help="Drop detections below this score (default: the deploy folder's default_threshold).",
+            ),
+        ] = None,
         allow_path: Annotated[
             list[str] | None,
             typer.Option("--allow-path", help="Folder that requests may read images from (repeatable)."),
@@ -166,7 +170,10 @@ def register(app: typer.Typer) -> None:
             str, typer.Option("--broker", help="Default broker setting.")
         ] = "mqtt://127.0.0.1:1883",
         fps: Annotated[float, typer.Option("--fps", help="Default fps setting.")] = 5.0,
-        threshold: Annotated[float, typer.Option("--threshold", help="Default threshold setting.")] = 0.3,
+        threshold: Annotated[
+            float | None,
+            typer.Option("--threshold", help="Threshold setting (default: the model's default_threshold)."),
+        ] = None,
         allow_path: Annotated[
             str | None, typer.Option("--allow-path", help="Default folder that requests may read from.")
         ] = None,
