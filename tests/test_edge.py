@@ -41,9 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 class Recorder:
     """A subscriber on a real broker that keeps every message (topic, decoded JSON) in arrival order."""
 
-    def __init__(self, port: int, topics: tuple[str, ...] = ("detforge/#",)) -> None:
+    def __init__(self, port: int, topics: tuple[str, ...] = ("detforge/#",), *, ca_file: str | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
         self.port = port
         self.topics = topics
+        self.login = (ca_file, username, password)
         self.messages: list[tuple[str, dict]] = []
         self._condition = threading.Condition()
         self._subscribed = threading.Event()
@@ -69,6 +71,11 @@ class Recorder:
                 self._condition.notify_all()
 
         client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+        ca_file, username, password = self.login
+        if ca_file:
+            client.tls_set(ca_certs=ca_file)
+        if username:
+            client.username_pw_set(username, password)
         client.connect("127.0.0.1", self.port)
         client.loop_start()
         assert self._subscribed.wait(10), "the recorder could not subscribe"
@@ -372,6 +379,12 @@ def test_parse_broker():
     spec = parse_broker("mqtts://broker", username="u", password="p")
     assert (spec.port, spec.tls, spec.username, spec.password) == (8883, True, "u", "p")
     assert parse_broker("127.0.0.1:1999").port == 1999
+    # every setting as `detforge edge` passes them, with an mqtts:// URL (this once raised a TypeError)
+    spec = parse_broker("mqtts://u:p@h", tls=False, ca_file=None, cert_file=None, key_file=None,
+                        username=None, password=None, mqtt_version="3.1.1")
+    assert spec == BrokerSpec("h", 8883, tls=True, username="u", password="p", mqtt_version="3.1.1")
+    with pytest.raises(ConfigError, match="field 'mqtt_version': must be 5 or 3.1.1, got '4'"):
+        parse_broker("mqtt://h", mqtt_version="4")
     for url, message in [
         ("http://x", "unsupported broker URL scheme 'http'"),
         ("mqtt://", "no host"),
@@ -616,6 +629,139 @@ def test_publisher_close_without_a_broker_keeps_the_results(tmp_path):
     port.close()
     assert "cannot connect to 127.0.0.1" in publisher.last_error
     assert DiskBuffer(str(tmp_path / "buffer")).pending() == [1]
+
+
+# -- TLS, passwords and an ACL on a real mosquitto ------------------------------------------------------
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    """mosquitto with TLS (a CA and a server certificate made here), a password file and an ACL.
+
+    Users: ``dev`` / ``s3cret`` may read and write ``detforge/infer/#`` and nothing else.
+    """
+    import getpass
+
+    from conftest import Broker, need_binary
+
+    binary = need_binary("mosquitto", "/usr/sbin/mosquitto")
+    openssl = need_binary("openssl")
+    passwd = need_binary("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
+    folder = tmp_path / "secure"
+    folder.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run(args, cwd=folder, check=True, capture_output=True, timeout=60)
+
+    for ca in ("ca", "other-ca"):
+        run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
+            f"{ca}.pem", "-days", "2", "-subj", f"/CN=detforge test {ca}")
+    run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    run(passwd, "-b", "-c", "passwd", "dev", "s3cret")
+    (folder / "acl").write_text("user dev\ntopic readwrite detforge/infer/#\n")
+    broker = Broker(binary, folder)
+    broker.config.write_text(
+        f"listener {broker.port} 127.0.0.1\n"
+        f"cafile {folder / 'ca.pem'}\ncertfile {folder / 'server.pem'}\nkeyfile {folder / 'server.key'}\n"
+        f"allow_anonymous false\npassword_file {folder / 'passwd'}\nacl_file {folder / 'acl'}\n"
+        # as root mosquitto would switch to the `mosquitto` user, who cannot read this test's key files
+        f"persistence false\nuser {getpass.getuser()}\n"
+    )
+    broker.ca_file = str(folder / "ca.pem")
+    broker.other_ca_file = str(folder / "other-ca.pem")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _secure_publisher(broker, buffer_dir: Path, **login) -> Publisher:
+    spec = parse_broker(f"mqtts://127.0.0.1:{broker.port}", **{"ca_file": broker.ca_file, **login})
+    return Publisher(spec, DiskBuffer(str(buffer_dir)), client_id=f"pub-{time.monotonic_ns()}",
+                     status_topic="detforge/infer/status", status=lambda: {}, backoff=(0.05, 0.2))
+
+
+def test_tls_with_a_password_publishes_and_the_acl_refuses_other_topics(secure_broker, tmp_path):
+    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
+                        username="dev", password="s3cret").connect()
+    publisher = _secure_publisher(secure_broker, tmp_path / "buffer", username="dev", password="s3cret")
+    try:
+        publisher.start()
+        assert _wait(lambda: publisher.connected), publisher.last_error
+        publisher.publish("detforge/infer/output", {"n": 0})
+        publisher.publish("detforge/elsewhere", {"n": 1})  # outside the ACL
+        publisher.publish("detforge/infer/output", {"n": 2})
+        received = recorder.wait_for("detforge/infer/output", 2)
+        assert _wait(lambda: len(publisher.buffer) == 0)
+    finally:
+        publisher.close(drain_timeout=5)
+        recorder.close()
+    assert [(m["n"], m["seq"]) for m in received] == [(0, 1), (2, 3)]
+    assert publisher.last_error == "quarantined 000000000002.msg: the broker refused it: Not authorized"
+    assert publisher.buffer.quarantined == 1
+    assert os.listdir(tmp_path / "buffer" / "quarantine") == ["000000000002.msg"]
+    assert [m["status"] for m in recorder.on("detforge/infer/status")][0] == "online"
+
+
+@pytest.mark.parametrize(
+    ("login", "error"),
+    [
+        (
+            {"username": "dev", "password": "wrong"},
+            "broker refused the connection: Not authorized (check --username and the password, and the "
+            "broker's password file)",
+        ),
+        ({}, "broker refused the connection: Not authorized"),
+        ({"username": "dev", "password": "s3cret", "mqtt_version": "3.1.1", "ca_file": "OTHER"},
+         "CERTIFICATE_VERIFY_FAILED"),
+    ],
+)
+def test_tls_refuses_wrong_credentials_with_a_clear_error(secure_broker, tmp_path, login, error):
+    if login.get("ca_file") == "OTHER":
+        login["ca_file"] = secure_broker.other_ca_file  # a CA that did not sign the server's certificate
+    publisher = _secure_publisher(secure_broker, tmp_path / "buffer", **login)
+    publisher.start()
+    publisher.publish("detforge/infer/output", {"n": 0})
+    try:
+        assert _wait(lambda: publisher.last_error is not None, timeout=10)
+        time.sleep(0.3)
+    finally:
+        kept = publisher.close(drain_timeout=0.2)
+    assert error in publisher.last_error and publisher.connections == 0
+    assert kept is False and DiskBuffer(str(tmp_path / "buffer")).pending() == [1]  # kept for later
+
+
+def test_edge_command_over_tls_with_a_password_from_the_environment(tiny_deploy, secure_broker, tmp_path):
+    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
+                        username="dev", password="s3cret").connect()
+    url = f"mqtts://127.0.0.1:{secure_broker.port}"
+    login = ("--ca-file", secure_broker.ca_file, "--username", "dev")
+    os.environ["DETFORGE_MQTT_PASSWORD"] = "s3cret"
+    try:
+        process = start_edge(tiny_deploy, url, tmp_path, *login)
+    finally:
+        del os.environ["DETFORGE_MQTT_PASSWORD"]
+    try:
+        online = wait_online(recorder, process)
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+        wrong = start_edge(tiny_deploy, url, tmp_path, *login, "--password", "wrong")
+        time.sleep(1.0)
+        assert wrong.poll() is None  # it keeps trying (the broker may be fixed), and says why
+        wrong.send_signal(signal.SIGTERM)
+        wrong_code, wrong_output = finish(wrong)
+    finally:
+        recorder.close()
+    assert code == 0, output
+    assert online["mqtt_error"] is None
+    assert wrong_code == 0
+    assert "MQTT: broker refused the connection: Not authorized (check --username" in wrong_output
+    assert "wrong" not in wrong_output.replace("--password", "")
 
 
 # -- the runtime end to end (a subprocess on a tiny exported model) -----------------------------------

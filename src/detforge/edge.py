@@ -68,6 +68,7 @@ class EdgeConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    mqtt_version: str = "5"
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -145,6 +146,7 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
         key_file=config.key_file,
         username=config.username,
         password=config.password or os.environ.get("DETFORGE_MQTT_PASSWORD"),
+        mqtt_version=config.mqtt_version,
     )
     source = open_source(config.source, fps=config.fps) if config.source else None
     stop = stop or threading.Event()
@@ -170,6 +172,7 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
             "requests": stats.requests,
             "errors": stats.errors,
             "last_error": mask_credentials(stats.last_error) if stats.last_error else None,
+            "mqtt_error": publisher.last_error,
             "dropped_frames": getattr(source, "dropped", 0),
             "dropped_results": buffer.dropped,
             "uptime_s": round(time.monotonic() - stats.started, 1),

@@ -18,6 +18,7 @@ model, the main loop (``detforge.edge``). No torch.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -30,7 +31,9 @@ import orjson
 from detforge.edge_sources import mask_credentials
 from detforge.errors import ConfigError
 
+log = logging.getLogger("detforge.edge")
 SEQ_FILE = ".last-seq"
+MQTT_VERSIONS = ("5", "3.1.1")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class BrokerSpec:
     username: str | None = None
     password: str | None = None
     keepalive: int = 30
+    mqtt_version: str = "5"  # 5: the broker says which message it refused (e.g. a topic outside its ACL)
 
 
 def parse_broker(url: str, **settings) -> BrokerSpec:
@@ -60,7 +64,11 @@ def parse_broker(url: str, **settings) -> BrokerSpec:
         )
     if not parts.hostname:
         raise ConfigError(f"no host in broker URL {shown!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883")
-    tls = parts.scheme in ("mqtts", "ssl") or bool(settings.pop("tls", False))
+    version = str(settings.pop("mqtt_version", None) or "5")
+    if version not in MQTT_VERSIONS:
+        raise ConfigError(f"must be 5 or 3.1.1, got {version!r}", field="mqtt_version")
+    wants_tls = bool(settings.pop("tls", False))  # popped first: an mqtts:// URL must not leave it behind
+    tls = parts.scheme in ("mqtts", "ssl") or wants_tls
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
@@ -77,6 +85,7 @@ def parse_broker(url: str, **settings) -> BrokerSpec:
         tls=tls or any(settings.get(k) for k in ("ca_file", "cert_file")),
         username=username,
         password=password,
+        mqtt_version=version,
         **settings,
     )
 
@@ -291,7 +300,8 @@ class Publisher:
         self._client = None
         self._ready = False
         self._inflight: dict[int, int] = {}  # paho mid -> seq
-        self._acked: collections.deque[int] = collections.deque()  # filled by paho's thread, no lock
+        # (mid, reason code) filled by paho's thread, no lock
+        self._acked: collections.deque[tuple[int, object]] = collections.deque()
         self._stop = threading.Event()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="detforge-mqtt", daemon=True)
@@ -337,20 +347,24 @@ class Publisher:
         stored = self.buffer.read(seq)
         if stored is None:
             if self.buffer.last_quarantine_reason:
-                self.last_error = f"quarantined {self.buffer.last_quarantine_reason}"
+                self._error(f"quarantined {self.buffer.last_quarantine_reason}")
             return
         try:
             info = self._client.publish(stored[0], stored[1], qos=1)
         except (ValueError, TypeError) as exc:  # paho refuses e.g. an oversized payload
             self.buffer.quarantine(seq, f"refused by the MQTT client: {exc}")
-            self.last_error = f"quarantined {self.buffer.last_quarantine_reason}"
+            self._error(f"quarantined {self.buffer.last_quarantine_reason}")
             return
         self._inflight[info.mid] = seq
 
     def _new_client(self):
         import paho.mqtt.client as mqtt
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True)
+        api = mqtt.CallbackAPIVersion.VERSION2
+        if self.broker.mqtt_version == "5":
+            client = mqtt.Client(api, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(api, client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=True)
         if self.broker.username:
             client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
@@ -367,7 +381,7 @@ class Publisher:
                     client.subscribe(topic, qos=1)
 
         def on_publish(client, userdata, mid, reason_code, properties):
-            self._acked.append(mid)  # no lock here: paho holds its own message lock while calling us
+            self._acked.append((mid, reason_code))  # no lock: paho holds its own message lock calling us
 
         def on_message(client, userdata, message):
             if self.on_message is not None:
@@ -395,11 +409,23 @@ class Publisher:
 
     def _process_acks(self) -> None:
         while self._acked:
-            mid = self._acked.popleft()
+            mid, reason = self._acked.popleft()
             with self._lock:
                 seq = self._inflight.pop(mid, None)
-            if seq is not None:
+            if seq is None:
+                continue
+            if getattr(reason, "is_failure", False):  # MQTT 5: e.g. a topic outside the broker's ACL
+                self.buffer.quarantine(seq, f"the broker refused it: {reason}")
+                self._error(f"quarantined {self.buffer.last_quarantine_reason}")
+            else:
                 self.buffer.remove(seq)
+
+    def _error(self, message: str) -> None:
+        """Remember what went wrong last and log it once (masked: no password in logs)."""
+        message = mask_credentials(message)
+        if message != self.last_error:
+            log.warning("MQTT: %s", message)
+        self.last_error = message
 
     def _run(self) -> None:
         pause = self.backoff[0]
@@ -407,7 +433,7 @@ class Publisher:
             try:
                 connected = self._connect_and_serve()
             except Exception as exc:  # never let the network thread die: results would pile up unsent
-                self.last_error = f"MQTT loop failed: {type(exc).__name__}: {exc}"
+                self._error(f"MQTT loop failed: {type(exc).__name__}: {exc}")
                 connected = False
             if connected:
                 pause = self.backoff[0]
@@ -421,16 +447,26 @@ class Publisher:
 
         client, state = self._new_client()
         try:
-            client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
-        except (OSError, ValueError) as exc:
-            self.last_error = f"cannot connect to {self.broker.host}:{self.broker.port}: {exc}"
+            if self.broker.mqtt_version == "5":
+                client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive,
+                               clean_start=True)
+            else:
+                client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
+        except (OSError, ValueError) as exc:  # refused, unreachable, a TLS certificate that does not verify
+            self._error(f"cannot connect to {self.broker.host}:{self.broker.port}: {exc}")
             return False
         deadline = time.monotonic() + 10.0
         while state["connack"] is None and time.monotonic() < deadline and not self._stop.is_set():
             if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
                 break
         if state["connack"] is None or state["connack"].is_failure:
-            self.last_error = f"broker refused the connection: {state['connack']}"
+            reason = state["connack"]
+            hint = ""
+            if reason is not None and getattr(reason, "value", 0) in (4, 5, 134, 135):
+                hint = " (check --username and the password, and the broker's password file)"
+            elif reason is None:
+                reason = "no answer (is it an MQTT broker? TLS on a plain port or the other way round?)"
+            self._error(f"broker refused the connection: {reason}{hint}")
             client.disconnect()
             return False
         with self._lock:
@@ -449,7 +485,7 @@ class Publisher:
                 rc = client.loop(0.02)
                 self._process_acks()
                 if rc != mqtt.MQTT_ERR_SUCCESS:
-                    self.last_error = f"connection lost: {mqtt.error_string(rc)}"
+                    self._error(f"connection lost: {mqtt.error_string(rc)}")
                     break
                 if self._closing.is_set():
                     self._say_goodbye(client)

@@ -115,6 +115,10 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--cert-file", help="Client certificate (PEM).")
         ] = None,
         key_file: Annotated[str | None, typer.Option("--key-file", help="Client private key (PEM).")] = None,
+        mqtt_version: Annotated[
+            str,
+            typer.Option("--mqtt-version", help="5 (the broker says which message it refused) or 3.1.1."),
+        ] = "5",
     ) -> None:
         """Run the model on frames, publish one JSON message per frame (QoS 1) until the end or SIGTERM."""
         from detforge.edge import EdgeConfig, run_edge
@@ -144,6 +148,7 @@ def register(app: typer.Typer) -> None:
             ca_file=ca_file,
             cert_file=cert_file,
             key_file=key_file,
+            mqtt_version=mqtt_version,
         )
         stats = run_edge(config)
         typer.echo(
