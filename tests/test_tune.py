@@ -543,7 +543,10 @@ def postgres_url():
     import shutil
     import tempfile
 
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver (pip install 'detforge[postgres]')")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing("the PostgreSQL driver psycopg is not installed (pip install 'detforge[postgres]')")
     initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
     user = None
     if os.geteuid() == 0:
