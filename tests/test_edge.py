@@ -416,6 +416,26 @@ def test_disk_buffer_is_bounded_ordered_and_survives_a_restart(tmp_path):
         DiskBuffer(str(tmp_path), max_messages=0)
 
 
+def test_disk_buffer_never_reuses_a_number_after_a_crash(tmp_path):
+    buffer = DiskBuffer(str(tmp_path))
+    for i in range(3):
+        buffer.append("t/a", f'{{"n": {i}}}'.encode())
+    for seq in (1, 2, 3):  # every PUBACK arrived ...
+        buffer.remove(seq)
+    # ... and the process dies before save_seq(): the newest number stays on disk, nothing else
+    assert sorted(os.listdir(tmp_path)) == ["000000000003.acked"]
+    again = DiskBuffer(str(tmp_path))
+    assert again.next_seq() == 4 and again.pending() == []
+    again.append("t/a", b'{"n": 3}')
+    again.remove(4)
+    assert sorted(os.listdir(tmp_path)) == ["000000000004.acked"]  # one marker at a time
+    (tmp_path / "000000000002.acked").write_bytes(b"")  # two markers: a crash between rename and unlink
+    assert DiskBuffer(str(tmp_path)).next_seq() == 5
+    assert sorted(os.listdir(tmp_path)) == ["000000000004.acked"]
+    again.save_seq()  # a clean stop: the number is in .last-seq, the marker goes
+    assert sorted(os.listdir(tmp_path)) == [".last-seq"] and DiskBuffer(str(tmp_path)).next_seq() == 5
+
+
 def _damage(buffer_dir: Path) -> dict[str, bytes]:
     """What a power loss or a bad disk can leave in a buffer folder, by file name."""
     return {
@@ -533,7 +553,10 @@ def test_publisher_flushes_the_backlog_once_and_in_order_after_a_broker_restart(
         assert _wait(lambda: not publisher.connected)
         for i in range(5, 12):  # produced while the broker is away: kept on disk
             publisher.publish(topic, {"n": i})
-        assert len(os.listdir(tmp_path / "buffer")) == 7
+        assert sorted(os.listdir(tmp_path / "buffer")) == [
+            "000000000005.acked",  # the newest acknowledged number, kept in case of a crash
+            *(f"{seq:012d}.msg" for seq in range(6, 13)),
+        ]
         mqtt_broker.start()
         recorder.connect()  # listening before the runtime may come back
         gate.open()

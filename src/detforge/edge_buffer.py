@@ -3,16 +3,17 @@
 In here: ``parse_broker`` (``mqtt://`` / ``mqtts://`` URLs), ``DiskBuffer`` (a bounded FIFO of messages on
 disk, one file per sequence number) and ``Publisher``, which owns the paho-mqtt client.
 
-How nothing is lost: every result gets the next sequence number and is written to the buffer *before*
-it is published (QoS 1); its file is removed only when the broker's PUBACK for it arrives. When the
-connection drops, the client is thrown away with whatever paho still held, and a new one connects with
-a growing pause (0.5 s doubling to 30 s); once connected it sends every buffered message in sequence
-order before any new one. So each result reaches the broker at least once and in order; QoS 1 may repeat
-a message whose PUBACK was lost in the drop, which subscribers can discard by its ``seq``. The buffer is
-bounded: when full, the oldest result is dropped (and counted). Writes are fsync-ed (file and folder), so a
-power loss leaves each message whole or absent; a file that still cannot be published (empty, truncated,
-garbage) is moved to ``quarantine/`` and counted, and the ones behind it go out. Not in here: frames, the
-model, the main loop (``detforge.edge``). No torch.
+How nothing is lost: every result gets the next sequence number and is written to the buffer *before* it is
+published (QoS 1); its file is removed only when the broker's PUBACK for it arrives. When the connection
+drops, the client is thrown away with whatever paho still held, and a new one connects with a growing pause
+(0.5 s doubling to 30 s); once connected it sends every buffered message in sequence order before any new
+one. So each result reaches the broker at least once and in order; QoS 1 may repeat a message whose PUBACK
+was lost in the drop, which subscribers can discard by its ``seq``. The buffer is bounded: when full, the
+oldest result is dropped (and counted). Writes are fsync-ed (file and folder), so a power loss leaves each
+message whole or absent; a file that still cannot be published (empty, truncated, garbage) is moved to
+``quarantine/`` and counted, and the ones behind it go out. A number is never reused, even after a crash
+with an empty buffer (the newest acknowledged file becomes ``<seq>.acked``). Not in here: frames, the model,
+the main loop (``detforge.edge``). No torch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from detforge.errors import ConfigError
 
 log = logging.getLogger("detforge.edge")
 SEQ_FILE = ".last-seq"
+ACKED = ".acked"  # the newest acknowledged message keeps its number on disk under this suffix
 MQTT_VERSIONS = ("5", "3.1.1")
 
 
@@ -115,17 +117,22 @@ class DiskBuffer:
         os.makedirs(directory, exist_ok=True)
         self.quarantine_dir = os.path.join(directory, QUARANTINE)
         self.quarantined = len(os.listdir(self.quarantine_dir)) if os.path.isdir(self.quarantine_dir) else 0
-        seqs, last = [], 0
+        seqs, last, acked = [], 0, []
         for name in sorted(os.listdir(directory)):
             if name.endswith(".msg") and name[:-4].isdigit():
                 seqs.append(int(name[:-4]))
+            elif name.endswith(ACKED) and name[: -len(ACKED)].isdigit():
+                acked.append(int(name[: -len(ACKED)]))
             elif name.endswith(".part") and name != SEQ_FILE + ".part":
                 self._quarantine_file(name)  # a write that a crash cut short: never acknowledged
                 if name[1:-5].isdigit():
                     last = max(last, int(name[1:-5]))  # its number is not reused
         seqs.sort()
         self._seqs: dict[int, None] = dict.fromkeys(seqs)
-        last = max([last, *seqs[-1:]])
+        last = max([last, *seqs[-1:], *acked])
+        self._acked_marker: int | None = max(acked) if acked else None
+        for seq in sorted(acked)[:-1]:  # a crash between the rename and the unlink leaves two
+            self._unlink(f"{seq:012d}{ACKED}")
         try:
             with open(os.path.join(directory, SEQ_FILE)) as handle:
                 last = max(last, int(handle.read().strip() or 0))
@@ -164,11 +171,27 @@ class DiskBuffer:
             self._remove(seq)
 
     def _remove(self, seq: int) -> None:
-        if self._seqs.pop(seq, False) is None:
-            try:
-                os.unlink(self._path(seq))
-            except FileNotFoundError:
-                pass
+        if self._seqs.pop(seq, False) is not None:
+            return
+        if seq != self._last_seq:
+            self._unlink(os.path.basename(self._path(seq)))
+            return
+        # The newest message: renamed, not deleted, so that a crash before save_seq() cannot make the next
+        # run reuse its number (subscribers discard a seq they already have). A rename that a power loss
+        # undoes leaves the message itself: sent again under the same seq, which is harmless.
+        try:
+            os.replace(self._path(seq), os.path.join(self.directory, f"{seq:012d}{ACKED}"))
+        except FileNotFoundError:
+            return
+        if self._acked_marker is not None and self._acked_marker != seq:
+            self._unlink(f"{self._acked_marker:012d}{ACKED}")
+        self._acked_marker = seq
+
+    def _unlink(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.directory, name))
+        except FileNotFoundError:
+            pass
 
     def pending(self) -> list[int]:
         """Sequence numbers still buffered, oldest first."""
@@ -220,6 +243,9 @@ class DiskBuffer:
         with self._lock:
             tmp = os.path.join(self.directory, SEQ_FILE + ".part")
             _write_durably(tmp, os.path.join(self.directory, SEQ_FILE), str(self._last_seq).encode())
+            if self._acked_marker is not None:  # the number is safe in SEQ_FILE now
+                self._unlink(f"{self._acked_marker:012d}{ACKED}")
+                self._acked_marker = None
 
 
 def message_problem(data: bytes) -> str | None:
