@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from detforge import storage
+from detforge.data.groundtruth import resolve_source_ref
 from detforge.errors import ConfigError
 
 STEPS = ("synth", "prepare", "augment", "train", "evaluate", "export", "predict", "summary")
@@ -246,7 +247,7 @@ def _step_predict(out: str, profile: dict, say: Callable, progress: bool) -> dic
         result = predict(deploy, [heldout], out=os.path.join(out, "predictions", "heldout.jsonl"),
                          report=os.path.join(out, "report.pdf"), html=os.path.join(out, "report.html"),
                          progress=update)
-    first_image = json.loads(open(heldout).readline())["source-ref"]
+    first_image = resolve_source_ref(json.loads(open(heldout).readline())["source-ref"], heldout)
     latency = _latency_ms(deploy, first_image, 5 if profile is DEMO_PROFILES["tiny"] else 30)
     # every detection counts here (the report's own mAP only sees those above the display threshold)
     heldout_map = evaluate(deploy, heldout, coco=False).metrics.voc07_map
