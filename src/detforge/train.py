@@ -37,6 +37,7 @@ from detforge.hyperparams import (
     load_hyperparameters,
     parse_hyperparameters,
 )
+from detforge.optim import IGNORES_LEARNING_RATE, build_optimizer, ignored_hyperparameters
 
 log = logging.getLogger("detforge.train")
 
@@ -100,23 +101,11 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def build_optimizer(params, hp: Hyperparameters):
-    """The optimizer named by ``optimizer``; ``momentum`` is used by sgd only (as SageMaker documents)."""
-    import torch
-
-    if hp.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
-    if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    if hp.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    return torch.optim.Adadelta(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-
-
 def lr_multiplier(step: int, *, steps_per_epoch: int, hp: Hyperparameters) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, x factor per lr step."""
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, x factor per lr step
+    (1 for an optimizer without a learning rate: MXNet's adadelta)."""
+    if hp.optimizer in IGNORES_LEARNING_RATE:
+        return 1.0
     epoch = step / max(steps_per_epoch, 1)  # fractional epochs done
     factor = hp.lr_scheduler_factor ** sum(1 for s in hp.lr_scheduler_step if epoch >= s)
     warmup_steps = hp.warmup_epochs * steps_per_epoch
@@ -252,7 +241,7 @@ def train(config: TrainConfig) -> TrainResult:
         torch.manual_seed(hp.seed)
         random.seed(hp.seed)
         np.random.seed(hp.seed)
-        for note in hp.notes:
+        for note in (*hp.notes, *ignored_hyperparameters(hp)):
             log.info(note)
 
         names = read_classes(config.train, config.classes) if (config.classes or not config.resume) else None
