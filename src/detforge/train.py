@@ -250,16 +250,16 @@ def train(config: TrainConfig) -> TrainResult:
         train_samples, names = load_split(config.train, classes=names, label_attribute=config.label_attribute)
         if not train_samples:
             raise ConfigError("the training manifest has no images", path=config.train)
-        max_boxes = max(len(s.boxes) for s in train_samples)
-        for note in check_against_data(
-            hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
-        ):
-            log.info(note)
         val_samples = []
         if config.validation:
             val_samples, _ = load_split(
                 config.validation, classes=names, label_attribute=config.label_attribute
             )
+        max_boxes = max(len(s.boxes) for s in (*train_samples, *val_samples))  # label_width: both
+        for note in check_against_data(
+            hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
+        ):
+            log.info(note)
         if hp.mini_batch_size % dist.world_size:
             raise ConfigError(
                 f"{hp.mini_batch_size} does not split evenly over {dist.world_size} processes",
