@@ -27,6 +27,7 @@ COMMANDS = [
     "convert",
     "stats",
     "augment",
+    "weights",
     "train",
     "tune",
     "evaluate",
