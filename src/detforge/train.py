@@ -221,6 +221,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     run_dir = os.fspath(config.out)
     if config.resume:
+        check_resume_options(run_dir, hyperparameters=config.hyperparameters, weights=config.weights,
+                             classes=config.classes)
         saved = storage.join(run_dir, "hyperparams.json")
         if not storage.exists(saved):
             raise ModelError("nothing to resume: hyperparams.json is missing", path=saved)
@@ -497,6 +499,31 @@ def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str |
             hint="give --train and --validation again",
         )
     return data["train"], validation or data.get("validation")
+
+
+def check_resume_options(run_dir: str, *, out: str | None = None, train: str | None = None,
+                         hyperparameters=None, weights: str | None = None,
+                         classes: str | None = None) -> None:
+    """``--resume RUN`` continues RUN as it was started: ConfigError for an option that would change it
+    (``--hyperparameters``, ``--weights``, ``--classes``, another ``--out``, another ``--train``).
+    ``--set name=value`` (e.g. more epochs) and ``--validation`` stay allowed."""
+    def refuse(option: str, why: str) -> None:
+        raise ConfigError(f"cannot be combined with --resume: {why}", field=option,
+                          hint=f"--resume {run_dir} continues with the run's own settings; change one with "
+                               "--set name=value, or start a new run without --resume")
+
+    if hyperparameters is not None:
+        refuse("--hyperparameters", "the run's hyperparams.json is used")
+    if weights is not None:
+        refuse("--weights", "the weights come from the run's checkpoint")
+    if classes is not None:
+        refuse("--classes", "the run's classes.json is used")
+    if out is not None and os.path.abspath(os.fspath(out)) != os.path.abspath(os.fspath(run_dir)):
+        refuse("--out", f"the run continues in {run_dir} itself, not in {out}")
+    if train is not None:
+        saved = resume_data(run_dir)[0]
+        if saved != train and os.path.abspath(saved) != os.path.abspath(train):
+            refuse("--train", f"the run was started on {saved}")
 
 
 def _early_stopping_update(state: dict, score: float | None, hp: Hyperparameters) -> dict:

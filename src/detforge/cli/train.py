@@ -69,13 +69,15 @@ def register(app: typer.Typer) -> None:
 
         from detforge.errors import ConfigError
         from detforge.hyperparams import parse_overrides
-        from detforge.train import TrainConfig, resume_data
+        from detforge.train import TrainConfig, check_resume_options, resume_data
         from detforge.train import train as run_training
 
         if resume:
-            out = out or resume
-            if train is None:
-                train, validation = resume_data(resume, validation)
+            check_resume_options(resume, out=out, train=train, hyperparameters=hyperparameters,
+                                 weights=weights, classes=classes)
+            out = resume
+            saved_train, validation = resume_data(resume, validation)
+            train = train or saved_train
         if train is None or out is None:
             raise ConfigError("--train and --out are required (or --resume RUN)", field="--train")
         main = int(os.environ.get("RANK", "0")) == 0
