@@ -262,18 +262,9 @@ def train(config: TrainConfig) -> TrainResult:
             hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
         ):
             log.info(note)
-        if hp.mini_batch_size % dist.world_size:
-            raise ConfigError(
-                f"{hp.mini_batch_size} does not split evenly over {dist.world_size} processes",
-                field="mini_batch_size",
-            )
-        per_process = hp.mini_batch_size // dist.world_size
-        if per_process < 2:
-            raise ConfigError(
-                f"gives {per_process} image per process and step; BatchNorm needs at least 2",
-                field="mini_batch_size",
-                hint=f"use mini_batch_size >= {2 * dist.world_size}",
-            )
+        # SageMaker's mini_batch_size is per machine: split over the machine's processes (GPUs); with
+        # several machines a step sees mini_batch_size x machines images.
+        per_process = batch_per_process(hp.mini_batch_size, dist)
         shard_size = -(-len(train_samples) // dist.world_size)
 
         cache = hp.image_cache or None
@@ -380,7 +371,8 @@ def train(config: TrainConfig) -> TrainResult:
         log.info(
             f"training {hp.base_network} at {hp.image_shape} px on {device} x{dist.world_size}: "
             f"{len(train_samples)} train / {len(val_samples)} validation images, "
-            f"batch {hp.mini_batch_size}, {hp.epochs} epochs"
+            f"batch {hp.mini_batch_size} per machine ({per_process} per process, "
+            f"{per_process * dist.world_size} per step), {hp.epochs} epochs"
         )
 
         stopped, reason = False, None
@@ -499,6 +491,27 @@ def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str |
             hint="give --train and --validation again",
         )
     return data["train"], validation or data.get("validation")
+
+
+def batch_per_process(mini_batch_size: int, dist: distributed.Dist) -> int:
+    """Images per process and step: SageMaker's ``mini_batch_size`` is per machine, shared by the
+    machine's ``local_world_size`` processes (ConfigError when it does not split evenly or leaves fewer
+    than 2 images, which BatchNorm needs)."""
+    local = max(1, dist.local_world_size)
+    if mini_batch_size % local:
+        raise ConfigError(
+            f"{mini_batch_size} does not split evenly over the {local} processes of a machine "
+            "(SageMaker's mini_batch_size is per machine)",
+            field="mini_batch_size",
+        )
+    per_process = mini_batch_size // local
+    if per_process < 2:
+        raise ConfigError(
+            f"gives {per_process} image per process and step; BatchNorm needs at least 2",
+            field="mini_batch_size",
+            hint=f"use mini_batch_size >= {2 * local}",
+        )
+    return per_process
 
 
 def check_resume_options(run_dir: str, *, out: str | None = None, train: str | None = None,
