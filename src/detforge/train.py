@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -114,20 +113,25 @@ def lr_multiplier(step: int, *, steps_per_epoch: int, hp: Hyperparameters) -> fl
     return factor
 
 
-def freeze(model, pattern: str) -> list[str]:
-    """Stop gradients for parameters whose names match ``pattern`` (re.search); returns their names."""
+def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
+    """Stop gradients for parameters whose torch name or SageMaker MXNet name (``detforge.layers``,
+    vgg-16 and resnet-50 backbones) matches ``pattern`` (re.search); returns their torch names."""
+    from detforge.layers import matching_parameters, mxnet_names
+
     if not pattern:
         return []
-    regex = re.compile(pattern)
-    frozen = [name for name, p in model.named_parameters() if regex.search(name)]
+    frozen = matching_parameters(model, base_network, pattern)
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
     if not frozen:
+        first = next(iter(dict(model.named_parameters())))
+        mx = next(iter(mxnet_names(model, base_network).values()), None)
         raise ConfigError(
-            f"matches no parameter of the model (names look like "
-            f"{next(iter(dict(model.named_parameters())))!r})",
+            f"matches no parameter of the model (names look like {first!r}"
+            + (f" or, as SageMaker's MXNet network names them, {mx!r}" if mx else "") + ")",
             field="freeze_layer_pattern",
+            hint="`detforge train --list-layers -p hyperparams.json` lists them",
         )
     return frozen
 
@@ -314,7 +318,7 @@ def train(config: TrainConfig) -> TrainResult:
                     model, config.weights, base_network=hp.base_network, num_classes=hp.num_classes
                 )
             )
-        frozen = freeze(model, hp.freeze_layer_pattern)
+        frozen = freeze(model, hp.freeze_layer_pattern, base_network=hp.base_network)
         if frozen:
             log.info(f"froze {len(frozen)} parameters matching {hp.freeze_layer_pattern!r}")
         model.to(device)
