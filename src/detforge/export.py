@@ -398,6 +398,12 @@ def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, image_size: i
 
     ``pre_nms(model, batch, candidates=)`` gives PyTorch's pre-NMS boxes and scores per image
     (``ssd_pre_nms`` for torchvision's SSD); ``real`` says whether ``images`` are real pictures.
+
+    Another model family verifies through this function when its graph has exactly one ONNX
+    ``NonMaxSuppression`` (``_nms_function``) fed with ``boxes`` ``N x A x 4`` (input pixels) and
+    ``scores`` ``N x C x A`` (each class's best ``nms_topk`` candidates, the others 0), and it passes a
+    ``pre_nms`` computing the same from its PyTorch model's own parts; ``model(list of CHW floats)``
+    must return torchvision-style ``boxes``/``scores``/``labels`` (1-based) for the informational match.
     """
     import onnxruntime as ort
     import torch
