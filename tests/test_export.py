@@ -194,9 +194,26 @@ def test_int8_is_compared_with_fp32_and_kept_within_max_map_drop(tiny_run, tmp_p
 
 def test_int8_that_loses_too_much_is_refused_and_fp32_kept(tiny_run, tmp_path, monkeypatch):
     """A "quantization" whose model finds nothing (its NMS score threshold raised to 1) loses all of the
-    fp32 model's validation:mAP: the export keeps fp32, says so in model.json, and writes no int8 file."""
+    fp32 model's validation:mAP: the export keeps fp32, says so in model.json, and writes no int8 file.
+    The validation manifest labels the fp32 model's own best detections, so fp32 scores mAP 1."""
     import onnx
     from onnx import numpy_helper
+
+    from detforge.groundtruth import make_record, read_manifest, write_manifest
+
+    source = tiny_run.parent / "validation" / "data.manifest"
+    predictor = Predictor(str(tiny_run.parent / "deploy"))
+    records = []
+    for record in read_manifest(str(source)):
+        image = str(source.parent / record.source_ref)
+        found = predictor.predict([image], threshold=0.0)[0]
+        keep = np.argsort(-found.scores)[:3]
+        records.append(make_record(image, width=record.width, height=record.height,
+                                   boxes_xyxy=found.boxes_xyxy[keep], class_ids=found.class_ids[keep],
+                                   class_map={0: "blue box", 1: "yellow box"}))
+    (tmp_path / "own").mkdir()
+    write_manifest(tmp_path / "own" / "data.manifest", records)
+    (tmp_path / "own" / "classes.json").write_text(json.dumps(["blue box", "yellow box"]))
 
     def blind(fp32_path, int8_path, calibration, *, image_size):
         model = onnx.load(fp32_path)
@@ -206,16 +223,16 @@ def test_int8_that_loses_too_much_is_refused_and_fp32_kept(tiny_run, tmp_path, m
         onnx.save(model, int8_path)
 
     monkeypatch.setattr(export, "quantize_int8", blind)
-    result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True, max_map_drop=0.0)
+    result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True,
+                        validation=str(tmp_path / "own" / "data.manifest"))
     q = result.int8
-    assert q["accepted"] is False and q["max_map_drop"] == 0.0 and q["int8_map"] == 0.0
-    assert q["fp32_map"] > 0 and q["map_points_lost"] == round(100 * q["fp32_map"], 2)
+    assert q["accepted"] is False and q["max_map_drop"] == export.DEFAULT_MAX_MAP_DROP == 1.0
+    assert (q["fp32_map"], q["int8_map"], q["map_points_lost"]) == (1.0, 0.0, 100.0)
     meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
     assert meta["quantization"] == "fp32" and meta["int8"]["fp32_model"] == "model.onnx"
     assert sorted(os.listdir(tmp_path / "deploy")) == ["model.json", "model.onnx"]
     graph = onnx.load(str(tmp_path / "deploy" / "model.onnx")).graph
     assert "QuantizeLinear" not in {node.op_type for node in graph.node}
-    assert export.DEFAULT_MAX_MAP_DROP == 1.0
     exe = [sys.executable, "-m", "detforge"]
     done = subprocess.run([*exe, "export", str(tiny_run), "--out", str(tmp_path / "d2"), "--int8",
                            "--max-map-drop", "101"], capture_output=True, text=True, timeout=120)
