@@ -212,8 +212,9 @@ def _step_export(out: str, profile: dict, say: Callable) -> dict:
 
     result = export_run(os.path.join(out, "runs", "demo"), os.path.join(out, "deploy"), name="storage-boxes")
     check = result.verify
-    say(f"{result.model_path}: {check.detections} detections on {check.images} validation images match "
-        f"PyTorch (min IoU {check.min_iou:.4f}, max score difference {check.max_score_diff:.1e})")
+    say(f"{result.model_path}: verified on {check.images} validation images: {check.raw_values} pre-NMS "
+        f"scores and box coordinates match PyTorch (max score difference {check.max_score_diff:.1e}), "
+        f"{check.detections} detections are a valid NMS of them")
     return {"model": result.model_path, "verified_detections": check.detections,
             "size_bytes": os.path.getsize(result.model_path)}
 
