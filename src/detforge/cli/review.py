@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         """Open a local web page to look at every labeled box and reject images into a discard list."""
         from rich.console import Console
 
-        from detforge.review import review
+        from detforge.label.review import review
 
         console = Console()
 

@@ -9,65 +9,29 @@ boxes and proposals at a time (``/api/item/<i>``), images by index only. Every c
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import os
-import secrets
-import urllib.parse
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 
 import orjson
 
 from detforge.errors import ConfigError, DetforgeError
 from detforge.label.jobs import PROPOSAL_FLOOR, LabelJob, open_job
+from detforge.label.server import LocalServer, TokenHandler, inline_page
 
-TOKEN_HEADER = "X-Detforge-Token"
 MAX_PAGE = 500  # items per /api/items answer
 MAX_BODY = 1 << 20
 
 
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP addresses."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def page_html(token: str) -> bytes:
-    """The labeling page with its script and style inlined (one request, works offline)."""
-    static = resources.files("detforge.label") / "static"
-    html = (static / "label.html").read_text(encoding="utf-8")
-    html = html.replace("/*LABEL_CSS*/", (static / "label.css").read_text(encoding="utf-8"))
-    html = html.replace("/*LABEL_JS*/", (static / "label.js").read_text(encoding="utf-8"))
-    return html.replace("__TOKEN__", token).encode("utf-8")
-
-
-class LabelServer(ThreadingHTTPServer):
+class LabelServer(LocalServer):
     """A LabelJob behind a token, on a loopback address."""
 
-    daemon_threads = True
+    command = "detforge label"
 
     def __init__(self, job: LabelJob, *, host: str = "127.0.0.1", port: int = 8766, token: str | None = None,
                  threshold: float = 0.5) -> None:
-        if not is_loopback(host):
-            raise ConfigError(f"the label server listens on loopback only, not {host!r}", field="--host",
-                              hint="use 127.0.0.1 and an SSH tunnel to label from another machine")
         self.job = job
-        self.token = token or secrets.token_urlsafe(24)
         self.threshold = threshold
-        super().__init__((host, port), _Handler)
-
-    @property
-    def url(self) -> str:
-        """The page's address, token included."""
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}/?token={self.token}"
+        super().__init__(_Handler, host=host, port=port, token=token)
 
     def job_info(self) -> dict:
         job = self.job
@@ -87,59 +51,15 @@ def _int(query: dict[str, list[str]], key: str, default: int) -> int:
         raise ConfigError(f"{key} must be a whole number, got {value!r}") from None
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TokenHandler):
     server: LabelServer
     server_version = "detforge-label"
-
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's name
-        pass  # the terminal is for the summary, not one line per thumbnail
-
-    def _send(self, status: int, body: bytes, content_type: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, obj) -> None:
-        self._send(status, orjson.dumps(obj), headers={"Cache-Control": "no-store"})
-
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
-
-    def _authorized(self, query: dict[str, list[str]]) -> bool:
-        # The Host check stops DNS-rebinding pages from talking to us; the token stops everyone else.
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-        if not is_loopback(host):
-            self._error(403, "wrong Host header")
-            return False
-        given = self.headers.get(TOKEN_HEADER) or (query.get("token") or [""])[0]
-        if not given:
-            self._error(401, "missing token: open the URL printed by `detforge label`")
-            return False
-        if not hmac.compare_digest(given.encode(), self.server.token.encode()):
-            self._error(403, "wrong token")
-            return False
-        return True
-
-    def _parse(self) -> tuple[str, dict[str, list[str]]]:
-        url = urllib.parse.urlsplit(self.path)
-        return urllib.parse.unquote(url.path), urllib.parse.parse_qs(url.query)
 
     def _index(self, key: str) -> int | None:
         if not key.isdigit() or not 0 <= int(key) < len(self.server.job.items):
             self._error(404, "items are fetched by their index in the manifest only")
             return None
         return int(key)
-
-    def do_HEAD(self) -> None:  # noqa: N802 - the stdlib's name
-        self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         path, query = self._parse()
@@ -148,7 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
         job = self.server.job
         try:
             if path in ("/", "/index.html"):
-                self._send(200, page_html(self.server.token), "text/html; charset=utf-8",
+                self._send(200, inline_page("label", self.server.token), "text/html; charset=utf-8",
                            {"Cache-Control": "no-store"})
             elif path == "/api/job":
                 self._json(200, self.server.job_info())

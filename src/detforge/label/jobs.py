@@ -68,7 +68,7 @@ def parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
     if not isinstance(value, str):
         names = [str(v).strip() for v in value]
     elif value.endswith(".json") or storage.exists(value):
-        from detforge.review import load_class_names
+        from detforge.label.review import load_class_names
 
         names = [name.strip() for name in load_class_names(value)]
     else:

@@ -17,19 +17,13 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import functools
-import hmac
-import ipaddress
 import json
 import mimetypes
 import os
 import re
-import secrets
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 
 import numpy as np
 import orjson
@@ -39,13 +33,13 @@ from detforge import storage
 from detforge.data.groundtruth import resolve_source_ref
 from detforge.data.sources import read_source
 from detforge.errors import ConfigError, DetforgeError, FormatError
+from detforge.label.server import LocalServer, TokenHandler, inline_page
 
 TINY_FRACTION = 0.02  # a box narrower or lower than 2% of the image side is "tiny"
 EDGE_PIXELS = 1.0  # a box within 1 px of the border "touches the edge"
 MATCH_IOU = 0.3  # a prediction and a label of the same class at this IoU or more are the same object
 GOOD_IOU = 0.7  # a matched label below this IoU with its prediction is "low IoU"
 THUMB_SIZE = 256
-TOKEN_HEADER = "X-Detforge-Token"
 DECISIONS = ("reject", "keep", "clear")
 
 
@@ -320,95 +314,20 @@ def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.Pat
 # ----------------------------------------------------------------------------- the HTTP server
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def page_html(token: str) -> bytes:
-    """The review page with its script and style inlined (one request, works offline)."""
-    static = resources.files("detforge") / "static"
-    html = (static / "review.html").read_text(encoding="utf-8")
-    html = html.replace("/*REVIEW_CSS*/", (static / "review.css").read_text(encoding="utf-8"))
-    html = html.replace("/*REVIEW_JS*/", (static / "review.js").read_text(encoding="utf-8"))
-    return html.replace("__TOKEN__", token).encode("utf-8")
-
-
-class ReviewServer(ThreadingHTTPServer):
+class ReviewServer(LocalServer):
     """The review server: a ReviewSession behind a token, on a loopback address."""
 
-    daemon_threads = True
+    command = "detforge review"
 
     def __init__(self, session: ReviewSession, *, host: str = "127.0.0.1", port: int = 8765,
                  token: str | None = None) -> None:
-        if not _is_loopback(host):
-            raise ConfigError(f"the review server listens on loopback only, not {host!r}", field="--host",
-                              hint="use 127.0.0.1 and an SSH tunnel to review from another machine")
         self.session = session
-        self.token = token or secrets.token_urlsafe(24)
-        super().__init__((host, port), _Handler)
-
-    @property
-    def url(self) -> str:
-        """The page's address, token included."""
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}/?token={self.token}"
+        super().__init__(_Handler, host=host, port=port, token=token)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TokenHandler):
     server: ReviewServer
     server_version = "detforge-review"
-
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's name
-        pass  # the terminal is for the summary, not one line per thumbnail
-
-    # -- helpers
-    def _send(self, status: int, body: bytes, content_type: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, obj) -> None:
-        self._send(status, orjson.dumps(obj), headers={"Cache-Control": "no-store"})
-
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
-
-    def _authorized(self, query: dict[str, list[str]]) -> bool:
-        # The Host check stops DNS-rebinding pages from talking to us; the token stops everyone else.
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-        if not _is_loopback(host):
-            self._error(403, "wrong Host header")
-            return False
-        given = self.headers.get(TOKEN_HEADER) or (query.get("token") or [""])[0]
-        if not given:
-            self._error(401, "missing token: open the URL printed by `detforge review`")
-            return False
-        if not hmac.compare_digest(given.encode(), self.server.token.encode()):
-            self._error(403, "wrong token")
-            return False
-        return True
-
-    def _parse(self) -> tuple[str, dict[str, list[str]]]:
-        url = urllib.parse.urlsplit(self.path)
-        return urllib.parse.unquote(url.path), urllib.parse.parse_qs(url.query)
-
-    # -- routes
-    def do_HEAD(self) -> None:  # noqa: N802 - the stdlib's name
-        self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         path, query = self._parse()
@@ -417,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
         session = self.server.session
         try:
             if path in ("/", "/index.html"):
-                self._send(200, page_html(self.server.token), "text/html; charset=utf-8",
+                self._send(200, inline_page("review", self.server.token), "text/html; charset=utf-8",
                            {"Cache-Control": "no-store"})
             elif path == "/api/items":
                 self._json(200, {"items": [item.to_json() for item in session.items],

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detforge import review, storage
+from detforge import storage
 from detforge.data.groundtruth import make_record, write_manifest
 from detforge.errors import ConfigError, FormatError
+from detforge.label import review
 
 CLASS_MAP = {0: "red box", 1: "blue box"}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

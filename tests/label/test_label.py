@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detforge import review
 from detforge.data.convert import convert
 from detforge.data.groundtruth import read_manifest
 from detforge.data.prepare import prepare
 from detforge.data.stats import manifest_stats
 from detforge.errors import ConfigError, ManifestError
-from detforge.label import app, jobs
+from detforge.label import app, jobs, review
 
 CLASSES = ["blue box", "yellow box"]
 W, H = 200, 150
