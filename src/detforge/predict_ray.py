@@ -1,0 +1,411 @@
+"""``detforge predict --engine ray``: the same batch inference spread over a Ray cluster (Ray Data).
+
+What SageMaker Batch Transform did, on an existing engine rather than a scheduler of our own. The
+driver (this process) resolves the inputs as ``predict`` does and cuts them into **blocks** of
+``block_size`` images in input order: a folder's paths, or a manifest's byte range (the manifest is
+read once here, every line checked as ``predict`` checks it, so a bad line stops the job before any
+image is read; images are never read here). Ray Data hands each block to an actor of a pool; each
+actor holds one torch-free ``runtime.Predictor`` (the deploy folder's two files travel through Ray's
+object store, so nodes need no copy of it) and runs ``predict.predict_stream`` on the block: images
+read and decoded in the actor, the same lines written. Output, under ``out`` (a folder or prefix):
+
+- ``part-00000.jsonl`` ... one per block, SageMaker-format lines, written atomically; the parts in
+  order are exactly the file single-process ``predict`` writes;
+- ``_blocks/part-00000.json``: what the block counted (images, detections, skipped images, its
+  ground-truth matches as a ``DetectionAccumulator`` state), written after its part;
+- ``_job.json``: the job (model sha256, settings, a digest of the block plan), written first;
+- ``_SUCCESS``: written last, JSON naming the parts in order with the totals and the batch mAP.
+
+A killed actor is restarted by Ray and its block retried; a block's part has one fixed name and is
+replaced whole, and the driver keeps one summary per block, so every input is in the output once.
+Rerunning the same job skips the blocks whose ``_blocks/`` summary exists (resume); another job
+into the same ``out`` is refused. Reports (PDF/HTML) stay single-machine.
+
+Needs ``pip install 'detforge[ray]'`` (``ray[data]``). Not here: the per-image work (``predict``),
+the model (``runtime``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import orjson
+
+from detforge import storage
+from detforge.data.groundtruth import find_label_attribute, parse_record, resolve_source_ref
+from detforge.errors import ConfigError, DetforgeError, ManifestError, require
+from detforge.metrics import DetectionAccumulator
+from detforge.predict import (
+    InputSpec,
+    PredictResult,
+    Source,
+    _check_truth,
+    check_options,
+    predict_stream,
+    resolve_inputs,
+)
+
+DEFAULT_BLOCK_SIZE = 256
+SUCCESS_FILE = "_SUCCESS"
+JOB_FILE = "_job.json"
+BLOCKS_DIR = "_blocks"
+JOB_FORMAT = "detforge-predict-ray/1"
+
+
+@dataclass
+class Block:
+    """A run of consecutive input images: listed paths, or ``count`` lines of a manifest from ``offset``."""
+
+    index: int
+    refs: list[str] = field(default_factory=list)  # image paths/URIs (image and folder inputs)
+    manifest: str | None = None
+    offset: int = 0  # byte offset of the block's first line in the manifest
+    line: int = 0  # that line's number (from 1)
+    count: int = 0  # non-blank manifest lines in the block
+    labeled: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.refs) if self.manifest is None else self.count
+
+
+def part_name(index: int) -> str:
+    """The file name of block ``index``'s predictions."""
+    return f"part-{index:05d}.jsonl"
+
+
+def _manifest_lines(path: str) -> Iterator[tuple[int, int, bytes]]:
+    """(line number from 1, byte offset of the line, the line without its newline), streaming."""
+    with storage.open_file(path, "rb") as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            yield number, offset, raw.rstrip(b"\r\n")
+            offset += len(raw)
+
+
+def _manifest_object(raw: bytes, *, path: str, line: int) -> dict:
+    """One manifest line as ``predict`` reads it (same errors, same line numbers)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ManifestError(f"not valid JSON: {exc}", path=path, line=line) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("source-ref"), str) or not obj["source-ref"]:
+        raise ManifestError("missing or not a string", path=path, line=line, field="source-ref",
+                            hint="a manifest line is {\"source-ref\": \"path or s3:// URI\", ...}")
+    return obj
+
+
+def plan_blocks(specs: Sequence[InputSpec], *, block_size: int, class_names: list[str],
+                label_attribute: str | None = None, warnings: list[str] | None = None) -> list[Block]:
+    """Cut resolved inputs into blocks of at most ``block_size`` images, in input order.
+
+    Consecutive images and folders share blocks; a manifest's lines make blocks of their own (a byte
+    range each). Every manifest line is checked here as ``predict`` checks it (JSON, ``source-ref``,
+    labels, class ids against ``class_names``; class names that differ are appended to ``warnings``).
+    """
+    blocks: list[Block] = []
+    pending: list[str] = []
+    warned: set[int] = set()
+    warnings = [] if warnings is None else warnings
+
+    def flush_files() -> None:
+        while pending:
+            blocks.append(Block(len(blocks), refs=pending[:block_size]))
+            del pending[:block_size]
+
+    for spec in specs:
+        if spec.kind != "manifest":
+            pending.extend([spec.path] if spec.kind == "image" else spec.files)
+            if len(pending) >= block_size:
+                blocks.append(Block(len(blocks), refs=pending[:block_size]))
+                del pending[:block_size]
+            continue
+        flush_files()
+        labeled: bool | None = None
+        current: Block | None = None
+        for number, offset, raw in _manifest_lines(spec.path):
+            if not raw.strip():
+                continue
+            obj = _manifest_object(raw, path=spec.path, line=number)
+            if labeled is None:  # the first line tells whether the manifest carries labels (as predict)
+                labeled = label_attribute is not None or find_label_attribute(obj) is not None
+            if labeled:
+                truth = parse_record(obj, path=spec.path, line=number, label_attribute=label_attribute)
+                _check_truth(truth, class_names, warned, warnings)
+            if current is None or current.count == block_size:
+                current = Block(len(blocks), manifest=spec.path, offset=offset, line=number, labeled=labeled)
+                blocks.append(current)
+            current.count += 1
+    flush_files()
+    return blocks
+
+
+def block_sources(block: Block, *, label_attribute: str | None = None) -> Iterator[Source]:
+    """The images of one block, read where the block says (in a worker)."""
+    if block.manifest is None:
+        yield from (Source(ref, ref) for ref in block.refs)
+        return
+    path = block.manifest
+    with storage.open_file(path, "rb") as handle:
+        handle.seek(block.offset)
+        number, left = block.line - 1, block.count
+        while left:
+            raw = handle.readline()
+            number += 1
+            if not raw:
+                raise ManifestError("the manifest ended early: it changed since the job started", path=path,
+                                    line=number)
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            left -= 1
+            obj = _manifest_object(raw, path=path, line=number)
+            truth = (parse_record(obj, path=path, line=number, label_attribute=label_attribute)
+                     if block.labeled else None)
+            ref = obj["source-ref"]
+            yield Source(ref=resolve_source_ref(ref, path), source_ref=ref, truth=truth)
+
+
+def run_block(predictor, block: Block, *, out: str, settings: dict) -> dict:
+    """Predict one block: write its part, then its summary (``_blocks/``); return the summary.
+
+    A DetforgeError (``on_error="stop"`` and an unreadable image, a storage failure) is returned as
+    ``{"block": i, "error": {...}}`` with nothing of the block written, for the driver to raise.
+    """
+    names = list(settings["class_names"])
+    threshold = float(settings["threshold"])
+    result = PredictResult(images=0, detections_per_class=[0] * len(names), skipped=[], seconds=0.0,
+                           class_names=names, threshold=threshold)
+    accumulator = DetectionAccumulator(len(names), iou_threshold=settings["iou_threshold"],
+                                       score_threshold=threshold)
+    started = time.perf_counter()
+    name = part_name(block.index)
+    try:
+        with storage.atomic_writer(storage.join(out, name), "wb") as writer:
+            sources = block_sources(block, label_attribute=settings["label_attribute"])
+            predict_stream(predictor, sources, writer, result=result, accumulator=accumulator, warned=set(),
+                           batch_size=settings["batch_size"], on_error=settings["on_error"],
+                           iou_threshold=settings["iou_threshold"], decode_workers=settings["decode_workers"])
+    except DetforgeError as exc:
+        return {"block": block.index, "error": {"type": type(exc).__name__, "message": exc.message,
+                                                "path": exc.path, "line": exc.line, "field": exc.field,
+                                                "hint": exc.hint}}
+    summary = {"block": block.index, "part": name, "images": result.images,
+               "detections_per_class": result.detections_per_class,
+               "skipped": [list(item) for item in result.skipped],
+               "images_with_truth": result.images_with_truth,
+               "accumulator": accumulator.state_dict() if result.images_with_truth else None,
+               "seconds": round(time.perf_counter() - started, 3),
+               "worker": f"{os.uname().nodename}:{os.getpid()}"}
+    data = orjson.dumps(summary, option=orjson.OPT_SERIALIZE_NUMPY)
+    storage.write_bytes(storage.join(out, BLOCKS_DIR, f"part-{block.index:05d}.json"), data)
+    return orjson.loads(data)
+
+
+class BlockWorker:
+    """A Ray Data actor: the deploy folder's files written to a temporary folder, one ``Predictor`` loaded
+    from them for the actor's life, then whole blocks (one per call)."""
+
+    def __init__(self, *, model_files: dict[str, bytes], settings: dict, out: str) -> None:
+        from detforge.runtime import Predictor
+
+        self.folder = tempfile.mkdtemp(prefix="detforge-deploy-")
+        for name, data in model_files.items():
+            with open(os.path.join(self.folder, name), "wb") as handle:
+                handle.write(data)
+        self.predictor = Predictor(self.folder, threads=settings["threads"], providers=settings["providers"])
+        self.settings = settings
+        self.out = out
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = [run_block(self.predictor, Block(**orjson.loads(task)), out=self.out,
+                               settings=self.settings) for task in batch["task"]]
+        return {"block": np.array([s["block"] for s in summaries], dtype=np.int64),
+                "summary": np.array([orjson.dumps(s).decode() for s in summaries], dtype=object)}
+
+
+def _raise(error: dict) -> None:
+    from detforge import errors
+    from detforge.images import ImageError
+
+    kind = ImageError if error["type"] == "ImageError" else getattr(errors, error["type"], DetforgeError)
+    if not (isinstance(kind, type) and issubclass(kind, DetforgeError)):
+        kind = DetforgeError
+    raise kind(error["message"], path=error["path"], line=error["line"], field=error["field"],
+               hint=error["hint"])
+
+
+def _job_record(*, model_sha256: str, inputs: Sequence[str], blocks: list[Block], settings: dict,
+                block_size: int) -> dict:
+    plan = hashlib.sha256()
+    for block in blocks:
+        plan.update(orjson.dumps(asdict(block)) + b"\n")
+    return {"format": JOB_FORMAT, "model_sha256": model_sha256, "inputs": [os.fspath(i) for i in inputs],
+            "threshold": settings["threshold"], "iou_threshold": settings["iou_threshold"],
+            "label_attribute": settings["label_attribute"], "batch_size": settings["batch_size"],
+            "block_size": block_size, "blocks": len(blocks), "plan_sha256": plan.hexdigest()}
+
+
+def _resume(out: str, job: dict) -> dict[int, dict]:
+    """The summaries of blocks a previous run of the same job wrote; starts the job record when new."""
+    job_path = storage.join(out, JOB_FILE)
+    if not storage.is_remote(out) and os.path.isfile(out):
+        raise ConfigError("with --engine ray, --out is a folder (or s3:// prefix) for the part files; "
+                          "this is a file", path=out)
+    if storage.exists(job_path):
+        previous = orjson.loads(storage.read_bytes(job_path))
+        if previous != job:
+            changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+            raise ConfigError("this folder holds the output of another job (it differs in: "
+                              f"{', '.join(changed)})", path=out,
+                              hint="write to another --out, or delete this one to start over")
+        done: dict[int, dict] = {}
+        folder = storage.join(out, BLOCKS_DIR)
+        if storage.exists(folder):
+            for path in storage.list_files(folder, suffixes=(".json",), recursive=False):
+                summary = orjson.loads(storage.read_bytes(path))
+                if 0 <= summary["block"] < job["blocks"]:
+                    done[int(summary["block"])] = summary
+        return done
+    if storage.exists(out) and any(storage.basename(p).startswith("part-")
+                                   for p in storage.list_files(out, suffixes=(".jsonl",), recursive=False)):
+        raise ConfigError("this folder holds part files but no _job.json: not a detforge ray job's output",
+                          path=out, hint="write to another --out")
+    storage.write_bytes(job_path, orjson.dumps(job, option=orjson.OPT_INDENT_2))
+    return {}
+
+
+def _connect(ray, *, address: str | None) -> bool:
+    """Connect to Ray (``address``: "auto", "ray://..." or host:port), or start a local instance for this
+    run when none is given. True when this call started it (then the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, configure_logging=False)
+        return False
+    ray.init(include_dashboard=False, configure_logging=False)
+    return True
+
+
+def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: float | None = None,
+                batch_size: int = 8, block_size: int = DEFAULT_BLOCK_SIZE, workers: int | None = None,
+                address: str | None = None, threads: int | None = None,
+                providers: Sequence[str] | None = None, on_error: str = "skip", iou_threshold: float = 0.5,
+                label_attribute: str | None = None, decode_workers: int = 2,
+                progress: Callable[[int, int], None] | None = None) -> PredictResult:
+    """``predict`` over Ray Data: one part file per block under ``out``, then ``_SUCCESS`` naming them.
+
+    ``workers``: actors in the pool (default: as many as the cluster's CPUs hold, each taking ``threads``
+    CPUs, default 1). ``address``: an existing Ray cluster ("auto" on one of its nodes); without it a
+    local instance is started for this call (or the one this process already runs is used).
+    ``progress(done, total)`` is called as blocks finish. The result counts every block of the job,
+    those written by an earlier run of it included; ``files`` are the parts in order, then ``_SUCCESS``.
+    """
+    ray = require("ray", "ray")
+    require("ray.data", "ray")
+    from detforge.runtime import METADATA_FILE, MODEL_FILE, read_metadata
+
+    check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
+    if int(block_size) < 1:
+        raise ConfigError(f"block size must be at least 1, got {block_size}", field="block-size")
+    if workers is not None and int(workers) < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}", field="workers")
+    if threads is not None and int(threads) < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}", field="threads")
+    deploy = os.fspath(deploy)
+    if deploy.endswith(MODEL_FILE):
+        deploy = os.path.dirname(deploy) or "."
+    metadata = read_metadata(deploy)
+    model_path = os.path.join(deploy, MODEL_FILE)
+    if not os.path.exists(model_path):
+        from detforge.errors import ModelError
+
+        raise ModelError("missing model.onnx", path=deploy)
+    model_files = {MODEL_FILE: storage.read_bytes(model_path),
+                   METADATA_FILE: storage.read_bytes(os.path.join(deploy, METADATA_FILE))}
+    names = [str(c) for c in metadata["classes"]]
+    threshold = float(metadata.get("default_threshold", 0.3) if threshold is None else threshold)
+    out = os.fspath(out)
+    specs = resolve_inputs(inputs)
+    total = sum(spec.count for spec in specs)
+    result = PredictResult(images=0, detections_per_class=[0] * len(names), skipped=[], seconds=0.0,
+                           class_names=names, threshold=threshold)
+    blocks = plan_blocks(specs, block_size=int(block_size), class_names=names,
+                         label_attribute=label_attribute, warnings=result.warnings)
+    cpus = int(threads or 1)
+    settings = {"class_names": names, "threshold": threshold, "iou_threshold": float(iou_threshold),
+                "label_attribute": label_attribute, "batch_size": int(batch_size), "on_error": on_error,
+                "decode_workers": int(decode_workers), "threads": cpus,
+                "providers": list(providers) if providers else None}
+    job = _job_record(model_sha256=hashlib.sha256(model_files[MODEL_FILE]).hexdigest(), inputs=inputs,
+                      blocks=blocks, settings=settings, block_size=int(block_size))
+    started = time.perf_counter()
+    done = _resume(out, job)
+    todo = [block for block in blocks if block.index not in done]
+    finished = sum(blocks[i].size for i in done)
+    if progress is not None:
+        progress(finished, total)
+    if todo:
+        started_here = _connect(ray, address=address)
+        try:
+            if workers:
+                pool = ray.data.ActorPoolStrategy(size=int(workers))
+            else:
+                capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+                pool = ray.data.ActorPoolStrategy(min_size=1, max_size=capacity)
+            # one Ray Data block per detforge block: a retry redoes exactly one part
+            dataset = ray.data.from_items([{"block": b.index, "task": orjson.dumps(asdict(b)).decode()}
+                                           for b in todo], override_num_blocks=len(todo))
+            dataset = dataset.map_batches(BlockWorker, batch_size=1, compute=pool, num_cpus=cpus,
+                                          batch_format="numpy",
+                                          fn_constructor_kwargs={"model_files": model_files,
+                                                                 "settings": settings, "out": out})
+            for row in dataset.iter_rows():
+                summary = orjson.loads(row["summary"])
+                if "error" in summary:
+                    _raise(summary["error"])
+                if summary["block"] not in done:
+                    done[summary["block"]] = summary
+                    finished += blocks[summary["block"]].size
+                    if progress is not None:
+                        progress(finished, total)
+        finally:
+            if started_here:
+                ray.shutdown()
+    missing = [b.index for b in blocks if b.index not in done]
+    if missing:  # Ray Data returned without them: never expected, never hidden
+        raise DetforgeError(f"{len(missing)} blocks came back without a result (first: {missing[0]})",
+                            path=out, hint="rerun the same command: finished blocks are kept")
+    accumulator = DetectionAccumulator(len(names), iou_threshold=float(iou_threshold),
+                                       score_threshold=threshold)
+    for block in blocks:  # in input order: totals, skipped images and the mAP as one process gets them
+        summary = done[block.index]
+        result.images += summary["images"]
+        result.detections_per_class = [a + b for a, b in zip(result.detections_per_class,
+                                                              summary["detections_per_class"], strict=True)]
+        result.skipped.extend((name, reason) for name, reason in summary["skipped"])
+        result.images_with_truth += summary["images_with_truth"]
+        if summary["accumulator"] is not None:
+            accumulator.merge(DetectionAccumulator.from_state_dict(summary["accumulator"]))
+    if result.images_with_truth:
+        result.metrics = accumulator.compute()
+    result.seconds = time.perf_counter() - started
+    parts = [part_name(block.index) for block in blocks]
+    success = {"format": JOB_FORMAT, "parts": parts, "images": result.images,
+               "detections_per_class": dict(zip(names, result.detections_per_class, strict=True)),
+               "threshold": threshold, "skipped": [list(item) for item in result.skipped],
+               "images_with_truth": result.images_with_truth, "warnings": result.warnings}
+    if result.metrics is not None:
+        m = result.metrics
+        success["metrics"] = {"voc07_map": m.voc07_map, "all_point_map": m.all_point_map,
+                              "iou_threshold": m.iou_threshold, "precision": m.precision, "recall": m.recall,
+                              "tp": m.tp, "fp": m.fp, "fn": m.fn}
+    storage.write_bytes(storage.join(out, SUCCESS_FILE), orjson.dumps(success, option=orjson.OPT_INDENT_2))
+    result.files = [storage.join(out, name) for name in parts] + [storage.join(out, SUCCESS_FILE)]
+    return result
