@@ -122,7 +122,7 @@ def plan_blocks(specs: Sequence[InputSpec], *, block_size: int, class_names: lis
     for spec in specs:
         if spec.kind != "manifest":
             pending.extend([spec.path] if spec.kind == "image" else spec.files)
-            if len(pending) >= block_size:
+            while len(pending) >= block_size:
                 blocks.append(Block(len(blocks), refs=pending[:block_size]))
                 del pending[:block_size]
             continue
@@ -281,6 +281,17 @@ def _resume(out: str, job: dict) -> dict[int, dict]:
     return {}
 
 
+def _remove_leftovers(out: str) -> None:
+    """Delete the temporary files of parts whose worker was killed while writing them (local ``out`` only:
+    on object stores a part is staged on the worker and sent whole)."""
+    if storage.is_remote(out):
+        return
+    for folder in (out, os.path.join(out, BLOCKS_DIR)):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith(".detforge-") and name.endswith(".part"):
+                os.unlink(os.path.join(folder, name))
+
+
 def _connect(ray, *, address: str | None) -> bool:
     """Connect to Ray (``address``: "auto", "ray://..." or host:port), or start a local instance for this
     run when none is given. True when this call started it (then the caller shuts it down)."""
@@ -407,5 +418,6 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
                               "iou_threshold": m.iou_threshold, "precision": m.precision, "recall": m.recall,
                               "tp": m.tp, "fp": m.fp, "fn": m.fn}
     storage.write_bytes(storage.join(out, SUCCESS_FILE), orjson.dumps(success, option=orjson.OPT_INDENT_2))
+    _remove_leftovers(out)
     result.files = [storage.join(out, name) for name in parts] + [storage.join(out, SUCCESS_FILE)]
     return result

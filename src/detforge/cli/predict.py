@@ -1,4 +1,5 @@
-"""``detforge predict DEPLOY INPUT... --out predictions.jsonl``: batch inference, optional PDF/HTML report."""
+"""``detforge predict DEPLOY INPUT... --out predictions.jsonl``: batch inference, optional PDF/HTML report;
+``--engine ray``: the same over a Ray cluster, part files under ``--out``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def register(app: typer.Typer) -> None:
             help="The deploy folder `detforge export` wrote (or its model.onnx).")],
         inputs: Annotated[list[str], typer.Argument(
             help="Images, folders (searched recursively), Ground Truth manifests or s3:// prefixes.")],
-        out: Annotated[str, typer.Option("--out", "-o", help="Predictions JSON Lines to write.")],
+        out: Annotated[str, typer.Option(
+            "--out", "-o", help="Predictions JSON Lines to write (--engine ray: a folder or s3:// prefix).")],
         report: Annotated[str | None, typer.Option("--report", help="Also write a PDF report here.")] = None,
         html: Annotated[str | None, typer.Option(
             "--html", help="Also write a self-contained HTML report.")] = None,
@@ -31,13 +33,34 @@ def register(app: typer.Typer) -> None:
             "--iou", help="IoU for a match with a labeled box (manifest inputs with labels).")] = 0.5,
         label_attribute: Annotated[str | None, typer.Option(
             "--label-attribute", help="The manifests' label attribute, when it cannot be found.")] = None,
+        engine: Annotated[str, typer.Option(
+            "--engine", help="'local' (this process) or 'ray' (Ray Data: a local instance or --address; "
+                             "--out is then a folder of part files).")] = "local",
+        address: Annotated[str | None, typer.Option(
+            "--address", help="--engine ray: the Ray cluster ('auto' on one of its nodes, ray://HOST:10001); "
+                              "default: a local instance for this run.")] = None,
+        workers: Annotated[int | None, typer.Option(
+            "--workers", help="--engine ray: model actors (default: as many as the cluster's CPUs).")] = None,
+        block_size: Annotated[int, typer.Option(
+            "--block-size", help="--engine ray: images per block (one part file each; the unit of retry "
+                                 "and resume).")] = 256,
     ) -> None:
         """Run a deployed model on many images: predictions in SageMaker's format, a PDF/HTML report."""
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from detforge.errors import ConfigError
         from detforge.predict import predict
 
+        if engine not in ("local", "ray"):
+            raise ConfigError(f"engine must be 'local' or 'ray', got {engine!r}", field="engine")
+        if engine == "ray" and (report is not None or html is not None):
+            raise ConfigError("the PDF/HTML reports are drawn on one machine, not with --engine ray",
+                              field="report" if report is not None else "html",
+                              hint="run `detforge predict` without --engine ray on a sample of the images "
+                                   "for a report")
+        if engine == "local" and (address is not None or workers is not None):
+            raise ConfigError("--address and --workers are for --engine ray", field="engine")
         console = Console(soft_wrap=True)  # the summary: stdout, one line each
         columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn())
@@ -50,9 +73,17 @@ def register(app: typer.Typer) -> None:
                 rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
                 bar.update(task, completed=done, total=total, rate=rate)
 
-            result = predict(deploy, inputs, out=out, report=report, html=html, threshold=threshold,
-                             batch_size=batch_size, threads=threads, on_error=on_error, iou_threshold=iou,
-                             label_attribute=label_attribute, progress=progress)
+            if engine == "ray":
+                from detforge.predict_ray import predict_ray
+
+                result = predict_ray(deploy, inputs, out=out, threshold=threshold, batch_size=batch_size,
+                                     block_size=block_size, workers=workers, address=address, threads=threads,
+                                     on_error=on_error, iou_threshold=iou, label_attribute=label_attribute,
+                                     progress=progress)
+            else:
+                result = predict(deploy, inputs, out=out, report=report, html=html, threshold=threshold,
+                                 batch_size=batch_size, threads=threads, on_error=on_error, iou_threshold=iou,
+                                 label_attribute=label_attribute, progress=progress)
         counts = zip(result.class_names, result.detections_per_class, strict=True)
         per_class = ", ".join(f"{name} {n}" for name, n in counts)
         console.print(f"{result.images} images, {result.detections} detections (score >= "
@@ -71,4 +102,8 @@ def register(app: typer.Typer) -> None:
                 console.print(f"  {name}: {reason}", markup=False, highlight=False)
             if len(result.skipped) > 20:
                 console.print(f"  and {len(result.skipped) - 20} more (all listed in the report)")
-        console.print("wrote " + ", ".join(result.files))
+        if engine == "ray":
+            console.print(f"wrote {len(result.files) - 1} part files (in order) and {result.files[-1]} "
+                          "naming them")
+        else:
+            console.print("wrote " + ", ".join(result.files))
