@@ -29,23 +29,30 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """A local Ray instance (2 CPUs, no dashboard, node on 127.0.0.1), stopped after the module.
+    """A local Ray instance (2 CPUs, no dashboard, every server on 127.0.0.1), stopped after the module.
 
     Started after the S3 server so that its workers inherit the AWS_* settings that point at moto.
+    Ray turns a node address of 127.0.0.1 into the machine's own unless clusters are switched off (its
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported): then its servers bind to loopback.
     """
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
         missing("ray is not installed (pip install 'detforge[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1"  # loopback only
+        ray.data.DataContext.get_current().enable_progress_bars = False
         yield ray
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
 
 
 @pytest.fixture
@@ -135,10 +142,16 @@ def test_a_killed_worker_is_retried_and_every_image_written_once(ray_local, tiny
     while not (glob.glob(f"{out}/part-*.jsonl") and glob.glob(f"{out}/.detforge-*")):
         assert time.monotonic() < deadline and job.is_alive()
         time.sleep(0.005)
-    actors = [p for p in psutil.process_iter(["cmdline"])
-              if any("MapBatches(BlockWorker)" in part for part in p.info["cmdline"] or [])]
-    busy = [p for p in actors if p.info["cmdline"][0].endswith(".submit")] or actors
-    victim = busy[0].pid
+    actors = []
+    for process in psutil.Process().children(recursive=True):  # our Ray's processes only
+        try:
+            cmdline = process.cmdline()
+        except psutil.NoSuchProcess:  # a short-lived helper that has already gone
+            continue
+        if cmdline and "MapBatches(BlockWorker)" in cmdline[0]:
+            actors.append((process.pid, cmdline))
+    busy = [pid for pid, cmdline in actors if cmdline[0].endswith(".submit")] or [pid for pid, _ in actors]
+    victim = busy[0]
     written_before = len(glob.glob(f"{out}/part-*.jsonl"))
     os.kill(victim, signal.SIGKILL)
     job.join(180)
