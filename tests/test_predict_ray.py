@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -194,27 +195,44 @@ def test_on_error_stop_names_the_image_and_writes_no_success(ray_local, tiny_dep
     assert not (out / "_SUCCESS").exists() and list(out.glob("part-*")) == []
 
 
-def test_cli_engine_ray(ray_local, tiny_deploy, images, tmp_path, capsys):
+def test_cli_engine_ray_with_a_sampled_report(ray_local, tiny_deploy, images, tmp_path, capsys):
     out = tmp_path / "out"
     manifest = tiny_deploy.parent / "validation" / "data.manifest"
-    code = main(["predict", str(tiny_deploy), str(images), str(manifest), "--out", str(out),
-                 "--engine", "ray", "--workers", "2", "--block-size", "4", "--threads", "1"])
+    common = ["predict", str(tiny_deploy), str(images), str(manifest), "--threads", "1"]
+    code = main([*common, "--out", str(tmp_path / "local.jsonl"), "--html", str(tmp_path / "local.html")])
+    assert code == 0
+    capsys.readouterr()
+    code = main([*common, "--out", str(out), "--engine", "ray", "--workers", "2", "--block-size", "4",
+                 "--html", str(tmp_path / "all.html"), "--report-sample", "100"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "8 images," in captured.out
     assert "against the labels of 4 images: mAP (VOC07, IoU 0.5)" in captured.out
     assert "skipped 1 unreadable images" in captured.out and "corrupt.png" in captured.out
-    assert f"wrote 3 part files (in order) and {out / '_SUCCESS'} naming them" in captured.out
-    assert len(joined(str(out)).splitlines()) == 8
+    assert (f"wrote 3 part files (in order) and {out / '_SUCCESS'} naming them; reports of the first 100 "
+            f"images: {tmp_path / 'all.html'}") in captured.out
+    assert joined(str(out)) == (tmp_path / "local.jsonl").read_bytes()
+
+    def page(name: str) -> str:  # the HTML report without its creation time
+        return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", "", (tmp_path / name).read_text())
+
+    # a sample that holds every image: the very report of the local engine (predictions read back)
+    assert page("all.html") == page("local.html")
+    # the same job again: nothing to predict (no Ray needed), a report of the first 6 inputs only
+    code = main([*common, "--out", str(out), "--engine", "ray", "--html", str(tmp_path / "six.html"),
+                 "--report-sample", "6", "--report", str(tmp_path / "six.pdf")])
+    assert code == 0 and "8 images," in capsys.readouterr().out
+    six = (tmp_path / "six.html").read_text()
+    assert six.count('<figure class="item"') == 5 and "corrupt.png" in six  # 4 images + the skipped one
+    assert (tmp_path / "six.pdf").read_bytes().startswith(b"%PDF-")
 
 
-def test_cli_refuses_reports_and_local_only_options(tiny_deploy, images, tmp_path, capsys):
-    code = main(["predict", str(tiny_deploy), str(images), "--out", str(tmp_path / "o"), "--engine", "ray",
-                 "--report", str(tmp_path / "r.pdf")])
-    assert code == 2 and "the PDF/HTML reports are drawn on one machine" in capsys.readouterr().err
+def test_cli_refuses_ray_options_without_ray_engine(tiny_deploy, images, tmp_path, capsys):
     code = main(["predict", str(tiny_deploy), str(images), "--out", str(tmp_path / "o.jsonl"),
                  "--workers", "2"])
     assert code == 2 and "--address and --workers are for --engine ray" in capsys.readouterr().err
+    code = main(["predict", str(tiny_deploy), str(images), "--out", str(tmp_path / "o"), "--engine", "spark"])
+    assert code == 2 and "engine must be 'local' or 'ray', got 'spark'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.jsonl").exists()
 
 

@@ -19,7 +19,8 @@ read and decoded in the actor, the same lines written. Output, under ``out`` (a 
 A killed actor is restarted by Ray and its block retried; a block's part has one fixed name and is
 replaced whole, and the driver keeps one summary per block, so every input is in the output once.
 Rerunning the same job skips the blocks whose ``_blocks/`` summary exists (resume); another job
-into the same ``out`` is refused. Reports (PDF/HTML) stay single-machine.
+into the same ``out`` is refused. Reports (PDF/HTML) are drawn here, on one machine, for a sample: the
+first ``report_sample`` images, their predictions read back from the parts (the model is not run again).
 
 Needs ``pip install 'detforge[ray]'`` (``ray[data]``). Not here: the per-image work (``predict``),
 the model (``runtime``).
@@ -27,12 +28,14 @@ the model (``runtime``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import orjson
@@ -42,11 +45,16 @@ from detforge.data.groundtruth import find_label_attribute, parse_record, resolv
 from detforge.errors import ConfigError, DetforgeError, ManifestError, require
 from detforge.metrics import DetectionAccumulator
 from detforge.predict import (
+    ImageResult,
     InputSpec,
     PredictResult,
     Source,
     _check_truth,
+    _decode,
+    _report_item,
+    _summary,
     check_options,
+    match_truth,
     predict_stream,
     resolve_inputs,
 )
@@ -304,19 +312,86 @@ def _connect(ray, *, address: str | None) -> bool:
     return True
 
 
+def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, dict], settings: dict,
+                   metadata: dict, sample: int, report: str | None = None, html: str | None = None) -> int:
+    """The PDF and/or HTML report of the first ``sample`` images of a finished job, in input order.
+
+    Predictions are read back from the parts and matched to the block's images again (an image missing
+    from a part was skipped); only the sample's images are read and decoded, here. The report's
+    counts, mAP and skipped images are those of the sample. Returns the images in it.
+    """
+    from detforge.report import HtmlReport
+    from detforge.report_pdf import PdfReport
+
+    names = list(settings["class_names"])
+    threshold = float(settings["threshold"])
+    part = PredictResult(images=0, detections_per_class=[0] * len(names), skipped=[], seconds=0.0,
+                         class_names=names, threshold=threshold)
+    accumulator = DetectionAccumulator(len(names), iou_threshold=settings["iou_threshold"],
+                                       score_threshold=threshold)
+    with contextlib.ExitStack() as stack:
+        targets = []
+        if report is not None:
+            title = f"detforge predict --engine ray: {metadata.get('name') or 'model'}, first {sample} images"
+            targets.append(stack.enter_context(PdfReport(report, class_names=names, title=title)))
+        if html is not None:
+            targets.append(stack.enter_context(HtmlReport(html, class_names=names)))
+        for block in blocks:
+            if part.images + len(part.skipped) >= sample:
+                break
+            reasons = list(summaries[block.index]["skipped"])
+            path = storage.join(out, part_name(block.index))
+            lines = (orjson.loads(raw) for _, raw in storage.iter_lines(path) if raw.strip())
+            line = next(lines, None)
+            for source in block_sources(block, label_attribute=settings["label_attribute"]):
+                if part.images + len(part.skipped) >= sample:
+                    break
+                if line is None or line["source-ref"] != source.source_ref:  # skipped by the worker
+                    reason = next((r for n, r in reasons if n == source.source_ref), "skipped")
+                    part.skipped.append((source.source_ref, reason))
+                    continue
+                decoded = _decode(source, True)
+                if isinstance(decoded, DetforgeError):
+                    raise decoded
+                rows = line["prediction"]
+                outcome = ImageResult(source, int(line["width"]), int(line["height"]), rows)
+                for row in rows:
+                    part.detections_per_class[int(row[0])] += 1
+                if source.truth is not None:
+                    pixels, scores, classes, outcome.is_tp, outcome.missed = match_truth(
+                        source.truth, rows, iou_threshold=settings["iou_threshold"])
+                    accumulator.update(gt_boxes=source.truth.boxes, gt_classes=source.truth.class_ids,
+                                       pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
+                                       image_id=source.source_ref, gt_difficult=source.truth.difficult)
+                    part.images_with_truth += 1
+                item = _report_item(outcome, decoded[1])
+                for target in targets:
+                    target.add(item)
+                part.images += 1
+                line = next(lines, None)
+        if part.images_with_truth:
+            part.metrics = accumulator.compute()
+        summary = _summary(part, SimpleNamespace(metadata=metadata))
+        for target in targets:
+            target.finish(summary)
+    return part.images
+
+
 def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: float | None = None,
                 batch_size: int = 8, block_size: int = DEFAULT_BLOCK_SIZE, workers: int | None = None,
                 address: str | None = None, threads: int | None = None,
                 providers: Sequence[str] | None = None, on_error: str = "skip", iou_threshold: float = 0.5,
-                label_attribute: str | None = None, decode_workers: int = 2,
+                label_attribute: str | None = None, decode_workers: int = 2, report: str | None = None,
+                html: str | None = None, report_sample: int = 200,
                 progress: Callable[[int, int], None] | None = None) -> PredictResult:
     """``predict`` over Ray Data: one part file per block under ``out``, then ``_SUCCESS`` naming them.
 
     ``workers``: actors in the pool (default: as many as the cluster's CPUs hold, each taking ``threads``
     CPUs, default 1). ``address``: an existing Ray cluster ("auto" on one of its nodes); without it a
     local instance is started for this call (or the one this process already runs is used).
-    ``progress(done, total)`` is called as blocks finish. The result counts every block of the job,
-    those written by an earlier run of it included; ``files`` are the parts in order, then ``_SUCCESS``.
+    ``progress(done, total)`` is called as blocks finish. ``report``/``html``: a PDF/HTML report of the
+    first ``report_sample`` images (``sample_reports``). The result counts every block of the job, those
+    written by an earlier run of it included; ``files`` are the parts in order, ``_SUCCESS``, the reports.
     """
     ray = require("ray", "ray")
     require("ray.data", "ray")
@@ -329,6 +404,9 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
         raise ConfigError(f"workers must be at least 1, got {workers}", field="workers")
     if threads is not None and int(threads) < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}", field="threads")
+    if int(report_sample) < 1:
+        raise ConfigError(f"the report sample must be at least 1 image, got {report_sample}",
+                          field="report-sample")
     deploy = os.fspath(deploy)
     if deploy.endswith(MODEL_FILE):
         deploy = os.path.dirname(deploy) or "."
@@ -420,4 +498,8 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     storage.write_bytes(storage.join(out, SUCCESS_FILE), orjson.dumps(success, option=orjson.OPT_INDENT_2))
     _remove_leftovers(out)
     result.files = [storage.join(out, name) for name in parts] + [storage.join(out, SUCCESS_FILE)]
+    if report is not None or html is not None:
+        sample_reports(blocks, out, summaries=done, settings=settings, metadata=metadata,
+                       sample=int(report_sample), report=report, html=html)
+        result.files += [path for path in (report, html) if path is not None]
     return result

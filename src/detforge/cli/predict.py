@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         block_size: Annotated[int, typer.Option(
             "--block-size", help="--engine ray: images per block (one part file each; the unit of retry "
                                  "and resume).")] = 256,
+        report_sample: Annotated[int, typer.Option(
+            "--report-sample", help="--engine ray: the reports show the first this many images.")] = 200,
     ) -> None:
         """Run a deployed model on many images: predictions in SageMaker's format, a PDF/HTML report."""
         from rich.console import Console
@@ -54,11 +56,6 @@ def register(app: typer.Typer) -> None:
 
         if engine not in ("local", "ray"):
             raise ConfigError(f"engine must be 'local' or 'ray', got {engine!r}", field="engine")
-        if engine == "ray" and (report is not None or html is not None):
-            raise ConfigError("the PDF/HTML reports are drawn on one machine, not with --engine ray",
-                              field="report" if report is not None else "html",
-                              hint="run `detforge predict` without --engine ray on a sample of the images "
-                                   "for a report")
         if engine == "local" and (address is not None or workers is not None):
             raise ConfigError("--address and --workers are for --engine ray", field="engine")
         console = Console(soft_wrap=True)  # the summary: stdout, one line each
@@ -79,6 +76,7 @@ def register(app: typer.Typer) -> None:
                 result = predict_ray(deploy, inputs, out=out, threshold=threshold, batch_size=batch_size,
                                      block_size=block_size, workers=workers, address=address, threads=threads,
                                      on_error=on_error, iou_threshold=iou, label_attribute=label_attribute,
+                                     report=report, html=html, report_sample=report_sample,
                                      progress=progress)
             else:
                 result = predict(deploy, inputs, out=out, report=report, html=html, threshold=threshold,
@@ -101,9 +99,17 @@ def register(app: typer.Typer) -> None:
             for name, reason in result.skipped[:20]:
                 console.print(f"  {name}: {reason}", markup=False, highlight=False)
             if len(result.skipped) > 20:
-                console.print(f"  and {len(result.skipped) - 20} more (all listed in the report)")
+                where = "_SUCCESS" if engine == "ray" else "the report"
+                console.print(f"  and {len(result.skipped) - 20} more (all listed in {where})")
         if engine == "ray":
-            console.print(f"wrote {len(result.files) - 1} part files (in order) and {result.files[-1]} "
-                          "naming them")
+            from detforge.predict_ray import SUCCESS_FILE
+            from detforge.storage import basename
+
+            success = next(f for f in result.files if basename(f) == SUCCESS_FILE)
+            parts = result.files.index(success)
+            reports = result.files[parts + 1:]
+            console.print(f"wrote {parts} part files (in order) and {success} naming them"
+                          + (f"; reports of the first {report_sample} images: {', '.join(reports)}"
+                             if reports else ""))
         else:
             console.print("wrote " + ", ".join(result.files))
