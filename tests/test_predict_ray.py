@@ -168,16 +168,20 @@ def test_a_killed_worker_is_retried_and_every_image_written_once(ray_local, tiny
     assert glob.glob(f"{out}/.detforge-*") == []  # no half-written part left behind
 
 
-def test_rerun_resumes_and_another_job_is_refused(ray_local, tiny_deploy, images, tmp_path):
+def test_rerun_resumes_and_another_job_is_refused(ray_local, tiny_deploy, images, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: the workers read and write them from the driver's folder
     out = tmp_path / "out"
-    first = ray_local_predict(tiny_deploy, [str(images)], out=str(out), block_size=2, workers=1)
+    first = ray_local_predict(tiny_deploy, ["images"], out="out", block_size=2, workers=1)
     assert len(first.files) == 4 and first.images == 4
     reference = joined(str(out))
+    predict(str(tiny_deploy), ["images"], out="single.jsonl", threads=1)
+    assert reference == (tmp_path / "single.jsonl").read_bytes()
+    assert json.loads(reference.splitlines()[0])["source-ref"] == os.path.join("images", "box_2_000.png")
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.jsonl")}
     (out / "part-00001.jsonl").unlink()  # as if the job had stopped before block 1 was recorded
     (out / "_blocks" / "part-00001.json").unlink()
     (out / "_SUCCESS").unlink()
-    again = ray_local_predict(tiny_deploy, [str(images)], out=str(out), block_size=2, workers=1)
+    again = ray_local_predict(tiny_deploy, ["images"], out="out", block_size=2, workers=1)
     assert joined(str(out)) == reference
     assert (again.images, again.skipped, again.detections_per_class) == (
         first.images, first.skipped, first.detections_per_class)
@@ -185,7 +189,7 @@ def test_rerun_resumes_and_another_job_is_refused(ray_local, tiny_deploy, images
             if p.name != "part-00001.jsonl"} == {k: v for k, v in stamps.items() if k != "part-00001.jsonl"}
     with pytest.raises(ConfigError, match=r"another job \(it differs in: block_size, blocks, plan_sha256, "
                                           r"threshold\)"):
-        ray_local_predict(tiny_deploy, [str(images)], out=str(out), block_size=3, threshold=0.5)
+        ray_local_predict(tiny_deploy, ["images"], out="out", block_size=3, threshold=0.5)
 
 
 def test_on_error_stop_names_the_image_and_writes_no_success(ray_local, tiny_deploy, images, tmp_path):
@@ -219,8 +223,8 @@ def test_cli_engine_ray_with_a_sampled_report(ray_local, tiny_deploy, images, tm
     # a sample that holds every image: the very report of the local engine (predictions read back)
     assert page("all.html") == page("local.html")
     # the same job again: nothing to predict (no Ray needed), a report of the first 6 inputs only
-    code = main([*common, "--out", str(out), "--engine", "ray", "--html", str(tmp_path / "six.html"),
-                 "--report-sample", "6", "--report", str(tmp_path / "six.pdf")])
+    code = main([*common, "--out", str(out), "--engine", "ray", "--block-size", "4", "--report-sample", "6",
+                 "--html", str(tmp_path / "six.html"), "--report", str(tmp_path / "six.pdf")])
     assert code == 0 and "8 images," in capsys.readouterr().out
     six = (tmp_path / "six.html").read_text()
     assert six.count('<figure class="item"') == 5 and "corrupt.png" in six  # 4 images + the skipped one

@@ -223,6 +223,8 @@ class BlockWorker:
     def __init__(self, *, model_files: dict[str, bytes], settings: dict, out: str) -> None:
         from detforge.runtime import Predictor
 
+        if os.path.isdir(settings["cwd"]):  # relative paths of the job are relative to the driver's folder
+            os.chdir(settings["cwd"])
         self.folder = tempfile.mkdtemp(prefix="detforge-deploy-")
         for name, data in model_files.items():
             with open(os.path.join(self.folder, name), "wb") as handle:
@@ -431,7 +433,7 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     settings = {"class_names": names, "threshold": threshold, "iou_threshold": float(iou_threshold),
                 "label_attribute": label_attribute, "batch_size": int(batch_size), "on_error": on_error,
                 "decode_workers": int(decode_workers), "threads": cpus,
-                "providers": list(providers) if providers else None}
+                "providers": list(providers) if providers else None, "cwd": os.getcwd()}
     job = _job_record(model_sha256=hashlib.sha256(model_files[MODEL_FILE]).hexdigest(), inputs=inputs,
                       blocks=blocks, settings=settings, block_size=int(block_size))
     started = time.perf_counter()
@@ -443,11 +445,16 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     if todo:
         started_here = _connect(ray, address=address)
         try:
+            cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+            capacity = cluster_cpus // cpus
+            if started_here and workers and int(workers) > capacity:  # a cluster may grow; this machine won't
+                raise ConfigError(f"{workers} workers of {cpus} CPU each do not fit the {cluster_cpus} CPUs "
+                                  "of this machine's Ray instance", field="workers",
+                                  hint="fewer --workers or --threads, or --address of a cluster")
             if workers:
                 pool = ray.data.ActorPoolStrategy(size=int(workers))
             else:
-                capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
-                pool = ray.data.ActorPoolStrategy(min_size=1, max_size=capacity)
+                pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, capacity))
             # one Ray Data block per detforge block: a retry redoes exactly one part
             dataset = ray.data.from_items([{"block": b.index, "task": orjson.dumps(asdict(b)).decode()}
                                            for b in todo], override_num_blocks=len(todo))
