@@ -122,7 +122,7 @@ def main() -> None:
     both = rows[3]
     overhead = 100 * (base / both["images_per_s"] - 1)
     summary = (f"{base} images/s without reports, {both['images_per_s']} with PDF+HTML "
-               f"(+{overhead:.0f} % time); peak RSS {rows[3]['peak_rss_mib']} MiB at {args.small} images vs "
+               f"({overhead:+.0f} % time); peak RSS {rows[3]['peak_rss_mib']} MiB at {args.small} images vs "
                f"{rows[4]['peak_rss_mib']} MiB at {args.large} (reports streamed)")
     if not args.no_ray:
         local, one, two = rows[5:8]

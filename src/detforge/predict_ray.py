@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -217,19 +218,23 @@ def run_block(predictor, block: Block, *, out: str, settings: dict) -> dict:
 
 
 class BlockWorker:
-    """A Ray Data actor: the deploy folder's files written to a temporary folder, one ``Predictor`` loaded
-    from them for the actor's life, then whole blocks (one per call)."""
+    """A Ray Data actor: one ``Predictor`` for the actor's life (loaded from the deploy folder's files
+    written to a temporary folder, removed once loaded), then whole blocks (one per call)."""
 
     def __init__(self, *, model_files: dict[str, bytes], settings: dict, out: str) -> None:
         from detforge.runtime import Predictor
 
         if os.path.isdir(settings["cwd"]):  # relative paths of the job are relative to the driver's folder
             os.chdir(settings["cwd"])
-        self.folder = tempfile.mkdtemp(prefix="detforge-deploy-")
-        for name, data in model_files.items():
-            with open(os.path.join(self.folder, name), "wb") as handle:
-                handle.write(data)
-        self.predictor = Predictor(self.folder, threads=settings["threads"], providers=settings["providers"])
+        folder = tempfile.mkdtemp(prefix="detforge-deploy-")
+        try:
+            for name, data in model_files.items():
+                with open(os.path.join(folder, name), "wb") as handle:
+                    handle.write(data)
+            # the session holds the model once loaded: the files are not needed after this
+            self.predictor = Predictor(folder, threads=settings["threads"], providers=settings["providers"])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.settings = settings
         self.out = out
 
