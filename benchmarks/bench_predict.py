@@ -96,9 +96,9 @@ def main() -> None:
                 row[f"{name.split('.')[1]}_kib_per_image"] = round(size / 1024 / count, 1)
             rows.append(row)
             print(row, flush=True)
-        # the engines on the same cores: one process of 2 threads, 1 actor of 2 threads, 2 actors of 1;
-        # interleaved and repeated, as the shared machine's load drifts (the median is the figure)
-        engines = [] if args.no_ray else [(2, None), (2, 1), (1, 2)]
+        # the engines on the same cores: one process of 2 threads and of 1, 1 actor of 2 threads, 2 actors
+        # of 1; interleaved and repeated, as the shared machine's load drifts (the median is the figure)
+        engines = [] if args.no_ray else [(2, None), (1, None), (2, 1), (1, 2)]
         runs: dict[tuple, list[dict]] = {engine: [] for engine in engines}
         for repeat in range(args.repeat):
             for threads, workers in engines:
@@ -125,15 +125,15 @@ def main() -> None:
                f"({overhead:+.0f} % time); peak RSS {rows[3]['peak_rss_mib']} MiB at {args.small} images vs "
                f"{rows[4]['peak_rss_mib']} MiB at {args.large} (reports streamed)")
     if not args.no_ray:
-        local, one, two = rows[5:8]
-        summary += (f"; {args.large} images: one process {local['images_per_s']} images/s, Ray 1 worker "
-                    f"{one['images_per_s']} (x{one['images_per_s'] / local['images_per_s']:.2f}), 2 workers "
-                    f"{two['images_per_s']} (x{two['images_per_s'] / local['images_per_s']:.2f}); driver RSS "
-                    f"{local['driver_rss_mib']} / {one['driver_rss_mib']} / {two['driver_rss_mib']} MiB")
+        local2, local1, one, two = (row["images_per_s"] for row in rows[5:9])
+        summary += (f"; {args.large} images, one process of 2 / 1 ONNX Runtime threads {local2} / {local1} "
+                    f"images/s, Ray 1 worker of 2 threads {one}, 2 workers of 1 {two} (x{two / local1:.2f} "
+                    f"the 1-thread process); driver RSS {rows[6]['driver_rss_mib']} MiB one process, "
+                    f"{rows[8]['driver_rss_mib']} MiB Ray")
     write_result("predict", title="detforge predict: throughput and memory with reports", rows=rows,
                  summary=summary,
                  notes="stand-in mobilenet-v3 SSD at 320 px, 640x360 JPEG frames, threshold 0.3; each run is "
-                       "one fresh `detforge predict` process; the last three rows (the engines on the same 2 "
+                       "one fresh `detforge predict` process; the last four rows (the engines on the same 2 "
                        f"cores) are the median of {args.repeat} interleaved runs (runs_s); a ray run starts "
                        "a local Ray instance on the machine's cores (default --block-size 256) and its time "
                        "includes Ray's start; threads = ONNX Runtime threads per model (process or actor); "
