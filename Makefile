@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.detforge-installed
 SYSTEM_STAMP := $(VENV)/.detforge-system
 # Debian packages the tests need (real servers and tools, never mocked): see docs/architecture.md.
-SYSTEM_PACKAGES := mosquitto chromium poppler-utils libturbojpeg0 ffmpeg
+SYSTEM_PACKAGES := mosquitto chromium poppler-utils libturbojpeg0 ffmpeg postgresql openssl
 
 .PHONY: setup system demo test lint bench clean
 

@@ -2,7 +2,8 @@
 (mosquitto), the Chromium binary. Servers start on free loopback ports and stop after use.
 
 A binary that is missing makes its tests skip with a reason, except under CI (CI=true), where
-they fail: CI must exercise the real servers.
+they fail: CI must exercise the real servers. Likewise a Python package that ``pytest.importorskip``
+does not find (torch, onnxruntime, cv2) fails its module or test under CI (``_fail_under_ci``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,40 @@ def missing(reason: str) -> None:
     if UNDER_CI:
         pytest.fail(f"{reason} (CI must have it: see `make system`)")
     pytest.skip(reason)
+
+
+IMPORT_SKIP = "could not import"  # how pytest.importorskip words its skip
+
+
+def _importorskip_reason(report) -> str | None:
+    """The reason of a skip made by ``pytest.importorskip`` (module level, fixture or test), else None."""
+    if not report.skipped:
+        return None
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr or "")
+    reason = reason.removeprefix("Skipped: ")
+    return reason if reason.startswith(IMPORT_SKIP) else None
+
+
+def _fail_under_ci(report) -> None:
+    """Under CI, a test or module skipped for a missing Python package (torch, onnxruntime, cv2: a broken
+    ``[training]`` or ``[edge]`` install) fails instead: CI must not go green by skipping."""
+    reason = _importorskip_reason(report) if UNDER_CI else None
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = f"{reason} (CI=true: a missing package fails; install with `make setup`)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_under_ci(outcome.get_result())
 
 
 def need_binary(name: str, *candidates: str) -> str:

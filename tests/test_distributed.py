@@ -89,3 +89,22 @@ def test_two_processes_on_cpu(tmp_path):
     # pycocotools breaks score ties by image order, which sharding changes: equal up to that
     assert single["coco_AP"] == pytest.approx(rows[-1]["coco_AP"], rel=1e-2)
     assert float(ranks["0"][1]) == rows[-1]["validation:mAP"]
+
+
+def test_mini_batch_size_is_per_machine_as_in_sagemaker():
+    """SageMaker: each of a machine's GPUs takes mini_batch_size / GPUs; with N machines a step sees
+    mini_batch_size x N images. torchrun's LOCAL_WORLD_SIZE is the processes of one machine."""
+    from detforge.distributed import Dist
+    from detforge.errors import ConfigError
+    from detforge.train import batch_per_process
+
+    one_machine = Dist(rank=0, world_size=4, local_rank=0, local_world_size=4)
+    two_machines = Dist(rank=5, world_size=8, local_rank=1, local_world_size=4)
+    assert batch_per_process(32, Dist()) == 32
+    assert batch_per_process(32, one_machine) == 8 and one_machine.machines == 1
+    assert batch_per_process(32, two_machines) == 8 and two_machines.machines == 2  # 64 per step
+    with pytest.raises(ConfigError, match="does not split evenly over the 4 processes of a machine"):
+        batch_per_process(30, two_machines)
+    with pytest.raises(ConfigError, match="BatchNorm needs at least 2") as info:
+        batch_per_process(4, two_machines)
+    assert info.value.hint == "use mini_batch_size >= 8"

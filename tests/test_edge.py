@@ -41,9 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 class Recorder:
     """A subscriber on a real broker that keeps every message (topic, decoded JSON) in arrival order."""
 
-    def __init__(self, port: int, topics: tuple[str, ...] = ("detforge/#",)) -> None:
+    def __init__(self, port: int, topics: tuple[str, ...] = ("detforge/#",), *, ca_file: str | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
         self.port = port
         self.topics = topics
+        self.login = (ca_file, username, password)
         self.messages: list[tuple[str, dict]] = []
         self._condition = threading.Condition()
         self._subscribed = threading.Event()
@@ -69,6 +71,11 @@ class Recorder:
                 self._condition.notify_all()
 
         client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+        ca_file, username, password = self.login
+        if ca_file:
+            client.tls_set(ca_certs=ca_file)
+        if username:
+            client.username_pw_set(username, password)
         client.connect("127.0.0.1", self.port)
         client.loop_start()
         assert self._subscribed.wait(10), "the recorder could not subscribe"
@@ -289,6 +296,47 @@ def test_watch_source_picks_up_new_images_only(tmp_path):
     assert source.next_frame(timeout=0.1) is None  # each file once
 
 
+# -- credentials ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("rtsp://admin:s3cret@cam.local:554/stream", "rtsp://***@cam.local:554/stream"),
+        ("rtsp://admin@cam.local/stream", "rtsp://***@cam.local/stream"),
+        ("rtsp://:s3cret@cam/stream", "rtsp://***@cam/stream"),
+        ("http://cam/mjpeg?user=admin&password=s3cret&fps=5", "http://cam/mjpeg?user=admin&password=***&fps=5"),
+        ("https://cam/live?TOKEN=abc;x=1", "https://cam/live?TOKEN=***;x=1"),
+        ("rtsp://cam.local:554/stream", "rtsp://cam.local:554/stream"),
+        ("camera:0", "camera:0"),
+        ("/data/videos/a@b.mp4", "/data/videos/a@b.mp4"),
+        (
+            "OpenCV cannot open rtsp://u:p@cam/s and rtsp://v:q@cam2/s",
+            "OpenCV cannot open rtsp://***@cam/s and rtsp://***@cam2/s",
+        ),
+    ],
+)
+def test_mask_credentials(text, shown):
+    from detforge.edge_sources import mask_credentials
+
+    assert mask_credentials(text) == shown
+
+
+def test_no_credentials_in_the_buffer_folder_name_or_errors(tiny_deploy, tmp_path):
+    from detforge.edge import EdgeConfig, default_buffer_dir
+
+    config = EdgeConfig(deploy_dir=str(tiny_deploy), broker="mqtt://127.0.0.1:1",
+                        source="rtsp://admin:s3cret@cam.local:554/stream?token=t0k")
+    assert config.public_source == "rtsp://***@cam.local:554/stream?token=***"
+    assert os.path.basename(default_buffer_dir(config)) == "rtsp_____cam.local_554_stream_token____"
+    with pytest.raises(ConfigError) as info:
+        parse_broker("mqtt://user:s3cret@host:99999")
+    assert str(info.value) == "field 'broker': bad port in broker URL 'mqtt://***@host:99999'"
+    with pytest.raises(ConfigError) as info:
+        parse_source("s3://KEY:s3cret@bucket/video.mp4")
+    assert "s3cret" not in str(info.value) and "s3://***@bucket/video.mp4" in str(info.value)
+
+
 # -- allowed paths -------------------------------------------------------------------------------------
 
 
@@ -331,6 +379,12 @@ def test_parse_broker():
     spec = parse_broker("mqtts://broker", username="u", password="p")
     assert (spec.port, spec.tls, spec.username, spec.password) == (8883, True, "u", "p")
     assert parse_broker("127.0.0.1:1999").port == 1999
+    # every setting as `detforge edge` passes them, with an mqtts:// URL (this once raised a TypeError)
+    spec = parse_broker("mqtts://u:p@h", tls=False, ca_file=None, cert_file=None, key_file=None,
+                        username=None, password=None, mqtt_version="3.1.1")
+    assert spec == BrokerSpec("h", 8883, tls=True, username="u", password="p", mqtt_version="3.1.1")
+    with pytest.raises(ConfigError, match="field 'mqtt_version': must be 5 or 3.1.1, got '4'"):
+        parse_broker("mqtt://h", mqtt_version="4")
     for url, message in [
         ("http://x", "unsupported broker URL scheme 'http'"),
         ("mqtt://", "no host"),
@@ -360,6 +414,100 @@ def test_disk_buffer_is_bounded_ordered_and_survives_a_restart(tmp_path):
     assert DiskBuffer(str(tmp_path)).next_seq() == 6  # numbering goes on after the buffer empties
     with pytest.raises(ConfigError, match="buffer_max"):
         DiskBuffer(str(tmp_path), max_messages=0)
+
+
+def test_disk_buffer_never_reuses_a_number_after_a_crash(tmp_path):
+    buffer = DiskBuffer(str(tmp_path))
+    for i in range(3):
+        buffer.append("t/a", f'{{"n": {i}}}'.encode())
+    for seq in (1, 2, 3):  # every PUBACK arrived ...
+        buffer.remove(seq)
+    # ... and the process dies before save_seq(): the newest number stays on disk, nothing else
+    assert sorted(os.listdir(tmp_path)) == ["000000000003.acked"]
+    again = DiskBuffer(str(tmp_path))
+    assert again.next_seq() == 4 and again.pending() == []
+    again.append("t/a", b'{"n": 3}')
+    again.remove(4)
+    assert sorted(os.listdir(tmp_path)) == ["000000000004.acked"]  # one marker at a time
+    (tmp_path / "000000000002.acked").write_bytes(b"")  # two markers: a crash between rename and unlink
+    assert DiskBuffer(str(tmp_path)).next_seq() == 5
+    assert sorted(os.listdir(tmp_path)) == ["000000000004.acked"]
+    again.save_seq()  # a clean stop: the number is in .last-seq, the marker goes
+    assert sorted(os.listdir(tmp_path)) == [".last-seq"] and DiskBuffer(str(tmp_path)).next_seq() == 5
+
+
+def _damage(buffer_dir: Path) -> dict[str, bytes]:
+    """What a power loss or a bad disk can leave in a buffer folder, by file name."""
+    return {
+        "000000000003.msg": b"",  # created, never written
+        "000000000004.msg": b'detforge/infer/output\n{"n": 3, "se',  # cut mid-payload
+        "000000000005.msg": bytes(range(256)) * 3,  # garbage, no topic line
+        "000000000006.msg": b'detforge/infer/#\n{"n": 5}',  # a topic no one may publish to
+        ".000000000009.part": b'detforge/infer/output\n{"n": 8',  # a write a crash cut short
+    }
+
+
+def test_disk_buffer_fsyncs_and_quarantines_what_cannot_be_read(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    buffer = DiskBuffer(str(tmp_path))
+    buffer.append("t/a", b'{"n": 0}')
+    # the message file, then the folder holding its new name
+    assert synced == [str(tmp_path / ".000000000001.part"), str(tmp_path)]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    buffer.append("t/a", b'{"n": 1}')
+    for name, data in _damage(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "000000000007.msg").write_bytes(b't/a\n{"n": 6}')
+    again = DiskBuffer(str(tmp_path))
+    assert again.quarantined == 1  # the leftover .part, at once
+    assert again.pending() == [1, 2, 3, 4, 5, 6, 7]
+    readable = {seq: again.read(seq) for seq in again.pending()}
+    assert readable == {
+        1: ("t/a", b'{"n": 0}'),
+        2: ("t/a", b'{"n": 1}'),
+        3: None,
+        4: None,
+        5: None,
+        6: None,
+        7: ("t/a", b'{"n": 6}'),
+    }
+    assert again.pending() == [1, 2, 7] and again.quarantined == 5
+    assert sorted(os.listdir(tmp_path / "quarantine")) == sorted(_damage(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["000000000001.msg", "000000000002.msg", "000000000007.msg",
+                                            "quarantine"]
+    assert again.next_seq() == 10  # after the cut-short .part's 9: a number is never reused
+    (tmp_path / "000000000007.msg").write_bytes(b"")  # damaged again later, under a name already seen
+    (tmp_path / "000000000003.msg").write_bytes(b"")
+    later = DiskBuffer(str(tmp_path))
+    assert later.quarantined == 5  # the count survives a restart (the files do)
+    assert [later.read(seq) for seq in later.pending()] == [("t/a", b'{"n": 0}'), ("t/a", b'{"n": 1}'), None,
+                                                            None]
+    assert later.quarantined == 7 and later.pending() == [1, 2]
+    assert {"000000000003.msg", "000000000003.msg.2", "000000000007.msg"} <= set(
+        os.listdir(tmp_path / "quarantine")
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"", "empty file"),
+        (b'{"n": 1}', "no topic line"),
+        (b"\xff\xfe\n{}", "the topic is not UTF-8"),
+        (b"\n{}", "not a topic one can publish to: ''"),
+        (b"a/+/b\n{}", "not a topic one can publish to: 'a/+/b'"),
+        (b't\n{"n": 1', "the payload is not JSON (truncated?)"),
+        (b"t\n", "the payload is not JSON (truncated?)"),
+    ],
+)
+def test_message_problem(data, problem):
+    from detforge.edge_buffer import message_problem
+
+    assert message_problem(data).startswith(problem)
+    assert message_problem(b't/a\n{"n": 1}') is None
 
 
 # -- the publisher against a real broker ---------------------------------------------------------------
@@ -405,7 +553,10 @@ def test_publisher_flushes_the_backlog_once_and_in_order_after_a_broker_restart(
         assert _wait(lambda: not publisher.connected)
         for i in range(5, 12):  # produced while the broker is away: kept on disk
             publisher.publish(topic, {"n": i})
-        assert len(os.listdir(tmp_path / "buffer")) == 7
+        assert sorted(os.listdir(tmp_path / "buffer")) == [
+            "000000000005.acked",  # the newest acknowledged number, kept in case of a crash
+            *(f"{seq:012d}.msg" for seq in range(6, 13)),
+        ]
         mqtt_broker.start()
         recorder.connect()  # listening before the runtime may come back
         gate.open()
@@ -421,6 +572,54 @@ def test_publisher_flushes_the_backlog_once_and_in_order_after_a_broker_restart(
     assert [m["n"] for m in received] == list(range(15))  # each exactly once, in order
     assert [m["seq"] for m in received] == list(range(1, 16))
     assert publisher.connections == 2
+
+
+def test_publisher_skips_damaged_files_and_loses_no_good_message_across_a_broker_restart(
+    mqtt_broker, tmp_path
+):
+    buffer_dir = tmp_path / "buffer"
+    old = DiskBuffer(str(buffer_dir))
+    for n in (0, 1):
+        old.append("detforge/infer/output", json.dumps({"n": n, "seq": n + 1}).encode())
+    for name, data in _damage(buffer_dir).items():  # seq 3..6 and a .part for 9: a power loss's leftovers
+        (buffer_dir / name).write_bytes(data)
+    (buffer_dir / "000000000007.msg").write_bytes(b'detforge/infer/output\n{"n": 6, "seq": 7}')
+    (buffer_dir / "000000000008.msg").write_bytes(b'detforge/infer/output\n{"n": 7, "seq": 8}')
+    gate = Gate(mqtt_broker.port)
+    recorder = Recorder(mqtt_broker.port).connect()
+    publisher = _publisher(gate.url, buffer_dir)
+    topic = "detforge/infer/output"
+    try:
+        publisher.start()
+        assert len(recorder.wait_for(topic, 4)) == 4
+        assert _wait(lambda: len(publisher.buffer) == 0)
+        online = [m for m in recorder.wait_for("detforge/infer/status", 1) if m["status"] == "online"]
+        assert online[0]["quarantined"] == 5 and online[0]["buffered"] == 4  # sent, PUBACKs not yet in
+        gate.close()
+        recorder.close()
+        mqtt_broker.stop()
+        assert _wait(lambda: not publisher.connected)
+        seqs = [publisher.publish(topic, {"n": n}) for n in range(8, 13)]
+        assert seqs == [10, 11, 12, 13, 14]  # after the .part's 9: a number is never reused
+        (buffer_dir / "000000000012.msg").write_bytes(b"detforge/infer/output\n{")  # damaged while away
+        mqtt_broker.start()
+        recorder.connect()
+        gate.open()
+        received = recorder.wait_for(topic, 4 + 4)
+        assert _wait(lambda: len(publisher.buffer) == 0)
+        publisher.publish(topic, {"n": 13})
+        received = recorder.wait_for(topic, 9)
+        time.sleep(0.3)  # nothing else arrives late
+        received = recorder.on(topic)
+    finally:
+        publisher.close(drain_timeout=5)
+        recorder.close()
+        gate.stop()
+    assert [m["n"] for m in received] == [0, 1, 6, 7, 8, 9, 11, 12, 13]  # each good one once, in order
+    assert [m["seq"] for m in received] == [1, 2, 7, 8, 10, 11, 13, 14, 15]
+    assert publisher.buffer.quarantined == 6
+    assert "000000000012.msg: the payload is not JSON" in publisher.last_error
+    assert len(os.listdir(buffer_dir / "quarantine")) == 6
 
 
 def test_publisher_sends_a_backlog_left_by_an_earlier_run_first(mqtt_broker, tmp_path):
@@ -455,6 +654,142 @@ def test_publisher_close_without_a_broker_keeps_the_results(tmp_path):
     assert DiskBuffer(str(tmp_path / "buffer")).pending() == [1]
 
 
+# -- TLS, passwords and an ACL on a real mosquitto ------------------------------------------------------
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    """mosquitto with TLS (a CA and a server certificate made here), a password file and an ACL.
+
+    Users: ``dev`` / ``s3cret`` may read and write ``detforge/infer/#`` and nothing else.
+    """
+    import getpass
+
+    from conftest import Broker, need_binary
+
+    binary = need_binary("mosquitto", "/usr/sbin/mosquitto")
+    openssl = need_binary("openssl")
+    passwd = need_binary("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
+    folder = tmp_path / "secure"
+    folder.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run(args, cwd=folder, check=True, capture_output=True, timeout=60)
+
+    for ca in ("ca", "other-ca"):
+        run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
+            f"{ca}.pem", "-days", "2", "-subj", f"/CN=detforge test {ca}")
+    run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    run(passwd, "-b", "-c", "passwd", "dev", "s3cret")
+    (folder / "acl").write_text("user dev\ntopic readwrite detforge/infer/#\n")
+    broker = Broker(binary, folder)
+    broker.config.write_text(
+        f"listener {broker.port} 127.0.0.1\n"
+        f"cafile {folder / 'ca.pem'}\ncertfile {folder / 'server.pem'}\nkeyfile {folder / 'server.key'}\n"
+        f"allow_anonymous false\npassword_file {folder / 'passwd'}\nacl_file {folder / 'acl'}\n"
+        # as root mosquitto would switch to the `mosquitto` user, who cannot read this test's key files
+        f"persistence false\nuser {getpass.getuser()}\n"
+    )
+    broker.ca_file = str(folder / "ca.pem")
+    broker.other_ca_file = str(folder / "other-ca.pem")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _secure_publisher(broker, buffer_dir: Path, **login) -> Publisher:
+    spec = parse_broker(f"mqtts://127.0.0.1:{broker.port}", **{"ca_file": broker.ca_file, **login})
+    return Publisher(spec, DiskBuffer(str(buffer_dir)), client_id=f"pub-{time.monotonic_ns()}",
+                     status_topic="detforge/infer/status", status=lambda: {}, backoff=(0.05, 0.2))
+
+
+def test_tls_with_a_password_publishes_and_the_acl_refuses_other_topics(secure_broker, tmp_path):
+    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
+                        username="dev", password="s3cret").connect()
+    publisher = _secure_publisher(secure_broker, tmp_path / "buffer", username="dev", password="s3cret")
+    try:
+        publisher.start()
+        assert _wait(lambda: publisher.connected), publisher.last_error
+        publisher.publish("detforge/infer/output", {"n": 0})
+        publisher.publish("detforge/elsewhere", {"n": 1})  # outside the ACL
+        publisher.publish("detforge/infer/output", {"n": 2})
+        received = recorder.wait_for("detforge/infer/output", 2)
+        assert _wait(lambda: len(publisher.buffer) == 0)
+    finally:
+        publisher.close(drain_timeout=5)
+        recorder.close()
+    assert [(m["n"], m["seq"]) for m in received] == [(0, 1), (2, 3)]
+    assert publisher.last_error == "quarantined 000000000002.msg: the broker refused it: Not authorized"
+    assert publisher.buffer.quarantined == 1
+    assert os.listdir(tmp_path / "buffer" / "quarantine") == ["000000000002.msg"]
+    assert [m["status"] for m in recorder.on("detforge/infer/status")][0] == "online"
+
+
+@pytest.mark.parametrize(
+    ("login", "error"),
+    [
+        (
+            {"username": "dev", "password": "wrong"},
+            "broker refused the connection: Not authorized (check --username and the password, and the "
+            "broker's password file)",
+        ),
+        ({}, "broker refused the connection: Not authorized"),
+        ({"username": "dev", "password": "s3cret", "mqtt_version": "3.1.1", "ca_file": "OTHER"},
+         "CERTIFICATE_VERIFY_FAILED"),
+    ],
+)
+def test_tls_refuses_wrong_credentials_with_a_clear_error(secure_broker, tmp_path, login, error):
+    if login.get("ca_file") == "OTHER":
+        login["ca_file"] = secure_broker.other_ca_file  # a CA that did not sign the server's certificate
+    publisher = _secure_publisher(secure_broker, tmp_path / "buffer", **login)
+    publisher.start()
+    publisher.publish("detforge/infer/output", {"n": 0})
+    try:
+        assert _wait(lambda: publisher.last_error is not None, timeout=10)
+        time.sleep(0.3)
+    finally:
+        kept = publisher.close(drain_timeout=0.2)
+    assert error in publisher.last_error and publisher.connections == 0
+    assert kept is False and DiskBuffer(str(tmp_path / "buffer")).pending() == [1]  # kept for later
+
+
+def test_edge_command_over_tls_with_a_password_from_the_environment(tiny_deploy, secure_broker, tmp_path):
+    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
+                        username="dev", password="s3cret").connect()
+    url = f"mqtts://127.0.0.1:{secure_broker.port}"
+    login = ("--ca-file", secure_broker.ca_file, "--username", "dev")
+    os.environ["DETFORGE_MQTT_PASSWORD"] = "s3cret"
+    try:
+        process = start_edge(tiny_deploy, url, tmp_path, *login)
+    finally:
+        del os.environ["DETFORGE_MQTT_PASSWORD"]
+    try:
+        online = wait_online(recorder, process)
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+        wrong = start_edge(tiny_deploy, url, tmp_path, *login, "--password", "wrong")
+        # wait for what it says rather than a fixed time: on a loaded machine start-up takes seconds
+        said = read_until(wrong, "MQTT: broker refused the connection")
+        time.sleep(0.5)
+        assert wrong.poll() is None, said  # it keeps trying (the broker may be fixed), and says why
+        wrong.send_signal(signal.SIGTERM)
+        wrong_code, rest = finish(wrong)
+        wrong_output = said + rest
+    finally:
+        recorder.close()
+    assert code == 0, output
+    assert online["mqtt_error"] is None
+    assert wrong_code == 0
+    assert "MQTT: broker refused the connection: Not authorized (check --username" in wrong_output
+    assert "wrong" not in wrong_output.replace("--password", "")
+
+
 # -- the runtime end to end (a subprocess on a tiny exported model) -----------------------------------
 
 OUTPUT, STATUS, INPUT = "detforge/infer/output", "detforge/infer/status", "detforge/infer/input"
@@ -482,6 +817,26 @@ def start_edge(deploy: Path, broker_url: str, tmp_path: Path, *extra: str) -> su
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def read_until(process: subprocess.Popen, marker: str, timeout: float = 60) -> str:
+    """The process's output up to and including the first line holding ``marker`` (or all it said)."""
+    import threading
+
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if marker in line:
+                found.set()
+                return
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    found.wait(timeout)
+    return "".join(lines)
 
 
 def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
@@ -634,6 +989,75 @@ def test_broker_restart_every_result_arrives_once_in_order(tiny_deploy, mqtt_bro
     assert [m["frame"] for m in received] == [f"img{i}.png" for i in range(7)]
     assert [m["seq"] for m in received] == list(range(1, 8))
     assert all(isinstance(m["prediction"], list) for m in received)
+
+
+def test_a_stream_with_credentials_never_shows_them_and_uses_the_default_threshold(
+    tiny_deploy, mqtt_broker, tmp_path
+):
+    """A stream URL with a password: no message, status or log line carries it; no --threshold: the
+    deploy folder's default_threshold is used (as predict and serve do)."""
+    import functools
+    import http.server
+    import shutil
+
+    from detforge.runtime import Predictor
+
+    site = tmp_path / "site"
+    site.mkdir()
+    video = site / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 64))
+    frame = np.full((64, 64, 3), 110, dtype=np.uint8)
+    frame[16:48, 20:44] = (210, 70, 40)  # BGR: a blue box, what the tiny model was trained on
+    for _ in range(20):
+        writer.write(frame)
+    writer.release()
+    decoded = np.ascontiguousarray(cv2.VideoCapture(str(video)).read()[1][:, :, ::-1])
+    # a default_threshold that gives another answer than the old fixed 0.3 would
+    raw = Predictor(str(tiny_deploy)).predict([decoded], threshold=0.0)[0]
+    scores = [row[1] for row in raw.to_sagemaker()]
+    default = round(max(scores) + 0.001, 6) if max(scores) >= 0.3 else 0.0
+    deploy = tmp_path / "deploy"
+    shutil.copytree(tiny_deploy, deploy)
+    meta = json.loads((deploy / "model.json").read_text())
+    meta["default_threshold"] = default
+    (deploy / "model.json").write_text(json.dumps(meta))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://admin:s3cret@127.0.0.1:{server.server_address[1]}/clip.avi?password=hunter2"
+    recorder = Recorder(mqtt_broker.port).connect()
+    process = start_edge(deploy, mqtt_broker.url, tmp_path, "--source", url, "--fps", "20")
+    try:
+        online = wait_online(recorder, process)
+        messages = recorder.wait_for(OUTPUT, 3)
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+        recorder.wait_for(STATUS, 2, timeout=5)
+        refused = subprocess.run(
+            [sys.executable, "-m", "detforge", "edge", str(deploy), "--broker", mqtt_broker.url,
+             "--buffer-dir", str(tmp_path / "buffer2"), "--source", "rtsp://admin:s3cret@127.0.0.1:1/x"],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        if process.poll() is None:
+            process.kill()
+        recorder.close()
+        server.shutdown()
+    assert code == 0, output
+    shown = f"http://***@127.0.0.1:{server.server_address[1]}/clip.avi?password=***"
+    assert online["source"] == shown and online["threshold"] == default
+    assert len(messages) >= 3 and {m["source"] for m in messages} == {shown}
+    expected = Predictor(str(deploy)).predict([decoded])[0].to_sagemaker()
+    assert all(m["prediction"] == json.loads(json.dumps(expected)) for m in messages)
+    assert expected != Predictor(str(deploy)).predict([decoded], threshold=0.3)[0].to_sagemaker()
+    everything = json.dumps(recorder.messages, default=str) + output + refused.stdout + refused.stderr
+    assert "s3cret" not in everything and "hunter2" not in everything and "admin" not in everything
+    assert refused.returncode != 0 and "rtsp://***@127.0.0.1:1/x" in refused.stderr
 
 
 def test_sigkill_makes_the_broker_publish_the_last_will(tiny_deploy, mqtt_broker, tmp_path):

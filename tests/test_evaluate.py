@@ -204,14 +204,17 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
     for name, (w, h) in (("p.png", (64, 48)), ("q.png", (40, 40))):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
         files.append(tmp_path / name)
-    with torch.inference_mode():
-        outputs = model([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
-                         .float().div(255) for f in files])
+    from detforge.runtime import resize_rgb
+
+    pictures = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    with torch.inference_mode():  # the model sees each image resized to 64 x 64 by the runtime's resize
+        outputs = model([torch.from_numpy(resize_rgb(p, 64).copy()).permute(2, 0, 1).float().div(255)
+                         for p in pictures])
     # q.png is labeled at twice its size (its manifest image_size is 80x80): boxes scale with it
     sizes, scales = [(64, 48), (80, 80)], [1, 2]
     records, lines = [], []
-    for f, out, (w, h), k in zip(files, outputs, sizes, scales, strict=True):
-        boxes = out["boxes"].numpy().astype(np.float64)
+    for f, p, out, (w, h), k in zip(files, pictures, outputs, sizes, scales, strict=True):
+        boxes = out["boxes"].numpy().astype(np.float64) * np.array([p.shape[1] / 64, p.shape[0] / 64] * 2)
         classes = labels_to_class_ids(out["labels"].numpy())
         assert len(boxes) > 2
         gt = np.clip(np.rint(boxes[:2] * k), 0, [w, h, w, h])  # two of its own detections as labels
@@ -249,3 +252,62 @@ def test_a_deploy_folder_scores_as_its_predictions_file(tiny_deploy, tmp_path):
     assert direct.source == "deploy" and direct.metrics.num_images == 4
     assert direct.metrics.voc07_map == pytest.approx(via_file.metrics.voc07_map, abs=1e-3)
     assert direct.metrics.num_detections == via_file.metrics.num_detections
+
+
+def test_run_deploy_predictions_and_training_validation_agree(tmp_path):
+    """The same model on the same data gives one validation:mAP: training's last validation row, evaluate
+    RUN (torch), evaluate DEPLOY (ONNX Runtime) and evaluate of `predict`'s file. The images (80 px) are
+    larger than the model (48 px): every path resizes them with ``runtime.resize_rgb``."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from conftest import TINY_HP, make_tiny_set
+
+    from detforge.export import export_run
+    from detforge.predict import predict
+    from detforge.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    train_manifest = make_tiny_set(tmp_path / "train", 16, 1, size=80)
+    manifest = make_tiny_set(tmp_path / "validation", 6, 2, size=80)
+    train(TrainConfig(train=str(train_manifest), validation=str(manifest), out=str(tmp_path / "run"),
+                      hyperparameters={**TINY_HP, "epochs": "3", "image_shape": "48"}, progress=False))
+    export_run(str(tmp_path / "run"), str(tmp_path / "deploy"))
+    predict(str(tmp_path / "deploy"), [str(manifest)], out=str(tmp_path / "p.jsonl"), threshold=0.0)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = rows[-1]["validation:mAP"]
+    results = {name: evaluate(str(tmp_path / name), str(manifest), coco=False)
+               for name in ("run", "deploy", "p.jsonl")}
+    assert [r.source for r in results.values()] == ["run", "deploy", "predictions"]
+    assert trained > 0.0 and rows[-1]["validation_images"] == 6
+    for result in results.values():
+        assert result.metrics.num_images == 6
+        assert result.metrics.voc07_map == pytest.approx(trained, abs=1e-6)
+    assert results["run"].metrics.num_detections == results["deploy"].metrics.num_detections
+
+
+def test_classes_are_matched_by_name(tiny_run, tiny_deploy, tmp_path):
+    """A manifest whose class ids are ordered differently (yellow box = 0) scores the same after mapping
+    by name; a class the model lacks is an error; --classes names the manifest's classes."""
+    pytest.importorskip("onnxruntime")
+    manifest = tiny_run.parent / "validation" / "data.manifest"
+    folder = tmp_path / "swapped"
+    folder.mkdir()
+    records = []
+    for record in read_manifest(str(manifest)):
+        source = str(tiny_run.parent / "validation" / record.source_ref)
+        records.append(make_record(source, width=record.width, height=record.height,
+                                   boxes_xyxy=record.boxes, class_ids=1 - record.class_ids,
+                                   class_map={0: "yellow box", 1: "blue box"}))
+    write_manifest(folder / "data.manifest", records)
+    (folder / "classes.json").write_text(json.dumps(["yellow box", "blue box"]))
+    for model in (tiny_run, tiny_deploy):
+        same = evaluate(str(model), str(manifest), coco=False)
+        swapped = evaluate(str(model), str(folder / "data.manifest"), coco=False)
+        assert swapped.class_names == ["blue box", "yellow box"]
+        assert swapped.manifest_classes == ["yellow box", "blue box"]
+        assert swapped.metrics.voc07_map == pytest.approx(same.metrics.voc07_map, abs=1e-12)
+        assert swapped.metrics.per_class_ap_voc07 == pytest.approx(same.metrics.per_class_ap_voc07)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(["yellow box", "red box"]))
+    with pytest.raises(ConfigError, match=r"the manifest's classes \['red box'\] are not among the model's"):
+        evaluate(str(tiny_run), str(folder / "data.manifest"), classes=str(other), coco=False)

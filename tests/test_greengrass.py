@@ -10,13 +10,16 @@ import re
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import missing
+from test_edge import secure_broker  # noqa: F401  (a fixture: mosquitto with TLS, a password, an ACL)
 
 from detforge.errors import ConfigError, ModelError
-from detforge.greengrass import edge_requirements, package_component
+from detforge.greengrass import edge_requirements, package_component, pinned_requirements
 
 REPO = Path(__file__).resolve().parents[1]
 NAME, VERSION = "com.example.Detector", "1.2.3"
@@ -51,6 +54,13 @@ def test_recipe_parses_and_names_existing_files(component, tiny_deploy, tmp_path
         "fps": "7",
         "threshold": "0.4",
         "allowPath": "",
+        "tls": "false",
+        "caFile": "",
+        "certFile": "",
+        "keyFile": "",
+        "username": "",
+        "password": "",
+        "mqttVersion": "5",
     }
     (manifest,) = recipe["Manifests"]
     (artifact,) = manifest["Artifacts"]
@@ -88,9 +98,13 @@ def test_recipe_parses_and_names_existing_files(component, tiny_deploy, tmp_path
         assert archive.read("detforge-edge/deploy/model.onnx") == (tiny_deploy / "model.onnx").read_bytes()
         requirements = archive.read("detforge-edge/requirements.txt").decode().split()
         assert archive.getinfo("detforge-edge/run.sh").external_attr >> 16 == 0o755
-    assert requirements == edge_requirements()
-    packages = {re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower() for line in requirements}
+    assert requirements == pinned_requirements()
+    pins = dict(line.split("==") for line in requirements)  # every package pinned, to what runs here
+    packages = set(pins)
     assert {"onnxruntime", "paho-mqtt", "numpy", "pillow", "pyyaml"} <= packages
+    assert all(metadata.version(name) == version for name, version in pins.items())
+    direct = {re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower() for line in edge_requirements()}
+    assert direct < packages  # their own dependencies are pinned too
     assert not packages & {"torch", "torchvision", "fastapi"}
     # every configuration key the Run step reads exists
     keys = set(re.findall(r"\{configuration:/(\w+)\}", scripts))
@@ -132,6 +146,62 @@ def test_component_run_step_starts_the_runtime(component, mqtt_broker, tmp_path)
     assert "3 frames, 0 requests, 3 results published" in result.stdout
     assert [m["frame"] for m in messages] == [0, 1, 2]
     assert (work / "buffer" / ".last-seq").read_text() == "3"
+
+
+@pytest.mark.slow  # the Install step builds a real virtualenv: about 50 s
+def test_install_step_then_run_step_over_tls_with_a_password(component, secure_broker, tmp_path):  # noqa: F811
+    """The recipe's Install step as the nucleus runs it (a fresh virtualenv, the pinned requirements), then
+    its Run step with TLS, a user name and a password from the component configuration."""
+    from test_edge import OUTPUT, Recorder, write_video
+
+    recipe = yaml.safe_load(Path(component.recipe).read_text())
+    unpacked, work = tmp_path / "unpacked", tmp_path / "work"
+    work.mkdir()
+    with zipfile.ZipFile(component.artifact) as archive:
+        archive.extractall(unpacked)
+    video = write_video(tmp_path / "clip.avi", frames=3, fps=3.0)
+    configuration = {
+        **recipe["ComponentConfiguration"]["DefaultConfiguration"],
+        "source": str(video),
+        "broker": f"mqtts://127.0.0.1:{secure_broker.port}",
+        "fps": "3",
+        "caFile": secure_broker.ca_file,
+        "username": "dev",
+        "password": "s3cret",
+    }
+
+    def fill(text: str) -> str:  # what the nucleus does with recipe variables
+        text = text.replace("{artifacts:decompressedPath}", str(unpacked)).replace("{work:path}", str(work))
+        return re.sub(r"\{configuration:/(\w+)\}", lambda m: configuration[m.group(1)], text)
+
+    lifecycle = recipe["Manifests"][0]["Lifecycle"]
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = subprocess.run(fill(lifecycle["Install"]["Script"]), shell=True, env=clean, capture_output=True,
+                             text=True, timeout=900, cwd=work)
+    if install.returncode != 0 and "No matching distribution" in install.stderr + install.stdout:
+        missing("pip cannot reach a package index for the Install step")
+    assert install.returncode == 0, install.stdout + install.stderr
+    venv = work / "venv"
+    frozen = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--all"],
+                            capture_output=True, text=True, timeout=120, env=clean).stdout.split()
+    pinned = (unpacked / "detforge-edge" / "requirements.txt").read_text().split()
+    normal = lambda line: line.lower().replace("_", "-")  # noqa: E731
+    assert {normal(x) for x in pinned} <= {normal(x) for x in frozen}  # exactly the pinned versions
+    assert not any(normal(x).startswith(("torch==", "torchvision==")) for x in frozen)
+    run = lifecycle["Run"]
+    env = {**clean, **{k: fill(v) for k, v in run["Setenv"].items()}}
+    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
+                        username="dev", password="s3cret").connect()
+    try:
+        result = subprocess.run(fill(run["Script"]), shell=True, env=env, capture_output=True, text=True,
+                                timeout=120, cwd=work)
+        messages = recorder.wait_for(OUTPUT, 3, timeout=10)
+    finally:
+        recorder.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 frames, 0 requests, 3 results published" in result.stdout
+    assert [m["frame"] for m in messages] == [0, 1, 2]
+    assert "s3cret" not in result.stdout + result.stderr
 
 
 def test_package_refuses_bad_input(tiny_deploy, tmp_path):

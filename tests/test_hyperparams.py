@@ -12,6 +12,7 @@ from detforge.hyperparams import (
     SAGEMAKER_KEYS,
     Hyperparameters,
     check_against_data,
+    label_values,
     load_hyperparameters,
     parse_hyperparameters,
     parse_overrides,
@@ -130,7 +131,7 @@ def test_overrides_and_round_trip(tmp_path):
 
 
 def test_checks_against_the_data():
-    hp = parse_hyperparameters({"num_classes": "2", "num_training_samples": "10", "label_width": "3"})
+    hp = parse_hyperparameters({"num_classes": "2", "num_training_samples": "10", "label_width": "17"})
     notes = check_against_data(hp, num_classes=2, num_samples=8, max_boxes=3)
     assert notes == ["8 training images, 2 classes, at most 3 boxes per image",
                      "num_training_samples is 10 but the training manifest has 8 images (informative only; "
@@ -139,5 +140,8 @@ def test_checks_against_the_data():
         check_against_data(hp, num_classes=4, num_samples=8, max_boxes=1)
     assert info.value.field == "num_classes" and "has 4 classes" in str(info.value)
     with pytest.raises(ConfigError) as info:
-        check_against_data(hp, num_classes=2, num_samples=8, max_boxes=4)
-    assert info.value.field == "label_width" and info.value.hint == "set label_width to at least 4"
+        check_against_data(hp, num_classes=2, num_samples=8, max_boxes=4)  # SageMaker counts 2 + 5 x 4
+    assert info.value.field == "label_width" and info.value.hint == "set label_width to at least 22"
+    assert "4 boxes: 22 label values (2 + 5 per box" in str(info.value)
+    # SageMaker's own example: at most 10 objects need at least 10 x 5 + 2
+    assert label_values(10) == 52 and label_values(0) == 2

@@ -160,7 +160,13 @@ def test_ping_model_and_metrics(server, tiny_deploy):
     assert (ping.status_code, ping.json()) == (200, {"status": "ok"})
     model = httpx.get(f"{url}/model")
     assert model.status_code == 200 and model.headers["content-type"] == "application/json"
-    assert model.json() == json.loads((tiny_deploy / "model.json").read_text())
+    full = json.loads((tiny_deploy / "model.json").read_text())
+    public = ["name", "format", "classes", "base_network", "input_size", "input", "outputs", "nms_threshold",
+              "nms_topk", "score_threshold", "default_threshold", "quantization", "opset", "detforge_version",
+              "exported_at", "sha256"]
+    assert model.json() == {**{key: full[key] for key in public}, "threshold": 0.05}
+    assert str(tiny_deploy.parent) not in model.text and "hyperparameters" not in model.text
+    assert "source_run" in full and "hyperparameters" in full  # what it leaves out is there to leave out
     page = httpx.get(f"{url}/metrics")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain; version=0.0.4")
     for name in (
@@ -455,3 +461,165 @@ def test_serve_refuses_bad_settings(tiny_deploy, tmp_path):
         with pytest.raises(ConfigError, match=message):
             ServeConfig(deploy_dir=str(tiny_deploy), **kwargs)
     assert os.path.isdir(tiny_deploy)
+
+
+# -- back-pressure, errors that tell nothing, metrics over several workers -----------------------------
+
+
+class GatedPredictor:
+    """The real predictor behind a gate: ``predict`` waits while the gate is shut (a slow model), or
+    raises when ``fail`` is set (a model that breaks)."""
+
+    def __init__(self, predictor) -> None:
+        self.predictor = predictor
+        self.metadata = predictor.metadata
+        self.threshold = predictor.threshold
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Semaphore(0)
+        self.fail: str | None = None
+
+    def predict(self, images, *, threshold=None):
+        self.entered.release()
+        assert self.gate.wait(60)
+        if self.fail:
+            raise RuntimeError(self.fail)
+        return self.predictor.predict(images, threshold=threshold)
+
+
+@pytest.fixture
+def gated_server(tiny_deploy, predictor, allowed):
+    """The app with a gated model under uvicorn in a thread: (url, GatedPredictor, log records)."""
+    import logging
+
+    import uvicorn
+
+    from detforge.serve import ServeConfig, create_app
+
+    gated = GatedPredictor(predictor)
+    config = ServeConfig(deploy_dir=str(tiny_deploy), max_batch=1, max_queue=1, max_in_flight=2, max_images=3,
+                         allow_paths=(str(allowed),), retry_after_s=2)
+    app = create_app(config, predictor=gated)
+    gated.entered = threading.Semaphore(0)  # forget the warm-up run
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("detforge.serve").addHandler(handler)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    try:
+        yield url, gated, records
+    finally:
+        gated.gate.set()
+        server.should_exit = True
+        thread.join(30)
+        logging.getLogger("detforge.serve").removeHandler(handler)
+
+
+def _post_in_thread(url: str, body: bytes, content_type: str = "image/png") -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def send() -> None:
+        out.append(httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": content_type},
+                              timeout=60))
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, out
+
+
+def test_a_full_server_answers_503_with_retry_after_and_recovers(gated_server, predictor):
+    url, gated, _ = gated_server
+    port = int(url.rsplit(":", 1)[1])
+    body = png_bytes(64, 48, seed=3)
+    gated.gate.clear()
+    first, first_out = _post_in_thread(url, body)
+    assert gated.entered.acquire(timeout=30)  # in the model, holding the only queue slot
+    queue_full = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/png"})
+    assert queue_full.status_code == 503 and queue_full.headers["retry-after"] == "2"
+    assert queue_full.json() == {
+        "error": "the server is full (1 images queued (--max-queue)); retry after 2 s"
+    }
+    sock, last = _raw_request(port, body)  # a second request in flight, still being received
+    _wait_in_progress(url, 2)
+    too_many = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/png"})
+    assert too_many.status_code == 503 and too_many.headers["retry-after"] == "2"
+    assert "2 requests in flight (--max-in-flight)" in too_many.json()["error"]
+    gated.gate.set()
+    first.join(30)
+    sock.sendall(last)
+    status, payload = _read_response(sock)
+    expected = predictor.predict([np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))])[0].to_sagemaker()
+    assert first_out[0].status_code == 200
+    assert first_out[0].json()["prediction"] == json.loads(json.dumps(expected))
+    assert status == 200 and payload["prediction"] == first_out[0].json()["prediction"]
+    again = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/png"})
+    assert again.status_code == 200  # nothing stays stuck once the load is gone
+    assert metric(url, 'detforge_requests_rejected_total{reason="queue"}') == 1
+    assert metric(url, 'detforge_requests_rejected_total{reason="requests"}') == 1
+    assert metric(url, 'detforge_requests_total{endpoint="/invocations",status="503"}') == 2
+    assert metric(url, "detforge_requests_in_progress") == 0
+
+
+def test_jsonlines_images_per_request_are_bounded(gated_server, allowed):
+    url, _, _ = gated_server
+    line = json.dumps({"source-ref": str(allowed / "a.png")})
+    ok = httpx.post(f"{url}/invocations", content="\n".join([line] * 3),
+                    headers={"Content-Type": "application/jsonlines"}, timeout=60)
+    assert ok.status_code == 200 and len(ok.text.splitlines()) == 3
+    for count in (4, 5000):  # one over the limit, and thousands of refs
+        answer = httpx.post(f"{url}/invocations", content="\n".join([line] * count),
+                            headers={"Content-Type": "application/jsonlines"})
+        assert answer.status_code == 413
+        assert answer.json() == {
+            "error": "line 4: more than 3 images in one request (--max-images); split it"
+        }
+
+
+def test_a_failing_model_gets_500_without_its_exception_text(gated_server):
+    url, gated, records = gated_server
+    gated.fail = "cannot open /home/alice/secret-model/model.onnx"
+    answer = httpx.post(f"{url}/invocations", content=png_bytes(32, 32),
+                        headers={"Content-Type": "image/png"})
+    assert answer.status_code == 500
+    error = answer.json()["error"]
+    assert error.startswith("internal error ") and error.endswith(": the server's log has the details")
+    assert "alice" not in answer.text and "RuntimeError" not in answer.text
+    error_id = error.split()[2].rstrip(":")
+    logged = [r for r in records if error_id in r.getMessage()]
+    assert len(logged) == 1 and "RuntimeError: cannot open /home/alice" in logged[0].getMessage()
+    gated.fail = None
+    assert httpx.post(f"{url}/invocations", content=png_bytes(32, 32),
+                      headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_metrics_add_up_over_several_workers(tiny_deploy):
+    process, url = start_server(tiny_deploy, "--workers", "2")
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)
+        folders = {w.environ().get("PROMETHEUS_MULTIPROC_DIR") for w in workers} - {None}
+        assert len(folders) == 1
+        folder = folders.pop()
+        body = png_bytes(40, 30, seed=4)
+        for _ in range(8):  # a new connection each: the kernel hands them to either worker
+            with httpx.Client() as client:
+                assert client.post(f"{url}/invocations", content=body,
+                                   headers={"Content-Type": "image/png"}).status_code == 200
+        pids = {name.rsplit("_", 1)[1] for name in os.listdir(folder) if name.startswith("histogram")}
+        assert len(pids) == 2  # both workers write their values there
+        for _ in range(6):  # whichever worker answers the scrape, it counts both
+            with httpx.Client() as client:
+                page = client.get(f"{url}/metrics").text
+            assert 'detforge_requests_total{endpoint="/invocations",status="200"} 8.0' in page
+            assert "detforge_batch_size_count 8.0" in page
+    finally:
+        assert stop_server(process) == 0
+    assert not os.path.exists(folder)  # removed on the way out

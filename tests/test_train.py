@@ -365,3 +365,28 @@ def test_early_stopping_stops_a_run(tiny, tmp_path):
     assert result.stopped_early and result.epochs == 2
     assert result.stop_reason == "validation:mAP did not improve by more than 0.99 (relative) for 1 epochs"
     assert "early stop after epoch" in (tmp_path / "early" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("extra,option,why", [
+    (["--hyperparameters", "hp.json"], "--hyperparameters", "the run's hyperparams.json is used"),
+    (["--weights", "other"], "--weights", "the weights come from the run's checkpoint"),
+    (["--classes", "classes.json"], "--classes", "the run's classes.json is used"),
+    (["--out", "elsewhere"], "--out", "the run continues in"),
+    (["--train", "other.manifest"], "--train", "the run was started on"),
+])
+def test_resume_refuses_conflicting_options(reference_run, tmp_path, extra, option, why):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run[0], out)
+    before = sorted(p.name for p in out.iterdir())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "detforge", "train", "--resume", str(out), *extra,
+                           "--no-progress"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: field '{option}': cannot be combined with --resume: {why}")
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(ConfigError, match="cannot be combined with --resume") as info:
+        train(TrainConfig(train="x", out=str(out), resume=True, weights="other", progress=False))
+    assert info.value.field == "--weights"

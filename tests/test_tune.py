@@ -1,6 +1,7 @@
 """Tuning: SageMaker ParameterRanges (every scaling type, bad files by field), a tiny real search through
 the CLI, pruning forced by a range that cannot score, failed trials recorded, resume after SIGKILL,
-and two worker processes sharing one SQLite study."""
+two worker processes sharing one SQLite study, and a study shared in a real PostgreSQL server (started
+by the test) that survives a worker killed mid-trial."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_set
+from conftest import free_port, make_tiny_set, missing, wait_for_port
 
 from detforge.errors import ConfigError
 from detforge.tune_ranges import DEFAULT_RANGES, load_tuning_config, parse_tuning_config
@@ -517,3 +518,104 @@ def test_two_worker_processes_share_one_sqlite_study(tiny, tmp_path, _one_thread
     assert any(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in second)
     assert len({r["learning_rate"] for r in rows}) == 3  # the workers draw different values
     assert (out / "optimization-history.png").exists() and (out / "best-hyperparams.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+
+def _postgres_binary(name: str) -> str:
+    import glob
+    import shutil
+
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                                                   reverse=True)), None)
+    if found is None:
+        missing(f"PostgreSQL's '{name}' is not installed (Debian package postgresql; `make system` has it)")
+    return found
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL server of its own (initdb + pg_ctl on a temp folder, 127.0.0.1 and a free port, trust
+    auth for the loopback only), stopped and deleted after the test. As root it runs as the ``postgres``
+    user (or ``nobody``): PostgreSQL refuses to run as root."""
+    import pwd
+    import shutil
+    import tempfile
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing("the PostgreSQL driver psycopg is not installed (pip install 'detforge[postgres]')")
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    user = None
+    if os.geteuid() == 0:
+        for name in ("postgres", "nobody"):
+            try:
+                user = pwd.getpwnam(name)
+                break
+            except KeyError:
+                continue
+    folder = tempfile.mkdtemp(prefix="detforge-pg-")
+    if user is not None:
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    data, port = os.path.join(folder, "data"), free_port()
+    as_user = {"user": user.pw_uid, "group": user.pw_gid} if user is not None else {}
+
+    def run(*args: str) -> None:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=folder, **as_user)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    run(initdb, "-D", data, "-U", "detforge", "--auth=trust", "--no-sync", "-E", "UTF8")
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off"
+    run(pg_ctl, "-D", data, "-l", os.path.join(folder, "server.log"), "-o", options, "-w", "start")
+    try:
+        wait_for_port(port)
+        yield f"postgresql://detforge@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True, timeout=60,
+                       cwd=folder, **as_user)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_postgresql_study_survives_a_killed_worker_and_two_workers_finish_it(
+    tiny, tmp_path, _one_thread, postgres_url
+):
+    optuna = pytest.importorskip("optuna")
+    from detforge.tune import TuneConfig, tune
+
+    out = tmp_path / "tune"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _tune_script(tiny, out, 4, storage=postgres_url)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 180
+    while not (out / "trial-001" / "checkpoints" / "last.pt").exists():  # trial 1 is in its 2nd epoch
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # a worker dies mid-trial: its trial stays "running" in the server
+    process.wait()
+    study = optuna.load_study(study_name="tune", storage=postgres_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    result = tune(
+        TuneConfig(train=tiny[0], validation=tiny[1], out=str(out), trials=4, parallel=2,
+                   storage=postgres_url, hyperparameters=HP | {"epochs": "2"}, ranges=RESUME_RANGES,
+                   pruner="none", heartbeat_s=1)
+    )
+    # the killed trial's heartbeat stopped: it is marked failed-stale (interrupted), does not count, and two
+    # new workers finish the study; at most one "skipped" row when both claim the last place at once
+    rows = [r for r in result.rows if r["state"] != "skipped"]
+    assert len(result.rows) - len(rows) <= 1
+    assert [(r["trial"], r["state"]) for r in rows[:2]] == [(0, "complete"), (1, "interrupted")]
+    assert [r["state"] for r in rows[2:]] == ["complete"] * 3
+    assert len({r["trial"] for r in result.rows}) == len(result.rows)  # no trial counted twice
+    assert {r["worker"].rsplit("/", 1)[1] for r in rows[2:]} == {"0", "1"}
+    assert len({r["learning_rate"] for r in rows}) == 5
+    again = optuna.load_study(study_name="tune", storage=postgres_url)  # what the server holds
+    states = [t.state.name for t in again.trials]
+    assert states.count("COMPLETE") == 4 and states[1] == "FAIL" and "RUNNING" not in states
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["storage"] == postgres_url

@@ -117,34 +117,10 @@ def load_split(
     return samples, names
 
 
-def _fallback_transform(preset: str, *, image_size: int, train: bool):
-    """Resize (+ a horizontal flip when training with a flip preset), until ``detforge.transforms`` exists."""
-    import torch
-    import torchvision.transforms.v2.functional as F
-
-    def apply(image, boxes, labels):
-        image = F.to_image(image)
-        height, width = image.shape[-2:]
-        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
-        image = F.resize(image, [image_size, image_size], antialias=True)
-        scale = torch.tensor([image_size / width, image_size / height] * 2)
-        boxes = boxes * scale
-        if train and preset != "none" and torch.rand(()) < 0.5:
-            image = F.horizontal_flip(image)
-            boxes = torch.stack(
-                [image_size - boxes[:, 2], boxes[:, 1], image_size - boxes[:, 0], boxes[:, 3]], 1
-            )
-        return F.to_dtype(image, torch.float32, scale=True), boxes, torch.as_tensor(np.asarray(labels))
-
-    return apply
-
-
 def build_transform(preset: str, *, image_size: int, train: bool):
-    """``detforge.transforms.build_transform`` when it is installed, else resize (+ flip)."""
-    try:
-        from detforge.transforms import build_transform as build
-    except ImportError:
-        return _fallback_transform(preset, image_size=image_size, train=train)
+    """``detforge.transforms.build_transform`` (resize with antialiasing, the preset's augmentation)."""
+    from detforge.transforms import build_transform as build
+
     return build(preset, image_size=image_size, train=train)
 
 

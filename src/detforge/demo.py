@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from detforge import storage
+from detforge.data.groundtruth import resolve_source_ref
 from detforge.errors import ConfigError
 
 STEPS = ("synth", "prepare", "augment", "train", "evaluate", "export", "predict", "summary")
@@ -211,8 +212,9 @@ def _step_export(out: str, profile: dict, say: Callable) -> dict:
 
     result = export_run(os.path.join(out, "runs", "demo"), os.path.join(out, "deploy"), name="storage-boxes")
     check = result.verify
-    say(f"{result.model_path}: {check.detections} detections on {check.images} validation images match "
-        f"PyTorch (min IoU {check.min_iou:.4f}, max score difference {check.max_score_diff:.1e})")
+    say(f"{result.model_path}: verified on {check.images} validation images: {check.raw_values} pre-NMS "
+        f"scores and box coordinates match PyTorch (max score difference {check.max_score_diff:.1e}), "
+        f"{check.detections} detections are a valid NMS of them")
     return {"model": result.model_path, "verified_detections": check.detections,
             "size_bytes": os.path.getsize(result.model_path)}
 
@@ -246,7 +248,7 @@ def _step_predict(out: str, profile: dict, say: Callable, progress: bool) -> dic
         result = predict(deploy, [heldout], out=os.path.join(out, "predictions", "heldout.jsonl"),
                          report=os.path.join(out, "report.pdf"), html=os.path.join(out, "report.html"),
                          progress=update)
-    first_image = json.loads(open(heldout).readline())["source-ref"]
+    first_image = resolve_source_ref(json.loads(open(heldout).readline())["source-ref"], heldout)
     latency = _latency_ms(deploy, first_image, 5 if profile is DEMO_PROFILES["tiny"] else 30)
     # every detection counts here (the report's own mAP only sees those above the display threshold)
     heldout_map = evaluate(deploy, heldout, coco=False).metrics.voc07_map

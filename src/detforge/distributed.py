@@ -1,7 +1,8 @@
 """torch.distributed for ``torchrun``: start/stop the process group, rank facts, gathering Python objects.
 
-One process per device; ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``. NCCL on CUDA, gloo on
-CPU. Without those variables everything here is a single-process no-op. Not here: the loop (``train``).
+One process per device; ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE``.
+NCCL on CUDA, gloo on CPU. Without those variables everything here is a single-process no-op.
+Not here: the loop (``train``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Dist:
-    """Where this process stands: ``rank`` of ``world_size``; ``local_rank`` picks its GPU."""
+    """Where this process stands: ``rank`` of ``world_size``; ``local_rank`` picks its GPU;
+    ``local_world_size`` processes run on this machine (torchrun's ``--nproc-per-node``)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def machines(self) -> int:
+        """Machines (torchrun nodes) taking part, each with ``local_world_size`` processes."""
+        return max(1, self.world_size // max(1, self.local_world_size))
 
     @property
     def enabled(self) -> bool:
@@ -42,6 +50,7 @@ def setup(device_type: str) -> Dist:
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size()))),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import queue
+import re
 import signal
 import socket
 import threading
@@ -31,7 +32,7 @@ import numpy as np
 import orjson
 
 from detforge.edge_buffer import DiskBuffer, Publisher, parse_broker
-from detforge.edge_sources import Frame, load_rgb, open_source, resolve_allowed_path
+from detforge.edge_sources import Frame, load_rgb, mask_credentials, open_source, resolve_allowed_path
 from detforge.errors import ConfigError, DetforgeError
 
 DEFAULT_TOPIC = "detforge/infer/output"
@@ -50,7 +51,7 @@ class EdgeConfig:
     request_topic: str = DEFAULT_REQUEST_TOPIC
     status_topic: str = DEFAULT_STATUS_TOPIC
     fps: float = 5.0
-    threshold: float = 0.3
+    threshold: float | None = None  # None: the deploy folder's default_threshold (as predict and serve)
     allow_paths: tuple[str, ...] = ()
     buffer_dir: str | None = None
     buffer_max: int = 10000
@@ -67,9 +68,10 @@ class EdgeConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    mqtt_version: str = "5"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"must be within [0, 1], got {self.threshold}", field="threshold")
         if self.fps <= 0:
             raise ConfigError(f"must be above 0, got {self.fps}", field="fps")
@@ -78,6 +80,11 @@ class EdgeConfig:
         for path in self.allow_paths:
             if not os.path.isdir(path):
                 raise ConfigError("not a folder", path=path, field="allow_path")
+
+    @property
+    def public_source(self) -> str | None:
+        """The source as messages, the status and logs show it: without credentials."""
+        return mask_credentials(self.source) if self.source else None
 
 
 @dataclass
@@ -116,8 +123,8 @@ def default_client_id() -> str:
 
 
 def default_buffer_dir(config: EdgeConfig) -> str:
-    """``~/.cache/detforge/edge-buffer/<source name>`` unless ``--buffer-dir`` is given."""
-    name = (config.source or "requests").replace("://", "_").replace("/", "_").replace(":", "_")[-80:]
+    """``~/.cache/detforge/edge-buffer/<source name, no credentials>`` unless ``--buffer-dir`` is given."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", (config.public_source or "requests").replace("://", "_"))[-80:]
     return os.path.join(os.path.expanduser("~/.cache/detforge/edge-buffer"), name or "default")
 
 
@@ -139,12 +146,14 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
         key_file=config.key_file,
         username=config.username,
         password=config.password or os.environ.get("DETFORGE_MQTT_PASSWORD"),
+        mqtt_version=config.mqtt_version,
     )
     source = open_source(config.source, fps=config.fps) if config.source else None
     stop = stop or threading.Event()
     stats = EdgeStats()
     requests: queue.Queue[bytes] = queue.Queue(maxsize=256)
     model_name = str(predictor.metadata.get("name") or os.path.basename(os.path.abspath(config.deploy_dir)))
+    threshold = float(predictor.threshold if config.threshold is None else config.threshold)
 
     def on_message(topic: str, payload: bytes) -> None:
         try:
@@ -156,12 +165,14 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
     def status() -> dict:
         return {
             "model": model_name,
-            "source": config.source,
+            "source": config.public_source,
+            "threshold": threshold,
             "fps": stats.fps(),
             "frames": stats.frames,
             "requests": stats.requests,
             "errors": stats.errors,
-            "last_error": stats.last_error,
+            "last_error": mask_credentials(stats.last_error) if stats.last_error else None,
+            "mqtt_error": publisher.last_error,
             "dropped_frames": getattr(source, "dropped", 0),
             "dropped_results": buffer.dropped,
             "uptime_s": round(time.monotonic() - stats.started, 1),
@@ -210,9 +221,13 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
 def _process_frame(
     frame: Frame, config: EdgeConfig, predictor, publisher: Publisher, stats: EdgeStats
 ) -> None:
-    message = {"timestamp": utc_timestamp(frame.captured), "source": config.source, "frame": frame.index}
+    message = {
+        "timestamp": utc_timestamp(frame.captured),
+        "source": config.public_source,
+        "frame": frame.index,
+    }
     if frame.error is not None:  # a watched file that could not be decoded
-        error = frame.error
+        error = mask_credentials(frame.error)
         stats.errors += 1
         stats.last_error = f"{frame.index}: {error}"
         publisher.publish(config.topic, {**message, "error": error})
@@ -222,7 +237,7 @@ def _process_frame(
         detections = predictor.predict([frame.image], threshold=config.threshold)[0]
     except Exception as exc:  # keep running; the dashboard sees the error
         stats.errors += 1
-        stats.last_error = f"{type(exc).__name__}: {exc}"
+        stats.last_error = mask_credentials(f"{type(exc).__name__}: {exc}")
         publisher.publish(config.topic, {**message, "error": stats.last_error})
         return
     message["prediction"] = detections.to_sagemaker()
@@ -260,12 +275,12 @@ def _answer_request(
         detections = predictor.predict([image], threshold=config.threshold)[0]
     except DetforgeError as exc:
         stats.refused += 1
-        stats.last_error = str(exc)
-        publisher.publish(config.topic, {**answer, "error": str(exc)})
+        stats.last_error = mask_credentials(str(exc))
+        publisher.publish(config.topic, {**answer, "error": stats.last_error})
         return
     except Exception as exc:
         stats.errors += 1
-        stats.last_error = f"{type(exc).__name__}: {exc}"
+        stats.last_error = mask_credentials(f"{type(exc).__name__}: {exc}")
         publisher.publish(config.topic, {**answer, "error": stats.last_error})
         return
     answer["prediction"] = detections.to_sagemaker()

@@ -3,19 +3,23 @@
 In here: ``parse_broker`` (``mqtt://`` / ``mqtts://`` URLs), ``DiskBuffer`` (a bounded FIFO of messages on
 disk, one file per sequence number) and ``Publisher``, which owns the paho-mqtt client.
 
-How nothing is lost: every result gets the next sequence number and is written to the buffer *before*
-it is published (QoS 1); its file is removed only when the broker's PUBACK for it arrives. When the
-connection drops, the client is thrown away with whatever paho still held, and a new one connects with
-a growing pause (0.5 s doubling to 30 s); once connected it sends every buffered message in sequence
-order before any new one. So each result reaches the broker at least once and in order; QoS 1 may repeat
-a message whose PUBACK was lost in the drop, which subscribers can discard by its ``seq``. The buffer is
-bounded: when full, the oldest result is dropped (and counted). Not in here: frames, the model, the
-main loop (``detforge.edge``). No torch.
+How nothing is lost: every result gets the next sequence number and is written to the buffer *before* it is
+published (QoS 1); its file is removed only when the broker's PUBACK for it arrives. When the connection
+drops, the client is thrown away with whatever paho still held, and a new one connects with a growing pause
+(0.5 s doubling to 30 s); once connected it sends every buffered message in sequence order before any new
+one. So each result reaches the broker at least once and in order; QoS 1 may repeat a message whose PUBACK
+was lost in the drop, which subscribers can discard by its ``seq``. The buffer is bounded: when full, the
+oldest result is dropped (and counted). Writes are fsync-ed (file and folder), so a power loss leaves each
+message whole or absent; a file that still cannot be published (empty, truncated, garbage) is moved to
+``quarantine/`` and counted, and the ones behind it go out. A number is never reused, even after a crash
+with an empty buffer (the newest acknowledged file becomes ``<seq>.acked``). Not in here: frames, the model,
+the main loop (``detforge.edge``). No torch.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -25,9 +29,13 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from detforge.edge_sources import mask_credentials
 from detforge.errors import ConfigError
 
+log = logging.getLogger("detforge.edge")
 SEQ_FILE = ".last-seq"
+ACKED = ".acked"  # the newest acknowledged message keeps its number on disk under this suffix
+MQTT_VERSIONS = ("5", "3.1.1")
 
 
 @dataclass(frozen=True)
@@ -43,11 +51,13 @@ class BrokerSpec:
     username: str | None = None
     password: str | None = None
     keepalive: int = 30
+    mqtt_version: str = "5"  # 5: the broker says which message it refused (e.g. a topic outside its ACL)
 
 
 def parse_broker(url: str, **settings) -> BrokerSpec:
     """``mqtt://HOST[:PORT]`` (1883) or ``mqtts://HOST[:PORT]`` (8883, TLS); ``settings`` fill the rest."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    shown = mask_credentials(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConfigError(
             f"unsupported broker URL scheme {parts.scheme!r}",
@@ -55,12 +65,16 @@ def parse_broker(url: str, **settings) -> BrokerSpec:
             hint="use mqtt://HOST:1883 or mqtts://HOST:8883",
         )
     if not parts.hostname:
-        raise ConfigError(f"no host in broker URL {url!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883")
-    tls = parts.scheme in ("mqtts", "ssl") or bool(settings.pop("tls", False))
+        raise ConfigError(f"no host in broker URL {shown!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883")
+    version = str(settings.pop("mqtt_version", None) or "5")
+    if version not in MQTT_VERSIONS:
+        raise ConfigError(f"must be 5 or 3.1.1, got {version!r}", field="mqtt_version")
+    wants_tls = bool(settings.pop("tls", False))  # popped first: an mqtts:// URL must not leave it behind
+    tls = parts.scheme in ("mqtts", "ssl") or wants_tls
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
-        raise ConfigError(f"bad port in broker URL {url!r}", field="broker") from exc
+        raise ConfigError(f"bad port in broker URL {shown!r}", field="broker") from exc
     username = settings.pop("username", None) or parts.username
     password = settings.pop("password", None) or parts.password
     for name in ("ca_file", "cert_file", "key_file"):
@@ -73,12 +87,24 @@ def parse_broker(url: str, **settings) -> BrokerSpec:
         tls=tls or any(settings.get(k) for k in ("ca_file", "cert_file")),
         username=username,
         password=password,
+        mqtt_version=version,
         **settings,
     )
 
 
+QUARANTINE = "quarantine"
+TOPIC_MAX_BYTES = 65535  # MQTT's limit for a topic name
+
+
 class DiskBuffer:
-    """Messages waiting for their PUBACK, one file each (``<seq>.msg``: topic line, then payload)."""
+    """Messages waiting for their PUBACK, one file each (``<seq>.msg``: topic line, then a JSON payload).
+
+    Durable: a message is written to a hidden temp file, flushed and ``fsync``-ed, renamed into place and
+    the folder ``fsync``-ed before ``append`` returns, so after a power loss a message is either whole or
+    absent. A file that still cannot be read back (empty, truncated, garbage, a leftover ``.part``) is
+    moved to ``quarantine/`` beside the messages and counted in ``quarantined``; it never blocks the ones
+    behind it.
+    """
 
     def __init__(self, directory: str, *, max_messages: int = 10000) -> None:
         if max_messages < 1:
@@ -86,13 +112,27 @@ class DiskBuffer:
         self.directory = directory
         self.max_messages = max_messages
         self.dropped = 0
+        self.last_quarantine_reason: str | None = None
         self._lock = threading.Lock()
         os.makedirs(directory, exist_ok=True)
-        seqs = sorted(
-            int(name[:-4]) for name in os.listdir(directory) if name.endswith(".msg") and name[:-4].isdigit()
-        )
+        self.quarantine_dir = os.path.join(directory, QUARANTINE)
+        self.quarantined = len(os.listdir(self.quarantine_dir)) if os.path.isdir(self.quarantine_dir) else 0
+        seqs, last, acked = [], 0, []
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".msg") and name[:-4].isdigit():
+                seqs.append(int(name[:-4]))
+            elif name.endswith(ACKED) and name[: -len(ACKED)].isdigit():
+                acked.append(int(name[: -len(ACKED)]))
+            elif name.endswith(".part") and name != SEQ_FILE + ".part":
+                self._quarantine_file(name)  # a write that a crash cut short: never acknowledged
+                if name[1:-5].isdigit():
+                    last = max(last, int(name[1:-5]))  # its number is not reused
+        seqs.sort()
         self._seqs: dict[int, None] = dict.fromkeys(seqs)
-        last = seqs[-1] if seqs else 0
+        last = max([last, *seqs[-1:], *acked])
+        self._acked_marker: int | None = max(acked) if acked else None
+        for seq in sorted(acked)[:-1]:  # a crash between the rename and the unlink leaves two
+            self._unlink(f"{seq:012d}{ACKED}")
         try:
             with open(os.path.join(directory, SEQ_FILE)) as handle:
                 last = max(last, int(handle.read().strip() or 0))
@@ -107,14 +147,12 @@ class DiskBuffer:
         return len(self._seqs)
 
     def append(self, topic: str, payload: bytes) -> int:
-        """Store a message under the next sequence number (returned); drop the oldest when full."""
+        """Store a message durably under the next sequence number (returned); drop the oldest when full."""
         with self._lock:
             self._last_seq += 1
             seq = self._last_seq
             tmp = os.path.join(self.directory, f".{seq:012d}.part")
-            with open(tmp, "wb") as handle:
-                handle.write(topic.encode("utf-8") + b"\n" + payload)
-            os.replace(tmp, self._path(seq))  # a reader never sees half a message
+            _write_durably(tmp, self._path(seq), topic.encode("utf-8") + b"\n" + payload)
             self._seqs[seq] = None
             while len(self._seqs) > self.max_messages:
                 oldest = next(iter(self._seqs))
@@ -133,11 +171,27 @@ class DiskBuffer:
             self._remove(seq)
 
     def _remove(self, seq: int) -> None:
-        if self._seqs.pop(seq, False) is None:
-            try:
-                os.unlink(self._path(seq))
-            except FileNotFoundError:
-                pass
+        if self._seqs.pop(seq, False) is not None:
+            return
+        if seq != self._last_seq:
+            self._unlink(os.path.basename(self._path(seq)))
+            return
+        # The newest message: renamed, not deleted, so that a crash before save_seq() cannot make the next
+        # run reuse its number (subscribers discard a seq they already have). A rename that a power loss
+        # undoes leaves the message itself: sent again under the same seq, which is harmless.
+        try:
+            os.replace(self._path(seq), os.path.join(self.directory, f"{seq:012d}{ACKED}"))
+        except FileNotFoundError:
+            return
+        if self._acked_marker is not None and self._acked_marker != seq:
+            self._unlink(f"{self._acked_marker:012d}{ACKED}")
+        self._acked_marker = seq
+
+    def _unlink(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.directory, name))
+        except FileNotFoundError:
+            pass
 
     def pending(self) -> list[int]:
         """Sequence numbers still buffered, oldest first."""
@@ -145,22 +199,97 @@ class DiskBuffer:
             return list(self._seqs)
 
     def read(self, seq: int) -> tuple[str, bytes] | None:
-        """(topic, payload) of a buffered message, or None if it is gone."""
+        """(topic, payload) of a buffered message, or None if it is gone or unreadable (then quarantined)."""
         try:
             with open(self._path(seq), "rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
+            with self._lock:
+                self._seqs.pop(seq, None)
+            return None
+        except OSError as exc:
+            self.quarantine(seq, f"unreadable: {exc}")
+            return None
+        problem = message_problem(data)
+        if problem is not None:
+            self.quarantine(seq, problem)
             return None
         topic, _, payload = data.partition(b"\n")
         return topic.decode("utf-8"), payload
+
+    def quarantine(self, seq: int, reason: str) -> None:
+        """Move a message that cannot be published out of the way (``quarantine/``) and count it."""
+        with self._lock:
+            if self._seqs.pop(seq, False) is None:
+                self._quarantine_file(os.path.basename(self._path(seq)))
+            self.last_quarantine_reason = f"{seq:012d}.msg: {reason}"
+
+    def _quarantine_file(self, name: str) -> None:
+        os.makedirs(self.quarantine_dir, exist_ok=True)
+        target, n = os.path.join(self.quarantine_dir, name), 1
+        while os.path.exists(target):  # an earlier run's file of the same name stays
+            n += 1
+            target = os.path.join(self.quarantine_dir, f"{name}.{n}")
+        try:
+            os.replace(os.path.join(self.directory, name), target)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(self.directory)
+        self.quarantined += 1
 
     def save_seq(self) -> None:
         """Remember the last sequence number so numbering continues after a restart."""
         with self._lock:
             tmp = os.path.join(self.directory, SEQ_FILE + ".part")
-            with open(tmp, "w") as handle:
-                handle.write(str(self._last_seq))
-            os.replace(tmp, os.path.join(self.directory, SEQ_FILE))
+            _write_durably(tmp, os.path.join(self.directory, SEQ_FILE), str(self._last_seq).encode())
+            if self._acked_marker is not None:  # the number is safe in SEQ_FILE now
+                self._unlink(f"{self._acked_marker:012d}{ACKED}")
+                self._acked_marker = None
+
+
+def message_problem(data: bytes) -> str | None:
+    """Why a buffered file is not a publishable message (None when it is): empty, no topic, bad JSON..."""
+    if not data:
+        return "empty file"
+    topic, newline, payload = data.partition(b"\n")
+    if not newline:
+        return "no topic line"
+    try:
+        name = topic.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the topic is not UTF-8"
+    if not name or len(topic) > TOPIC_MAX_BYTES or any(c in name for c in "+#\x00"):
+        return f"not a topic one can publish to: {name[:80]!r}"
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        return f"the payload is not JSON (truncated?): {exc}"
+    return None
+
+
+def _write_durably(tmp: str, path: str, data: bytes) -> None:
+    """Write ``data`` to ``tmp``, fsync it, rename it to ``path``, fsync the folder (survives power loss)."""
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)  # a reader never sees half a message
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename or unlink in ``directory`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Publisher:
@@ -197,7 +326,8 @@ class Publisher:
         self._client = None
         self._ready = False
         self._inflight: dict[int, int] = {}  # paho mid -> seq
-        self._acked: collections.deque[int] = collections.deque()  # filled by paho's thread, no lock
+        # (mid, reason code) filled by paho's thread, no lock
+        self._acked: collections.deque[tuple[int, object]] = collections.deque()
         self._stop = threading.Event()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="detforge-mqtt", daemon=True)
@@ -233,17 +363,34 @@ class Publisher:
 
     # -- the network thread ---------------------------------------------------------------------------
     def _send(self, seq: int) -> None:
-        """Hand one buffered message to paho (called with the lock held)."""
-        stored = self.buffer.read(seq)
-        if stored is None or self._client is None:
+        """Hand one buffered message to paho (called with the lock held).
+
+        A message that cannot be read back or that paho refuses is quarantined, never retried forever:
+        one bad file must not stop the ones behind it.
+        """
+        if self._client is None:
             return
-        info = self._client.publish(stored[0], stored[1], qos=1)
+        stored = self.buffer.read(seq)
+        if stored is None:
+            if self.buffer.last_quarantine_reason:
+                self._error(f"quarantined {self.buffer.last_quarantine_reason}")
+            return
+        try:
+            info = self._client.publish(stored[0], stored[1], qos=1)
+        except (ValueError, TypeError) as exc:  # paho refuses e.g. an oversized payload
+            self.buffer.quarantine(seq, f"refused by the MQTT client: {exc}")
+            self._error(f"quarantined {self.buffer.last_quarantine_reason}")
+            return
         self._inflight[info.mid] = seq
 
     def _new_client(self):
         import paho.mqtt.client as mqtt
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True)
+        api = mqtt.CallbackAPIVersion.VERSION2
+        if self.broker.mqtt_version == "5":
+            client = mqtt.Client(api, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(api, client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=True)
         if self.broker.username:
             client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
@@ -260,7 +407,7 @@ class Publisher:
                     client.subscribe(topic, qos=1)
 
         def on_publish(client, userdata, mid, reason_code, properties):
-            self._acked.append(mid)  # no lock here: paho holds its own message lock while calling us
+            self._acked.append((mid, reason_code))  # no lock: paho holds its own message lock calling us
 
         def on_message(client, userdata, message):
             if self.on_message is not None:
@@ -281,22 +428,40 @@ class Publisher:
                 "client_id": self.client_id,
                 "timestamp": time.time(),
                 "buffered": len(self.buffer),
+                "quarantined": self.buffer.quarantined,
             },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
 
     def _process_acks(self) -> None:
         while self._acked:
-            mid = self._acked.popleft()
+            mid, reason = self._acked.popleft()
             with self._lock:
                 seq = self._inflight.pop(mid, None)
-            if seq is not None:
+            if seq is None:
+                continue
+            if getattr(reason, "is_failure", False):  # MQTT 5: e.g. a topic outside the broker's ACL
+                self.buffer.quarantine(seq, f"the broker refused it: {reason}")
+                self._error(f"quarantined {self.buffer.last_quarantine_reason}")
+            else:
                 self.buffer.remove(seq)
+
+    def _error(self, message: str) -> None:
+        """Remember what went wrong last and log it once (masked: no password in logs)."""
+        message = mask_credentials(message)
+        if message != self.last_error:
+            log.warning("MQTT: %s", message)
+        self.last_error = message
 
     def _run(self) -> None:
         pause = self.backoff[0]
         while not self._stop.is_set() and not self._closing.is_set():
-            if self._connect_and_serve():
+            try:
+                connected = self._connect_and_serve()
+            except Exception as exc:  # never let the network thread die: results would pile up unsent
+                self._error(f"MQTT loop failed: {type(exc).__name__}: {exc}")
+                connected = False
+            if connected:
                 pause = self.backoff[0]
             if self._closing.wait(pause) or self._stop.is_set():
                 break
@@ -308,16 +473,26 @@ class Publisher:
 
         client, state = self._new_client()
         try:
-            client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
-        except (OSError, ValueError) as exc:
-            self.last_error = f"cannot connect to {self.broker.host}:{self.broker.port}: {exc}"
+            if self.broker.mqtt_version == "5":
+                client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive,
+                               clean_start=True)
+            else:
+                client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
+        except (OSError, ValueError) as exc:  # refused, unreachable, a TLS certificate that does not verify
+            self._error(f"cannot connect to {self.broker.host}:{self.broker.port}: {exc}")
             return False
         deadline = time.monotonic() + 10.0
         while state["connack"] is None and time.monotonic() < deadline and not self._stop.is_set():
             if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
                 break
         if state["connack"] is None or state["connack"].is_failure:
-            self.last_error = f"broker refused the connection: {state['connack']}"
+            reason = state["connack"]
+            hint = ""
+            if reason is not None and getattr(reason, "value", 0) in (4, 5, 134, 135):
+                hint = " (check --username and the password, and the broker's password file)"
+            elif reason is None:
+                reason = "no answer (is it an MQTT broker? TLS on a plain port or the other way round?)"
+            self._error(f"broker refused the connection: {reason}{hint}")
             client.disconnect()
             return False
         with self._lock:
@@ -336,7 +511,7 @@ class Publisher:
                 rc = client.loop(0.02)
                 self._process_acks()
                 if rc != mqtt.MQTT_ERR_SUCCESS:
-                    self.last_error = f"connection lost: {mqtt.error_string(rc)}"
+                    self._error(f"connection lost: {mqtt.error_string(rc)}")
                     break
                 if self._closing.is_set():
                     self._say_goodbye(client)

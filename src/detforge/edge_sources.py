@@ -4,13 +4,15 @@ In here: ``parse_source`` (``camera:0``, a video file, ``rtsp://``/``http://`` s
 the three frame sources (a video file sampled at the target rate; a live camera/stream read by a thread
 that keeps only the newest frame, so stale frames are dropped instead of queued; a watched folder), and
 ``resolve_allowed_path`` (a file named in a request is read only when its real path lies inside an
-allowed folder). Not in here: the model, MQTT, the main loop (``detforge.edge``). OpenCV is imported
-only when a camera/video/stream source is opened. No torch.
+allowed folder), ``mask_credentials`` (what a source URL may show: never its password). Not in here: the
+model, MQTT, the main loop (``detforge.edge``). OpenCV is imported only when a camera/video/stream source
+is opened. No torch.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +23,24 @@ from detforge.errors import ConfigError, StorageError
 from detforge.storage import IMAGE_SUFFIXES, is_remote
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+MASK = "***"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*)@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;](?:[A-Za-z0-9_.-]*(?:pass|pwd|token|secret|key|auth|sig|credential)[A-Za-z0-9_.-]*)=)"
+    r"(?P<value>[^&;#\s]*)",
+    re.IGNORECASE,
+)
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with every URL's user and password (``rtsp://user:pass@cam`` -> ``rtsp://***@cam``) and every
+    password-like query value (``?password=x``, ``&token=x``) replaced by ``***``; other text unchanged.
+
+    Whatever leaves the device (messages, the retained status, logs, error text) and folder names built
+    from a source go through this, so a subscriber never learns the camera's password.
+    """
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@" if m["userinfo"] else m[0], text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
 @dataclass(frozen=True)
@@ -64,7 +84,7 @@ def parse_source(text: str) -> SourceSpec:
         return SourceSpec("stream", text)
     if is_remote(text):
         raise ConfigError(
-            f"cannot read frames from {text}",
+            f"cannot read frames from {mask_credentials(text)}",
             field="source",
             hint="use camera:0, a local video file, rtsp://... or watch:DIR",
         )
@@ -97,7 +117,7 @@ def _capture(target: str | int):
     if not capture.isOpened():
         raise StorageError(
             "OpenCV cannot open this source",
-            path=str(target),
+            path=mask_credentials(str(target)),
             hint="check the camera index, the file or the stream URL",
         )
     return capture

@@ -5,7 +5,13 @@ The detections come from one of three sources, told apart by ``find_source``:
   xmin, ymin, xmax, ymax], ...]}``, corners as fractions), matched to the manifest's images by
   ``source-ref``, file name or file stem;
 - a training run folder (``checkpoint.load_run_model``, torch, imported only then);
-- not a deploy folder (``model.onnx``): run ``detforge predict`` and evaluate its predictions.
+- a deploy folder (``model.onnx``, ONNX Runtime through ``runtime.Predictor``).
+
+A run and a deploy folder see the same pixels: each image resized to the model's input size by
+``runtime.resize_rgb`` (PIL bilinear, antialiased), as the runtime and training's validation do, so
+``evaluate RUN``, ``evaluate DEPLOY`` and the run's validation:mAP agree. Their class ids are matched by
+name: the manifest's classes (``--classes``, else ``classes.json`` beside it, else its class maps) are
+looked up in the model's; a name the model lacks is an error.
 
 Images stream through ``metrics.DetectionAccumulator`` (VOC07 ``validation:mAP``, all-point AP,
 P/R/F1, confusion matrix) and ``coco_metrics.CocoAccumulator``. Written: ``metrics.json``,
@@ -58,13 +64,15 @@ class EvaluationResult:
     metrics: DetectionMetrics
     coco: dict | None
     class_names: list[str]
-    source: str  # "predictions" or "run"
+    source: str  # "predictions", "run" or "deploy"
     images_without_predictions: int = 0
     files: list[str] = field(default_factory=list)
+    manifest_classes: list[str] | None = None  # run/deploy: the manifest's names, mapped to the model's
 
     def to_dict(self) -> dict:
         """The content of metrics.json."""
         return {"source": self.source, "classes": list(self.class_names),
+                "manifest_classes": self.manifest_classes,
                 **self.metrics.to_dict(class_names=self.class_names, curves=True),
                 "images_without_predictions": self.images_without_predictions, "coco": self.coco}
 
@@ -201,15 +209,30 @@ def _detections_from_predictions(predictions: str, images: list[GroundTruth], nu
                                   width=gt.width, height=gt.height)
 
 
-def _checked(items: Iterator[GroundTruth], names: list[str]) -> Iterator[GroundTruth]:
-    """The manifest's images, with a ManifestError for a class id the class list does not have."""
+def _checked(items: Iterator[GroundTruth], names: list[str],
+             to_model: np.ndarray | None = None) -> Iterator[GroundTruth]:
+    """The manifest's images, with a ManifestError for a class id the class list does not have; with
+    ``to_model`` (manifest id -> model id) the class ids are the model's."""
     for gt in items:
         bad = gt.class_ids[(gt.class_ids < 0) | (gt.class_ids >= len(names))]
         if bad.size:
             path, _, line = gt.origin.rpartition(":")
             raise ManifestError(f"class id {int(bad[0])} is not one of the {len(names)} classes {names}",
                                 path=path, line=int(line))
+        if to_model is not None:
+            gt.class_ids = to_model[gt.class_ids.astype(np.int64)]
         yield gt
+
+
+def class_mapping(manifest_names: list[str], model_names: list[str], *, source: str) -> np.ndarray:
+    """Manifest class id -> model class id, by name; ConfigError for a name the model lacks."""
+    index = {name: i for i, name in enumerate(model_names)}
+    missing = [name for name in manifest_names if name not in index]
+    if missing:
+        raise ConfigError(f"the manifest's classes {missing} are not among the model's {model_names}",
+                          path=source, field="classes",
+                          hint="evaluate on a manifest of the model's classes, or name them with --classes")
+    return np.array([index[name] for name in manifest_names], dtype=np.int64)
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -229,21 +252,29 @@ def _open_image(source_ref: str, manifest: str) -> np.ndarray:
 
 
 def _open_model(path: str):
-    """Class names of a run and a function from RGB arrays to ``[(boxes_xyxy, scores, class_ids)]``."""
+    """Class names of a run and a function from RGB arrays to ``[(boxes_xyxy, scores, class_ids)]``
+    (boxes in each array's pixels; the model sees it resized by ``runtime.resize_rgb``)."""
     require("torch", "training")
     import torch
 
     from detforge.checkpoint import load_run_model
     from detforge.models import labels_to_class_ids
+    from detforge.runtime import resize_rgb
 
     model, info = load_run_model(path)
+    size = int(info.image_shape)
 
     def run_torch(pictures: list[np.ndarray]) -> list[tuple]:
-        tensors = [torch.from_numpy(p.copy()).permute(2, 0, 1).float().div(255) for p in pictures]
+        tensors = [torch.from_numpy(resize_rgb(p, size).copy()).permute(2, 0, 1).float().div(255)
+                   for p in pictures]
         with torch.inference_mode():
             outputs = model(tensors)
-        return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(),
-                 labels_to_class_ids(o["labels"].cpu().numpy())) for o in outputs]
+        found = []
+        for picture, o in zip(pictures, outputs, strict=True):
+            scale = np.array([picture.shape[1], picture.shape[0]] * 2, dtype=np.float64) / size
+            found.append((o["boxes"].cpu().numpy().astype(np.float64) * scale, o["scores"].cpu().numpy(),
+                          labels_to_class_ids(o["labels"].cpu().numpy())))
+        return found
 
     return list(info.classes), run_torch
 
@@ -271,13 +302,14 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     model_or_predictions = os.fspath(model_or_predictions)
     manifest = os.fspath(manifest)
     source = find_source(model_or_predictions)
+    manifest_names = (read_class_names(manifest, classes)
+                      or manifest_class_names(manifest, label_attribute=label_attribute))
+    to_model = None
     if source == "predictions":
-        names = (read_class_names(manifest, classes)
-                 or manifest_class_names(manifest, label_attribute=label_attribute))
-    elif source == "deploy":
-        names, run_model = _open_deploy(model_or_predictions)
+        names = manifest_names
     else:
-        names, run_model = _open_model(model_or_predictions)
+        names, run_model = (_open_deploy if source == "deploy" else _open_model)(model_or_predictions)
+        to_model = class_mapping(manifest_names, names, source=manifest)
     num_classes = len(names)
     acc = DetectionAccumulator(num_classes, iou_threshold=iou_threshold, score_threshold=score_threshold)
     coco_acc = CocoAccumulator(names) if coco else None
@@ -289,7 +321,8 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
                               pred_scores=scores, pred_classes=labels, image_id=gt.source_ref,
                               gt_difficult=gt.difficult)
 
-    images_iter = _checked(load_ground_truth(manifest, label_attribute=label_attribute), names)
+    images_iter = _checked(load_ground_truth(manifest, label_attribute=label_attribute), manifest_names,
+                           to_model)
     missing = 0
     if source == "predictions":
         # Predictions come in any order: the manifest's boxes are indexed (small), the predictions stream.
@@ -312,7 +345,8 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
                 add(gt, np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale, scores, labels)
     result = EvaluationResult(metrics=acc.compute(), coco=coco_acc.compute() if coco_acc else None,
                               class_names=names, source=source,
-                              images_without_predictions=missing)
+                              images_without_predictions=missing,
+                              manifest_classes=None if to_model is None else list(manifest_names))
     if out_dir is not None:
         result.files = write_outputs(result, out_dir)
     return result

@@ -12,10 +12,13 @@ detections after per-class NMS, exactly as torchvision's SSD post-processing doe
 ``boxes`` ``N x K x 4`` (xyxy in input pixels), ``scores`` ``N x K``, ``classes`` ``N x K`` (0-based class
 ids, -1 for padding) and ``num_detections`` ``N``.
 
-Every export is verified: PyTorch and ONNX Runtime run on sample images (the run's validation images
-when known) and must agree (``verify``); otherwise nothing is written. ``--int8`` adds a post-training
-static quantization (ONNX Runtime's QDQ tools) calibrated on given images, written as the deploy model
-with its fp32 twin kept beside it as ``model-fp32.onnx``.
+Every export is verified (``verify``) on real images (the run's validation images, or given ones):
+ONNX Runtime's pre-NMS class scores and boxes of every anchor must match PyTorch's (torchvision's own
+head, anchors and box coder), and its detections must be a correct NMS of them (near-equal scores may
+go either way); otherwise nothing is written. Without real images the export stops unless
+``allow_unverified`` (then ``model.json`` says it is unverified). ``--int8`` adds a post-training static
+quantization (ONNX Runtime's QDQ tools), compares it with fp32 on the validation images and keeps it
+(fp32 twin beside it as ``model-fp32.onnx``) only when it loses at most ``max_map_drop`` mAP points.
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ from detforge.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image,
 
 DEFAULT_OPSET = 17
 DEFAULT_THRESHOLD = 0.3
-# Verification tolerances: a matched ONNX detection must have the same class, IoU >= VERIFY_IOU with the
-# PyTorch box and a score within VERIFY_SCORE; detections within VERIFY_SCORE of the threshold may be
-# present on one side only.
-VERIFY_IOU = 0.99
+# --int8 keeps the fp32 model when int8 loses more validation:mAP points than this.
+DEFAULT_MAX_MAP_DROP = 1.0
+# Verification (``verify``): the pre-NMS class scores of every anchor must agree within VERIFY_SCORE and
+# its box coordinates within VERIFY_BOX pixels (at the input size); ONNX detections must be a valid NMS of
+# those scores. At least MIN_RAW_VALUES values from real images make an export "verified". PyTorch's own
+# detections >= VERIFY_THRESHOLD count as reproduced with the same class, IoU >= VERIFY_IOU and a score
+# within VERIFY_SCORE (informational: near-equal scores leave NMS free to keep either box).
 VERIFY_SCORE = 1e-3
+VERIFY_BOX = 0.05
+VERIFY_IOU = 0.99
 VERIFY_THRESHOLD = 0.05
+MIN_RAW_VALUES = 1000
 # The int8 graph's input normalisation, as one depthwise Conv (quantize_int8).
 NORMALIZE_NODE = "/detforge_normalize/Conv"
 
@@ -168,100 +177,261 @@ def deployable(model, *, image_size: int, nms_threshold: float, nms_topk: int, s
 
 @dataclass
 class VerifyReport:
-    """How closely ONNX Runtime reproduced PyTorch on the sample images."""
+    """What verification compared and how closely ONNX Runtime reproduced PyTorch.
+
+    ``raw_values``: pre-NMS class scores and box coordinates compared (every anchor, every class);
+    ``detections``: ONNX detections checked as a valid NMS of those scores; ``matched``: of the PyTorch
+    model's own detections scoring at least ``threshold`` (``pytorch_detections``), how many ONNX
+    reproduced exactly (near-equal scores leave NMS free to keep either box: informational).
+    """
 
     images: int
-    detections: int
-    min_iou: float = 1.0
-    max_score_diff: float = 0.0
+    detections: int = 0
+    real: bool = True
+    source: str = ""
     threshold: float = VERIFY_THRESHOLD
-    tied: int = 0  # detections whose score equals another's of the same class: compared by score only
+    raw_values: int = 0
+    boundary: int = 0  # candidates at the per-class top-k cut, kept on one side only
+    max_score_diff: float = 0.0
+    max_box_diff: float = 0.0
+    min_iou: float = 1.0
+    tied: int = 0  # NMS choices between near-equal scores (either one is correct)
+    pytorch_detections: int = 0
+    matched: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def verified(self) -> bool:
+        """Agreement on enough real images: the export can be trusted."""
+        return self.ok and self.real and self.images >= 1 and self.raw_values >= MIN_RAW_VALUES
+
+    def why_not(self) -> str | None:
+        """Why ``verified`` is False (None when it is True)."""
+        if self.problems:
+            return "ONNX Runtime does not reproduce PyTorch: " + "; ".join(self.problems[:5])
+        if not self.real or self.images < 1:
+            return "no real images to verify on (" + (self.source or "none") + ")"
+        if self.raw_values < MIN_RAW_VALUES:
+            return f"only {self.raw_values} pre-NMS values compared (at least {MIN_RAW_VALUES} needed)"
+        return None
+
     def to_json(self) -> dict:
-        return {"images": self.images, "detections": self.detections, "min_iou": round(self.min_iou, 6),
-                "max_score_diff": float(f"{self.max_score_diff:.3g}"), "threshold": self.threshold,
-                "tied": self.tied, "tolerance": {"iou": VERIFY_IOU, "score": VERIFY_SCORE}, "ok": self.ok}
+        return {
+            "verified": self.verified, "ok": self.ok, "reason": self.why_not(),
+            "compared": ("pre-NMS class scores and boxes of every anchor (ONNX Runtime vs PyTorch), and "
+                         "the ONNX detections as a valid NMS of those scores"),
+            "images": self.images, "real_images": self.real, "samples": self.source,
+            "raw_values": self.raw_values, "boundary": self.boundary,
+            "max_score_diff": float(f"{self.max_score_diff:.3g}"),
+            "max_box_diff_px": float(f"{self.max_box_diff:.3g}"),
+            "detections": self.detections, "tied": self.tied, "threshold": self.threshold,
+            "pytorch_detections": self.pytorch_detections, "matched": self.matched,
+            "min_iou": round(self.min_iou, 6),
+            "tolerance": {"score": VERIFY_SCORE, "box_px": VERIFY_BOX, "iou": VERIFY_IOU},
+        }
 
 
-def _tied(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Detections whose score another detection of the same class shares (within 1e-6)."""
-    tied = np.zeros(len(scores), dtype=bool)
-    for c in np.unique(classes):
-        index = np.flatnonzero(classes == c)
-        order = index[np.argsort(scores[index])]
-        close = np.diff(scores[order]) <= 1e-6
-        tied[order[1:][close]] = True
-        tied[order[:-1][close]] = True
-    return tied
+def compare_raw(reference, candidate, *, report: VerifyReport, name: str) -> None:
+    """Compare pre-NMS ``(boxes A x 4, scores C x A)`` of one image: every score within VERIFY_SCORE,
+    every box coordinate within VERIFY_BOX pixels.
 
-
-def compare_detections(reference, candidate, *, threshold: float, report: VerifyReport, name: str) -> None:
-    """Match ``candidate`` (boxes, scores, classes) to ``reference`` above ``threshold``; note problems.
-
-    Detections with exactly equal scores (an undertrained model scores many anchors alike) leave NMS free
-    to keep any of them, and PyTorch and ONNX Runtime may choose differently: such a detection only needs
-    a reference detection of its class with the same score, and a tied reference is never "missing".
+    Scores are those NMS sees: each class's best ``nms_topk`` candidates, the others zeroed. A candidate
+    at that cut (within VERIFY_SCORE of the other side's lowest kept score) may be kept on one side only.
     """
+    ref_boxes, ref_scores = (np.asarray(a, np.float64) for a in reference)
+    boxes, scores = (np.asarray(a, np.float64) for a in candidate)
+    if ref_boxes.shape != boxes.shape or ref_scores.shape != scores.shape:
+        report.problems.append(f"{name}: pre-NMS shapes differ: PyTorch {ref_boxes.shape} "
+                               f"{ref_scores.shape}, ONNX {boxes.shape} {scores.shape}")
+        return
+    diff = np.abs(scores - ref_scores)
+    one_sided = (scores == 0) != (ref_scores == 0)
+    if one_sided.any():
+        def cut(values):  # per class: the lowest kept candidate score
+            kept = np.where(values > 0, values, np.inf)
+            return kept.min(axis=1, keepdims=True)
+
+        at_cut = np.where(scores > 0, np.abs(scores - cut(ref_scores)), np.abs(ref_scores - cut(scores)))
+        boundary = one_sided & (at_cut <= VERIFY_SCORE)
+        report.boundary += int(boundary.sum())
+        diff = np.where(boundary, 0.0, diff)
+    box_diff = np.abs(boxes - ref_boxes)
+    report.raw_values += int(scores.size + boxes.size)
+    report.max_score_diff = max(report.max_score_diff, float(diff.max(initial=0.0)))
+    report.max_box_diff = max(report.max_box_diff, float(box_diff.max(initial=0.0)))
+    if diff.max(initial=0.0) > VERIFY_SCORE:
+        c, a = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        report.problems.append(f"{name}: pre-NMS score of class {c} at anchor {a}: ONNX {scores[c, a]:.4f}, "
+                               f"PyTorch {ref_scores[c, a]:.4f}")
+    if box_diff.max(initial=0.0) > VERIFY_BOX:
+        a = int(np.unravel_index(int(np.argmax(box_diff)), box_diff.shape)[0])
+        report.problems.append(f"{name}: pre-NMS box of anchor {a}: ONNX {np.round(boxes[a], 2).tolist()}, "
+                               f"PyTorch {np.round(ref_boxes[a], 2).tolist()}")
+
+
+def check_nms(raw, detections, *, nms_threshold: float, nms_topk: int, score_threshold: float,
+              keep: int, report: VerifyReport, name: str) -> None:
+    """Check that ``detections`` (boxes, scores, classes) are a correct NMS of ``raw`` (boxes A x 4,
+    scores C x A) as torchvision's SSD does it: per class, kept boxes overlap each other by at most
+    ``nms_threshold``; every other candidate above ``score_threshold`` is suppressed by a kept box of
+    at least its score (near-equal scores, within VERIFY_SCORE, may go either way: ``tied``) or cut by
+    the ``nms_topk`` per class / ``keep`` per image limits.
+    """
+    raw_boxes, raw_scores = (np.asarray(a, np.float64) for a in raw)
+    boxes, scores, classes = (np.asarray(a) for a in detections)
+    kept: dict[int, list[int]] = {}
+    for k in range(len(scores)):
+        c = int(classes[k])
+        if not 0 <= c < raw_scores.shape[0]:
+            report.problems.append(f"{name}: detection {k} has class {c}")
+            continue
+        same = np.flatnonzero((np.abs(raw_boxes - boxes[k]).max(axis=1) <= 1e-4)
+                              & (np.abs(raw_scores[c] - float(scores[k])) <= 1e-6))
+        if not len(same):
+            report.problems.append(f"{name}: detection (class {c}, score {float(scores[k]):.4f}) is none of "
+                                   "the network's candidates")
+            continue
+        kept.setdefault(c, []).append(int(same[0]))
+        report.detections += 1
+    full = len(scores) >= keep
+    lowest = float(scores.min()) if len(scores) else 1.0
+    for c in range(raw_scores.shape[0]):
+        mine = np.array(kept.get(c, []), dtype=np.int64)
+        if len(mine) > 1:
+            overlap = boxmath.iou_xyxy(raw_boxes[mine], raw_boxes[mine])
+            np.fill_diagonal(overlap, 0.0)
+            if overlap.max() > nms_threshold + 1e-6:
+                report.problems.append(f"{name}: two kept boxes of class {c} overlap by IoU "
+                                       f"{overlap.max():.3f} > nms_threshold {nms_threshold}")
+        candidates = np.flatnonzero(raw_scores[c] > score_threshold + 1e-6)
+        candidates = candidates[~np.isin(candidates, mine)]
+        if not len(candidates):
+            continue
+        cut = full or len(mine) >= nms_topk
+        floor = min(lowest, float(raw_scores[c, mine].min())) if len(mine) else lowest
+        overlap = (boxmath.iou_xyxy(raw_boxes[candidates], raw_boxes[mine]) if len(mine)
+                   else np.zeros((len(candidates), 0)))
+        for row, a in enumerate(candidates):
+            score = raw_scores[c, a]
+            over = overlap[row] > nms_threshold
+            stronger = raw_scores[c, mine][over]
+            if np.any(stronger >= score):
+                continue
+            if np.any(stronger >= score - VERIFY_SCORE):
+                report.tied += 1
+                continue
+            if cut and score <= floor + VERIFY_SCORE:
+                continue
+            report.problems.append(f"{name}: candidate (class {c}, score {score:.4f}) is neither kept nor "
+                                   "suppressed by a kept box")
+
+
+def match_detections(reference, candidate, *, threshold: float, report: VerifyReport) -> None:
+    """Count the PyTorch detections >= ``threshold`` that ONNX reproduced (same class, IoU >= VERIFY_IOU,
+    score within VERIFY_SCORE): ``pytorch_detections``, ``matched``, ``min_iou`` of the matches."""
     ref_boxes, ref_scores, ref_classes = reference
     boxes, scores, classes = candidate
-    sure = threshold + VERIFY_SCORE
-    taken = np.zeros(len(ref_scores), dtype=bool)
-    ref_tied, tied = _tied(ref_scores, ref_classes), _tied(scores, classes)
-    for i in np.argsort(-scores):
-        if scores[i] < threshold:
+    taken = np.zeros(len(scores), dtype=bool)
+    for j in np.flatnonzero(ref_scores >= threshold):
+        report.pytorch_detections += 1
+        same = np.flatnonzero((classes == ref_classes[j]) & ~taken
+                              & (np.abs(scores - ref_scores[j]) <= VERIFY_SCORE))
+        if not len(same):
             continue
-        if tied[i]:
-            report.tied += 1
-            if not np.any((ref_classes == classes[i]) & (np.abs(ref_scores - scores[i]) <= VERIFY_SCORE)):
-                report.problems.append(f"{name}: ONNX detection (class {classes[i]}, score {scores[i]:.4f}) "
-                                       "has no PyTorch detection of that score")
-            continue
-        same = np.flatnonzero((ref_classes == classes[i]) & ~taken & (ref_scores >= threshold - VERIFY_SCORE))
-        ious = boxmath.iou_xyxy(boxes[i:i + 1], ref_boxes[same])[0] if len(same) else np.zeros(0)
-        if len(same) and ious.max() >= VERIFY_IOU:
-            j = same[int(np.argmax(ious))]
-            taken[j] = True
-            report.detections += 1
+        ious = boxmath.iou_xyxy(ref_boxes[j:j + 1], boxes[same])[0]
+        if ious.max() >= VERIFY_IOU:
+            taken[same[int(np.argmax(ious))]] = True
+            report.matched += 1
             report.min_iou = min(report.min_iou, float(ious.max()))
-            report.max_score_diff = max(report.max_score_diff, abs(float(scores[i]) - float(ref_scores[j])))
-            if abs(float(scores[i]) - float(ref_scores[j])) > VERIFY_SCORE:
-                report.problems.append(f"{name}: score {scores[i]:.4f} vs PyTorch {ref_scores[j]:.4f}")
-        elif scores[i] >= sure:
-            report.problems.append(f"{name}: ONNX detection (class {classes[i]}, score {scores[i]:.4f}) "
-                                   "has no PyTorch match")
-    missing = np.flatnonzero(~taken & ~ref_tied & (ref_scores >= sure))
-    for j in missing:
-        report.problems.append(f"{name}: PyTorch detection (class {ref_classes[j]}, "
-                               f"score {ref_scores[j]:.4f}) missing from ONNX")
 
 
-def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, image_size: int,
-           threshold: float = VERIFY_THRESHOLD, threads: int | None = None) -> VerifyReport:
-    """Run PyTorch (the eval model) and ONNX Runtime on the same resized images and compare detections."""
+def _with_pre_nms_outputs(onnx_path: str, folder: str) -> str:
+    """A copy of the graph that also outputs its ``NonMaxSuppression`` node's inputs (boxes, scores)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(onnx_path)
+    nms = [node for node in model.graph.node if node.op_type == "NonMaxSuppression"]
+    if len(nms) != 1:
+        raise ModelError(f"the exported graph has {len(nms)} NonMaxSuppression nodes (expected 1)",
+                         path=onnx_path)
+    for name in nms[0].input[:2]:
+        model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    path = os.path.join(folder, "pre-nms.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def ssd_pre_nms(model, batch: np.ndarray, *, candidates: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PyTorch's pre-NMS ``(boxes A x 4, scores C x A)`` per image of a torchvision SSD, from its own
+    transform, backbone, head, anchors and box coder (not from ``deployable``'s code): the class scores
+    (softmax, background dropped) with all but each class's best ``candidates`` zeroed, as NMS sees them."""
+    import torch
+    from torchvision.ops import boxes as box_ops
+
+    images = [torch.from_numpy(b.copy()).permute(2, 0, 1).float().div(255) for b in batch]
+    with torch.inference_mode():
+        image_list, _ = model.transform(images)
+        features = list(model.backbone(image_list.tensors).values())
+        head = model.head(features)
+        anchors = model.anchor_generator(image_list, features)
+        out = []
+        for i, size in enumerate(image_list.image_sizes):
+            boxes = box_ops.clip_boxes_to_image(model.box_coder.decode_single(head["bbox_regression"][i],
+                                                                              anchors[i]), size)
+            scores = torch.softmax(head["cls_logits"][i], dim=-1)[:, 1:].T.contiguous()
+            kth = torch.topk(scores, min(candidates, scores.shape[1]), dim=1).values[:, -1:]
+            scores = torch.where(scores >= kth, scores, torch.zeros_like(scores))
+            out.append((boxes.numpy(), scores.numpy()))
+    return out
+
+
+def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, image_size: int, nms_threshold: float,
+           nms_topk: int, score_threshold: float, threshold: float = VERIFY_THRESHOLD,
+           real: bool = True, source: str = "", pre_nms=ssd_pre_nms,
+           threads: int | None = None) -> VerifyReport:
+    """Run PyTorch and ONNX Runtime on the same resized images and compare (see ``VerifyReport``).
+
+    ``pre_nms(model, batch, candidates=)`` gives PyTorch's pre-NMS boxes and scores per image
+    (``ssd_pre_nms`` for torchvision's SSD); ``real`` says whether ``images`` are real pictures.
+
+    Another model family verifies through this function when its graph has exactly one ONNX
+    ``NonMaxSuppression`` (``_nms_function``) fed with ``boxes`` ``N x A x 4`` (input pixels) and
+    ``scores`` ``N x C x A`` (each class's best ``nms_topk`` candidates, the others 0), and it passes a
+    ``pre_nms`` computing the same from its PyTorch model's own parts; ``model(list of CHW floats)``
+    must return torchvision-style ``boxes``/``scores``/``labels`` (1-based) for the informational match.
+    """
     import onnxruntime as ort
     import torch
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(onnx_path, sess_options=options, providers=["CPUExecutionProvider"])
-    report = VerifyReport(images=len(images), detections=0, threshold=threshold)
+    report = VerifyReport(images=len(images), real=real, source=source, threshold=threshold)
     batch = np.stack([resize_rgb(image, image_size) for image in images])
-    out_boxes, out_scores, out_classes, counts = session.run(None, {"images": batch})
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort.InferenceSession(_with_pre_nms_outputs(onnx_path, tmp), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"images": batch})
+    out_boxes, out_scores, out_classes, counts, raw_boxes, raw_scores = outputs
+    keep = out_scores.shape[1]
+    candidates = min(int(nms_topk), raw_boxes.shape[1])
+    reference_raw = pre_nms(model, batch, candidates=candidates)
     with torch.inference_mode():
         reference = model([torch.from_numpy(b.copy()).permute(2, 0, 1).float().div(255) for b in batch])
     for i, ref in enumerate(reference):
-        n = int(counts[i])
-        compare_detections(
-            (ref["boxes"].numpy().astype(np.float64), ref["scores"].numpy().astype(np.float64),
-             ref["labels"].numpy() - 1),
-            (out_boxes[i, :n].astype(np.float64), out_scores[i, :n].astype(np.float64), out_classes[i, :n]),
-            threshold=threshold, report=report, name=f"sample image {i}")
+        name, n = f"sample image {i}", int(counts[i])
+        compare_raw(reference_raw[i], (raw_boxes[i], raw_scores[i]), report=report, name=name)
+        detections = (out_boxes[i, :n].astype(np.float64), out_scores[i, :n].astype(np.float64),
+                      out_classes[i, :n])
+        check_nms((raw_boxes[i], raw_scores[i]), detections, nms_threshold=nms_threshold, nms_topk=nms_topk,
+                  score_threshold=score_threshold, keep=keep, report=report, name=name)
+        match_detections((ref["boxes"].numpy().astype(np.float64), ref["scores"].numpy().astype(np.float64),
+                          ref["labels"].numpy() - 1), detections, threshold=threshold, report=report)
     return report
 
 
@@ -279,22 +449,36 @@ def manifest_images(manifest: str, count: int) -> list[np.ndarray]:
     return images
 
 
+@dataclass
+class Samples:
+    """Images to verify with: ``real`` pictures (given or validation images) or random noise."""
+
+    images: list[np.ndarray]
+    source: str
+    real: bool
+
+
 def sample_images(run_dir: str, *, count: int, image_size: int, images: Sequence[str] | None = None,
-                  seed: int = 0) -> tuple[list[np.ndarray], str]:
-    """Images to verify and calibrate with: given ones, else the run's validation images, else random."""
+                  validation: str | None = None, seed: int = 0) -> Samples:
+    """Images to verify with: ``images``, else the first of ``validation`` (default: the run's
+    validation manifest), else ``count`` random ones (``real=False``, the source saying why)."""
     if images:
-        return [load_image(p) for p in images[:count]], f"{min(count, len(images))} given images"
-    validation = _run_validation(run_dir)
+        return Samples([load_image(p) for p in images[:count]], f"{min(count, len(images))} given images",
+                       True)
+    validation = validation or _run_validation(run_dir)
+    why = "the run names no validation manifest (pass --verify-image or --validation)"
     if validation:
         try:
             loaded = manifest_images(validation, count)
-        except DetforgeError:  # unreadable now: fall back to random images
-            loaded = []
+        except DetforgeError as exc:
+            loaded, why = [], f"the validation images cannot be read: {exc}"
+        else:
+            why = f"{validation} has no images"
         if loaded:
-            return loaded, f"{len(loaded)} validation images of the run ({validation})"
+            return Samples(loaded, f"{len(loaded)} validation images ({validation})", True)
     rng = np.random.default_rng(seed)
-    return ([rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(count)],
-            f"{count} random images (the run's validation images were not found)")
+    return Samples([rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(count)],
+                   f"{count} random images: {why}", False)
 
 
 def _constant(model, name: str):
@@ -442,33 +626,34 @@ def _run_validation(run_dir: str) -> str | None:
 
 
 def compare_int8(staging: str, sample: np.ndarray, *, classes: list[str], image_size: int,
-                 validation: str | None, repeats: int = 15) -> dict:
-    """Latency (batch 1, median) of the fp32 and int8 models and, given a manifest, their validation:mAP."""
+                 validation: str, int8_file: str = "model-int8.onnx", repeats: int = 15) -> dict:
+    """Latency (batch 1, median) and validation:mAP (VOC07, on every image of ``validation``) of
+    ``staging/model.onnx`` (fp32) and ``staging/<int8_file>``; ``map_points_lost`` = 100 x the mAP drop."""
     import onnxruntime as ort
 
     from detforge.evaluate import evaluate
 
+    files = (("fp32", MODEL_FILE), ("int8", int8_file))
     batch = resize_rgb(sample, image_size)[None]
     sessions = {kind: ort.InferenceSession(os.path.join(staging, name), providers=["CPUExecutionProvider"])
-                for kind, name in (("fp32", "model-fp32.onnx"), ("int8", MODEL_FILE))}
+                for kind, name in files}
     times: dict[str, list[float]] = {kind: [] for kind in sessions}
     for _ in range(repeats + 1):  # interleaved, the first call of each is a warm-up
         for kind, session in sessions.items():
             start = time.perf_counter()
             session.run(None, {"images": batch})
             times[kind].append(time.perf_counter() - start)
-    result = {f"{kind}_ms": round(float(np.median(t[1:])) * 1000.0, 2) for kind, t in times.items()}
+    result: dict = {f"{kind}_ms": round(float(np.median(t[1:])) * 1000.0, 2) for kind, t in times.items()}
     result["speedup"] = round(result["fp32_ms"] / max(result["int8_ms"], 1e-9), 2)
-    if not validation:
-        result["validation"] = None
-        return result
-    for kind, name in (("fp32", "model-fp32.onnx"), ("int8", MODEL_FILE)):
+    for kind, name in files:
         folder = os.path.join(staging, f".{kind}")
         os.makedirs(folder)
         os.link(os.path.join(staging, name), os.path.join(folder, MODEL_FILE))
         with open(os.path.join(folder, METADATA_FILE), "wb") as handle:
             handle.write(orjson.dumps({"classes": classes, "input_size": image_size, "score_threshold": 0.0}))
-        result[f"{kind}_map"] = round(evaluate(folder, validation, coco=False).metrics.voc07_map, 4)
+        evaluation = evaluate(folder, validation, coco=False)
+        result[f"{kind}_map"] = round(evaluation.metrics.voc07_map, 4)
+        result["validation_images"] = evaluation.metrics.num_images
         shutil.rmtree(folder)
     result["validation"] = validation
     result["map_points_lost"] = round(100.0 * (result["fp32_map"] - result["int8_map"]), 2)
@@ -477,7 +662,8 @@ def compare_int8(staging: str, sample: np.ndarray, *, classes: list[str], image_
 
 @dataclass
 class ExportResult:
-    """What ``export_run`` wrote and measured."""
+    """What ``export_run`` wrote and measured. ``int8``: the quantization's figures (``accepted`` False
+    when it lost more than ``max_map_drop`` and the fp32 model was written instead)."""
 
     out_dir: str
     model_path: str
@@ -490,15 +676,25 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
                nms_threshold: float | None = None, nms_topk: int | None = None,
                score_threshold: float | None = None, default_threshold: float = DEFAULT_THRESHOLD,
                verify_images: Sequence[str] | None = None, verify_count: int = 4,
+               validation: str | None = None, allow_unverified: bool = False,
                int8: bool = False, calibration: str | None = None, calibration_count: int = 32,
-               name: str | None = None) -> ExportResult:
-    """Export a trained run to ``out_dir`` (``model.onnx`` + ``model.json``), verified against PyTorch."""
+               max_map_drop: float = DEFAULT_MAX_MAP_DROP, name: str | None = None) -> ExportResult:
+    """Export a trained run to ``out_dir`` (``model.onnx`` + ``model.json``), verified against PyTorch.
+
+    Verification runs on ``verify_images``, else the first ``verify_count`` images of ``validation``
+    (default: the run's validation manifest). Without real images the export stops (ModelError) unless
+    ``allow_unverified``: then it verifies on random images and ``model.json`` says it is unverified.
+    ``int8``: quantize (calibrated on ``calibration``, default the validation images), compare with fp32
+    on every ``validation`` image and keep fp32 when int8 loses more than ``max_map_drop`` mAP points.
+    """
     import torch
 
     from detforge.checkpoint import load_run_model
 
     if storage.is_remote(out_dir):
         raise ConfigError("export writes a local deploy folder; copy it to s3:// afterwards", field="--out")
+    if not 0.0 <= max_map_drop <= 100.0:
+        raise ConfigError(f"must be in [0, 100] mAP points, got {max_map_drop}", field="--max-map-drop")
     model, info = load_run_model(run_dir, which=which)
     thresholds = dict(info.thresholds or {})
     nms_threshold = float(thresholds.get("nms_threshold", 0.45) if nms_threshold is None else nms_threshold)
@@ -517,15 +713,23 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
 
     set_postprocess(model, nms_threshold=nms_threshold, nms_topk=nms_topk, score_threshold=score_threshold)
     size = int(info.image_shape)
+    validation = validation or _run_validation(run_dir)
+    if int8 and not validation:
+        raise ConfigError("--int8 compares the int8 model with fp32 on validation images: the run names "
+                          "no validation manifest, pass one with --validation", field="--validation")
     wrapper = deployable(model, image_size=size, nms_threshold=nms_threshold, nms_topk=nms_topk,
                          score_threshold=score_threshold)
-    samples, sample_source = sample_images(run_dir, count=verify_count, image_size=size, images=verify_images)
+    samples = sample_images(run_dir, count=verify_count, image_size=size, images=verify_images,
+                            validation=validation)
+    if not samples.real and not allow_unverified:
+        raise ModelError(f"cannot verify the export: {samples.source.split(': ', 1)[1]}", path=run_dir,
+                         hint="or pass --allow-unverified to export unverified (model.json says so)")
 
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
         onnx_path = os.path.join(staging, MODEL_FILE)
-        example = torch.from_numpy(np.stack([resize_rgb(s, size) for s in samples[:2]]))
+        example = torch.from_numpy(np.stack([resize_rgb(s, size) for s in samples.images[:2]]))
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
@@ -539,26 +743,33 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             raise ModelError(f"ONNX export of the {info.base_network} model failed: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                              path=run_dir) from exc
-        report = verify(model, onnx_path, samples, image_size=size)
-        if not report.ok:
-            raise ModelError("the ONNX model does not reproduce PyTorch on "
-                             f"{sample_source}: {'; '.join(report.problems[:5])}", path=run_dir,
-                             hint="nothing was written")
+        report = verify(model, onnx_path, samples.images, image_size=size, nms_threshold=nms_threshold,
+                        nms_topk=nms_topk, score_threshold=score_threshold, real=samples.real,
+                        source=samples.source)
+        if not report.ok or (not report.verified and not allow_unverified):
+            raise ModelError(f"the export could not be verified on {samples.source}: {report.why_not()}",
+                             path=run_dir, hint="nothing was written")
         int8_info = None
         if int8:
-            if calibration:
-                calib = manifest_images(calibration, calibration_count)
-            else:
-                calib, _ = sample_images(run_dir, count=calibration_count, image_size=size)
+            assert validation is not None  # checked above
+            calib = manifest_images(calibration or validation, calibration_count)
             if not calib:
                 raise ConfigError("no calibration images", field="--calibration")
             int8_path = os.path.join(staging, "model-int8.onnx")
             quantize_int8(onnx_path, int8_path, calib, image_size=size)
-            os.replace(onnx_path, os.path.join(staging, "model-fp32.onnx"))
-            os.replace(int8_path, onnx_path)
-            int8_info = {"calibration_images": len(calib), "fp32_model": "model-fp32.onnx",
-                         **compare_int8(staging, samples[0], classes=list(info.classes), image_size=size,
-                                        validation=_run_validation(run_dir))}
+            int8_info = {"calibration_images": len(calib), "calibration": calibration or validation,
+                         **compare_int8(staging, samples.images[0], classes=list(info.classes),
+                                        image_size=size, validation=validation),
+                         "max_map_drop": float(max_map_drop)}
+            int8_info["accepted"] = int8_info["map_points_lost"] <= max_map_drop
+            if int8_info["accepted"]:
+                os.replace(onnx_path, os.path.join(staging, "model-fp32.onnx"))
+                os.replace(int8_path, onnx_path)
+                int8_info["fp32_model"] = "model-fp32.onnx"
+            else:  # keep fp32: the int8 model is not written
+                os.remove(int8_path)
+                int8_info["fp32_model"] = MODEL_FILE
+        quantized = bool(int8_info and int8_info["accepted"])
         metadata = {
             "name": name or os.path.basename(os.path.abspath(run_dir)),
             "format": "detforge-deploy/1",
@@ -574,7 +785,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             "nms_topk": nms_topk,
             "score_threshold": score_threshold,
             "default_threshold": float(default_threshold),
-            "quantization": "int8" if int8 else "fp32",
+            "quantization": "int8" if quantized else "fp32",
             "int8": int8_info,
             "opset": int(opset),
             "source_run": os.path.abspath(run_dir),
@@ -583,7 +794,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             "hyperparameters": info.hyperparams,
             "detforge_version": __version__,
             "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "verification": {**report.to_json(), "samples": sample_source},
+            "verification": report.to_json(),
             "sha256": file_sha256(onnx_path),
         }
         with open(os.path.join(staging, METADATA_FILE), "wb") as handle:
@@ -598,5 +809,3 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out_dir=out_dir, model_path=os.path.join(out_dir, MODEL_FILE), metadata=metadata,
                         verify=report, int8=int8_info)
-
-

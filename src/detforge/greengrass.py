@@ -6,12 +6,13 @@ In here: ``package_component``, which writes the layout ``greengrass-cli`` and t
     OUT/artifacts/<name>/<version>/detforge-edge.zip
         detforge-edge/deploy/model.onnx, model.json   the model
         detforge-edge/detforge/...                     this package's source (pure Python)
-        detforge-edge/requirements.txt                 detforge's core + [edge] dependencies
+        detforge-edge/requirements.txt                 every package the runtime needs, pinned (name==version)
         detforge-edge/run.sh                           builds the command line from the component's settings
 
-The recipe's Install step makes a virtualenv in the component's work folder and installs the
+The recipe's Install step makes a virtualenv in the component's work folder and installs the pinned
 requirements (no torch); Run starts ``python -m detforge edge`` with the component configuration
-(source, broker, topics, fps, threshold, allowPath) passed as environment variables. Not in here: the
+(source, broker, topics, fps, threshold, allowPath, TLS files, user name, password, MQTT version) passed
+as environment variables. Not in here: the
 runtime itself (``detforge.edge``), anything that talks to AWS. No torch.
 """
 
@@ -34,9 +35,17 @@ RUN_SH = """#!/bin/sh
 set -e
 set -- "$DETFORGE_HOME/deploy" --broker "$DETFORGE_BROKER" --topic "$DETFORGE_TOPIC" \\
     --request-topic "$DETFORGE_REQUEST_TOPIC" --status-topic "$DETFORGE_STATUS_TOPIC" \\
-    --fps "$DETFORGE_FPS" --threshold "$DETFORGE_THRESHOLD" --buffer-dir "$DETFORGE_BUFFER_DIR"
+    --fps "$DETFORGE_FPS" --buffer-dir "$DETFORGE_BUFFER_DIR"
+if [ -n "$DETFORGE_THRESHOLD" ]; then set -- "$@" --threshold "$DETFORGE_THRESHOLD"; fi
 if [ -n "$DETFORGE_SOURCE" ]; then set -- "$@" --source "$DETFORGE_SOURCE"; fi
 if [ -n "$DETFORGE_ALLOW_PATH" ]; then set -- "$@" --allow-path "$DETFORGE_ALLOW_PATH"; fi
+if [ "$DETFORGE_TLS" = "true" ]; then set -- "$@" --tls; fi
+if [ -n "$DETFORGE_CA_FILE" ]; then set -- "$@" --ca-file "$DETFORGE_CA_FILE"; fi
+if [ -n "$DETFORGE_CERT_FILE" ]; then set -- "$@" --cert-file "$DETFORGE_CERT_FILE"; fi
+if [ -n "$DETFORGE_KEY_FILE" ]; then set -- "$@" --key-file "$DETFORGE_KEY_FILE"; fi
+if [ -n "$DETFORGE_USERNAME" ]; then set -- "$@" --username "$DETFORGE_USERNAME"; fi
+if [ -n "$DETFORGE_MQTT_VERSION" ]; then set -- "$@" --mqtt-version "$DETFORGE_MQTT_VERSION"; fi
+# the password, if any, reaches the runtime as DETFORGE_MQTT_PASSWORD (never on its command line)
 PYTHONPATH="$DETFORGE_HOME${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH
 exec "$DETFORGE_VENV/bin/python" -m detforge edge "$@"
@@ -68,6 +77,39 @@ def edge_requirements() -> list[str]:
     return lines
 
 
+def pinned_requirements() -> list[str]:
+    """``name==version`` for every package the edge runtime needs, its dependencies' dependencies too, at the
+    versions installed here (the project's constraints when installed with ``make setup``), sorted.
+
+    The component's Install step installs exactly these, so a device runs what was tested; markers are
+    evaluated for this machine (a Linux device with the same Python minor version is what this fits).
+    """
+    requirements_mod = require("packaging.requirements", "edge")
+    from packaging.utils import canonicalize_name
+
+    done: dict[str, set[str]] = {}  # canonical name -> extras whose dependencies are followed ("" = none)
+    todo: list[tuple[str, str]] = [(line, "") for line in edge_requirements()]
+    while todo:
+        line, extra = todo.pop()
+        requirement = requirements_mod.Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        new = ({""} | set(requirement.extras)) - done.get(name, set())
+        if not new:
+            continue
+        try:
+            dist = metadata.distribution(requirement.name)
+        except metadata.PackageNotFoundError as exc:
+            raise ModelError(
+                f"the edge runtime needs '{requirement.name}', which is not installed here",
+                hint="pip install 'detforge[edge]' (with -c constraints.txt) before packaging",
+            ) from exc
+        done.setdefault(name, set()).update(new)
+        todo += [(child, each) for child in dist.requires or [] for each in new]
+    return [f"{name}=={metadata.version(name)}" for name in sorted(done)]
+
+
 def _package_files() -> list[tuple[Path, str]]:
     root = Path(__file__).resolve().parent
     files = []
@@ -93,7 +135,7 @@ def build_archive(deploy_dir: str) -> bytes:
             archive.write(path, f"{ARCHIVE}/deploy/{os.path.basename(path)}")
         for path, name in _package_files():
             archive.write(path, name)
-        archive.writestr(f"{ARCHIVE}/requirements.txt", "\n".join(edge_requirements()) + "\n")
+        archive.writestr(f"{ARCHIVE}/requirements.txt", "\n".join(pinned_requirements()) + "\n")
         info = zipfile.ZipInfo(f"{ARCHIVE}/run.sh")
         info.external_attr = 0o755 << 16
         archive.writestr(info, RUN_SH)
@@ -111,7 +153,7 @@ def make_recipe(
     request_topic: str,
     status_topic: str,
     fps: float,
-    threshold: float,
+    threshold: float | None,
     allow_path: str | None,
 ) -> dict:
     """The Greengrass v2 recipe (a dict to dump as YAML)."""
@@ -131,8 +173,15 @@ def make_recipe(
                 "requestTopic": request_topic,
                 "statusTopic": status_topic,
                 "fps": f"{fps:g}",
-                "threshold": f"{threshold:g}",
+                "threshold": "" if threshold is None else f"{threshold:g}",  # "": model.json's default
                 "allowPath": allow_path or "",
+                "tls": "false",  # "true" for TLS (implied by an mqtts:// broker)
+                "caFile": "",
+                "certFile": "",
+                "keyFile": "",
+                "username": "",
+                "password": "",  # handed to the runtime as DETFORGE_MQTT_PASSWORD
+                "mqttVersion": "5",
             }
         },
         "Manifests": [
@@ -157,6 +206,13 @@ def make_recipe(
                             "DETFORGE_FPS": "{configuration:/fps}",
                             "DETFORGE_THRESHOLD": "{configuration:/threshold}",
                             "DETFORGE_ALLOW_PATH": "{configuration:/allowPath}",
+                            "DETFORGE_TLS": "{configuration:/tls}",
+                            "DETFORGE_CA_FILE": "{configuration:/caFile}",
+                            "DETFORGE_CERT_FILE": "{configuration:/certFile}",
+                            "DETFORGE_KEY_FILE": "{configuration:/keyFile}",
+                            "DETFORGE_USERNAME": "{configuration:/username}",
+                            "DETFORGE_MQTT_PASSWORD": "{configuration:/password}",
+                            "DETFORGE_MQTT_VERSION": "{configuration:/mqttVersion}",
                         },
                         "Script": f"sh {home}/run.sh",
                     },
@@ -186,7 +242,7 @@ def package_component(
     request_topic: str = DEFAULT_REQUEST_TOPIC,
     status_topic: str = DEFAULT_STATUS_TOPIC,
     fps: float = 5.0,
-    threshold: float = 0.3,
+    threshold: float | None = None,
     allow_path: str | None = None,
 ) -> Component:
     """Write ``OUT/recipes/<name>-<version>.yaml`` and ``OUT/artifacts/<name>/<version>/detforge-edge.zip``.

@@ -8,7 +8,8 @@ SageMaker adds for itself (``_kvstore``, ``_num_kv_servers``, ``_tuning_objectiv
 
 ``SAGEMAKER_KEYS`` are the built-in algorithm's own; ``EXTENSION_KEYS`` are detforge's additions
 (augmentation preset, data-loader workers, device, seed, ...), documented apart in docs/training.md.
-``check_against_data`` compares ``num_classes``, ``num_training_samples`` and ``label_width`` with the data.
+``check_against_data`` compares ``num_classes``, ``num_training_samples`` and ``label_width`` (label values:
+2 + 5 per box, ``label_values``) with the data.
 
 Not here: the training loop (``train``), models (``models``).
 """
@@ -29,6 +30,9 @@ from detforge.errors import ConfigError
 BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adadelta")
 AUGMENTATIONS = ("none", "flip", "ssd", "ssd+rot")
+# SageMaker's label_width counts label values: a header of 2 and 5 values per box.
+LABEL_HEADER = 2
+LABEL_VALUES_PER_BOX = 5
 IGNORED_KEYS = ("kv_store",)  # SageMaker's MXNet kvstore choice; torch DDP decides this itself
 
 
@@ -278,21 +282,31 @@ def load_hyperparameters(
     return parse_hyperparameters(raw, source=source)
 
 
+def label_values(boxes: int) -> int:
+    """The label values SageMaker stores for an image with ``boxes`` boxes: a 2-value header (header
+    length, values per box) and 5 values per box (class, xmin, ymin, xmax, ymax): what ``label_width``
+    must hold."""
+    return LABEL_HEADER + LABEL_VALUES_PER_BOX * int(boxes)
+
+
 def check_against_data(
     hp: Hyperparameters, *, num_classes: int, num_samples: int, max_boxes: int
 ) -> list[str]:
-    """Compare with the training data; ConfigError on a mismatch, else notes to report."""
+    """Compare with the data (``max_boxes``: the most boxes on one training or validation image);
+    ConfigError on a mismatch, else notes to report."""
     if hp.num_classes != num_classes:
         raise ConfigError(
             f"is {hp.num_classes} but the training data's class map has {num_classes} classes",
             field="num_classes",
             hint=f"set num_classes={num_classes}",
         )
-    if max_boxes > hp.label_width:
+    if label_values(max_boxes) > hp.label_width:
         raise ConfigError(
-            f"is {hp.label_width} but an image of the training data has {max_boxes} boxes",
+            f"is {hp.label_width} but an image of the data has {max_boxes} boxes: "
+            f"{label_values(max_boxes)} label values ({LABEL_HEADER} + {LABEL_VALUES_PER_BOX} per box, "
+            "as SageMaker counts them)",
             field="label_width",
-            hint=f"set label_width to at least {max_boxes}",
+            hint=f"set label_width to at least {label_values(max_boxes)}",
         )
     notes = [f"{num_samples} training images, {num_classes} classes, at most {max_boxes} boxes per image"]
     if hp.num_training_samples is not None and hp.num_training_samples != num_samples:

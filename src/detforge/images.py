@@ -172,8 +172,9 @@ def from_any(source, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     raise ImageError(f"cannot read an image from a {type(source).__name__}")
 
 
-def thumbnail_jpeg(source, *, size: int = THUMB_SIZE, quality: int = 80) -> bytes:
-    """A JPEG no larger than ``size`` on its long side (aspect kept), of encoded bytes or an RGB array."""
+def thumbnail(source, *, size: int = THUMB_SIZE, quality: int = 80) -> tuple[bytes, int, int]:
+    """(JPEG, width, height) no larger than ``size`` on its long side (aspect kept), of encoded bytes,
+    a path or an RGB array: the one thumbnail maker (review, label, reports)."""
     from PIL import Image
 
     if isinstance(source, bytes | bytearray | memoryview):
@@ -183,7 +184,12 @@ def thumbnail_jpeg(source, *, size: int = THUMB_SIZE, quality: int = 80) -> byte
     image.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
-    return out.getvalue()
+    return out.getvalue(), image.width, image.height
+
+
+def thumbnail_jpeg(source, *, size: int = THUMB_SIZE, quality: int = 80) -> bytes:
+    """The JPEG of ``thumbnail``."""
+    return thumbnail(source, size=size, quality=quality)[0]
 
 
 def is_image_name(name: str) -> bool:

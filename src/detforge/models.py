@@ -4,7 +4,7 @@
 train mode ``model(images, targets)`` -> loss dict (``bbox_regression``, ``classification``),
 eval mode ``model(images)`` -> ``[{"boxes", "scores", "labels"}]``; images are float ``CHW`` tensors
 in [0, 1] (any size: the model resizes to ``image_size`` x ``image_size`` and maps boxes back).
-Model label = class id + 1 (0 is background); ``class_ids_to_labels``/``labels_to_class_ids`` convert.
+Model label = class id + 1 (0 is background); ``labels_to_class_ids`` converts back.
 
 - ``vgg-16``: torchvision's SSD300-VGG16 (conv4_3 L2-norm + fc6/fc7 + extra blocks); at 300 exactly
   torchvision's anchors, at 512 the SSD512 paper's 7 maps, at other sizes the extra blocks that fit.
@@ -17,7 +17,8 @@ Model label = class id + 1 (0 is background); ``class_ids_to_labels``/``labels_t
 image after it; ``score_threshold`` drops lower-scoring detections.
 
 Pretrained backbones come only from torchvision's weights API and the local torch hub cache; a
-missing file is a ``ModelError`` naming it (this module never downloads unless ``download=True``).
+missing file is a ``ModelError`` naming it and ``detforge weights download`` (this module never
+downloads).
 
 Not here: loading runs (``checkpoint``), training (``train``), ONNX (``export``).
 """
@@ -59,30 +60,20 @@ def backbone_weights_file(base_network: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
 
-def _pretrained(base_network: str, pretrained: bool, download: bool):
-    """The weights enum to pass to torchvision, or None; ModelError when not cached and no download."""
+def _pretrained(base_network: str, pretrained: bool):
+    """The weights enum to pass to torchvision, or None; ModelError when the file is not cached."""
     if not pretrained:
         return None
     path = backbone_weights_file(base_network)
-    if not download and not os.path.exists(path):
+    if not os.path.exists(path):
         raise ModelError(
             f"the ImageNet weights for the {base_network} backbone are not in the torch hub cache "
             f"(expected {path}; folder {os.path.dirname(path)})",
             field="use_pretrained_model",
-            hint="put the file there (torchvision downloads it from "
-                 f"{backbone_weights(base_network).url}), set TORCH_HOME, or train with "
+            hint=f"fetch it with `detforge weights download {base_network}` (or put the file from "
+                 f"{backbone_weights(base_network).url} there, or set TORCH_HOME), or train with "
                  "use_pretrained_model=0 or start from a detforge model with --weights")
     return backbone_weights(base_network)
-
-
-def _xavier(module) -> None:
-    import torch.nn as nn
-
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.xavier_uniform_(layer.weight)
-            if layer.bias is not None:
-                nn.init.constant_(layer.bias, 0.0)
 
 
 def _anchors(aspect_ratios: list[list[int]], scales: list[float] | None = None,
@@ -114,14 +105,13 @@ def _vgg_map_sizes(image_size: int) -> list[int]:
     return sizes
 
 
-def build_vgg16(*, num_classes: int, image_size: int, pretrained_backbone: bool = False,
-                download: bool = False, **post):
+def build_vgg16(*, num_classes: int, image_size: int, pretrained_backbone: bool = False, **post):
     """SSD with a VGG-16 backbone (torchvision's SSD300 design; extra blocks and anchors fit the size)."""
     import torch.nn as nn
     import torchvision
     from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG
 
-    weights = _pretrained("vgg-16", pretrained_backbone, download)
+    weights = _pretrained("vgg-16", pretrained_backbone)
     # only the convolutional part: building VGG's 120M-parameter classifier just to drop it is slow
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"], batch_norm=False)
     if weights is not None:
@@ -191,13 +181,12 @@ def _resnet_extractor(resnet, image_size: int):
     return ResNetSSDFeatures()
 
 
-def build_resnet50(*, num_classes: int, image_size: int, pretrained_backbone: bool = False,
-                   download: bool = False, **post):
+def build_resnet50(*, num_classes: int, image_size: int, pretrained_backbone: bool = False, **post):
     """SSD on ResNet-50 features as GluonCV's ssd_512_resnet50_v1 (6 maps at 512; fewer when smaller)."""
     import torchvision
     from torchvision.models.detection.ssd import SSD
 
-    weights = _pretrained("resnet-50", pretrained_backbone, download)
+    weights = _pretrained("resnet-50", pretrained_backbone)
     backbone = _resnet_extractor(torchvision.models.resnet50(weights=weights, progress=False), image_size)
     n_maps = 2 + len(backbone.extra)
     ratios = ([[2]] + [[2, 3]] * 3 + [[2]] * 2) if n_maps == 6 else [[2, 3]] * (n_maps - 2) + [[2]] * 2
@@ -210,8 +199,7 @@ def build_resnet50(*, num_classes: int, image_size: int, pretrained_backbone: bo
 
 # ---------------------------------------------------------------- mobilenet-v3
 
-def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone: bool = False,
-                       download: bool = False, **post):
+def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone: bool = False, **post):
     """SSDLite with a MobileNetV3-Large backbone (torchvision's ssdlite320 design at ``image_size``)."""
     from functools import partial
 
@@ -221,7 +209,7 @@ def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone
     from torchvision.models.detection.ssd import SSD
     from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
 
-    weights = _pretrained("mobilenet-v3", pretrained_backbone, download)
+    weights = _pretrained("mobilenet-v3", pretrained_backbone)
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
     mobilenet = torchvision.models.mobilenet_v3_large(weights=weights, progress=False, norm_layer=norm_layer,
                                                       reduced_tail=False)
@@ -246,8 +234,7 @@ MODEL_FACTORIES: dict[str, Callable] = {
 
 
 def build_model(base_network: str, *, num_classes: int, image_size: int, pretrained_backbone: bool = False,
-                nms_threshold: float = 0.45, nms_topk: int = 400, score_threshold: float = 0.01,
-                download: bool = False):
+                nms_threshold: float = 0.45, nms_topk: int = 400, score_threshold: float = 0.01):
     """A torchvision SSD detector for ``num_classes`` classes at ``image_size`` x ``image_size`` pixels."""
     if base_network not in MODEL_FACTORIES:
         raise ConfigError(f"unknown base_network {base_network!r}; choose one of {', '.join(BASE_NETWORKS)}",
@@ -260,7 +247,7 @@ def build_model(base_network: str, *, num_classes: int, image_size: int, pretrai
     return MODEL_FACTORIES[base_network](
         num_classes=int(num_classes), image_size=int(image_size),
         pretrained_backbone=bool(pretrained_backbone),
-        download=download, **_post(nms_threshold, nms_topk, score_threshold))
+        **_post(nms_threshold, nms_topk, score_threshold))
 
 
 def set_postprocess(model, *, nms_threshold: float, nms_topk: int, score_threshold: float) -> None:
@@ -269,16 +256,6 @@ def set_postprocess(model, *, nms_threshold: float, nms_topk: int, score_thresho
     model.topk_candidates = int(nms_topk)
     model.detections_per_img = int(nms_topk)
     model.score_thresh = float(score_threshold)
-
-
-def head_parameter_names(model) -> list[str]:
-    """Names of the class-dependent parameters (the classification head), re-initialised on a class change."""
-    return [name for name, _ in model.named_parameters() if name.startswith("head.classification_head")]
-
-
-def class_ids_to_labels(class_ids):
-    """Dataset class ids (0-based) -> model labels (1-based; 0 is background)."""
-    return class_ids + 1
 
 
 def labels_to_class_ids(labels):

@@ -19,7 +19,6 @@ import base64
 import colorsys
 import datetime as _dt
 import html
-import io
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -111,16 +110,9 @@ def text_on(color: str) -> str:
 def make_thumbnail(image: np.ndarray, *, side: int = THUMBNAIL_SIDE,
                    quality: int = THUMBNAIL_QUALITY) -> Thumbnail:
     """A JPEG of an ``HxWx3`` uint8 image whose longest side is at most ``side`` pixels."""
-    from PIL import Image
+    from detforge import images
 
-    picture = Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
-    scale = side / max(picture.width, picture.height)
-    if scale < 1:
-        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-        picture = picture.resize(size, Image.BILINEAR, reducing_gap=2.0)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=quality)
-    return Thumbnail(buffer.getvalue(), picture.width, picture.height)
+    return Thumbnail(*images.thumbnail(np.ascontiguousarray(image[:, :, :3]), size=side, quality=quality))
 
 
 def detection_label(item: ReportItem, index: int, names: list[str]) -> str:

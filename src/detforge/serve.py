@@ -2,9 +2,12 @@
 
 In here: the Starlette app (``GET /ping``, ``POST /invocations``, ``GET /metrics``, ``GET /model``), safe
 image decoding (body limit, decompression-bomb check before decoding), the dynamic batcher that folds
-concurrent requests into one ``Predictor.predict`` call, Prometheus text metrics, and ``serve()`` which runs
-it under uvicorn with a graceful SIGTERM. Not in here: the model itself (``detforge.runtime``), the
-allowed-path rule for files named in requests (``detforge.edge_sources.resolve_allowed_path``). No torch.
+concurrent requests into one ``Predictor.predict`` call, back-pressure (bounded images per request, queued
+images, requests in flight and connections; ``503`` with ``Retry-After`` when full, never a growing memory),
+Prometheus metrics (``prometheus_client``, summed over ``--workers``), and ``serve()`` which runs it under
+uvicorn with a graceful SIGTERM. Answers never carry local paths or exception text. Not in here: the model
+itself (``detforge.runtime``), the allowed-path rule for files named in requests
+(``detforge.edge_sources.resolve_allowed_path``). No torch.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Sequence
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +43,14 @@ ACCEPTED = frozenset({"", "*/*", "application/*", "application/json", "applicati
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CONFIG_ENV = "DETFORGE_SERVE_CONFIG"  # how `--workers N` hands the config to each worker process
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # where `--workers N` processes write their metrics
+# What GET /model shows (model.json also holds local paths, the training run and every hyperparameter).
+PUBLIC_MODEL_FIELDS = (
+    "name", "format", "classes", "base_network", "input_size", "input", "outputs", "nms_threshold",
+    "nms_topk", "score_threshold", "default_threshold", "quantization", "opset", "detforge_version",
+    "exported_at", "sha256",
+)
+log = logging.getLogger("detforge.serve")
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,16 @@ class ServeConfig:
     threshold: float | None = None
     allow_paths: tuple[str, ...] = ()
     decode_threads: int = 2
+    max_images: int = 64  # images one JSON Lines request may name
+    max_queue: int = 16  # images being read, decoded, queued or in the model, all requests together
+    max_in_flight: int = 32  # /invocations requests being handled at once
+    max_connections: int = 256  # open connections (uvicorn's limit; beyond it uvicorn answers 503 itself)
+    retry_after_s: int = 1  # the Retry-After of a 503
 
     def __post_init__(self) -> None:
+        for name in ("max_images", "max_queue", "max_in_flight", "max_connections", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be at least 1, got {getattr(self, name)}", field=name)
         if self.max_batch < 1:
             raise ConfigError(f"must be at least 1, got {self.max_batch}", field="max_batch")
         if self.max_wait_ms < 0:
@@ -78,6 +100,14 @@ class BadInput(Exception):
         self.message = message
 
 
+class Busy(Exception):
+    """The server is full (``what``: requests or queue): becomes 503 with ``Retry-After``."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Decode image bytes to an ``HxWx3`` uint8 RGB array, checking the size before decoding pixels.
 
@@ -95,72 +125,75 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
 
 
 class Metrics:
-    """Counters and histograms rendered in the Prometheus text format (one process's view)."""
+    """The Prometheus metrics of the endpoint (``prometheus_client``).
+
+    One process: the metrics live in this app's own registry. Several workers (``--workers N``, or any
+    server that sets ``PROMETHEUS_MULTIPROC_DIR``): every worker writes its values to files in that folder
+    and each scrape, whichever worker answers it, adds up all of them.
+    """
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.in_progress = 0
-        self.latency = _Histogram(LATENCY_BUCKETS)
-        self.inference = _Histogram(LATENCY_BUCKETS)
-        self.batch_size = _Histogram(BATCH_BUCKETS)
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        # in multiprocess mode the values go to files; registering them here too would count them twice
+        registry = None if self.multiprocess_dir else CollectorRegistry()
+        self.registry = registry
+        self.requests = Counter(
+            "detforge_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "detforge_request_errors", "Requests answered with a 4xx or 5xx status.", registry=registry
+        )
+        self.rejected = Counter(
+            "detforge_requests_rejected",
+            "Requests answered 503 because the server was full, by what was full.",
+            ["reason"],
+            registry=registry,
+        )
+        self.in_progress = Gauge(
+            "detforge_requests_in_progress", "/invocations requests being received or answered.",
+            multiprocess_mode="livesum", registry=registry,
+        )
+        self.latency = Histogram(
+            "detforge_request_latency_seconds", "Time from receiving an /invocations request to its answer.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.inference = Histogram(
+            "detforge_inference_seconds", "Time of one batched model run.", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "detforge_batch_size", "Images per model run.", buckets=BATCH_BUCKETS, registry=registry
+        )
 
     def count(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         """Record one finished request."""
-        key = (endpoint, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.errors.inc()
         if seconds is not None:
             self.latency.observe(seconds)
 
-    def render(self) -> str:
-        """The metrics page."""
-        lines = [
-            "# HELP detforge_requests_total HTTP requests by endpoint and status code.",
-            "# TYPE detforge_requests_total counter",
-        ]
-        for (endpoint, status), n in sorted(self.requests.items()):
-            lines.append(f'detforge_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-        errors = sum(n for (_, status), n in self.requests.items() if status >= 400)
-        lines += [
-            "# HELP detforge_request_errors_total Requests answered with a 4xx or 5xx status.",
-            "# TYPE detforge_request_errors_total counter",
-            f"detforge_request_errors_total {errors}",
-            "# HELP detforge_requests_in_progress /invocations requests being received or answered.",
-            "# TYPE detforge_requests_in_progress gauge",
-            f"detforge_requests_in_progress {self.in_progress}",
-        ]
-        lines += self.latency.render(
-            "detforge_request_latency_seconds", "Time from receiving an /invocations request to its answer."
-        )
-        lines += self.inference.render("detforge_inference_seconds", "Time of one batched model run.")
-        lines += self.batch_size.render("detforge_batch_size", "Images per model run.")
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The metrics page (Prometheus text format 0.0.4)."""
+        from prometheus_client import CollectorRegistry, generate_latest
 
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-class _Histogram:
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.total = 0.0
-        self.n = 0
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)
 
-    def observe(self, value: float) -> None:
-        index = next((i for i, bound in enumerate(self.buckets) if value <= bound), len(self.buckets))
-        self.counts[index] += 1
-        self.total += value
-        self.n += 1
+    def process_ended(self) -> None:
+        """Tell the multiprocess files this worker is gone (its in-progress gauge stops counting)."""
+        if self.multiprocess_dir is not None:
+            from prometheus_client.multiprocess import mark_process_dead
 
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        running = 0
-        for bound, count in zip(self.buckets, self.counts, strict=False):
-            running += count
-            lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
-        lines += [
-            f'{name}_bucket{{le="+Inf"}} {self.n}',
-            f"{name}_sum {self.total:.6f}",
-            f"{name}_count {self.n}",
-        ]
-        return lines
+            mark_process_dead(os.getpid(), path=self.multiprocess_dir)
 
 
 @dataclass
@@ -298,6 +331,13 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
+def public_model_info(metadata: dict, *, threshold: float) -> dict:
+    """What ``GET /model`` tells anyone who asks: the model's identity and contract, nothing local."""
+    info = {key: metadata[key] for key in PUBLIC_MODEL_FIELDS if key in metadata}
+    info["threshold"] = threshold
+    return info
+
+
 def create_app(config: ServeConfig, predictor=None) -> Starlette:
     """The endpoint as an ASGI app; loads the model (``predictor`` may be given) before returning."""
     if predictor is None:
@@ -314,13 +354,12 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
         metrics=metrics,
     )
     decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="detforge-decode")
-    model_json = orjson.dumps(dict(predictor.metadata), option=orjson.OPT_SERIALIZE_NUMPY)
-    state = {"ready": False}
-
-    async def decode(data: bytes) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(
-            decode_pool, lambda: decode_image(data, max_pixels=config.max_pixels)
-        )
+    threshold = float(predictor.threshold if config.threshold is None else config.threshold)
+    model_json = orjson.dumps(
+        public_model_info(dict(predictor.metadata), threshold=threshold), option=orjson.OPT_SERIALIZE_NUMPY
+    )
+    slots = asyncio.Semaphore(config.max_queue)  # bounds decoded images held, whatever the requests
+    state = {"ready": False, "in_flight": 0}
 
     async def ping(request: Request) -> Response:
         status = 200 if state["ready"] else 503
@@ -332,79 +371,109 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
         return Response(model_json, media_type="application/json")
 
     async def metrics_page(request: Request) -> Response:
+        from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
         metrics.count("/metrics", 200)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    async def detect(read) -> object:
+        """Read (``read()`` -> bytes, in the decode pool), decode and run one image, holding a queue slot."""
+        loop = asyncio.get_running_loop()
+        async with slots:
+            batcher.arriving += 1
+            try:
+                data = await loop.run_in_executor(decode_pool, read)
+                image = await loop.run_in_executor(
+                    decode_pool, lambda: decode_image(data, max_pixels=config.max_pixels)
+                )
+            finally:
+                batcher.arriving -= 1
+            data = b""  # the encoded bytes are not needed while the image waits for the model
+            return await batcher.predict(image)
+
+    async def answer(request: Request, arriving: list[bool]) -> Response:
+        """The answer to one /invocations request; sets ``arriving[0]`` False once its images count
+        themselves in ``batcher.arriving``."""
+        accept = request.headers.get("accept", "")
+        if not {a.split(";", 1)[0].strip().lower() for a in accept.split(",")} & ACCEPTED:
+            raise BadInput(406, f"cannot answer in {accept!r}: ask for application/json")
+        content_type = request.headers.get("content-type")
+        kind = _media_type(content_type)
+        if not kind:
+            raise BadInput(
+                415,
+                "missing Content-Type: send image/jpeg, image/png, application/x-image "
+                "or application/jsonlines",
+            )
+        if kind in JSONLINES_TYPES:
+            if not config.allow_paths:
+                await _drain(request, config.max_body_bytes)
+                raise BadInput(
+                    403,
+                    "reading files named in a request is off; start the server with "
+                    "--allow-path DIR to allow files under DIR",
+                )
+            body = await read_body(request, config.max_body_bytes)
+            refs = _parse_jsonlines(body, max_images=config.max_images)
+            paths = [_allowed_path(ref, number, config) for number, ref in refs]  # refusals in line order
+            if slots.locked():
+                raise Busy("queue")
+            batcher.arriving -= 1  # from here each image counts itself while it is read and decoded
+            arriving[0] = False
+            outcomes = await asyncio.gather(
+                *(detect(lambda p=path: _read_file(p)) for path in paths), return_exceptions=True
+            )
+            for outcome in outcomes:  # the first failure in line order decides the answer
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            lines = [
+                orjson.dumps({"source-ref": ref, "prediction": det.to_sagemaker()},
+                             option=orjson.OPT_SERIALIZE_NUMPY)
+                for (_, ref), det in zip(refs, outcomes, strict=True)
+            ]
+            return Response(b"\n".join(lines) + b"\n", media_type="application/jsonlines")
+        if kind in IMAGE_TYPES:
+            body = await read_body(request, config.max_body_bytes)
+            if slots.locked():
+                raise Busy("queue")
+            batcher.arriving -= 1  # no await before detect() counts it again: the batcher sees no gap
+            arriving[0] = False
+            detections = await detect(lambda: body)
+            return _json({"prediction": detections.to_sagemaker()})
+        raise BadInput(
+            415,
+            f"unsupported Content-Type {content_type!r}: send image/jpeg, image/png, "
+            "application/x-image or application/jsonlines",
+        )
 
     async def invocations(request: Request) -> Response:
         started = time.perf_counter()
-        metrics.in_progress += 1
+        if state["in_flight"] >= config.max_in_flight:
+            metrics.rejected.labels("requests").inc()
+            await _drain(request, config.max_body_bytes)
+            response = _busy(config, "requests")
+            metrics.count("/invocations", response.status_code, time.perf_counter() - started)
+            return response
+        state["in_flight"] += 1
+        metrics.in_progress.inc()
         batcher.arriving += 1
-        queued = False
+        arriving = [True]
         try:
-            accept_all = {
-                a.split(";", 1)[0].strip().lower() for a in request.headers.get("accept", "").split(",")
-            }
-            if not accept_all & ACCEPTED:
-                raise BadInput(
-                    406, f"cannot answer in {request.headers.get('accept')!r}: ask for application/json"
-                )
-            content_type = request.headers.get("content-type")
-            kind = _media_type(content_type)
-            if not kind:
-                raise BadInput(
-                    415,
-                    "missing Content-Type: send image/jpeg, image/png, application/x-image "
-                    "or application/jsonlines",
-                )
-            if kind in JSONLINES_TYPES:
-                if not config.allow_paths:
-                    await _drain(request, config.max_body_bytes)
-                    raise BadInput(
-                        403,
-                        "reading files named in a request is off; start the server with "
-                        "--allow-path DIR to allow files under DIR",
-                    )
-                body = await read_body(request, config.max_body_bytes)
-                refs = _parse_jsonlines(body)
-                loop = asyncio.get_running_loop()
-                images = [
-                    await decode(await loop.run_in_executor(decode_pool, _read_allowed, ref, number, config))
-                    for number, ref in refs
-                ]
-                batcher.arriving -= 1
-                queued = True
-                results = await asyncio.gather(*(batcher.predict(image) for image in images))
-                lines = [
-                    orjson.dumps(
-                        {"source-ref": ref, "prediction": det.to_sagemaker()},
-                        option=orjson.OPT_SERIALIZE_NUMPY,
-                    )
-                    for (_, ref), det in zip(refs, results, strict=True)
-                ]
-                response = Response(b"\n".join(lines) + b"\n", media_type="application/jsonlines")
-            elif kind in IMAGE_TYPES:
-                body = await read_body(request, config.max_body_bytes)
-                image = await decode(body)
-                batcher.arriving -= 1
-                queued = True
-                detections = await batcher.predict(image)
-                response = _json({"prediction": detections.to_sagemaker()})
-            else:
-                raise BadInput(
-                    415,
-                    f"unsupported Content-Type {content_type!r}: send image/jpeg, image/png, "
-                    "application/x-image or application/jsonlines",
-                )
+            response = await answer(request, arriving)
         except BadInput as exc:
             response = _error(exc.status, exc.message)
-        except DetforgeError as exc:
-            response = _error(500, str(exc))
-        except Exception as exc:  # keep serving; the client learns what failed
-            response = _error(500, f"{type(exc).__name__}: {exc}")
+        except Busy as exc:
+            metrics.rejected.labels(exc.what).inc()
+            response = _busy(config, exc.what)
+        except Exception as exc:  # keep serving; the details go to the log, not to the client
+            error_id = uuid.uuid4().hex[:12]
+            log.error("request %s failed: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
+            response = _error(500, f"internal error {error_id}: the server's log has the details")
         finally:
-            if not queued:
+            state["in_flight"] -= 1
+            metrics.in_progress.dec()
+            if arriving[0]:
                 batcher.arriving -= 1
-            metrics.in_progress -= 1
         metrics.count("/invocations", response.status_code, time.perf_counter() - started)
         return response
 
@@ -422,6 +491,7 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
             state["ready"] = False
             await batcher.stop()
             decode_pool.shutdown(wait=True)
+            metrics.process_ended()
 
     routes = [
         Route("/ping", ping, methods=["GET"]),
@@ -435,6 +505,15 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
     return app
 
 
+def _busy(config: ServeConfig, what: str) -> Response:
+    """503 with Retry-After (what SageMaker answers when an endpoint is overloaded)."""
+    limits = {"requests": f"{config.max_in_flight} requests in flight (--max-in-flight)",
+              "queue": f"{config.max_queue} images queued (--max-queue)"}
+    response = _error(503, f"the server is full ({limits[what]}); retry after {config.retry_after_s} s")
+    response.headers["Retry-After"] = str(config.retry_after_s)
+    return response
+
+
 def _warm_up(predictor) -> None:
     """One run on a blank image so the first request does not pay ONNX Runtime's start-up cost."""
     size = predictor.metadata.get("input_size") or predictor.metadata.get("image_shape") or 64
@@ -442,7 +521,7 @@ def _warm_up(predictor) -> None:
     predictor.predict([np.zeros((side, side, 3), dtype=np.uint8)])
 
 
-def _parse_jsonlines(body: bytes) -> list[tuple[int, str]]:
+def _parse_jsonlines(body: bytes, *, max_images: int) -> list[tuple[int, str]]:
     refs = []
     for number, line in enumerate(body.splitlines(), start=1):
         if not line.strip():
@@ -455,18 +534,27 @@ def _parse_jsonlines(body: bytes) -> list[tuple[int, str]]:
         if not isinstance(ref, str) or not ref:
             raise BadInput(400, f'line {number}: needs a "source-ref" string')
         refs.append((number, ref))
+        if len(refs) > max_images:
+            raise BadInput(
+                413, f"line {number}: more than {max_images} images in one request (--max-images); split it"
+            )
     if not refs:
         raise BadInput(400, 'empty body: send one {"source-ref": ...} JSON object per line')
     return refs
 
 
-def _read_allowed(ref: str, number: int, config: ServeConfig) -> bytes:
+def _allowed_path(ref: str, number: int, config: ServeConfig) -> str:
+    """The local path a JSON Lines ref names, if it is allowed and not too big (403/413 otherwise)."""
     try:
         path = resolve_allowed_path(ref, config.allow_paths)
     except DetforgeError as exc:
         raise BadInput(403, f"line {number}: {exc}") from exc
     if os.path.getsize(path) > config.max_body_bytes:
         raise BadInput(413, f"line {number}: {ref} is over the limit of {config.max_body_bytes} bytes")
+    return path
+
+
+def _read_file(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
 
@@ -499,10 +587,23 @@ def serve(
         timeout_graceful_shutdown=graceful_timeout,
         access_log=False,
         lifespan="on",
+        limit_concurrency=config.max_connections,
     )
     if workers > 1:
+        # each worker is a fresh process that reads these two at start; they are removed on the way out
+        metrics_dir = tempfile.mkdtemp(prefix="detforge-metrics-")
+        saved = {key: os.environ.get(key) for key in (CONFIG_ENV, MULTIPROC_ENV)}
         os.environ[CONFIG_ENV] = json.dumps(asdict(config))
-        uvicorn.run("detforge.serve:app_from_environment", factory=True, workers=workers, **options)
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        try:
+            uvicorn.run("detforge.serve:app_from_environment", factory=True, workers=workers, **options)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         return
     server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
     # uvicorn re-raises the signal after its graceful shutdown; a no-op handler turns that into exit 0.

@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from detforge.hyperparams import (
     load_hyperparameters,
     parse_hyperparameters,
 )
+from detforge.optim import IGNORES_LEARNING_RATE, build_optimizer, ignored_hyperparameters
 
 log = logging.getLogger("detforge.train")
 
@@ -100,23 +100,11 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def build_optimizer(params, hp: Hyperparameters):
-    """The optimizer named by ``optimizer``; ``momentum`` is used by sgd only (as SageMaker documents)."""
-    import torch
-
-    if hp.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
-    if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    if hp.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    return torch.optim.Adadelta(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-
-
 def lr_multiplier(step: int, *, steps_per_epoch: int, hp: Hyperparameters) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, x factor per lr step."""
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, x factor per lr step
+    (1 for an optimizer without a learning rate: MXNet's adadelta)."""
+    if hp.optimizer in IGNORES_LEARNING_RATE:
+        return 1.0
     epoch = step / max(steps_per_epoch, 1)  # fractional epochs done
     factor = hp.lr_scheduler_factor ** sum(1 for s in hp.lr_scheduler_step if epoch >= s)
     warmup_steps = hp.warmup_epochs * steps_per_epoch
@@ -125,20 +113,25 @@ def lr_multiplier(step: int, *, steps_per_epoch: int, hp: Hyperparameters) -> fl
     return factor
 
 
-def freeze(model, pattern: str) -> list[str]:
-    """Stop gradients for parameters whose names match ``pattern`` (re.search); returns their names."""
+def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
+    """Stop gradients for parameters whose torch name or SageMaker MXNet name (``detforge.layers``,
+    vgg-16 and resnet-50 backbones) matches ``pattern`` (re.search); returns their torch names."""
+    from detforge.layers import matching_parameters, mxnet_names
+
     if not pattern:
         return []
-    regex = re.compile(pattern)
-    frozen = [name for name, p in model.named_parameters() if regex.search(name)]
+    frozen = matching_parameters(model, base_network, pattern)
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
     if not frozen:
+        first = next(iter(dict(model.named_parameters())))
+        mx = next(iter(mxnet_names(model, base_network).values()), None)
         raise ConfigError(
-            f"matches no parameter of the model (names look like "
-            f"{next(iter(dict(model.named_parameters())))!r})",
+            f"matches no parameter of the model (names look like {first!r}"
+            + (f" or, as SageMaker's MXNet network names them, {mx!r}" if mx else "") + ")",
             field="freeze_layer_pattern",
+            hint="`detforge train --list-layers -p hyperparams.json` lists them",
         )
     return frozen
 
@@ -232,6 +225,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     run_dir = os.fspath(config.out)
     if config.resume:
+        check_resume_options(run_dir, hyperparameters=config.hyperparameters, weights=config.weights,
+                             classes=config.classes)
         saved = storage.join(run_dir, "hyperparams.json")
         if not storage.exists(saved):
             raise ModelError("nothing to resume: hyperparams.json is missing", path=saved)
@@ -252,7 +247,7 @@ def train(config: TrainConfig) -> TrainResult:
         torch.manual_seed(hp.seed)
         random.seed(hp.seed)
         np.random.seed(hp.seed)
-        for note in hp.notes:
+        for note in (*hp.notes, *ignored_hyperparameters(hp)):
             log.info(note)
 
         names = read_classes(config.train, config.classes) if (config.classes or not config.resume) else None
@@ -261,28 +256,19 @@ def train(config: TrainConfig) -> TrainResult:
         train_samples, names = load_split(config.train, classes=names, label_attribute=config.label_attribute)
         if not train_samples:
             raise ConfigError("the training manifest has no images", path=config.train)
-        max_boxes = max(len(s.boxes) for s in train_samples)
-        for note in check_against_data(
-            hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
-        ):
-            log.info(note)
         val_samples = []
         if config.validation:
             val_samples, _ = load_split(
                 config.validation, classes=names, label_attribute=config.label_attribute
             )
-        if hp.mini_batch_size % dist.world_size:
-            raise ConfigError(
-                f"{hp.mini_batch_size} does not split evenly over {dist.world_size} processes",
-                field="mini_batch_size",
-            )
-        per_process = hp.mini_batch_size // dist.world_size
-        if per_process < 2:
-            raise ConfigError(
-                f"gives {per_process} image per process and step; BatchNorm needs at least 2",
-                field="mini_batch_size",
-                hint=f"use mini_batch_size >= {2 * dist.world_size}",
-            )
+        max_boxes = max(len(s.boxes) for s in (*train_samples, *val_samples))  # label_width: both
+        for note in check_against_data(
+            hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
+        ):
+            log.info(note)
+        # SageMaker's mini_batch_size is per machine: split over the machine's processes (GPUs); with
+        # several machines a step sees mini_batch_size x machines images.
+        per_process = batch_per_process(hp.mini_batch_size, dist)
         shard_size = -(-len(train_samples) // dist.world_size)
 
         cache = hp.image_cache or None
@@ -332,7 +318,7 @@ def train(config: TrainConfig) -> TrainResult:
                     model, config.weights, base_network=hp.base_network, num_classes=hp.num_classes
                 )
             )
-        frozen = freeze(model, hp.freeze_layer_pattern)
+        frozen = freeze(model, hp.freeze_layer_pattern, base_network=hp.base_network)
         if frozen:
             log.info(f"froze {len(frozen)} parameters matching {hp.freeze_layer_pattern!r}")
         model.to(device)
@@ -389,7 +375,8 @@ def train(config: TrainConfig) -> TrainResult:
         log.info(
             f"training {hp.base_network} at {hp.image_shape} px on {device} x{dist.world_size}: "
             f"{len(train_samples)} train / {len(val_samples)} validation images, "
-            f"batch {hp.mini_batch_size}, {hp.epochs} epochs"
+            f"batch {hp.mini_batch_size} per machine ({per_process} per process, "
+            f"{per_process * dist.world_size} per step), {hp.epochs} epochs"
         )
 
         stopped, reason = False, None
@@ -508,6 +495,52 @@ def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str |
             hint="give --train and --validation again",
         )
     return data["train"], validation or data.get("validation")
+
+
+def batch_per_process(mini_batch_size: int, dist: distributed.Dist) -> int:
+    """Images per process and step: SageMaker's ``mini_batch_size`` is per machine, shared by the
+    machine's ``local_world_size`` processes (ConfigError when it does not split evenly or leaves fewer
+    than 2 images, which BatchNorm needs)."""
+    local = max(1, dist.local_world_size)
+    if mini_batch_size % local:
+        raise ConfigError(
+            f"{mini_batch_size} does not split evenly over the {local} processes of a machine "
+            "(SageMaker's mini_batch_size is per machine)",
+            field="mini_batch_size",
+        )
+    per_process = mini_batch_size // local
+    if per_process < 2:
+        raise ConfigError(
+            f"gives {per_process} image per process and step; BatchNorm needs at least 2",
+            field="mini_batch_size",
+            hint=f"use mini_batch_size >= {2 * local}",
+        )
+    return per_process
+
+
+def check_resume_options(run_dir: str, *, out: str | None = None, train: str | None = None,
+                         hyperparameters=None, weights: str | None = None,
+                         classes: str | None = None) -> None:
+    """``--resume RUN`` continues RUN as it was started: ConfigError for an option that would change it
+    (``--hyperparameters``, ``--weights``, ``--classes``, another ``--out``, another ``--train``).
+    ``--set name=value`` (e.g. more epochs) and ``--validation`` stay allowed."""
+    def refuse(option: str, why: str) -> None:
+        raise ConfigError(f"cannot be combined with --resume: {why}", field=option,
+                          hint=f"--resume {run_dir} continues with the run's own settings; change one with "
+                               "--set name=value, or start a new run without --resume")
+
+    if hyperparameters is not None:
+        refuse("--hyperparameters", "the run's hyperparams.json is used")
+    if weights is not None:
+        refuse("--weights", "the weights come from the run's checkpoint")
+    if classes is not None:
+        refuse("--classes", "the run's classes.json is used")
+    if out is not None and os.path.abspath(os.fspath(out)) != os.path.abspath(os.fspath(run_dir)):
+        refuse("--out", f"the run continues in {run_dir} itself, not in {out}")
+    if train is not None:
+        saved = resume_data(run_dir)[0]
+        if saved != train and os.path.abspath(saved) != os.path.abspath(train):
+            refuse("--train", f"the run was started on {saved}")
 
 
 def _early_stopping_update(state: dict, score: float | None, hp: Hyperparameters) -> dict:

@@ -14,7 +14,8 @@ default ``"ssd"``, checked with ``check_preset``)::
 
 Presets (``PRESETS``), in training mode; ``train=False`` is always "resize only" and keeps every box:
 
-- ``none``: resize to ``image_size x image_size``.
+- ``none``: resize to ``image_size x image_size`` (always last, with the runtime's ``resize_rgb``:
+  every stage of detforge sees the same pixels; ``RuntimeResize``).
 - ``flip``: random horizontal flip, resize.
 - ``ssd``: the SSD paper's recipe: photometric distortion, zoom out (up to 4x, mean-colour fill),
   min-IoU random crop, random horizontal flip, resize.
@@ -80,6 +81,29 @@ class RandomRot90(v2.Transform):
         return inpt
 
 
+class RuntimeResize(v2.Transform):
+    """Resize to ``size x size`` with the deployed runtime's own function (``runtime.resize_rgb``: PIL
+    bilinear, antialiased), so that training, validation, ``evaluate`` and the ONNX runtime see the same
+    pixels; boxes scale with the image."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = int(size)
+
+    def transform(self, inpt, params: dict):
+        from detforge.runtime import resize_rgb
+
+        if isinstance(inpt, tv_tensors.Image):
+            pixels = resize_rgb(inpt.permute(1, 2, 0).numpy(), self.size)
+            return tv_tensors.wrap(torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous(), like=inpt)
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            height, width = inpt.canvas_size
+            scale = torch.tensor([self.size / width, self.size / height] * 2, dtype=inpt.dtype)
+            return tv_tensors.wrap(inpt.as_subclass(torch.Tensor) * scale, like=inpt,
+                                   canvas_size=(self.size, self.size))
+        return inpt
+
+
 def _to_image(image) -> tv_tensors.Image:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -96,8 +120,7 @@ def build_transform(preset: str, *, image_size: int, train: bool) -> Callable:
     check_preset(preset)
     if image_size < 1:
         raise ConfigError(f"image size must be positive, got {image_size}", field="image_shape")
-    size = (image_size, image_size)
-    finish = [v2.Resize(size, antialias=True), v2.ClampBoundingBoxes()]
+    finish = [RuntimeResize(image_size), v2.ClampBoundingBoxes()]
     if train:
         finish.append(v2.SanitizeBoundingBoxes(min_size=1.0))
     finish.append(v2.ToDtype(torch.float32, scale=True))

@@ -143,6 +143,18 @@ def _resolve(config: TuneConfig) -> _Job:
     return _Job(config, spec, base, trials, pruner, url, name)
 
 
+def engine_url(url: str) -> str:
+    """The URL as SQLAlchemy should see it: ``postgresql://`` means the psycopg2 driver to SQLAlchemy, so
+    where only psycopg (3, ``detforge[postgres]``) is installed the URL names it explicitly."""
+    from importlib.util import find_spec
+
+    scheme, sep, rest = url.partition("://")
+    only_psycopg3 = find_spec("psycopg2") is None and find_spec("psycopg") is not None
+    if sep and scheme in ("postgresql", "postgres") and only_psycopg3:
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
 def _storage(job: _Job):
     optuna = _optuna()
     if job.url.startswith("sqlite:///"):
@@ -154,7 +166,7 @@ def _storage(job: _Job):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return optuna.storages.RDBStorage(
-                job.url,
+                engine_url(job.url),
                 engine_kwargs=engine,
                 heartbeat_interval=job.config.heartbeat_s,
                 grace_period=2 * job.config.heartbeat_s,
@@ -163,7 +175,7 @@ def _storage(job: _Job):
             raise MissingDependencyError(
                 f"the database driver '{exc.name}' is not installed",
                 field="--storage",
-                hint="pip install psycopg2-binary for postgresql://, pymysql for mysql+pymysql://",
+                hint="pip install 'detforge[postgres]' for postgresql://, pymysql for mysql+pymysql://",
             ) from exc
         except Exception as exc:
             raise ConfigError(f"cannot open {public_url(job.url)}: {exc}", field="--storage") from exc

@@ -27,6 +27,7 @@ COMMANDS = [
     "convert",
     "stats",
     "augment",
+    "weights",
     "train",
     "tune",
     "evaluate",
@@ -54,12 +55,38 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """``(ClickException classes, Abort classes)``: typer's vendored click (``typer._click``, what it
+    raises since typer 0.2x) and, when installed, click itself (what older typers raise)."""
+    usage: list[type] = []
+    abort: list[type] = [typer.Abort]
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            continue
+        usage.append(found.ClickException)
+        if hasattr(found, "Abort"):
+            abort.append(found.Abort)
+    return tuple(usage), tuple(abort)
+
+
+def _show_usage_error(exc) -> None:
+    """Click's usage message (usage line, "Try ... -h for help.", the error) with a mistyped option's
+    closest options as "Did you mean ...?" (typer already says it for a mistyped command)."""
+    possibilities = getattr(exc, "possibilities", None)
+    if possibilities and getattr(exc, "option_name", None):
+        exc.possibilities = None
+        exc.message = f"{exc.message.rstrip('.')}. Did you mean {' or '.join(sorted(possibilities))}?"
+    exc.show()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; DetforgeErrors are printed as one line without a traceback (exit 2)."""
     app = build_app()
     try:
         # Outside standalone mode click hands a command's `typer.Exit(code)` back as the return value.
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="detforge", standalone_mode=False)
     except DetforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -69,12 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # typer/click exits for --help and usage errors
         return exc.code if isinstance(exc.code, int) else 0
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        usage, abort = _click_exceptions()
+        if isinstance(exc, usage):  # a usage error: usage line, "Try ... -h", the message (did you mean)
+            _show_usage_error(exc)
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             print("aborted", file=sys.stderr)
             return 1
         raise

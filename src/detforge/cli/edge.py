@@ -62,8 +62,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = 5.0,
         threshold: Annotated[
-            float, typer.Option("--threshold", help="Drop detections below this score.")
-        ] = 0.3,
+            float | None,
+            typer.Option(
+                "--threshold",
+                help="Drop detections below this score (default: the deploy folder's default_threshold).",
+            ),
+        ] = None,
         allow_path: Annotated[
             list[str] | None,
             typer.Option("--allow-path", help="Folder that requests may read images from (repeatable)."),
@@ -111,6 +115,10 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--cert-file", help="Client certificate (PEM).")
         ] = None,
         key_file: Annotated[str | None, typer.Option("--key-file", help="Client private key (PEM).")] = None,
+        mqtt_version: Annotated[
+            str,
+            typer.Option("--mqtt-version", help="5 (the broker says which message it refused) or 3.1.1."),
+        ] = "5",
     ) -> None:
         """Run the model on frames, publish one JSON message per frame (QoS 1) until the end or SIGTERM."""
         from detforge.edge import EdgeConfig, run_edge
@@ -140,6 +148,7 @@ def register(app: typer.Typer) -> None:
             ca_file=ca_file,
             cert_file=cert_file,
             key_file=key_file,
+            mqtt_version=mqtt_version,
         )
         stats = run_edge(config)
         typer.echo(
@@ -166,7 +175,10 @@ def register(app: typer.Typer) -> None:
             str, typer.Option("--broker", help="Default broker setting.")
         ] = "mqtt://127.0.0.1:1883",
         fps: Annotated[float, typer.Option("--fps", help="Default fps setting.")] = 5.0,
-        threshold: Annotated[float, typer.Option("--threshold", help="Default threshold setting.")] = 0.3,
+        threshold: Annotated[
+            float | None,
+            typer.Option("--threshold", help="Threshold setting (default: the model's default_threshold)."),
+        ] = None,
         allow_path: Annotated[
             str | None, typer.Option("--allow-path", help="Default folder that requests may read from.")
         ] = None,

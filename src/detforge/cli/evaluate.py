@@ -22,8 +22,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[str | None, typer.Option(
             "--out", help="Folder for metrics.json, pr_*.png and confusion_matrix.png.")] = None,
         classes: Annotated[str | None, typer.Option(
-            "--classes", help="classes.json (list of names); default: the one beside the manifest, "
-                              "else the manifest's class maps.")] = None,
+            "--classes", help="The manifest's classes.json (list of names, index = class id); default: the "
+                              "one beside the manifest, else its class maps. A run or deploy folder's "
+                              "classes are matched to them by name.")] = None,
         label_attribute: Annotated[str | None, typer.Option(
             "--label-attribute", help="The manifest's label attribute, when it cannot be found.")] = None,
         coco: Annotated[bool, typer.Option(

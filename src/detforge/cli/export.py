@@ -33,7 +33,16 @@ def register(app: typer.Typer) -> None:
         calibration_count: Annotated[int, typer.Option(
             "--calibration-count", help="Calibration images used.")] = 32,
         verify_images: Annotated[list[str] | None, typer.Option(
-            "--verify-image", help="Images to verify on (default: the run's validation images).")] = None,
+            "--verify-image", help="Images to verify on (default: the first 4 validation images).")] = None,
+        validation: Annotated[str | None, typer.Option(
+            "--validation", help="Validation manifest: verification images and the --int8 comparison "
+                                 "(default: the run's).")] = None,
+        allow_unverified: Annotated[bool, typer.Option(
+            "--allow-unverified", help="Export even without real images to verify on (model.json says "
+                                       "it is unverified).")] = False,
+        max_map_drop: Annotated[float, typer.Option(
+            "--max-map-drop", help="--int8: keep fp32 when int8 loses more validation:mAP points "
+                                   "than this.")] = 1.0,
         name: Annotated[str | None, typer.Option("--name", help="Model name in model.json.")] = None,
     ) -> None:
         """Convert a trained run into a deploy folder (model.onnx + model.json), verified against PyTorch."""
@@ -47,22 +56,30 @@ def register(app: typer.Typer) -> None:
                                 nms_threshold=nms_threshold, nms_topk=nms_topk,
                                 score_threshold=score_threshold,
                                 int8=int8, calibration=calibration, calibration_count=calibration_count,
-                                verify_images=verify_images, name=name)
+                                verify_images=verify_images, validation=validation,
+                                allow_unverified=allow_unverified, max_map_drop=max_map_drop, name=name)
         meta, check = result.metadata, result.verify
         console.print(f"wrote {result.model_path} ({meta['quantization']}, {meta['base_network']} at "
                       f"{meta['input_size']} px, classes: {', '.join(meta['classes'])})")
-        console.print(f"verified on {meta['verification']['samples']}: {check.detections} detections >= "
-                      f"{check.threshold:g} match PyTorch (min IoU {check.min_iou:.4f}, "
-                      f"max score difference {check.max_score_diff:.2g})")
+        v = meta["verification"]
+        if v["verified"]:
+            console.print(f"verified on {v['samples']}: {v['raw_values']} pre-NMS scores and box coordinates "
+                          f"agree (max score difference {v['max_score_diff']:.2g}, max box difference "
+                          f"{v['max_box_diff_px']:.2g} px); {v['detections']} detections are a valid NMS of "
+                          f"them; {check.matched} of PyTorch's {check.pytorch_detections} detections >= "
+                          f"{check.threshold:g} reproduced exactly")
+        else:
+            console.print(f"[bold red]NOT verified[/]: {v['reason']} (model.json records it)")
         if result.int8:
             q = result.int8
-            console.print(f"int8: calibrated on {q['calibration_images']} images; the fp32 model is "
-                          f"{out}/{q['fp32_model']}")
-            console.print(f"latency at batch 1: fp32 {q['fp32_ms']:.1f} ms, int8 {q['int8_ms']:.1f} ms "
-                          f"({q['speedup']:.2f}x)")
-            if q.get("validation"):
-                console.print(f"validation:mAP on {q['validation']}: fp32 {q['fp32_map']:.4f}, int8 "
-                              f"{q['int8_map']:.4f} ({q['map_points_lost']:+.2f} points lost)")
+            console.print(f"int8: calibrated on {q['calibration_images']} images; latency at batch 1: fp32 "
+                          f"{q['fp32_ms']:.1f} ms, int8 {q['int8_ms']:.1f} ms ({q['speedup']:.2f}x)")
+            console.print(f"validation:mAP on {q['validation_images']} images of {q['validation']}: fp32 "
+                          f"{q['fp32_map']:.4f}, int8 {q['int8_map']:.4f} ({q['map_points_lost']:+.2f} "
+                          "points lost)")
+            if q["accepted"]:
+                console.print(f"wrote the int8 model; the fp32 model is {out}/{q['fp32_model']}")
             else:
-                console.print("validation:mAP not compared: the run's validation manifest is unknown "
-                              "(measure with `detforge evaluate DEPLOY MANIFEST`)")
+                console.print(f"[bold yellow]int8 refused[/]: it loses {q['map_points_lost']:.2f} points, "
+                              f"more than --max-map-drop {q['max_map_drop']:g}; {result.model_path} is the "
+                              "fp32 model")

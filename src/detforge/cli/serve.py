@@ -53,6 +53,21 @@ def register(app: typer.Typer) -> None:
                 "name (repeatable). Without it such requests are refused.",
             ),
         ] = None,
+        max_images: Annotated[
+            int, typer.Option("--max-images", help="Most images one JSON Lines request may name (413 above).")
+        ] = 64,
+        max_queue: Annotated[
+            int,
+            typer.Option("--max-queue", help="Most images being decoded, queued or in the model at once; "
+                                             "when full, requests get 503 with Retry-After."),
+        ] = 16,
+        max_in_flight: Annotated[
+            int,
+            typer.Option("--max-in-flight", help="Most /invocations requests handled at once (503 above)."),
+        ] = 32,
+        max_connections: Annotated[
+            int, typer.Option("--max-connections", help="Most open connections (uvicorn answers 503 above).")
+        ] = 256,
         graceful_timeout: Annotated[
             int, typer.Option("--graceful-timeout", help="Seconds SIGTERM waits for requests in flight.")
         ] = 30,
@@ -71,6 +86,10 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             threshold=threshold,
             allow_paths=tuple(allow_path or ()),
+            max_images=max_images,
+            max_queue=max_queue,
+            max_in_flight=max_in_flight,
+            max_connections=max_connections,
         )
         typer.echo(
             f"serving {deploy_dir} on http://{host}:{port} (batch <= {max_batch}, wait <= {max_wait_ms:g} ms)"

@@ -60,6 +60,14 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[
             bool, typer.Option("--progress/--no-progress", help="A progress bar per epoch.")
         ] = True,
+        list_layers: Annotated[
+            bool,
+            typer.Option(
+                "--list-layers",
+                help="Print the model's parameter names (torch and SageMaker's MXNet) for "
+                "freeze_layer_pattern, then exit.",
+            ),
+        ] = False,
     ) -> None:
         """Train an SSD detector with SageMaker's object-detection hyperparameters (torchrun: many GPUs)."""
         import logging
@@ -69,13 +77,18 @@ def register(app: typer.Typer) -> None:
 
         from detforge.errors import ConfigError
         from detforge.hyperparams import parse_overrides
-        from detforge.train import TrainConfig, resume_data
+        from detforge.train import TrainConfig, check_resume_options, resume_data
         from detforge.train import train as run_training
 
+        if list_layers:
+            _print_layers(hyperparameters, parse_overrides(set_ or []))
+            return
         if resume:
-            out = out or resume
-            if train is None:
-                train, validation = resume_data(resume, validation)
+            check_resume_options(resume, out=out, train=train, hyperparameters=hyperparameters,
+                                 weights=weights, classes=classes)
+            out = resume
+            saved_train, validation = resume_data(resume, validation)
+            train = train or saved_train
         if train is None or out is None:
             raise ConfigError("--train and --out are required (or --resume RUN)", field="--train")
         main = int(os.environ.get("RANK", "0")) == 0
@@ -109,3 +122,23 @@ def register(app: typer.Typer) -> None:
                 f"{result.epochs} epochs -> {result.run_dir}; best validation:mAP {best}"
                 + (f"; stopped early: {result.stop_reason}" if result.stopped_early else "")
             )
+
+
+def _print_layers(hyperparameters: str | None, overrides: dict) -> None:
+    """``train --list-layers``: every parameter of the model the hyperparameters build, with the
+    SageMaker MXNet name ``freeze_layer_pattern`` may use (``detforge.layers``)."""
+    from detforge.hyperparams import load_hyperparameters
+    from detforge.layers import layer_table
+    from detforge.models import build_model
+
+    hp = load_hyperparameters(hyperparameters, overrides={**overrides, "use_pretrained_model": "0"},
+                              defaults={"num_classes": "1"})
+    model = build_model(hp.base_network, num_classes=hp.num_classes, image_size=hp.image_shape)
+    table = layer_table(model, hp.base_network)
+    width = max(len(name) for name, _, _ in table)
+    mx_width = max([len(mx) for _, mx, _ in table] + [len("MXNet name")])
+    typer.echo(f"{'parameter (torch)':{width}}  {'MXNet name':{mx_width}}  shape")
+    for name, mx, shape in table:
+        typer.echo(f"{name:{width}}  {mx or '-':{mx_width}}  {'x'.join(str(s) for s in shape)}")
+    typer.echo(f"{hp.base_network} at {hp.image_shape} px: freeze_layer_pattern (re.search) matches "
+               "either name")

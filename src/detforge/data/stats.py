@@ -1,8 +1,8 @@
-"""``detforge stats``: what a set of Ground Truth manifests holds, in one streaming pass.
+"""``detforge stats``: what a set of labeled inputs holds, in one streaming pass.
 
 Counts per class (by name) and per job, images without boxes, the most boxes on one image (training's
-``label_width`` must hold it), and a summary of box sizes (min / quartiles / max of width, height and
-area fraction). Not here: checking or changing manifests (``prepare``).
+``label_width`` must be at least 2 + 5 x it, SageMaker's count of label values), and a summary of box
+sizes (min / quartiles / max of width, height and area fraction). Not here: changing labels (``prepare``).
 """
 
 from __future__ import annotations
