@@ -273,3 +273,20 @@ def test_blocks_follow_the_input_order_and_bad_lines_stop_the_plan(images, tmp_p
                                           class_ids=[2], class_map={2: "red box"})])
     with pytest.raises(ManifestError, match=r"in.manifest:1: class id 2 is not one of the model's 2"):
         plan_blocks(resolve_inputs([str(manifest)]), block_size=2, class_names=["blue box", "yellow box"])
+
+
+def test_a_local_instance_of_its_own_and_too_many_workers(ray_local, tiny_deploy, images, tmp_path):
+    """Without --address (and no Ray in the process) the command starts a local Ray instance, refuses
+    more workers than its CPUs hold, and stops the instance."""
+    import subprocess
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # its Ray on loopback too
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "detforge", "predict", str(tiny_deploy), str(images),
+                           "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "100000"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "field 'workers': 100000 workers of 1 CPU each do not fit the" in done.stderr
+    assert "CPUs of this machine's Ray instance (fewer --workers or --threads, or --address" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_job.json"]  # no part, no _SUCCESS
