@@ -43,7 +43,9 @@ def ray_local(s3_server):
         import ray.data  # noqa: F401
     except ImportError:
         missing("ray is not installed (pip install 'detforge[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": a new instance, even where `ray start` left the address of a cluster behind
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     try:
         assert ray.util.get_node_ip_address() == "127.0.0.1"  # loopback only
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -290,3 +292,14 @@ def test_a_local_instance_of_its_own_and_too_many_workers(ray_local, tiny_deploy
     assert "field 'workers': 100000 workers of 1 CPU each do not fit the" in done.stderr
     assert "CPUs of this machine's Ray instance (fewer --workers or --threads, or --address" in done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_job.json"]  # no part, no _SUCCESS
+
+
+def test_a_cluster_that_cannot_be_reached_is_named(ray_local, tiny_deploy, images, tmp_path, monkeypatch):
+    def refuse(**kwargs):  # what ray.init raises once its own retries (minutes) are over
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray_local, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_local, "init", refuse)
+    with pytest.raises(ConfigError, match=r"field 'address': cannot connect to the Ray cluster at "
+                                          r"10.0.0.7:6379: Failed to connect"):
+        ray_local_predict(tiny_deploy, [str(images)], out=str(tmp_path / "out"), address="10.0.0.7:6379")

@@ -313,9 +313,14 @@ def _connect(ray, *, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, configure_logging=False)
+        try:
+            ray.init(address=address, configure_logging=False)
+        except ConnectionError as exc:  # after Ray's own retries
+            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {exc}", field="address",
+                              hint="check the address (`ray status` on a node prints it) and Ray's token "
+                                   "(RAY_AUTH_TOKEN) where the cluster uses token authentication") from None
         return False
-    ray.init(include_dashboard=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, configure_logging=False)  # never a stale cluster
     return True
 
 
