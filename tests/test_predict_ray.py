@@ -21,7 +21,7 @@ from conftest import missing
 from detforge import storage
 from detforge.cli import main
 from detforge.data.groundtruth import make_record, write_manifest
-from detforge.errors import ConfigError, ManifestError, MissingDependencyError
+from detforge.errors import ConfigError, ManifestError, MissingDependencyError, ModelError
 from detforge.images import ImageError
 from detforge.predict import predict, resolve_inputs
 
@@ -303,3 +303,28 @@ def test_a_cluster_that_cannot_be_reached_is_named(ray_local, tiny_deploy, image
     with pytest.raises(ConfigError, match=r"field 'address': cannot connect to the Ray cluster at "
                                           r"10.0.0.7:6379: Failed to connect"):
         ray_local_predict(tiny_deploy, [str(images)], out=str(tmp_path / "out"), address="10.0.0.7:6379")
+
+
+def test_a_model_the_workers_cannot_load_stops_the_job_naming_it(ray_local, tiny_deploy, images, tmp_path):
+    broken = tmp_path / "deploy"
+    shutil.copytree(tiny_deploy, broken)
+    metadata = json.loads((broken / "model.json").read_text())
+    metadata.pop("sha256", None)  # a damaged model that no checksum catches: only onnxruntime can tell
+    (broken / "model.json").write_text(json.dumps(metadata))
+    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError) as raised:
+        ray_local_predict(broken, [str(images)], out=str(tmp_path / "out"), workers=1)
+    assert str(raised.value).startswith(f"{broken / 'model.onnx'}: onnxruntime cannot load the model: ")
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_a_failed_ray_job_is_said_in_one_line():
+    from detforge.predict_ray import _job_failed
+
+    report = ("ray::MapWorker(MapBatches(BlockWorker)).__init__() (pid=1, ip=127.0.0.1)\n"
+              "  File \"serialization.py\", line 366, in _deserialize_pickle5_data\n"
+              "    obj = pickle.loads(in_band)\n"
+              "ModuleNotFoundError: No module named 'detforge.predict_ray'\n")
+    error = _job_failed(RuntimeError(report), out="s3://b/out")
+    assert str(error).startswith("s3://b/out: the Ray job failed: ModuleNotFoundError: No module named "
+                                 "'detforge.predict_ray' (every node needs this detforge with detforge[ray]")

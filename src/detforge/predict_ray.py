@@ -202,9 +202,7 @@ def run_block(predictor, block: Block, *, out: str, settings: dict) -> dict:
                            batch_size=settings["batch_size"], on_error=settings["on_error"],
                            iou_threshold=settings["iou_threshold"], decode_workers=settings["decode_workers"])
     except DetforgeError as exc:
-        return {"block": block.index, "error": {"type": type(exc).__name__, "message": exc.message,
-                                                "path": exc.path, "line": exc.line, "field": exc.field,
-                                                "hint": exc.hint}}
+        return {"block": block.index, "error": _error_record(exc)}
     summary = {"block": block.index, "part": name, "images": result.images,
                "detections_per_class": result.detections_per_class,
                "skipped": [list(item) for item in result.skipped],
@@ -226,6 +224,9 @@ class BlockWorker:
 
         if os.path.isdir(settings["cwd"]):  # relative paths of the job are relative to the driver's folder
             os.chdir(settings["cwd"])
+        self.settings = settings
+        self.out = out
+        self.error: dict | None = None  # a model that cannot be loaded: said for every block, not retried
         folder = tempfile.mkdtemp(prefix="detforge-deploy-")
         try:
             for name, data in model_files.items():
@@ -233,27 +234,56 @@ class BlockWorker:
                     handle.write(data)
             # the session holds the model once loaded: the files are not needed after this
             self.predictor = Predictor(folder, threads=settings["threads"], providers=settings["providers"])
+        except DetforgeError as exc:
+            self.error = _error_record(exc, model=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.settings = settings
-        self.out = out
 
     def __call__(self, batch: dict) -> dict:
-        summaries = [run_block(self.predictor, Block(**orjson.loads(task)), out=self.out,
-                               settings=self.settings) for task in batch["task"]]
+        if self.error is not None:
+            summaries = [{"block": int(orjson.loads(task)["index"]), "error": self.error}
+                         for task in batch["task"]]
+        else:
+            summaries = [run_block(self.predictor, Block(**orjson.loads(task)), out=self.out,
+                                   settings=self.settings) for task in batch["task"]]
         return {"block": np.array([s["block"] for s in summaries], dtype=np.int64),
                 "summary": np.array([orjson.dumps(s).decode() for s in summaries], dtype=object)}
 
 
-def _raise(error: dict) -> None:
+def _error_record(exc: DetforgeError, *, model: bool = False) -> dict:
+    """A worker's DetforgeError as plain data for the driver (``model``: about the model's own files)."""
+    return {"type": type(exc).__name__, "message": exc.message, "path": exc.path, "line": exc.line,
+            "field": exc.field, "hint": exc.hint, "model": model}
+
+
+def _raise(error: dict, *, model_path: str | None = None) -> None:
     from detforge import errors
     from detforge.images import ImageError
 
     kind = ImageError if error["type"] == "ImageError" else getattr(errors, error["type"], DetforgeError)
     if not (isinstance(kind, type) and issubclass(kind, DetforgeError)):
         kind = DetforgeError
-    raise kind(error["message"], path=error["path"], line=error["line"], field=error["field"],
-               hint=error["hint"])
+    path = model_path if error.get("model") and model_path else error["path"]  # not the worker's copy
+    raise kind(error["message"], path=path, line=error["line"], field=error["field"], hint=error["hint"])
+
+
+def _job_failed(exc: Exception, *, out: str) -> DetforgeError:
+    """A DetforgeError for a Ray job that failed: the workers' own DetforgeError when one is in the chain
+    (a model that cannot be loaded ...), else the last line of Ray's report (the exception at its root)."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DetforgeError):
+            return current
+        current = getattr(current, "cause", None) or current.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    root = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), lines[-1] if lines else
+                type(exc).__name__)
+    return DetforgeError(f"the Ray job failed: {root}", path=out,
+                         hint="every node needs this detforge with detforge[ray] (and [s3] for s3://); the "
+                              "workers' logs are in /tmp/ray/session_latest/logs; blocks already written "
+                              "are kept: rerun to resume")
 
 
 def _job_record(*, model_sha256: str, inputs: Sequence[str], blocks: list[Block], settings: dict,
@@ -472,15 +502,22 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
                                           batch_format="numpy",
                                           fn_constructor_kwargs={"model_files": model_files,
                                                                  "settings": settings, "out": out})
-            for row in dataset.iter_rows():
-                summary = orjson.loads(row["summary"])
-                if "error" in summary:
-                    _raise(summary["error"])
-                if summary["block"] not in done:
-                    done[summary["block"]] = summary
-                    finished += blocks[summary["block"]].size
-                    if progress is not None:
-                        progress(finished, total)
+            try:
+                for row in dataset.iter_rows():
+                    summary = orjson.loads(row["summary"])
+                    if "error" in summary:
+                        _raise(summary["error"], model_path=model_path)
+                    if summary["block"] not in done:
+                        done[summary["block"]] = summary
+                        finished += blocks[summary["block"]].size
+                        if progress is not None:
+                            progress(finished, total)
+            except DetforgeError:
+                raise
+            except Exception as exc:  # Ray's own errors: say what failed in one line, keep the chain
+                if type(exc).__module__.split(".")[0] != "ray":
+                    raise
+                raise _job_failed(exc, out=out) from exc
         finally:
             if started_here:
                 ray.shutdown()
