@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
             "--threshold", help="Keep detections scoring at least this (default: the model's).")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model run.")] = 8,
         threads: Annotated[int | None, typer.Option(
-            "--threads", help="ONNX Runtime intra-op threads (default: its own choice).")] = None,
+            "--threads", help="ONNX Runtime intra-op threads (default: its own choice; with --engine ray 1 "
+                               "per actor, each actor taking that many CPUs).")] = None,
         on_error: Annotated[str, typer.Option(
             "--on-error", help="An unreadable image: 'skip' (listed at the end) or 'stop'.")] = "skip",
         iou: Annotated[float, typer.Option(
