@@ -19,7 +19,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -222,6 +222,18 @@ def _decoded(sources: Iterator[Source], *, workers: int, ahead: int, thumbnails:
             yield item, future.result()
 
 
+def check_options(*, on_error: str, batch_size: int, threshold: float | None, iou_threshold: float) -> None:
+    """A ConfigError naming the option when one of predict's settings is out of range."""
+    if on_error not in ("skip", "stop"):
+        raise ConfigError(f"on_error must be 'skip' or 'stop', got {on_error!r}", field="on-error")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}", field="batch-size")
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}", field="threshold")
+    if not 0.0 < float(iou_threshold) <= 1.0:
+        raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}", field="iou")
+
+
 def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None = None,
             html: str | None = None, threshold: float | None = None, batch_size: int = 8,
             threads: int | None = None, providers: Sequence[str] | None = None, on_error: str = "skip",
@@ -232,14 +244,7 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
     ``progress(done, total)`` is called after each batch. ``predictor``: an already loaded
     ``runtime.Predictor`` (then ``deploy``, ``threads`` and ``providers`` are not used).
     """
-    if on_error not in ("skip", "stop"):
-        raise ConfigError(f"on_error must be 'skip' or 'stop', got {on_error!r}", field="on-error")
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}", field="batch-size")
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise ConfigError(f"threshold must be in [0, 1], got {threshold}", field="threshold")
-    if not 0.0 < float(iou_threshold) <= 1.0:
-        raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}", field="iou")
+    check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
     if predictor is None:
         from detforge.runtime import Predictor
 
@@ -265,51 +270,10 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
                 reports.append(stack.enter_context(PdfReport(report, class_names=names, title=title)))
             if html is not None:
                 reports.append(stack.enter_context(HtmlReport(html, class_names=names)))
-        done = 0
-        batch: list[tuple[Source, np.ndarray, object]] = []
-
-        def flush() -> None:
-            detections = predictor.predict([image for _, image, _ in batch], threshold=threshold,
-                                           batch_size=len(batch))
-            for (source, _, thumbnail), found in zip(batch, detections, strict=True):
-                rows = found.to_sagemaker()
-                _write_line(writer, source, found.width, found.height, rows)
-                outcome = ImageResult(source, found.width, found.height, rows)
-                for row in rows:
-                    result.detections_per_class[int(row[0])] += 1
-                if source.truth is not None:
-                    _check_truth(source.truth, names, warned, result.warnings)
-                    pixels, scores, classes, outcome.is_tp, outcome.missed = match_truth(
-                        source.truth, rows, iou_threshold=iou_threshold)
-                    accumulator.update(gt_boxes=source.truth.boxes, gt_classes=source.truth.class_ids,
-                                       pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
-                                       image_id=source.source_ref, gt_difficult=source.truth.difficult)
-                    result.images_with_truth += 1
-                if reports:
-                    item = _report_item(outcome, thumbnail)
-                    for target in reports:
-                        target.add(item)
-                result.images += 1
-            batch.clear()
-
-        for source, decoded in _decoded(iter_sources(specs, label_attribute=label_attribute),
-                                        workers=max(1, int(decode_workers)), ahead=2 * int(batch_size),
-                                        thumbnails=bool(reports)):
-            done += 1
-            if isinstance(decoded, DetforgeError):
-                if on_error == "stop":
-                    raise decoded
-                result.skipped.append((source.source_ref, decoded.message))
-            else:
-                batch.append((source, *decoded))
-                if len(batch) == batch_size:
-                    flush()
-                    if progress is not None:
-                        progress(done, total)
-        if batch:
-            flush()
-        if progress is not None:
-            progress(done, total)
+        predict_stream(predictor, iter_sources(specs, label_attribute=label_attribute), writer, result=result,
+                       accumulator=accumulator, warned=warned, batch_size=batch_size, on_error=on_error,
+                       iou_threshold=iou_threshold, decode_workers=decode_workers, reports=reports,
+                       progress=progress, total=total)
         result.seconds = time.perf_counter() - started
         if result.images_with_truth:
             result.metrics = accumulator.compute()
@@ -319,6 +283,65 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
                 target.finish(summary)
     result.files = [out, *(p for p in (report, html) if p is not None)]
     return result
+
+
+def predict_stream(predictor, sources: Iterable[Source], writer, *, result: PredictResult,
+                   accumulator: DetectionAccumulator, warned: set[int], batch_size: int = 8,
+                   on_error: str = "skip", iou_threshold: float = 0.5, decode_workers: int = 2,
+                   reports: Sequence = (), progress: Callable[[int, int], None] | None = None,
+                   total: int = 0) -> None:
+    """The heart of ``predict``: ``sources`` decoded (threads), predicted in batches, one line each to
+    ``writer``, counted into ``result`` and, for images with ground truth, matched into ``accumulator``.
+
+    ``result.threshold`` is the score threshold used. Also run on each block by ``predict_ray``'s workers,
+    which is why both engines write the same lines.
+    """
+    names = result.class_names
+    threshold = result.threshold
+    done = 0
+    batch: list[tuple[Source, np.ndarray, object]] = []
+
+    def flush() -> None:
+        detections = predictor.predict([image for _, image, _ in batch], threshold=threshold,
+                                       batch_size=len(batch))
+        for (source, _, thumbnail), found in zip(batch, detections, strict=True):
+            rows = found.to_sagemaker()
+            _write_line(writer, source, found.width, found.height, rows)
+            outcome = ImageResult(source, found.width, found.height, rows)
+            for row in rows:
+                result.detections_per_class[int(row[0])] += 1
+            if source.truth is not None:
+                _check_truth(source.truth, names, warned, result.warnings)
+                pixels, scores, classes, outcome.is_tp, outcome.missed = match_truth(
+                    source.truth, rows, iou_threshold=iou_threshold)
+                accumulator.update(gt_boxes=source.truth.boxes, gt_classes=source.truth.class_ids,
+                                   pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
+                                   image_id=source.source_ref, gt_difficult=source.truth.difficult)
+                result.images_with_truth += 1
+            if reports:
+                item = _report_item(outcome, thumbnail)
+                for target in reports:
+                    target.add(item)
+            result.images += 1
+        batch.clear()
+
+    for source, decoded in _decoded(iter(sources), workers=max(1, int(decode_workers)),
+                                    ahead=2 * int(batch_size), thumbnails=bool(reports)):
+        done += 1
+        if isinstance(decoded, DetforgeError):
+            if on_error == "stop":
+                raise decoded
+            result.skipped.append((source.source_ref, decoded.message))
+        else:
+            batch.append((source, *decoded))
+            if len(batch) == batch_size:
+                flush()
+                if progress is not None:
+                    progress(done, total)
+    if batch:
+        flush()
+    if progress is not None:
+        progress(done, total)
 
 
 def _write_line(writer, source: Source, width: int, height: int, rows: list[list[float]]) -> None:
