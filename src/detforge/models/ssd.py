@@ -1,4 +1,4 @@
-"""The SSD detectors behind ``base_network``: one factory function per architecture.
+"""SageMaker's SSD (``detector=ssd``, the default): one factory function per ``base_network``.
 
 ``build_model(base_network, *, num_classes, image_size, ...)`` returns a torchvision ``SSD``:
 train mode ``model(images, targets)`` -> loss dict (``bbox_regression``, ``classification``),
@@ -16,64 +16,20 @@ Model label = class id + 1 (0 is background); ``class_ids_to_labels``/``labels_t
 ``nms_topk`` is the number of candidates per class kept before NMS and the most detections per
 image after it; ``score_threshold`` drops lower-scoring detections.
 
-Pretrained backbones come only from torchvision's weights API and the local torch hub cache; a
-missing file is a ``ModelError`` naming it (this module never downloads unless ``download=True``).
+Pretrained backbones come from ``detforge.models.pretrained`` (the local torch hub cache only).
 
-Not here: loading runs (``checkpoint``), training (``train``), ONNX (``export``).
+Not here: the anchor-free detector (``gfl``), the name -> factory table (``detforge.models``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
-from collections.abc import Callable
-from urllib.parse import urlparse
 
-from detforge.errors import ConfigError, ModelError
+from detforge.errors import ConfigError
+from detforge.models.pretrained import pretrained_weights as _pretrained
 
-BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
 MIN_IMAGE_SIZE = 32
-
-# ImageNet backbone weights per architecture: (torchvision weights enum name, member)
-BACKBONE_WEIGHTS = {
-    "vgg-16": ("VGG16_Weights", "IMAGENET1K_FEATURES"),
-    "resnet-50": ("ResNet50_Weights", "IMAGENET1K_V1"),
-    "mobilenet-v3": ("MobileNet_V3_Large_Weights", "IMAGENET1K_V1"),
-}
-
-
-def backbone_weights(base_network: str):
-    """The torchvision weights enum member used for ``use_pretrained_model=1``."""
-    import torchvision.models as tvm
-
-    enum_name, member = BACKBONE_WEIGHTS[base_network]
-    return getattr(getattr(tvm, enum_name), member)
-
-
-def backbone_weights_file(base_network: str) -> str:
-    """Where torchvision keeps (or would download) the ImageNet backbone weights: the torch hub cache."""
-    import torch
-
-    url = backbone_weights(base_network).url
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-
-
-def _pretrained(base_network: str, pretrained: bool, download: bool):
-    """The weights enum to pass to torchvision, or None; ModelError when not cached and no download."""
-    if not pretrained:
-        return None
-    path = backbone_weights_file(base_network)
-    if not download and not os.path.exists(path):
-        raise ModelError(
-            f"the ImageNet weights for the {base_network} backbone are not in the torch hub cache "
-            f"(expected {path}; folder {os.path.dirname(path)})",
-            field="use_pretrained_model",
-            hint="put the file there (torchvision downloads it from "
-                 f"{backbone_weights(base_network).url}), set TORCH_HOME, or train with "
-                 "use_pretrained_model=0 or start from a detforge model with --weights")
-    return backbone_weights(base_network)
-
 
 def _xavier(module) -> None:
     import torch.nn as nn
@@ -238,49 +194,8 @@ def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone
                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **post)
 
 
-MODEL_FACTORIES: dict[str, Callable] = {
+SSD_FACTORIES = {
     "vgg-16": build_vgg16,
     "resnet-50": build_resnet50,
     "mobilenet-v3": build_mobilenet_v3,
 }
-
-
-def build_model(base_network: str, *, num_classes: int, image_size: int, pretrained_backbone: bool = False,
-                nms_threshold: float = 0.45, nms_topk: int = 400, score_threshold: float = 0.01,
-                download: bool = False):
-    """A torchvision SSD detector for ``num_classes`` classes at ``image_size`` x ``image_size`` pixels."""
-    if base_network not in MODEL_FACTORIES:
-        raise ConfigError(f"unknown base_network {base_network!r}; choose one of {', '.join(BASE_NETWORKS)}",
-                          field="base_network")
-    if int(num_classes) < 1:
-        raise ConfigError(f"num_classes must be at least 1, got {num_classes}", field="num_classes")
-    if int(image_size) < MIN_IMAGE_SIZE:
-        raise ConfigError(f"image_shape must be at least {MIN_IMAGE_SIZE}, got {image_size}",
-                          field="image_shape")
-    return MODEL_FACTORIES[base_network](
-        num_classes=int(num_classes), image_size=int(image_size),
-        pretrained_backbone=bool(pretrained_backbone),
-        download=download, **_post(nms_threshold, nms_topk, score_threshold))
-
-
-def set_postprocess(model, *, nms_threshold: float, nms_topk: int, score_threshold: float) -> None:
-    """Change a built model's NMS IoU, candidate/detection count and score threshold in place."""
-    model.nms_thresh = float(nms_threshold)
-    model.topk_candidates = int(nms_topk)
-    model.detections_per_img = int(nms_topk)
-    model.score_thresh = float(score_threshold)
-
-
-def head_parameter_names(model) -> list[str]:
-    """Names of the class-dependent parameters (the classification head), re-initialised on a class change."""
-    return [name for name, _ in model.named_parameters() if name.startswith("head.classification_head")]
-
-
-def class_ids_to_labels(class_ids):
-    """Dataset class ids (0-based) -> model labels (1-based; 0 is background)."""
-    return class_ids + 1
-
-
-def labels_to_class_ids(labels):
-    """Model labels -> dataset class ids."""
-    return labels - 1
