@@ -136,3 +136,47 @@ def test_eval_boxes_map_back_to_each_image_and_follow_the_postprocess_settings()
     assert first["scores"].tolist() == sorted(first["scores"].tolist(), reverse=True)
     assert models.head_parameter_names(model) == [f"head.cls_out.{i}.{p}" for i in range(3)
                                                   for p in ("weight", "bias")]
+
+
+def test_export_writes_onnx_with_nms_inside_that_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from PIL import Image
+
+    from detforge import checkpoint
+    from detforge.export import VERIFY_IOU, VERIFY_SCORE, export_run
+    from detforge.runtime import Predictor, load_image, resize_rgb
+
+    torch.manual_seed(0)
+    model = models.build_model("mobilenet-v3", detector="gfl", num_classes=2, image_size=64)
+    for module in model.modules():  # LeCun-normal convolutions: an untrained model with distinct scores
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.weight[0].numel()))
+    for conv in model.head.cls_out:  # scores spread around 0.5 rather than the 0.01 prior
+        torch.nn.init.zeros_(conv.bias)
+    info = checkpoint.RunInfo(detector="gfl", base_network="mobilenet-v3", image_shape=64, num_classes=2,
+                              classes=["a", "b"],
+                              thresholds={"nms_threshold": 0.45, "nms_topk": 50, "score_threshold": 0.01})
+    checkpoint.save_model(tmp_path / "run", model, info)
+    rng = np.random.default_rng(0)
+    images = []
+    for i, (width, height) in enumerate([(64, 64), (96, 64)]):
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        pixels[10:40, 12:44] = (40, 70, 210)
+        Image.fromarray(pixels).save(tmp_path / f"s{i}.png")
+        images.append(str(tmp_path / f"s{i}.png"))
+    result = export_run(str(tmp_path / "run"), str(tmp_path / "deploy"), verify_images=images,
+                        default_threshold=0.0)
+    assert result.verify.ok and result.verify.detections > 0
+    assert result.verify.min_iou >= VERIFY_IOU and result.verify.max_score_diff <= VERIFY_SCORE
+    assert result.metadata["detector"] == "gfl" and result.metadata["input_size"] == 64
+    found = Predictor(str(tmp_path / "deploy")).predict([images[1]], threshold=0.05)[0]
+    loaded, _ = checkpoint.load_run_model(tmp_path / "run")
+    resized = torch.from_numpy(resize_rgb(load_image(images[1]), 64).copy()).permute(2, 0, 1).float().div(255)
+    with torch.inference_mode():
+        ref = loaded([resized])[0]
+    keep = ref["scores"].numpy() >= 0.05
+    assert len(found) == int(keep.sum()) > 0
+    np.testing.assert_allclose(found.scores, ref["scores"].numpy()[keep], atol=1e-3)
+    np.testing.assert_allclose(found.boxes_xyxy, ref["boxes"].numpy()[keep] * np.array([1.5, 1, 1.5, 1]),
+                               atol=0.05)
