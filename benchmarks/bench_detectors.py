@@ -44,11 +44,11 @@ RECIPES = {
     # the new detector with the small-data recipe
     "gfl": {"detector": "gfl", "base_network": "mobilenet-v3", "optimizer": "adamw", "learning_rate": "0.002",
             "weight_decay": "0.05", "lr_schedule": "cosine", "warmup_epochs": "1", "ema_decay": "0.999",
-            "mosaic": "0.5", "mosaic_off_epochs": "2", "scale_jitter": "0.5", "multiscale": "0.0",
-            "augmentation": "flip", "mini_batch_size": "16", "grad_clip_norm": "10"},
+            "mosaic": "0.5", "mosaic_off_epochs": "1", "scale_jitter": "0.5", "multiscale": "0.0",
+            "augmentation": "flip", "mini_batch_size": "8", "grad_clip_norm": "10"},
     # the reference: SSDLite-MobileNetV3, the demo's Adam recipe, default ssd augmentation
     "ssd": {"detector": "ssd", "base_network": "mobilenet-v3", "optimizer": "adam", "learning_rate": "0.001",
-            "weight_decay": "0.0005", "augmentation": "ssd", "mini_batch_size": "16", "warmup_epochs": "1"},
+            "weight_decay": "0.0005", "augmentation": "ssd", "mini_batch_size": "8", "warmup_epochs": "1"},
 }
 
 
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--models", default="const,gfl,ssd")
     parser.add_argument("--work", default="/tmp/detforge-bench-detectors")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--validation-interval", type=int, default=2)
+    parser.add_argument("--validation-interval", type=int, default=1)
     args = parser.parse_args()
     import torch
 

@@ -154,3 +154,16 @@ def test_the_time_budget_stops_cleanly(tiny, tmp_path):
     assert result.stop_reason == "the time budget (max_train_minutes=0.0001) is spent"
     assert result.history[0]["planned_epochs"] == 1 and "validation:mAP" in result.history[0]
     assert (out / "model.safetensors").exists() and checkpoint.load_state(out)["epoch"] == 1
+
+
+@pytest.mark.parametrize("name", ["cpu-small-data", "gpu"])
+def test_every_recipe_file_parses(name):
+    from pathlib import Path
+
+    from detforge.hyperparams import load_hyperparameters
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.json"
+    hp = load_hyperparameters(path, overrides={"num_classes": "7"})
+    assert hp.detector == "gfl" and hp.base_network == "mobilenet-v3" and hp.num_classes == 7
+    assert hp.lr_schedule == "cosine" and hp.ema_decay > 0 and hp.mosaic > 0 and hp.optimizer == "adamw"
+    assert sorted(p.name for p in path.parent.glob("*.json")) == ["cpu-small-data.json", "gpu.json"]
