@@ -143,6 +143,15 @@ def test_a_gfl_run_with_the_recipe_saves_the_averaged_weights(tiny, tmp_path):
     state = checkpoint.load_state(out)
     assert state["ema"]["updates"] == 3 * 2 and state["plan"]["epochs"] == 3
     assert not torch.equal(state["model"]["head.cls_out.0.weight"], averaged["head.cls_out.0.weight"])
+    from detforge.errors import ModelError
+    from detforge.models import build_model
+    from detforge.train import load_initial_weights
+
+    ssd = build_model("mobilenet-v3", num_classes=2, image_size=64)
+    with pytest.raises(ModelError, match="is a detector=gfl model but detector is ssd"):
+        load_initial_weights(ssd, str(out), base_network="mobilenet-v3", num_classes=2)
+    note = load_initial_weights(model, str(out), base_network="mobilenet-v3", num_classes=2, detector="gfl")
+    assert note.endswith(f"{len(model.state_dict())} tensors loaded")
 
 
 def test_the_time_budget_stops_cleanly(tiny, tmp_path):

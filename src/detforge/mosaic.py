@@ -28,7 +28,7 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
     if image.shape[1] == width and image.shape[0] == height:
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
 def mosaic(pieces, *, size: int, rng: np.random.Generator, scale_jitter: float = 0.5):
