@@ -157,6 +157,57 @@ def predict_model(model, records, *, batch: int = 8):
     return out
 
 
+YOLO_SCRIPT = """
+import json, sys
+from ultralytics import YOLO
+cfg = json.load(open(sys.argv[1]))
+model = YOLO("yolo11n.yaml")
+model.train(data=cfg["data"], imgsz=cfg["imgsz"], epochs=300, time=cfg["hours"], batch=cfg["batch"],
+            workers=0, device="cpu", plots=False, pretrained=False, amp=False, seed=0,
+            project=cfg["project"], name="yolo11n", exist_ok=True, verbose=False)
+best = YOLO(cfg["project"] + "/yolo11n/weights/last.pt")
+out = []
+for path in cfg["images"]:
+    r = best.predict(source=path, imgsz=cfg["imgsz"], conf=0.001, max_det=100, device="cpu", verbose=False)[0]
+    out.append([r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), [int(c) for c in r.boxes.cls.tolist()]])
+json.dump(out, open(cfg["predictions"], "w"))
+try:
+    best.export(format="onnx", imgsz=cfg["imgsz"])
+except Exception as exc:  # no onnx package in the venv: no latency figure
+    print("YOLO ONNX export failed:", exc)
+"""
+
+
+def run_yolo(venv: Path, work: Path, *, budget_minutes: float, imgsz: int, records_by_split: dict) -> dict:
+    """Ultralytics YOLO11n from scratch in its own venv (a measuring stick; never imported by detforge):
+    train for the budget with its ``time=``, predict every evaluation image, export ONNX."""
+    import subprocess
+
+    yaml = work / "yolo-data.yaml"
+    names = _yaml_names(DATA / "data.yaml")
+    yaml.write_text(f"path: {DATA}\ntrain: train/images\nval: valid/images\ntest: test/images\n"
+                    f"names: {json.dumps(dict(enumerate(names)))}\n")
+    images = [r.source_ref for split in ("validation", "test") for r in records_by_split[split]]
+    cfg = {"data": str(yaml), "imgsz": imgsz, "hours": budget_minutes / 60, "batch": 8,
+           "project": str(work / "yolo"), "images": images,
+           "predictions": str(work / "yolo-predictions.json")}
+    (work / "yolo-config.json").write_text(json.dumps(cfg))
+    started = time.perf_counter()
+    subprocess.run([str(venv / "bin" / "python"), "-c", YOLO_SCRIPT, str(work / "yolo-config.json")],
+                   check=True,
+                   cwd=str(work), env={**os.environ, "YOLO_OFFLINE": "1"})
+    seconds = time.perf_counter() - started
+    raw = json.loads(Path(cfg["predictions"]).read_text())
+    preds, start = {}, 0
+    for split in ("validation", "test"):
+        n = len(records_by_split[split])
+        preds[split] = [(np.array(b, dtype=np.float64).reshape(-1, 4), np.array(s, dtype=np.float64),
+                         np.array(c, dtype=np.int64)) for b, s, c in raw[start:start + n]]
+        start += n
+    return {"seconds": seconds, "predictions": preds,
+            "onnx": work / "yolo" / "yolo11n" / "weights" / "last.onnx"}
+
+
 def onnx_latency_ms(deploy: Path, size: int, *, threads: int, runs: int = 30) -> float:
     import onnxruntime as ort
 
@@ -171,6 +222,25 @@ def onnx_latency_ms(deploy: Path, size: int, *, threads: int, runs: int = 30) ->
     for _ in range(runs):
         t = time.perf_counter()
         session.run(None, {"images": image})
+        times.append(time.perf_counter() - t)
+    return round(1000 * float(np.median(times)), 2)
+
+
+def yolo_onnx_latency_ms(path: Path, size: int, *, threads: int, runs: int = 30) -> float:
+    """YOLO11n's own ONNX export (float NCHW input, no NMS inside: NMS not timed)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    image = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    for _ in range(3):
+        session.run(None, {name: image})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, {name: image})
         times.append(time.perf_counter() - t)
     return round(1000 * float(np.median(times)), 2)
 
@@ -193,6 +263,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/detforge-bench-detectors")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--validation-interval", type=int, default=1)
+    parser.add_argument("--yolo-venv", default="",
+                        help="a venv with `pip install ultralytics` (outside the repo): adds YOLO11n")
     args = parser.parse_args()
     import torch
 
@@ -211,6 +283,18 @@ def main() -> None:
     rows, curves = [], {}
     for name in args.models.split(","):
         row: dict = {"model": name, "budget_min": budget}
+        if name == "yolo11n":
+            got = run_yolo(Path(args.yolo_venv), work, budget_minutes=budget, imgsz=args.image_size,
+                           records_by_split=evals)
+            row |= {"train_s": round(got["seconds"], 1), "epochs": "", "GFLOPs": ""}
+            for split, records in evals.items():
+                row |= {f"{SHORT[split]} {k}": v for k, v in
+                        coco_scores(records, got["predictions"][split], names).items()}
+            if got["onnx"].exists():
+                row["onnx_ms"] = yolo_onnx_latency_ms(got["onnx"], args.image_size, threads=args.threads)
+            rows.append(row)
+            print(row, flush=True)
+            continue
         if name == "const":
             boxes = constant_boxes(train_records)
             row |= {"train_s": 0, "epochs": 0, "GFLOPs": 0}
