@@ -263,6 +263,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/detforge-bench-detectors")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--validation-interval", type=int, default=1)
+    parser.add_argument("--note", default="", help="a sentence for the notes")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of models not run now from results/detectors.json")
     parser.add_argument("--yolo-venv", default="",
                         help="a venv with `pip install ultralytics` (outside the repo): adds YOLO11n")
     args = parser.parse_args()
@@ -331,10 +334,19 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     load_end = os.getloadavg()[0]
+    earlier_notes = ""
+    previous = Path(__file__).resolve().parent / "results" / "detectors.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        ran = {r["model"] for r in rows}
+        rows = [r for r in old["rows"] if r["model"] not in ran] + rows
+        kept = sorted({r["model"] for r in old["rows"]} - ran)
+        earlier_notes = f"Rows {kept} from an earlier run: {old['notes']} This run: "
     by = {r["model"]: r for r in rows}
     summary = "; ".join(f"{m}: valid AP50-95 {r.get('val AP')} (AP50 {r.get('val AP50')}, "
                         f"APs {r.get('val APs')})" for m, r in by.items())
-    notes = (f"{'QUICK run, no claims. ' if args.quick else ''}Budget {budget:g} min of training each "
+    notes = (earlier_notes + ("QUICK run, no claims. " if args.quick else "")
+             + f"models {args.models}: budget {budget:g} min of training each "
              f"(max_train_minutes; schedule fitted to it), from scratch, {args.image_size} px, "
              f"torch threads {args.threads}, `nice -n 10` on a 2-core machine shared with other work "
              f"(1-min load average {load_start:.1f} at the start, {load_end:.1f} at the end). Scored by "
@@ -342,7 +354,7 @@ def main() -> None:
              "Curves (training seconds, COCO AP on resized validation images): "
              + "; ".join(f"{m}: " + ", ".join(f"{t:.0f}s {a:.3f}" for t, a in c if a is not None)
                          for m, c in curves.items())
-             + ". Data: Roboflow Aquarium (CC BY 4.0, https://roboflow.com).")
+             + ". Data: Roboflow Aquarium (CC BY 4.0, https://roboflow.com). " + args.note)
     write_result("detectors", title=f"Detectors on real photos (Aquarium, {args.image_size} px, CPU, "
                  f"{budget:g} min each)", rows=rows, summary=summary, notes=notes)
 
