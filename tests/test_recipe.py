@@ -68,6 +68,8 @@ def test_cosine_schedule_with_warmup_and_the_budget_plan():
     assert factors == pytest.approx([0.5, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4)), 0.55,
                                      0.1 + 0.9 * 0.5 * (1 + np.cos(3 * np.pi / 4)), 0.1])
     assert recipe.plan_epochs(epochs=30, done=2, seconds_so_far=120, budget_minutes=10) == 10
+    assert recipe.plan_epochs(epochs=30, done=1, seconds_so_far=330, budget_minutes=10) == 2  # 1.8 -> 2
+    assert recipe.plan_epochs(epochs=30, done=1, seconds_so_far=450, budget_minutes=10) == 1  # 1.33 -> 1
     assert recipe.plan_epochs(epochs=8, done=2, seconds_so_far=120, budget_minutes=10) == 8
     assert recipe.plan_epochs(epochs=30, done=3, seconds_so_far=600, budget_minutes=1) == 3
     assert recipe.plan_epochs(epochs=30, done=3, seconds_so_far=600, budget_minutes=0) == 30

@@ -73,11 +73,12 @@ def lr_factor(step: int, *, steps_per_epoch: int, epochs: float, warmup_epochs: 
 
 
 def plan_epochs(*, epochs: int, done: int, seconds_so_far: float, budget_minutes: float) -> int:
-    """Epochs to run in all: ``epochs``, or fewer when the mean epoch so far says the budget ends sooner."""
+    """Epochs to run in all: ``epochs``, or fewer when the mean epoch so far says the budget ends sooner
+    (the nearest whole number of epochs: a run ends within half an epoch of its budget)."""
     if budget_minutes <= 0 or done < 1:
         return epochs
     per_epoch = seconds_so_far / done
-    return max(done, min(epochs, int(budget_minutes * 60 // max(per_epoch, 1e-9))))
+    return max(done, min(epochs, int(budget_minutes * 60 / max(per_epoch, 1e-9) + 0.5)))
 
 
 def multiscale_size(image_size: int, multiscale: float, *, seed: int, epoch: int, step: int) -> int:
