@@ -78,7 +78,7 @@ def test_string_parsing(raw, field, expected):
     ("lr_scheduler_step", "20,10", "expected increasing epoch numbers >= 1 like '10,20', got '20,10'"),
     ("lr_scheduler_step", "a,b", "expected a whole number"),
     ("lr_scheduler_factor", "0", "must be > 0"),
-    ("optimizer", "lamb", "expected one of sgd, adam, rmsprop, adadelta, got 'lamb'"),
+    ("optimizer", "lamb", "expected one of sgd, adam, rmsprop, adadelta, adamw, got 'lamb'"),
     ("base_network", "resnet-101", "expected one of vgg-16, resnet-50, mobilenet-v3"),
     ("use_pretrained_model", "2", "expected 0 or 1, got '2'"),
     ("early_stopping", "maybe", "expected True or False, got 'maybe'"),

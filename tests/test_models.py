@@ -23,14 +23,19 @@ def _targets():
             {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}]
 
 
-@pytest.mark.parametrize("base_network", models.BASE_NETWORKS)
-def test_train_and_eval_forward_at_64px(base_network):
+LOSSES = {"ssd": ["bbox_regression", "classification"],
+          "gfl": ["distribution_focal", "giou", "quality_focal"]}
+
+
+@pytest.mark.parametrize(("detector", "base_network"), models.MODEL_TABLE)
+def test_train_and_eval_forward_at_64px(detector, base_network):
     torch.manual_seed(0)
-    model = models.build_model(base_network, num_classes=2, image_size=64, nms_topk=50, score_threshold=0.0)
+    model = models.build_model(base_network, detector=detector, num_classes=2, image_size=64, nms_topk=50,
+                               score_threshold=0.0)
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 80)]
     model.train()
     losses = model(images, _targets())
-    assert sorted(losses) == ["bbox_regression", "classification"]
+    assert sorted(losses) == LOSSES[detector]
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     model.eval()
@@ -69,6 +74,13 @@ def test_bad_model_arguments():
     with pytest.raises(ConfigError) as info:
         models.build_model("mobilenet-v3", num_classes=2, image_size=16)
     assert info.value.field == "image_shape"
+    with pytest.raises(ConfigError) as info:
+        models.build_model("mobilenet-v3", detector="yolo", num_classes=2, image_size=64)
+    assert info.value.field == "detector"
+    with pytest.raises(ConfigError, match="detector=gfl has no vgg-16 backbone; choose one of "
+                                          "mobilenet-v3, resnet-50") as info:
+        models.build_model("vgg-16", detector="gfl", num_classes=2, image_size=64)
+    assert info.value.field == "base_network"
 
 
 def test_pretrained_backbone_comes_from_the_hub_cache(tmp_path, monkeypatch):

@@ -97,6 +97,7 @@ def test_run_folder_metrics_and_loss(reference_run):
         "AP/blue",
         "validation_images",
         "validation_time_s",
+        "train_time_s",
     }
     assert all(set(r) == fields for r in rows)
     assert all(r["validation_images"] == 4 and r["lr"] == 0.01 for r in rows)

@@ -1,7 +1,7 @@
 """Model weights and training state in a run folder, stored without pickle.
 
 - ``save_model(run_dir, model, info, name="model")`` -> ``<name>.safetensors`` + ``<name>.json``
-  (``RunInfo`` fields: base_network, image_shape, num_classes, classes, thresholds, hyperparams);
+  (``RunInfo`` fields: base_network, image_shape, num_classes, classes, thresholds, hyperparams, detector);
   ``name="best"`` gives ``best.safetensors``/``best.json``.
 - ``load_run_model(run_dir, *, which="model", device="cpu") -> (model, RunInfo)``; ``run_dir`` may also be
   a ``.safetensors`` file with its ``.json`` beside it.
@@ -41,6 +41,7 @@ class RunInfo:
     epoch: int | None = None
     metrics: dict = field(default_factory=dict)
     source_run: str | None = None
+    detector: str = "ssd"  # the detector family (models.DETECTORS); older runs are all SSD
 
     def to_json(self) -> dict:
         """JSON-ready dict (what ``model.json`` holds)."""
@@ -142,6 +143,7 @@ def load_run_model(run_dir: str | os.PathLike, *, which: str = "model", device: 
     thresholds = info.thresholds or {}
     model = build_model(
         info.base_network,
+        detector=info.detector,
         num_classes=info.num_classes,
         image_size=info.image_shape,
         nms_threshold=thresholds.get("nms_threshold", 0.45),
@@ -152,12 +154,16 @@ def load_run_model(run_dir: str | os.PathLike, *, which: str = "model", device: 
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelError(
-            f"weights do not fit a {info.base_network} model at {info.image_shape} px with "
+            f"weights do not fit a {_name(info)} model at {info.image_shape} px with "
             f"{info.num_classes} classes: {str(exc).splitlines()[0]}",
             path=weights,
         ) from None
     model.to(device).eval()
     return model, info
+
+
+def _name(info: RunInfo) -> str:
+    return info.base_network if info.detector == "ssd" else f"{info.detector} {info.base_network}"
 
 
 def save_state(run_dir: str | os.PathLike, state: dict) -> str:

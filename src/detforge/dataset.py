@@ -9,6 +9,10 @@
   ``cache_dir`` and read from disk afterwards, so a remote dataset streams on the first epoch (as
   SageMaker's Pipe mode) instead of being copied up front. Relative ``source-ref``s resolve against
   the manifest's folder.
+- ``mosaic`` (a probability, training only): an item is a ``detforge.mosaic`` of itself and three other
+  images drawn from the same seeded generator, then randomly flipped; ``cache_images`` keeps every image
+  decoded in memory, scaled to a long side of at most ``CACHE_SCALE x image_size`` (``fill_cache`` decodes
+  them all up front, so forked loader workers share one copy).
 - Augmentation comes from ``detforge.transforms.build_transform(preset, image_size=, train=)``; each
   item's randomness is seeded from ``(seed, epoch, index)`` (``set_epoch``), so an epoch's data is the
   same whatever the worker count, and a resumed run sees exactly what an uninterrupted one saw.
@@ -124,6 +128,9 @@ def build_transform(preset: str, *, image_size: int, train: bool):
     return build(preset, image_size=image_size, train=train)
 
 
+CACHE_SCALE = 1.5
+
+
 class ManifestDataset:
     """Map-style dataset (see the module docstring); ``set_epoch`` before each epoch."""
 
@@ -136,6 +143,9 @@ class ManifestDataset:
         train: bool = False,
         cache_dir: str | None = None,
         seed: int = 0,
+        mosaic: float = 0.0,
+        scale_jitter: float = 0.5,
+        cache_images: bool = False,
     ) -> None:
         self.samples = samples
         self.image_size = int(image_size)
@@ -145,6 +155,11 @@ class ManifestDataset:
         self.seed = int(seed)
         self.epoch = 0
         self.transform = build_transform(preset if train else "none", image_size=self.image_size, train=train)
+        self.mosaic = float(mosaic) if train else 0.0
+        self.scale_jitter = float(scale_jitter)
+        self.mosaic_transform = build_transform("flip", image_size=self.image_size, train=True)
+        self.cache_images = bool(cache_images)
+        self._decoded: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -161,9 +176,7 @@ class ManifestDataset:
             path = storage.local_copy(path, self.cache_dir)
         return images.decode_pil(images.read_bytes(path), name=sample.image)
 
-    def __getitem__(self, index: int):
-        import torch
-
+    def _checked_image(self, index: int):
         sample = self.samples[index]
         image = self.read_image(index)
         if image.size != (sample.width, sample.height):
@@ -172,9 +185,56 @@ class ManifestDataset:
                 f"{sample.width}x{sample.height}",
                 path=sample.image,
             )
+        return image
+
+    def decoded(self, index: int) -> tuple:
+        """``(uint8 H x W x 3, xyxy boxes in its pixels, class ids)``, from memory with ``cache_images``."""
+        if index in self._decoded:
+            return self._decoded[index]
+        from PIL import Image
+
+        sample = self.samples[index]
+        image = self._checked_image(index)
+        boxes = sample.boxes.astype(np.float64)
+        if self.cache_images:
+            r = min(1.0, CACHE_SCALE * self.image_size / max(sample.width, sample.height))
+            if r < 1.0:
+                size = (max(1, round(sample.width * r)), max(1, round(sample.height * r)))
+                image = image.resize(size, Image.BILINEAR)
+                boxes = boxes * np.array([size[0] / sample.width, size[1] / sample.height] * 2)
+        item = (np.array(image, dtype=np.uint8), boxes, sample.class_ids)
+        if self.cache_images:
+            self._decoded[index] = item
+        return item
+
+    def fill_cache(self) -> None:
+        """Decode every image now (``cache_images``): workers forked afterwards share the copies."""
+        if self.cache_images:
+            for index in range(len(self.samples)):
+                self.decoded(index)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        sample = self.samples[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**63))
-            pixels, boxes, labels = self.transform(image, sample.boxes.astype(np.float32), sample.class_ids)
+            seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**63)
+            torch.manual_seed(seed)
+            rng = np.random.default_rng(seed)
+            if self.mosaic > 0 and rng.random() < self.mosaic:
+                from detforge.mosaic import mosaic
+
+                others = rng.integers(0, len(self.samples), 3)
+                pieces = [self.decoded(i) for i in [index, *others.tolist()]]
+                image, boxes, ids = mosaic(pieces, size=self.image_size, rng=rng,
+                                           scale_jitter=self.scale_jitter)
+                pixels, boxes, labels = self.mosaic_transform(image, boxes.astype(np.float32), ids)
+            elif self.cache_images:
+                image, boxes, ids = self.decoded(index)
+                pixels, boxes, labels = self.transform(image, boxes.astype(np.float32), ids)
+            else:
+                pixels, boxes, labels = self.transform(self._checked_image(index),
+                                                       sample.boxes.astype(np.float32), sample.class_ids)
         boxes_np = box_ops.clip_xyxy(
             np.asarray(boxes, dtype=np.float64).reshape(-1, 4), width=self.image_size, height=self.image_size
         )

@@ -96,7 +96,8 @@ def _nms_function():
 
 
 def deployable(model, *, image_size: int, nms_threshold: float, nms_topk: int, score_threshold: float):
-    """``DeployableSSD`` around a torchvision SSD in eval mode (shares its weights)."""
+    """``DeployableSSD`` around a torchvision SSD in eval mode (shares its weights); an anchor-free
+    detector (``detector=gfl``: it has ``dense_predictions``) gives its boxes and scores directly."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -104,10 +105,14 @@ def deployable(model, *, image_size: int, nms_threshold: float, nms_topk: int, s
 
     nms_fn = _nms_function()
     model = model.eval()
+    dense = getattr(model, "dense_predictions", None)
     with torch.no_grad():
         dummy = torch.zeros(1, 3, image_size, image_size)
-        features = list(model.backbone(dummy).values())
-        anchors = model.anchor_generator(ImageList(dummy, [(image_size, image_size)]), features)[0]
+        if dense is not None:  # one "anchor" per point of the three maps
+            anchors = dense(dummy)[0][0]
+        else:
+            features = list(model.backbone(dummy).values())
+            anchors = model.anchor_generator(ImageList(dummy, [(image_size, image_size)]), features)[0]
 
     class DeployableSSD(nn.Module):
         """uint8 NHWC images -> padded per-image detections (see the module docstring)."""
@@ -116,14 +121,17 @@ def deployable(model, *, image_size: int, nms_threshold: float, nms_topk: int, s
             super().__init__()
             self.backbone = model.backbone
             self.head = model.head
-            transform = model.transform
+            self.net = model if dense is not None else None
+            transform = model if dense is not None else model.transform
             self.register_buffer("mean", torch.tensor(transform.image_mean).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(transform.image_std).view(1, 3, 1, 1))
             self.register_buffer("anchors", anchors.clone())
-            self.weights = tuple(float(w) for w in model.box_coder.weights)
-            self.clip = float(model.box_coder.bbox_xform_clip)
+            if dense is None:
+                self.weights = tuple(float(w) for w in model.box_coder.weights)
+                self.clip = float(model.box_coder.bbox_xform_clip)
             self.size = int(image_size)
-            self.num_classes = int(model.head.classification_head.num_columns) - 1
+            self.num_classes = (int(model.num_classes) if dense is not None
+                                else int(model.head.classification_head.num_columns) - 1)
             self.num_anchors = int(anchors.shape[0])
             self.keep = min(int(nms_topk), self.num_classes * self.num_anchors)
             self.candidates = min(int(nms_topk), self.num_anchors)
@@ -147,11 +155,15 @@ def deployable(model, *, image_size: int, nms_threshold: float, nms_topk: int, s
             x = images.permute(0, 3, 1, 2).float() / 255.0
             x = (x - self.mean) / self.std
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            head = self.head(list(self.backbone(x).values()))
-            boxes = self.decode(head["bbox_regression"])
+            if self.net is not None:
+                boxes, scores = self.net.dense_predictions(x)
+                scores = scores.transpose(1, 2)  # N x C x A
+            else:
+                head = self.head(list(self.backbone(x).values()))
+                boxes = self.decode(head["bbox_regression"])
+                scores = F.softmax(head["cls_logits"], dim=-1)[..., 1:].transpose(1, 2)  # N x C x A
             scale = torch.stack([width, height, width, height]) / float(self.size)
             boxes = boxes * scale
-            scores = F.softmax(head["cls_logits"], dim=-1)[..., 1:].transpose(1, 2)  # N x C x A
             num_anchors = self.num_anchors
             # torchvision keeps the nms_topk best candidates of each class before NMS
             kth = torch.topk(scores, self.candidates, dim=2).values[..., -1:]
@@ -775,6 +787,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             "format": "detforge-deploy/1",
             "classes": list(info.classes),
             "base_network": info.base_network,
+            "detector": info.detector,
             "input_size": size,
             "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
                       "shape": ["batch", "height", "width", 3],

@@ -28,7 +28,9 @@ from detforge import storage
 from detforge.errors import ConfigError
 
 BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
-OPTIMIZERS = ("sgd", "adam", "rmsprop", "adadelta")
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "adadelta", "adamw")  # adamw: a detforge addition
+DETECTORS = ("ssd", "gfl")
+LR_SCHEDULES = ("step", "cosine")
 AUGMENTATIONS = ("none", "flip", "ssd", "ssd+rot")
 # SageMaker's label_width counts label values: a header of 2 and 5 values per box.
 LABEL_HEADER = 2
@@ -74,6 +76,18 @@ class Hyperparameters:
     grad_clip_norm: float = 10.0
     sync_batchnorm: bool = False
     deterministic: bool = False
+    # detforge's modern detector and small-data recipe (docs/training.md)
+    detector: str = "ssd"
+    mosaic: float = 0.0
+    mosaic_off_epochs: int = 0
+    scale_jitter: float = 0.5
+    multiscale: float = 0.0
+    ema_decay: float = 0.0
+    lr_schedule: str = "step"
+    lr_min_factor: float = 0.01
+    cache_images: bool = False
+    validation_interval: int = 1
+    max_train_minutes: float = 0.0
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def to_json(self) -> dict:
@@ -133,6 +147,17 @@ _SPEC: dict[str, tuple] = {
     "grad_clip_norm": ("float", _range(0)),
     "sync_batchnorm": ("bool", None),
     "deterministic": ("bool", None),
+    "detector": ("choice", DETECTORS),
+    "mosaic": ("float", _range(0, 1)),
+    "mosaic_off_epochs": ("int", _range(0)),
+    "scale_jitter": ("float", _range(0, 1, high_open=True)),
+    "multiscale": ("float", _range(0, 0.5)),
+    "ema_decay": ("float", _range(0, 1, high_open=True)),
+    "lr_schedule": ("choice", LR_SCHEDULES),
+    "lr_min_factor": ("float", _range(0, 1)),
+    "cache_images": ("bool", None),
+    "validation_interval": ("int", _range(1)),
+    "max_train_minutes": ("float", _range(0)),
 }
 SAGEMAKER_KEYS = tuple(list(_SPEC)[:22])
 EXTENSION_KEYS = tuple(list(_SPEC)[22:])
@@ -240,7 +265,19 @@ def parse_hyperparameters(raw: Mapping, *, source: str | None = None) -> Hyperpa
         raise ConfigError(
             "required (the number of object classes in the data)", path=source, field="num_classes"
         )
+    _check_combination(values, source)
     return Hyperparameters(**values, notes=tuple(notes))
+
+
+def _check_combination(values: dict, source: str | None) -> None:
+    """Values that are fine alone but not together."""
+    detector = values.get("detector", "ssd")
+    if detector == "gfl" and values.get("base_network", "vgg-16") == "vgg-16":
+        raise ConfigError("detector=gfl has no vgg-16 backbone; choose mobilenet-v3 or resnet-50",
+                          path=source, field="base_network")
+    if detector == "ssd" and values.get("multiscale", 0.0) > 0:
+        raise ConfigError("needs detector=gfl (SSD's anchors are fixed to image_shape)", path=source,
+                          field="multiscale", hint="set multiscale=0 or detector=gfl")
 
 
 def parse_overrides(items: Iterable[str]) -> dict:

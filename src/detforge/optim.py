@@ -13,6 +13,8 @@ adam        MXNet ``Adam``: beta1 0.9, beta2 0.999, epsilon 1e-8, bias-corrected
 rmsprop     MXNet ``RMSProp`` (not centered): gamma1 0.9, epsilon 1e-8 *inside* the square root:
             ``g += wd * w; n = 0.9 * n + 0.1 * g^2; w -= lr * g / sqrt(n + 1e-8)`` (``MXNetRMSProp``;
             torch's ``RMSprop`` has alpha 0.99 and adds epsilon outside the root)
+adamw       not SageMaker's: a detforge addition for the ``gfl`` recipe (torch ``AdamW``, decoupled weight
+            decay ``weight_decay``, Adam's MXNet betas and epsilon)
 adadelta    MXNet ``AdaDelta``: rho 0.9, epsilon 1e-5, and **no learning rate**:
             ``a_g = 0.9 a_g + 0.1 g^2; d = sqrt(a_d + 1e-5) / sqrt(a_g + 1e-5) * g;
             a_d = 0.9 a_d + 0.1 d^2; w -= d`` (torch ``Adadelta`` at lr 1, never scheduled:
@@ -32,7 +34,7 @@ RMSPROP_EPSILON = 1e-8
 ADADELTA_RHO = 0.9
 ADADELTA_EPSILON = 1e-5
 # Optimizers whose SageMaker hyperparameters include weight_decay / momentum.
-USES_WEIGHT_DECAY = ("sgd", "rmsprop")
+USES_WEIGHT_DECAY = ("sgd", "rmsprop", "adamw")
 USES_MOMENTUM = ("sgd",)
 # MXNet's AdaDelta has no learning rate: learning_rate, warm-up and lr_scheduler_* do not apply.
 IGNORES_LEARNING_RATE = ("adadelta",)
@@ -43,7 +45,7 @@ def ignored_hyperparameters(hp: Hyperparameters) -> list[str]:
     notes = []
     if hp.optimizer not in USES_WEIGHT_DECAY and hp.weight_decay:
         notes.append(f"weight_decay={hp.weight_decay:g} is ignored: SageMaker applies it to sgd and rmsprop "
-                     "only")
+                     "only (detforge's adamw uses it too)")
     if hp.optimizer in IGNORES_LEARNING_RATE:
         notes.append(f"learning_rate, warmup_epochs and lr_scheduler_* are ignored: MXNet's {hp.optimizer} "
                      "has no learning rate")
@@ -96,6 +98,9 @@ def build_optimizer(params, hp: Hyperparameters):
                                weight_decay=hp.weight_decay)
     if hp.optimizer == "adam":
         return torch.optim.Adam(params, lr=hp.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPSILON)
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=hp.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPSILON,
+                                 weight_decay=hp.weight_decay)
     if hp.optimizer == "rmsprop":
         return mxnet_rmsprop()(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     if hp.optimizer == "adadelta":

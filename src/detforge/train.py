@@ -7,6 +7,12 @@ applies early stopping. The run folder (docs/architecture.md): ``hyperparams.jso
 ``best.json`` (highest validation:mAP), ``checkpoints/last.pt`` (resume state), ``metrics.jsonl``,
 ``metrics.csv``, ``metrics.png``, ``train.log``. Under ``torchrun`` only rank 0 writes.
 
+The recipe (``recipe``, ``mosaic``; docs/training.md): ``ema_decay > 0`` validates and saves the moving
+average of the weights; ``mosaic`` builds training images from four (off for the last
+``mosaic_off_epochs``); ``multiscale`` resizes each batch; ``lr_schedule=cosine``;
+``max_train_minutes`` fits the epochs to a time budget (measured after each epoch: the cosine and the
+mosaic switch-off follow the new plan) and stops cleanly, checkpointed; ``validation_interval``.
+
 ``TrainConfig.on_epoch_end(epoch, row) -> bool`` is called on every process after each epoch;
 returning True stops training (hyperparameter tuning prunes with it).
 
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from detforge import checkpoint, distributed, storage
+from detforge import checkpoint, distributed, recipe, storage
 from detforge.errors import ConfigError, ModelError
 from detforge.hyperparams import (
     Hyperparameters,
@@ -100,17 +106,18 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def lr_multiplier(step: int, *, steps_per_epoch: int, hp: Hyperparameters) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, x factor per lr step
-    (1 for an optimizer without a learning rate: MXNet's adadelta)."""
+def lr_multiplier(
+    step: int, *, steps_per_epoch: int, hp: Hyperparameters, epochs: int | None = None
+) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, then x factor per lr step
+    (``lr_schedule=step``) or a cosine over ``epochs`` (default ``hp.epochs``; ``lr_schedule=cosine``);
+    1 for an optimizer without a learning rate (MXNet's adadelta)."""
     if hp.optimizer in IGNORES_LEARNING_RATE:
         return 1.0
-    epoch = step / max(steps_per_epoch, 1)  # fractional epochs done
-    factor = hp.lr_scheduler_factor ** sum(1 for s in hp.lr_scheduler_step if epoch >= s)
-    warmup_steps = hp.warmup_epochs * steps_per_epoch
-    if warmup_steps > 0 and step < warmup_steps:
-        factor *= (step + 1) / warmup_steps
-    return factor
+    return recipe.lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs or hp.epochs,
+                            warmup_epochs=hp.warmup_epochs, schedule=hp.lr_schedule,
+                            steps=hp.lr_scheduler_step, step_factor=hp.lr_scheduler_factor,
+                            min_factor=hp.lr_min_factor)
 
 
 def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
@@ -136,9 +143,14 @@ def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
     return frozen
 
 
-def load_initial_weights(model, source: str, *, base_network: str, num_classes: int) -> str:
+def load_initial_weights(model, source: str, *, base_network: str, num_classes: int,
+                         detector: str = "ssd") -> str:
     """``--weights``: copy every tensor of an earlier detforge model whose name and shape fit."""
     info = checkpoint.read_run_info(source)
+    if info.detector != detector:
+        raise ModelError(
+            f"is a detector={info.detector} model but detector is {detector}", path=source, field="--weights"
+        )
     if info.base_network != base_network:
         raise ModelError(
             f"is a {info.base_network} model but base_network is {base_network}",
@@ -279,7 +291,11 @@ def train(config: TrainConfig) -> TrainResult:
             train=True,
             cache_dir=cache,
             seed=hp.seed,
+            mosaic=hp.mosaic,
+            scale_jitter=hp.scale_jitter,
+            cache_images=hp.cache_images,
         )
+        train_set.fill_cache()
         sampler = torch.utils.data.DistributedSampler(
             train_set,
             num_replicas=dist.world_size,
@@ -299,12 +315,16 @@ def train(config: TrainConfig) -> TrainResult:
         )
         val_loader = None
         if val_samples:
-            val_set = ManifestDataset(val_samples, image_size=hp.image_shape, cache_dir=cache)
+            val_set = ManifestDataset(
+                val_samples, image_size=hp.image_shape, cache_dir=cache, cache_images=hp.cache_images
+            )
+            val_set.fill_cache()
             shard = list(range(dist.rank, len(val_set), dist.world_size))
             val_loader = DataLoader(val_set, batch_size=per_process, sampler=shard, **loader_args)
 
         model = build_model(
             hp.base_network,
+            detector=hp.detector,
             num_classes=hp.num_classes,
             image_size=hp.image_shape,
             pretrained_backbone=bool(hp.use_pretrained_model) and not (config.weights or config.resume),
@@ -315,7 +335,11 @@ def train(config: TrainConfig) -> TrainResult:
         if config.weights and not config.resume:
             log.info(
                 load_initial_weights(
-                    model, config.weights, base_network=hp.base_network, num_classes=hp.num_classes
+                    model,
+                    config.weights,
+                    base_network=hp.base_network,
+                    num_classes=hp.num_classes,
+                    detector=hp.detector,
                 )
             )
         frozen = freeze(model, hp.freeze_layer_pattern, base_network=hp.base_network)
@@ -331,12 +355,21 @@ def train(config: TrainConfig) -> TrainResult:
             )
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], hp)
         steps_per_epoch = len(train_loader)
+        plan = {"epochs": hp.epochs, "seconds": 0.0}  # the time budget may shorten the run
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, steps_per_epoch=steps_per_epoch, hp=hp)
+            optimizer,
+            lambda step: lr_multiplier(step, steps_per_epoch=steps_per_epoch, hp=hp, epochs=plan["epochs"]),
         )
+        ema = recipe.ModelEMA(model, hp.ema_decay) if hp.ema_decay > 0 else None
+        eval_model = ema.module if ema is not None else model
+        if hp.multiscale > 0:
+            train_loader = recipe.MultiScaleLoader(
+                train_loader, image_size=hp.image_shape, multiscale=hp.multiscale, seed=hp.seed
+            )
         scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
 
         info = checkpoint.RunInfo(
+            detector=hp.detector,
             base_network=hp.base_network,
             image_shape=hp.image_shape,
             num_classes=hp.num_classes,
@@ -361,6 +394,15 @@ def train(config: TrainConfig) -> TrainResult:
             scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
+            if ema is not None and state.get("ema"):
+                ema.load_state_dict(state["ema"])
+            plan["seconds"] = float((state.get("plan") or {}).get("seconds", 0.0))
+            plan["epochs"] = recipe.plan_epochs(  # --set epochs=N may have changed the plan
+                epochs=hp.epochs,
+                done=int(state["epoch"]),
+                seconds_so_far=plan["seconds"],
+                budget_minutes=hp.max_train_minutes,
+            )
             history = [orjson.loads(row) for row in state["history"]]
             early, best = state["early_stopping"], state["best"]
             start_epoch = int(state["epoch"]) + 1
@@ -373,16 +415,30 @@ def train(config: TrainConfig) -> TrainResult:
             )
             storage.write_bytes(storage.join(run_dir, "classes.json"), orjson.dumps(list(names)))
         log.info(
-            f"training {hp.base_network} at {hp.image_shape} px on {device} x{dist.world_size}: "
+            f"training {hp.detector} {hp.base_network} at {hp.image_shape} px "
+            f"on {device} x{dist.world_size}: "
             f"{len(train_samples)} train / {len(val_samples)} validation images, "
             f"batch {hp.mini_batch_size} per machine ({per_process} per process, "
             f"{per_process * dist.world_size} per step), {hp.epochs} epochs"
         )
 
         stopped, reason = False, None
+
+        def on_step(step: int, images: int, advance=None) -> None:
+            if ema is not None:
+                ema.update(model)
+            if advance is not None:
+                advance(step, images)
+
         for epoch in range(start_epoch, hp.epochs + 1):
+            if epoch > plan["epochs"]:
+                break
+            epoch_started = time.perf_counter()
             sampler.set_epoch(epoch)
             train_set.set_epoch(epoch)
+            if isinstance(train_loader, recipe.MultiScaleLoader):
+                train_loader.set_epoch(epoch)
+            train_set.mosaic = hp.mosaic if epoch <= plan["epochs"] - hp.mosaic_off_epochs else 0.0
             with engine.epoch_progress(config.progress and dist.main, epoch, steps_per_epoch) as advance:
                 result = engine.train_one_epoch(
                     train_model,
@@ -393,7 +449,7 @@ def train(config: TrainConfig) -> TrainResult:
                     epoch=epoch,
                     scaler=scaler,
                     grad_clip_norm=hp.grad_clip_norm,
-                    on_step=advance,
+                    on_step=lambda step, images, advance=advance: on_step(step, images, advance),
                 )
             means = result["means"]
             keys = sorted(means)
@@ -406,10 +462,23 @@ def train(config: TrainConfig) -> TrainResult:
             row["epoch_time_s"] = result["seconds"]
             row["images_per_s"] = result["images"] * dist.world_size / max(result["seconds"], 1e-9)
             distributed.broadcast_buffers(dist, model)
-            if val_loader is not None:
+            last_planned = epoch >= min(plan["epochs"], hp.epochs)
+            if hp.max_train_minutes > 0 and not last_planned:
+                # would the next epoch still fit? (mean epoch time so far, validation included)
+                seconds = plan["seconds"] + time.perf_counter() - epoch_started
+                last_planned = (
+                    recipe.plan_epochs(
+                        epochs=hp.epochs,
+                        done=epoch,
+                        seconds_so_far=seconds,
+                        budget_minutes=hp.max_train_minutes,
+                    )
+                    <= epoch
+                )
+            if val_loader is not None and (epoch % hp.validation_interval == 0 or last_planned):
                 started = time.perf_counter()
                 row |= engine.validate(
-                    model,
+                    eval_model,
                     val_loader,
                     device=device,
                     class_names=list(names),
@@ -417,6 +486,16 @@ def train(config: TrainConfig) -> TrainResult:
                     dist=dist,
                 )
                 row["validation_time_s"] = time.perf_counter() - started
+            plan["seconds"] += time.perf_counter() - epoch_started
+            if hp.max_train_minutes > 0:
+                plan["epochs"] = recipe.plan_epochs(
+                    epochs=hp.epochs,
+                    done=epoch,
+                    seconds_so_far=plan["seconds"],
+                    budget_minutes=hp.max_train_minutes,
+                )
+                row["planned_epochs"] = plan["epochs"]
+            row["train_time_s"] = plan["seconds"]
             history.append(row)
             score = row.get("validation:mAP")
             improved_best = score is not None and (best["map"] is None or score > best["map"])
@@ -425,9 +504,9 @@ def train(config: TrainConfig) -> TrainResult:
             early = _early_stopping_update(early, score, hp)
             if dist.main:
                 info.epoch, info.metrics = epoch, {k: v for k, v in row.items() if not k.startswith("AP/")}
-                checkpoint.save_model(run_dir, model, info)
+                checkpoint.save_model(run_dir, eval_model, info)
                 if improved_best or (val_loader is None):
-                    checkpoint.save_model(run_dir, model, info, name="best")
+                    checkpoint.save_model(run_dir, eval_model, info, name="best")
                 _write_metrics(run_dir, history)
                 checkpoint.save_state(
                     run_dir,
@@ -440,6 +519,8 @@ def train(config: TrainConfig) -> TrainResult:
                         "history": [orjson.dumps(r).decode() for r in history],
                         "early_stopping": early,
                         "best": best,
+                        "ema": ema.state_dict() if ema is not None else {},
+                        "plan": plan,
                         "rng": checkpoint.rng_state(),
                         "data": {
                             "train": os.fspath(config.train),
@@ -463,6 +544,9 @@ def train(config: TrainConfig) -> TrainResult:
                 )
             if not stopped and config.on_epoch_end is not None and config.on_epoch_end(epoch, row):
                 stopped, reason = True, "stopped by on_epoch_end"
+            if not stopped and epoch >= plan["epochs"] and plan["epochs"] < hp.epochs:
+                stopped = True
+                reason = f"the time budget (max_train_minutes={hp.max_train_minutes:g}) is spent"
             if stopped:
                 log.info(f"early stop after epoch {epoch}: {reason}")
                 break
@@ -476,7 +560,7 @@ def train(config: TrainConfig) -> TrainResult:
             stop_reason=reason,
             classes=list(names),
             hyperparams=hp,
-            model=model,
+            model=eval_model,
         )
     finally:
         if handler is not None:

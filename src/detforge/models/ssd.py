@@ -1,4 +1,4 @@
-"""The SSD detectors behind ``base_network``: one factory function per architecture.
+"""SageMaker's SSD (``detector=ssd``, the default): one factory function per ``base_network``.
 
 ``build_model(base_network, *, num_classes, image_size, ...)`` returns a torchvision ``SSD``:
 train mode ``model(images, targets)`` -> loss dict (``bbox_regression``, ``classification``),
@@ -16,64 +16,22 @@ Model label = class id + 1 (0 is background); ``labels_to_class_ids`` converts b
 ``nms_topk`` is the number of candidates per class kept before NMS and the most detections per
 image after it; ``score_threshold`` drops lower-scoring detections.
 
-Pretrained backbones come only from torchvision's weights API and the local torch hub cache; a
-missing file is a ``ModelError`` naming it and ``detforge weights download`` (this module never
-downloads).
+Pretrained backbones come from ``detforge.models.pretrained`` (the local torch hub cache only; a missing
+file is a ``ModelError`` naming it and ``detforge weights download``).
 
-Not here: loading runs (``checkpoint``), training (``train``), ONNX (``export``).
+Not here: the anchor-free detector (``gfl``), the name -> factory table (``detforge.models``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
-from collections.abc import Callable
-from urllib.parse import urlparse
 
-from detforge.errors import ConfigError, ModelError
+from detforge.errors import ConfigError
+from detforge.models.pretrained import pretrained_weights as _pretrained
 
-BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
 MIN_IMAGE_SIZE = 32
 
-# ImageNet backbone weights per architecture: (torchvision weights enum name, member)
-BACKBONE_WEIGHTS = {
-    "vgg-16": ("VGG16_Weights", "IMAGENET1K_FEATURES"),
-    "resnet-50": ("ResNet50_Weights", "IMAGENET1K_V1"),
-    "mobilenet-v3": ("MobileNet_V3_Large_Weights", "IMAGENET1K_V1"),
-}
-
-
-def backbone_weights(base_network: str):
-    """The torchvision weights enum member used for ``use_pretrained_model=1``."""
-    import torchvision.models as tvm
-
-    enum_name, member = BACKBONE_WEIGHTS[base_network]
-    return getattr(getattr(tvm, enum_name), member)
-
-
-def backbone_weights_file(base_network: str) -> str:
-    """Where torchvision keeps (or would download) the ImageNet backbone weights: the torch hub cache."""
-    import torch
-
-    url = backbone_weights(base_network).url
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-
-
-def _pretrained(base_network: str, pretrained: bool):
-    """The weights enum to pass to torchvision, or None; ModelError when the file is not cached."""
-    if not pretrained:
-        return None
-    path = backbone_weights_file(base_network)
-    if not os.path.exists(path):
-        raise ModelError(
-            f"the ImageNet weights for the {base_network} backbone are not in the torch hub cache "
-            f"(expected {path}; folder {os.path.dirname(path)})",
-            field="use_pretrained_model",
-            hint=f"fetch it with `detforge weights download {base_network}` (or put the file from "
-                 f"{backbone_weights(base_network).url} there, or set TORCH_HOME), or train with "
-                 "use_pretrained_model=0 or start from a detforge model with --weights")
-    return backbone_weights(base_network)
 
 
 def _anchors(aspect_ratios: list[list[int]], scales: list[float] | None = None,
@@ -226,38 +184,8 @@ def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone
                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **post)
 
 
-MODEL_FACTORIES: dict[str, Callable] = {
+SSD_FACTORIES = {
     "vgg-16": build_vgg16,
     "resnet-50": build_resnet50,
     "mobilenet-v3": build_mobilenet_v3,
 }
-
-
-def build_model(base_network: str, *, num_classes: int, image_size: int, pretrained_backbone: bool = False,
-                nms_threshold: float = 0.45, nms_topk: int = 400, score_threshold: float = 0.01):
-    """A torchvision SSD detector for ``num_classes`` classes at ``image_size`` x ``image_size`` pixels."""
-    if base_network not in MODEL_FACTORIES:
-        raise ConfigError(f"unknown base_network {base_network!r}; choose one of {', '.join(BASE_NETWORKS)}",
-                          field="base_network")
-    if int(num_classes) < 1:
-        raise ConfigError(f"num_classes must be at least 1, got {num_classes}", field="num_classes")
-    if int(image_size) < MIN_IMAGE_SIZE:
-        raise ConfigError(f"image_shape must be at least {MIN_IMAGE_SIZE}, got {image_size}",
-                          field="image_shape")
-    return MODEL_FACTORIES[base_network](
-        num_classes=int(num_classes), image_size=int(image_size),
-        pretrained_backbone=bool(pretrained_backbone),
-        **_post(nms_threshold, nms_topk, score_threshold))
-
-
-def set_postprocess(model, *, nms_threshold: float, nms_topk: int, score_threshold: float) -> None:
-    """Change a built model's NMS IoU, candidate/detection count and score threshold in place."""
-    model.nms_thresh = float(nms_threshold)
-    model.topk_candidates = int(nms_topk)
-    model.detections_per_img = int(nms_topk)
-    model.score_thresh = float(score_threshold)
-
-
-def labels_to_class_ids(labels):
-    """Model labels -> dataset class ids."""
-    return labels - 1
