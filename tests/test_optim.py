@@ -76,3 +76,6 @@ def test_adadelta_ignores_the_learning_rate_and_weight_decay():
         "learning_rate, warmup_epochs and lr_scheduler_* are ignored: MXNet's adadelta has no learning rate"]
     sgd = parse_hyperparameters({"num_classes": 1, "optimizer": "sgd"})
     assert ignored_hyperparameters(sgd) == []
+    # detforge's adamw (not SageMaker's) decays weights, decoupled
+    adamw = parse_hyperparameters({"num_classes": 1, "optimizer": "adamw", "weight_decay": "0.05"})
+    assert ignored_hyperparameters(adamw) == []

@@ -402,6 +402,20 @@ def ssd_pre_nms(model, batch: np.ndarray, *, candidates: int) -> list[tuple[np.n
     return out
 
 
+def dense_pre_nms(model, batch: np.ndarray, *, candidates: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PyTorch's pre-NMS ``(boxes A x 4, scores C x A)`` per image of an anchor-free detector (``gfl``), from
+    its eager ``dense_predictions`` on the normalised batch, each class's best ``candidates`` kept."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div(255)
+    with torch.inference_mode():
+        boxes, scores = model.dense_predictions((x - model.mean) / model.std)
+        scores = scores.transpose(1, 2).contiguous()  # N x C x A
+        kth = torch.topk(scores, min(candidates, scores.shape[2]), dim=2).values[..., -1:]
+        scores = torch.where(scores >= kth, scores, torch.zeros_like(scores))
+    return [(boxes[i].numpy(), scores[i].numpy()) for i in range(len(batch))]
+
+
 def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, image_size: int, nms_threshold: float,
            nms_topk: int, score_threshold: float, threshold: float = VERIFY_THRESHOLD,
            real: bool = True, source: str = "", pre_nms=ssd_pre_nms,
@@ -757,7 +771,8 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
                              path=run_dir) from exc
         report = verify(model, onnx_path, samples.images, image_size=size, nms_threshold=nms_threshold,
                         nms_topk=nms_topk, score_threshold=score_threshold, real=samples.real,
-                        source=samples.source)
+                        source=samples.source,
+                        pre_nms=dense_pre_nms if hasattr(model, "dense_predictions") else ssd_pre_nms)
         if not report.ok or (not report.verified and not allow_unverified):
             raise ModelError(f"the export could not be verified on {samples.source}: {report.why_not()}",
                              path=run_dir, hint="nothing was written")

@@ -45,7 +45,7 @@ def ignored_hyperparameters(hp: Hyperparameters) -> list[str]:
     notes = []
     if hp.optimizer not in USES_WEIGHT_DECAY and hp.weight_decay:
         notes.append(f"weight_decay={hp.weight_decay:g} is ignored: SageMaker applies it to sgd and rmsprop "
-                     "only (detforge's adamw uses it too)")
+                     "only")
     if hp.optimizer in IGNORES_LEARNING_RATE:
         notes.append(f"learning_rate, warmup_epochs and lr_scheduler_* are ignored: MXNet's {hp.optimizer} "
                      "has no learning rate")
