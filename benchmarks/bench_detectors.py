@@ -1,8 +1,9 @@
 """Detectors on real photos: detforge's anchor-free ``gfl`` vs SSDLite vs a constant-box baseline.
 
 Data: ``../shared/data/aquarium`` (Roboflow's "Aquarium Combined" raw-1024, CC BY 4.0, https://roboflow.com;
-638 photos, 7 classes, Ultralytics YOLO layout). Until detforge's YOLO importer (issue 15) lands, this script
-converts the layout itself into Ground Truth manifests (train / valid / test) in its work folder.
+638 photos, 7 classes, Ultralytics YOLO layout). This script converts the layout itself into Ground Truth
+manifests (train / valid / test) in its work folder, independent of detforge's YOLO importer, so that the
+ground truth the models are scored on does not depend on code under test (boxes under 1 px are dropped).
 
 Each model trains from scratch (no pretrained weights) on ``train`` for the same wall-clock budget
 (``max_train_minutes``: the schedule is fitted to it), validating every few epochs (the curve of COCO AP
