@@ -13,6 +13,8 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,16 @@ def need_binary(name: str, *candidates: str) -> str:
             return found
     missing(f"'{name}' is not installed (Debian package; `make system` installs it)")
     raise AssertionError("unreachable")
+
+
+def http(url: str, *, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    """(status, body, headers) of one HTTP request to a test server; error statuses are returned."""
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
 
 
 def free_port() -> int:

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import http
 from PIL import Image
 
 from detforge import storage
@@ -70,15 +69,6 @@ def server(manifests, tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
-
-
-def http(url: str, *, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read(), dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), dict(exc.headers)
 
 
 def base(srv) -> str:
