@@ -37,3 +37,14 @@ def test_s3_round_trip_and_errors(make_bucket):
     assert not storage.exists(f"s3://{bucket}/dir/z.txt")
     with pytest.raises(StorageError, match=rf"s3://{bucket}/missing.manifest: cannot read"):
         storage.read_bytes(f"s3://{bucket}/missing.manifest")
+
+
+def test_cache_path_stays_inside_the_cache_folder(tmp_path):
+    from detforge.storage import cache_path
+
+    cache = tmp_path / "cache"
+    assert cache_path("s3://bucket/frames/a.jpg", cache) == str(cache / "s3" / "bucket" / "frames" / "a.jpg")
+    # a key with ".." segments must not write outside the cache (e.g. over ~/.bashrc)
+    escaped = cache_path("s3://bucket/../../../../home/user/.bashrc", cache)
+    assert escaped.startswith(str(cache / "_by-hash") + "/") and escaped.endswith("-.bashrc")
+    assert cache_path("s3://bucket/../../x.jpg", cache) != cache_path("s3://bucket/../../y/x.jpg", cache)

@@ -9,6 +9,7 @@ so a reader never sees half a file. S3 endpoints and credentials come from the u
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import shutil
@@ -230,12 +231,23 @@ def list_files(uri: str | os.PathLike, *, suffixes: tuple[str, ...] | None = Non
     return sorted(f"{protocol}://{name}" for name in found if keep(name))
 
 
+def cache_path(uri: str, cache_dir: str | os.PathLike) -> str:
+    """Where ``local_copy`` keeps a remote object: ``cache_dir/<scheme>/<bucket>/<key>``, always inside
+    ``cache_dir`` (a key with ``..`` segments gets a name made from its hash instead)."""
+    root = os.path.abspath(os.fspath(cache_dir))
+    cached = os.path.normpath(os.path.join(root, uri.replace("://", "/", 1)))
+    if os.path.commonpath([root, cached]) != root or cached == root:
+        digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:32]
+        cached = os.path.join(root, "_by-hash", f"{digest}-{os.path.basename(uri.rstrip('/')) or 'object'}")
+    return cached
+
+
 def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
     """A local path for a file: itself when local, else a cached download under cache_dir."""
     uri = os.fspath(uri)
     if not is_remote(uri):
         return _local(uri)
-    cached = os.path.join(os.fspath(cache_dir), uri.replace("://", "/", 1))
+    cached = cache_path(uri, cache_dir)
     if not os.path.exists(cached):
         copy_file(uri, cached)
     return cached
