@@ -135,10 +135,13 @@ def test_verification_job_decided_by_class_name(tmp_path):
     lines = [_verified(_line("s3://b/v_000001.jpg"), "good", "0"),
              _verified(_line("s3://b/v_000002.jpg"), "bad", "1", attribute="quality-check"),
              _verified(_line("s3://b/v_000003.jpg"), "needs fixing", "2")]
-    verify.write_text("".join(json.dumps(o) + "\n" for o in lines))
+    bare = _verified(_line("s3://b/v_000005.jpg"), "bad", "1")  # an answer on a line without boxes
+    del bare["bb"], bare["bb-metadata"]
+    verify.write_text("".join(json.dumps(o) + "\n" for o in [*lines, bare]))
     s = prepare([str(job), str(verify)], str(tmp_path / "o"), validation_fraction=0.0)
     assert s.rejected_by_verification == ["v_000002"] and s.train == 3
-    assert s.verification == {"v_000001": "good", "v_000002": "bad", "v_000003": "needs fixing"}
+    assert s.verification == {"v_000001": "good", "v_000002": "bad", "v_000003": "needs fixing",
+                              "v_000005": "bad"}
     assert s.verification_comments["v_000002"] == ["bad box"]
     s = prepare([str(job), str(verify)], str(tmp_path / "o"), validation_fraction=0.0,
                 reject_labels=["bad", "needs fixing"])

@@ -276,13 +276,16 @@ def _prepare(inputs, out, summary, *, discard_ids, class_from, classes, label_at
                     obj = orjson.loads(raw)
                 except orjson.JSONDecodeError as exc:
                     raise ManifestError(f"not valid JSON: {exc}", path=name, line=number) from None
-                if isinstance(obj, dict) and label_attribute is None and _verification_only(obj):
-                    verdict = find_verification(obj)
-                    verdicts[storage.stem(str(obj.get("source-ref", "")))] = verdict
-                    continue
                 boxes_skipped: list[str] = []
-                record = parse_record(obj, path=name, line=number, label_attribute=label_attribute,
-                                      skipped_boxes=boxes_skipped if on_error == "skip" else None)
+                try:
+                    record = parse_record(obj, path=name, line=number, label_attribute=label_attribute,
+                                          skipped_boxes=boxes_skipped if on_error == "skip" else None)
+                except ManifestError:
+                    # only a line that cannot be a record is checked for a bare verification answer
+                    if isinstance(obj, dict) and label_attribute is None and _verification_only(obj):
+                        verdicts[storage.stem(str(obj.get("source-ref", "")))] = find_verification(obj)
+                        continue
+                    raise
                 if class_from is not None:
                     names = [_template_name(class_from, obj, name, number)] * len(record.class_ids)
                 else:

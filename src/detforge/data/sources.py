@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import orjson
-
 from detforge import storage
 from detforge.data.formats import coco, voc, yolo
 from detforge.data.groundtruth import ReadReport, Record, read_manifest
@@ -87,15 +85,3 @@ def manifest_classes(records: list[Record], path: str) -> list[str]:
                     hint="run `detforge prepare` first to merge the class maps",
                 )
     return [merged[i] for i in sorted(merged)]
-
-
-def looks_like_manifest(path: str) -> bool:
-    """True when the first non-blank line of a file is a JSON object with a ``source-ref``."""
-    for _, raw in storage.iter_lines(path):
-        if raw.strip():
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return False
-            return isinstance(obj, dict) and "source-ref" in obj
-    return False
