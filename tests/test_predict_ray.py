@@ -230,6 +230,8 @@ def test_cli_engine_ray_with_a_sampled_report(ray_local, tiny_deploy, images, tm
     assert code == 0 and "8 images," in capsys.readouterr().out
     six = (tmp_path / "six.html").read_text()
     assert six.count('<figure class="item"') == 5 and "corrupt.png" in six  # 4 images + the skipped one
+    assert re.search(r"<h1>detforge predict --engine ray: [^<]*, first 6 images</h1>", six)  # a sample
+    assert "first 100 images" not in page("all.html")  # a sample that holds every image is the whole job
     assert (tmp_path / "six.pdf").read_bytes().startswith(b"%PDF-")
 
 

@@ -373,13 +373,16 @@ def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, di
                                        score_threshold=threshold)
     with contextlib.ExitStack() as stack:
         targets = []
+        title = f"detforge predict --engine ray: {metadata.get('name') or 'model'}, first {sample} images"
         if report is not None:
-            title = f"detforge predict --engine ray: {metadata.get('name') or 'model'}, first {sample} images"
             targets.append(stack.enter_context(PdfReport(report, class_names=names, title=title)))
         if html is not None:
-            targets.append(stack.enter_context(HtmlReport(html, class_names=names)))
+            page = stack.enter_context(HtmlReport(html, class_names=names))
+            targets.append(page)
+        cut = False  # the job has more images than the sample: the HTML title says so
         for block in blocks:
             if part.images + len(part.skipped) >= sample:
+                cut = True
                 break
             reasons = list(summaries[block.index]["skipped"])
             path = storage.join(out, part_name(block.index))
@@ -387,6 +390,7 @@ def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, di
             line = next(lines, None)
             for source in block_sources(block, label_attribute=settings["label_attribute"]):
                 if part.images + len(part.skipped) >= sample:
+                    cut = True
                     break
                 if line is None or line["source-ref"] != source.source_ref:  # skipped by the worker
                     reason = next((r for n, r in reasons if n == source.source_ref), "skipped")
@@ -414,6 +418,8 @@ def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, di
         if part.images_with_truth:
             part.metrics = accumulator.compute()
         summary = _summary(part, SimpleNamespace(metadata=metadata))
+        if html is not None and cut:
+            page.title = title
         for target in targets:
             target.finish(summary)
     return part.images

@@ -235,9 +235,10 @@ def html_summary(summary: ReportSummary) -> dict[str, str]:
 class HtmlReport:
     """A self-contained HTML gallery: ``add`` items, then ``finish(summary)``; use it as a context manager."""
 
-    def __init__(self, path: str, *, class_names: list[str]) -> None:
+    def __init__(self, path: str, *, class_names: list[str], title: str | None = None) -> None:
         self.path = str(path)
         self.class_names = list(class_names)
+        self.title = title  # the page's title and heading; default "detforge predictions: <model>"
         self._items = None
         self._finished = False
 
@@ -258,6 +259,8 @@ class HtmlReport:
         """Write the page: template head with the summary, the staged items, the tail with the script."""
         template = resources.files("detforge").joinpath("static/report.html").read_text(encoding="utf-8")
         fields = html_summary(summary)
+        if self.title:
+            fields["TITLE"] = _e(self.title)
         # one pass, so that a class name that looks like a placeholder stays as it is
         head, tail = (re.sub(r"\{\{([A-Z]+)\}\}", lambda m: fields[m.group(1)], part)
                       for part in template.split(_ITEMS_MARK))
