@@ -77,8 +77,8 @@ def save_untrained_run(folder: Path, base_network: str, image_size: int) -> Path
     """A run folder holding an initialised model (as tests/test_export.py: LeCun-normal convolutions)."""
     import torch
 
-    from detforge import checkpoint
     from detforge.models import build_model
+    from detforge.training import checkpoint
 
     torch.manual_seed(0)
     model = build_model(base_network, num_classes=2, image_size=image_size)
@@ -146,8 +146,8 @@ def speed_case(arch: str, size: int, tmp: Path, *, frames: list[np.ndarray], cal
     import torch
     from PIL import Image
 
-    from detforge.checkpoint import load_run_model
     from detforge.runtime import Predictor, resize_rgb
+    from detforge.training.checkpoint import load_run_model
 
     run = save_untrained_run(tmp / f"run-{arch}", arch, size)
     verify = []

@@ -317,9 +317,9 @@ def run_model(name: str, *, work: Path, manifests: dict, names: list[str], budge
             row["onnx_ms"] = yolo_onnx_latency_ms(got["onnx"], image_size, threads=threads)
             row["onnx_note"] = "no NMS in graph"
         return row, curve
-    from detforge import checkpoint
     from detforge.models import set_postprocess
-    from detforge.train import TrainConfig, train
+    from detforge.training import checkpoint
+    from detforge.training.train import TrainConfig, train
 
     hp = {"num_classes": str(len(names)), "use_pretrained_model": "0", "image_shape": str(image_size),
           "epochs": "300", "workers": "0", "cache_images": "1", "max_train_minutes": str(budget),

@@ -83,11 +83,11 @@ def detforge_setup(manifest: Path, hp_raw: dict):
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from detforge import engine
-    from detforge.dataset import ManifestDataset, collate, load_split
-    from detforge.hyperparams import parse_hyperparameters
     from detforge.models import build_model
-    from detforge.train import build_optimizer, lr_multiplier, resolve_device
+    from detforge.training import engine
+    from detforge.training.dataset import ManifestDataset, collate, load_split
+    from detforge.training.hyperparams import parse_hyperparameters
+    from detforge.training.train import build_optimizer, lr_multiplier, resolve_device
 
     hp = parse_hyperparameters(hp_raw)
     device = resolve_device(hp.device)
@@ -144,8 +144,8 @@ def bare_setup(manifest: Path, hp: dict):
     """The same model and optimizer over in-memory tensors: no loader, no schedule, no clipping, no books."""
     import torch
 
-    from detforge.dataset import ManifestDataset, load_split
     from detforge.models import build_model
+    from detforge.training.dataset import ManifestDataset, load_split
 
     device = torch.device("cuda" if hp["device"] == "cuda" else "cpu")
     samples, _ = load_split(manifest)

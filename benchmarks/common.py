@@ -66,10 +66,10 @@ def export_bench_deploy(folder: Path, *, image_size: int = 320, background_bias:
     import torch
     from PIL import Image
 
-    from detforge.checkpoint import RunInfo, save_model
     from detforge.export import export_run
     from detforge.models import build_model
     from detforge.runtime import load_image, resize_rgb
+    from detforge.training.checkpoint import RunInfo, save_model
 
     torch.manual_seed(0)
     model = build_model("mobilenet-v3", num_classes=2, image_size=image_size).eval()

@@ -279,7 +279,7 @@ def tiny_deploy(tmp_path_factory) -> Path:
             import torch
 
             from detforge.export import export_run
-            from detforge.train import TrainConfig, train
+            from detforge.training.train import TrainConfig, train
 
             threads = torch.get_num_threads()
             torch.set_num_threads(1)

@@ -189,8 +189,8 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
     torch = pytest.importorskip("torch")
     from PIL import Image
 
-    from detforge.checkpoint import RunInfo, save_model
     from detforge.models import build_model, labels_to_class_ids
+    from detforge.training.checkpoint import RunInfo, save_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def test_run_deploy_predictions_and_training_validation_agree(tmp_path):
 
     from detforge.export import export_run
     from detforge.predict import predict
-    from detforge.train import TrainConfig, train
+    from detforge.training.train import TrainConfig, train
 
     torch.set_num_threads(1)
     train_manifest = make_tiny_set(tmp_path / "train", 16, 1, size=80)

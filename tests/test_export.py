@@ -21,12 +21,13 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import TINY_HP, make_box_images  # noqa: E402
 
-from detforge import checkpoint, export  # noqa: E402
+from detforge import export  # noqa: E402
 from detforge.errors import ConfigError, ModelError  # noqa: E402
 from detforge.export import check_nms, compare_raw, export_run  # noqa: E402
 from detforge.images import ImageError  # noqa: E402
 from detforge.models import build_model  # noqa: E402
 from detforge.runtime import Predictor, file_sha256, load_image, resize_rgb  # noqa: E402
+from detforge.training import checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -58,8 +58,8 @@ def test_exif_orientation_applied_to_pixels_and_header_size():
 def test_phone_photo_box_lands_right_through_prepare_dataset_augment_and_predict(tmp_path):
     from detforge.data.augment import augment
     from detforge.data.prepare import prepare
-    from detforge.dataset import ManifestDataset, load_split
     from detforge.predict import Source, _decode
+    from detforge.training.dataset import ManifestDataset, load_split
 
     (tmp_path / "photos").mkdir()
     phone_jpeg(tmp_path / "photos" / "IMG_0001.jpg")

@@ -285,7 +285,7 @@ def test_bad_ranges_file_through_the_cli(tiny, tmp_path, capsys):
 
 def test_tiny_search_through_the_cli_writes_the_best_hyperparameters(tiny, tmp_path, _one_thread, capsys):
     from detforge.cli import main
-    from detforge.hyperparams import load_hyperparameters
+    from detforge.training.hyperparams import load_hyperparameters
 
     base = tmp_path / "hp.json"
     base.write_text(json.dumps(HP | {"_tuning_objective_metric": ""}))  # SageMaker's own keys pass

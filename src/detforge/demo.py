@@ -177,7 +177,7 @@ def _step_augment(out: str, profile: dict, say: Callable, progress: bool) -> dic
 
 
 def _step_train(out: str, profile: dict, say: Callable, progress: bool) -> dict:
-    from detforge.train import TrainConfig, train
+    from detforge.training.train import TrainConfig, train
 
     hp = {"num_classes": str(len(CLASSES)), **profile["hyperparameters"]}
     run = os.path.join(out, "runs", "demo")

@@ -257,9 +257,9 @@ def _open_model(path: str):
     require("torch", "training")
     import torch
 
-    from detforge.checkpoint import load_run_model
     from detforge.models import labels_to_class_ids
     from detforge.runtime import resize_rgb
+    from detforge.training.checkpoint import load_run_model
 
     model, info = load_run_model(path)
     size = int(info.image_shape)

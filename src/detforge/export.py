@@ -643,7 +643,7 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarr
 
 def _run_validation(run_dir: str) -> str | None:
     """The validation manifest a run was trained with, when its resume state names one."""
-    from detforge.train import resume_data
+    from detforge.training.train import resume_data
 
     try:
         return resume_data(run_dir)[1]
@@ -715,7 +715,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
     """
     import torch
 
-    from detforge.checkpoint import load_run_model
+    from detforge.training.checkpoint import load_run_model
 
     if storage.is_remote(out_dir):
         raise ConfigError("export writes a local deploy folder; copy it to s3:// afterwards", field="--out")

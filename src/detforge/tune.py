@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from detforge import storage
 from detforge.errors import ConfigError, DetforgeError, MissingDependencyError, require
-from detforge.hyperparams import parse_hyperparameters, read_hyperparameters_file
+from detforge.training.hyperparams import parse_hyperparameters, read_hyperparameters_file
 from detforge.tune_ranges import OBJECTIVE, TuningSpec, load_tuning_config, parse_tuning_config
 from detforge.tune_summary import COUNTED, TuneResult, public_url, trial_state, write_summary
 
@@ -280,7 +280,7 @@ def _taken(trials, *, before: int | None = None) -> tuple[int, int]:
 
 
 def _objective(job: _Job, *, worker: int, overrides: dict):
-    from detforge.train import TrainConfig, train
+    from detforge.training.train import TrainConfig, train
 
     optuna = _optuna()
     cfg = job.config

@@ -27,7 +27,7 @@ import orjson
 
 from detforge import storage
 from detforge.errors import ConfigError
-from detforge.hyperparams import EXTENSION_KEYS, SAGEMAKER_KEYS, parse_hyperparameters
+from detforge.training.hyperparams import EXTENSION_KEYS, SAGEMAKER_KEYS, parse_hyperparameters
 
 OBJECTIVE = "validation:mAP"
 SCALING_TYPES = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")

@@ -76,9 +76,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from detforge.errors import ConfigError
-        from detforge.hyperparams import parse_overrides
-        from detforge.train import TrainConfig, check_resume_options, resume_data
-        from detforge.train import train as run_training
+        from detforge.training.hyperparams import parse_overrides
+        from detforge.training.train import TrainConfig, check_resume_options, resume_data
+        from detforge.training.train import train as run_training
 
         if list_layers:
             _print_layers(hyperparameters, parse_overrides(set_ or []))
@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         if train is None or out is None:
             raise ConfigError("--train and --out are required (or --resume RUN)", field="--train")
         main = int(os.environ.get("RANK", "0")) == 0
-        logger = logging.getLogger("detforge.train")
+        logger = logging.getLogger("detforge.training.train")
         handler = logging.StreamHandler() if main else None
         if handler is not None:
             handler.setFormatter(logging.Formatter("%(message)s"))
@@ -126,10 +126,10 @@ def register(app: typer.Typer) -> None:
 
 def _print_layers(hyperparameters: str | None, overrides: dict) -> None:
     """``train --list-layers``: every parameter of the model the hyperparameters build, with the
-    SageMaker MXNet name ``freeze_layer_pattern`` may use (``detforge.layers``)."""
-    from detforge.hyperparams import load_hyperparameters
-    from detforge.layers import layer_table
+    SageMaker MXNet name ``freeze_layer_pattern`` may use (``detforge.training.layers``)."""
     from detforge.models import build_model
+    from detforge.training.hyperparams import load_hyperparameters
+    from detforge.training.layers import layer_table
 
     hp = load_hyperparameters(hyperparameters, overrides={**overrides, "use_pretrained_model": "0"},
                               defaults={"num_classes": "1"})

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from detforge.hyperparams import parse_overrides
+        from detforge.training.hyperparams import parse_overrides
         from detforge.tune import TuneConfig, console_logging, log, tune
         from detforge.tune_ranges import OBJECTIVE
 

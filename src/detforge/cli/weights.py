@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     def list_command() -> None:
         """Each base_network's weights file: cached or not, its path and where it comes from."""
         from detforge.models import BASE_NETWORKS
-        from detforge.weights import weights_status
+        from detforge.models.weights import weights_status
 
         for name in BASE_NETWORKS:
             status = weights_status(name)
@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="A progress bar.")] = True,
     ) -> None:
         """Download the ImageNet weights of each NETWORK into the torch hub cache (TORCH_HOME)."""
-        from detforge.weights import download_backbone, weights_status
+        from detforge.models.weights import download_backbone, weights_status
 
         for name in networks:
             status = weights_status(name)

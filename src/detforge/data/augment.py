@@ -20,7 +20,7 @@ with ``detforge.boxes``, and ``"detforge-augment": {"op": ..., "from": <original
 - A manifest named like ``*validation*`` or with lines marked ``"split": "validation"`` is refused unless
   ``force=True``.
 
-Not here: online (training-time) augmentation, see ``detforge.transforms``.
+Not here: online (training-time) augmentation, see ``detforge.training.transforms``.
 """
 
 from __future__ import annotations

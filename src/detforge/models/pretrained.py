@@ -1,7 +1,7 @@
 """ImageNet backbone weights for ``use_pretrained_model=1``: torchvision's weights API, local cache only.
 
-A missing file is a ``ModelError`` naming it and ``detforge weights download`` (``detforge.weights``, the
-one place that downloads, and only when asked); this module never downloads.
+A missing file is a ``ModelError`` naming it and ``detforge weights download`` (``models.weights``, the one
+place that downloads, and only when asked); this module never downloads.
 """
 
 from __future__ import annotations

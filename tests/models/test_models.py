@@ -9,8 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from detforge import checkpoint, models  # noqa: E402
+from detforge import models  # noqa: E402
 from detforge.errors import ConfigError, ModelError  # noqa: E402
+from detforge.training import checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

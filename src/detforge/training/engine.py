@@ -15,10 +15,10 @@ import math
 import time
 from collections.abc import Callable
 
-from detforge import distributed
 from detforge.coco_metrics import CocoAccumulator
 from detforge.errors import ConfigError
 from detforge.metrics import DetectionAccumulator
+from detforge.training import distributed
 
 
 def _to_device(images, targets, device):

@@ -18,11 +18,11 @@ from conftest import make_tiny_set
 
 torch = pytest.importorskip("torch")
 
-from detforge import checkpoint, engine  # noqa: E402
-from detforge.dataset import ManifestDataset, load_split  # noqa: E402
 from detforge.errors import ConfigError, ManifestError  # noqa: E402
-from detforge.hyperparams import parse_hyperparameters  # noqa: E402
-from detforge.train import TrainConfig, _early_stopping_update, lr_multiplier, train  # noqa: E402
+from detforge.training import checkpoint, engine  # noqa: E402
+from detforge.training.dataset import ManifestDataset, load_split  # noqa: E402
+from detforge.training.hyperparams import parse_hyperparameters  # noqa: E402
+from detforge.training.train import TrainConfig, _early_stopping_update, lr_multiplier, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HP = {
@@ -130,7 +130,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny, reference_run, tmp_pa
     script = textwrap.dedent(f"""
         import torch
         torch.set_num_threads(1)
-        from detforge.train import TrainConfig, train
+        from detforge.training.train import TrainConfig, train
         train(TrainConfig(train={str(tiny[0])!r}, validation={str(tiny[1])!r}, out={str(out)!r},
                           hyperparameters={HP!r} | {{"mini_batch_size": "2"}}, progress=False))
     """)
@@ -219,7 +219,7 @@ def test_freeze_and_incremental_weights(tiny, reference_run, tmp_path):
 
 def test_incremental_weights_with_another_class_count(reference_run):
     from detforge.models import build_model
-    from detforge.train import load_initial_weights
+    from detforge.training.train import load_initial_weights
 
     model = build_model("mobilenet-v3", num_classes=3, image_size=64)
     note = load_initial_weights(model, str(reference_run[0]), base_network="mobilenet-v3", num_classes=3)
@@ -277,8 +277,8 @@ def test_on_epoch_end_stops_the_run(tiny, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny):
-    from detforge.dataset import collate
     from detforge.models import build_model
+    from detforge.training.dataset import collate
 
     model = build_model("mobilenet-v3", num_classes=2, image_size=64)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 
 from detforge import boxes as box_ops
 from detforge.errors import ConfigError
-from detforge.transforms import PRESETS, RandomRot90, build_transform, check_preset
+from detforge.training.transforms import PRESETS, RandomRot90, build_transform, check_preset
 
 torch.set_num_threads(1)
 

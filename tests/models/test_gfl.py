@@ -141,9 +141,9 @@ def test_export_writes_onnx_with_nms_inside_that_matches_pytorch(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from detforge import checkpoint
     from detforge.export import VERIFY_IOU, VERIFY_SCORE, export_run
     from detforge.runtime import Predictor, load_image, resize_rgb
+    from detforge.training import checkpoint
 
     torch.manual_seed(0)
     model = models.build_model("mobilenet-v3", detector="gfl", num_classes=2, image_size=64)

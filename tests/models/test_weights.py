@@ -13,8 +13,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from detforge import models, weights  # noqa: E402
+from detforge import models  # noqa: E402
 from detforge.errors import ModelError  # noqa: E402
+from detforge.models import weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

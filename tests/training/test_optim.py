@@ -10,9 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from detforge.hyperparams import parse_hyperparameters  # noqa: E402
-from detforge.optim import build_optimizer, ignored_hyperparameters  # noqa: E402
-from detforge.train import lr_multiplier  # noqa: E402
+from detforge.training.hyperparams import parse_hyperparameters  # noqa: E402
+from detforge.training.optim import build_optimizer, ignored_hyperparameters  # noqa: E402
+from detforge.training.train import lr_multiplier  # noqa: E402
 
 W = [1.0, -2.0]
 G = [0.5, 0.001]

@@ -11,12 +11,12 @@ from conftest import make_tiny_set
 
 torch = pytest.importorskip("torch")
 
-from detforge import checkpoint, recipe  # noqa: E402
-from detforge.dataset import ManifestDataset, load_split  # noqa: E402
 from detforge.errors import ConfigError  # noqa: E402
-from detforge.hyperparams import parse_hyperparameters  # noqa: E402
-from detforge.mosaic import mosaic  # noqa: E402
-from detforge.train import TrainConfig, lr_multiplier, train  # noqa: E402
+from detforge.training import checkpoint, recipe  # noqa: E402
+from detforge.training.dataset import ManifestDataset, load_split  # noqa: E402
+from detforge.training.hyperparams import parse_hyperparameters  # noqa: E402
+from detforge.training.mosaic import mosaic  # noqa: E402
+from detforge.training.train import TrainConfig, lr_multiplier, train  # noqa: E402
 
 HP = {
     "num_classes": "2",
@@ -147,7 +147,7 @@ def test_a_gfl_run_with_the_recipe_saves_the_averaged_weights(tiny, tmp_path):
     assert not torch.equal(state["model"]["head.cls_out.0.weight"], averaged["head.cls_out.0.weight"])
     from detforge.errors import ModelError
     from detforge.models import build_model
-    from detforge.train import load_initial_weights
+    from detforge.training.train import load_initial_weights
 
     ssd = build_model("mobilenet-v3", num_classes=2, image_size=64)
     with pytest.raises(ModelError, match="is a detector=gfl model but detector is ssd"):
@@ -171,7 +171,7 @@ def test_the_time_budget_stops_cleanly(tiny, tmp_path):
 def test_every_recipe_file_parses(name):
     from pathlib import Path
 
-    from detforge.hyperparams import load_hyperparameters
+    from detforge.training.hyperparams import load_hyperparameters
 
     path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.json"
     hp = load_hyperparameters(path, overrides={"num_classes": "7"})

@@ -9,11 +9,11 @@
   ``cache_dir`` and read from disk afterwards, so a remote dataset streams on the first epoch (as
   SageMaker's Pipe mode) instead of being copied up front. Relative ``source-ref``s resolve against
   the manifest's folder.
-- ``mosaic`` (a probability, training only): an item is a ``detforge.mosaic`` of itself and three other
+- ``mosaic`` (a probability, training only): an item is a ``mosaic`` of itself and three other
   images drawn from the same seeded generator, then randomly flipped; ``cache_images`` keeps every image
   decoded in memory, scaled to a long side of at most ``CACHE_SCALE x image_size`` (``fill_cache`` decodes
   them all up front, so forked loader workers share one copy).
-- Augmentation comes from ``detforge.transforms.build_transform(preset, image_size=, train=)``; each
+- Augmentation comes from ``detforge.training.transforms.build_transform(preset, image_size=, train=)``; each
   item's randomness is seeded from ``(seed, epoch, index)`` (``set_epoch``), so an epoch's data is the
   same whatever the worker count, and a resumed run sees exactly what an uninterrupted one saw.
 
@@ -122,8 +122,8 @@ def load_split(
 
 
 def build_transform(preset: str, *, image_size: int, train: bool):
-    """``detforge.transforms.build_transform`` (resize with antialiasing, the preset's augmentation)."""
-    from detforge.transforms import build_transform as build
+    """``transforms.build_transform`` (resize with antialiasing, the preset's augmentation)."""
+    from detforge.training.transforms import build_transform as build
 
     return build(preset, image_size=image_size, train=train)
 
@@ -222,7 +222,7 @@ class ManifestDataset:
             torch.manual_seed(seed)
             rng = np.random.default_rng(seed)
             if self.mosaic > 0 and rng.random() < self.mosaic:
-                from detforge.mosaic import mosaic
+                from detforge.training.mosaic import mosaic
 
                 others = rng.integers(0, len(self.samples), 3)
                 pieces = [self.decoded(i) for i in [index, *others.tolist()]]

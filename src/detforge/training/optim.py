@@ -24,7 +24,7 @@ adadelta    MXNet ``AdaDelta``: rho 0.9, epsilon 1e-5, and **no learning rate**:
 
 from __future__ import annotations
 
-from detforge.hyperparams import Hyperparameters
+from detforge.training.hyperparams import Hyperparameters
 
 # MXNet's defaults (mxnet.optimizer, 1.x) for what SageMaker does not expose.
 ADAM_BETAS = (0.9, 0.999)

@@ -13,9 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from detforge.errors import ConfigError  # noqa: E402
-from detforge.layers import layer_table, mxnet_names  # noqa: E402
 from detforge.models import build_model  # noqa: E402
-from detforge.train import freeze  # noqa: E402
+from detforge.training.layers import layer_table, mxnet_names  # noqa: E402
+from detforge.training.train import freeze  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,17 +34,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from detforge import checkpoint, distributed, recipe, storage
+from detforge import storage
 from detforge.errors import ConfigError, ModelError
-from detforge.hyperparams import (
+from detforge.training import checkpoint, distributed, recipe
+from detforge.training.hyperparams import (
     Hyperparameters,
     check_against_data,
     load_hyperparameters,
     parse_hyperparameters,
 )
-from detforge.optim import IGNORES_LEARNING_RATE, build_optimizer, ignored_hyperparameters
+from detforge.training.optim import IGNORES_LEARNING_RATE, build_optimizer, ignored_hyperparameters
 
-log = logging.getLogger("detforge.train")
+log = logging.getLogger("detforge.training.train")
 
 
 @dataclass
@@ -121,9 +122,9 @@ def lr_multiplier(
 
 
 def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
-    """Stop gradients for parameters whose torch name or SageMaker MXNet name (``detforge.layers``,
+    """Stop gradients for parameters whose torch name or SageMaker MXNet name (``detforge.training.layers``,
     vgg-16 and resnet-50 backbones) matches ``pattern`` (re.search); returns their torch names."""
-    from detforge.layers import matching_parameters, mxnet_names
+    from detforge.training.layers import matching_parameters, mxnet_names
 
     if not pattern:
         return []
@@ -184,7 +185,7 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
     for row in history:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     storage.write_text(storage.join(run_dir, "metrics.csv"), text.getvalue())
-    from detforge.plots import plot_metrics
+    from detforge.training.plots import plot_metrics
 
     plot_metrics(history, storage.join(run_dir, "metrics.png"), title=storage.basename(run_dir))
 
@@ -231,9 +232,9 @@ def train(config: TrainConfig) -> TrainResult:
     import torch
     from torch.utils.data import DataLoader
 
-    from detforge import engine
-    from detforge.dataset import ManifestDataset, collate, load_split, read_classes
     from detforge.models import build_model
+    from detforge.training import engine
+    from detforge.training.dataset import ManifestDataset, collate, load_split, read_classes
 
     run_dir = os.fspath(config.out)
     if config.resume:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from detforge.errors import ConfigError
-from detforge.hyperparams import (
+from detforge.training.hyperparams import (
     EXTENSION_KEYS,
     SAGEMAKER_KEYS,
     Hyperparameters,

@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 from conftest import make_tiny_set  # noqa: E402
 from test_train import HP  # noqa: E402
 
-from detforge import checkpoint, engine  # noqa: E402
-from detforge.dataset import ManifestDataset, collate, load_split  # noqa: E402
+from detforge.training import checkpoint, engine  # noqa: E402
+from detforge.training.dataset import ManifestDataset, collate, load_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_two_processes_on_cpu(tmp_path):
         import hashlib, os
         import torch
         torch.set_num_threads(1)
-        from detforge.train import TrainConfig, train
+        from detforge.training.train import TrainConfig, train
         result = train(TrainConfig(train={str(train_manifest)!r}, validation={str(val_manifest)!r},
                                    out={str(out)!r}, progress=False,
                                    hyperparameters={HP!r} | {{"epochs": "2"}}))
@@ -94,9 +94,9 @@ def test_two_processes_on_cpu(tmp_path):
 def test_mini_batch_size_is_per_machine_as_in_sagemaker():
     """SageMaker: each of a machine's GPUs takes mini_batch_size / GPUs; with N machines a step sees
     mini_batch_size x N images. torchrun's LOCAL_WORLD_SIZE is the processes of one machine."""
-    from detforge.distributed import Dist
     from detforge.errors import ConfigError
-    from detforge.train import batch_per_process
+    from detforge.training.distributed import Dist
+    from detforge.training.train import batch_per_process
 
     one_machine = Dist(rank=0, world_size=4, local_rank=0, local_world_size=4)
     two_machines = Dist(rank=5, world_size=8, local_rank=1, local_world_size=4)
