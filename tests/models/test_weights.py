@@ -17,7 +17,7 @@ from detforge import models  # noqa: E402
 from detforge.errors import ModelError  # noqa: E402
 from detforge.models import weights  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_missing_weights_name_the_download_command(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from test_train import HP  # noqa: E402
 from detforge.training import checkpoint, engine  # noqa: E402
 from detforge.training.dataset import ManifestDataset, collate, load_split  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_two_processes_on_cpu(tmp_path):

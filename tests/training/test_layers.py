@@ -17,7 +17,7 @@ from detforge.models import build_model  # noqa: E402
 from detforge.training.layers import layer_table, mxnet_names  # noqa: E402
 from detforge.training.train import freeze  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sagemakers_vgg_pattern_freezes_conv1_and_conv2():

@@ -173,7 +173,7 @@ def test_every_recipe_file_parses(name):
 
     from detforge.training.hyperparams import load_hyperparameters
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.json"
+    path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.json"
     hp = load_hyperparameters(path, overrides={"num_classes": "7"})
     assert hp.detector == "gfl" and hp.base_network == "mobilenet-v3" and hp.num_classes == 7
     assert hp.lr_schedule == "cosine" and hp.ema_decay > 0 and hp.mosaic > 0 and hp.optimizer == "adamw"

@@ -24,7 +24,7 @@ from detforge.training.dataset import ManifestDataset, load_split  # noqa: E402
 from detforge.training.hyperparams import parse_hyperparameters  # noqa: E402
 from detforge.training.train import TrainConfig, _early_stopping_update, lr_multiplier, train  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HP = {
     "num_classes": "2",
     "base_network": "mobilenet-v3",
@@ -381,7 +381,7 @@ def test_resume_refuses_conflicting_options(reference_run, tmp_path, extra, opti
     out = tmp_path / "run"
     shutil.copytree(reference_run[0], out)
     before = sorted(p.name for p in out.iterdir())
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     done = subprocess.run([sys.executable, "-m", "detforge", "train", "--resume", str(out), *extra,
                            "--no-progress"], capture_output=True, text=True, timeout=120, env=env,
                           cwd=tmp_path)
