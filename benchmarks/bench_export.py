@@ -68,7 +68,7 @@ def synth_calibration(folder: Path, count: int, *, seed: int) -> Path:
 
 
 def manifest_images(manifest: Path) -> list[np.ndarray]:
-    from detforge.runtime import load_image
+    from detforge.deploy.runtime import load_image
 
     return [load_image(json.loads(line)["source-ref"]) for line in manifest.read_text().splitlines() if line]
 
@@ -97,7 +97,7 @@ def save_untrained_run(folder: Path, base_network: str, image_size: int) -> Path
 def export_both(run: Path, out: Path, *, calibration: Path, calibration_count: int,
                 verify_images: list[str] | None = None) -> tuple[Path, Path, dict]:
     """fp32 and int8 deploy folders of ``run`` (both verified against PyTorch by export_run)."""
-    from detforge.export import export_run
+    from detforge.deploy.export import export_run
 
     started = time.perf_counter()
     export_run(str(run), str(out / "fp32"), verify_images=verify_images)
@@ -146,7 +146,7 @@ def speed_case(arch: str, size: int, tmp: Path, *, frames: list[np.ndarray], cal
     import torch
     from PIL import Image
 
-    from detforge.runtime import Predictor, resize_rgb
+    from detforge.deploy.runtime import Predictor, resize_rgb
     from detforge.training.checkpoint import load_run_model
 
     run = save_untrained_run(tmp / f"run-{arch}", arch, size)
@@ -230,7 +230,7 @@ def wait_for_run(run: Path, *, wait_s: float) -> str:
 
 def accuracy(run: Path, validation: Path, tmp: Path, *, calibration: Path, calibration_count: int,
              wait_s: float) -> dict:
-    from detforge.evaluate import evaluate
+    from detforge.evaluation.evaluate import evaluate
 
     state = wait_for_run(run, wait_s=wait_s)
     # a stable copy of what the run holds now (a run still training rewrites model.safetensors)

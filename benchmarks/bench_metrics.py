@@ -19,8 +19,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from detforge.coco_metrics import CocoAccumulator, run_cocoeval  # noqa: E402
-from detforge.metrics import DetectionAccumulator  # noqa: E402
+from detforge.evaluation.coco_metrics import CocoAccumulator, run_cocoeval  # noqa: E402
+from detforge.evaluation.metrics import DetectionAccumulator  # noqa: E402
 
 NUM_CLASSES = 5
 

@@ -116,7 +116,7 @@ def _records(manifest: Path):
 
 def coco_scores(records, predictions, names) -> dict:
     """pycocotools stats (AP, AP50, APs, APm, APl) of per-image (boxes, scores, class ids) predictions."""
-    from detforge.coco_metrics import coco_metrics
+    from detforge.evaluation.coco_metrics import coco_metrics
 
     stats = coco_metrics(records, predictions, names)
     keys = ("AP", "AP50", "APs", "APm", "APl")
@@ -339,7 +339,7 @@ def run_model(name: str, *, work: Path, manifests: dict, names: list[str], budge
         row |= {f"{SHORT[split]} {k}": v for k, v in coco_scores(records, predict_model(model, records),
                                                               names).items()}
     try:
-        from detforge.export import export_run
+        from detforge.deploy.export import export_run
 
         export_run(str(out), str(work / "deploy" / name), verify_count=2)
         row["onnx_ms"] = onnx_latency_ms(work / "deploy" / name, image_size, threads=threads)

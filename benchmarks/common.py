@@ -66,9 +66,9 @@ def export_bench_deploy(folder: Path, *, image_size: int = 320, background_bias:
     import torch
     from PIL import Image
 
-    from detforge.export import export_run
+    from detforge.deploy.export import export_run
+    from detforge.deploy.runtime import load_image, resize_rgb
     from detforge.models import build_model
-    from detforge.runtime import load_image, resize_rgb
     from detforge.training.checkpoint import RunInfo, save_model
 
     torch.manual_seed(0)

@@ -278,7 +278,7 @@ def tiny_deploy(tmp_path_factory) -> Path:
         if not (deploy / "model.json").exists():
             import torch
 
-            from detforge.export import export_run
+            from detforge.deploy.export import export_run
             from detforge.training.train import TrainConfig, train
 
             threads = torch.get_num_threads()

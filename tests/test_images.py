@@ -58,7 +58,7 @@ def test_exif_orientation_applied_to_pixels_and_header_size():
 def test_phone_photo_box_lands_right_through_prepare_dataset_augment_and_predict(tmp_path):
     from detforge.data.augment import augment
     from detforge.data.prepare import prepare
-    from detforge.predict import Source, _decode
+    from detforge.deploy.predict import Source, _decode
     from detforge.training.dataset import ManifestDataset, load_split
 
     (tmp_path / "photos").mkdir()
@@ -139,6 +139,6 @@ def test_pixel_cap_truncation_and_no_global_state(tmp_path):
         images.decode(b"")
     with pytest.raises(ImageError, match="missing.jpg"):
         images.read(tmp_path / "missing.jpg")
-    from detforge import runtime  # noqa: F401  (importing the runtime once changed Pillow's global)
+    from detforge.deploy import runtime  # noqa: F401  (importing the runtime once changed Pillow's global)
 
     assert Image.MAX_IMAGE_PIXELS == before

@@ -196,7 +196,7 @@ def _step_train(out: str, profile: dict, say: Callable, progress: bool) -> dict:
 
 
 def _step_evaluate(out: str, profile: dict, say: Callable) -> dict:
-    from detforge.evaluate import evaluate
+    from detforge.evaluation.evaluate import evaluate
 
     result = evaluate(os.path.join(out, "runs", "demo"), os.path.join(out, "prepared", "validation.manifest"),
                       out_dir=os.path.join(out, "evaluation"))
@@ -208,7 +208,7 @@ def _step_evaluate(out: str, profile: dict, say: Callable) -> dict:
 
 
 def _step_export(out: str, profile: dict, say: Callable) -> dict:
-    from detforge.export import export_run
+    from detforge.deploy.export import export_run
 
     result = export_run(os.path.join(out, "runs", "demo"), os.path.join(out, "deploy"), name="storage-boxes")
     check = result.verify
@@ -222,7 +222,7 @@ def _step_export(out: str, profile: dict, say: Callable) -> dict:
 def _latency_ms(deploy: str, image: str, repeats: int) -> float:
     import numpy as np
 
-    from detforge.runtime import Predictor
+    from detforge.deploy.runtime import Predictor
 
     predictor = Predictor(deploy)
     predictor.predict([image])
@@ -235,8 +235,8 @@ def _latency_ms(deploy: str, image: str, repeats: int) -> float:
 
 
 def _step_predict(out: str, profile: dict, say: Callable, progress: bool) -> dict:
-    from detforge.evaluate import evaluate
-    from detforge.predict import predict
+    from detforge.deploy.predict import predict
+    from detforge.evaluation.evaluate import evaluate
 
     deploy = os.path.join(out, "deploy")
     validation = os.path.join(out, "prepared", "validation.manifest")

@@ -135,7 +135,7 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
     the next run.
     """
     if predictor is None:
-        from detforge.runtime import Predictor
+        from detforge.deploy.runtime import Predictor
 
         predictor = Predictor(config.deploy_dir, threads=config.threads)
     broker = parse_broker(

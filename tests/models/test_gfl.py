@@ -141,8 +141,8 @@ def test_export_writes_onnx_with_nms_inside_that_matches_pytorch(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from detforge.export import VERIFY_IOU, VERIFY_SCORE, export_run
-    from detforge.runtime import Predictor, load_image, resize_rgb
+    from detforge.deploy.export import VERIFY_IOU, VERIFY_SCORE, export_run
+    from detforge.deploy.runtime import Predictor, load_image, resize_rgb
     from detforge.training import checkpoint
 
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from detforge.evaluate import evaluate
+        from detforge.evaluation.evaluate import evaluate
 
         result = evaluate(model_or_predictions, manifest, iou_threshold=iou, score_threshold=threshold,
                           out_dir=out, classes=classes, label_attribute=label_attribute, coco=coco)

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         """Convert a trained run into a deploy folder (model.onnx + model.json), verified against PyTorch."""
         from rich.console import Console
 
-        from detforge.export import export_run
+        from detforge.deploy.export import export_run
 
         console = Console(soft_wrap=True)
         with console.status("exporting and verifying"):

@@ -52,8 +52,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from detforge.deploy.predict import predict
         from detforge.errors import ConfigError
-        from detforge.predict import predict
 
         if engine not in ("local", "ray"):
             raise ConfigError(f"engine must be 'local' or 'ray', got {engine!r}", field="engine")
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, completed=done, total=total, rate=rate)
 
             if engine == "ray":
-                from detforge.predict_ray import predict_ray
+                from detforge.deploy.predict_ray import predict_ray
 
                 result = predict_ray(deploy, inputs, out=out, threshold=threshold, batch_size=batch_size,
                                      block_size=block_size, workers=workers, address=address, threads=threads,
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
                 where = "_SUCCESS" if engine == "ray" else "the report"
                 console.print(f"  and {len(result.skipped) - 20} more (all listed in {where})")
         if engine == "ray":
-            from detforge.predict_ray import SUCCESS_FILE
+            from detforge.deploy.predict_ray import SUCCESS_FILE
             from detforge.storage import basename
 
             success = next(f for f in result.files if basename(f) == SUCCESS_FILE)

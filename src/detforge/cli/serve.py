@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     ) -> None:
         """Serve GET /ping, POST /invocations, GET /metrics and GET /model until SIGTERM."""
-        from detforge.serve import ServeConfig, serve
+        from detforge.deploy.serve import ServeConfig, serve
 
         deploy_dir = deploy[: -len("/model.onnx")] if deploy.endswith("/model.onnx") else deploy
         config = ServeConfig(

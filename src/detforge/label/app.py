@@ -142,7 +142,7 @@ def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str |
     """
     predictor = None
     if model is not None:
-        from detforge.runtime import Predictor
+        from detforge.deploy.runtime import Predictor
 
         predictor = Predictor(model)
     job = open_job(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,

@@ -24,7 +24,7 @@ scale training) and resizes the others. Post-processing is torchvision SSD's: pe
 ``score_thresh``, the ``topk_candidates`` best, NMS at ``nms_thresh``, the ``detections_per_img`` best.
 
 ``dense_predictions(x)`` (normalised ``N x 3 x S x S`` input) -> boxes ``N x A x 4`` in input pixels and
-class probabilities ``N x A x C``: what ``detforge.export`` puts before NMS in the ONNX graph.
+class probabilities ``N x A x C``: what ``detforge.deploy.export`` puts before NMS in the ONNX graph.
 
 Not here: SSD (``ssd``), the assigner (``assign``), the name -> factory table (``detforge.models``).
 """

@@ -15,9 +15,9 @@ import math
 import time
 from collections.abc import Callable
 
-from detforge.coco_metrics import CocoAccumulator
 from detforge.errors import ConfigError
-from detforge.metrics import DetectionAccumulator
+from detforge.evaluation.coco_metrics import CocoAccumulator
+from detforge.evaluation.metrics import DetectionAccumulator
 from detforge.training import distributed
 
 

@@ -1,4 +1,4 @@
-"""detforge.report: the streaming PDF (rendered by poppler) and the HTML gallery (driven in Chromium)."""
+"""deploy.report: the streaming PDF (rendered by poppler) and the HTML gallery (driven in Chromium)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 from conftest import need_binary
 from PIL import Image
 
-from detforge import report, report_pdf
-from detforge.metrics import DetectionAccumulator
-from detforge.report import HtmlReport, ReportItem, ReportSummary
-from detforge.report_pdf import PdfReport
+from detforge.deploy import report
+from detforge.deploy.report import HtmlReport, ReportItem, ReportSummary
+from detforge.deploy.report import pdf as report_pdf
+from detforge.deploy.report.pdf import PdfReport
+from detforge.evaluation.metrics import DetectionAccumulator
 
 NAMES = ["blue box", "yellow box", "red (box)"]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def png_bytes(width: int, height: int, *, seed: int = 0) -> bytes:
@@ -141,7 +141,7 @@ def server(tiny_deploy, allowed):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_deploy):
-    from detforge.runtime import Predictor
+    from detforge.deploy.runtime import Predictor
 
     return Predictor(str(tiny_deploy), threads=1)
 
@@ -272,7 +272,7 @@ def test_invocations_match_detforge_predict(server, tiny_deploy, allowed, tmp_pa
 def test_jsonlines_refused_without_allow_path(tiny_deploy, predictor):
     from starlette.testclient import TestClient
 
-    from detforge.serve import ServeConfig, create_app
+    from detforge.deploy.serve import ServeConfig, create_app
 
     app = create_app(ServeConfig(deploy_dir=str(tiny_deploy)), predictor=predictor)
     with TestClient(app) as client:
@@ -449,8 +449,8 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_deploy):
 
 
 def test_serve_refuses_bad_settings(tiny_deploy, tmp_path):
+    from detforge.deploy.serve import ServeConfig
     from detforge.errors import ConfigError
-    from detforge.serve import ServeConfig
 
     for kwargs, message in [
         ({"max_batch": 0}, "max_batch"),
@@ -494,7 +494,7 @@ def gated_server(tiny_deploy, predictor, allowed):
 
     import uvicorn
 
-    from detforge.serve import ServeConfig, create_app
+    from detforge.deploy.serve import ServeConfig, create_app
 
     gated = GatedPredictor(predictor)
     config = ServeConfig(deploy_dir=str(tiny_deploy), max_batch=1, max_queue=1, max_in_flight=2, max_images=3,
@@ -508,7 +508,7 @@ def gated_server(tiny_deploy, predictor, allowed):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("detforge.serve").addHandler(handler)
+    logging.getLogger("detforge.deploy.serve").addHandler(handler)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -521,7 +521,7 @@ def gated_server(tiny_deploy, predictor, allowed):
         gated.gate.set()
         server.should_exit = True
         thread.join(30)
-        logging.getLogger("detforge.serve").removeHandler(handler)
+        logging.getLogger("detforge.deploy.serve").removeHandler(handler)
 
 
 def _post_in_thread(url: str, body: bytes, content_type: str = "image/png") -> tuple[threading.Thread, list]:

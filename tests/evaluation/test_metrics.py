@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from detforge.metrics import DetectionAccumulator, all_point_ap, voc07_ap
+from detforge.evaluation.metrics import DetectionAccumulator, all_point_ap, voc07_ap
 
 BOX = [0, 0, 10, 10]
 BOX2 = [20, 20, 30, 30]

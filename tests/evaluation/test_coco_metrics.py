@@ -7,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from detforge.coco_metrics import CocoAccumulator, coco_metrics, run_cocoeval
 from detforge.data.groundtruth import make_record
-from detforge.metrics import DetectionAccumulator, all_point_ap, pr_curve
+from detforge.evaluation.coco_metrics import CocoAccumulator, coco_metrics, run_cocoeval
+from detforge.evaluation.metrics import DetectionAccumulator, all_point_ap, pr_curve
 
 NUM_CLASSES = 3
 

@@ -43,9 +43,7 @@ import orjson
 
 from detforge import storage
 from detforge.data.groundtruth import find_label_attribute, parse_record, resolve_source_ref
-from detforge.errors import ConfigError, DetforgeError, ManifestError, require
-from detforge.metrics import DetectionAccumulator
-from detforge.predict import (
+from detforge.deploy.predict import (
     ImageResult,
     InputSpec,
     PredictResult,
@@ -59,6 +57,8 @@ from detforge.predict import (
     predict_stream,
     resolve_inputs,
 )
+from detforge.errors import ConfigError, DetforgeError, ManifestError, require
+from detforge.evaluation.metrics import DetectionAccumulator
 
 DEFAULT_BLOCK_SIZE = 256
 SUCCESS_FILE = "_SUCCESS"
@@ -220,7 +220,7 @@ class BlockWorker:
     written to a temporary folder, removed once loaded), then whole blocks (one per call)."""
 
     def __init__(self, *, model_files: dict[str, bytes], settings: dict, out: str) -> None:
-        from detforge.runtime import Predictor
+        from detforge.deploy.runtime import Predictor
 
         if os.path.isdir(settings["cwd"]):  # relative paths of the job are relative to the driver's folder
             os.chdir(settings["cwd"])
@@ -362,8 +362,8 @@ def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, di
     from a part was skipped); only the sample's images are read and decoded, here. The report's
     counts, mAP and skipped images are those of the sample. Returns the images in it.
     """
-    from detforge.report import HtmlReport
-    from detforge.report_pdf import PdfReport
+    from detforge.deploy.report import HtmlReport
+    from detforge.deploy.report.pdf import PdfReport
 
     names = list(settings["class_names"])
     threshold = float(settings["threshold"])
@@ -443,7 +443,7 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     """
     ray = require("ray", "ray")
     require("ray.data", "ray")
-    from detforge.runtime import METADATA_FILE, MODEL_FILE, read_metadata
+    from detforge.deploy.runtime import METADATA_FILE, MODEL_FILE, read_metadata
 
     check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
     if int(block_size) < 1:

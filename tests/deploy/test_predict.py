@@ -14,17 +14,17 @@ from conftest import TINY_CLASSES, need_binary
 from detforge import storage
 from detforge.cli import main
 from detforge.data.groundtruth import make_record, write_manifest
+from detforge.deploy.predict import match_truth, predict, resolve_inputs
 from detforge.errors import ConfigError, ManifestError
-from detforge.evaluate import evaluate
+from detforge.evaluation.evaluate import evaluate
 from detforge.images import ImageError
-from detforge.predict import match_truth, predict, resolve_inputs
 
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def predictor(tiny_deploy):
-    from detforge.runtime import Predictor
+    from detforge.deploy.runtime import Predictor
 
     return Predictor(tiny_deploy, threads=1)
 

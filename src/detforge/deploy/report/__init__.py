@@ -27,7 +27,7 @@ from importlib import resources
 import numpy as np
 
 from detforge import storage
-from detforge.metrics import DetectionMetrics
+from detforge.evaluation.metrics import DetectionMetrics
 
 THUMBNAIL_SIDE = 400  # px, longest side: sharp at the PDF cell size (~190 pt) and in the HTML grid
 THUMBNAIL_QUALITY = 82

@@ -36,7 +36,7 @@ from detforge.data.groundtruth import (
     resolve_source_ref,
 )
 from detforge.errors import ConfigError, DetforgeError, ManifestError
-from detforge.metrics import DetectionAccumulator, DetectionMetrics, match_image
+from detforge.evaluation.metrics import DetectionAccumulator, DetectionMetrics, match_image
 
 MANIFEST_SUFFIXES = (".manifest", ".jsonl", ".json", ".ndjson")
 
@@ -194,7 +194,7 @@ def _check_truth(truth: Record, class_names: list[str], warned: set[int], warnin
 
 def _decode(source: Source, make_thumbnail: bool):
     """(image array, thumbnail or None) or the DetforgeError saying why the image cannot be read."""
-    from detforge.runtime import load_image
+    from detforge.deploy.runtime import load_image
 
     try:
         image = load_image(source.ref)
@@ -202,7 +202,7 @@ def _decode(source: Source, make_thumbnail: bool):
         return exc
     thumbnail = None
     if make_thumbnail:
-        from detforge.report import make_thumbnail as thumb
+        from detforge.deploy.report import make_thumbnail as thumb
 
         thumbnail = thumb(image)
     return image, thumbnail
@@ -246,7 +246,7 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
     """
     check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
     if predictor is None:
-        from detforge.runtime import Predictor
+        from detforge.deploy.runtime import Predictor
 
         predictor = Predictor(deploy, threads=threads, providers=providers)
     specs = resolve_inputs(inputs)
@@ -262,8 +262,8 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
         writer = stack.enter_context(storage.atomic_writer(out, "wb"))
         reports = []
         if report is not None or html is not None:
-            from detforge.report import HtmlReport
-            from detforge.report_pdf import PdfReport
+            from detforge.deploy.report import HtmlReport
+            from detforge.deploy.report.pdf import PdfReport
 
             title = f"detforge predict: {predictor.metadata.get('name') or os.path.basename(str(deploy))}"
             if report is not None:
@@ -350,7 +350,7 @@ def _write_line(writer, source: Source, width: int, height: int, rows: list[list
 
 
 def _report_item(outcome: ImageResult, thumbnail):
-    from detforge.report import ReportItem
+    from detforge.deploy.report import ReportItem
 
     rows = np.asarray(outcome.prediction, dtype=np.float64).reshape(-1, 6)
     item = ReportItem(name=storage.basename(outcome.source.source_ref), source_ref=outcome.source.source_ref,
@@ -366,7 +366,7 @@ def _report_item(outcome: ImageResult, thumbnail):
 
 
 def _summary(result: PredictResult, predictor):
-    from detforge.report import ReportSummary
+    from detforge.deploy.report import ReportSummary
 
     meta = predictor.metadata
     validation = meta.get("validation:mAP")

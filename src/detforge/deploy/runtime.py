@@ -1,7 +1,7 @@
 """The deployed model without torch: ``Predictor`` over ONNX Runtime, for predict, serve and edge.
 
 ``Predictor(deploy_dir, *, threads=None, providers=None)`` loads ``deploy_dir/model.onnx`` and
-``model.json`` (written by ``detforge.export``), checks the ONNX file's sha256 against the metadata, and
+``model.json`` (written by ``deploy.export``), checks the ONNX file's sha256 against the metadata, and
 ``predictor.predict(images, *, threshold=None)`` returns one ``Detections`` per image, for image paths
 (local or ``s3://``), encoded bytes, PIL images or ``HxWx3`` uint8 RGB arrays. Images are resized to the
 model's input size here (PIL bilinear with antialiasing, as the training pipeline does), batched, run

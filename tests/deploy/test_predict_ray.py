@@ -21,9 +21,9 @@ from conftest import missing
 from detforge import storage
 from detforge.cli import main
 from detforge.data.groundtruth import make_record, write_manifest
+from detforge.deploy.predict import predict, resolve_inputs
 from detforge.errors import ConfigError, ManifestError, MissingDependencyError, ModelError
 from detforge.images import ImageError
-from detforge.predict import predict, resolve_inputs
 
 pytest.importorskip("onnxruntime")
 
@@ -120,7 +120,7 @@ def test_s3_inputs_give_the_lines_of_predict(ray_local, tiny_deploy, images, tmp
 
 
 def ray_local_predict(deploy, inputs, **kwargs):
-    from detforge.predict_ray import predict_ray
+    from detforge.deploy.predict_ray import predict_ray
 
     return predict_ray(str(deploy), inputs, threads=1, **kwargs)
 
@@ -254,7 +254,7 @@ def test_without_ray_the_error_says_how_to_get_it(tiny_deploy, images, tmp_path,
 
 
 def test_blocks_follow_the_input_order_and_bad_lines_stop_the_plan(images, tmp_path):
-    from detforge.predict_ray import Block, block_sources, plan_blocks
+    from detforge.deploy.predict_ray import Block, block_sources, plan_blocks
 
     manifest = tmp_path / "in.manifest"
     refs = ["a.png", "sub/b.png", "c.png"]
@@ -285,7 +285,7 @@ def test_a_local_instance_of_its_own_and_too_many_workers(ray_local, tiny_deploy
     import subprocess
 
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # its Ray on loopback too
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
                                           os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "detforge", "predict", str(tiny_deploy), str(images),
                            "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "100000"],
@@ -321,12 +321,13 @@ def test_a_model_the_workers_cannot_load_stops_the_job_naming_it(ray_local, tiny
 
 
 def test_a_failed_ray_job_is_said_in_one_line():
-    from detforge.predict_ray import _job_failed
+    from detforge.deploy.predict_ray import _job_failed
 
     report = ("ray::MapWorker(MapBatches(BlockWorker)).__init__() (pid=1, ip=127.0.0.1)\n"
               "  File \"serialization.py\", line 366, in _deserialize_pickle5_data\n"
               "    obj = pickle.loads(in_band)\n"
-              "ModuleNotFoundError: No module named 'detforge.predict_ray'\n")
+              "ModuleNotFoundError: No module named 'detforge.deploy.predict_ray'\n")
     error = _job_failed(RuntimeError(report), out="s3://b/out")
     assert str(error).startswith("s3://b/out: the Ray job failed: ModuleNotFoundError: No module named "
-                                 "'detforge.predict_ray' (every node needs this detforge with detforge[ray]")
+                                 "'detforge.deploy.predict_ray' (every node needs this detforge with "
+                                 "detforge[ray]")

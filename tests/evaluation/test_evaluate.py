@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from detforge.cli import evaluate as evaluate_cli
 from detforge.data.groundtruth import make_record, read_manifest, write_manifest
 from detforge.errors import ConfigError, FormatError, ManifestError
-from detforge.evaluate import evaluate, find_source
+from detforge.evaluation.evaluate import evaluate, find_source
 
 CLASSES = ["blue box", "yellow box"]
 CMAP = {0: "blue box", 1: "yellow box"}
@@ -204,7 +204,7 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
     for name, (w, h) in (("p.png", (64, 48)), ("q.png", (40, 40))):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
         files.append(tmp_path / name)
-    from detforge.runtime import resize_rgb
+    from detforge.deploy.runtime import resize_rgb
 
     pictures = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     with torch.inference_mode():  # the model sees each image resized to 64 x 64 by the runtime's resize
@@ -242,7 +242,7 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
 def test_a_deploy_folder_scores_as_its_predictions_file(tiny_deploy, tmp_path):
     """ONNX Runtime evaluated directly gives the metrics of `detforge predict`'s file on the same manifest."""
     pytest.importorskip("onnxruntime")
-    from detforge.predict import predict
+    from detforge.deploy.predict import predict
 
     manifest = tiny_deploy.parent / "validation" / "data.manifest"
     direct = evaluate(str(tiny_deploy), str(manifest), coco=False)
@@ -262,8 +262,8 @@ def test_run_deploy_predictions_and_training_validation_agree(tmp_path):
     pytest.importorskip("onnxruntime")
     from conftest import TINY_HP, make_tiny_set
 
-    from detforge.export import export_run
-    from detforge.predict import predict
+    from detforge.deploy.export import export_run
+    from detforge.deploy.predict import predict
     from detforge.training.train import TrainConfig, train
 
     torch.set_num_threads(1)

@@ -6,7 +6,7 @@ concurrent requests into one ``Predictor.predict`` call, back-pressure (bounded 
 images, requests in flight and connections; ``503`` with ``Retry-After`` when full, never a growing memory),
 Prometheus metrics (``prometheus_client``, summed over ``--workers``), and ``serve()`` which runs it under
 uvicorn with a graceful SIGTERM. Answers never carry local paths or exception text. Not in here: the model
-itself (``detforge.runtime``), the allowed-path rule for files named in requests
+itself (``detforge.deploy.runtime``), the allowed-path rule for files named in requests
 (``detforge.edge_sources.resolve_allowed_path``). No torch.
 """
 
@@ -50,7 +50,7 @@ PUBLIC_MODEL_FIELDS = (
     "nms_topk", "score_threshold", "default_threshold", "quantization", "opset", "detforge_version",
     "exported_at", "sha256",
 )
-log = logging.getLogger("detforge.serve")
+log = logging.getLogger("detforge.deploy.serve")
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ def public_model_info(metadata: dict, *, threshold: float) -> dict:
 def create_app(config: ServeConfig, predictor=None) -> Starlette:
     """The endpoint as an ASGI app; loads the model (``predictor`` may be given) before returning."""
     if predictor is None:
-        from detforge.runtime import Predictor
+        from detforge.deploy.runtime import Predictor
 
         predictor = Predictor(config.deploy_dir, threads=config.threads)
     _warm_up(predictor)
@@ -596,7 +596,8 @@ def serve(
         os.environ[CONFIG_ENV] = json.dumps(asdict(config))
         os.environ[MULTIPROC_ENV] = metrics_dir
         try:
-            uvicorn.run("detforge.serve:app_from_environment", factory=True, workers=workers, **options)
+            uvicorn.run("detforge.deploy.serve:app_from_environment", factory=True, workers=workers,
+                        **options)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
             for key, value in saved.items():

@@ -36,10 +36,10 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.coco_metrics import CocoAccumulator
 from detforge.data.groundtruth import read_manifest, resolve_source_ref
 from detforge.errors import ConfigError, FormatError, ManifestError, require
-from detforge.metrics import DetectionAccumulator, DetectionMetrics
+from detforge.evaluation.coco_metrics import CocoAccumulator
+from detforge.evaluation.metrics import DetectionAccumulator, DetectionMetrics
 
 PREDICTION_SUFFIXES = (".jsonl", ".json", ".ndjson", ".out")
 
@@ -257,8 +257,8 @@ def _open_model(path: str):
     require("torch", "training")
     import torch
 
+    from detforge.deploy.runtime import resize_rgb
     from detforge.models import labels_to_class_ids
-    from detforge.runtime import resize_rgb
     from detforge.training.checkpoint import load_run_model
 
     model, info = load_run_model(path)
@@ -281,7 +281,7 @@ def _open_model(path: str):
 
 def _open_deploy(path: str):
     """Class names of a deploy folder and a function from RGB arrays to detections (ONNX Runtime)."""
-    from detforge.runtime import Predictor
+    from detforge.deploy.runtime import Predictor
 
     predictor = Predictor(path)
 

@@ -38,8 +38,8 @@ import orjson
 from detforge import __version__, storage
 from detforge import boxes as boxmath
 from detforge.data.groundtruth import read_image_refs, resolve_source_ref
+from detforge.deploy.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image, resize_rgb
 from detforge.errors import ConfigError, DetforgeError, ManifestError, ModelError
-from detforge.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image, resize_rgb
 
 DEFAULT_OPSET = 17
 DEFAULT_THRESHOLD = 0.3
@@ -657,7 +657,7 @@ def compare_int8(staging: str, sample: np.ndarray, *, classes: list[str], image_
     ``staging/model.onnx`` (fp32) and ``staging/<int8_file>``; ``map_points_lost`` = 100 x the mAP drop."""
     import onnxruntime as ort
 
-    from detforge.evaluate import evaluate
+    from detforge.evaluation.evaluate import evaluate
 
     files = (("fp32", MODEL_FILE), ("int8", int8_file))
     batch = resize_rgb(sample, image_size)[None]

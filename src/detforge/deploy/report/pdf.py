@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from detforge import storage
-from detforge.report import (
+from detforge.deploy.report import (
     ReportItem,
     ReportSummary,
     caption,
