@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOPIC = "detforge/infer/output"
 DEVICE = """
 import sys, time
-from detforge.edge_buffer import DiskBuffer, Publisher, parse_broker
+from detforge.edge.buffer import DiskBuffer, Publisher, parse_broker
 url, folder, start, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 publisher = Publisher(parse_broker(url), DiskBuffer(folder), client_id=f"device-{start}",
                       status_topic="detforge/infer/status", status=lambda: {}, backoff=(0.05, 0.5))

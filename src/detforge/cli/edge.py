@@ -184,7 +184,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Write a Greengrass v2 component (recipe YAML + artifact zip) that runs `detforge edge`."""
-        from detforge.greengrass import package_component
+        from detforge.edge.greengrass import package_component
 
         component = package_component(
             _deploy_dir(deploy),

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
 
         from detforge.training.hyperparams import parse_overrides
         from detforge.tune import TuneConfig, console_logging, log, tune
-        from detforge.tune_ranges import OBJECTIVE
+        from detforge.tune.ranges import OBJECTIVE
 
         handler = console_logging()
         try:

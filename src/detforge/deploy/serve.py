@@ -7,7 +7,7 @@ images, requests in flight and connections; ``503`` with ``Retry-After`` when fu
 Prometheus metrics (``prometheus_client``, summed over ``--workers``), and ``serve()`` which runs it under
 uvicorn with a graceful SIGTERM. Answers never carry local paths or exception text. Not in here: the model
 itself (``detforge.deploy.runtime``), the allowed-path rule for files named in requests
-(``detforge.edge_sources.resolve_allowed_path``). No torch.
+(``detforge.edge.sources.resolve_allowed_path``). No torch.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from detforge import images
-from detforge.edge_sources import resolve_allowed_path
+from detforge.edge.sources import resolve_allowed_path
 from detforge.errors import ConfigError, DetforgeError
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "application/x-image"})

@@ -18,10 +18,10 @@ import yaml
 from conftest import missing
 from test_edge import secure_broker  # noqa: F401  (a fixture: mosquitto with TLS, a password, an ACL)
 
+from detforge.edge.greengrass import edge_requirements, package_component, pinned_requirements
 from detforge.errors import ConfigError, ModelError
-from detforge.greengrass import edge_requirements, package_component, pinned_requirements
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAME, VERSION = "com.example.Detector", "1.2.3"
 
 
@@ -87,9 +87,9 @@ def test_recipe_parses_and_names_existing_files(component, tiny_deploy, tmp_path
         "deploy/model.json",
         "detforge/__init__.py",
         "detforge/__main__.py",
-        "detforge/edge.py",
-        "detforge/edge_buffer.py",
-        "detforge/edge_sources.py",
+        "detforge/edge/__init__.py",
+        "detforge/edge/buffer.py",
+        "detforge/edge/sources.py",
         "detforge/cli/edge.py",
     ):
         assert f"detforge-edge/{name}" in names, name

@@ -21,7 +21,7 @@ import orjson
 
 from detforge import storage
 from detforge.errors import require
-from detforge.tune_ranges import OBJECTIVE
+from detforge.tune.ranges import OBJECTIVE
 
 COUNTED = ("complete", "pruned", "failed")  # the states that count towards the trials wanted
 

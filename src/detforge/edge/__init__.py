@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from detforge.edge_buffer import DiskBuffer, Publisher, parse_broker
-from detforge.edge_sources import Frame, load_rgb, mask_credentials, open_source, resolve_allowed_path
+from detforge.edge.buffer import DiskBuffer, Publisher, parse_broker
+from detforge.edge.sources import Frame, load_rgb, mask_credentials, open_source, resolve_allowed_path
 from detforge.errors import ConfigError, DetforgeError
 
 DEFAULT_TOPIC = "detforge/infer/output"

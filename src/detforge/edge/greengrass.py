@@ -111,7 +111,7 @@ def pinned_requirements() -> list[str]:
 
 
 def _package_files() -> list[tuple[Path, str]]:
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the detforge package
     files = []
     for path in sorted(root.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):

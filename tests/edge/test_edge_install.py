@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("DETFORGE_TEST_CACHE", Path.home() / ".cache" / "detforge-test"))
 
 

@@ -20,9 +20,9 @@ import pytest
 from conftest import free_port, make_tiny_set, missing, wait_for_port
 
 from detforge.errors import ConfigError
-from detforge.tune_ranges import DEFAULT_RANGES, load_tuning_config, parse_tuning_config
+from detforge.tune.ranges import DEFAULT_RANGES, load_tuning_config, parse_tuning_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HP = {
     "num_classes": "2",
     "base_network": "mobilenet-v3",

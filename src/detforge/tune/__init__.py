@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from detforge import storage
 from detforge.errors import ConfigError, DetforgeError, MissingDependencyError, require
 from detforge.training.hyperparams import parse_hyperparameters, read_hyperparameters_file
-from detforge.tune_ranges import OBJECTIVE, TuningSpec, load_tuning_config, parse_tuning_config
-from detforge.tune_summary import COUNTED, TuneResult, public_url, trial_state, write_summary
+from detforge.tune.ranges import OBJECTIVE, TuningSpec, load_tuning_config, parse_tuning_config
+from detforge.tune.summary import COUNTED, TuneResult, public_url, trial_state, write_summary
 
 log = logging.getLogger("detforge.tune")
 

@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from PIL import Image
 
-from detforge.edge_buffer import BrokerSpec, DiskBuffer, Publisher, parse_broker
-from detforge.edge_sources import (
+from detforge.edge.buffer import BrokerSpec, DiskBuffer, Publisher, parse_broker
+from detforge.edge.sources import (
     LiveSource,
     VideoFileSource,
     WatchSource,
@@ -35,7 +35,7 @@ from detforge.edge_sources import (
 )
 from detforge.errors import ConfigError, StorageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Recorder:
@@ -317,7 +317,7 @@ def test_watch_source_picks_up_new_images_only(tmp_path):
     ],
 )
 def test_mask_credentials(text, shown):
-    from detforge.edge_sources import mask_credentials
+    from detforge.edge.sources import mask_credentials
 
     assert mask_credentials(text) == shown
 
@@ -504,7 +504,7 @@ def test_disk_buffer_fsyncs_and_quarantines_what_cannot_be_read(tmp_path, monkey
     ],
 )
 def test_message_problem(data, problem):
-    from detforge.edge_buffer import message_problem
+    from detforge.edge.buffer import message_problem
 
     assert message_problem(data).startswith(problem)
     assert message_problem(b't/a\n{"n": 1}') is None

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from detforge.edge_sources import mask_credentials
+from detforge.edge.sources import mask_credentials
 from detforge.errors import ConfigError
 
 log = logging.getLogger("detforge.edge")
