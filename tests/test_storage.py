@@ -48,3 +48,38 @@ def test_cache_path_stays_inside_the_cache_folder(tmp_path):
     escaped = cache_path("s3://bucket/../../../../home/user/.bashrc", cache)
     assert escaped.startswith(str(cache / "_by-hash") + "/") and escaped.endswith("-.bashrc")
     assert cache_path("s3://bucket/../../x.jpg", cache) != cache_path("s3://bucket/../../y/x.jpg", cache)
+
+
+def test_local_copy_fetches_a_changed_object_again_and_works_offline(make_bucket, tmp_path, monkeypatch):
+    bucket = make_bucket()
+    uri = f"s3://{bucket}/frames/a.jpg"
+    cache = tmp_path / "cache"
+    storage.write_bytes(uri, b"first")
+    path = storage.local_copy(uri, cache)
+    assert open(path, "rb").read() == b"first" and path.startswith(str(cache))
+    storage.write_bytes(uri, b"second version")  # the bucket's object changes between two runs
+    monkeypatch.setattr(storage, "_CHECKED", set())  # a new process
+    assert open(storage.local_copy(uri, cache), "rb").read() == b"second version"
+    # within one process the object is checked once, not on every read (a training epoch reads it again)
+    calls = []
+    real = storage._remote_tag
+    monkeypatch.setattr(storage, "_remote_tag", lambda u: calls.append(u) or real(u))
+    for _ in range(3):
+        storage.local_copy(uri, cache)
+    assert calls == []
+    # the store cannot be reached: the cached copy serves (the cache works offline)
+    monkeypatch.setattr(storage, "_CHECKED", set())
+
+    def unreachable(u):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(storage, "_remote_tag", unreachable)
+    assert open(storage.local_copy(uri, cache), "rb").read() == b"second version"
+    monkeypatch.setattr(storage, "_remote_tag", real)
+    # an object deleted from the store is not served from the cache
+    monkeypatch.setattr(storage, "_CHECKED", set())
+    import fsspec
+
+    fsspec.filesystem("s3").rm(uri)
+    with pytest.raises(StorageError, match=rf"{uri}: cannot read: no such file"):
+        storage.local_copy(uri, cache)

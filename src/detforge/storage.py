@@ -242,12 +242,59 @@ def cache_path(uri: str, cache_dir: str | os.PathLike) -> str:
     return cached
 
 
+# cached copies already checked against their remote object by this process (one HEAD per object per run)
+_CHECKED: set[str] = set()
+# beside a cached copy: the ETag (or size and time) of the remote object it was made from
+TAG_SUFFIX = ".detforge-tag"
+
+
 def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
-    """A local path for a file: itself when local, else a cached download under cache_dir."""
+    """A local path for a file: itself when local, else a cached download under cache_dir.
+
+    A cached copy is used only while the remote object is unchanged: the first time a process asks for
+    an object, its ETag (or size and modification time, where a store has no ETag) is compared with the
+    one the copy was made from, and a changed object is downloaded again. When the store cannot be
+    reached, an existing copy is used (a cache works offline); without one, the error names the object.
+    """
     uri = os.fspath(uri)
     if not is_remote(uri):
         return _local(uri)
     cached = cache_path(uri, cache_dir)
-    if not os.path.exists(cached):
+    if cached in _CHECKED and os.path.exists(cached):
+        return cached
+    try:
+        tag = _remote_tag(uri)
+    except FileNotFoundError as exc:  # gone from the store: a cached copy must not stand in for it
+        raise StorageError("cannot read: no such file", path=uri) from exc
+    except Exception:  # the store cannot be reached (offline, no route, throttled): the copy still serves
+        if os.path.exists(cached):
+            return cached
+        tag = None  # copy_file says why it cannot read the object
+    tag_file = cached + TAG_SUFFIX
+    if tag is None or not os.path.exists(cached) or _read_tag(tag_file) != tag:
         copy_file(uri, cached)
+        if tag is not None:
+            with atomic_writer(tag_file, "w") as handle:
+                handle.write(tag)
+    _CHECKED.add(cached)
     return cached
+
+
+def _remote_tag(uri: str) -> str:
+    """What identifies the remote object's content: its ETag, else size and modification time."""
+    fs = _filesystem(uri)
+    path = _strip(uri)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag {str(etag).strip(chr(34))}"
+    return f"size {info.get('size')} mtime {info.get('LastModified') or info.get('mtime')}"
+
+
+def _read_tag(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError:
+        return None
