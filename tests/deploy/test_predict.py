@@ -223,3 +223,29 @@ def test_cli_errors_exit_2(tiny_deploy, tmp_path, capsys):
     assert code == 2 and "nowhere.jpg: no such image" in capsys.readouterr().err
     code = main(["predict", str(tmp_path), str(tiny_deploy.parent / "validation"), "--out", out])
     assert code == 2 and "not a deploy folder" in capsys.readouterr().err
+
+
+def test_an_s3_deploy_folder_predicts_evaluates_and_fails_as_a_local_one(tiny_deploy, images, tmp_path,
+                                                                        make_bucket, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bucket = make_bucket()
+    for name in ("model.onnx", "model.json"):
+        storage.copy_file(str(tiny_deploy / name), f"s3://{bucket}/deploy/{name}")
+    manifest = tiny_deploy.parent / "validation" / "data.manifest"
+    local_out, remote_out = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    for deploy, out in ((str(tiny_deploy), local_out), (f"s3://{bucket}/deploy/", remote_out)):
+        code = main(["predict", deploy, str(images), str(manifest), "--out", str(out), "--threads", "1"])
+        assert code == 0, capsys.readouterr().err
+    assert remote_out.read_bytes() == local_out.read_bytes()
+    local = evaluate(str(tiny_deploy), str(manifest), coco=False).metrics
+    remote = evaluate(f"s3://{bucket}/deploy", str(manifest), coco=False).metrics
+    assert remote.voc07_map == local.voc07_map and remote.tp == local.tp
+    # the same missing file, the same error, wherever the folder is
+    storage.copy_file(str(tiny_deploy / "model.json"), f"s3://{bucket}/half/model.json")
+    capsys.readouterr()
+    for deploy in (f"s3://{bucket}/half", f"s3://{bucket}/nothing"):
+        code = main(["predict", deploy, str(images), "--out", str(tmp_path / "x.jsonl")])
+        err = capsys.readouterr().err
+        assert code == 2 and deploy in err
+        assert ("missing model.onnx" if "half" in deploy else "not a deploy folder") in err
+    assert not (tmp_path / "x.jsonl").exists()

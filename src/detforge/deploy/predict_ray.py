@@ -443,7 +443,7 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     """
     ray = require("ray", "ray")
     require("ray.data", "ray")
-    from detforge.deploy.runtime import METADATA_FILE, MODEL_FILE, read_metadata
+    from detforge.deploy.runtime import METADATA_FILE, MODEL_FILE, local_deploy, read_metadata
 
     check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
     if int(block_size) < 1:
@@ -459,6 +459,7 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     if deploy.endswith(MODEL_FILE):
         deploy = os.path.dirname(deploy) or "."
     metadata = read_metadata(deploy)
+    deploy = local_deploy(deploy)
     model_path = os.path.join(deploy, MODEL_FILE)
     if not os.path.exists(model_path):
         from detforge.errors import ModelError

@@ -85,8 +85,38 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def deploy_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/detforge/deploy`` (``~/.cache/detforge/deploy``): remote deploy folders land here."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "detforge", "deploy")
+
+
+def local_deploy(deploy_dir: str) -> str:
+    """The deploy folder on local disk: itself, or, for an ``s3://`` (any fsspec URL) folder, its
+    ``model.json`` and ``model.onnx`` copied into ``deploy_cache_dir()`` (``storage.local_copy``: fetched
+    again when the object changed) -- what predict, evaluate, serve, edge and the Greengrass component
+    load. A missing file is the same error as for a local folder."""
+    deploy_dir = os.fspath(deploy_dir)
+    if not storage.is_remote(deploy_dir):
+        return deploy_dir
+    deploy_dir = deploy_dir.rstrip("/")
+    folder = None
+    missing_files = {METADATA_FILE: "not a deploy folder (no model.json; make one with `detforge export RUN "
+                                    "--out DIR`)", MODEL_FILE: "missing model.onnx"}
+    for name, missing in missing_files.items():
+        uri = storage.join(deploy_dir, name)
+        if not storage.exists(uri):
+            raise ModelError(missing, path=deploy_dir)
+        local = storage.local_copy(uri, deploy_cache_dir())
+        if os.path.basename(local) != name or folder not in (None, os.path.dirname(local)):
+            raise ModelError("a deploy folder URI cannot have '..' segments", path=deploy_dir)
+        folder = os.path.dirname(local)
+    return folder
+
+
 def read_metadata(deploy_dir: str) -> dict:
     """``model.json`` of a deploy folder; ModelError naming the file and field when it is not usable."""
+    deploy_dir = local_deploy(deploy_dir)
     path = os.path.join(deploy_dir, METADATA_FILE)
     if not os.path.exists(path):
         raise ModelError("not a deploy folder (no model.json; make one with `detforge export RUN --out DIR`)",
@@ -124,9 +154,10 @@ class Predictor:
         deploy_dir = os.fspath(deploy_dir)
         if deploy_dir.endswith(MODEL_FILE):
             deploy_dir = os.path.dirname(deploy_dir) or "."
-        self.deploy_dir = deploy_dir
-        self.metadata = read_metadata(deploy_dir)
-        model_path = os.path.join(deploy_dir, MODEL_FILE)
+        self.deploy_dir = deploy_dir  # as given (an s3:// folder stays one in names and messages)
+        local = local_deploy(deploy_dir)
+        self.metadata = read_metadata(local)
+        model_path = os.path.join(local, MODEL_FILE)
         if not os.path.exists(model_path):
             raise ModelError("missing model.onnx", path=deploy_dir)
         expected = self.metadata.get("sha256")
