@@ -412,11 +412,17 @@ def test_cli_killed_mid_job_resumes_with_nothing_lost(tmp_path):
         assert json.loads(body)["boxes"] == [[31.0, 20.0, 90.0, 70.0, 1, 0.5]]
         status, body, _ = http(f"{base}/api/job?token={token}")
         assert json.loads(body)["start"] == 1  # the first image not done yet
+        # a second labeler on the same output is refused (the killed one's lock went with it)
+        second = subprocess.run([*CLI, "label", *args, "--no-browser", "--port", "0"], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+        assert second.returncode == 2, second.stderr
+        assert (f"{out}, field '--out': another detforge label is writing this output (pid {process.pid})"
+                in second.stderr)
     finally:
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=20)
     assert process.returncode == 0 and "stopped: 2 of 4 images done" in rest
-    assert out.read_bytes() == saved
+    assert out.read_bytes() == saved and not Path(f"{out}.lock").exists()
     assert [r.image_id for r in read_manifest(out)] == ["frame_000", "frame_002"]
     bad = subprocess.run([*CLI, "label", str(manifest), "--out", str(out), "--no-browser"],
                          capture_output=True, text=True)

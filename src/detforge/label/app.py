@@ -9,8 +9,9 @@ boxes and proposals at a time (``/api/item/<i>``), images by index only. Every c
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import orjson
 
@@ -127,6 +128,46 @@ class _Handler(TokenHandler):
         self._json(200, {"item": summary, "progress": self.server.job.progress()})
 
 
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold ``OUT.lock`` (an exclusive ``flock``) while a job writes its output: a second ``detforge label``
+    on the same local output is refused instead of the two overwriting each other's boxes. The lock goes
+    with the process (also when it is killed); an ``s3://`` output and systems without ``flock`` have none.
+    """
+    from detforge import storage
+
+    out = os.fspath(out)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if storage.is_remote(out) or fcntl is None:
+        yield
+        return
+    path = os.path.abspath(out) + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the whole job
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"another detforge label is writing this output ({holder})", path=out,
+                              field="--out", hint="stop it first, or write to another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    finally:
+        handle.close()
+
+
 def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str | Sequence[str] | None = None,
           adjust: bool = False, label_attribute: str | None = None, job_name: str | None = None,
           model: str | os.PathLike | None = None, order: str = "manifest", threshold: float | None = None,
@@ -140,6 +181,14 @@ def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str |
     follows the model's pass over every image for ``order="uncertainty"``; ``on_ready(server)`` is called
     once the server listens (the CLI prints ``server.url`` there).
     """
+    with output_lock(out):
+        return _label(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
+                      job_name=job_name, model=model, order=order, threshold=threshold, host=host, port=port,
+                      open_browser=open_browser, on_progress=on_progress, on_ready=on_ready)
+
+
+def _label(manifest, *, out, classes, adjust, label_attribute, job_name, model, order, threshold, host, port,
+           open_browser, on_progress, on_ready) -> LabelJob:
     predictor = None
     if model is not None:
         from detforge.deploy.runtime import Predictor
