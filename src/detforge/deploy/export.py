@@ -567,8 +567,9 @@ def _normalization_as_conv(model) -> str | None:
 
 
 def _network_nodes(model) -> list[str]:
-    """Names of the nodes of backbone and head: ancestors of the ``/head/`` nodes that do not feed the
-    input ``Resize`` (pre-processing). Box decoding, softmax, top-k and NMS come after the head."""
+    """Names of the nodes of backbone, neck and head: ancestors of the ``/head/`` nodes that do not feed
+    the input ``Resize`` (pre-processing: a ``Resize`` with no ``Conv`` before it; the neck's upsampling
+    ``Resize`` nodes are network). Box decoding, softmax, top-k and NMS come after the head."""
     producers = {output: node for node in model.graph.node for output in node.output}
 
     def ancestors(seeds) -> set[int]:
@@ -582,7 +583,10 @@ def _network_nodes(model) -> list[str]:
         return seen
 
     network = ancestors(n for n in model.graph.node if n.name.startswith("/head/"))
-    network -= ancestors(n for n in model.graph.node if n.op_type == "Resize")
+    by_id = {id(node): node for node in model.graph.node}
+    input_resizes = [n for n in model.graph.node if n.op_type == "Resize"
+                     and not any(by_id[i].op_type == "Conv" for i in ancestors([n]))]
+    network -= ancestors(input_resizes)
     return [node.name for node in model.graph.node if id(node) in network]
 
 
