@@ -401,6 +401,9 @@ def main() -> None:
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one model, write its row
     args = parser.parse_args()
     budget = 2.0 if args.quick else args.budget_minutes
+    if not DATA.exists():
+        sys.exit(f"no {DATA}: this benchmark needs the Aquarium photos beside the checkout "
+                 "(../shared/data/aquarium, Roboflow's export in Ultralytics layout)")
     work = Path(args.work)
     manifests = {split: work / "data" / f"{split}.manifest" for split in SPLITS}
     if args.one:
