@@ -116,3 +116,37 @@ def test_ref_from_relative_only_within_a_shared_top_folder(tmp_path):
     assert groundtruth.ref_from(str(tmp_path / "a.jpg"), "s3://b/prepared") == str(tmp_path / "a.jpg")
     # nothing in common but the root: the absolute path, not ../../../...
     assert groundtruth.ref_from("/opt/photos/a.jpg", "/srv/out") == "/opt/photos/a.jpg"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[\"a\", ", "not valid JSON"),
+    ("{\"a\": 1}", "expected a non-empty JSON list of class names"),
+    ("[]", "expected a non-empty JSON list of class names"),
+    ("[\"a\", 2]", "expected a non-empty JSON list of class names"),
+])
+def test_one_class_file_reader_and_the_same_error_in_every_command(tmp_path, text, message, capsys):
+    from detforge.cli import main
+    from detforge.errors import FormatError
+
+    assert groundtruth.read_class_names(_write(tmp_path / "ok.json", '["b", "a"]')) == ["b", "a"]
+    assert groundtruth.read_class_names(_write(tmp_path / "model.json", '{"classes": ["x"]}')) == ["x"]
+    manifest = _write(tmp_path / "train.manifest", "")
+    assert groundtruth.classes_beside(manifest) is None  # no classes.json beside it
+    bad = _write(tmp_path / "bad" / "classes.json", text)
+    with pytest.raises(FormatError, match=message):
+        groundtruth.classes_beside(tmp_path / "bad" / "x.manifest")
+    # train, evaluate and label read a --classes file through it: the same message naming the file
+    for args in (["train", "--train", manifest, "--out", str(tmp_path / "run"), "--classes", bad,
+                  "--set", "num_classes=1"],
+                 ["evaluate", _write(tmp_path / "p.jsonl", ""), manifest, "--classes", bad],
+                 ["label", manifest, "--out", str(tmp_path / "o.manifest"), "--classes", bad,
+                  "--no-browser"]):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and f"{bad}: {message}" in err, (args[0], err)
+
+
+def _write(path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)

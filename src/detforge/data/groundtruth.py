@@ -21,7 +21,7 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import storage
-from detforge.errors import ManifestError
+from detforge.errors import FormatError, ManifestError
 
 DETECTION_TYPES = ("groundtruth/object-detection", "groundtruth/object_detection")
 VERIFICATION_TYPES = ("groundtruth/label-verification", "groundtruth/label_verification")
@@ -405,6 +405,32 @@ def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_i
 def is_relative_ref(source_ref: str) -> bool:
     """True for a relative image reference (neither a URI nor an absolute path)."""
     return not (storage.is_remote(source_ref) or os.path.isabs(source_ref))
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """The class names of a ``classes.json`` (a JSON list: index = class id) or of a ``model.json`` (its
+    ``classes``): the one reader of class files for training, evaluation, labeling and review."""
+    path = os.fspath(path)
+    try:
+        data = orjson.loads(storage.read_bytes(path))
+    except orjson.JSONDecodeError as exc:
+        raise FormatError(f"not valid JSON: {exc}", path=path) from None
+    if isinstance(data, dict):
+        data = data.get("classes", data.get("class_names"))
+    if not isinstance(data, list) or not data or not all(isinstance(name, str) for name in data):
+        raise FormatError("expected a non-empty JSON list of class names (index = class id), or an object "
+                          "with 'classes'", path=path)
+    return data
+
+
+def classes_beside(manifest: str | os.PathLike, classes: str | os.PathLike | None = None) -> list[str] | None:
+    """``read_class_names(classes)`` when given, else that of ``classes.json`` beside the manifest (what
+    ``prepare`` and ``convert`` write), else None."""
+    if classes is not None:
+        return read_class_names(classes)
+    folder = os.path.dirname(os.fspath(manifest).rstrip("/")) or "."
+    path = storage.join(folder, "classes.json")
+    return read_class_names(path) if storage.exists(path) else None
 
 
 def resolve_source_ref(source_ref: str, manifest: str | os.PathLike) -> str:

@@ -36,7 +36,7 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.groundtruth import read_manifest, resolve_source_ref
+from detforge.data.groundtruth import classes_beside, read_manifest, resolve_source_ref
 from detforge.errors import ConfigError, FormatError, ManifestError, require
 from detforge.evaluation.coco_metrics import CocoAccumulator
 from detforge.evaluation.metrics import DetectionAccumulator, DetectionMetrics
@@ -89,21 +89,6 @@ def find_source(path: str) -> str:
         return "predictions"
     raise ConfigError(
         "not a predictions JSON Lines file or a training run folder (model.safetensors)", path=text)
-
-
-def read_class_names(manifest: str, classes: str | None = None) -> list[str] | None:
-    """Class names from ``classes`` (a JSON list), else ``classes.json`` beside the manifest, else None."""
-    folder = os.path.dirname(os.fspath(manifest).rstrip("/")) or "."
-    candidate = classes or storage.join(folder, "classes.json")
-    if classes is None and not storage.exists(candidate):
-        return None
-    try:
-        names = orjson.loads(storage.read_bytes(candidate))
-    except orjson.JSONDecodeError as exc:
-        raise FormatError(f"not valid JSON: {exc}", path=candidate) from None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise FormatError("expected a JSON list of class names (index = class id)", path=candidate)
-    return names
 
 
 def load_ground_truth(manifest: str, *, label_attribute: str | None = None) -> Iterator[GroundTruth]:
@@ -302,7 +287,7 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     model_or_predictions = os.fspath(model_or_predictions)
     manifest = os.fspath(manifest)
     source = find_source(model_or_predictions)
-    manifest_names = (read_class_names(manifest, classes)
+    manifest_names = (classes_beside(manifest, classes)
                       or manifest_class_names(manifest, label_attribute=label_attribute))
     to_model = None
     if source == "predictions":

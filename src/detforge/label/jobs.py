@@ -45,6 +45,7 @@ from detforge.data.groundtruth import (
     DETECTION_TYPES,
     find_label_attribute,
     parse_record,
+    read_class_names,
     read_image_refs,
     ref_from,
     resolve_source_ref,
@@ -68,9 +69,7 @@ def parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
     if not isinstance(value, str):
         names = [str(v).strip() for v in value]
     elif value.endswith(".json") or storage.exists(value):
-        from detforge.label.review import load_class_names
-
-        names = [name.strip() for name in load_class_names(value)]
+        names = [name.strip() for name in read_class_names(value)]
     else:
         names = [name.strip() for name in value.split(",")]
     names = [name for name in names if name]

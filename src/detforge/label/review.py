@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import functools
-import json
 import mimetypes
 import os
 import re
@@ -30,7 +29,7 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import storage
-from detforge.data.groundtruth import resolve_source_ref
+from detforge.data.groundtruth import read_class_names, resolve_source_ref
 from detforge.data.sources import read_source
 from detforge.errors import ConfigError, DetforgeError, FormatError
 from detforge.label.server import LocalServer, TokenHandler, inline_page
@@ -116,20 +115,6 @@ def sidecar_path(discard: str | os.PathLike) -> str:
 
 
 # ----------------------------------------------------------------------------- predictions
-
-
-def load_class_names(path: str | os.PathLike) -> list[str]:
-    """Class names from a ``classes.json`` (a list) or a ``model.json`` (its ``classes`` list)."""
-    try:
-        data = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"not valid JSON: {exc}", path=os.fspath(path)) from None
-    if isinstance(data, dict):
-        data = data.get("classes", data.get("class_names"))
-    if not isinstance(data, list) or not all(isinstance(name, str) for name in data):
-        raise FormatError("expected a JSON list of class names (or an object with 'classes')",
-                          path=os.fspath(path))
-    return data
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, list[list[float]]]:
@@ -279,7 +264,7 @@ def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.Pat
     if not manifests:
         raise ConfigError("give at least one manifest to review")
     preds = read_predictions(predictions) if predictions is not None else None
-    class_names = load_class_names(classes) if classes is not None else None
+    class_names = read_class_names(classes) if classes is not None else None
     items: list[ReviewItem] = []
     for manifest in manifests:
         _, _, records = read_source(manifest, label_attribute=label_attribute)

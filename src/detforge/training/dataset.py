@@ -26,11 +26,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.groundtruth import read_manifest, resolve_source_ref
+from detforge.data.groundtruth import classes_beside, read_manifest, resolve_source_ref
 from detforge.errors import ManifestError
 
 
@@ -53,26 +52,12 @@ def default_cache_dir() -> str:
     return os.path.join(base, "detforge", "images")
 
 
-def read_classes(manifest: str, classes: str | None = None) -> list[str] | None:
-    """The class list of ``classes`` (a classes.json path) or of ``classes.json`` beside the manifest."""
-    path = classes or storage.join(os.path.dirname(manifest) or ".", "classes.json")
-    if classes is None and not storage.exists(path):
-        return None
-    try:
-        names = orjson.loads(storage.read_bytes(path))
-    except orjson.JSONDecodeError as exc:
-        raise ManifestError(f"not valid JSON: {exc}", path=path) from None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ManifestError("expected a JSON list of class names (index = class id)", path=path)
-    return names
-
-
 def load_split(
     manifest: str | os.PathLike, *, classes: list[str] | None = None, label_attribute: str | None = None
 ) -> tuple[list[Sample], list[str]]:
     """Samples of a manifest and the class names they index (see the module docstring)."""
     manifest = os.fspath(manifest)
-    names = classes if classes is not None else read_classes(manifest)
+    names = classes if classes is not None else classes_beside(manifest)
     by_name = {n: i for i, n in enumerate(names)} if names is not None else None
     samples: list[Sample] = []
     seen: dict[int, str] = {}

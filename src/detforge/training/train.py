@@ -232,9 +232,10 @@ def train(config: TrainConfig) -> TrainResult:
     import torch
     from torch.utils.data import DataLoader
 
+    from detforge.data.groundtruth import classes_beside, read_class_names
     from detforge.models import build_model
     from detforge.training import engine
-    from detforge.training.dataset import ManifestDataset, collate, load_split, read_classes
+    from detforge.training.dataset import ManifestDataset, collate, load_split
 
     run_dir = os.fspath(config.out)
     if config.resume:
@@ -263,9 +264,10 @@ def train(config: TrainConfig) -> TrainResult:
         for note in (*hp.notes, *ignored_hyperparameters(hp)):
             log.info(note)
 
-        names = read_classes(config.train, config.classes) if (config.classes or not config.resume) else None
-        if config.resume:
-            names = orjson.loads(storage.read_bytes(storage.join(run_dir, "classes.json")))
+        if config.resume:  # the run's own classes, whatever the manifests' folders hold now
+            names = read_class_names(storage.join(run_dir, "classes.json"))
+        else:
+            names = classes_beside(config.train, config.classes)
         train_samples, names = load_split(config.train, classes=names, label_attribute=config.label_attribute)
         if not train_samples:
             raise ConfigError("the training manifest has no images", path=config.train)
