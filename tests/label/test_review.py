@@ -134,9 +134,14 @@ def test_predictions_file(manifests, tmp_path):
     assert by_id["b_001"].extra == 3 and by_id["b_001"].suspicion == 3
     assert by_id["b_000"].extra == 1  # no line for it: every label is unconfirmed
     assert max(session.items, key=lambda i: i.suspicion).image_id == "b_001"
-    preds.write_text('{"image": "a.jpg", "prediction": [[0, 0.9, 0.1]]}\n')
-    with pytest.raises(FormatError, match=r"predictions.jsonl:1.*6 numbers"):
-        review.load_review(manifests, discard=tmp_path / "r.txt", predictions=preds)
+    # the one predictions parser (evaluate's): the same message, line and field
+    for row, message in (("[0, 0.9, 0.1]", r"'prediction\[0\]': expected \[class_id, score, xmin"),
+                         ("[0, NaN, 0, 0, 0.1, 0.1]", r"'prediction\[0\].score': score is nan"),
+                         ("[true, 0.9, 0, 0, 0.1, 0.1]", r"'prediction\[0\]': expected"),
+                         ("[-1, 0.9, 0, 0, 0.1, 0.1]", r"'prediction\[0\].class_id': unknown class id -1")):
+        preds.write_text('{"image": "a.jpg", "prediction": [' + row + ']}\n')
+        with pytest.raises(FormatError, match=r"predictions.jsonl:1, field " + message):
+            review.load_review(manifests, discard=tmp_path / "r.txt", predictions=preds)
 
 
 def test_decisions_are_saved_and_survive_a_restart(manifests, tmp_path):

@@ -130,15 +130,32 @@ class _ImageIndex:
         return []
 
 
-def parse_prediction(entry, *, path: str, line: int, num_classes: int,
-                     width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One predictions line's detections as pixel ``xyxy`` boxes, scores, class ids (FormatError if bad)."""
-    rows = entry.get("prediction")
+def iter_predictions(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-empty line of a predictions JSON Lines file (streamed); the rows
+    are checked by ``prediction_rows``. FormatError naming the line when it is not a JSON object."""
+    for number, raw in storage.iter_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            entry = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            try:  # Python's json writes NaN/Infinity; read them so the check below can name the field
+                entry = json.loads(raw)
+            except ValueError:
+                raise FormatError(f"not valid JSON: {exc}", path=path, line=number) from None
+        if not isinstance(entry, dict):
+            raise FormatError("expected a JSON object", path=path, line=number)
+        yield number, entry
+
+
+def prediction_rows(entry, *, path: str, line: int, num_classes: int | None = None) -> list[list[float]]:
+    """The checked ``prediction`` rows ``[class_id, score, xmin, ymin, xmax, ymax]`` (normalized) of one
+    predictions line: the one parser of SageMaker-format predictions (evaluate and review). Without
+    ``num_classes`` a class id need only be a whole number >= 0. FormatError naming line and field."""
+    rows = entry.get("prediction") if isinstance(entry, dict) else None
     if not isinstance(rows, list):
         raise FormatError("missing or not a list", path=path, line=line, field="prediction")
-    boxes = np.zeros((len(rows), 4))
-    scores = np.zeros(len(rows))
-    classes = np.zeros(len(rows), dtype=np.int64)
+    checked = []
     for i, row in enumerate(rows):
         where = f"prediction[{i}]"
         if (not isinstance(row, list) or len(row) != 6
@@ -148,14 +165,25 @@ def parse_prediction(entry, *, path: str, line: int, num_classes: int,
         cid, score = row[0], row[1]
         if not math.isfinite(score):
             raise FormatError(f"score is {score}", path=path, line=line, field=f"{where}.score")
-        if not math.isfinite(cid) or cid != int(cid) or not 0 <= cid < num_classes:
-            raise FormatError(f"unknown class id {cid!r} (the classes are 0..{num_classes - 1})", path=path,
-                              line=line, field=f"{where}.class_id")
+        known = "" if num_classes is None else f" (the classes are 0..{num_classes - 1})"
+        if (not math.isfinite(cid) or cid != int(cid) or cid < 0
+                or (num_classes is not None and cid >= num_classes)):
+            raise FormatError(f"unknown class id {cid!r}{known}", path=path, line=line,
+                              field=f"{where}.class_id")
         if not all(math.isfinite(v) for v in row[2:]):
             raise FormatError(f"box corners must be finite numbers, got {row[2:]}", path=path, line=line,
                               field=where)
-        classes[i], scores[i], boxes[i] = int(cid), score, row[2:]
-    return box_ops.xyxy_norm_to_xyxy(boxes, width=width, height=height), scores, classes
+        checked.append([float(v) for v in row])
+    return checked
+
+
+def parse_prediction(entry, *, path: str, line: int, num_classes: int,
+                     width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One predictions line's detections as pixel ``xyxy`` boxes, scores, class ids (FormatError if bad)."""
+    rows = np.array(prediction_rows(entry, path=path, line=line, num_classes=num_classes),
+                    dtype=np.float64).reshape(-1, 6)
+    boxes = box_ops.xyxy_norm_to_xyxy(rows[:, 2:], width=width, height=height)
+    return boxes, rows[:, 1].copy(), rows[:, 0].astype(np.int64)
 
 
 def _detections_from_predictions(predictions: str, images: list[GroundTruth], num_classes: int,
@@ -163,18 +191,7 @@ def _detections_from_predictions(predictions: str, images: list[GroundTruth], nu
     index = _ImageIndex()
     for i, gt in enumerate(images):
         index.add(i, gt.source_ref)
-    for number, raw in storage.iter_lines(predictions):
-        if not raw.strip():
-            continue
-        try:
-            entry = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            try:  # Python's json writes NaN/Infinity; read them so the check below can name the field
-                entry = json.loads(raw)
-            except ValueError:
-                raise FormatError(f"not valid JSON: {exc}", path=predictions, line=number) from None
-        if not isinstance(entry, dict):
-            raise FormatError("expected a JSON object", path=predictions, line=number)
+    for number, entry in iter_predictions(predictions):
         found = index.find(entry)
         name = entry.get("source-ref") or entry.get("image")
         if not found:

@@ -32,6 +32,7 @@ from detforge import storage
 from detforge.data.groundtruth import read_class_names, resolve_source_ref
 from detforge.data.sources import read_source
 from detforge.errors import ConfigError, DetforgeError, FormatError
+from detforge.evaluation.evaluate import iter_predictions, prediction_rows
 from detforge.label.server import LocalServer, TokenHandler, inline_page
 
 TINY_FRACTION = 0.02  # a box narrower or lower than 2% of the image side is "tiny"
@@ -118,26 +119,16 @@ def sidecar_path(discard: str | os.PathLike) -> str:
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, list[list[float]]]:
-    """Image stem -> SageMaker prediction rows ``[class_id, score, x1, y1, x2, y2]`` (normalized)."""
+    """Image stem -> SageMaker prediction rows ``[class_id, score, x1, y1, x2, y2]`` (normalized), read and
+    checked by evaluate's parser (the same errors as ``detforge evaluate`` gives for the same file)."""
     path = os.fspath(path)
     found: dict[str, list[list[float]]] = {}
-    for number, raw in storage.iter_lines(path):
-        if not raw.strip():
-            continue
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise FormatError(f"not valid JSON: {exc}", path=path, line=number) from None
-        name = obj.get("image") or obj.get("source-ref") if isinstance(obj, dict) else None
-        rows = obj.get("prediction") if isinstance(obj, dict) else None
-        if not isinstance(name, str) or not isinstance(rows, list):
+    for number, entry in iter_predictions(path):
+        name = entry.get("image") or entry.get("source-ref")
+        if not isinstance(name, str):
             raise FormatError('expected {"image": NAME, "prediction": [[class_id, score, xmin, ymin, xmax, '
-                              'ymax], ...]}', path=path, line=number)
-        for row in rows:
-            if not isinstance(row, list) or len(row) != 6:
-                raise FormatError(f"a prediction must have 6 numbers, got {row!r}", path=path, line=number,
-                                  field="prediction")
-        found[storage.stem(name)] = [[float(v) for v in row] for row in rows]
+                              'ymax], ...]}', path=path, line=number, field="image")
+        found[storage.stem(name)] = prediction_rows(entry, path=path, line=number)
     return found
 
 
