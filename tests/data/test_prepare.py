@@ -10,7 +10,8 @@ import pytest
 from detforge import storage
 from detforge.cli import main
 from detforge.data import groundtruth
-from detforge.data.prepare import FRAME_STEM, parse_group_by, prepare, read_discard_list
+from detforge.data.groundtruth import read_discard
+from detforge.data.prepare import FRAME_STEM, parse_group_by, prepare
 from detforge.errors import ConfigError, ManifestError, StorageError
 
 REJECTED = ["blue_box_1_000023", "blue_box_1_000152", "blue_box_2_000292", "yellow_box_2_000193",
@@ -185,8 +186,21 @@ def test_template_field_missing(tmp_path):
 
 def test_discard_file_format(tmp_path):
     path = tmp_path / "d.txt"
-    path.write_text("# comment\na_1\n\nb_2\tblurry box\nc_3  # trailing\n")
-    assert read_discard_list(str(path)) == {"a_1", "b_2", "c_3"}
+    path.write_text("# comment\na_1\n\nb_2\tblurry box\nc_3  # trailing\nIMG 1234\tan id with a space\n"
+                    "d#4\n")
+    assert read_discard(str(path)) == {"a_1": "", "b_2": "blurry box", "c_3": "",
+                                       "IMG 1234": "an id with a space", "d#4": ""}
+    # what review writes, prepare drops: a phone photo's stem holds a space (was read as 'IMG')
+    manifest = tmp_path / "m.manifest"
+    manifest.write_text("\n".join(_line(f"s3://b/{name}.jpg") for name in ("IMG 1234", "IMG 1235")) + "\n")
+    from detforge.label.review import format_discard
+
+    path.write_text(format_discard({"IMG 1234": "blurry"}))
+    prepare([str(manifest)], str(tmp_path / "out"), discard=[str(path)], validation_fraction=0.5,
+            group_by="none")
+    kept = [json.loads(x)["source-ref"] for name in ("train", "validation")
+            for x in (tmp_path / "out" / f"{name}.manifest").read_text().splitlines()]
+    assert kept == ["s3://b/IMG 1235.jpg"]
 
 
 def test_cli_bad_input_prints_one_line_exit_2(tmp_path, capsys):

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -405,6 +406,27 @@ def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_i
 def is_relative_ref(source_ref: str) -> bool:
     """True for a relative image reference (neither a URI nor an absolute path)."""
     return not (storage.is_remote(source_ref) or os.path.isabs(source_ref))
+
+
+def read_discard(path: str | os.PathLike) -> dict[str, str]:
+    """Image id -> reason ("" when none) of a discard list, {} when the file does not exist: the one
+    parser, for ``prepare --discard`` and ``review`` (which writes them). A line is ``id`` or
+    ``id<TAB>reason``; an id may hold spaces (``IMG 1234``); ``#`` starts a comment at the start of a line
+    or after a space in the id part (``c_3  # trailing``)."""
+    path = os.fspath(path)
+    if not storage.exists(path):
+        return {}
+    found: dict[str, str] = {}
+    for _, raw in storage.iter_lines(path):
+        line = raw.decode("utf-8", errors="replace")
+        image_id, _, reason = line.partition("\t")
+        image_id = _TRAILING_COMMENT.sub("", image_id).strip()
+        if image_id and not image_id.startswith("#"):
+            found[image_id] = reason.strip()
+    return found
+
+
+_TRAILING_COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:

@@ -50,6 +50,7 @@ from detforge.data.groundtruth import (
     find_label_attribute,
     find_verification,
     parse_record,
+    read_discard,
     ref_from,
     resolve_source_ref,
     write_manifest,
@@ -98,16 +99,6 @@ class PrepareSummary:
     def to_json(self) -> dict:
         """The summary as a JSON-ready dict."""
         return asdict(self)
-
-
-def read_discard_list(uri: str) -> set[str]:
-    """Image ids of a discard file: one per line, ``#`` comments, ``id<TAB>reason`` lines accepted."""
-    ids = set()
-    for _, raw in storage.iter_lines(uri):
-        text = raw.decode("utf-8", "replace").split("#", 1)[0].strip()
-        if text:
-            ids.add(text.split("\t", 1)[0].split()[0])
-    return ids
 
 
 def block_size(spec: str) -> int | None:
@@ -236,7 +227,7 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
     discard_ids: set[str] = set()
     for item in discard or ():
         if storage.exists(item) and not is_id_like(item):
-            discard_ids |= read_discard_list(item)
+            discard_ids |= set(read_discard(item))
         else:
             discard_ids |= {part.strip() for part in str(item).split(",") if part.strip()}
 

@@ -29,7 +29,7 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import storage
-from detforge.data.groundtruth import read_class_names, resolve_source_ref
+from detforge.data.groundtruth import read_class_names, read_discard, resolve_source_ref
 from detforge.data.sources import read_source
 from detforge.errors import ConfigError, DetforgeError, FormatError
 from detforge.evaluation.evaluate import iter_predictions, prediction_rows
@@ -81,21 +81,6 @@ class ReviewItem:
 def clean_reason(reason: str | None) -> str:
     """A reason fit for one discard line: no tabs or newlines, spaces collapsed."""
     return re.sub(r"\s+", " ", reason or "").strip()
-
-
-def read_discard(path: str | os.PathLike) -> dict[str, str]:
-    """Image id -> reason ("" when none) from a discard file; {} when the file does not exist."""
-    path = os.fspath(path)
-    if not storage.exists(path):
-        return {}
-    found: dict[str, str] = {}
-    for _, raw in storage.iter_lines(path):
-        line = raw.decode("utf-8", errors="replace")
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        image_id, _, reason = line.partition("\t")
-        found[image_id.strip()] = reason.strip()
-    return found
 
 
 def format_discard(rejected: dict[str, str], *, total: int | None = None) -> str:
