@@ -9,8 +9,9 @@
 - One error type, ``ImageError`` (a DetforgeError naming the image), with ``too_large`` set for the cap.
 
 Arrays are ``H x W x 3`` uint8 RGB. Needs numpy and Pillow only (the torch-free runtime uses it).
-Not here: where a manifest line's image is (``groundtruth.resolve_source_ref``), resizing for a model
-(``runtime.resize_rgb``), lossless JPEG turns (``augment``).
+``resize_rgb``: the square resize every model input gets (training's ``Resize``, export, the runtime,
+evaluate). Not here: where a manifest line's image is (``groundtruth.resolve_source_ref``), lossless
+JPEG turns (``augment``).
 """
 
 from __future__ import annotations
@@ -190,6 +191,15 @@ def thumbnail(source, *, size: int = THUMB_SIZE, quality: int = 80) -> tuple[byt
 def thumbnail_jpeg(source, *, size: int = THUMB_SIZE, quality: int = 80) -> bytes:
     """The JPEG of ``thumbnail``."""
     return thumbnail(source, size=size, quality=quality)[0]
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """``size x size x 3`` uint8: PIL bilinear with antialiasing (what training's ``Resize`` does)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return np.ascontiguousarray(image)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.BILINEAR))
 
 
 def is_image_name(name: str) -> bool:

@@ -298,3 +298,28 @@ def _read_tag(path: str) -> str | None:
             return handle.read()
     except OSError:
         return None
+
+
+def resolve_allowed_path(path: object, allowed: tuple[str, ...] | list[str]) -> str:
+    """The real path of ``path`` if it is a file inside one of the ``allowed`` folders, else StorageError.
+
+    Symlinks and ``..`` are resolved first (``realpath``), so ``ALLOWED/../etc/passwd`` or a link that
+    points outside is refused. A relative path is taken relative to the first allowed folder.
+    """
+    if not allowed:
+        raise StorageError("reading files named in requests is off", hint="start with --allow-path DIR")
+    if not isinstance(path, str) or not path:
+        raise StorageError(f"the file path must be a non-empty string, got {path!r}")
+    if "\x00" in path:
+        raise StorageError("the file path contains a NUL byte")
+    if is_remote(path):
+        raise StorageError("only local files can be named here", path=path)
+    candidate = path if os.path.isabs(path) else os.path.join(allowed[0], path)
+    real = os.path.realpath(candidate)
+    for folder in allowed:
+        root = os.path.realpath(folder)
+        if os.path.commonpath([real, root]) == root:
+            if not os.path.isfile(real):
+                raise StorageError("no such file", path=path)
+            return real
+    raise StorageError("not inside an allowed folder (--allow-path), refused", path=path)

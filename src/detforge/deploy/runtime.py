@@ -24,6 +24,7 @@ import orjson
 from detforge import boxes as boxmath
 from detforge import images, storage
 from detforge.errors import ConfigError, ModelError, require
+from detforge.images import resize_rgb  # noqa: F401 - part of the runtime's API
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "model.json"
@@ -65,15 +66,6 @@ def load_image(source) -> np.ndarray:
     """An upright ``HxWx3`` uint8 RGB array from a path/URI, encoded bytes, a PIL image or an array
     (``images.from_any``: the one decoder; ``images.ImageError`` saying why not)."""
     return images.from_any(source, max_pixels=MAX_IMAGE_PIXELS)
-
-
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """``size x size x 3`` uint8: PIL bilinear with antialiasing (what training's ``Resize`` does)."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return np.ascontiguousarray(image)
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.BILINEAR))
 
 
 def file_sha256(path: str) -> str:

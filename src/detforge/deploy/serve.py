@@ -34,8 +34,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from detforge import images
-from detforge.edge.sources import resolve_allowed_path
 from detforge.errors import ConfigError, DetforgeError
+from detforge.storage import resolve_allowed_path
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "application/x-image"})
 JSONLINES_TYPES = frozenset({"application/jsonlines", "application/jsonl", "application/x-jsonlines"})

@@ -3,8 +3,7 @@
 In here: ``parse_source`` (``camera:0``, a video file, ``rtsp://``/``http://`` streams, ``watch:DIR``),
 the three frame sources (a video file sampled at the target rate; a live camera/stream read by a thread
 that keeps only the newest frame, so stale frames are dropped instead of queued; a watched folder), and
-``resolve_allowed_path`` (a file named in a request is read only when its real path lies inside an
-allowed folder), ``mask_credentials`` (what a source URL may show: never its password). Not in here: the
+``mask_credentials`` (what a source URL may show: never its password). Not in here: the
 model, MQTT, the main loop (``detforge.edge``). OpenCV is imported only when a camera/video/stream source
 is opened. No torch.
 """
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detforge.errors import ConfigError, StorageError
-from detforge.storage import IMAGE_SUFFIXES, is_remote
+from detforge.storage import IMAGE_SUFFIXES, is_remote, resolve_allowed_path  # noqa: F401
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 MASK = "***"
@@ -326,26 +325,3 @@ def load_rgb(path: str) -> np.ndarray:
         raise StorageError(f"not a readable image: {exc.message}", path=path) from None
 
 
-def resolve_allowed_path(path: object, allowed: tuple[str, ...] | list[str]) -> str:
-    """The real path of ``path`` if it is a file inside one of the ``allowed`` folders, else StorageError.
-
-    Symlinks and ``..`` are resolved first (``realpath``), so ``ALLOWED/../etc/passwd`` or a link that
-    points outside is refused. A relative path is taken relative to the first allowed folder.
-    """
-    if not allowed:
-        raise StorageError("reading files named in requests is off", hint="start with --allow-path DIR")
-    if not isinstance(path, str) or not path:
-        raise StorageError(f"the file path must be a non-empty string, got {path!r}")
-    if "\x00" in path:
-        raise StorageError("the file path contains a NUL byte")
-    if is_remote(path):
-        raise StorageError("only local files can be named here", path=path)
-    candidate = path if os.path.isabs(path) else os.path.join(allowed[0], path)
-    real = os.path.realpath(candidate)
-    for folder in allowed:
-        root = os.path.realpath(folder)
-        if os.path.commonpath([real, root]) == root:
-            if not os.path.isfile(real):
-                raise StorageError("no such file", path=path)
-            return real
-    raise StorageError("not inside an allowed folder (--allow-path), refused", path=path)

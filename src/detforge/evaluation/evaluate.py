@@ -259,7 +259,7 @@ def _open_model(path: str):
     require("torch", "training")
     import torch
 
-    from detforge.deploy.runtime import resize_rgb
+    from detforge.images import resize_rgb
     from detforge.models import labels_to_class_ids
     from detforge.training.checkpoint import load_run_model
 

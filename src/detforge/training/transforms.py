@@ -91,7 +91,7 @@ class RuntimeResize(v2.Transform):
         self.size = int(size)
 
     def transform(self, inpt, params: dict):
-        from detforge.deploy.runtime import resize_rgb
+        from detforge.images import resize_rgb
 
         if isinstance(inpt, tv_tensors.Image):
             pixels = resize_rgb(inpt.permute(1, 2, 0).numpy(), self.size)
