@@ -1,4 +1,4 @@
-"""Where the edge runtime's frames come from, and which files a request may name.
+"""Where the edge runtime's frames come from.
 
 In here: ``parse_source`` (``camera:0``, a video file, ``rtsp://``/``http://`` streams, ``watch:DIR``),
 the three frame sources (a video file sampled at the target rate; a live camera/stream read by a thread
