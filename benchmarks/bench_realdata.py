@@ -463,7 +463,8 @@ def main() -> None:
         summary += (f". gfl / YOLO11n: valid {by['gfl']['val AP'] / by['yolo11n']['val AP']:.2f}x, "
                     f"test {by['gfl']['test AP'] / max(by['yolo11n']['test AP'], 1e-9):.2f}x")
     name = "realdata_quick" if args.quick else "realdata"
-    title = (f"Detectors on real photos (Aquarium, {args.image_size} px, CPU, {budget:g} min each"
+    title = (f"Detectors on real photos (Roboflow Aquarium, CC BY 4.0; {args.image_size} px, CPU, "
+             f"{budget:g} min each, side by side"
              + (", QUICK: no claims)" if args.quick else ")"))
     plot = Path(__file__).resolve().parent / "results" / f"{name}_curve.png"
     plot.parent.mkdir(exist_ok=True)
