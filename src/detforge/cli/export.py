@@ -43,6 +43,9 @@ def register(app: typer.Typer) -> None:
         max_map_drop: Annotated[float, typer.Option(
             "--max-map-drop", help="--int8: keep fp32 when int8 loses more validation:mAP points "
                                    "than this.")] = 1.0,
+        min_speedup: Annotated[float, typer.Option(
+            "--min-speedup", help="--int8: keep fp32 when int8 is not at least this many times as fast at "
+                                  "batch 1 (0: keep it whatever its speed).")] = 1.0,
         name: Annotated[str | None, typer.Option("--name", help="Model name in model.json.")] = None,
     ) -> None:
         """Convert a trained run into a deploy folder (model.onnx + model.json), verified against PyTorch."""
@@ -57,7 +60,8 @@ def register(app: typer.Typer) -> None:
                                 score_threshold=score_threshold,
                                 int8=int8, calibration=calibration, calibration_count=calibration_count,
                                 verify_images=verify_images, validation=validation,
-                                allow_unverified=allow_unverified, max_map_drop=max_map_drop, name=name)
+                                allow_unverified=allow_unverified, max_map_drop=max_map_drop,
+                                min_speedup=min_speedup, name=name)
         meta, check = result.metadata, result.verify
         console.print(f"wrote {result.model_path} ({meta['quantization']}, {meta['base_network']} at "
                       f"{meta['input_size']} px, classes: {', '.join(meta['classes'])})")
@@ -80,6 +84,5 @@ def register(app: typer.Typer) -> None:
             if q["accepted"]:
                 console.print(f"wrote the int8 model; the fp32 model is {out}/{q['fp32_model']}")
             else:
-                console.print(f"[bold yellow]int8 refused[/]: it loses {q['map_points_lost']:.2f} points, "
-                              f"more than --max-map-drop {q['max_map_drop']:g}; {result.model_path} is the "
-                              "fp32 model")
+                console.print(f"[bold yellow]int8 refused[/]: {'; '.join(q['refused'])}; "
+                              f"{result.model_path} is the fp32 model")

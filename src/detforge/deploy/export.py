@@ -45,6 +45,8 @@ DEFAULT_OPSET = 17
 DEFAULT_THRESHOLD = 0.3
 # --int8 keeps the fp32 model when int8 loses more validation:mAP points than this.
 DEFAULT_MAX_MAP_DROP = 1.0
+# ... and when it is not at least this much faster than fp32 at batch 1 (a slower int8 model is no gain).
+DEFAULT_MIN_SPEEDUP = 1.0
 # Verification (``verify``): the pre-NMS class scores of every anchor must agree within VERIFY_SCORE and
 # its box coordinates within VERIFY_BOX pixels (at the input size); ONNX detections must be a valid NMS of
 # those scores. At least MIN_RAW_VALUES values from real images make an export "verified". PyTorch's own
@@ -708,14 +710,16 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
                verify_images: Sequence[str] | None = None, verify_count: int = 4,
                validation: str | None = None, allow_unverified: bool = False,
                int8: bool = False, calibration: str | None = None, calibration_count: int = 32,
-               max_map_drop: float = DEFAULT_MAX_MAP_DROP, name: str | None = None) -> ExportResult:
+               max_map_drop: float = DEFAULT_MAX_MAP_DROP, min_speedup: float = DEFAULT_MIN_SPEEDUP,
+               name: str | None = None) -> ExportResult:
     """Export a trained run to ``out_dir`` (``model.onnx`` + ``model.json``), verified against PyTorch.
 
     Verification runs on ``verify_images``, else the first ``verify_count`` images of ``validation``
     (default: the run's validation manifest). Without real images the export stops (ModelError) unless
     ``allow_unverified``: then it verifies on random images and ``model.json`` says it is unverified.
     ``int8``: quantize (calibrated on ``calibration``, default the validation images), compare with fp32
-    on every ``validation`` image and keep fp32 when int8 loses more than ``max_map_drop`` mAP points.
+    on every ``validation`` image and keep fp32 when int8 loses more than ``max_map_drop`` mAP points or
+    is not ``min_speedup`` times as fast at batch 1 (``model.json`` → ``int8.refused`` says which).
     """
     import torch
 
@@ -725,6 +729,8 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
         raise ConfigError("export writes a local deploy folder; copy it to s3:// afterwards", field="--out")
     if not 0.0 <= max_map_drop <= 100.0:
         raise ConfigError(f"must be in [0, 100] mAP points, got {max_map_drop}", field="--max-map-drop")
+    if not min_speedup >= 0.0:
+        raise ConfigError(f"must be 0 or more, got {min_speedup}", field="--min-speedup")
     model, info = load_run_model(run_dir, which=which)
     thresholds = dict(info.thresholds or {})
     nms_threshold = float(thresholds.get("nms_threshold", 0.45) if nms_threshold is None else nms_threshold)
@@ -791,8 +797,16 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             int8_info = {"calibration_images": len(calib), "calibration": calibration or validation,
                          **compare_int8(staging, samples.images[0], classes=list(info.classes),
                                         image_size=size, validation=validation),
-                         "max_map_drop": float(max_map_drop)}
-            int8_info["accepted"] = int8_info["map_points_lost"] <= max_map_drop
+                         "max_map_drop": float(max_map_drop), "min_speedup": float(min_speedup)}
+            refused = []
+            if int8_info["map_points_lost"] > max_map_drop:
+                refused.append(f"it loses {int8_info['map_points_lost']:.2f} mAP points, more than "
+                               f"--max-map-drop {max_map_drop:g}")
+            if int8_info["speedup"] < min_speedup:
+                refused.append(f"it is {int8_info['speedup']:.2f}x as fast as fp32 at batch 1, less than "
+                               f"--min-speedup {min_speedup:g}")
+            int8_info["refused"] = refused
+            int8_info["accepted"] = not refused
             if int8_info["accepted"]:
                 os.replace(onnx_path, os.path.join(staging, "model-fp32.onnx"))
                 os.replace(int8_path, onnx_path)
