@@ -23,7 +23,7 @@ import orjson
 
 from detforge import boxes as boxmath
 from detforge import images, storage
-from detforge.errors import ConfigError, ModelError, require
+from detforge.errors import ConfigError, ModelError, StorageError, require
 from detforge.images import resize_rgb  # noqa: F401 - part of the runtime's API
 
 MODEL_FILE = "model.onnx"
@@ -97,9 +97,12 @@ def local_deploy(deploy_dir: str) -> str:
                                     "--out DIR`)", MODEL_FILE: "missing model.onnx"}
     for name, missing in missing_files.items():
         uri = storage.join(deploy_dir, name)
-        if not storage.exists(uri):
-            raise ModelError(missing, path=deploy_dir)
-        local = storage.local_copy(uri, deploy_cache_dir())
+        try:  # one request per file and process (local_copy); a cached copy serves when offline
+            local = storage.local_copy(uri, deploy_cache_dir())
+        except StorageError:
+            if storage.exists(uri):
+                raise
+            raise ModelError(missing, path=deploy_dir) from None
         if os.path.basename(local) != name or folder not in (None, os.path.dirname(local)):
             raise ModelError("a deploy folder URI cannot have '..' segments", path=deploy_dir)
         folder = os.path.dirname(local)
