@@ -79,7 +79,7 @@ def test_bad_model_arguments():
         models.build_model("mobilenet-v3", detector="yolo", num_classes=2, image_size=64)
     assert info.value.field == "detector"
     with pytest.raises(ConfigError, match="detector=gfl has no vgg-16 backbone; choose one of "
-                                          "mobilenet-v3, resnet-50") as info:
+                                          "shufflenet-v2, mobilenet-v3, resnet-50") as info:
         models.build_model("vgg-16", detector="gfl", num_classes=2, image_size=64)
     assert info.value.field == "base_network"
 

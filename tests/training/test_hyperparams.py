@@ -79,7 +79,7 @@ def test_string_parsing(raw, field, expected):
     ("lr_scheduler_step", "a,b", "expected a whole number"),
     ("lr_scheduler_factor", "0", "must be > 0"),
     ("optimizer", "lamb", "expected one of sgd, adam, rmsprop, adadelta, adamw, got 'lamb'"),
-    ("base_network", "resnet-101", "expected one of vgg-16, resnet-50, mobilenet-v3"),
+    ("base_network", "resnet-101", "expected one of vgg-16, resnet-50, mobilenet-v3, shufflenet-v2"),
     ("use_pretrained_model", "2", "expected 0 or 1, got '2'"),
     ("early_stopping", "maybe", "expected True or False, got 'maybe'"),
     ("image_shape", "16", "must be >= 32"),
@@ -99,6 +99,18 @@ def test_bad_values_name_the_key(key, value, message):
     assert info.value.field == key
     assert message in str(info.value)
     assert str(info.value).startswith(f"field '{key}': ")
+
+
+def test_a_detector_without_that_backbone_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "hp.json"
+    path.write_text('{"num_classes": "2", "base_network": "shufflenet-v2"}')  # detector defaults to ssd
+    with pytest.raises(ConfigError) as info:
+        load_hyperparameters(path)
+    assert info.value.field == "base_network" and str(path) in str(info.value)
+    assert "detector=ssd has no shufflenet-v2 backbone; choose one of vgg-16, resnet-50, mobilenet-v3" in str(
+        info.value)
+    hp = parse_hyperparameters({"num_classes": "2", "detector": "gfl", "base_network": "shufflenet-v2"})
+    assert (hp.detector, hp.base_network) == ("gfl", "shufflenet-v2")
 
 
 def test_unknown_and_missing_keys(tmp_path):

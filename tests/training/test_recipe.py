@@ -175,6 +175,7 @@ def test_every_recipe_file_parses(name):
 
     path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.json"
     hp = load_hyperparameters(path, overrides={"num_classes": "7"})
-    assert hp.detector == "gfl" and hp.base_network == "mobilenet-v3" and hp.num_classes == 7
+    backbone = {"cpu-small-data": "shufflenet-v2", "gpu": "mobilenet-v3"}[name]
+    assert hp.detector == "gfl" and hp.base_network == backbone and hp.num_classes == 7
     assert hp.lr_schedule == "cosine" and hp.ema_decay > 0 and hp.mosaic > 0 and hp.optimizer == "adamw"
     assert sorted(p.name for p in path.parent.glob("*.json")) == ["cpu-small-data.json", "gpu.json"]

@@ -33,13 +33,13 @@ from detforge.models.ssd import (
     build_vgg16,
 )
 
-BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
+BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3", "shufflenet-v2")
 DETECTORS = ("ssd", "gfl")
 DEFAULT_DETECTOR = "ssd"
-GFL_BACKBONES = ("mobilenet-v3", "resnet-50")
+GFL_BACKBONES = ("shufflenet-v2", "mobilenet-v3", "resnet-50")
 MODEL_FACTORIES: dict[str, Callable] = dict(SSD_FACTORIES)  # SSD by base_network (as before)
 MODEL_TABLE: tuple[tuple[str, str], ...] = tuple(
-    [("ssd", b) for b in BASE_NETWORKS] + [("gfl", b) for b in GFL_BACKBONES])
+    [("ssd", b) for b in SSD_FACTORIES] + [("gfl", b) for b in GFL_BACKBONES])
 
 
 def _build_gfl(base_network: str, **kwargs):

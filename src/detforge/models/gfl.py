@@ -49,7 +49,7 @@ PRIOR_PROB = 0.01
 LOSS_WEIGHTS = {"quality_focal": 1.0, "giou": 2.0, "distribution_focal": 0.25}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GFL_BACKBONES = ("mobilenet-v3", "resnet-50")
+GFL_BACKBONES = ("shufflenet-v2", "mobilenet-v3", "resnet-50")
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -91,6 +91,20 @@ def mobilenet_v3_backbone(*, pretrained: bool) -> Backbone:
     net = torchvision.models.mobilenet_v3_large(weights=weights, progress=False, norm_layer=norm)
     features = net.features
     return Backbone([features[:7], features[7:13], features[13:16]], (40, 112, 160))
+
+
+def shufflenet_v2_backbone(*, pretrained: bool) -> Backbone:
+    """ShuffleNetV2 1.0x (Ma et al., 2018): stem + ``stage2`` (stride 8, 116 ch), ``stage3`` (16, 232),
+    ``stage4`` (32, 464); its last 1x1 convolution (1024 ch) is left out.
+
+    The stem reaches stride 4 in two layers (3x3 stride 2, max-pool), so little is computed at high
+    resolution: on one CPU thread it trains ~1.7x as many 320 px images per second as mobilenet-v3 and
+    runs ~0.8x its ONNX latency (measured; docs/training.md)."""
+    import torchvision
+
+    weights = pretrained_weights("shufflenet-v2", pretrained)
+    net = torchvision.models.shufflenet_v2_x1_0(weights=weights, progress=False)
+    return Backbone([nn.Sequential(net.conv1, net.maxpool, net.stage2), net.stage3, net.stage4], (116, 232, 464))
 
 
 def resnet50_backbone(*, pretrained: bool) -> Backbone:
@@ -263,7 +277,13 @@ class GFLDetector(nn.Module):
         scaled = None
         if targets is not None:
             scaled = [t["boxes"].to(batch.device).float() * s for t, s in zip(targets, scales, strict=True)]
-        return (batch - self.mean) / self.std, scales, scaled
+        batch = (batch - self.mean) / self.std
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            # NHWC in PyTorch: oneDNN's depthwise convolutions and BatchNorm run ~1.25x faster per training
+            # step on one CPU thread (measured on mobilenet-v3 and shufflenet-v2); an exported graph has no
+            # memory format, so tracing keeps the plain layout
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch, scales, scaled
 
     def forward(self, images, targets=None):
         if self.training:
@@ -334,7 +354,8 @@ class GFLDetector(nn.Module):
         return {"boxes": all_boxes[keep], "scores": all_scores[keep], "labels": all_labels[keep]}
 
 
-BACKBONES = {"mobilenet-v3": mobilenet_v3_backbone, "resnet-50": resnet50_backbone}
+BACKBONES = {"shufflenet-v2": shufflenet_v2_backbone, "mobilenet-v3": mobilenet_v3_backbone,
+             "resnet-50": resnet50_backbone}
 
 
 def build_gfl(base_network: str, *, num_classes: int, image_size: int, pretrained_backbone: bool = False,

@@ -16,6 +16,7 @@ BACKBONE_WEIGHTS = {
     "vgg-16": ("VGG16_Weights", "IMAGENET1K_FEATURES"),
     "resnet-50": ("ResNet50_Weights", "IMAGENET1K_V1"),
     "mobilenet-v3": ("MobileNet_V3_Large_Weights", "IMAGENET1K_V1"),
+    "shufflenet-v2": ("ShuffleNet_V2_X1_0_Weights", "IMAGENET1K_V1"),
 }
 
 

@@ -26,8 +26,9 @@ import orjson
 
 from detforge import storage
 from detforge.errors import ConfigError
+from detforge.models import MODEL_TABLE
 
-BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3")
+BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3", "shufflenet-v2")
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adadelta", "adamw")  # adamw: a detforge addition
 DETECTORS = ("ssd", "gfl")
 LR_SCHEDULES = ("step", "cosine")
@@ -272,9 +273,11 @@ def parse_hyperparameters(raw: Mapping, *, source: str | None = None) -> Hyperpa
 def _check_combination(values: dict, source: str | None) -> None:
     """Values that are fine alone but not together."""
     detector = values.get("detector", "ssd")
-    if detector == "gfl" and values.get("base_network", "vgg-16") == "vgg-16":
-        raise ConfigError("detector=gfl has no vgg-16 backbone; choose mobilenet-v3 or resnet-50",
-                          path=source, field="base_network")
+    base_network = values.get("base_network", "vgg-16")
+    if (detector, base_network) not in MODEL_TABLE:
+        raise ConfigError(f"detector={detector} has no {base_network} backbone; choose one of "
+                          f"{', '.join(b for d, b in MODEL_TABLE if d == detector)}", path=source,
+                          field="base_network")
     if detector == "ssd" and values.get("multiscale", 0.0) > 0:
         raise ConfigError("needs detector=gfl (SSD's anchors are fixed to image_shape)", path=source,
                           field="multiscale", hint="set multiscale=0 or detector=gfl")
