@@ -104,7 +104,8 @@ def shufflenet_v2_backbone(*, pretrained: bool) -> Backbone:
 
     weights = pretrained_weights("shufflenet-v2", pretrained)
     net = torchvision.models.shufflenet_v2_x1_0(weights=weights, progress=False)
-    return Backbone([nn.Sequential(net.conv1, net.maxpool, net.stage2), net.stage3, net.stage4], (116, 232, 464))
+    return Backbone([nn.Sequential(net.conv1, net.maxpool, net.stage2), net.stage3, net.stage4],
+                    (116, 232, 464))
 
 
 def resnet50_backbone(*, pretrained: bool) -> Backbone:
