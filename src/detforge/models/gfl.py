@@ -49,7 +49,6 @@ PRIOR_PROB = 0.01
 LOSS_WEIGHTS = {"quality_focal": 1.0, "giou": 2.0, "distribution_focal": 0.25}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GFL_BACKBONES = ("shufflenet-v2", "mobilenet-v3", "resnet-50")
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -365,7 +364,7 @@ def build_gfl(base_network: str, *, num_classes: int, image_size: int, pretraine
     """The anchor-free detector on ``base_network`` (see the module docstring)."""
     if base_network not in BACKBONES:
         raise ConfigError(f"detector=gfl has no {base_network} backbone; choose one of "
-                          f"{', '.join(GFL_BACKBONES)}", field="base_network")
+                          f"{', '.join(BACKBONES)}", field="base_network")
     backbone = BACKBONES[base_network](pretrained=pretrained_backbone)
     return GFLDetector(backbone, num_classes=num_classes, image_size=image_size, score_thresh=score_thresh,
                        nms_thresh=nms_thresh, detections_per_img=detections_per_img,

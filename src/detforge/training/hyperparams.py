@@ -26,11 +26,9 @@ import orjson
 
 from detforge import storage
 from detforge.errors import ConfigError
-from detforge.models import MODEL_TABLE
+from detforge.models import BASE_NETWORKS, DETECTORS, MODEL_TABLE
 
-BASE_NETWORKS = ("vgg-16", "resnet-50", "mobilenet-v3", "shufflenet-v2")
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adadelta", "adamw")  # adamw: a detforge addition
-DETECTORS = ("ssd", "gfl")
 LR_SCHEDULES = ("step", "cosine")
 AUGMENTATIONS = ("none", "flip", "ssd", "ssd+rot")
 # SageMaker's label_width counts label values: a header of 2 and 5 values per box.
