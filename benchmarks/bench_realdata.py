@@ -151,22 +151,31 @@ def predict_constant(rows, records):
     return out
 
 
-def predict_model(model, records, *, batch: int = 8):
-    """Detections of a detforge model on each record's photo at its own size (the model resizes)."""
+def predict_model(model, records, *, image_size: int, batch: int = 8):
+    """Detections of a detforge model on each record's photo, in that photo's pixels: resized first by
+    ``images.resize_rgb`` (PIL bilinear, antialiased) as training, ``evaluate`` and the deployed runtime do,
+    then boxes scaled back. (Handing the model the full-size photo instead lets it downscale without
+    antialiasing, which it never saw in training: 0.156 instead of 0.169 AP50-95 on ``valid`` for the
+    90-minute run of 2026-12-01.)"""
     import torch
     from PIL import Image
+
+    from detforge.images import resize_rgb
 
     out = []
     with torch.inference_mode():
         for start in range(0, len(records), batch):
-            images = []
+            images, scales = [], []
             for r in records[start:start + batch]:
                 with Image.open(r.source_ref) as im:
-                    images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-                                  .float().div(255))
-            for det in model(images):
-                out.append((det["boxes"].numpy().astype(np.float64), det["scores"].numpy().astype(np.float64),
-                            det["labels"].numpy() - 1))
+                    pixels = np.asarray(im.convert("RGB"))
+                height, width = pixels.shape[:2]
+                scales.append(torch.tensor([width, height, width, height]) / image_size)
+                images.append(torch.from_numpy(resize_rgb(pixels, image_size).copy()).permute(2, 0, 1)
+                              .float().div(255))
+            for det, scale in zip(model(images), scales, strict=True):
+                out.append(((det["boxes"] * scale).numpy().astype(np.float64),
+                            det["scores"].numpy().astype(np.float64), det["labels"].numpy() - 1))
     return out
 
 
@@ -357,8 +366,8 @@ def run_model(name: str, *, work: Path, manifests: dict, names: list[str], budge
     set_postprocess(model, nms_threshold=0.45, nms_topk=100, score_threshold=0.001)
     row["GFLOPs"] = gflops(model, image_size)
     for split, records in evals.items():
-        row |= {f"{SHORT[split]} {k}": v for k, v in coco_scores(records, predict_model(model, records),
-                                                              names).items()}
+        detections = predict_model(model, records, image_size=image_size)
+        row |= {f"{SHORT[split]} {k}": v for k, v in coco_scores(records, detections, names).items()}
     try:
         from detforge.deploy.export import export_run
 
