@@ -122,6 +122,25 @@ def test_train_batches_of_one_size_divisible_by_32_are_not_resized():
     assert tuple(x.shape) == (1, 3, 64, 64)
 
 
+def test_eval_shrinks_a_photo_as_training_and_the_runtime_do():
+    """A full-size photo handed to the model in eval mode is shrunk with antialiasing, like ``resize_rgb``
+    (PIL) in training, ``evaluate`` and the runtime: stripes finer than the output grid average to grey
+    instead of aliasing into a different picture."""
+    import numpy as np
+
+    from detforge.images import resize_rgb
+
+    stripes = np.zeros((256, 320, 3), np.uint8)
+    stripes[:, ::2] = 255  # 1-pixel stripes; at 64 px each output pixel covers 5 of them
+    stripes[::3] = 90
+    model = models.build_model("shufflenet-v2", detector="gfl", num_classes=2, image_size=64).eval()
+    x, _, _ = model._batch([torch.from_numpy(stripes).permute(2, 0, 1).float().div(255)])
+    expected = torch.from_numpy(resize_rgb(stripes, 64).copy()).permute(2, 0, 1).float().div(255)[None]
+    expected = (expected - model.mean) / model.std
+    grey_level = 1.0 / 255 / float(model.std.min())
+    assert float((x - expected).abs().max()) <= 1.5 * grey_level
+
+
 def test_eval_boxes_map_back_to_each_image_and_follow_the_postprocess_settings():
     torch.manual_seed(3)
     model = models.build_model("mobilenet-v3", detector="gfl", num_classes=3, image_size=64, nms_topk=7,

@@ -19,8 +19,9 @@ The model follows the torchvision detectors' contract: it takes a list of float 
 [0, 1]; train mode ``model(images, targets)`` returns the loss dict (``quality_focal``, ``giou``,
 ``distribution_focal``); eval mode ``model(images)`` returns ``[{"boxes", "scores", "labels"}]`` per
 image in that image's pixels (labels = class id + 1). Eval resizes every image to
-``image_size x image_size``; train mode keeps a batch whose images share one size divisible by 32 (multi-
-scale training) and resizes the others. Post-processing is torchvision SSD's: per class, scores above
+``image_size x image_size`` (bilinear, antialiased: within one grey level of the PIL resize that training,
+``evaluate`` and the runtime use); train mode keeps a batch whose images share one size divisible by 32
+(multi-scale training) and resizes the others. Post-processing is torchvision SSD's: per class, scores above
 ``score_thresh``, the ``topk_candidates`` best, NMS at ``nms_thresh``, the ``detections_per_img`` best.
 
 ``dense_predictions(x)`` (normalised ``N x 3 x S x S`` input) -> boxes ``N x A x 4`` in input pixels and
@@ -268,8 +269,12 @@ class GFLDetector(nn.Module):
         if keep:
             batch = torch.stack(list(images))
         else:
+            # antialiased, as training's resize (PIL bilinear) is: a 1024 px photo shrunk to 320 px without
+            # it is a different image to the model (0.156 vs 0.169 AP50-95 on Aquarium's valid split)
+            antialias = not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
             batch = torch.cat([F.interpolate(img[None], size=(self.image_size, self.image_size),
-                                             mode="bilinear", align_corners=False) for img in images])
+                                             mode="bilinear", align_corners=False, antialias=antialias)
+                               for img in images])
         scales = []
         for height, width in sizes:
             sx, sy = (1.0, 1.0) if keep else (self.image_size / width, self.image_size / height)
