@@ -505,7 +505,9 @@ def main() -> None:
              f"{budget:g} min (max_train_minutes / Ultralytics time=, schedules fitted to it) in its own "
              f"process pinned to its own core, {args.threads} thread(s) each, {args.image_size} px, batch 8; "
              f"1-min load average {load_start:.1f} at the start, {load_end:.1f} at the end. Scored by "
-             "pycocotools at the photos' own size on 'valid' (127 images) and 'test' (63 images). "
+             "pycocotools at the photos' own size on 'valid' (127 images) and 'test' (63 images); detforge's "
+             "models see each photo resized by images.resize_rgb as the runtime does, YOLO11n its own "
+             "predict(). "
              f"Curve (plot: benchmarks/results/{plot.name}): training seconds, AP50-95 on 'valid' "
              "(gfl: its validation during training; YOLO11n: its epoch checkpoints scored afterwards): "
              + "; ".join(f"{m}: " + ", ".join(f"{t:.0f}s {a:.3f}" for t, a in c
