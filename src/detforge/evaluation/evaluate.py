@@ -253,18 +253,14 @@ def _open_image(source_ref: str, manifest: str) -> np.ndarray:
     return images.read(resolve_source_ref(source_ref, manifest))
 
 
-def _open_model(path: str):
-    """Class names of a run and a function from RGB arrays to ``[(boxes_xyxy, scores, class_ids)]``
-    (boxes in each array's pixels; the model sees it resized by ``runtime.resize_rgb``)."""
-    require("torch", "training")
+def torch_detector(model, size: int):
+    """A function from RGB arrays to ``[(boxes_xyxy, scores, class_ids)]`` of an eval-mode torch detector:
+    each array resized by ``runtime.resize_rgb`` to ``size`` (what training and the runtime feed the model),
+    boxes scaled back to the array's pixels."""
     import torch
 
     from detforge.images import resize_rgb
     from detforge.models import labels_to_class_ids
-    from detforge.training.checkpoint import load_run_model
-
-    model, info = load_run_model(path)
-    size = int(info.image_shape)
 
     def run_torch(pictures: list[np.ndarray]) -> list[tuple]:
         tensors = [torch.from_numpy(resize_rgb(p, size).copy()).permute(2, 0, 1).float().div(255)
@@ -278,7 +274,16 @@ def _open_model(path: str):
                           labels_to_class_ids(o["labels"].cpu().numpy())))
         return found
 
-    return list(info.classes), run_torch
+    return run_torch
+
+
+def _open_model(path: str):
+    """Class names of a run and its ``torch_detector`` at the run's image size."""
+    require("torch", "training")
+    from detforge.training.checkpoint import load_run_model
+
+    model, info = load_run_model(path)
+    return list(info.classes), torch_detector(model, int(info.image_shape))
 
 
 def _open_deploy(path: str):

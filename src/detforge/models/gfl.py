@@ -265,15 +265,16 @@ class GFLDetector(nn.Module):
     def _batch(self, images, targets=None):
         """Stack images (resized to image_size unless a train batch already shares a /32 size)."""
         sizes = [tuple(img.shape[-2:]) for img in images]
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         keep = (self.training and len(set(sizes)) == 1 and sizes[0][0] % 32 == 0 and sizes[0][1] % 32 == 0)
         if keep:
             batch = torch.stack(list(images))
         else:
             # antialiased, as training's resize (PIL bilinear) is: a 1024 px photo shrunk to 320 px without
             # it is a different image to the model (0.156 vs 0.169 AP50-95 on Aquarium's valid split)
-            antialias = not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+            # (the ONNX exporter has no antialiased resize: tracing keeps the plain one)
             batch = torch.cat([F.interpolate(img[None], size=(self.image_size, self.image_size),
-                                             mode="bilinear", align_corners=False, antialias=antialias)
+                                             mode="bilinear", align_corners=False, antialias=not exporting)
                                for img in images])
         scales = []
         for height, width in sizes:
@@ -283,7 +284,7 @@ class GFLDetector(nn.Module):
         if targets is not None:
             scaled = [t["boxes"].to(batch.device).float() * s for t, s in zip(targets, scales, strict=True)]
         batch = (batch - self.mean) / self.std
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not exporting:
             # NHWC in PyTorch: oneDNN's depthwise convolutions and BatchNorm run ~1.25x faster per training
             # step on one CPU thread (measured on mobilenet-v3 and shufflenet-v2); an exported graph has no
             # memory format, so tracing keeps the plain layout
