@@ -18,7 +18,7 @@ from conftest import make_tiny_set
 
 torch = pytest.importorskip("torch")
 
-from detforge.errors import ConfigError, ManifestError  # noqa: E402
+from detforge.errors import ConfigError, ManifestError, ModelError  # noqa: E402
 from detforge.training import checkpoint, engine  # noqa: E402
 from detforge.training.dataset import ManifestDataset, load_split  # noqa: E402
 from detforge.training.hyperparams import parse_hyperparameters  # noqa: E402
@@ -71,6 +71,7 @@ def test_run_folder_metrics_and_loss(reference_run):
         "checkpoints",
         "classes.json",
         "hyperparams.json",
+        "inputs.json",
         "metrics.csv",
         "metrics.jsonl",
         "metrics.png",
@@ -119,6 +120,27 @@ def test_run_folder_metrics_and_loss(reference_run):
     assert json.loads((out / "best.json").read_text())["epoch"] == result.best_epoch
     model, info = checkpoint.load_run_model(out)
     assert info.classes == ["red", "blue"] and info.epoch == 3 and info.thresholds["overlap_threshold"] == 0.5
+
+
+def test_the_run_folder_names_its_inputs_in_json(tiny, reference_run, tmp_path):
+    import shutil
+
+    out = reference_run[0]
+    assert json.loads((out / "inputs.json").read_text()) == {
+        "format_version": 1, "train": str(tiny[0]), "validation": str(tiny[1]), "label_attribute": None,
+        "weights": None}
+    assert checkpoint.read_inputs(out) == checkpoint.RunInputs(train=str(tiny[0]), validation=str(tiny[1]))
+    old = tmp_path / "old"  # a run folder from before inputs.json: its resume state names the manifests
+    shutil.copytree(out, old)
+    (old / "inputs.json").unlink()
+    assert checkpoint.read_inputs(old) == checkpoint.RunInputs(train=str(tiny[0]), validation=str(tiny[1]))
+    (old / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(ModelError, match="inputs.json is missing"):
+        checkpoint.read_inputs(old)
+    (old / "inputs.json").write_text("{")
+    with pytest.raises(ModelError, match="not valid JSON") as info:
+        checkpoint.read_inputs(old)
+    assert info.value.path == str(old / "inputs.json")
 
 
 def _weights(path: Path) -> dict:
@@ -228,7 +250,6 @@ def test_incremental_weights_with_another_class_count(reference_run):
     assert torch.equal(
         model.state_dict()["backbone.features.0.0.0.weight"], start["backbone.features.0.0.0.weight"]
     )
-    from detforge.errors import ModelError
 
     with pytest.raises(ModelError, match="is a mobilenet-v3 model but base_network is resnet-50"):
         load_initial_weights(model, str(reference_run[0]), base_network="resnet-50", num_classes=3)

@@ -5,6 +5,10 @@
   ``name="best"`` gives ``best.safetensors``/``best.json``.
 - ``load_run_model(run_dir, *, which="model", device="cpu") -> (model, RunInfo)``; ``run_dir`` may also be
   a ``.safetensors`` file with its ``.json`` beside it.
+- ``write_inputs``/``read_inputs``: ``inputs.json``, the run's data as plain JSON (``RunInputs``: the
+  train and validation manifests, the label attribute, the ``--weights`` it started from); with
+  ``classes.json`` and ``hyperparams.json`` beside it, what export, evaluate and ``--resume`` read
+  instead of the checkpoint. Run folders from before ``inputs.json``: read from ``checkpoints/last.pt``.
 - ``save_state``/``load_state``: ``checkpoints/last.pt`` for ``--resume``: plain tensors, numbers and
   dicts written with ``torch.save`` and read back with ``torch.load(weights_only=True)``;
   ``rng_state``/``set_rng_state`` capture and restore the random generators for it.
@@ -26,6 +30,7 @@ from detforge.errors import ModelError
 
 FORMAT_VERSION = 1
 STATE_FILE = "checkpoints/last.pt"
+INPUTS_FILE = "inputs.json"
 
 
 @dataclass
@@ -58,6 +63,61 @@ class RunInfo:
         known["num_classes"] = int(known["num_classes"])
         known["classes"] = [str(c) for c in known["classes"]]
         return cls(**known)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run was trained on (``inputs.json``); local manifest paths are absolute."""
+
+    train: str
+    validation: str | None = None
+    label_attribute: str | None = None
+    weights: str | None = None  # --weights: the model it started from
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (what ``inputs.json`` holds)."""
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    if path is None:
+        return None
+    path = os.fspath(path)
+    return path if storage.is_remote(path) else os.path.abspath(path)
+
+
+def write_inputs(run_dir: str | os.PathLike, *, train: str, validation: str | None = None,
+                 label_attribute: str | None = None, weights: str | None = None) -> RunInputs:
+    """Write ``inputs.json`` (atomically); local paths are made absolute so the run folder can be read
+    from anywhere."""
+    inputs = RunInputs(train=_absolute(train), validation=_absolute(validation),
+                       label_attribute=label_attribute, weights=_absolute(weights))
+    storage.write_bytes(storage.join(os.fspath(run_dir), INPUTS_FILE),
+                        orjson.dumps(inputs.to_json(), option=orjson.OPT_INDENT_2))
+    return inputs
+
+
+def read_inputs(run_dir: str | os.PathLike) -> RunInputs:
+    """The ``RunInputs`` of a run folder: ``inputs.json``; a run folder written before it existed: the
+    manifests its ``checkpoints/last.pt`` names (ModelError when neither says)."""
+    run_dir = os.fspath(run_dir)
+    path = storage.join(run_dir, INPUTS_FILE)
+    if storage.exists(path):
+        try:
+            obj = orjson.loads(storage.read_bytes(path))
+        except orjson.JSONDecodeError as exc:
+            raise ModelError(f"not valid JSON: {exc}", path=path) from None
+        if not isinstance(obj, dict) or not obj.get("train"):
+            raise ModelError("does not name the training manifest", path=path, field="train")
+        return RunInputs(**{k: obj.get(k) for k in RunInputs.__dataclass_fields__})
+    if not storage.exists(storage.join(run_dir, STATE_FILE)):
+        raise ModelError("the run folder does not say what it was trained on: inputs.json is missing",
+                         path=path, hint="give --train and --validation")
+    data = load_state(run_dir).get("data") or {}  # before inputs.json: the resume state named them
+    if not data.get("train"):
+        raise ModelError("the resume state does not name the training manifest", path=run_dir,
+                         hint="give --train and --validation")
+    return RunInputs(train=data["train"], validation=data.get("validation"))
 
 
 def _state_to_bytes(state_dict: dict, metadata: dict | None = None) -> bytes:

@@ -417,6 +417,10 @@ def train(config: TrainConfig) -> TrainResult:
                 orjson.dumps(hp.to_json(), option=orjson.OPT_INDENT_2),
             )
             storage.write_bytes(storage.join(run_dir, "classes.json"), orjson.dumps(list(names)))
+        if dist.main:
+            checkpoint.write_inputs(run_dir, train=config.train, validation=config.validation,
+                                    label_attribute=config.label_attribute,
+                                    weights=None if config.resume else config.weights)
         log.info(
             f"training {hp.detector} {hp.base_network} at {hp.image_shape} px "
             f"on {device} x{dist.world_size}: "
@@ -574,14 +578,8 @@ def train(config: TrainConfig) -> TrainResult:
 
 def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str | None]:
     """The train and validation manifests an interrupted run was started with (for ``--resume``)."""
-    data = checkpoint.load_state(run_dir).get("data") or {}
-    if not data.get("train"):
-        raise ModelError(
-            "the resume state does not name the training manifest",
-            path=run_dir,
-            hint="give --train and --validation again",
-        )
-    return data["train"], validation or data.get("validation")
+    inputs = checkpoint.read_inputs(run_dir)
+    return inputs.train, validation or inputs.validation
 
 
 def batch_per_process(mini_batch_size: int, dist: distributed.Dist) -> int:
