@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import secrets
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,8 @@ import orjson
 from detforge.errors import ConfigError
 
 TOKEN_HEADER = "X-Detforge-Token"
+# a Host header: a bracketed IPv6 address or a name/IPv4 address, then an optional port
+HOST_HEADER = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::\d{1,5})?|([^:\[\]@/?#\s]+)(?::\d{1,5})?")
 
 
 def is_loopback(host: str) -> bool:
@@ -93,8 +96,9 @@ class TokenHandler(BaseHTTPRequestHandler):
 
     def _authorized(self, query: dict[str, list[str]]) -> bool:
         # The Host check stops DNS-rebinding pages from talking to us; the token stops everyone else.
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-        if not is_loopback(host):
+        # "[::1]", "[::1]:8080", "localhost", "127.0.0.1:80"; anything else ("[::1", "x@127.0.0.1") is refused
+        match = HOST_HEADER.fullmatch(self.headers.get("Host") or "")
+        if match is None or not is_loopback((match[1] or match[2]).lower()):
             self._error(403, "wrong Host header")
             return False
         given = self.headers.get(TOKEN_HEADER) or (query.get("token") or [""])[0]
