@@ -142,7 +142,9 @@ class ManifestDataset:
         self.transform = build_transform(preset if train else "none", image_size=self.image_size, train=train)
         self.mosaic = float(mosaic) if train else 0.0
         self.scale_jitter = float(scale_jitter)
-        self.mosaic_transform = build_transform("flip", image_size=self.image_size, train=True)
+        # a mosaic is already cropped and zoomed: it gets the preset's flip and, with it, its colour change
+        self.mosaic_transform = build_transform("flip+hsv" if preset == "flip+hsv" else "flip",
+                                                image_size=self.image_size, train=True)
         self.cache_images = bool(cache_images)
         self._decoded: dict[int, tuple] = {}
 

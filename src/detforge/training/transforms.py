@@ -21,6 +21,9 @@ Presets (``PRESETS``), in training mode; ``train=False`` is always "resize only"
   min-IoU random crop, random horizontal flip, resize.
 - ``ssd+rot``: ``ssd`` plus random vertical flip and a random turn by 0/90/180/270° (a camera looking
   down at storage boxes sees them in any orientation).
+- ``flip+hsv``: ``flip`` plus a random colour change of the resized image (``RandomHSV``: hue turned by up to
+  ±``HSV_GAINS[0]`` of the colour circle, saturation and value scaled by 1 ± ``HSV_GAINS[1:]``, YOLO's
+  default strengths); the small-data recipe's preset, applied to mosaic images too.
 
 Randomness comes from torch's global generator (seed it per worker as usual). Not here: offline copies
 of images on disk (``detforge.data.augment``).
@@ -39,7 +42,9 @@ from torchvision.transforms.v2 import functional as F
 from detforge import boxes as box_ops
 from detforge.errors import ConfigError
 
-PRESETS = ("none", "flip", "ssd", "ssd+rot")
+PRESETS = ("none", "flip", "ssd", "ssd+rot", "flip+hsv")
+# hue shift (a fraction of the colour circle), saturation gain, value gain: each drawn uniformly in +-gain
+HSV_GAINS = (0.015, 0.7, 0.4)
 DEFAULT_PRESET = "ssd"
 HYPERPARAMETER = "augmentation"
 # ImageNet mean in 0..255: the fill of zoom-out, as in the SSD recipe.
@@ -79,6 +84,43 @@ class RandomRot90(v2.Transform):
         if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask, tv_tensors.Video)):
             return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), k, dims=(-2, -1)), like=inpt)
         return inpt
+
+
+class RandomHSV(v2.Transform):
+    """A random hue shift and saturation / value gains of a uint8 RGB image (boxes untouched).
+
+    Draws ``u ~ U(-1, 1)^3`` from torch's generator: the hue turns by ``u0 * gains[0]`` of the colour circle,
+    the saturation (chroma) is scaled by ``1 + u1 * gains[1]`` and the value (every channel) by
+    ``1 + u2 * gains[2]``; clipped to 0..255. The three are one linear map of RGB, done in YIQ (luma and two
+    chroma axes: a hue turn is a rotation of the chroma plane, a saturation gain its scaling), so it costs one
+    3 x 3 product per pixel (~2 ms at 320 px on one thread, against ~13 ms through Pillow's HSV mode)."""
+
+    # RGB -> YIQ (NTSC)
+    _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+    def __init__(self, gains: tuple[float, float, float] = HSV_GAINS) -> None:
+        super().__init__()
+        self.gains = tuple(float(g) for g in gains)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"u": (torch.rand(3) * 2 - 1).tolist()}
+
+    def matrix(self, u) -> np.ndarray:
+        """The 3 x 3 RGB -> RGB map of the draw ``u``."""
+        angle = 2 * np.pi * u[0] * self.gains[0]
+        sat, val = 1 + u[1] * self.gains[1], 1 + u[2] * self.gains[2]
+        turn = np.array([[1.0, 0.0, 0.0],
+                         [0.0, sat * np.cos(angle), -sat * np.sin(angle)],
+                         [0.0, sat * np.sin(angle), sat * np.cos(angle)]])
+        return val * np.linalg.inv(self._YIQ) @ turn @ self._YIQ
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        m = torch.from_numpy(self.matrix(params["u"])).float()
+        pixels = inpt.as_subclass(torch.Tensor).float()
+        out = (m @ pixels.reshape(3, -1)).reshape(pixels.shape).round_().clamp_(0, 255).to(torch.uint8)
+        return tv_tensors.wrap(out, like=inpt)
 
 
 class RuntimeResize(v2.Transform):
@@ -121,6 +163,8 @@ def build_transform(preset: str, *, image_size: int, train: bool) -> Callable:
     if image_size < 1:
         raise ConfigError(f"image size must be positive, got {image_size}", field="image_shape")
     finish = [RuntimeResize(image_size), v2.ClampBoundingBoxes()]
+    if train and preset == "flip+hsv":  # on the resized image: the cheapest place, the same draw
+        finish.append(RandomHSV())
     if train:
         finish.append(v2.SanitizeBoundingBoxes(min_size=1.0))
     finish.append(v2.ToDtype(torch.float32, scale=True))
