@@ -30,7 +30,7 @@ from detforge.models import BASE_NETWORKS, DETECTORS, MODEL_TABLE
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adadelta", "adamw")  # adamw: a detforge addition
 LR_SCHEDULES = ("step", "cosine")
-AUGMENTATIONS = ("none", "flip", "ssd", "ssd+rot")
+AUGMENTATIONS = ("none", "flip", "ssd", "ssd+rot", "flip+hsv")
 # SageMaker's label_width counts label values: a header of 2 and 5 values per box.
 LABEL_HEADER = 2
 LABEL_VALUES_PER_BOX = 5
