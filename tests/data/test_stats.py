@@ -10,6 +10,10 @@ from detforge.data.stats import format_stats, manifest_stats
 
 
 def test_small_fixture(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("a_1.jpg", "a_2.jpg"):  # the images must exist (every reader checks)
+        Image.new("RGB", (100, 50), (10, 20, 30) if name == "a_1.jpg" else (40, 50, 60)).save(tmp_path / name)
     path = tmp_path / "m.manifest"
     groundtruth.write_manifest(path, [
         groundtruth.make_record("a_1.jpg", width=100, height=50, boxes_xyxy=[[0, 0, 10, 5], [0, 0, 50, 50]],
@@ -31,5 +35,7 @@ def test_real_jobs(shared_data):
     paths = sorted(str(p) for p in (shared_data / "groundtruth").glob("*.manifest"))
     s = manifest_stats(paths)
     assert s["images"] == 677 and s["empty_images"] == 39
+    # prepare's rule: each of the 677 source-refs is a distinct image (the images are on S3: paths only)
+    assert s["distinct_images"] == 677 and s["duplicates"] == {"same image": 0, "same content": 0}
     assert s["per_class"] == {"storage box": 642}
     assert list(s["per_manifest"].values()) == [624, 21, 32]

@@ -6,20 +6,22 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli import options
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``stats`` command."""
 
     @app.command("stats")
     def stats_command(
-        manifests: Annotated[list[str], typer.Argument(
-            help="Ground Truth manifests (local or s3://) or any input prepare reads (YOLO, VOC, COCO).")],
-        label_attribute: Annotated[str | None, typer.Option("--label-attribute")] = None,
-        images: Annotated[str | None, typer.Option(
-            "--images", help="Image folder of VOC/COCO inputs.")] = None,
-        on_error: Annotated[str, typer.Option(
-            "--on-error", help="stop at a bad line/box/file, or skip it and count it.")] = "stop",
+        manifests: Annotated[list[str], typer.Argument(help=options.INPUTS_HELP)],
+        label_attribute: options.LabelAttribute = None,
+        images: options.Images = None,
+        on_error: options.OnError = "stop",
         as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+        content_checks: Annotated[bool, typer.Option(
+            "--content-checks/--no-content-checks",
+            help="Count local images with the same bytes as duplicates (as prepare does).")] = True,
     ) -> None:
         """Print what a set of manifests holds."""
         import json
@@ -27,5 +29,5 @@ def register(app: typer.Typer) -> None:
         from detforge.data.stats import format_stats, manifest_stats
 
         result = manifest_stats(manifests, label_attribute=label_attribute, images_dir=images,
-                                on_error=on_error)
+                                on_error=on_error, content=content_checks)
         typer.echo(json.dumps(result, indent=2) if as_json else format_stats(result))
