@@ -82,13 +82,14 @@ def test_yolo_lines_are_exact(manifest, tmp_path):
     assert text[1] == "1 0.75000000 0.50000000 0.50000000 1.00000000"
     assert (tmp_path / "y" / "train" / "labels" / "v_000002.txt").read_text() == ""
     assert (tmp_path / "y" / "train" / "images" / "v_000002.jpg").exists()
+    # no split in the input: data.yaml names no validation set (never the training images as `val`)
     assert yaml.safe_load((tmp_path / "y" / "data.yaml").read_text()) == {
-        "train": "train/images", "val": "train/images", "nc": 2, "names": {0: "blue box", 1: "yellow box"}}
+        "train": "train/images", "nc": 2, "names": {0: "blue box", 1: "yellow box"}}
 
 
 def test_voc_xml_values(manifest, tmp_path):
     convert(str(manifest), to="voc", out=str(tmp_path / "v"))
-    text = (tmp_path / "v" / "v_000003.xml").read_text()
+    text = (tmp_path / "v" / "Annotations" / "v_000003.xml").read_text()
     assert "<name>yellow box</name>" in text and "<xmax>33</xmax>" in text and "<width>64</width>" in text
 
 

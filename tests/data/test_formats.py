@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -30,8 +31,12 @@ AQUARIUM_CLASSES = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish
 
 
 def _jpeg(path: Path, size=(80, 60), color=(90, 90, 90)) -> Path:
+    """A small JPEG, its corner pixel marked by its name (two fixtures are never the same bytes: prepare
+    reports same-bytes copies as duplicates)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path, "JPEG")
+    image = Image.new("RGB", size, color)
+    image.putpixel((0, 0), (zlib.crc32(path.name.encode()) % 256, 0, 0))
+    image.save(path, "JPEG")
     return path
 
 
@@ -126,8 +131,10 @@ def test_aquarium_yolo_round_trip_in_ultralytics_layout(aquarium, tmp_path):
     convert(str(manifest), to="yolo", out=str(out))
     data = yaml.safe_load((out / "data.yaml").read_text())
     assert data["names"] == dict(enumerate(AQUARIUM_CLASSES)) and data["nc"] == 7
+    # the split is kept through the manifest: the valid folder's images are the val split, nothing else
+    assert sorted(data) == ["names", "nc", "val"]
     # Ultralytics: split entries relative to the yaml's folder; labels where 'images' becomes 'labels'
-    for key in ("train", "val"):
+    for key in ("val",):
         images = sorted((out / data[key]).glob("*.jpg"))
         assert len(images) == 127
         for image in images[:5]:
@@ -254,11 +261,11 @@ def test_labelimg_voc_foreign_path_difficult_and_imagesets(tmp_path):
 def test_voc_images_option_missing_image_and_bad_box(tmp_path, capsys):
     root = tmp_path / "voc"
     _voc(root, "a.jpg", [("dog", 0, (10, 10, 10, 30))], image_folder=None)  # zero width
-    with pytest.raises(FormatError, match=r"a.xml, field 'filename': image 'a.jpg' not found"):
+    with pytest.raises(FormatError, match=r"a.xml:3, field 'filename': image 'a.jpg' not found"):
         list(read_source(str(root / "Annotations"))[2])
     _jpeg(tmp_path / "pics" / "a.jpg")
     with pytest.raises(
-        ManifestError, match=r"a.xml, field 'object\[0\].bndbox': box has non-positive size 0x20"
+        ManifestError, match=r"a.xml:8, field 'object 1.bndbox': box has non-positive size 0x20"
     ):
         prepare([str(root / "Annotations")], str(tmp_path / "p"), images=str(tmp_path / "pics"))
     s = prepare(
@@ -367,11 +374,11 @@ def test_coco_bad_box_and_unknown_category(tmp_path):
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [40, 40, 20, 5]}],
     }
     (tmp_path / "c.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"c.json, field 'annotations\[0\].bbox': box .* lies outside"):
+    with pytest.raises(ManifestError, match=r"c.json, field 'annotation 1 \(id 1\).bbox': box .* outside"):
         list(read_source(str(tmp_path / "c.json"))[2])
     data["annotations"][0].update(category_id=5, bbox=[1, 1, 5, 5])
     (tmp_path / "c.json").write_text(json.dumps(data))
     with pytest.raises(
-        FormatError, match=r"field 'annotations\[0\].category_id': category_id 5 is not a class"
+        FormatError, match=r"field 'annotation 1 \(id 1\).category_id': category_id 5 is not a class"
     ):
         list(read_source(str(tmp_path / "c.json"))[2])

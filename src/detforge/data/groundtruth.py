@@ -96,6 +96,8 @@ class ReadReport:
     lines: int = 0
     skipped: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, message)
     skipped_boxes: list[str] = field(default_factory=list)  # the error message of each box left out
+    corrected: list[str] = field(default_factory=list)  # what a reader corrected, e.g. an EXIF-swapped size
+    notes: list[str] = field(default_factory=list)  # what a reader left out, e.g. labelme polygons
 
 
 def box_problem(left: float, top: float, width: float, height: float, *, image_width: int,
@@ -303,6 +305,28 @@ def read_manifest(path: str | os.PathLike, *, label_attribute: str | None = None
                 raise
             if report is not None:
                 report.skipped.append((path, number, str(exc)))
+
+
+def checked_local_image(record: Record, manifest: str | os.PathLike) -> None:
+    """Check that a manifest line's image exists and has the size the line says, when it is local (a
+    header probe, not a decode: the same check every format's reader makes); a ManifestError naming the
+    manifest, line and ``source-ref`` when not. Images on an object store are not probed here (one
+    request per line); training reads them and names a missing one."""
+    from detforge import images
+
+    image = resolve_source_ref(record.source_ref, manifest)
+    if storage.is_remote(image):
+        return
+    path, _, line = (record.origin or f"{os.fspath(manifest)}:0").rpartition(":")
+    where = {"path": path or os.fspath(manifest), "line": int(line) if line.isdigit() else None}
+    try:
+        width, height = images.probe(image)
+    except images.ImageError as exc:
+        raise ManifestError(exc.message, **where, field="source-ref") from None
+    if (width, height) != (record.width, record.height):
+        raise ManifestError(f"the line says the image is {record.width}x{record.height} but {image} is "
+                            f"{width}x{height} (upright)", **where,
+                            field=f"{record.label_attribute}.image_size")
 
 
 def record_to_json(record: Record) -> dict:

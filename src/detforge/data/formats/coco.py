@@ -22,33 +22,85 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.formats import imported_record, pass_over, skipped_boxes_list
+from detforge.data.formats import (
+    checked_size,
+    decoded_json,
+    image_inside,
+    imported_record,
+    pass_over,
+    skipped_boxes_list,
+    upright_boxes,
+)
 from detforge.data.groundtruth import ReadReport, Record
 from detforge.errors import FormatError, ManifestError
 
 ROBOFLOW_FILE = "_annotations.coco.json"
-_FOLDER_SPLITS = {"train": "train", "valid": "validation", "val": "validation", "test": "test"}
+_FOLDER_SPLITS = {"train": "train", "valid": "validation", "val": "validation", "validation": "validation",
+                  "test": "test"}
+# CVAT's COCO export: annotations/instances_<subset>.json with the images in images/<subset>/
+CVAT_PREFIX = "instances_"
 
 
-def roboflow_files(folder: str) -> list[tuple[str, str | None]]:
-    """(annotation file, split) of a Roboflow COCO export folder (one JSON per split folder)."""
+def subset_split(name: str) -> str | None:
+    """The split a folder or subset name means (``Train``, ``valid``, ``val``, ``Validation``, ``test``)."""
+    return _FOLDER_SPLITS.get(name.lower())
+
+
+def _cvat_subset(path: str) -> str | None:
+    name = os.path.basename(path)
+    if name.startswith(CVAT_PREFIX) and name.endswith(".json"):
+        return name[len(CVAT_PREFIX):-len(".json")]
+    return None
+
+
+def file_split(path: str) -> str | None:
+    """The split a COCO file's own name gives it: CVAT's ``instances_<subset>.json``, or the split folder
+    of Roboflow's ``<split>/_annotations.coco.json``."""
+    subset = _cvat_subset(path)
+    if subset is not None:
+        return subset_split(subset)
+    if os.path.basename(path) == ROBOFLOW_FILE:
+        return subset_split(os.path.basename(os.path.dirname(os.path.abspath(path))))
+    return None
+
+
+def coco_files(folder: str) -> list[tuple[str, str | None]]:
+    """(annotation file, split) of a COCO export folder: Roboflow's (one ``_annotations.coco.json`` per
+    split folder) or CVAT's (``annotations/instances_<subset>.json``)."""
     found = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
         path = os.path.join(folder, name, ROBOFLOW_FILE)
         if os.path.isfile(path):
-            found.append((path, _FOLDER_SPLITS.get(name.lower())))
+            found.append((path, subset_split(name)))
     if os.path.isfile(os.path.join(folder, ROBOFLOW_FILE)):
-        found.append(
-            (os.path.join(folder, ROBOFLOW_FILE), _FOLDER_SPLITS.get(os.path.basename(folder).lower()))
-        )
+        found.append((os.path.join(folder, ROBOFLOW_FILE), subset_split(os.path.basename(folder))))
+    annotations = os.path.join(folder, "annotations")
+    for name in sorted(os.listdir(annotations)) if os.path.isdir(annotations) else ():
+        subset = _cvat_subset(name)
+        if subset is not None:
+            found.append((os.path.join(annotations, name), subset_split(subset)))
     return found
 
 
+roboflow_files = coco_files  # the older name
+
+
+def image_folders(path: str, images_dir: str | None) -> list[str]:
+    """Where the images of a COCO file may be, in order: ``--images``, else CVAT's ``images/<subset>/``,
+    the JSON's folder and its ``images/`` (a Roboflow export whose owner moved the images there)."""
+    if images_dir:
+        return [images_dir]
+    folder = os.path.dirname(path) or "."
+    found = []
+    subset = _cvat_subset(path)
+    if subset is not None and os.path.basename(folder) == "annotations":
+        root = os.path.dirname(folder) or "."
+        found += [os.path.join(root, "images", subset), os.path.join(root, "images")]
+    return found + [folder, os.path.join(folder, "images")]
+
+
 def _load(path: str) -> dict:
-    try:
-        data = orjson.loads(storage.read_bytes(path))
-    except orjson.JSONDecodeError as exc:
-        raise FormatError(f"not valid JSON: {exc}", path=path) from None
+    data = decoded_json(storage.read_bytes(path), path)
     for key in ("images", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise FormatError(f"not a COCO detection file: no '{key}' list", path=path, field=key)
@@ -82,12 +134,37 @@ def categories(data: dict, path: str) -> tuple[list[str], dict[int, int]]:
 def read_coco(
     source: str, *, images_dir: str | None = None, on_error: str = "stop", report: ReadReport | None = None
 ) -> tuple[list[str], Iterator[Record]]:
-    """(class names, a stream of Records) of a COCO JSON file or a Roboflow COCO export folder."""
+    """(class names, a stream of Records) of a COCO JSON file or a Roboflow / CVAT COCO export folder.
+
+    A file that cannot be read as COCO stops with its error, or with ``on_error='skip'`` is passed over
+    and listed in ``report.skipped`` (an error still when no file is left).
+    """
     source = os.fspath(source).rstrip("/")
-    files = roboflow_files(source) if os.path.isdir(source) else [(source, None)]
+    if os.path.isdir(source):
+        files = coco_files(source)
+    else:
+        files = [(source, file_split(source))]
     if not files:
-        raise FormatError(f"no COCO JSON here (expected {ROBOFLOW_FILE} in split folders)", path=source)
-    loaded = [(path, split, _load(path)) for path, split in files]
+        raise FormatError(
+            f"no COCO JSON here (expected {ROBOFLOW_FILE} in split folders, or annotations/"
+            f"{CVAT_PREFIX}<subset>.json)",
+            path=source,
+        )
+    loaded, first_error = [], None
+    for path, split in files:
+        try:
+            data = _load(path)
+            categories(data, path)
+        except FormatError as exc:
+            if on_error == "stop":
+                raise
+            first_error = first_error or exc
+            if report is not None:
+                report.skipped.append((path, exc.line or 0, str(exc)))
+            continue
+        loaded.append((path, split, data))
+    if not loaded:
+        raise first_error
     names: list[str] = []
     for path, _, data in loaded:
         these, _ = categories(data, path)
@@ -97,21 +174,36 @@ def read_coco(
     return names, _records(loaded, names, images_dir, on_error, report)
 
 
+def _image_path(ref: str, folders: list[str], path: str, fld: str) -> str:
+    """The image a ``file_name`` names: a URI or absolute path as given (the header probe then checks it
+    is an image), a relative name inside the first of ``folders`` that holds it."""
+    if storage.is_remote(ref) or os.path.isabs(ref):
+        return ref
+    candidates = [image_inside(folder, ref, path=path, field=fld) for folder in folders]
+    for candidate in candidates:
+        if storage.is_remote(candidate) or os.path.isfile(candidate):
+            return candidate
+    if len(candidates) == 1:
+        return candidates[0]
+    tried = ", ".join(dict.fromkeys(f"{f}/" for f in folders))
+    raise images.ImageError(f"image {ref!r} not found in {tried}", path=path, field=fld,
+                            hint="give the image folder with --images")
+
+
 def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
     skipped_boxes = skipped_boxes_list(on_error, report)
     for path, split, data in loaded:
         _, class_of = categories(data, path)
-        base = images_dir or (os.path.dirname(path) or ".")
+        folders = image_folders(path, images_dir)
         per_image: dict = {}
         for n, ann in enumerate(data.get("annotations") or ()):
             per_image.setdefault(ann.get("image_id") if isinstance(ann, dict) else None, []).append((n, ann))
         known = {img.get("id") for img in data["images"] if isinstance(img, dict)}
         for image_id in per_image:
             if image_id not in known:
-                n = per_image[image_id][0][0]
-                error = FormatError(
-                    f"image_id {image_id!r} is not in 'images'", path=path, field=f"annotations[{n}].image_id"
-                )
+                n, ann = per_image[image_id][0]
+                fld = f"{_ann_field(n, ann)}.image_id"
+                error = FormatError(f"image_id {image_id!r} is not in 'images'", path=path, field=fld)
                 if on_error == "stop":
                     raise error
                 if report is not None:
@@ -120,22 +212,20 @@ def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
             if report is not None:
                 report.lines += 1
             try:
+                img_fld = f"image {m + 1}" + (f" (id {img.get('id')})" if isinstance(img, dict) else "")
                 if not isinstance(img, dict) or not isinstance(img.get("file_name"), str):
-                    raise FormatError("an image needs a 'file_name'", path=path, field=f"images[{m}]")
-                ref = img["file_name"]
-                image = (
-                    ref
-                    if (storage.is_remote(ref) or os.path.isabs(ref))
-                    else os.path.normpath(storage.join(base, ref))
-                    if not storage.is_remote(base)
-                    else storage.join(base, ref)
-                )
+                    raise FormatError("an image needs a 'file_name'", path=path, field=img_fld)
+                image = _image_path(img["file_name"], folders, path, f"{img_fld}.file_name")
                 width, height = img.get("width"), img.get("height")
-                if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-                    width, height = images.probe(image)
+                stated = (
+                    (width, height)
+                    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
+                    else None
+                )
+                width, height, turn = checked_size(image, stated, path=path, field=f"{img_fld}.width/height")
                 rows, ids, crowd, where = [], [], [], []
                 for n, ann in per_image.get(img.get("id"), ()):
-                    fld = f"annotations[{n}]"
+                    fld = _ann_field(n, ann)
                     if ann.get("category_id") not in class_of:
                         raise FormatError(
                             f"category_id {ann.get('category_id')!r} is not a class {names}",
@@ -155,6 +245,13 @@ def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
                     ids.append(class_of[ann["category_id"]])
                     crowd.append(bool(ann.get("iscrowd")))
                     where.append((path, None, f"{fld}.bbox"))
+                xyxy = box_ops.coco_xywh_to_xyxy(np.asarray(rows, dtype=np.float64).reshape(-1, 4))
+                if turn != 1:
+                    xyxy = upright_boxes(xyxy, turn, width=width, height=height)
+                    if report is not None:
+                        report.corrected.append(
+                            f"{path}, field '{img_fld}': size {stated[0]}x{stated[1]} is the stored size of "
+                            f"an EXIF-turned photo ({width}x{height} upright): boxes turned with it")
                 record = imported_record(
                     image,
                     width=width,
@@ -162,7 +259,7 @@ def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
                     names=names,
                     where=where,
                     split=split,
-                    boxes_xyxy=box_ops.coco_xywh_to_xyxy(np.asarray(rows, dtype=np.float64).reshape(-1, 4)),
+                    boxes_xyxy=xyxy,
                     class_ids=ids,
                     difficult=crowd,
                     skipped_boxes=skipped_boxes,
@@ -173,11 +270,15 @@ def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
             yield record
 
 
-def write_coco(records: Iterable[Record], path: str | os.PathLike, *, classes: list[str]) -> int:
-    """Write records as one COCO JSON file (atomic); returns the image count.
+def _ann_field(n: int, ann) -> str:
+    """How a message names an annotation: its 1-based index in the file, and its id."""
+    ident = ann.get("id") if isinstance(ann, dict) else None
+    return f"annotation {n + 1}" + (f" (id {ident})" if ident is not None else "")
 
-    Categories get ids 1..K in class order; difficult boxes are written with ``iscrowd: 1``.
-    """
+
+def coco_data(records: Iterable[Record], *, classes: list[str]) -> dict:
+    """The COCO detection JSON of records: categories get ids 1..K in class order; difficult boxes
+    are written with ``iscrowd: 1``."""
     index = {name: i for i, name in enumerate(classes)}
     images_out, annotations = [], []
     for image_id, record in enumerate(records, start=1):
@@ -196,10 +297,15 @@ def write_coco(records: Iterable[Record], path: str | os.PathLike, *, classes: l
                     "iscrowd": int(bool(hard)),
                 }
             )
-    data = {
+    return {
         "images": images_out,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name} for i, name in enumerate(classes)],
     }
+
+
+def write_coco(records: Iterable[Record], path: str | os.PathLike, *, classes: list[str]) -> int:
+    """Write records as one COCO JSON file (atomic); returns the image count."""
+    data = coco_data(records, classes=classes)
     storage.write_bytes(path, orjson.dumps(data))
-    return len(images_out)
+    return len(data["images"])

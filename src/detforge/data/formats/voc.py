@@ -19,20 +19,48 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 
 from detforge import images, storage
-from detforge.data.formats import imported_record, pass_over, skipped_boxes_list
+from detforge.data.formats import (
+    checked_size,
+    decoded_text,
+    image_inside,
+    imported_record,
+    pass_over,
+    skipped_boxes_list,
+    upright_boxes,
+)
 from detforge.data.groundtruth import ReadReport, Record
 from detforge.errors import FormatError, ManifestError
 
 IMAGE_FOLDERS = ("JPEGImages", "images", "Images")
+_CORNERS = ("xmin", "ymin", "xmax", "ymax")
 _SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}
 
 
-def _parse(path: str) -> ET.Element:
-    from defusedxml import ElementTree as SafeET
-    from defusedxml.common import DefusedXmlException
+class _LineBuilder(ET.TreeBuilder):
+    """An ElementTree builder that notes the line each element starts on (for messages)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: dict[int, int] = {}
+        self.parser = None
+
+    def start(self, tag, attrs):
+        element = super().start(tag, attrs)
+        self.lines[id(element)] = self.parser.parser.CurrentLineNumber
+        return element
+
+
+def _parse(path: str) -> tuple[ET.Element, dict[int, int]]:
+    """(root, element id -> line) of an XML file, parsed without entity expansion."""
+    from defusedxml.common import DefusedXmlException
+    from defusedxml.ElementTree import DefusedXMLParser
+
+    builder = _LineBuilder()
+    parser = DefusedXMLParser(target=builder)
+    builder.parser = parser
     try:
-        return SafeET.fromstring(storage.read_bytes(path))
+        parser.feed(storage.read_bytes(path))
+        return parser.close(), builder.lines
     except ET.ParseError as exc:
         raise FormatError(f"not valid XML: {exc}", path=path, line=exc.position[0]) from None
     except DefusedXmlException as exc:
@@ -46,21 +74,27 @@ def annotations_folder(source: str) -> str:
 
 
 def read_splits(annotations: str) -> dict[str, str]:
-    """Image stem -> split from ``ImageSets/Main/{train,val,test}.txt`` beside ``Annotations/``."""
+    """Image stem -> split from ``ImageSets/Main/<split>.txt`` beside ``Annotations/``: VOC's ``train``,
+    ``val``, ``test`` and CVAT's subset names (``Train.txt``, ``Validation.txt``, ...); per-class lists
+    (``dog_train.txt``) and ``trainval.txt`` are not splits."""
+    from detforge.data.formats.coco import subset_split
+
     root = os.path.dirname(os.path.abspath(annotations))
+    folder = os.path.join(root, "ImageSets", "Main")
     splits: dict[str, str] = {}
-    for name, split in _SPLIT_FILES.items():
-        path = os.path.join(root, "ImageSets", "Main", f"{name}.txt")
-        if os.path.isfile(path):
-            for _, raw in storage.iter_lines(path):
-                stem = raw.decode("utf-8").strip().split(" ")[0]
-                if stem:
-                    splits[stem] = split
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        split = subset_split(name[: -len(".txt")]) if name.endswith(".txt") else None
+        if split is None:
+            continue
+        for _, raw in storage.iter_lines(os.path.join(folder, name)):
+            stem = decoded_text(raw, name).strip().split(" ")[0]
+            if stem:
+                splits[stem] = split
     return splits
 
 
 def _find_image(
-    filename: str, xml_path: str, images_dir: str | None, annotations: str, recorded: str = ""
+    filename: str, xml_path: str, images_dir: str | None, annotations: str, recorded: str = "", line=None
 ) -> str:
     root = os.path.dirname(os.path.abspath(annotations))
     folders = [images_dir] if images_dir else []
@@ -70,10 +104,11 @@ def _find_image(
     names = [filename] if "." in filename else [filename + s for s in images.SUFFIXES]
     for folder in folders:
         for name in names:
-            candidate = storage.join(folder, name)
+            candidate = image_inside(folder, name, path=xml_path, field="filename", line=line)
             if storage.exists(candidate):
-                return candidate if storage.is_remote(candidate) else os.path.normpath(candidate)
-    # <path> is the labeler's disk; only an absolute path or URI that exists here is worth trying
+                return candidate
+    # <path> is the labeler's disk; only an absolute path or URI that exists here is worth trying (the
+    # header probe then checks that it is an image)
     if (
         recorded
         and not (images_dir)
@@ -85,17 +120,18 @@ def _find_image(
     raise FormatError(
         f"image {filename!r} not found in {where}",
         path=xml_path,
+        line=line,
         field="filename",
         hint="give the image folder with --images",
     )
 
 
-def _number(element: ET.Element, tag: str, path: str, fld: str) -> float:
+def _number(element: ET.Element, tag: str, path: str, fld: str, line: int | None = None) -> float:
     text = element.findtext(tag)
     try:
         return float(text)
     except (TypeError, ValueError):
-        raise FormatError(f"expected a number, got {text!r}", path=path, field=fld) from None
+        raise FormatError(f"expected a number, got {text!r}", path=path, line=line, field=fld) from None
 
 
 def read_voc(
@@ -114,7 +150,7 @@ def read_voc(
     names: set[str] = set()
     for path in paths:  # the class list first (small: names only)
         try:
-            root = _parse(path)
+            root, _ = _parse(path)
         except FormatError:
             if on_error == "stop":
                 raise
@@ -131,33 +167,54 @@ def _records(paths, classes, splits, images_dir, annotations, on_error, report) 
         if report is not None:
             report.lines += 1
         try:
-            root = _parse(path)
-            filename = (root.findtext("filename") or "").strip()
+            root, lines = _parse(path)
+
+            def where_of(element, lines=lines):
+                return lines.get(id(element))
+
+            file_element = root.find("filename")
+            filename = (file_element.text if file_element is not None else "") or ""
+            filename = filename.strip()
             if not filename:
                 raise FormatError("missing <filename>", path=path, field="filename")
             image = _find_image(
-                filename, path, images_dir, annotations, (root.findtext("path") or "").strip()
+                filename, path, images_dir, annotations, (root.findtext("path") or "").strip(),
+                line=where_of(file_element),
             )
-            width = int(float(root.findtext("size/width") or 0))
-            height = int(float(root.findtext("size/height") or 0))
+            size_element = root.find("size")
+            size_line = where_of(size_element) if size_element is not None else None
+            width = int(_number(root, "size/width", path, "size.width", size_line)) if root.findtext(
+                "size/width") else 0
+            height = int(_number(root, "size/height", path, "size.height", size_line)) if root.findtext(
+                "size/height") else 0
             depth = int(float(root.findtext("size/depth") or 3)) or 3
-            if width <= 0 or height <= 0:
-                width, height = images.probe(image)
+            stated = (width, height) if width > 0 and height > 0 else None
+            width, height, turn = checked_size(image, stated, path=path, field="size", line=size_line)
             rows, ids, flags, where = [], [], [], []
             for i, obj in enumerate(root.findall("object")):
-                fld = f"object[{i}]"
+                fld = f"object {i + 1}"
+                line = where_of(obj)
                 name = (obj.findtext("name") or "").strip()
                 if not name:
-                    raise FormatError("object without a <name>", path=path, field=f"{fld}.name")
+                    raise FormatError("object without a <name>", path=path, line=line, field=f"{fld}.name")
                 box = obj.find("bndbox")
                 if box is None:
-                    raise FormatError("object without a <bndbox>", path=path, field=f"{fld}.bndbox")
+                    raise FormatError(
+                        "object without a <bndbox>", path=path, line=line, field=f"{fld}.bndbox"
+                    )
+                line = where_of(box)
                 rows.append(
-                    [_number(box, k, path, f"{fld}.bndbox.{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+                    [_number(box, k, path, f"{fld}.bndbox.{k}", line) for k in _CORNERS]
                 )
                 ids.append(index[name])
                 flags.append((obj.findtext("difficult") or "0").strip() in ("1", "true"))
-                where.append((path, None, f"{fld}.bndbox"))
+                where.append((path, line, f"{fld}.bndbox"))
+            if turn != 1:
+                rows = upright_boxes(rows, turn, width=width, height=height)
+                if report is not None:
+                    report.corrected.append(
+                        f"{path}:{size_line}: <size> {stated[0]}x{stated[1]} is the stored size of an "
+                        f"EXIF-turned photo ({width}x{height} upright): boxes turned with it")
             record = imported_record(
                 image,
                 width=width,
@@ -178,13 +235,26 @@ def _records(paths, classes, splits, images_dir, annotations, on_error, report) 
 
 
 def write_voc(records: Iterable[Record], folder: str | os.PathLike, *, classes: list[str]) -> int:
-    """Write one VOC XML file per record into ``folder``; returns the count.
+    """Write the VOC2007 layout into ``folder``: ``Annotations/<stem>.xml`` per record and, when the
+    records carry splits, ``ImageSets/Main/{train,val,test}.txt``; returns the count.
 
-    ``<filename>`` is the image's file name and ``<path>`` its reference as the records give it.
+    ``<filename>`` is the image's file name and ``<path>`` its reference as the records give it. Two
+    images with one stem would need one XML file: an error naming both.
     """
     del classes  # names are written per object
-    count = 0
+    folder = os.fspath(folder)
+    split_file = {split: name for name, split in _SPLIT_FILES.items()}
+    stems: dict[str, str] = {}
+    sets: dict[str, list[str]] = {}
     for record in records:
+        stem = storage.stem(record.source_ref)
+        if stem in stems:
+            raise FormatError(
+                f"two images named {stem!r} ({stems[stem]} and {record.source_ref}); VOC keeps one "
+                "Annotations/<name>.xml per image",
+                path=record.origin or record.source_ref,
+            )
+        stems[stem] = record.source_ref
         root = ET.Element("annotation")
         ET.SubElement(root, "filename").text = storage.basename(record.source_ref)
         ET.SubElement(root, "path").text = record.source_ref
@@ -196,11 +266,16 @@ def write_voc(records: Iterable[Record], folder: str | os.PathLike, *, classes: 
             ET.SubElement(obj, "name").text = name
             ET.SubElement(obj, "difficult").text = "1" if hard else "0"
             bnd = ET.SubElement(obj, "bndbox")
-            for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
+            for key, value in zip(_CORNERS, box, strict=True):
                 ET.SubElement(bnd, key).text = f"{float(value):g}"
+        ET.indent(root)
         storage.write_bytes(
-            storage.join(folder, storage.stem(record.source_ref) + ".xml"),
-            ET.tostring(root, encoding="utf-8"),
+            storage.join(folder, "Annotations", stem + ".xml"), ET.tostring(root, encoding="utf-8") + b"\n"
         )
-        count += 1
-    return count
+        if record.split in split_file:
+            sets.setdefault(split_file[record.split], []).append(stem)
+    for name, listed in sets.items():
+        storage.write_text(
+            storage.join(folder, "ImageSets", "Main", f"{name}.txt"), "".join(s + "\n" for s in listed)
+        )
+    return len(stems)

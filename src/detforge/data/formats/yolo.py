@@ -27,7 +27,7 @@ import numpy as np
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.formats import imported_record, pass_over, skipped_boxes_list
+from detforge.data.formats import decoded_text, imported_record, pass_over, skipped_boxes_list
 from detforge.data.groundtruth import ReadReport, Record
 from detforge.errors import FormatError, ManifestError
 
@@ -44,12 +44,39 @@ _FOLDER_SPLITS = {
 CLIP_TOLERANCE = 1.0
 
 
-def read_data_yaml(path: str) -> dict:
-    """The parsed ``data.yaml`` (FormatError naming the line for bad YAML)."""
+# A dataset YAML is a few hundred bytes; a larger one is refused before it is parsed.
+MAX_YAML_BYTES = 1 << 20
+
+
+def _no_alias_loader():
+    """A SafeLoader that refuses aliases (``*name``): a 459-byte "billion laughs" YAML of nested aliases
+    expands into gigabytes in memory; a dataset file has no use for them."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.MarkedYAMLError(
+                    problem=f"an alias (*{event.anchor}) is not accepted in a dataset file",
+                    problem_mark=event.start_mark,
+                )
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
+def read_data_yaml(path: str) -> dict:
+    """The parsed ``data.yaml`` (FormatError naming the line for bad YAML, aliases or an oversized file)."""
+    import yaml
+
+    raw = storage.read_bytes(path)
+    if len(raw) > MAX_YAML_BYTES:
+        raise FormatError(
+            f"{len(raw)} bytes is too large for a dataset YAML (the limit is {MAX_YAML_BYTES})", path=path
+        )
     try:
-        data = yaml.safe_load(storage.read_text(path))
+        data = yaml.load(decoded_text(raw, path), Loader=_no_alias_loader())  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         raise FormatError(
@@ -283,9 +310,10 @@ def write_yolo(
 ) -> int:
     """Write ``<split>/images/*`` (copies), ``<split>/labels/*.txt`` and ``data.yaml``; returns the count.
 
-    Records without a split go to ``train``; Ultralytics requires both ``train`` and ``val``: a missing
-    one names the images of the other. ``resolve`` maps a record's ``source_ref`` to the
-    image to copy (e.g. the manifest's folder rule).
+    Records without a split go to ``train``; ``data.yaml`` names only the splits written (never the
+    training images as ``val``: a model graded on its training images looks better than it is).
+    ``resolve`` maps a record's ``source_ref`` to the image to copy (e.g. the manifest's folder rule);
+    only a file whose header is an image (``images.probe``) is copied.
     """
     import yaml
 
@@ -304,7 +332,9 @@ def write_yolo(
                 path=record.origin or record.source_ref,
             )
         taken.add(name)
-        storage.copy_file(resolve(record.source_ref), storage.join(folder, split, "images", name))
+        image = resolve(record.source_ref)
+        images.probe(image)  # a non-image (whatever an annotation names) is never copied
+        storage.copy_file(image, storage.join(folder, split, "images", name))
         boxes = box_ops.xyxy_to_cxcywh_norm(record.boxes, width=record.width, height=record.height)
         lines = [
             f"{index[n]} " + " ".join(f"{v:.8f}" for v in box)
@@ -315,13 +345,7 @@ def write_yolo(
             storage.join(folder, split, "labels", stem + ".txt"), "".join(x + "\n" for x in lines)
         )
         count += 1
-    first = next((f"{s}/images" for s in ("train", "val", "test") if s in used), "train/images")
-    data = {
-        "train": "train/images" if "train" in used else first,
-        "val": "val/images" if "val" in used else first,
-    }
-    if "test" in used:
-        data["test"] = "test/images"
+    data = {key: f"{key}/images" for key in ("train", "val", "test") if key in used}
     data["nc"] = len(classes)
     data["names"] = dict(enumerate(classes))
     storage.write_text(
