@@ -6,8 +6,9 @@ resolution instead, optionally plus one pass over the whole photo for objects la
 the boxes. SAHI (Akyon et al. 2022, "Slicing Aided Hyper Inference") and supervision's ``InferenceSlicer`` do
 the same for other detectors; this is detforge's own, numpy only (the torch-free runtime uses it).
 
-- ``Tiling(tile, overlap, full_pass)``: the setting (``parse_tiling`` reads it from a ``model.json`` or the
-  options of a command, checked). ``overlap`` is a fraction of ``tile``.
+- ``Tiling(tile, overlap, full_pass)``: the setting, checked; ``overlap`` is a fraction of ``tile``.
+  ``parse_tiling`` reads ``model.json``'s ``tiling``, ``resolve_tiling`` puts a command's ``--tile``,
+  ``--overlap``, ``--tile-full-pass`` over it, ``deploy_tiling`` does both for a loaded deploy folder.
 - ``tile_windows(width, height, tiling)``: ``(N, 4)`` integer ``x0, y0, x1, y1`` windows. On each axis the
   first window starts at 0 and the last ends flush with the photo's edge; the windows in between are spread
   evenly, so neighbours overlap by at least ``round(overlap * tile)`` pixels and every object that small fits
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detforge import boxes as boxmath
-from detforge.errors import ConfigError
+from detforge.errors import ConfigError, ModelError
 
 DEFAULT_OVERLAP = 0.2
 MIN_TILE = 32
@@ -115,6 +116,17 @@ def resolve_tiling(default: Tiling | None, *, tile: int | None = None, overlap: 
     return Tiling(int(base.tile if tile is None else tile),
                   float(base.overlap if overlap is None else overlap),
                   bool(base.full_pass if full_pass is None else full_pass))
+
+
+def deploy_tiling(metadata: dict, *, path: str, tile: int | None = None, overlap: float | None = None,
+                  full_pass: bool | None = None) -> Tiling | None:
+    """The tiling a loaded deploy folder runs: its ``model.json`` (``path``) ``tiling`` (a ModelError naming
+    the file and field when it is not one) with a command's options over it (``resolve_tiling``)."""
+    try:
+        trained = parse_tiling(metadata.get("tiling"))
+    except ConfigError as exc:
+        raise ModelError(exc.message, path=path, field=exc.field) from None
+    return resolve_tiling(trained, tile=tile, overlap=overlap, full_pass=full_pass)
 
 
 def axis_starts(length: int, tile: int, overlap_px: int) -> list[int]:

@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from detforge.cli.tile_options import Overlap, Tile, TileFullPass
+
 
 class _RunByDefault(TyperGroup):
     """``detforge edge DEPLOY ...`` means ``detforge edge run DEPLOY ...``; ``package`` is the other."""
@@ -119,6 +121,9 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option("--mqtt-version", help="5 (the broker says which message it refused) or 3.1.1."),
         ] = "5",
+        tile: Tile = None,
+        overlap: Overlap = None,
+        tile_full_pass: TileFullPass = None,
     ) -> None:
         """Run the model on frames, publish one JSON message per frame (QoS 1) until the end or SIGTERM."""
         from detforge.edge import EdgeConfig, run_edge

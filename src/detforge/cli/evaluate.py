@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli.tile_options import Overlap, Tile, TileFullPass
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``evaluate`` command."""
@@ -29,6 +31,9 @@ def register(app: typer.Typer) -> None:
             "--label-attribute", help="The manifest's label attribute, when it cannot be found.")] = None,
         coco: Annotated[bool, typer.Option(
             "--coco/--no-coco", help="Also compute COCO AP (pycocotools).")] = True,
+        tile: Tile = None,
+        overlap: Overlap = None,
+        tile_full_pass: TileFullPass = None,
     ) -> None:
         """Measure detections against labeled images: VOC07 validation:mAP, all-point AP, COCO AP."""
         from rich.console import Console
@@ -37,7 +42,8 @@ def register(app: typer.Typer) -> None:
         from detforge.evaluation.evaluate import evaluate
 
         result = evaluate(model_or_predictions, manifest, iou_threshold=iou, score_threshold=threshold,
-                          out_dir=out, classes=classes, label_attribute=label_attribute, coco=coco)
+                          out_dir=out, classes=classes, label_attribute=label_attribute, coco=coco,
+                          tile=tile, overlap=overlap, tile_full_pass=tile_full_pass)
         m = result.metrics
         table = Table(title=f"{m.num_images} images, IoU {m.iou_threshold:g}, score >= {m.score_threshold:g}")
         for column in ("class", "boxes", "AP07", "AP", "P", "R", "F1"):

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli.tile_options import Overlap, Tile, TileFullPass
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``label`` command."""
@@ -50,6 +52,9 @@ def register(app: typer.Typer) -> None:
         no_browser: Annotated[
             bool, typer.Option("--no-browser", help="Print the URL without opening a browser.")
         ] = False,
+        tile: Tile = None,
+        overlap: Overlap = None,
+        tile_full_pass: TileFullPass = None,
     ) -> None:
         """Open a local web page to draw, fix and check boxes, written as a Ground Truth job's output."""
         from rich.console import Console
@@ -75,6 +80,7 @@ def register(app: typer.Typer) -> None:
 
         job = label(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
                     job_name=job_name, model=model, order=order, threshold=threshold, host=host, port=port,
-                    open_browser=not no_browser, on_progress=progress, on_ready=ready)
+                    open_browser=not no_browser, on_progress=progress, on_ready=ready,
+                    tiling={"tile": tile, "overlap": overlap, "full_pass": tile_full_pass})
         p = job.progress()
         console.print(f"stopped: {p['done']} of {p['total']} images done in {out}", highlight=False)

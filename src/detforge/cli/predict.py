@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli.tile_options import Overlap, Tile, TileFullPass
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``predict`` command."""
@@ -47,6 +49,9 @@ def register(app: typer.Typer) -> None:
                                  "and resume).")] = 256,
         report_sample: Annotated[int, typer.Option(
             "--report-sample", help="--engine ray: the reports show the first this many images.")] = 200,
+        tile: Tile = None,
+        overlap: Overlap = None,
+        tile_full_pass: TileFullPass = None,
     ) -> None:
         """Run a deployed model on many images: predictions in SageMaker's format, a PDF/HTML report."""
         from rich.console import Console
@@ -74,6 +79,10 @@ def register(app: typer.Typer) -> None:
             if engine == "ray":
                 from detforge.deploy.predict_ray import predict_ray
 
+                if (tile, overlap, tile_full_pass) != (None, None, None):
+                    raise ConfigError("--tile, --overlap and --tile-full-pass are for --engine local (the "
+                                      "Ray workers use the deploy folder's tiling)", field="tile")
+
                 result = predict_ray(deploy, inputs, out=out, threshold=threshold, batch_size=batch_size,
                                      block_size=block_size, workers=workers, address=address, threads=threads,
                                      on_error=on_error, iou_threshold=iou, label_attribute=label_attribute,
@@ -82,7 +91,8 @@ def register(app: typer.Typer) -> None:
             else:
                 result = predict(deploy, inputs, out=out, report=report, html=html, threshold=threshold,
                                  batch_size=batch_size, threads=threads, on_error=on_error, iou_threshold=iou,
-                                 label_attribute=label_attribute, progress=progress)
+                                 label_attribute=label_attribute, progress=progress, tile=tile,
+                                 overlap=overlap, tile_full_pass=tile_full_pass)
         counts = zip(result.class_names, result.detections_per_class, strict=True)
         per_class = ", ".join(f"{name} {n}" for name, n in counts)
         console.print(f"{result.images} images, {result.detections} detections (score >= "

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli.tile_options import Overlap, Tile, TileFullPass
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``serve`` command."""
@@ -72,6 +74,9 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--graceful-timeout", help="Seconds SIGTERM waits for requests in flight.")
         ] = 30,
         log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+        tile: Tile = None,
+        overlap: Overlap = None,
+        tile_full_pass: TileFullPass = None,
     ) -> None:
         """Serve GET /ping, POST /invocations, GET /metrics and GET /model until SIGTERM."""
         from detforge.deploy.serve import ServeConfig, serve
@@ -90,6 +95,9 @@ def register(app: typer.Typer) -> None:
             max_queue=max_queue,
             max_in_flight=max_in_flight,
             max_connections=max_connections,
+            tile=tile,
+            overlap=overlap,
+            tile_full_pass=tile_full_pass,
         )
         typer.echo(
             f"serving {deploy_dir} on http://{host}:{port} (batch <= {max_batch}, wait <= {max_wait_ms:g} ms)"

@@ -238,17 +238,20 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
             html: str | None = None, threshold: float | None = None, batch_size: int = 8,
             threads: int | None = None, providers: Sequence[str] | None = None, on_error: str = "skip",
             iou_threshold: float = 0.5, label_attribute: str | None = None, decode_workers: int = 2,
-            progress: Callable[[int, int], None] | None = None, predictor=None) -> PredictResult:
+            progress: Callable[[int, int], None] | None = None, predictor=None, tile: int | None = None,
+            overlap: float | None = None, tile_full_pass: bool | None = None) -> PredictResult:
     """Predict every image of ``inputs`` with the deploy folder ``deploy``; write ``out`` (+ reports).
 
     ``progress(done, total)`` is called after each batch. ``predictor``: an already loaded
-    ``runtime.Predictor`` (then ``deploy``, ``threads`` and ``providers`` are not used).
+    ``runtime.Predictor`` (then ``deploy``, ``threads``, ``providers`` and the tiling are not used).
+    ``tile``, ``overlap``, ``tile_full_pass``: tiled inference (``detforge.tiling``; default: model.json's).
     """
     check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
     if predictor is None:
         from detforge.deploy.runtime import Predictor
 
-        predictor = Predictor(deploy, threads=threads, providers=providers)
+        predictor = Predictor(deploy, threads=threads, providers=providers, tile=tile, overlap=overlap,
+                              full_pass=tile_full_pass)
     specs = resolve_inputs(inputs)
     total = sum(spec.count for spec in specs)
     names = list(predictor.class_names)

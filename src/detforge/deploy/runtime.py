@@ -5,7 +5,9 @@
 ``predictor.predict(images, *, threshold=None)`` returns one ``Detections`` per image, for image paths
 (local or ``s3://``), encoded bytes, PIL images or ``HxWx3`` uint8 RGB arrays. Images are resized to the
 model's input size here (PIL bilinear with antialiasing, as the training pipeline does), batched, run
-in one session call, and the boxes mapped back to each image's own pixels.
+in one session call, and the boxes mapped back to each image's own pixels. Tiled (``tile``, ``overlap``,
+``full_pass``, by default ``model.json``'s ``tiling``; ``tile=0``: off): each photo's windows are one
+session call, merged by ``detforge.tiling``; ``predictor.tiling`` says which.
 
 Needs numpy, Pillow and onnxruntime only (the ``edge`` extra). Not here: exporting (``export``),
 reading folders/manifests and writing reports (``predict``, ``report``).
@@ -22,7 +24,7 @@ import numpy as np
 import orjson
 
 from detforge import boxes as boxmath
-from detforge import images, storage
+from detforge import images, storage, tiling
 from detforge.errors import ConfigError, ModelError, StorageError, require
 from detforge.images import resize_rgb  # noqa: F401 - part of the runtime's API
 
@@ -144,7 +146,8 @@ class Predictor:
     """A deploy folder loaded into an ONNX Runtime session; ``predict`` is thread-safe."""
 
     def __init__(self, deploy_dir: str | os.PathLike, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> None:
+                 providers: Sequence[str] | None = None, tile: int | None = None,
+                 overlap: float | None = None, full_pass: bool | None = None) -> None:
         ort = require("onnxruntime", "edge")
         deploy_dir = os.fspath(deploy_dir)
         if deploy_dir.endswith(MODEL_FILE):
@@ -176,6 +179,9 @@ class Predictor:
         self.input_size = int(self.metadata["input_size"])
         self.threshold = float(self.metadata.get("default_threshold", 0.3))
         self.max_batch = int(self.metadata.get("max_batch", 8))
+        # tiled inference (detforge.tiling): model.json's ``tiling`` unless the caller's options say else
+        self.tiling = tiling.deploy_tiling(self.metadata, path=os.path.join(local, METADATA_FILE), tile=tile,
+                                           overlap=overlap, full_pass=full_pass)
 
     @property
     def providers(self) -> list[str]:
@@ -194,6 +200,10 @@ class Predictor:
         size = self.input_size
         step = max(1, int(batch_size or self.max_batch))
         results: list[Detections] = []
+        if self.tiling is not None:  # each photo's windows are one batch
+            return [Detections(*tiling.detect_tiled(a, self.tiling, input_size=size, run_batch=self.run_batch,
+                                                    threshold=threshold), a.shape[1], a.shape[0])
+                    for a in arrays]
         for start in range(0, len(arrays), step):
             chunk = arrays[start:start + step]
             batch = np.stack([resize_rgb(a, size) for a in chunk])

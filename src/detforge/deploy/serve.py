@@ -71,6 +71,9 @@ class ServeConfig:
     max_in_flight: int = 32  # /invocations requests being handled at once
     max_connections: int = 256  # open connections (uvicorn's limit; beyond it uvicorn answers 503 itself)
     retry_after_s: int = 1  # the Retry-After of a 503
+    tile: int | None = None  # tiled inference (detforge.tiling); None: as model.json says, 0: off
+    overlap: float | None = None
+    tile_full_pass: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_images", "max_queue", "max_in_flight", "max_connections", "retry_after_s"):
@@ -343,7 +346,8 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
     if predictor is None:
         from detforge.deploy.runtime import Predictor
 
-        predictor = Predictor(config.deploy_dir, threads=config.threads)
+        predictor = Predictor(config.deploy_dir, threads=config.threads, tile=config.tile,
+                              overlap=config.overlap, full_pass=config.tile_full_pass)
     _warm_up(predictor)
     metrics = Metrics()
     batcher = Batcher(

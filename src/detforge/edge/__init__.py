@@ -69,6 +69,9 @@ class EdgeConfig:
     cert_file: str | None = None
     key_file: str | None = None
     mqtt_version: str = "5"
+    tile: int | None = None  # tiled inference (detforge.tiling); None: as model.json says, 0: off
+    overlap: float | None = None
+    tile_full_pass: bool | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -137,7 +140,8 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
     if predictor is None:
         from detforge.deploy.runtime import Predictor
 
-        predictor = Predictor(config.deploy_dir, threads=config.threads)
+        predictor = Predictor(config.deploy_dir, threads=config.threads, tile=config.tile,
+                              overlap=config.overlap, full_pass=config.tile_full_pass)
     broker = parse_broker(
         config.broker,
         tls=config.tls,

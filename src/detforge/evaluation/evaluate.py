@@ -286,11 +286,12 @@ def _open_model(path: str):
     return list(info.classes), torch_detector(model, int(info.image_shape))
 
 
-def _open_deploy(path: str):
-    """Class names of a deploy folder and a function from RGB arrays to detections (ONNX Runtime)."""
+def _open_deploy(path: str, **tiling):
+    """Class names of a deploy folder and a function from RGB arrays to detections (ONNX Runtime;
+    ``tiling``: ``Predictor``'s ``tile``, ``overlap``, ``full_pass``)."""
     from detforge.deploy.runtime import Predictor
 
-    predictor = Predictor(path)
+    predictor = Predictor(path, **tiling)
 
     def run_onnx(pictures: list[np.ndarray]) -> list[tuple]:
         found = predictor.predict(pictures, threshold=0.0)
@@ -301,8 +302,13 @@ def _open_deploy(path: str):
 
 def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float = 0.5,
              score_threshold: float = 0.5, out_dir: str | None = None, classes: str | None = None,
-             label_attribute: str | None = None, coco: bool = True, batch_size: int = 8) -> EvaluationResult:
+             label_attribute: str | None = None, coco: bool = True, batch_size: int = 8,
+             tile: int | None = None, overlap: float | None = None,
+             tile_full_pass: bool | None = None) -> EvaluationResult:
     """Evaluate detections (a predictions file, a run folder or a deploy folder) against ``manifest``.
+
+    ``tile``, ``overlap``, ``tile_full_pass``: a deploy folder's tiled inference (``detforge.tiling``;
+    default: its model.json's tiling).
 
     Writes ``metrics.json``, ``pr_<class>.png`` and ``confusion_matrix.png`` into ``out_dir`` when given.
     """
@@ -315,7 +321,12 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     if source == "predictions":
         names = manifest_names
     else:
-        names, run_model = (_open_deploy if source == "deploy" else _open_model)(model_or_predictions)
+        tiling = {"tile": tile, "overlap": overlap, "full_pass": tile_full_pass}
+        if source != "deploy" and tiling != dict.fromkeys(tiling):
+            raise ConfigError("tiled inference (--tile, --overlap, --tile-full-pass) runs a deploy folder "
+                              "(`detforge export RUN --out DIR`)", field="tile")
+        names, run_model = (_open_deploy(model_or_predictions, **tiling) if source == "deploy"
+                            else _open_model(model_or_predictions))
         to_model = class_mapping(manifest_names, names, source=manifest)
     num_classes = len(names)
     acc = DetectionAccumulator(num_classes, iou_threshold=iou_threshold, score_threshold=score_threshold)

@@ -173,27 +173,28 @@ def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str |
           model: str | os.PathLike | None = None, order: str = "manifest", threshold: float | None = None,
           host: str = "127.0.0.1", port: int = 8766, open_browser: bool = True,
           on_progress: Callable[[int, int], None] | None = None,
-          on_ready: Callable[[LabelServer], None] | None = None) -> LabelJob:
+          on_ready: Callable[[LabelServer], None] | None = None, tiling: dict | None = None) -> LabelJob:
     """Open the job (resuming its output) and serve the labeling page until interrupted; returns the job.
 
     ``model``: a deploy folder whose detections are offered as proposals; ``threshold`` is where the
     page's slider starts (default: the model's ``default_threshold``). ``on_progress(done, total)``
     follows the model's pass over every image for ``order="uncertainty"``; ``on_ready(server)`` is called
-    once the server listens (the CLI prints ``server.url`` there).
+    once the server listens (the CLI prints ``server.url`` there). ``tiling``: the model's ``tile``,
+    ``overlap``, ``full_pass`` (``runtime.Predictor``; default: its model.json's tiling).
     """
     with output_lock(out):
         return _label(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
                       job_name=job_name, model=model, order=order, threshold=threshold, host=host, port=port,
-                      open_browser=open_browser, on_progress=on_progress, on_ready=on_ready)
+                      open_browser=open_browser, on_progress=on_progress, on_ready=on_ready, tiling=tiling)
 
 
 def _label(manifest, *, out, classes, adjust, label_attribute, job_name, model, order, threshold, host, port,
-           open_browser, on_progress, on_ready) -> LabelJob:
+           open_browser, on_progress, on_ready, tiling=None) -> LabelJob:
     predictor = None
     if model is not None:
         from detforge.deploy.runtime import Predictor
 
-        predictor = Predictor(model)
+        predictor = Predictor(model, **(tiling or {}))
     job = open_job(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
                    job_name=job_name, predictor=predictor, order=order, on_progress=on_progress)
     if threshold is None:

@@ -13,6 +13,8 @@
   images drawn from the same seeded generator, then randomly flipped; ``cache_images`` keeps every image
   decoded in memory, scaled to a long side of at most ``CACHE_SCALE x image_size`` (``fill_cache`` decodes
   them all up front, so forked loader workers share one copy).
+- ``tiles`` (a ``training.tiles.TileCrops``, training only): each item (and each mosaic quarter) is a crop of
+  its photo at the photo's resolution (the cache then keeps 1.5 x ``image_size`` per tile side instead).
 - Augmentation comes from ``detforge.training.transforms.build_transform(preset, image_size=, train=)``; each
   item's randomness is seeded from ``(seed, epoch, index)`` (``set_epoch``), so an epoch's data is the
   same whatever the worker count, and a resumed run sees exactly what an uninterrupted one saw.
@@ -131,6 +133,7 @@ class ManifestDataset:
         mosaic: float = 0.0,
         scale_jitter: float = 0.5,
         cache_images: bool = False,
+        tiles=None,
     ) -> None:
         self.samples = samples
         self.image_size = int(image_size)
@@ -147,6 +150,7 @@ class ManifestDataset:
                                                 image_size=self.image_size, train=True)
         self.cache_images = bool(cache_images)
         self._decoded: dict[int, tuple] = {}
+        self.tiles = tiles if train else None  # training.tiles.TileCrops: items are crops of the photos
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -184,7 +188,9 @@ class ManifestDataset:
         image = self._checked_image(index)
         boxes = sample.boxes.astype(np.float64)
         if self.cache_images:
-            r = min(1.0, CACHE_SCALE * self.image_size / max(sample.width, sample.height))
+            # tiles: kept at the resolution a tile is resized from, not the whole photo's
+            r = min(1.0, CACHE_SCALE * self.image_size / min(max(sample.width, sample.height),
+                                                             self.tiles.tile if self.tiles else 1 << 30))
             if r < 1.0:
                 size = (max(1, round(sample.width * r)), max(1, round(sample.height * r)))
                 image = image.resize(size, Image.BILINEAR)
@@ -193,6 +199,13 @@ class ManifestDataset:
         if self.cache_images:
             self._decoded[index] = item
         return item
+
+    def piece(self, index: int, rng: np.random.Generator) -> tuple:
+        """``decoded(index)``, or with ``tiles`` a crop of it (``training.tiles``)."""
+        item = self.decoded(index)
+        if self.tiles is None:
+            return item
+        return self.tiles.sample(*item, scale=item[0].shape[1] / self.samples[index].width, rng=rng)
 
     def fill_cache(self) -> None:
         """Decode every image now (``cache_images``): workers forked afterwards share the copies."""
@@ -212,12 +225,12 @@ class ManifestDataset:
                 from detforge.training.mosaic import mosaic
 
                 others = rng.integers(0, len(self.samples), 3)
-                pieces = [self.decoded(i) for i in [index, *others.tolist()]]
+                pieces = [self.piece(i, rng) for i in [index, *others.tolist()]]
                 image, boxes, ids = mosaic(pieces, size=self.image_size, rng=rng,
                                            scale_jitter=self.scale_jitter)
                 pixels, boxes, labels = self.mosaic_transform(image, boxes.astype(np.float32), ids)
-            elif self.cache_images:
-                image, boxes, ids = self.decoded(index)
+            elif self.cache_images or self.tiles is not None:
+                image, boxes, ids = self.piece(index, rng)
                 pixels, boxes, labels = self.transform(image, boxes.astype(np.float32), ids)
             else:
                 pixels, boxes, labels = self.transform(self._checked_image(index),

@@ -44,6 +44,7 @@ from detforge.training.hyperparams import (
     parse_hyperparameters,
 )
 from detforge.training.optim import IGNORES_LEARNING_RATE, build_optimizer, ignored_hyperparameters
+from detforge.training.tiles import TileCrops
 
 log = logging.getLogger("detforge.training.train")
 
@@ -297,6 +298,7 @@ def train(config: TrainConfig) -> TrainResult:
             mosaic=hp.mosaic,
             scale_jitter=hp.scale_jitter,
             cache_images=hp.cache_images,
+            tiles=TileCrops.from_hyperparameters(hp),
         )
         train_set.fill_cache()
         sampler = torch.utils.data.DistributedSampler(
