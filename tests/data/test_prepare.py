@@ -48,11 +48,22 @@ def test_real_jobs_counts_classes_discards(manifests, tmp_path):
     assert s.jobs == {f"labeling-job/{job}": n for job, n in zip(JOBS, [624, 21, 32], strict=True)}
     # only three of the six listed ids are in these public manifests (one of them has no box)
     assert sorted(s.discarded) == ["blue_box_1_000023", "blue_box_1_000152", "blue_box_2_000292"]
-    assert s.empty_images == 36 + 2 + 1 - 1
     assert s.classes == ["blue box", "yellow box"]
-    assert s.boxes_per_class == {"blue box": 607, "yellow box": 33}
-    assert s.train + s.validation + s.dropped_for_gap == 677 - 3 and s.group_by == "block:10"
-    assert 0.07 < s.validation / 674 < 0.13
+    # the default split: one validation run per video (3 videos, too few to take whole ones), the 10
+    # training frames next to each run held out: 30 of 674 (4.5 %; block:10 held out 143, 21 %)
+    assert (s.group_by, s.videos) == ("run", {"video blue_box_1": 289, "video blue_box_2": 353,
+                                              "video yellow_box_1": 32})
+    assert (s.train, s.validation, s.dropped_for_gap) == (577, 67, 30)
+    assert s.accounting["read"] == {"images": 677, "boxes": 642}
+    assert s.accounting["written"] == {"train": {"images": 577, "boxes": 546},
+                                       "validation": {"images": 67, "boxes": 64}}
+    assert s.accounting["held_out"] == {"near a validation frame": {"images": 30, "boxes": 30}}
+    assert s.accounting["skipped"] == {"discarded (--discard)": {"images": 3, "boxes": 2}}
+    # what was written, not what was read (607 blue and 33 yellow boxes in the kept lines)
+    assert s.boxes_per_class == {"blue box": 587, "yellow box": 23}
+    assert s.boxes_per_class_per_split == {"train": {"blue box": 526, "yellow box": 20},
+                                           "validation": {"blue box": 61, "yellow box": 3}}
+    assert s.empty_images == 38
     out = tmp_path / "out"
     assert json.loads((out / "classes.json").read_text()) == ["blue box", "yellow box"]
     assert json.loads((out / "summary.json").read_text())["train"] == s.train
@@ -63,9 +74,43 @@ def test_real_jobs_counts_classes_discards(manifests, tmp_path):
         expected = f"{r.fields['color']} box"
         assert r.class_names == [expected] * len(r.boxes)
         assert set(r.class_map.values()) <= {expected}
-    # stratified: the rare yellow class is in both parts
+    # the rare yellow class is in both parts
     val = [r for r in groundtruth.read_manifest(out / "validation.manifest")]
     assert any("yellow box" in r.class_names for r in val)
+
+
+def test_nearest_training_frame_to_validation_per_video(manifests, tmp_path):
+    """The leak check on the real jobs, counted from the written files: per video one validation run and
+    the nearest training frame 11 frame numbers away (the gap is 10)."""
+    s = prepare(manifests, str(tmp_path / "o"), class_from="{color} {object}", seed=7)
+    frames: dict[str, dict[str, list[int]]] = {}
+    for name in ("train", "validation"):
+        for r in groundtruth.read_manifest(tmp_path / "o" / f"{name}.manifest"):
+            m = FRAME_STEM.match(r.image_id)
+            frames.setdefault(m.group("video"), {"train": [], "validation": []})[name].append(
+                int(m.group("frame")))
+    nearest = {video: min(abs(t - v) for t in parts["train"] for v in parts["validation"])
+               for video, parts in frames.items()}
+    assert nearest == {"blue_box_1": 11, "blue_box_2": 11, "yellow_box_1": 11}
+    assert s.nearest_train_to_validation == {f"video {v}": n for v, n in nearest.items()}
+    runs = {video: (min(p["validation"]), max(p["validation"]), len(p["validation"]))
+            for video, p in frames.items()}
+    # one contiguous run per video, at an end of the video (one boundary, so 10 frames held out each)
+    assert runs == {"blue_box_1": (284, 312, 29), "blue_box_2": (18, 52, 35), "yellow_box_1": (48, 50, 3)}
+    assert (s.train, s.validation, s.dropped_for_gap) == (580, 67, 30)
+
+
+def test_small_job_gets_the_asked_fraction(manifests, tmp_path, capsys):
+    """The 21-frame job with 0.1: before, train 3 / validation 8 / 10 dropped without a word."""
+    assert main(["prepare", manifests[1], "--out", str(tmp_path / "o"), "--validation-fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert (s["train"], s["validation"], s["dropped_for_gap"]) == (9, 2, 10)
+    assert ("warning: 10 training frames held out: within 10 frames of a validation frame of their video "
+            "(near copies of what validation grades); --gap 0 keeps them in training") in out
+    assert main(["prepare", manifests[1], "--out", str(tmp_path / "g"), "--gap", "0"]) == 0
+    s = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert (s["train"], s["validation"], s["dropped_for_gap"]) == (19, 2, 0)
 
 
 def test_no_block_of_neighbouring_frames_straddles_the_split(manifests, tmp_path):
@@ -107,7 +152,7 @@ def test_pass_through_merges_class_maps_by_name_and_duplicates(tmp_path):
                   + _line("s3://b/v_000001.jpg", class_map={"0": "cat"}) + "\n")
     s = prepare([str(m1), str(m2)], str(tmp_path / "o"), validation_fraction=0.0)
     assert s.classes == ["ant", "cat"]
-    assert s.duplicates == [f"v_000001: kept {m1}:1, dropped {m2}:2"]
+    assert s.duplicates == [f"s3://b/v_000001.jpg: labeled again at {m2}:2; kept {m1}:1"]
     lines = _lines(tmp_path / "o" / "train.manifest")
     ids = [x["bb"]["annotations"][0]["class_id"] if x["bb"]["annotations"] else None for x in lines]
     assert ids == [1, None, 0]
@@ -145,7 +190,7 @@ def test_verification_job_decided_by_class_name(tmp_path):
                               "v_000005": "bad"}
     assert s.verification_comments["v_000002"] == ["bad box"]
     s = prepare([str(job), str(verify)], str(tmp_path / "o"), validation_fraction=0.0,
-                reject_labels=["bad", "needs fixing"])
+                reject_labels=["bad", "needs fixing"], overwrite=True)
     assert s.rejected_by_verification == ["v_000002", "v_000003"] and s.train == 2
     kept = {r.image_id for r in groundtruth.read_manifest(tmp_path / "o" / "train.manifest")}
     assert kept == {"v_000001", "v_000004"}
@@ -213,7 +258,7 @@ def test_cli_bad_input_prints_one_line_exit_2(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["prepare", str(path), "--out", str(tmp_path / "o"), "--on-error", "skip",
                  "--validation-fraction", "0"]) == 0
-    assert "skipped bad lines/images 1" in capsys.readouterr().out
+    assert "skipped: bad line or image" in capsys.readouterr().out
 
 
 def test_s3_in_and_out_same_as_local(manifests, make_bucket, tmp_path):

@@ -261,7 +261,8 @@ def test_default_split_leaves_no_training_frame_next_to_a_validation_frame(tmp_p
 
     data = synth.synthesize(tmp_path / "d", images=120, seed=4, size=(64, 48), frames_per_video=30)
     s = prepare(data.manifests, str(tmp_path / "p"), validation_fraction=0.2, seed=1)
-    assert s.group_by == f"block:{DEFAULT_BLOCK}" and s.validation > 0 and s.dropped_for_gap > 0
+    # 4 videos of 20-40 frames: one validation run per video, the 10 frames beside each run held out
+    assert (s.group_by, s.train, s.validation, s.dropped_for_gap) == ("run", 56, 24, 40)
 
     def frames(name):
         found = {}

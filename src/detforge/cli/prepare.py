@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli import options
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``prepare`` command."""
@@ -14,7 +16,8 @@ def register(app: typer.Typer) -> None:
     def prepare_command(
         manifests: Annotated[list[str], typer.Argument(
             help="Ground Truth output manifests (local or s3://), YOLO data.yaml or split folders, VOC "
-                 "Annotations folders, COCO JSON files or Roboflow COCO export folders; any mix.")],
+                 "Annotations folders, COCO JSON files or Roboflow COCO export folders; any mix. "
+                 "INPUT=train|validation|test gives all its images that split (--keep-splits).")],
         out: Annotated[str, typer.Option("--out", help="Folder or s3:// prefix for the outputs.")],
         images: Annotated[str | None, typer.Option(
             "--images", help="Image folder of VOC/COCO inputs (default: the layout's own).")] = None,
@@ -33,43 +36,46 @@ def register(app: typer.Typer) -> None:
             "--label-attribute", help="Label attribute (found by its metadata type).")] = None,
         drop_empty: Annotated[bool, typer.Option("--drop-empty", help="Drop images without boxes.")] = False,
         keep_splits: Annotated[bool, typer.Option(
-            "--keep-splits", help="Keep the train/val/test split the YOLO/VOC/COCO source gives.")] = False,
+            "--keep-splits", help="Keep the train/val/test split the inputs give (YOLO splits, VOC "
+                                  "ImageSets, Roboflow/CVAT per-subset files, INPUT=SPLIT); an error when "
+                                  "none does.")
+        ] = False,
+        split_of: Annotated[list[str], typer.Option(
+            "--split-of", help="INPUT=SPLIT: the split of every image of one input (for --keep-splits); "
+                               "repeatable.")] = [],  # noqa: B006
+        content_checks: Annotated[bool, typer.Option(
+            "--content-checks/--no-content-checks",
+            help="Compare local images' bytes (exact duplicates) and thumbnails (near-copy sequences).")
+        ] = True,
         validation_fraction: Annotated[float, typer.Option("--validation-fraction")] = 0.1,
         seed: Annotated[int, typer.Option("--seed")] = 0,
         group_by: Annotated[str, typer.Option(
-            "--group-by", help="auto (default: whole videos when there are enough, else block:10), video, "
-                               "block:N, none or regex:PATTERN.")] = "auto",
+            "--group-by", help="auto (default: whole videos/near-copy sequences when validation can get 2, "
+                               "else one validation run per video; still photos image by image), video, "
+                               "run, block:N, none or regex:PATTERN.")] = "auto",
         gap: Annotated[int | None, typer.Option(
-            "--gap", help="With blocks: leave out training frames this close to a validation frame "
-                          "(default: the block size).")] = None,
+            "--gap", help="With runs or blocks: hold out training frames this close to a validation frame "
+                          "of their video (default: 10; 0 keeps them).")] = None,
+        overwrite: options.Overwrite = False,
         on_error: Annotated[str, typer.Option(
             "--on-error", help="stop at a bad line/box/file, or skip it and count it.")] = "stop",
     ) -> None:
         """Turn labels from any tool into train.manifest, validation.manifest and classes.json."""
-        from detforge.data.prepare import prepare
+        from detforge.data.prepare import format_summary, prepare
+        from detforge.errors import ConfigError
 
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
         rejecting = [c.strip() for c in reject_labels.split(",") if c.strip()] if reject_labels else None
+        splits = {}
+        for item in split_of:
+            path, sep, split = item.rpartition("=")
+            if not sep or not path:
+                raise ConfigError(f"--split-of {item!r}: expected INPUT=SPLIT, e.g. val.json=validation")
+            splits[path] = split
         s = prepare(manifests, out, discard=discard, class_from=class_from, classes=names,
                     label_attribute=label_attribute, drop_empty=drop_empty, images=images,
                     validation_fraction=validation_fraction, seed=seed, group_by=group_by, gap=gap,
-                    keep_splits=keep_splits, reject_labels=rejecting, on_error=on_error)
-        for path, count in s.lines.items():
-            typer.echo(f"read {count} {'lines' if s.formats.get(path) == 'manifest' else 'images'} from "
-                       f"{path} ({s.formats.get(path, 'manifest')})")
-        typer.echo(f"discarded {len(s.discarded)}, failed verification {len(s.rejected_by_verification)}, "
-                   f"duplicates {len(s.duplicates)}, skipped bad lines/images {len(s.skipped)}, "
-                   f"skipped bad boxes {len(s.skipped_boxes)}, dropped empty {s.dropped_empty}")
-        for line in (s.skipped + s.skipped_boxes)[:10]:
-            typer.echo(f"  skipped {line}")
-        for line in s.duplicates[:10]:
-            typer.echo(f"  duplicate {line}")
-        for image_id, comments in list(s.verification_comments.items())[:10]:
-            typer.echo(f"  verification comment on {image_id}: {' | '.join(comments)}")
-        typer.echo(f"images without boxes kept: {s.empty_images}")
-        typer.echo("boxes per class: " + ", ".join(f"{i} {n}: {c}" for i, (n, c)
-                                                  in enumerate(s.boxes_per_class.items())))
-        split = "kept splits" if s.kept_splits else f"split by {s.group_by}, {s.groups} groups"
-        typer.echo(f"train {s.train}, validation {s.validation}" + (f", test {s.test}" if s.test else "")
-                   + f" ({split}" + (f", {s.dropped_for_gap} training frames left out next to validation"
-                                     if s.dropped_for_gap else "") + f") -> {s.out}")
+                    keep_splits=keep_splits, reject_labels=rejecting, on_error=on_error, split_of=splits,
+                    content=content_checks, overwrite=overwrite)
+        for line in format_summary(s):
+            typer.echo(line)
