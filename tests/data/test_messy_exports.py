@@ -384,3 +384,16 @@ def test_image_paths_escaping_the_dataset_are_refused_and_nothing_is_copied(tmp_
             assert code == 0 and f"skipped: {expected[len('error: '):]}" in err
             assert sorted(p.name for p in (tmp_path / "out" / "train" / "images").iterdir()) == ["ok.jpg"]
     assert [p for p in tmp_path.rglob("app.env.txt")] == [secret]
+
+
+def test_prepare_finds_a_manifests_missing_local_image(tmp_path, capsys):
+    _jpeg(tmp_path / "a_1.jpg", (100, 50))
+    path = tmp_path / "m.manifest"
+    groundtruth.write_manifest(path, [
+        groundtruth.make_record(name, width=100, height=50, boxes_xyxy=[[0, 0, 10, 5]], class_ids=[0],
+                                class_map={0: "cat"}) for name in ("a_1.jpg", "a_2.jpg")])
+    assert main(["prepare", str(path), "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err == f"error: {path}:2, field 'source-ref': cannot read: no such file\n"
+    assert not (tmp_path / "p").exists()
+    s = prepare([str(path)], str(tmp_path / "p"), on_error="skip", validation_fraction=0)
+    assert (s.train, s.skipped) == (1, [f"{path}:2, field 'source-ref': cannot read: no such file"])
