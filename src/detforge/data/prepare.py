@@ -49,6 +49,7 @@ from detforge.data.groundtruth import (
     SPLIT_FIELD,
     ReadReport,
     box_problem,
+    checked_local_image,
     find_label_attribute,
     find_verification,
     parse_record,
@@ -514,6 +515,8 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                     names = [_template_name(class_from, obj, name, number)] * len(record.class_ids)
                 else:
                     names = record.class_names
+                if name == path:  # a manifest input: its local image probed (other readers probe theirs)
+                    checked_local_image(record, path)
                 if classes is not None and (unknown := sorted(set(names) - set(classes))):
                     raise ManifestError(f"class {unknown[0]!r} is not in --classes {classes}", path=name,
                                         line=number)
@@ -866,5 +869,10 @@ def format_summary(summary: PrepareSummary, *, examples: int = 10) -> list[str]:
             split += f"; {len(s.videos)} sequences, {s.stills} still images"
     lines.append(f"train {s.train}, validation {s.validation}" + (f", test {s.test}" if s.test else "")
                  + f" ({split}) -> {s.out}")
+    if s.nearest_train_to_validation:
+        nearest = list(s.nearest_train_to_validation.items())
+        lines.append("nearest training frame to a validation frame: " + ", ".join(
+            f"{key} {distance}" for key, distance in nearest[:examples])
+            + (f" (and {len(nearest) - examples} more)" if len(nearest) > examples else ""))
     lines += [f"warning: {w}" for w in s.warnings]
     return lines
