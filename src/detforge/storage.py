@@ -3,7 +3,11 @@
 Writes are atomic: locally a temporary file in the same folder is renamed into place; on object
 stores the data is staged in a local temporary file and sent in a single PUT only when complete,
 so a reader never sees half a file. S3 endpoints and credentials come from the usual AWS settings
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, profiles ...), read by botocore.
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, profiles ...), read by botocore. A local write keeps the
+mode of the file it replaces (a new file gets the usual mode under the umask) and the folder is fsync-ed
+after the rename, so a save that returned survives a power loss. ``local_copy`` caches a remote object
+under the hash of its exact URI and fetches it again when its ETag changes. ``mask_credentials`` is what
+any URL may show of itself: never a password.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +27,46 @@ from typing import IO
 from detforge.errors import MissingDependencyError, StorageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+MASK = "***"
+# scheme://AUTHORITY: the authority ends at the first / ? # or white space (as ffmpeg, curl and urllib read
+# it); everything in it before its last "@" is user information.
+_AUTHORITY = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/?#\s]*)")
+# a key=value pair whose key names a secret: in a query (?pw=, &PIN=, ;token=) or a key=value connection
+# string (password='a b'); the value runs to the next & ; # or white space, or is a quoted string
+_SECRET_VALUE = re.compile(
+    r"(?P<key>(?:^|(?<=[?&;\s]))(?P<name>[A-Za-z0-9_.-]+)\s*=\s*)"
+    r"(?P<value>'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^&;#\s]*)"
+)
+SECRET_KEYS = frozenset({"pw", "pin", "psw", "pwd", "pass", "passwd", "password", "passcode", "loginpas",
+                         "token", "key", "secret", "auth", "sig", "signature", "credential", "session"})
+_SECRET_PARTS = ("pass", "pwd", "token", "secret", "key", "auth", "sig", "credential", "session")
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a query or connection-string key names a secret (``pw``, ``PIN``, ``loginpas``, ``api_key``,
+    ``X-Amz-Signature``, ...; case-insensitive)."""
+    name = name.lower()
+    return name in SECRET_KEYS or any(part in name for part in _SECRET_PARTS)
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with every URL's user information -- all of the authority before its last ``@``, so
+    ``rtsp://admin:p@ss@cam/s`` -> ``rtsp://***@cam/s`` -- and every secret-looking ``key=value`` (``?pw=``,
+    ``&PIN=``, ``loginpas=``, ``password='a b'``) replaced by ``***``; other text unchanged.
+
+    Whatever shows a URL (messages, statuses, logs, error text, folder names) goes through this.
+    """
+
+    def authority(match: re.Match) -> str:
+        head, at, host = match["authority"].rpartition("@")
+        return f"{match['scheme']}{MASK}@{host}" if at else match[0]
+
+    def value(match: re.Match) -> str:
+        return f"{match['key']}{MASK}" if is_secret_key(match["name"]) and match["value"] else match[0]
+
+    return _SECRET_VALUE.sub(value, _AUTHORITY.sub(authority, text))
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -165,28 +211,118 @@ def atomic_writer(uri: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     uri = os.fspath(uri)
     binary = "b" in mode
-    if is_remote(uri):
-        staging_dir = None
+    remote = is_remote(uri)
+    if remote:
+        fd, tmp = tempfile.mkstemp(prefix=".detforge-", suffix=".part")
     else:
         target = Path(_local(uri))
         with _errors(uri, "create the folder"):
             target.parent.mkdir(parents=True, exist_ok=True)
-        staging_dir = str(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=".detforge-", suffix=".part", dir=staging_dir)
+        fd, tmp = _create_beside(target)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        if is_remote(uri):
+        if remote:
             with _errors(uri, "write"):
                 _filesystem(uri).put_file(tmp, _strip(uri))
         else:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, _local(uri))
+            with _errors(uri, "write"):
+                os.replace(tmp, target)
+            fsync_dir(str(target.parent))  # the rename itself survives a power loss
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _create_beside(target: Path) -> tuple[int, str]:
+    """A new hidden temporary file in ``target``'s folder, with the mode ``target`` has (or, for a new file,
+    what ``open`` would give it: 0666 under the umask, applied by the kernel)."""
+    try:
+        keep = os.stat(target).st_mode & 0o7777
+    except OSError:
+        keep = None
+    for _ in range(100):
+        tmp = str(target.parent / f".detforge-{secrets.token_hex(6)}.part")
+        try:
+            with _errors(str(target), "write"):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        if keep is not None:
+            os.fchmod(fd, keep)
+        return fd, tmp
+    raise StorageError("cannot create a temporary file", path=str(target))
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename or unlink in ``directory`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class FileLock:
+    """One owner for a local file or folder: an exclusive ``flock`` on ``path`` (which says ``pid N``),
+    held until ``release()`` or the process ends (also when it is killed: the kernel drops it). Where
+    ``fcntl`` does not exist (not POSIX) there is no lock and ``acquire`` always succeeds.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, remove: bool = True) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.remove = remove  # delete the file on release (else it stays, saying who held it last)
+        self._handle: IO | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock: None when taken, else who holds it (``pid 1234``, as the holder wrote it)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return None
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            handle = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is held
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                return holder
+            try:  # the holder before us may have removed the file between our open and our flock
+                same = os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        try:
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+        except OSError:  # a full disk: the lock holds all the same, only its note is missing
+            pass
+        self._handle = handle
+        return None
+
+    def release(self) -> None:
+        """Let go (removing the file first when ``remove``, so no one reads a stale pid)."""
+        if self._handle is None:
+            return
+        if self.remove:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        self._handle.close()
+        self._handle = None
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
@@ -205,6 +341,34 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
     source, target = os.fspath(source), os.fspath(target)
     with open_file(source, "rb") as src, atomic_writer(target, "wb") as dst, _errors(source, "copy"):
         shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def remove(uri: str | os.PathLike) -> None:
+    """Delete one file (local or remote); a missing one is no error."""
+    uri = os.fspath(uri)
+    with _errors(uri, "delete"):
+        if is_remote(uri):
+            fs = _filesystem(uri)
+            if fs.exists(_strip(uri)):
+                fs.rm_file(_strip(uri))
+        elif os.path.lexists(_local(uri)):
+            os.remove(_local(uri))
+
+
+def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move one file: a rename locally, a server-side copy then delete within one object store (the target
+    appears whole), else ``copy_file`` then ``remove``."""
+    source, target = os.fspath(source), os.fspath(target)
+    if not is_remote(source) and not is_remote(target):
+        with _errors(target, "move"):
+            os.replace(_local(source), _local(target))
+        return
+    if is_remote(source) and source.split("://", 1)[0] == target.split("://", 1)[0]:
+        with _errors(target, "move"):
+            _filesystem(source).copy(_strip(source), _strip(target))
+    else:
+        copy_file(source, target)
+    remove(source)
 
 
 def list_files(uri: str | os.PathLike, *, suffixes: tuple[str, ...] | None = None,
@@ -232,14 +396,18 @@ def list_files(uri: str | os.PathLike, *, suffixes: tuple[str, ...] | None = Non
 
 
 def cache_path(uri: str, cache_dir: str | os.PathLike) -> str:
-    """Where ``local_copy`` keeps a remote object: ``cache_dir/<scheme>/<bucket>/<key>``, always inside
-    ``cache_dir`` (a key with ``..`` segments gets a name made from its hash instead)."""
+    """Where ``local_copy`` keeps a remote object: ``cache_dir/<scheme>/<hash>/<file name>``, where the
+    hash is of the exact URI up to its file name, unnormalized: ``a/../b/x``, ``b/x``, ``a//b/x`` and
+    ``a/./b/x`` are distinct objects in a store and get distinct copies. The files of one folder share a
+    folder (a deploy folder's ``model.json`` and ``model.onnx`` stay side by side)."""
     root = os.path.abspath(os.fspath(cache_dir))
-    cached = os.path.normpath(os.path.join(root, uri.replace("://", "/", 1)))
-    if os.path.commonpath([root, cached]) != root or cached == root:
-        digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:32]
-        cached = os.path.join(root, "_by-hash", f"{digest}-{os.path.basename(uri.rstrip('/')) or 'object'}")
-    return cached
+    scheme, _, rest = uri.partition("://")
+    folder, _, name = rest.rpartition("/")
+    digest = hashlib.sha256(f"{scheme}://{folder}".encode()).hexdigest()[:40]
+    if name in ("", ".", "..") or "\x00" in name or os.sep in name:
+        name = "object"
+    safe_scheme = re.sub(r"[^A-Za-z0-9+.-]", "_", scheme) or "remote"
+    return os.path.join(root, safe_scheme, digest, name)
 
 
 # cached copies already checked against their remote object by this process (one HEAD per object per run)

@@ -304,6 +304,12 @@ def test_watch_source_picks_up_new_images_only(tmp_path):
     [
         ("rtsp://admin:s3cret@cam.local:554/stream", "rtsp://***@cam.local:554/stream"),
         ("rtsp://admin@cam.local/stream", "rtsp://***@cam.local/stream"),
+        # everything before the authority's last "@" (ffmpeg's rule: a password may hold an "@")
+        ("rtsp://admin:p@ss@cam/live?x=1", "rtsp://***@cam/live?x=1"),
+        ("rtsp://admin:p@ss@cam:554", "rtsp://***@cam:554"),
+        ("http://cam/cgi?loginuse=admin&loginpas=s3cret", "http://cam/cgi?loginuse=admin&loginpas=***"),
+        ("http://cam/snap?usr=a&pw=s3cret&PIN=1234&Passwd=x", "http://cam/snap?usr=a&pw=***&PIN=***&Passwd=***"),
+        ("http://cam/v?api_key=k1&X-Amz-Signature=ab&keep=1", "http://cam/v?api_key=***&X-Amz-Signature=***&keep=1"),
         ("rtsp://:s3cret@cam/stream", "rtsp://***@cam/stream"),
         ("http://cam/mjpeg?user=admin&password=s3cret&fps=5", "http://cam/mjpeg?user=admin&password=***&fps=5"),
         ("https://cam/live?TOKEN=abc;x=1", "https://cam/live?TOKEN=***;x=1"),
@@ -320,6 +326,18 @@ def test_mask_credentials(text, shown):
     from detforge.edge.sources import mask_credentials
 
     assert mask_credentials(text) == shown
+
+
+def test_the_same_stream_with_another_password_is_the_same_buffer_folder(tmp_path):
+    from detforge.edge import EdgeConfig, default_buffer_dir
+
+    def folder(source):
+        config = EdgeConfig(deploy_dir=str(tmp_path), broker="mqtt://127.0.0.1:1", source=source)
+        return default_buffer_dir(config)
+
+    first, second = folder("rtsp://admin:p@ss@cam/s?pw=1"), folder("rtsp://admin:other@cam/s?pw=2")
+    assert first == second and os.path.basename(first) == "rtsp_____cam_s_pw____"
+    assert "ss" not in os.path.basename(first).replace("rtsp", "")
 
 
 def test_no_credentials_in_the_buffer_folder_name_or_errors(tiny_deploy, tmp_path):
@@ -406,11 +424,13 @@ def test_disk_buffer_is_bounded_ordered_and_survives_a_restart(tmp_path):
     buffer.remove(4)
     assert buffer.pending() == [3, 5]
     assert sorted(os.listdir(tmp_path)) == ["000000000003.msg", "000000000005.msg"]
+    buffer.close()
     again = DiskBuffer(str(tmp_path), max_messages=3)  # a new process finds the backlog, in order
     assert again.pending() == [3, 5] and again.next_seq() == 6
     again.remove(3)
     again.remove(5)
     again.save_seq()
+    again.close()
     assert DiskBuffer(str(tmp_path)).next_seq() == 6  # numbering goes on after the buffer empties
     with pytest.raises(ConfigError, match="buffer_max"):
         DiskBuffer(str(tmp_path), max_messages=0)
@@ -423,17 +443,45 @@ def test_disk_buffer_never_reuses_a_number_after_a_crash(tmp_path):
     for seq in (1, 2, 3):  # every PUBACK arrived ...
         buffer.remove(seq)
     # ... and the process dies before save_seq(): the newest number stays on disk, nothing else
+    buffer.close()
     assert sorted(os.listdir(tmp_path)) == ["000000000003.acked"]
     again = DiskBuffer(str(tmp_path))
     assert again.next_seq() == 4 and again.pending() == []
     again.append("t/a", b'{"n": 3}')
     again.remove(4)
+    again.close()
     assert sorted(os.listdir(tmp_path)) == ["000000000004.acked"]  # one marker at a time
     (tmp_path / "000000000002.acked").write_bytes(b"")  # two markers: a crash between rename and unlink
-    assert DiskBuffer(str(tmp_path)).next_seq() == 5
+    third = DiskBuffer(str(tmp_path))
+    assert third.next_seq() == 5
+    third.close()
     assert sorted(os.listdir(tmp_path)) == ["000000000004.acked"]
     again.save_seq()  # a clean stop: the number is in .last-seq, the marker goes
     assert sorted(os.listdir(tmp_path)) == [".last-seq"] and DiskBuffer(str(tmp_path)).next_seq() == 5
+
+
+def test_disk_buffer_has_one_owner_and_survives_a_full_disk(tmp_path):
+    folder = tmp_path / "buffer"
+    buffer = DiskBuffer(str(folder))
+    assert (tmp_path / "buffer.lock").read_text() == f"pid {os.getpid()}"
+    with pytest.raises(ConfigError) as info:
+        DiskBuffer(str(folder))  # a second owner, even in the same process
+    assert str(info.value) == (f"{folder}, field 'buffer_dir': another detforge edge (pid {os.getpid()}) is "
+                               "using this buffer folder (give each runtime its own --buffer-dir)")
+    assert buffer.append("t/a", b'{"n": 0}') == 1
+    # the next write lands on a full device: /dev/full answers every write with ENOSPC
+    os.symlink("/dev/full", folder / ".000000000002.part")
+    with pytest.raises(OSError, match="No space left on device"):
+        buffer.append("t/a", b'{"n": 1}')
+    assert buffer.write_errors == 1
+    assert buffer.last_write_error == f"cannot write to the buffer folder {folder}: No space left on device"
+    assert buffer.append("t/a", b'{"n": 2}') == 3  # the number of the lost write is not handed out again
+    assert sorted(os.listdir(folder)) == ["000000000001.msg", "000000000003.msg"]  # no .part left behind
+    buffer.close()
+    assert not (tmp_path / "buffer.lock").exists()
+    again = DiskBuffer(str(folder))  # the folder is free once its owner is gone
+    assert again.pending() == [1, 3] and again.next_seq() == 4
+    again.close()
 
 
 def _damage(buffer_dir: Path) -> dict[str, bytes]:
@@ -461,6 +509,7 @@ def test_disk_buffer_fsyncs_and_quarantines_what_cannot_be_read(tmp_path, monkey
     for name, data in _damage(tmp_path).items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "000000000007.msg").write_bytes(b't/a\n{"n": 6}')
+    buffer.close()
     again = DiskBuffer(str(tmp_path))
     assert again.quarantined == 1  # the leftover .part, at once
     assert again.pending() == [1, 2, 3, 4, 5, 6, 7]
@@ -481,6 +530,7 @@ def test_disk_buffer_fsyncs_and_quarantines_what_cannot_be_read(tmp_path, monkey
     assert again.next_seq() == 10  # after the cut-short .part's 9: a number is never reused
     (tmp_path / "000000000007.msg").write_bytes(b"")  # damaged again later, under a name already seen
     (tmp_path / "000000000003.msg").write_bytes(b"")
+    again.close()
     later = DiskBuffer(str(tmp_path))
     assert later.quarantined == 5  # the count survives a restart (the files do)
     assert [later.read(seq) for seq in later.pending()] == [("t/a", b'{"n": 0}'), ("t/a", b'{"n": 1}'), None,
@@ -585,6 +635,7 @@ def test_publisher_skips_damaged_files_and_loses_no_good_message_across_a_broker
         (buffer_dir / name).write_bytes(data)
     (buffer_dir / "000000000007.msg").write_bytes(b'detforge/infer/output\n{"n": 6, "seq": 7}')
     (buffer_dir / "000000000008.msg").write_bytes(b'detforge/infer/output\n{"n": 7, "seq": 8}')
+    old.close()  # that run is over
     gate = Gate(mqtt_broker.port)
     recorder = Recorder(mqtt_broker.port).connect()
     publisher = _publisher(gate.url, buffer_dir)
@@ -626,6 +677,7 @@ def test_publisher_sends_a_backlog_left_by_an_earlier_run_first(mqtt_broker, tmp
     old = DiskBuffer(str(tmp_path / "buffer"))
     for i in range(3):
         old.append("detforge/infer/output", json.dumps({"n": i, "seq": i + 1}).encode())
+    old.close()
     recorder = Recorder(mqtt_broker.port).connect()
     publisher = _publisher(mqtt_broker.url, tmp_path / "buffer")
     try:
@@ -1060,6 +1112,91 @@ def test_a_stream_with_credentials_never_shows_them_and_uses_the_default_thresho
     assert refused.returncode != 0 and "rtsp://***@127.0.0.1:1/x" in refused.stderr
 
 
+def test_a_second_runtime_on_the_same_buffer_folder_is_refused_naming_the_first(
+    tiny_deploy, mqtt_broker, tmp_path
+):
+    """Two runtimes without --source share the default folder (edge-buffer/requests): the second is
+    refused at start with one line naming the first's pid; the first keeps numbering and answering."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    image = write_image_atomically(allowed, "in.png", value=200)
+    command = [sys.executable, "-m", "detforge", "edge", str(tiny_deploy), "--broker", mqtt_broker.url,
+               "--threads", "1", "--allow-path", str(allowed)]
+    env = {**os.environ, "HOME": str(tmp_path / "home")}  # the default buffer folder, under a test home
+    folder = tmp_path / "home" / ".cache" / "detforge" / "edge-buffer" / "requests"
+    recorder = Recorder(mqtt_broker.port).connect()
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_online(recorder, first)
+        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        recorder.publish(INPUT, {"filepath": str(image), "id": "after"})
+        answers = recorder.wait_for(OUTPUT, 1)
+        first.send_signal(signal.SIGTERM)
+        code, output = finish(first)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        recorder.close()
+    assert second.returncode == 2 and second.stdout == ""
+    assert second.stderr.strip().splitlines() == [
+        f"error: {folder}, field 'buffer_dir': another detforge edge (pid {first.pid}) is using this "
+        "buffer folder (give each runtime its own --buffer-dir)"
+    ]
+    assert code == 0, output
+    assert [(a["id"], a["seq"]) for a in answers] == [("after", 1)] and "prediction" in answers[0]
+    assert sorted(os.listdir(folder)) == [".last-seq"] and not folder.with_name("requests.lock").exists()
+
+
+def test_a_full_disk_is_reported_and_survived(tiny_deploy, mqtt_broker, tmp_path):
+    """The runtime's file writes fail (RLIMIT_FSIZE 0 set on the live process: EFBIG, as ENOSPC on a full
+    disk): connected, results go out without a copy on disk; disconnected, they are lost and counted; once
+    writes work again results are buffered and sent after the reconnect. The runtime never stops."""
+    import resource
+
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    gate = Gate(mqtt_broker.port)
+    recorder = Recorder(mqtt_broker.port).connect()
+    process = start_edge(tiny_deploy, gate.url, tmp_path, "--source", f"watch:{watched}")
+    buffered = lambda: [n for n in os.listdir(tmp_path / "buffer") if n.endswith(".msg")]  # noqa: E731
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        wait_online(recorder, process)
+        write_image_atomically(watched, "img0.png", value=10)
+        assert len(recorder.wait_for(OUTPUT, 1)) == 1
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (0, limits[1]))  # the disk is full from now on
+        write_image_atomically(watched, "img1.png", value=50)
+        assert len(recorder.wait_for(OUTPUT, 2)) == 2  # connected: sent without a copy on disk
+        gate.close()
+        said = read_until(process, "connection lost")
+        write_image_atomically(watched, "img2.png", value=90)
+        said += read_until(process, "made while disconnected are lost")
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, limits)  # space again
+        write_image_atomically(watched, "img3.png", value=130)
+        assert _wait(lambda: len(buffered()) == 1), "with space again, a result waits on disk"
+        gate.open()
+        received = recorder.wait_for(OUTPUT, 3)
+        assert _wait(lambda: not buffered())
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        recorder.close()
+        gate.stop()
+    assert code == 0, said + output
+    assert [(m["frame"], m["seq"]) for m in received] == [("img0.png", 1), ("img1.png", 2), ("img3.png", 4)]
+    buffer_dir = tmp_path / "buffer"
+    assert f"MQTT: cannot write to the buffer folder {buffer_dir}: File too large; results are sent " \
+           "without a copy on disk" in said
+    assert f"MQTT: cannot write to the buffer folder {buffer_dir}: File too large; results made while " \
+           "disconnected are lost" in said
+    last = recorder.on(STATUS)[-1]
+    counts = (last["status"], last["buffer_write_errors"], last["unbuffered"], last["lost"])
+    assert counts == ("offline", 2, 1, 1)
+    assert output.strip().endswith("1 lost (the buffer folder could not be written)")
+
+
 def test_sigkill_makes_the_broker_publish_the_last_will(tiny_deploy, mqtt_broker, tmp_path):
     recorder = Recorder(mqtt_broker.port).connect()
     process = start_edge(tiny_deploy, mqtt_broker.url, tmp_path)
@@ -1103,3 +1240,32 @@ def test_edge_refuses_bad_settings(tiny_deploy, tmp_path):
     )
     assert result.returncode == 2
     assert "error: field 'source': camera index must be a number, got 'x' (e.g. camera:0)" in result.stderr
+
+
+def test_edge_run_options_are_the_edge_config_fields_with_the_same_defaults():
+    """The options of `detforge edge run` and EdgeConfig's fields match one to one (OPTION_FIELDS names
+    the renamed ones), defaults included, and the CLI builds the config from its parsed options alone."""
+    import dataclasses
+
+    import typer
+
+    from detforge.cli import build_app
+    from detforge.cli.edge import OPTION_FIELDS, config_fields
+    from detforge.edge import EdgeConfig
+
+    command = typer.main.get_command(build_app()).commands["edge"].commands["run"]
+    params = {param.name: param for param in command.params}
+    fields = {field.name: field for field in dataclasses.fields(EdgeConfig)}
+    assert sorted(OPTION_FIELDS.get(name, name) for name in params) == sorted(fields)
+    for name, param in params.items():
+        field = fields[OPTION_FIELDS.get(name, name)]
+        if field.default is dataclasses.MISSING:
+            assert param.required, name
+        else:
+            default = tuple(param.default or ()) if name == "allow_path" else param.default
+            assert (name, default) == (name, field.default)
+    parsed = {name: param.default for name, param in params.items()}
+    parsed.update(deploy="deploy/model.onnx", broker="mqtt://127.0.0.1:1883", allow_path=None)
+    assert config_fields(parsed) == {**{f: fields[f].default for f in fields if fields[f].default is not
+                                        dataclasses.MISSING},
+                                     "deploy_dir": "deploy", "broker": "mqtt://127.0.0.1:1883"}

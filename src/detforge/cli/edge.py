@@ -23,6 +23,20 @@ def _deploy_dir(path: str) -> str:
     return path[: -len("/model.onnx")] if path.endswith("/model.onnx") else path
 
 
+# ``edge run``'s parameters whose ``EdgeConfig`` field has another name; every other one has the same name
+# (tests/edge checks that the options and the fields match one to one, defaults included)
+OPTION_FIELDS = {"deploy": "deploy_dir", "allow_path": "allow_paths", "heartbeat": "heartbeat_s",
+                 "drain_timeout": "drain_timeout_s", "reconnect_max": "reconnect_max_s"}
+
+
+def config_fields(params: dict) -> dict:
+    """``EdgeConfig`` keyword arguments from ``edge run``'s parsed parameters."""
+    fields = {OPTION_FIELDS.get(name, name): value for name, value in params.items()}
+    fields["deploy_dir"] = _deploy_dir(fields["deploy_dir"])
+    fields["allow_paths"] = tuple(fields["allow_paths"] or ())
+    return fields
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``edge`` command group."""
     edge = typer.Typer(
@@ -35,6 +49,7 @@ def register(app: typer.Typer) -> None:
 
     @edge.command("run")
     def run_command(
+        ctx: typer.Context,
         deploy: Annotated[str, typer.Argument(help="The deploy folder (model.onnx + model.json).")],
         broker: Annotated[
             str, typer.Option("--broker", help="mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS.")
@@ -128,37 +143,13 @@ def register(app: typer.Typer) -> None:
         """Run the model on frames, publish one JSON message per frame (QoS 1) until the end or SIGTERM."""
         from detforge.edge import EdgeConfig, run_edge
 
-        config = EdgeConfig(
-            deploy_dir=_deploy_dir(deploy),
-            broker=broker,
-            source=source,
-            topic=topic,
-            request_topic=request_topic,
-            status_topic=status_topic,
-            fps=fps,
-            threshold=threshold,
-            allow_paths=tuple(allow_path or ()),
-            buffer_dir=buffer_dir,
-            buffer_max=buffer_max,
-            save_every=save_every,
-            save_dir=save_dir,
-            heartbeat_s=heartbeat,
-            drain_timeout_s=drain_timeout,
-            reconnect_max_s=reconnect_max,
-            client_id=client_id,
-            threads=threads,
-            username=username,
-            password=password,
-            tls=tls,
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            mqtt_version=mqtt_version,
-        )
+        config = EdgeConfig(**config_fields(ctx.params))
         stats = run_edge(config)
         typer.echo(
             f"{stats.frames} frames, {stats.requests} requests, {stats.published} results published, "
             f"{stats.errors} errors, {stats.buffered_at_exit} still buffered"
+            + (f", {stats.lost_results} lost (the buffer folder could not be written)"
+               if stats.lost_results else "")
         )
 
     @edge.command("package")

@@ -18,6 +18,8 @@ Greengrass component (``greengrass``). No torch.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import logging
 import os
 import queue
 import re
@@ -35,6 +37,7 @@ from detforge.edge.buffer import DiskBuffer, Publisher, parse_broker
 from detforge.edge.sources import Frame, load_rgb, mask_credentials, open_source, resolve_allowed_path
 from detforge.errors import ConfigError, DetforgeError
 
+log = logging.getLogger("detforge.edge")
 DEFAULT_TOPIC = "detforge/infer/output"
 DEFAULT_REQUEST_TOPIC = "detforge/infer/input"
 DEFAULT_STATUS_TOPIC = "detforge/infer/status"
@@ -56,7 +59,7 @@ class EdgeConfig:
     buffer_dir: str | None = None
     buffer_max: int = 10000
     save_every: int = 0
-    save_dir: str | None = None
+    save_dir: str = "edge-frames"
     heartbeat_s: float = 10.0
     drain_timeout_s: float = 10.0
     reconnect_max_s: float = 30.0
@@ -102,6 +105,7 @@ class EdgeStats:
     saved: int = 0
     dropped_frames: int = 0
     dropped_results: int = 0
+    lost_results: int = 0  # neither written to the buffer (a full disk) nor sent
     buffered_at_exit: int = 0
     last_error: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -113,6 +117,17 @@ class EdgeStats:
             return 0.0
         span = self.recent[-1] - self.recent[0]
         return round((len(self.recent) - 1) / span, 3) if span > 0 else 0.0
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (a password sent there in plain text stays on the
+    machine)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def utc_timestamp(seconds: float) -> str:
@@ -152,7 +167,16 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
         password=config.password or os.environ.get("DETFORGE_MQTT_PASSWORD"),
         mqtt_version=config.mqtt_version,
     )
-    source = open_source(config.source, fps=config.fps) if config.source else None
+    if broker.password and not broker.tls and not is_loopback(broker.host):
+        log.warning("MQTT: the password for %s goes to %s:%s in plain text; use mqtts:// (TLS)",
+                    broker.username, broker.host, broker.port)
+    # the folder is taken before the source is opened: a refused second runtime leaves the camera alone
+    buffer = DiskBuffer(config.buffer_dir or default_buffer_dir(config), max_messages=config.buffer_max)
+    try:
+        source = open_source(config.source, fps=config.fps) if config.source else None
+    except BaseException:
+        buffer.close()
+        raise
     stop = stop or threading.Event()
     stats = EdgeStats()
     requests: queue.Queue[bytes] = queue.Queue(maxsize=256)
@@ -182,7 +206,6 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
             "uptime_s": round(time.monotonic() - stats.started, 1),
         }
 
-    buffer = DiskBuffer(config.buffer_dir or default_buffer_dir(config), max_messages=config.buffer_max)
     publisher = Publisher(
         broker,
         buffer,
@@ -217,8 +240,10 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
             source.close()
             stats.dropped_frames = getattr(source, "dropped", 0)
         publisher.close(config.drain_timeout_s)
+        buffer.close()
         stats.buffered_at_exit = len(buffer)
         stats.dropped_results = buffer.dropped
+        stats.lost_results = publisher.lost
     return stats
 
 
@@ -251,7 +276,7 @@ def _process_frame(
     stats.published += 1
     stats.recent = (stats.recent + [frame.captured_mono])[-30:]
     if config.save_every and stats.frames % config.save_every == 0:
-        save_annotated(frame, detections, config.save_dir or "edge-frames", predictor.class_names)
+        save_annotated(frame, detections, config.save_dir, predictor.class_names)
         stats.saved += 1
 
 

@@ -12,13 +12,18 @@ was lost in the drop, which subscribers can discard by its ``seq``. The buffer i
 oldest result is dropped (and counted). Writes are fsync-ed (file and folder), so a power loss leaves each
 message whole or absent; a file that still cannot be published (empty, truncated, garbage) is moved to
 ``quarantine/`` and counted, and the ones behind it go out. A number is never reused, even after a crash
-with an empty buffer (the newest acknowledged file becomes ``<seq>.acked``). Not in here: frames, the model,
-the main loop (``detforge.edge``). No torch.
+with an empty buffer (the newest acknowledged file becomes ``<seq>.acked``). One runtime owns a buffer
+folder (``<folder>.lock`` beside it, an exclusive ``flock`` naming its pid, as ``detforge label``'s): a
+second one on the same folder is refused instead of the two handing out the same numbers. A write that
+fails (a full disk) costs that one result its place on disk, never the runtime: it is sent straight away
+when connected, else counted as lost, and the status says so. Not in here: frames, the model, the main
+loop (``detforge.edge``). No torch.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -29,8 +34,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from detforge.edge.sources import mask_credentials
 from detforge.errors import ConfigError
+from detforge.storage import FileLock, fsync_dir, mask_credentials
 
 log = logging.getLogger("detforge.edge")
 SEQ_FILE = ".last-seq"
@@ -112,9 +117,21 @@ class DiskBuffer:
         self.directory = directory
         self.max_messages = max_messages
         self.dropped = 0
+        self.write_errors = 0  # appends that could not be written (a full disk)
+        self.last_write_error: str | None = None
         self.last_quarantine_reason: str | None = None
         self._lock = threading.Lock()
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the buffer folder: {exc.strerror or exc}", path=directory,
+                              field="buffer_dir") from None
+        # before anything is read: the .part files of a runtime that is still writing are not leftovers
+        self._owner = FileLock(os.path.normpath(os.path.abspath(directory)) + ".lock")
+        holder = self._owner.acquire()
+        if holder is not None:
+            raise ConfigError(f"another detforge edge ({holder}) is using this buffer folder", path=directory,
+                              field="buffer_dir", hint="give each runtime its own --buffer-dir")
         self.quarantine_dir = os.path.join(directory, QUARANTINE)
         self.quarantined = len(os.listdir(self.quarantine_dir)) if os.path.isdir(self.quarantine_dir) else 0
         seqs, last, acked = [], 0, []
@@ -146,13 +163,30 @@ class DiskBuffer:
     def __len__(self) -> int:
         return len(self._seqs)
 
+    def close(self) -> None:
+        """Give the folder up (the next runtime may take it)."""
+        self._owner.release()
+
     def append(self, topic: str, payload: bytes) -> int:
-        """Store a message durably under the next sequence number (returned); drop the oldest when full."""
+        """Store a message durably under the next sequence number (returned); drop the oldest when full.
+
+        OSError when it cannot be written (a full disk): its number is used up all the same (never
+        handed out twice) and ``write_errors`` counts it; no ``.part`` is left behind.
+        """
         with self._lock:
             self._last_seq += 1
             seq = self._last_seq
             tmp = os.path.join(self.directory, f".{seq:012d}.part")
-            _write_durably(tmp, self._path(seq), topic.encode("utf-8") + b"\n" + payload)
+            try:
+                _write_durably(tmp, self._path(seq), topic.encode("utf-8") + b"\n" + payload)
+            except OSError as exc:
+                self.write_errors += 1
+                reason = exc.strerror or str(exc)
+                self.last_write_error = f"cannot write to the buffer folder {self.directory}: {reason}"
+                for leftover in (tmp, self._path(seq)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
+                raise
             self._seqs[seq] = None
             while len(self._seqs) > self.max_messages:
                 oldest = next(iter(self._seqs))
@@ -225,24 +259,35 @@ class DiskBuffer:
             self.last_quarantine_reason = f"{seq:012d}.msg: {reason}"
 
     def _quarantine_file(self, name: str) -> None:
-        os.makedirs(self.quarantine_dir, exist_ok=True)
         target, n = os.path.join(self.quarantine_dir, name), 1
         while os.path.exists(target):  # an earlier run's file of the same name stays
             n += 1
             target = os.path.join(self.quarantine_dir, f"{name}.{n}")
         try:
+            os.makedirs(self.quarantine_dir, exist_ok=True)
             os.replace(os.path.join(self.directory, name), target)
         except FileNotFoundError:
             return
-        _fsync_dir(self.quarantine_dir)
-        _fsync_dir(self.directory)
+        except OSError as exc:  # a full disk: the file stays where it is; the next run tries again
+            log.warning("cannot quarantine %s: %s", name, exc.strerror or exc)
+            return
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(self.directory)
         self.quarantined += 1
 
     def save_seq(self) -> None:
-        """Remember the last sequence number so numbering continues after a restart."""
+        """Remember the last sequence number so numbering continues after a restart (a full disk: the
+        ``.acked`` marker, if any, keeps it instead)."""
         with self._lock:
             tmp = os.path.join(self.directory, SEQ_FILE + ".part")
-            _write_durably(tmp, os.path.join(self.directory, SEQ_FILE), str(self._last_seq).encode())
+            try:
+                _write_durably(tmp, os.path.join(self.directory, SEQ_FILE), str(self._last_seq).encode())
+            except OSError as exc:
+                log.warning("cannot save the last sequence number in %s: %s", self.directory,
+                            exc.strerror or exc)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                return
             if self._acked_marker is not None:  # the number is safe in SEQ_FILE now
                 self._unlink(f"{self._acked_marker:012d}{ACKED}")
                 self._acked_marker = None
@@ -275,21 +320,7 @@ def _write_durably(tmp: str, path: str, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)  # a reader never sees half a message
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename or unlink in ``directory`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 class Publisher:
@@ -321,6 +352,8 @@ class Publisher:
         self.backoff = backoff
         self.connected = False
         self.connections = 0
+        self.unbuffered = 0  # results sent without a copy on disk (the buffer could not be written)
+        self.lost = 0  # results neither written nor sent (the buffer could not be written, no connection)
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._client = None
@@ -338,16 +371,33 @@ class Publisher:
         self._thread.start()
 
     def publish(self, topic: str, message: dict) -> int:
-        """Buffer ``message`` (plus its ``seq``) on disk and send it if connected; returns the seq."""
+        """Buffer ``message`` (plus its ``seq``) on disk and send it if connected; returns the seq.
+
+        When the buffer cannot be written (a full disk) the message is sent as it is if connected (QoS 1,
+        but not kept for a reconnect) and counted in ``unbuffered``, else counted in ``lost``; either way
+        ``last_error`` says why and the caller goes on.
+        """
         with self._lock:
-            message = {**message, "seq": self.buffer.next_seq()}
-            seq = self.buffer.append(topic, orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY))
+            seq = self.buffer.next_seq()
+            payload = orjson.dumps({**message, "seq": seq}, option=orjson.OPT_SERIALIZE_NUMPY)
+            try:
+                self.buffer.append(topic, payload)
+            except OSError:
+                if self._ready and self._client is not None:
+                    self._client.publish(topic, payload, qos=1)
+                    self.unbuffered += 1
+                    self._error(f"{self.buffer.last_write_error}; results are sent without a copy on disk")
+                else:
+                    self.lost += 1
+                    self._error(f"{self.buffer.last_write_error}; results made while disconnected are lost")
+                return seq
             if self._ready:
                 self._send(seq)
             return seq
 
     def close(self, drain_timeout: float = 10.0) -> bool:
-        """Wait up to ``drain_timeout`` s for every buffered message's PUBACK, say offline, disconnect.
+        """Wait up to ``drain_timeout`` s for every buffered message's PUBACK, say offline, disconnect,
+        give the buffer folder up.
 
         Returns True when the buffer is empty (else what is left is published by the next run).
         """
@@ -359,6 +409,7 @@ class Publisher:
         self._stop.set()
         self._thread.join(timeout=5.0)
         self.buffer.save_seq()
+        self.buffer.close()  # the folder is free for the next runtime
         return len(self.buffer) == 0
 
     # -- the network thread ---------------------------------------------------------------------------
@@ -429,6 +480,9 @@ class Publisher:
                 "timestamp": time.time(),
                 "buffered": len(self.buffer),
                 "quarantined": self.buffer.quarantined,
+                "buffer_write_errors": self.buffer.write_errors,
+                "unbuffered": self.unbuffered,
+                "lost": self.lost,
             },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )

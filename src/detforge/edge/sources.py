@@ -3,7 +3,7 @@
 In here: ``parse_source`` (``camera:0``, a video file, ``rtsp://``/``http://`` streams, ``watch:DIR``),
 the three frame sources (a video file sampled at the target rate; a live camera/stream read by a thread
 that keeps only the newest frame, so stale frames are dropped instead of queued; a watched folder), and
-``mask_credentials`` (what a source URL may show: never its password). Not in here: the
+``mask_credentials`` (from ``storage``: what a source URL may show, never its password). Not in here: the
 model, MQTT, the main loop (``detforge.edge``). OpenCV is imported only when a camera/video/stream source
 is opened. No torch.
 """
@@ -11,7 +11,6 @@ is opened. No torch.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,29 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detforge.errors import ConfigError, StorageError
-from detforge.storage import IMAGE_SUFFIXES, is_remote, resolve_allowed_path  # noqa: F401
+from detforge.storage import IMAGE_SUFFIXES, is_remote, mask_credentials, resolve_allowed_path  # noqa: F401
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
-MASK = "***"
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*)@")
-_SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;](?:[A-Za-z0-9_.-]*(?:pass|pwd|token|secret|key|auth|sig|credential)[A-Za-z0-9_.-]*)=)"
-    r"(?P<value>[^&;#\s]*)",
-    re.IGNORECASE,
-)
-
-
-def mask_credentials(text: str) -> str:
-    """``text`` with every URL's user and password (``rtsp://user:pass@cam`` -> ``rtsp://***@cam``) and every
-    password-like query value (``?password=x``, ``&token=x``) replaced by ``***``; other text unchanged.
-
-    Whatever leaves the device (messages, the retained status, logs, error text) and folder names built
-    from a source go through this, so a subscriber never learns the camera's password.
-    """
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@" if m["userinfo"] else m[0], text)
-    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
-
-
 @dataclass(frozen=True)
 class SourceSpec:
     """A parsed ``--source``: ``kind`` is camera, video, stream or watch; ``target`` the index/path/URL."""

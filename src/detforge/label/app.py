@@ -137,35 +137,18 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
     from detforge import storage
 
     out = os.fspath(out)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        fcntl = None
-    if storage.is_remote(out) or fcntl is None:
+    if storage.is_remote(out):
         yield
         return
-    path = os.path.abspath(out) + ".lock"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the whole job
+    lock = storage.FileLock(os.path.abspath(out) + ".lock")
+    holder = lock.acquire()
+    if holder is not None:
+        raise ConfigError(f"another detforge label is writing this output ({holder})", path=out,
+                          field="--out", hint="stop it first, or write to another --out")
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ConfigError(f"another detforge label is writing this output ({holder})", path=out,
-                              field="--out", hint="stop it first, or write to another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        yield
     finally:
-        handle.close()
+        lock.release()
 
 
 def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str | Sequence[str] | None = None,
