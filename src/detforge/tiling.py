@@ -8,7 +8,8 @@ the same for other detectors; this is detforge's own, numpy only (the torch-free
 
 - ``Tiling(tile, overlap, full_pass)``: the setting, checked; ``overlap`` is a fraction of ``tile``.
   ``parse_tiling`` reads ``model.json``'s ``tiling``, ``resolve_tiling`` puts a command's ``--tile``,
-  ``--overlap``, ``--tile-full-pass`` over it, ``deploy_tiling`` does both for a loaded deploy folder.
+  ``--overlap``, ``--tile-full-pass`` over it, ``deploy_tiling`` does both for a loaded deploy folder;
+  ``trained_tiling``: what ``export`` writes for a run trained on tiles (its ``tile_size``).
 - ``tile_windows(width, height, tiling)``: ``(N, 4)`` integer ``x0, y0, x1, y1`` windows. On each axis the
   first window starts at 0 and the last ends flush with the photo's edge; the windows in between are spread
   evenly, so neighbours overlap by at least ``round(overlap * tile)`` pixels and every object that small fits
@@ -96,6 +97,13 @@ def parse_tiling(value, *, where: str = "tiling") -> Tiling | None:
         return Tiling(value["tile"], value.get("overlap", DEFAULT_OVERLAP), value.get("full_pass", True))
     except ConfigError as exc:
         raise ConfigError(exc.message, field=f"{where}.{exc.field}") from None
+
+
+def trained_tiling(hyperparameters: dict | None) -> dict | None:
+    """``model.json``'s ``tiling`` for a run trained on ``tile_size`` crops (``training.tiles``): tiles of
+    that size, ``DEFAULT_OVERLAP`` and a full pass; ``None`` for a run trained on whole photos."""
+    tile = int((hyperparameters or {}).get("tile_size") or 0)
+    return Tiling(tile).to_json() if tile else None
 
 
 def resolve_tiling(default: Tiling | None, *, tile: int | None = None, overlap: float | None = None,

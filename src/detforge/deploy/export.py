@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from detforge import __version__, storage
+from detforge import __version__, storage, tiling
 from detforge import boxes as boxmath
 from detforge.data.groundtruth import read_image_refs, resolve_source_ref
 from detforge.deploy.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image, resize_rgb
@@ -838,6 +838,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             "epoch": info.epoch,
             "validation:mAP": (info.metrics or {}).get("validation:mAP"),
             "hyperparameters": info.hyperparams,
+            "tiling": tiling.trained_tiling(info.hyperparams),  # what the runtime runs by default
             "detforge_version": __version__,
             "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "verification": report.to_json(),
