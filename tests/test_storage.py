@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from detforge import storage
@@ -40,14 +43,75 @@ def test_s3_round_trip_and_errors(make_bucket):
 
 
 def test_cache_path_stays_inside_the_cache_folder(tmp_path):
+    import hashlib
+
     from detforge.storage import cache_path
 
     cache = tmp_path / "cache"
-    assert cache_path("s3://bucket/frames/a.jpg", cache) == str(cache / "s3" / "bucket" / "frames" / "a.jpg")
+    digest = hashlib.sha256(b"s3://bucket/frames").hexdigest()[:40]
+    assert cache_path("s3://bucket/frames/a.jpg", cache) == str(cache / "s3" / digest / "a.jpg")
     # a key with ".." segments must not write outside the cache (e.g. over ~/.bashrc)
     escaped = cache_path("s3://bucket/../../../../home/user/.bashrc", cache)
-    assert escaped.startswith(str(cache / "_by-hash") + "/") and escaped.endswith("-.bashrc")
-    assert cache_path("s3://bucket/../../x.jpg", cache) != cache_path("s3://bucket/../../y/x.jpg", cache)
+    assert escaped.startswith(str(cache / "s3") + "/") and escaped.endswith("/.bashrc")
+    assert os.path.dirname(os.path.dirname(escaped)) == str(cache / "s3")
+    for key in ("s3://bucket/a/..", "s3://bucket/a/.", "s3://bucket/a/"):
+        assert os.path.basename(cache_path(key, cache)) == "object"
+    # every spelling of a key is its own object in S3, so it is its own copy (never the exact URI's neighbour)
+    keys = ["victim/model.onnx", "attacker/../victim/model.onnx", "a/b/x", "a//b/x", "a/./b/x", "a/b//x"]
+    assert len({cache_path(f"s3://bucket/{key}", cache) for key in keys}) == len(keys)
+    # a deploy folder's two files stay side by side
+    assert os.path.dirname(cache_path("s3://b/d/model.json", cache)) == os.path.dirname(
+        cache_path("s3://b/d/model.onnx", cache))
+
+
+def test_distinct_keys_that_normalize_alike_never_share_a_cached_copy(make_bucket, tmp_path):
+    """Against moto's S3: keys that one path normalization would fold together are distinct objects;
+    each gets its own bytes from the cache, in either order."""
+    bucket = make_bucket()
+    keys = {"victim/model.onnx": b"victim", "attacker/../victim/model.onnx": b"attacker",
+            "a/b/x": b"plain", "a//b/x": b"double slash", "a/./b/x": b"dot"}
+    import boto3
+
+    client = boto3.client("s3")
+    for key, data in keys.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+    assert sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]) == sorted(keys)
+    cache = tmp_path / "cache"
+    for order in (list(keys), list(reversed(keys))):
+        storage._CHECKED.clear()
+        for key in order:
+            local = storage.local_copy(f"s3://{bucket}/{key}", cache)
+            assert open(local, "rb").read() == keys[key], key
+
+
+def test_atomic_writes_keep_the_mode_and_fsync_the_folder(tmp_path, monkeypatch):
+    target = tmp_path / "secret.txt"
+    old = os.umask(0o077)
+    try:
+        storage.write_text(target, "one")  # a new file: the umask decides, as for open()
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    finally:
+        os.umask(old)
+    os.umask(0o022)
+    try:
+        storage.write_text(target, "two")  # a 0600 file stays 0600 whatever the umask
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+        os.chmod(target, 0o640)
+        storage.write_bytes(target, b"three")
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o640 and target.read_bytes() == b"three"
+        storage.write_text(tmp_path / "public.txt", "x")
+        assert stat.S_IMODE(os.stat(tmp_path / "public.txt").st_mode) == 0o644
+    finally:
+        os.umask(old)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    storage.write_text(target, "four")
+    # the temporary file's data, then the folder that holds the rename
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".detforge-"))
+    assert synced[1] == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["public.txt", "secret.txt"]
 
 
 def test_local_copy_fetches_a_changed_object_again_and_works_offline(make_bucket, tmp_path, monkeypatch):

@@ -206,7 +206,8 @@ def iter_lines(uri: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
 def atomic_writer(uri: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write a file so that it appears whole or not at all.
 
-    Locally: a temporary file beside the target, flushed and fsynced, renamed over it.
+    Locally: a temporary file beside the target (with the target's mode, or for a new file 0666 under
+    the umask, as ``open`` gives), flushed and fsynced, renamed over it, then the folder fsynced.
     Remote: a local temporary file, uploaded in one PUT after the block ends without error.
     """
     uri = os.fspath(uri)
