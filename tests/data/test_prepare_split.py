@@ -92,8 +92,9 @@ def test_naming_rules():
     assert numbered("holiday") is None
     assert [split_of_name(n) for n in ("instances_Train.json", "instances_Validation.json", "val.json",
                                        "test.manifest", "prepared/validation.manifest", "job.manifest",
-                                       "instances_default.json")] == [
-        "train", "validation", "validation", "test", "validation", None, None]
+                                       "instances_default.json", "export/valid/_annotations.coco.json",
+                                       "_annotations.coco.json")] == [
+        "train", "validation", "validation", "test", "validation", None, None, "validation", None]
 
 
 def test_numbered_still_photos_lose_nothing(tmp_path):
@@ -267,6 +268,7 @@ def test_keep_splits_from_file_names_and_input_syntax(tmp_path, capsys):
     s = prepare([str(a), str(b)], str(tmp_path / "q"), keep_splits=True, split_of={str(a): "train",
                                                                                       str(b): "test"})
     assert (s.train, s.validation, s.test) == (4, 0, 2)
+    assert s.warnings == ["validation is empty: the inputs' splits name no validation image"]
     # no input says a split: an error naming them, never "(kept splits)"
     with pytest.raises(ConfigError, match=f"--keep-splits: no input says .*: {a}, {b}"):
         prepare([str(a), str(b)], str(tmp_path / "r"), keep_splits=True)
@@ -316,3 +318,22 @@ def test_cli_prints_the_accounting_table(tmp_path, capsys):
                 written[c] += 1
     assert s["boxes_per_class"] == written == {"cat": 26, "dog": 8}
     assert "boxes per class written: 0 cat: 26, 1 dog: 8" in out
+
+
+def test_aquarium_default_split_keeps_burst_shots_together(shared_data, tmp_path):
+    """Roboflow's Aquarium photos (IMG_2274_jpeg_jpg.rf.<hash>): 13 runs of near copies (30 photos, burst
+    shots of one tank) go whole to one side, the 545 other photos image by image, nothing held out."""
+    s = prepare([str(shared_data / "aquarium" / "data.yaml")], str(tmp_path / "o"), on_error="skip")
+    assert (s.group_by, len(s.videos), sum(s.videos.values()), s.stills) == ("video", 13, 30, 545)
+    assert (s.train, s.validation, s.dropped_for_gap) == (518, 57, 0)
+    assert s.accounting["read"] == {"images": 575, "boxes": 4233} and s.accounting["held_out"] == {}
+    side = {}
+    for name in ("train", "validation"):
+        for r in groundtruth.read_manifest(tmp_path / "o" / f"{name}.manifest"):
+            side[str(Path(r.source_ref).name)] = name
+    for key, _ in s.videos.items():
+        first = Path(key.removeprefix("near copies ")).name
+        prefix, number = numbered(Path(first).stem)
+        members = {n for n in side if numbered(Path(n).stem)[0] == prefix
+                   and number <= numbered(Path(n).stem)[1] < number + s.videos[key]}
+        assert len({side[n] for n in members}) == 1, key

@@ -5,24 +5,28 @@ Inputs are Ground Truth output manifests and any other format ``data.sources`` r
 temporary manifest, so every input then goes through the same two streaming passes:
 
 1. every line is checked (``groundtruth.parse_record``) and only a compact summary is kept per image
-   (its place, image id, split and class names); verification jobs' answers are collected by image id;
+   (its place, image id, split and class names), keyed by the image's identity, its resolved path
+   (``data.identity``); verification jobs' answers are collected by identity. Then local images are
+   read once: the same bytes under another path are held out, numbered stems get a ``dhash``;
 2. the kept lines are streamed again and written to ``train.manifest`` / ``validation.manifest``
    (``test.manifest`` when the source had one) with every unknown field kept; only ``class_id``,
-   ``class-map`` and relative ``source-ref`` values are rewritten (the latter so that the outputs find
-   their images from their own folder).
+   ``class-map``, boxes ``--on-error skip`` refused and relative ``source-ref`` values are rewritten
+   (the latter so that the outputs find their images from their own folder).
+
+Every image and box read is counted once in ``Accounting``: written to a split, held out or skipped,
+each with its reason (the totals are checked before anything is written).
 
 Class ids: ``--classes "a,b"`` gives them in that order; otherwise the class names found (from the
 ``--class-from`` template or the jobs' class maps) are sorted by name and numbered from 0.
 
-Split (``--group-by``, default ``auto``): lines are grouped — ``video`` (every frame of one
-``<video>_<frame>`` stem), ``block:N`` (runs of N consecutive frame numbers), ``none`` or
-``regex:PATTERN`` — and whole groups go to validation, drawn per stratum (the rarest class of the
-group) with the seed until the stratum's share is reached. ``auto`` splits by video when there are
-enough videos (validation gets at least ``MIN_VALIDATION_VIDEOS`` whole ones), else by blocks, and
-image by image when no id looks like a video frame. With
-blocks, training frames within ``--gap`` frames of a validation frame of the same video are left out
-(neighbouring frames are near copies: keeping them would grade the model on what it trained on).
-``--keep-splits`` keeps the split a YOLO/VOC/COCO source gave its images.
+Split (``--group-by``, default ``auto``): images are sorted into sequences — frames of one video by
+their names (``identity.video_frame``), runs of numbered images whose neighbours are near copies by
+content — and still photos. ``auto``: sequences whole when validation can get ``MIN_VALIDATION_VIDEOS``
+of them (``video``), else one contiguous validation run per sequence of at least ``2 x gap`` frames,
+placed to hold out the fewest training frames within ``--gap`` of it (``run``); still photos and
+shorter sequences are drawn whole per stratum (the rarest class of the group) with the seed.
+``block:N``, ``none`` and ``regex:PATTERN`` group by the image id as before. ``--keep-splits`` keeps
+the split the inputs give (the record's own, ``INPUT=SPLIT``, or the file's name).
 
 Not here: reading/writing single records (``groundtruth``), other formats (``convert``).
 """
@@ -249,8 +253,12 @@ class Accounting:
 
 def split_of_name(source: str) -> str | None:
     """The split an input's file name says: ``instances_Train.json`` (CVAT), ``val.json``,
-    ``validation.manifest`` (an earlier ``prepare``), ``test.output.manifest``; else None."""
-    name = storage.basename(os.fspath(source).rstrip("/")).lower()
+    ``validation.manifest`` (an earlier ``prepare``), ``test.output.manifest``, Roboflow's
+    ``valid/_annotations.coco.json`` (its folder); else None."""
+    source = os.fspath(source).rstrip("/").replace("\\", "/")
+    name = storage.basename(source).lower()
+    if name == "_annotations.coco.json" and "/" in source:
+        return _SPLIT_NAMES.get(source.rsplit("/", 2)[-2].lower())
     for suffix in (".json", ".output.manifest", ".manifest"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
@@ -424,10 +432,12 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
     for ref, target in targets.items():
         if target is not None:
             decisions[seen[ref].index][seen[ref].line] = target
-    if validation_fraction > 0 and "validation" not in targets.values():
+    drawn = len(seen) - len(given)
+    if "validation" not in targets.values() and (validation_fraction > 0 or not drawn):
         summary.warnings.append(
-            f"validation is empty: {len(seen)} images x --validation-fraction {validation_fraction:g} "
-            "rounds to no image; give a larger fraction or more images")
+            f"validation is empty: {drawn} images x --validation-fraction {validation_fraction:g} rounds "
+            "to no image; give a larger fraction or more images" if drawn else
+            "validation is empty: the inputs' splits name no validation image")
 
     # pass 2: stream the kept lines to their split
     counts = Counter()
