@@ -60,7 +60,8 @@ import json, resource, sys, time
 from detforge.data.prepare import prepare
 paths, out, discard = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
 t = time.perf_counter()
-s = prepare(paths, out, discard=[discard], class_from="{color} {object}", validation_fraction=0.1, seed=7)
+s = prepare(paths, out, discard=[discard], class_from="{color} {object}", validation_fraction=0.1, seed=7,
+            overwrite=True)
 print(json.dumps({"seconds": time.perf_counter() - t, "train": s.train, "validation": s.validation,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

@@ -15,6 +15,7 @@ from PIL import Image
 from detforge import boxes as box_ops
 from detforge.data import augment as aug
 from detforge.data.groundtruth import make_record, parse_record, read_manifest, record_to_json
+from detforge.data.output import OutputExistsError
 from detforge.errors import ConfigError, ManifestError
 
 REAL_LINE_BOX = (213, 443, 688, 632)  # ltwh of blue_box_1_000133 in blue-box-large-job-public
@@ -289,17 +290,23 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         aug.augment(manifest, out_dir=tmp_path / "crashed")
     monkeypatch.setattr(aug.storage, "write_bytes", real_write)
-    left = sorted(os.listdir(tmp_path / "crashed"))
-    assert left == ["images"]  # no manifest, no temporary file
-    assert sorted(os.listdir(tmp_path / "crashed" / "images")) == sorted(os.path.basename(c) for c in calls)
+    assert not (tmp_path / "crashed").exists()  # nothing half-written where the output goes
+    partial = tmp_path / ".crashed.partial"
+    assert sorted(os.listdir(partial)) == ["images"]  # no manifest, no temporary file
+    assert sorted(os.listdir(partial / "images")) == sorted(os.path.basename(c) for c in calls)
     # A temporary file that a hard kill would leave behind is cleaned up by the next run.
-    (tmp_path / "crashed" / "images" / ".detforge-abc.part").write_bytes(b"half")
+    (partial / "images" / ".detforge-abc.part").write_bytes(b"half")
 
     resumed = aug.augment(manifest, out_dir=tmp_path / "crashed")
     assert (resumed.images, resumed.written, resumed.skipped) == (5, 13, 7)
-    assert _tree(tmp_path / "crashed") == _tree(tmp_path / "clean")
-    again = aug.augment(manifest, out_dir=tmp_path / "crashed")
-    assert (again.written, again.skipped) == (0, 20)
+    assert _tree(tmp_path / "crashed") == _tree(tmp_path / "clean") and not partial.exists()
+    # a complete output is not mixed into: refused, or replaced whole with overwrite
+    with pytest.raises(OutputExistsError, match=r"crashed: the output folder is not empty \(holds "
+                                                r"augmented.manifest, ccw.manifest, cw.manifest and 3 "
+                                                r"more\)"):
+        aug.augment(manifest, out_dir=tmp_path / "crashed")
+    again = aug.augment(manifest, out_dir=tmp_path / "crashed", overwrite=True)
+    assert (again.written, again.skipped) == (20, 0)
     assert _tree(tmp_path / "crashed") == _tree(tmp_path / "clean")
 
 
@@ -308,10 +315,13 @@ def test_existing_file_of_the_wrong_size_is_rewritten(tmp_path):
     first = aug.augment(manifest, out_dir=tmp_path / "out", ops="cw")
     target = tmp_path / "out" / "images" / "img_000-cw-rotate.jpg"
     good = target.read_bytes()
-    Image.new("RGB", (70, 48)).save(target)  # right name, unturned size
-    second = aug.augment(manifest, out_dir=tmp_path / "out", ops="cw")
+    # an interrupted run's image of the right name but the unturned size is not reused
+    stale = tmp_path / ".again.partial" / "images" / "img_000-cw-rotate.jpg"
+    stale.parent.mkdir(parents=True)
+    Image.new("RGB", (70, 48)).save(stale)
+    second = aug.augment(manifest, out_dir=tmp_path / "again", ops="cw")
     assert (first.written, second.written, second.skipped) == (1, 1, 0)
-    assert target.read_bytes() == good
+    assert (tmp_path / "again" / "images" / "img_000-cw-rotate.jpg").read_bytes() == good
 
 
 def test_relative_source_refs_resolve_against_the_manifest_folder(tmp_path):
@@ -388,8 +398,14 @@ def test_s3_in_and_out(tmp_path, make_bucket):
     assert _size(lines[2]) == (48, 70)
     turned = _decode(storage.read_bytes(lines[2]["source-ref"]))
     assert turned.shape[:2] == (70, 48)
-    again = aug.augment(f"s3://{bucket}/data/train.manifest", out_dir=f"s3://{bucket}/aug", ops="xflip,ccw")
-    assert (again.written, again.skipped) == (0, 4)
+    with pytest.raises(OutputExistsError, match=rf"s3://{bucket}/aug: the output folder is not empty"):
+        aug.augment(f"s3://{bucket}/data/train.manifest", out_dir=f"s3://{bucket}/aug", ops="xflip")
+    again = aug.augment(f"s3://{bucket}/data/train.manifest", out_dir=f"s3://{bucket}/aug", ops="xflip",
+                        overwrite=True)
+    assert (again.written, again.skipped) == (2, 0)
+    assert sorted(storage.list_files(f"s3://{bucket}/aug")) == [  # the ccw copies of the first run are gone
+        f"s3://{bucket}/aug/{name}" for name in ("augmented.manifest", "images/img_000-x-flip.jpg",
+                                                 "images/img_001-x-flip.jpg", "xflip.manifest")]
 
 
 def test_cli(tmp_path):
@@ -404,7 +420,7 @@ def test_cli(tmp_path):
     manifest = _dataset(tmp_path, count=2)
     result = CliRunner().invoke(app, ["augment", manifest, "--out", str(tmp_path / "out"), "--ops", "xflip"])
     assert result.exit_code == 0, result.output
-    assert "2 images: wrote 2 copies (1 lossless, 1 re-encoded), skipped 0 already there" in result.output
+    assert "2 images: wrote 2 copies (1 lossless, 1 re-encoded), reused 0 already written" in result.output
     assert len(_lines(tmp_path / "out" / "augmented.manifest")) == 4
 
 
@@ -424,7 +440,7 @@ def test_hard_kill_leaves_only_complete_files_and_resumes(tmp_path):
     out = str(tmp_path / "killed")
     code = f"from detforge.data.augment import augment; augment({manifest!r}, out_dir={out!r})"
     process = subprocess.Popen([sys.executable, "-c", code])
-    images = tmp_path / "killed" / "images"
+    images = tmp_path / ".killed.partial" / "images"
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
         if images.is_dir() and any(not name.startswith(".") for name in os.listdir(images)):
@@ -432,7 +448,7 @@ def test_hard_kill_leaves_only_complete_files_and_resumes(tmp_path):
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "killed" / "augmented.manifest").exists()
+    assert not (tmp_path / "killed").exists()
     finished = [name for name in os.listdir(images) if not name.startswith(".")]
     assert 1 <= len(finished) < 32
     for name in finished:  # every image there is whole

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli import options
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``augment`` command."""
@@ -20,13 +22,12 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel processes.")] = 1,
         force: Annotated[bool, typer.Option(
             "--force", help="Augment even a manifest named or marked as validation data.")] = False,
-        overwrite: Annotated[bool, typer.Option(
-            "--overwrite", help="Rewrite images that already exist (default: skip them, resuming).")] = False,
+        overwrite: options.Overwrite = False,
         label_attribute: Annotated[str | None, typer.Option(
             "--label-attribute", help="The manifest's label attribute, when it cannot be found.")] = None,
     ) -> None:
         """Write flipped and rotated copies of every image with exactly moved boxes (lossless for JPEG
-        where the size allows); re-running resumes."""
+        where the size allows), into --out whole; an interrupted run resumes."""
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -44,6 +45,6 @@ def register(app: typer.Typer) -> None:
                              overwrite=overwrite, label_attribute=label_attribute, progress=progress)
         Console().print(
             f"{result.images} images: wrote {result.written} copies ({result.lossless} lossless, "
-            f"{result.reencoded} re-encoded), skipped {result.skipped} already there\n"
+            f"{result.reencoded} re-encoded), reused {result.skipped} already written\n"
             f"manifest: {result.manifest} ({result.images * (1 + len(result.op_manifests))} lines); "
             f"per op: {', '.join(result.op_manifests.values())}")

@@ -15,8 +15,12 @@ with ``detforge.boxes``, and ``"detforge-augment": {"op": ..., "from": <original
   on the chroma subsampling); otherwise JPEGs are re-encoded at quality 95 from their decoded Y/Cb/Cr
   planes (no colour conversion, subsampling kept), or through Pillow (odd sizes, ICC profiles, other
   formats). An image is decoded once for all its ops; its ops are encoded and written in threads.
-- Re-running skips outputs that already exist with the expected size; every file is written atomically
-  (temporary file + rename, one PUT on S3), so an interrupted run leaves no partial image or manifest.
+- The output is written whole (``data.output``): into ``.DIR.partial`` beside ``DIR``, renamed to ``DIR``
+  when every image and manifest is there. An interrupted run leaves its complete images in
+  ``.DIR.partial`` and the next run resumes from them (skipping those with the expected size, read by
+  ``images.probe``); each file is written atomically, so none is ever half there. An existing non-empty
+  ``DIR`` is refused unless ``overwrite``, which starts afresh and replaces it whole. On S3 the files are
+  staged locally and uploaded once complete (an interrupted S3 run starts again from nothing).
 - A manifest named like ``*validation*`` or with lines marked ``"split": "validation"`` is refused unless
   ``force=True``.
 
@@ -31,6 +35,7 @@ import ctypes
 import ctypes.util
 import io
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,6 +44,7 @@ import numpy as np
 from detforge import boxes as box_ops
 from detforge import images, storage
 from detforge.data.groundtruth import Record, dumps_line, read_manifest, record_to_json, resolve_source_ref
+from detforge.data.output import check_free, whole_output
 from detforge.errors import ConfigError, ManifestError, StorageError
 
 PROVENANCE_KEY = "detforge-augment"
@@ -324,13 +330,13 @@ def transform_image_bytes(data: bytes, op: str, *, suffix: str,
 
 
 def image_size(uri: str) -> tuple[int, int] | None:
-    """(width, height) from an image file's header, or None when it is missing or unreadable."""
-    from PIL import Image
-
+    """Upright (width, height) from an image file's header (``images.probe``, the one size reader), or
+    None when it is missing or unreadable."""
+    if not storage.is_remote(uri) and not os.path.exists(uri):
+        return None
     try:
-        with storage.open_file(uri, "rb") as handle, Image.open(handle) as image:
-            return image.size
-    except (StorageError, OSError, ValueError):
+        return images.probe(uri)
+    except (images.ImageError, StorageError):
         return None
 
 
@@ -445,12 +451,9 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _decoded_size(data: bytes) -> tuple[int, int]:
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except OSError:
+        return images.probe_bytes(data)
+    except images.ImageError:
         return (-1, -1)
 
 
@@ -481,18 +484,32 @@ def augment(manifest: str | os.PathLike, *, out_dir: str | os.PathLike, ops=DEFA
     ops = parse_ops(ops)
     if workers < 1:
         raise ConfigError(f"must be at least 1, got {workers}", field="--workers")
+    check_free(out_dir, overwrite=overwrite)
     total = _check_manifest(manifest, label_attribute, force=force)
-    images_dir = storage.join(out_dir, "images")
-    storage.makedirs(images_dir)
-    _remove_stale_parts(images_dir)
-    _remove_stale_parts(out_dir)
+    with whole_output(out_dir, overwrite=overwrite, resumable=True, last=("augmented.manifest",)) as staging:
+        if overwrite:  # afresh: nothing of an interrupted earlier run is reused
+            for name in os.listdir(staging):
+                path = os.path.join(staging, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        return _augment(manifest, out_dir, staging, ops=ops, workers=workers, total=total,
+                        label_attribute=label_attribute, progress=progress)
+
+
+def _augment(manifest: str, out_dir: str, staging: str, *, ops, workers: int, total: int,
+             label_attribute: str | None, progress) -> AugmentResult:
+    """The run: images and manifests written into ``staging``; the lines name the images in ``out_dir``."""
+    images_dir = storage.join(out_dir, "images")  # where the manifests say the copies are
+    staged_images = os.path.join(staging, "images")  # where they are written
+    os.makedirs(staged_images, exist_ok=True)
+    _remove_stale_parts(staged_images)
+    _remove_stale_parts(staging)
     result = AugmentResult(manifest=storage.join(out_dir, "augmented.manifest"),
                            op_manifests={op: storage.join(out_dir, f"{op}.manifest") for op in ops})
 
     def tasks() -> Iterator[tuple[_Task, bool]]:
         for record in read_manifest(manifest, label_attribute=label_attribute):
             yield _Task(_resolve(record.source_ref, manifest), record.origin, record.width, record.height,
-                        [(op, *_output(record, op, images_dir)) for op in ops]), overwrite
+                        [(op, *_output(record, op, staged_images)) for op in ops]), False
 
     pool = None
     if workers == 1:
@@ -505,9 +522,11 @@ def augment(manifest: str | os.PathLike, *, out_dir: str | os.PathLike, ops=DEFA
         results = pool.imap(_run_task_star, tasks(), chunksize=1)
     try:
         with contextlib.ExitStack() as stack:
-            combined = stack.enter_context(storage.atomic_writer(result.manifest, "wb"))
-            per_op = {op: stack.enter_context(storage.atomic_writer(uri, "wb"))
-                      for op, uri in result.op_manifests.items()}
+            combined = stack.enter_context(storage.atomic_writer(os.path.join(staging, "augmented.manifest"),
+                                                                 "wb"))
+            per_op = {op: stack.enter_context(storage.atomic_writer(os.path.join(staging, f"{op}.manifest"),
+                                                                    "wb"))
+                      for op in ops}
             records = read_manifest(manifest, label_attribute=label_attribute)
             for record, (_origin, statuses) in zip(records, results, strict=True):
                 _count(result, statuses)
