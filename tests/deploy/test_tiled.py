@@ -188,3 +188,30 @@ def test_evaluate_takes_the_tiling_options_and_refuses_them_for_a_run(tiny_deplo
                    "--overlap", "0.3")
     assert done.returncode == 2
     assert "field '--overlap': --overlap needs --tile SIZE" in done.stderr
+
+
+def test_serve_batches_count_a_tiled_photo_as_its_tiles(tiny_deploy, tmp_path):
+    import asyncio
+
+    from detforge.deploy.runtime import Predictor
+    from detforge.deploy.serve import Batcher, Metrics, _Job
+
+    deploy = tiled_copy(tiny_deploy, tmp_path / "deploy", TILED)
+    photo = np.zeros((130, 200, 3), np.uint8)  # 4 x 3 tiles and the full pass: 13 model inputs
+    small = np.zeros((64, 64, 3), np.uint8)  # one tile: 1
+
+    async def batch_sizes(predictor, images) -> list[int]:
+        batcher = Batcher(predictor, max_batch=8, max_wait_ms=0, threshold=None, metrics=Metrics())
+        for image in images:
+            batcher._queue.put_nowait(_Job(image, None))
+        sizes = []
+        while not batcher._queue.empty():
+            sizes.append(len(await batcher._collect()))
+        return sizes
+
+    tiled = Predictor(deploy, threads=1)
+    assert tiled.work(photo) == 13 and tiled.work(small) == 1
+    assert asyncio.run(batch_sizes(tiled, [photo, photo, small])) == [1, 1, 1]
+    assert asyncio.run(batch_sizes(tiled, [small] * 10)) == [8, 2]
+    whole = Predictor(deploy, threads=1, tile=0)
+    assert asyncio.run(batch_sizes(whole, [photo, photo, small])) == [3]

@@ -187,6 +187,12 @@ class Predictor:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def work(self, image: np.ndarray) -> int:
+        """Model inputs one ``H x W x 3`` photo costs: its tiles (and full pass) when tiled, else 1."""
+        if self.tiling is None:
+            return 1
+        return len(tiling.passes(image.shape[1], image.shape[0], self.tiling))
+
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Raw outputs for an ``N x S x S x 3`` uint8 batch: boxes, scores, classes, num_detections."""
         boxes, scores, classes, counts = self.session.run(None, {self.input_name: batch})

@@ -209,9 +209,10 @@ class Batcher:
     """Folds concurrent requests into one predictor call.
 
     A batch starts as soon as the model is free and one image waits. It takes every image already
-    queued (up to ``max_batch``) and, only while other requests are still arriving (being received or
-    decoded), waits up to ``max_wait_ms`` for them. A lone request therefore never waits, and under
-    load batches fill up. The model runs in one worker thread, so runs never overlap.
+    queued (up to ``max_batch`` model inputs: a tiled photo counts its tiles) and, only while other
+    requests are still arriving (being received or decoded), waits up to ``max_wait_ms`` for them. A lone
+    request therefore never waits, and under load batches fill up. The model runs in one worker thread,
+    so runs never overlap.
     """
 
     def __init__(
@@ -250,7 +251,7 @@ class Batcher:
     async def _collect(self) -> list[_Job]:
         batch = [await self._queue.get()]
         deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch:
+        while self._work(batch) < self.max_batch:
             try:
                 batch.append(self._queue.get_nowait())
                 continue
@@ -264,6 +265,11 @@ class Batcher:
             except asyncio.TimeoutError:
                 break
         return batch
+
+    def _work(self, batch: list[_Job]) -> int:
+        """Model inputs in ``batch``: a tiled model's photo counts its tiles (``Predictor.work``)."""
+        work = getattr(self.predictor, "work", None)
+        return sum(work(job.image) for job in batch) if work else len(batch)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
