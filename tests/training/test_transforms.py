@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 
 from detforge import boxes as box_ops
 from detforge.errors import ConfigError
-from detforge.training.transforms import PRESETS, RandomRot90, build_transform, check_preset
+from detforge.training.transforms import PRESETS, RandomHSV, RandomRot90, build_transform, check_preset
 
 torch.set_num_threads(1)
 
@@ -57,6 +57,38 @@ def test_flip_preset_gives_the_flipped_or_the_original_box_and_pixels_follow():
     assert len(seen) == 2
 
 
+def test_hsv_colour_map_is_exact_on_known_colours():
+    hsv = RandomHSV(gains=(0.5, 1.0, 0.5))
+    assert np.allclose(hsv.matrix([0, 0, 0]), np.eye(3))
+    grey, red = np.array([100.0, 100.0, 100.0]), np.array([200.0, 50.0, 50.0])
+    assert np.allclose(hsv.matrix([0, 0, 1]) @ grey, [150, 150, 150])  # value x 1.5
+    assert np.allclose(hsv.matrix([0, 0, -1]) @ red, [100, 25, 25])  # value x 0.5
+    gray_red = hsv.matrix([0, -1, 0]) @ red  # saturation x 0: the luma left on every channel
+    luma = 0.299 * 200 + 0.587 * 50 + 0.114 * 50
+    assert np.allclose(gray_red, [luma] * 3)
+    # a hue turn keeps the luma and the chroma's length, and half a circle (u0 = 1, gain 0.5) negates chroma
+    yiq = RandomHSV._YIQ
+    turned = yiq @ (hsv.matrix([1, 0, 0]) @ red)
+    assert np.isclose(turned[0], (yiq @ red)[0]) and np.allclose(turned[1:], -(yiq @ red)[1:])
+
+
+def test_flip_hsv_preset_moves_boxes_as_flip_and_changes_only_colours():
+    image = _scene(80, 40, (10, 5, 30, 25))
+    for seed in range(6):
+        torch.manual_seed(seed)
+        flip = build_transform("flip", image_size=40, train=True)
+        flipped, boxes, labels = flip(image, [[10, 5, 30, 25]], [1])
+        torch.manual_seed(seed)
+        coloured, boxes2, labels2 = build_transform("flip+hsv", image_size=40, train=True)(
+            image, [[10, 5, 30, 25]], [1])
+        assert torch.equal(boxes, boxes2) and torch.equal(labels, labels2)
+        # one colour map for the whole image: the background (grey 40) stays uniform, the red box uniform
+        x1, y1, x2, y2 = (int(v) for v in boxes2[0].tolist())
+        inside = coloured[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1].reshape(3, -1)
+        assert float((inside - inside[:, :1]).abs().max()) <= 1 / 255
+        assert not torch.allclose(coloured, flipped)
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_rot90_moves_boxes_and_pixels_together(k):
     image = tv_tensors.Image(torch.from_numpy(_scene(50, 30, (7, 5, 28, 18))).permute(2, 0, 1))
@@ -97,7 +129,7 @@ def test_images_without_boxes_and_other_inputs():
 
 def test_bad_inputs():
     with pytest.raises(ConfigError, match="field 'augmentation': unknown augmentation preset 'ssd-rot' "
-                                          r"\(choose one of none, flip, ssd, ssd\+rot\)"):
+                                          r"\(choose one of none, flip, ssd, ssd\+rot, flip\+hsv\)"):
         build_transform("ssd-rot", image_size=32, train=True)
     assert check_preset("ssd+rot") == "ssd+rot"
     with pytest.raises(ConfigError, match="image_shape"):
