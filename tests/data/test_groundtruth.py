@@ -150,3 +150,33 @@ def _write(path, text: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return str(path)
+
+
+def test_one_class_map_merge_in_convert_and_evaluate(tmp_path):
+    """An id that means two names is the same error everywhere (evaluate used to keep the first silently)."""
+    from PIL import Image
+
+    from detforge.data.convert import convert
+    from detforge.evaluation.evaluate import manifest_class_names
+
+    path = tmp_path / "m.manifest"
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (20, 10)).save(tmp_path / name)
+    groundtruth.write_manifest(path, [
+        groundtruth.make_record("a.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[0],
+                                class_map={0: "cat"}),
+        groundtruth.make_record("b.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[2],
+                                class_map={2: "bird"}),
+        groundtruth.make_record("c.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[0],
+                                class_map={0: "dog"})])
+    expected = (f"{path}:3, field 'bb-metadata.class-map': class id 0 means 'cat' at {path}:1 and 'dog' here "
+                "(run `detforge prepare` first to merge the class maps by name)")
+    with pytest.raises(ManifestError) as error:
+        convert(str(path), to="coco", out=str(tmp_path / "c.json"))
+    assert str(error.value) == expected
+    with pytest.raises(ManifestError) as error:
+        manifest_class_names(str(path))
+    assert str(error.value) == expected
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n")
+    assert manifest_class_names(str(path)) == ["cat", "1", "bird"]  # an id no line names: its number

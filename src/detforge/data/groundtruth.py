@@ -307,6 +307,32 @@ def read_manifest(path: str | os.PathLike, *, label_attribute: str | None = None
                 report.skipped.append((path, number, str(exc)))
 
 
+class ClassMaps:
+    """The one merge of manifest lines' class maps (``convert``, ``stats``, ``evaluate``): id -> name, where
+    an id that means two names is an error naming both lines (run ``prepare`` to merge by name)."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self._first: dict[int, str] = {}  # id -> "path:line" where its name was first seen
+
+    def add(self, record: Record, manifest: str | os.PathLike | None = None) -> None:
+        """Merge one record's class map (ManifestError when an id already means another name)."""
+        origin = record.origin or os.fspath(manifest or "<memory>")
+        for cid, name in record.class_map.items():
+            known = self.names.setdefault(cid, name)
+            self._first.setdefault(cid, origin)
+            if known != name:
+                path, _, line = origin.rpartition(":")
+                raise ManifestError(f"class id {cid} means {known!r} at {self._first[cid]} and {name!r} here",
+                                    path=path or origin, line=int(line) if line.isdigit() else None,
+                                    field=f"{record.label_attribute}-metadata.class-map",
+                                    hint="run `detforge prepare` first to merge the class maps by name")
+
+    def by_id(self) -> list[str]:
+        """The names in id order (an id no line names is named by its number)."""
+        return [self.names.get(i, str(i)) for i in range(max(self.names) + 1)] if self.names else []
+
+
 def checked_local_image(record: Record, manifest: str | os.PathLike) -> None:
     """Check that a manifest line's image exists and has the size the line says, when it is local (a
     header probe, not a decode: the same check every format's reader makes); a ManifestError naming the

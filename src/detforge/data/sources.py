@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from detforge import storage
 from detforge.data.formats import coco, labelme, voc, yolo
-from detforge.data.groundtruth import ReadReport, Record, checked_local_image, read_manifest
+from detforge.data.groundtruth import ClassMaps, ReadReport, Record, checked_local_image, read_manifest
 from detforge.errors import FormatError, ManifestError
 
 FORMATS = ("manifest", "yolo", "voc", "coco", "labelme")
@@ -140,14 +140,9 @@ def _with_images(records: Iterator[Record], manifest: str, on_error: str,
 
 
 def manifest_classes(records: list[Record], path: str) -> list[str]:
-    """The class names of a manifest's records, by id (FormatError when an id means two names)."""
-    merged: dict[int, str] = {}
+    """The class names of a manifest's records, by id (``groundtruth.ClassMaps``: an id that means two
+    names is an error naming both lines)."""
+    merged = ClassMaps()
     for record in records:
-        for cid, name in record.class_map.items():
-            if merged.setdefault(cid, name) != name:
-                raise FormatError(
-                    f"class id {cid} means both {merged[cid]!r} and {name!r}",
-                    path=path,
-                    hint="run `detforge prepare` first to merge the class maps",
-                )
-    return [merged[i] for i in sorted(merged)]
+        merged.add(record, path)
+    return [merged.names[i] for i in sorted(merged.names)]
