@@ -36,7 +36,7 @@ import orjson
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.groundtruth import classes_beside, read_manifest, resolve_source_ref
+from detforge.data.groundtruth import ClassMaps, classes_beside, read_manifest, resolve_source_ref
 from detforge.errors import ConfigError, FormatError, ManifestError, require
 from detforge.evaluation.coco_metrics import CocoAccumulator
 from detforge.evaluation.metrics import DetectionAccumulator, DetectionMetrics
@@ -100,15 +100,15 @@ def load_ground_truth(manifest: str, *, label_attribute: str | None = None) -> I
 
 
 def manifest_class_names(manifest: str, *, label_attribute: str | None = None) -> list[str]:
-    """Class names from the manifest's class maps (ids without a name are named by their number)."""
-    names: dict[int, str] = {}
+    """Class names from the manifest's class maps (``groundtruth.ClassMaps``: an id meaning two names is an
+    error, as in ``convert`` and ``stats``; ids without a name are named by their number)."""
+    merged = ClassMaps()
     for record in read_manifest(manifest, label_attribute=label_attribute):
-        for cid, name in record.class_map.items():
-            names.setdefault(cid, name)
-    if not names:
+        merged.add(record, manifest)
+    if not merged.names:
         raise ManifestError("no class map on any line: cannot tell the classes", path=manifest,
                             hint="pass --classes classes.json")
-    return [names.get(i, str(i)) for i in range(max(names) + 1)]
+    return merged.by_id()
 
 
 class _ImageIndex:
