@@ -397,3 +397,34 @@ def test_prepare_finds_a_manifests_missing_local_image(tmp_path, capsys):
     assert not (tmp_path / "p").exists()
     s = prepare([str(path)], str(tmp_path / "p"), on_error="skip", validation_fraction=0)
     assert (s.train, s.skipped) == (1, [f"{path}:2, field 'source-ref': cannot read: no such file"])
+
+
+def test_review_stats_convert_prepare_share_images_and_on_error(tmp_path):
+    import typer
+
+    from detforge.cli import build_app
+    from detforge.label.review import load_review
+
+    commands = typer.main.get_command(build_app()).commands
+    shared = {}
+    for command in ("prepare", "convert", "stats", "review"):
+        params = {p.opts[0]: (p.help, p.default) for p in commands[command].params if p.opts}
+        shared[command] = {opt: params[opt] for opt in ("--images", "--on-error", "--label-attribute")}
+    assert shared["convert"] == shared["prepare"] == shared["stats"] == shared["review"] == {
+        "--images": ("Image folder of VOC/COCO/labelme inputs (default: the layout's own).", None),
+        "--on-error": ("stop at a bad line/box/file, or skip it and count it.", "stop"),
+        "--label-attribute": ("A manifest's label attribute (default: found by its metadata type).", None)}
+    review_inputs = next(p for p in commands["review"].params if p.name == "manifests")
+    assert "YOLO data.yaml" in review_inputs.help and "labelme" in review_inputs.help
+    # review reads any format with the same --images / --on-error treatment
+    for name in ("a.jpg", "c.jpg"):
+        _jpeg(tmp_path / "pics" / name)
+    path = _coco(tmp_path / "ann" / "c.json", [(n, 80, 60) for n in ("a.jpg", "b.jpg", "c.jpg")],
+                 [(1, 1, [1, 1, 10, 10]), (3, 1, [2, 2, 10, 10])])
+    with pytest.raises(DetforgeError, match=r"c.json, field 'image 1 \(id 1\).file_name': image 'a.jpg' "
+                                            r"not found"):
+        load_review([str(path)], discard=str(tmp_path / "d.txt"))  # not beside the JSON
+    report = ReadReport()
+    session = load_review([str(path)], discard=str(tmp_path / "d.txt"), images=str(tmp_path / "pics"),
+                          on_error="skip", report=report)
+    assert session.progress()["total"] == 2 and len(report.skipped) == 1

@@ -19,8 +19,7 @@ def register(app: typer.Typer) -> None:
                  "Annotations folders, COCO JSON files or Roboflow COCO export folders; any mix. "
                  "INPUT=train|validation|test gives all its images that split (--keep-splits).")],
         out: Annotated[str, typer.Option("--out", help="Folder or s3:// prefix for the outputs.")],
-        images: Annotated[str | None, typer.Option(
-            "--images", help="Image folder of VOC/COCO inputs (default: the layout's own).")] = None,
+        images: options.Images = None,
         discard: Annotated[list[str], typer.Option(
             "--discard",
             help="Discard file (one id per line, # comments) or ids 'a,b'; repeatable.")] = [],  # noqa: B006
@@ -32,8 +31,7 @@ def register(app: typer.Typer) -> None:
             "--class-from", help="Class name template over line fields, e.g. '{color} {object}'.")] = None,
         classes: Annotated[str | None, typer.Option(
             "--classes", help="Class names in id order, e.g. 'blue box,yellow box'.")] = None,
-        label_attribute: Annotated[str | None, typer.Option(
-            "--label-attribute", help="Label attribute (found by its metadata type).")] = None,
+        label_attribute: options.LabelAttribute = None,
         drop_empty: Annotated[bool, typer.Option("--drop-empty", help="Drop images without boxes.")] = False,
         keep_splits: Annotated[bool, typer.Option(
             "--keep-splits", help="Keep the train/val/test split the inputs give (YOLO splits, VOC "
@@ -57,8 +55,7 @@ def register(app: typer.Typer) -> None:
             "--gap", help="With runs or blocks: hold out training frames this close to a validation frame "
                           "of their video (default: 10; 0 keeps them).")] = None,
         overwrite: options.Overwrite = False,
-        on_error: Annotated[str, typer.Option(
-            "--on-error", help="stop at a bad line/box/file, or skip it and count it.")] = "stop",
+        on_error: options.OnError = "stop",
     ) -> None:
         """Turn labels from any tool into train.manifest, validation.manifest and classes.json."""
         from detforge.data.prepare import format_summary, prepare
