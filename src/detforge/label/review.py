@@ -234,8 +234,14 @@ def make_thumbnail(data: bytes, size: int = THUMB_SIZE) -> bytes:
 
 def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.PathLike,
                 predictions: str | os.PathLike | None = None, label_attribute: str | None = None,
-                classes: str | os.PathLike | None = None, score_threshold: float = 0.5) -> ReviewSession:
-    """Read manifests (streaming), predictions and earlier decisions into a ReviewSession."""
+                classes: str | os.PathLike | None = None, score_threshold: float = 0.5,
+                images: str | None = None, on_error: str = "stop", report=None) -> ReviewSession:
+    """Read manifests (streaming), predictions and earlier decisions into a ReviewSession.
+
+    ``images``, ``on_error``, ``report``: as in every reader (``data.sources.read_source``): the image folder
+    of VOC/COCO/labelme inputs, and whether a bad line/box/file stops or is skipped and counted in
+    ``report`` (a ``groundtruth.ReadReport``).
+    """
     manifests = [os.fspath(m) for m in manifests]
     if not manifests:
         raise ConfigError("give at least one manifest to review")
@@ -243,7 +249,8 @@ def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.Pat
     class_names = read_class_names(classes) if classes is not None else None
     items: list[ReviewItem] = []
     for manifest in manifests:
-        _, _, records = read_source(manifest, label_attribute=label_attribute)
+        _, _, records = read_source(manifest, label_attribute=label_attribute, images=images,
+                                     on_error=on_error, report=report)
         for record in records:
             boxes = record.boxes
             w, h = record.width, record.height
@@ -360,13 +367,15 @@ class _Handler(TokenHandler):
 def review(manifests: Sequence[str | os.PathLike], *, discard: str | os.PathLike,
            predictions: str | os.PathLike | None = None, label_attribute: str | None = None,
            classes: str | os.PathLike | None = None, score_threshold: float = 0.5, host: str = "127.0.0.1",
-           port: int = 8765, open_browser: bool = True,
+           port: int = 8765, open_browser: bool = True, images: str | None = None,
+           on_error: str = "stop", report=None,
            on_ready: Callable[[ReviewServer], None] | None = None) -> ReviewSession:
     """Load the manifests and serve the review page until interrupted; returns the session at the end.
 
     ``on_ready(server)`` is called once the server listens (the CLI prints ``server.url`` there).
     """
     session = load_review(manifests, discard=discard, predictions=predictions,
+                          images=images, on_error=on_error, report=report,
                           label_attribute=label_attribute, classes=classes, score_threshold=score_threshold)
     try:
         server = ReviewServer(session, host=host, port=port)
