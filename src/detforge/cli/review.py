@@ -6,13 +6,15 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli import options
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``review`` command."""
 
     @app.command("review")
     def review_command(
-        manifests: Annotated[list[str], typer.Argument(help="Ground Truth output manifests (local or s3://).")],
+        manifests: Annotated[list[str], typer.Argument(help=options.INPUTS_HELP)],
         discard: Annotated[
             str,
             typer.Option("--discard", help="The discard list to read and keep up to date "
@@ -30,9 +32,9 @@ def register(app: typer.Typer) -> None:
         score_threshold: Annotated[
             float, typer.Option("--score-threshold", help="Ignore predictions scoring below this.")
         ] = 0.5,
-        label_attribute: Annotated[
-            str | None, typer.Option("--label-attribute", help="Label attribute (default: by type).")
-        ] = None,
+        label_attribute: options.LabelAttribute = None,
+        images: options.Images = None,
+        on_error: options.OnError = "stop",
         port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8765,
         host: Annotated[str, typer.Option("--host", help="Loopback address to listen on.")] = "127.0.0.1",
         no_browser: Annotated[
@@ -42,19 +44,25 @@ def register(app: typer.Typer) -> None:
         """Open a local web page to look at every labeled box and reject images into a discard list."""
         from rich.console import Console
 
+        from detforge.data.groundtruth import ReadReport
         from detforge.label.review import review
 
         console = Console()
+        report = ReadReport()
 
         def ready(server) -> None:
             progress = server.session.progress()
             console.print(f"{progress['total']} images, {progress['reviewed']} reviewed, "
                           f"{progress['rejected']} rejected; decisions go to {discard}")
+            if report.skipped or report.skipped_boxes:
+                console.print(f"skipped {len(report.skipped)} bad lines/images and "
+                              f"{len(report.skipped_boxes)} bad boxes (--on-error skip)")
             console.print(f"open [bold]{server.url}[/bold]  (Ctrl+C stops)", soft_wrap=True)
 
         session = review(manifests, discard=discard, predictions=predictions, label_attribute=label_attribute,
                          classes=classes, score_threshold=score_threshold, host=host, port=port,
-                         open_browser=not no_browser, on_ready=ready)
+                         open_browser=not no_browser, on_ready=ready, images=images, on_error=on_error,
+                         report=report)
         progress = session.progress()
         console.print(f"stopped: {progress['reviewed']} of {progress['total']} reviewed, "
                       f"{progress['rejected']} rejected in {discard}")
