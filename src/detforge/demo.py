@@ -7,8 +7,9 @@ Steps, each writing into ``OUT/`` and leaving a marker ``OUT/.steps/<step>.json`
 2. ``prepare``: join the jobs, discard rejected images, classes ``blue box``/``yellow box`` from the
    ``color``/``object`` fields, train/validation split by whole videos (validation videos are unseen);
 3. ``augment``: offline x-flipped copies of the training images (boxes moved exactly);
-4. ``train``: an SSD with SageMaker's hyperparameters (``DEMO_PROFILES``: MobileNetV3 at a small size on
-   a CPU, larger on a GPU), validation:mAP after every epoch, ``metrics.png``;
+4. ``train``: an SSD with SageMaker's hyperparameters (``DEMO_PROFILES``, their hyperparameters in
+   ``recipes/demo-<profile>.json``: MobileNetV3 at a small size on a CPU, larger on a GPU),
+   validation:mAP after every epoch, ``metrics.png``;
 5. ``evaluate``: the trained run on the validation split (VOC07 mAP, COCO AP, PR curves);
 6. ``export``: ``deploy/model.onnx`` verified against PyTorch;
 7. ``predict``: the deployed model (ONNX Runtime, no torch) on the validation split (its mAP must match
@@ -30,6 +31,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from detforge import storage
 from detforge.data.groundtruth import resolve_source_ref
@@ -38,36 +40,30 @@ from detforge.errors import ConfigError
 STEPS = ("synth", "prepare", "augment", "train", "evaluate", "export", "predict", "summary")
 CLASSES = ["blue box", "yellow box"]
 
-# What the demo trains, by where it runs. The CPU profile is tuned to reach validation:mAP >= 0.9 within
-# the 10-minute budget on 2 cores (docs/demo.md has the measurements behind it).
+# What the demo trains, by where it runs: the synthetic data here, the hyperparameters in the repository's
+# recipes/demo-<profile>.json (a hyperparams.json `detforge train -p` takes too; num_classes comes from the
+# data). The CPU profile is tuned to reach validation:mAP >= 0.9 within the 10-minute budget on 2 cores
+# (docs/demo.md has the measurements behind it).
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 DEMO_PROFILES = {
-    "cpu": {
-        "images": 600, "heldout": 48, "size": (640, 360), "frames_per_video": 20, "ops": ("xflip",),
-        "hyperparameters": {
-            "base_network": "mobilenet-v3", "use_pretrained_model": "0", "image_shape": "128",
-            "epochs": "7", "mini_batch_size": "16", "optimizer": "adam", "learning_rate": "0.003",
-            "weight_decay": "0.0001", "lr_scheduler_step": "5,6", "lr_scheduler_factor": "0.1",
-            "warmup_epochs": "1", "augmentation": "none", "workers": "0", "seed": "1",
-        },
-    },
-    "gpu": {
-        "images": 1200, "heldout": 96, "size": (640, 360), "frames_per_video": 20, "ops": ("xflip", "yflip"),
-        "hyperparameters": {
-            "base_network": "mobilenet-v3", "use_pretrained_model": "0", "image_shape": "320",
-            "epochs": "30", "mini_batch_size": "32", "optimizer": "adam", "learning_rate": "0.003",
-            "weight_decay": "0.0001", "lr_scheduler_step": "22,27", "lr_scheduler_factor": "0.1",
-            "warmup_epochs": "1", "augmentation": "flip", "workers": "4", "seed": "1",
-        },
-    },
-    "tiny": {
-        "images": 60, "heldout": 6, "size": (320, 180), "frames_per_video": 10, "ops": ("xflip",),
-        "hyperparameters": {
-            "base_network": "mobilenet-v3", "use_pretrained_model": "0", "image_shape": "64",
-            "epochs": "1", "mini_batch_size": "8", "optimizer": "adam", "learning_rate": "0.003",
-            "augmentation": "none", "workers": "0", "seed": "1",
-        },
-    },
+    "cpu": {"images": 600, "heldout": 48, "size": (640, 360), "frames_per_video": 20, "ops": ("xflip",),
+            "recipe": "demo-cpu.json"},
+    "gpu": {"images": 1200, "heldout": 96, "size": (640, 360), "frames_per_video": 20,
+            "ops": ("xflip", "yflip"), "recipe": "demo-gpu.json"},
+    "tiny": {"images": 60, "heldout": 6, "size": (320, 180), "frames_per_video": 10, "ops": ("xflip",),
+             "recipe": "demo-tiny.json"},
 }
+
+
+def demo_hyperparameters(profile: dict) -> dict:
+    """The hyperparameters of a profile as its recipe file holds them (SageMaker's string values)."""
+    from detforge.training.hyperparams import read_hyperparameters_file
+
+    path = RECIPES / profile["recipe"]
+    if not path.exists():
+        raise ConfigError("the demo's recipe is missing (the demo runs from a checkout of the repository)",
+                          path=str(path))
+    return read_hyperparameters_file(path)
 
 
 @dataclass
@@ -152,11 +148,11 @@ def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
     # the default split (auto): whole videos, since the demo has enough of them
     summary = prepare(_manifests(synth), os.path.join(out, "prepared"),
                       discard=[os.path.join(synth, "rejected.txt")], class_from="{color} {object}",
-                      classes=CLASSES, validation_fraction=0.15, seed=7)
+                      classes=CLASSES, validation_fraction=0.15, seed=7, overwrite=True)
     heldout = os.path.join(out, "data", "heldout")
     prepare(_manifests(heldout), os.path.join(out, "heldout"),
             discard=[os.path.join(heldout, "rejected.txt")], class_from="{color} {object}", classes=CLASSES,
-            validation_fraction=0.0, seed=7)
+            validation_fraction=0.0, seed=7, overwrite=True)
     say(f"discarded {len(summary.discarded)}, boxes per class {summary.boxes_per_class}; "
         f"train {summary.train}, validation {summary.validation} (split by {summary.group_by}: "
         f"{summary.groups} groups)")
@@ -179,7 +175,7 @@ def _step_augment(out: str, profile: dict, say: Callable, progress: bool) -> dic
 def _step_train(out: str, profile: dict, say: Callable, progress: bool) -> dict:
     from detforge.training.train import TrainConfig, train
 
-    hp = {"num_classes": str(len(CLASSES)), **profile["hyperparameters"]}
+    hp = {"num_classes": str(len(CLASSES)), **demo_hyperparameters(profile)}
     run = os.path.join(out, "runs", "demo")
     if os.path.exists(run):
         shutil.rmtree(run)
@@ -284,7 +280,7 @@ def _summary(out: str, results: dict, seconds: dict, total: float, profile_name:
         "seconds": round(total, 1),
         "step_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "profile": profile_name,
-        "hyperparameters": DEMO_PROFILES[profile_name]["hyperparameters"],
+        "hyperparameters": demo_hyperparameters(DEMO_PROFILES[profile_name]),
         "epochs_map": train.get("history"),
         "machine": _machine(),
         "artifacts": {

@@ -66,6 +66,7 @@ def test_two_processes_on_cpu(tmp_path):
         "checkpoints",
         "classes.json",
         "hyperparams.json",
+        "inputs.json",
         "metrics.csv",
         "metrics.jsonl",
         "metrics.png",

@@ -157,3 +157,19 @@ def test_checks_against_the_data():
     assert "4 boxes: 22 label values (2 + 5 per box" in str(info.value)
     # SageMaker's own example: at most 10 objects need at least 10 x 5 + 2
     assert label_values(10) == 52 and label_values(0) == 2
+
+
+def test_names_and_defaults_come_from_their_modules():
+    pytest.importorskip("torch")
+    from detforge.models import MODEL_TABLE
+    from detforge.training import transforms
+
+    assert parse_hyperparameters({"num_classes": "1"}).augmentation == transforms.DEFAULT_PRESET
+    for preset in transforms.PRESETS:  # the one preset list decides what augmentation takes
+        assert parse_hyperparameters({"num_classes": "1", "augmentation": preset}).augmentation == preset
+    with pytest.raises(ConfigError) as info:
+        parse_hyperparameters({"num_classes": "1", "augmentation": "mixup"})
+    assert info.value.message == f"expected one of {', '.join(transforms.PRESETS)}, got 'mixup'"
+    for detector, base_network in MODEL_TABLE:
+        hp = parse_hyperparameters({"num_classes": "1", "detector": detector, "base_network": base_network})
+        assert (hp.detector, hp.base_network) == (detector, base_network)

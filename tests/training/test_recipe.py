@@ -4,6 +4,7 @@ and a tiny detector=gfl run that validates and saves the averaged weights."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,11 @@ torch = pytest.importorskip("torch")
 from detforge.errors import ConfigError  # noqa: E402
 from detforge.training import checkpoint, recipe  # noqa: E402
 from detforge.training.dataset import ManifestDataset, load_split  # noqa: E402
-from detforge.training.hyperparams import parse_hyperparameters  # noqa: E402
+from detforge.training.hyperparams import (  # noqa: E402
+    load_hyperparameters,
+    parse_hyperparameters,
+    read_hyperparameters_file,
+)
 from detforge.training.mosaic import mosaic  # noqa: E402
 from detforge.training.train import TrainConfig, lr_multiplier, train  # noqa: E402
 
@@ -167,15 +172,38 @@ def test_the_time_budget_stops_cleanly(tiny, tmp_path):
     assert (out / "model.safetensors").exists() and checkpoint.load_state(out)["epoch"] == 1
 
 
-@pytest.mark.parametrize("name", ["cpu-small-data", "gpu"])
-def test_every_recipe_file_parses(name):
-    from pathlib import Path
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+SHIPPED = {  # file -> (detector, base_network, image_shape, epochs, optimizer)
+    "cpu-small-data.json": ("gfl", "shufflenet-v2", 320, 300, "adamw"),
+    "gpu.json": ("gfl", "mobilenet-v3", 416, 300, "adamw"),
+    "demo-cpu.json": ("ssd", "mobilenet-v3", 128, 7, "adam"),
+    "demo-gpu.json": ("ssd", "mobilenet-v3", 320, 30, "adam"),
+    "demo-tiny.json": ("ssd", "mobilenet-v3", 64, 1, "adam"),
+}
 
-    from detforge.training.hyperparams import load_hyperparameters
 
-    path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.json"
-    hp = load_hyperparameters(path, overrides={"num_classes": "7"})
-    backbone = {"cpu-small-data": "shufflenet-v2", "gpu": "mobilenet-v3"}[name]
-    assert hp.detector == "gfl" and hp.base_network == backbone and hp.num_classes == 7
-    assert hp.lr_schedule == "cosine" and hp.ema_decay > 0 and hp.mosaic > 0 and hp.optimizer == "adamw"
-    assert sorted(p.name for p in path.parent.glob("*.json")) == ["cpu-small-data.json", "gpu.json"]
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.json")), ids=lambda path: path.name)
+def test_every_recipe_file_parses(path):
+    raw = read_hyperparameters_file(path)
+    assert "num_classes" not in raw  # the data decides it
+    hp = parse_hyperparameters(raw | {"num_classes": "7"}, source=str(path))
+    assert hp.num_classes == 7 and parse_hyperparameters(hp.to_json()) == hp
+    given = parse_hyperparameters({"num_classes": "7", **{k: v for k, v in raw.items() if k != "seed"}})
+    assert given.seed == 0 and hp.seed == int(raw.get("seed", 0))  # the file's values, not defaults
+    if path.name in SHIPPED:
+        assert (hp.detector, hp.base_network, hp.image_shape, hp.epochs, hp.optimizer) == SHIPPED[path.name]
+
+
+def test_the_shipped_recipes():
+    assert set(SHIPPED) <= {path.name for path in RECIPES.glob("*.json")}
+    for name in ("cpu-small-data.json", "gpu.json"):
+        hp = load_hyperparameters(RECIPES / name, overrides={"num_classes": "7"})
+        assert hp.lr_schedule == "cosine" and hp.ema_decay > 0 and hp.mosaic > 0
+    from detforge.demo import DEMO_PROFILES, demo_hyperparameters
+
+    assert {profile["recipe"] for profile in DEMO_PROFILES.values()} == {
+        "demo-cpu.json", "demo-gpu.json", "demo-tiny.json"}
+    cpu = load_hyperparameters(RECIPES / "demo-cpu.json", overrides={"num_classes": "2"})
+    assert cpu.lr_scheduler_step == (5, 6) and cpu.learning_rate == 0.003 and cpu.mini_batch_size == 16
+    assert cpu.augmentation == "none" and cpu.seed == 1 and cpu.warmup_epochs == 1
+    assert demo_hyperparameters(DEMO_PROFILES["tiny"]) == json.loads((RECIPES / "demo-tiny.json").read_text())

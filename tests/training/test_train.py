@@ -130,9 +130,14 @@ def test_the_run_folder_names_its_inputs_in_json(tiny, reference_run, tmp_path):
         "format_version": 1, "train": str(tiny[0]), "validation": str(tiny[1]), "label_attribute": None,
         "weights": None}
     assert checkpoint.read_inputs(out) == checkpoint.RunInputs(train=str(tiny[0]), validation=str(tiny[1]))
+    assert "data" not in checkpoint.load_state(out)  # the resume state holds training state only
     old = tmp_path / "old"  # a run folder from before inputs.json: its resume state names the manifests
     shutil.copytree(out, old)
     (old / "inputs.json").unlink()
+    with pytest.raises(ModelError, match="the resume state does not name the training manifest"):
+        checkpoint.read_inputs(old)
+    state = checkpoint.load_state(old)
+    checkpoint.save_state(old, state | {"data": {"train": str(tiny[0]), "validation": str(tiny[1])}})
     assert checkpoint.read_inputs(old) == checkpoint.RunInputs(train=str(tiny[0]), validation=str(tiny[1]))
     (old / "checkpoints" / "last.pt").unlink()
     with pytest.raises(ModelError, match="inputs.json is missing"):
@@ -174,7 +179,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny, reference_run, tmp_pa
     assert result.epochs == 3 and [r["epoch"] for r in result.history] == [1, 2, 3]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     straight = tmp_path / "straight"
-    train(
+    uninterrupted_run = train(
         TrainConfig(
             train=str(tiny[0]),
             validation=str(tiny[1]),
@@ -187,8 +192,14 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny, reference_run, tmp_pa
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
+    def untimed(history):  # what a run computes, without the seconds it took
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in history]
 
-def test_cli_resume_continues_for_more_epochs(reference_run, tmp_path):
+    assert untimed(result.history) == untimed(uninterrupted_run.history)
+    assert {"train_loss", "lr", "validation:mAP", "coco_AP"} <= set(untimed(result.history)[2])
+
+
+def test_cli_resume_continues_for_more_epochs(tiny, reference_run, tmp_path):
     import shutil
 
     import typer
@@ -198,6 +209,11 @@ def test_cli_resume_continues_for_more_epochs(reference_run, tmp_path):
 
     out = tmp_path / "more"
     shutil.copytree(reference_run[0], out)
+    # as a run folder from before inputs.json: the resume state names the manifests
+    (out / "inputs.json").unlink()
+    state = checkpoint.load_state(out)
+    inputs = {"train": str(tiny[0]), "validation": str(tiny[1])}
+    checkpoint.save_state(out, state | {"data": inputs})
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # a second command keeps typer's subcommand layout
@@ -205,6 +221,8 @@ def test_cli_resume_continues_for_more_epochs(reference_run, tmp_path):
     assert outcome.exit_code == 0, outcome.output
     assert "4 epochs -> " in outcome.output and "epoch 4: validation:mAP=" in outcome.output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert checkpoint.read_inputs(out) == checkpoint.RunInputs(**inputs)  # written on resume
+    assert json.loads((out / "hyperparams.json").read_text())["epochs"] == 4  # --set is kept
 
 
 def test_freeze_and_incremental_weights(tiny, reference_run, tmp_path):

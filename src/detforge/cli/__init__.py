@@ -1,7 +1,8 @@
 """The ``detforge`` command line: one thin module per command, each calling one library function.
 
 Each module in ``COMMANDS`` defines ``register(app)``; heavy imports (torch, onnxruntime) happen
-inside the command functions so that ``detforge --help`` and the edge commands stay light.
+inside the command functions so that ``detforge --help`` and the edge commands stay light. Importing
+this package changes nothing; ``main`` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) when a command runs.
 """
 
 from __future__ import annotations
@@ -13,11 +14,6 @@ import sys
 import typer
 
 from detforge.errors import DetforgeError
-
-# OpenMP threads that sleep instead of spinning while they wait: on a machine whose cores are busy with
-# other work, torch's default spin-waiting made a training epoch 6.7x slower with 2 threads on 2 cores
-# (37.0 s vs 5.5 s, measured on this project's 2-core CI-size machine under load); set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Command modules, in the order of the workflow (docs/DESIGN.md). A new command adds its module here.
 COMMANDS = [
@@ -84,6 +80,11 @@ def _show_usage_error(exc) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; DetforgeErrors are printed as one line without a traceback (exit 2)."""
+    # OpenMP threads that sleep instead of spinning while they wait: on a machine whose cores are busy with
+    # other work, torch's default spin-waiting made a training epoch 6.7x slower with 2 threads on 2 cores
+    # (37.0 s vs 5.5 s, measured on this project's 2-core CI-size machine under load). Set here, when a
+    # command runs and before it loads torch, not at import (importing detforge changes nothing).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app = build_app()
     try:
         # Outside standalone mode click hands a command's `typer.Exit(code)` back as the return value.

@@ -1,4 +1,7 @@
-"""``detforge train --train M --validation M --hyperparameters hp.json --out runs/NAME``: a run folder."""
+"""``detforge train --train M --validation M --hyperparameters hp.json --out runs/NAME``: a run folder.
+
+Each option is a field of ``training.train.TrainConfig`` (``--set`` fills ``overrides``; ``--list-layers``
+prints the model's parameter names instead of training); the command parses and calls ``train``."""
 
 from __future__ import annotations
 
@@ -69,59 +72,23 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
     ) -> None:
-        """Train an SSD detector with SageMaker's object-detection hyperparameters (torchrun: many GPUs)."""
-        import logging
-        import os
-
+        """Train a detector (SSD, gfl) with SageMaker's object-detection hyperparameters (torchrun: many
+        GPUs); ``--resume RUN`` continues an interrupted run."""
         from rich.console import Console
 
-        from detforge.errors import ConfigError
         from detforge.training.hyperparams import parse_overrides
-        from detforge.training.train import TrainConfig, check_resume_options, resume_data
+        from detforge.training.train import TrainConfig
         from detforge.training.train import train as run_training
 
         if list_layers:
             _print_layers(hyperparameters, parse_overrides(set_ or []))
             return
-        if resume:
-            check_resume_options(resume, out=out, train=train, hyperparameters=hyperparameters,
-                                 weights=weights, classes=classes)
-            out = resume
-            saved_train, validation = resume_data(resume, validation)
-            train = train or saved_train
-        if train is None or out is None:
-            raise ConfigError("--train and --out are required (or --resume RUN)", field="--train")
-        main = int(os.environ.get("RANK", "0")) == 0
-        logger = logging.getLogger("detforge.training.train")
-        handler = logging.StreamHandler() if main else None
-        if handler is not None:
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-        try:
-            result = run_training(
-                TrainConfig(
-                    train=train,
-                    validation=validation,
-                    out=out,
-                    hyperparameters=hyperparameters,
-                    overrides=parse_overrides(set_ or []),
-                    weights=weights,
-                    resume=bool(resume),
-                    classes=classes,
-                    label_attribute=label_attribute,
-                    progress=progress,
-                )
-            )
-        finally:
-            if handler is not None:
-                logger.removeHandler(handler)
-        if main:
-            best = "-" if result.best_map is None else f"{result.best_map:.3f} (epoch {result.best_epoch})"
-            Console().print(
-                f"{result.epochs} epochs -> {result.run_dir}; best validation:mAP {best}"
-                + (f"; stopped early: {result.stop_reason}" if result.stopped_early else "")
-            )
+        result = run_training(TrainConfig(
+            train=train, validation=validation, out=out, hyperparameters=hyperparameters,
+            overrides=parse_overrides(set_ or []), weights=weights, resume=resume or False, classes=classes,
+            label_attribute=label_attribute, progress=progress, console=True))
+        if result.main:
+            Console().print(result.summary())
 
 
 def _print_layers(hyperparameters: str | None, overrides: dict) -> None:

@@ -4,7 +4,8 @@
   (``RunInfo`` fields: base_network, image_shape, num_classes, classes, thresholds, hyperparams, detector);
   ``name="best"`` gives ``best.safetensors``/``best.json``.
 - ``load_run_model(run_dir, *, which="model", device="cpu") -> (model, RunInfo)``; ``run_dir`` may also be
-  a ``.safetensors`` file with its ``.json`` beside it.
+  a ``.safetensors`` file with its ``.json`` beside it; ``read_run_info`` reads the JSON alone and
+  ``weights_file`` names the ``.safetensors`` file.
 - ``write_inputs``/``read_inputs``: ``inputs.json``, the run's data as plain JSON (``RunInputs``: the
   train and validation manifests, the label attribute, the ``--weights`` it started from); with
   ``classes.json`` and ``hyperparams.json`` beside it, what export, evaluate and ``--resume`` read
@@ -86,20 +87,20 @@ def _absolute(path: str | os.PathLike | None) -> str | None:
     return path if storage.is_remote(path) else os.path.abspath(path)
 
 
-def write_inputs(run_dir: str | os.PathLike, *, train: str, validation: str | None = None,
-                 label_attribute: str | None = None, weights: str | None = None) -> RunInputs:
-    """Write ``inputs.json`` (atomically); local paths are made absolute so the run folder can be read
-    from anywhere."""
-    inputs = RunInputs(train=_absolute(train), validation=_absolute(validation),
-                       label_attribute=label_attribute, weights=_absolute(weights))
+def write_inputs(run_dir: str | os.PathLike, inputs: RunInputs) -> RunInputs:
+    """Write ``inputs.json`` (atomically) with local paths made absolute, so that the run folder can be
+    read from anywhere; returns what it wrote."""
+    inputs = RunInputs(train=_absolute(inputs.train), validation=_absolute(inputs.validation),
+                       label_attribute=inputs.label_attribute, weights=_absolute(inputs.weights))
     storage.write_bytes(storage.join(os.fspath(run_dir), INPUTS_FILE),
                         orjson.dumps(inputs.to_json(), option=orjson.OPT_INDENT_2))
     return inputs
 
 
-def read_inputs(run_dir: str | os.PathLike) -> RunInputs:
+def read_inputs(run_dir: str | os.PathLike, *, state: dict | None = None) -> RunInputs:
     """The ``RunInputs`` of a run folder: ``inputs.json``; a run folder written before it existed: the
-    manifests its ``checkpoints/last.pt`` names (ModelError when neither says)."""
+    manifests its resume state names (``state`` when already read, else ``checkpoints/last.pt``);
+    ModelError when neither says."""
     run_dir = os.fspath(run_dir)
     path = storage.join(run_dir, INPUTS_FILE)
     if storage.exists(path):
@@ -110,10 +111,10 @@ def read_inputs(run_dir: str | os.PathLike) -> RunInputs:
         if not isinstance(obj, dict) or not obj.get("train"):
             raise ModelError("does not name the training manifest", path=path, field="train")
         return RunInputs(**{k: obj.get(k) for k in RunInputs.__dataclass_fields__})
-    if not storage.exists(storage.join(run_dir, STATE_FILE)):
+    if state is None and not storage.exists(storage.join(run_dir, STATE_FILE)):
         raise ModelError("the run folder does not say what it was trained on: inputs.json is missing",
-                         path=path, hint="give --train and --validation")
-    data = load_state(run_dir).get("data") or {}  # before inputs.json: the resume state named them
+                         path=path, hint="give a run folder written by `detforge train`")
+    data = (state if state is not None else load_state(run_dir)).get("data") or {}
     if not data.get("train"):
         raise ModelError("the resume state does not name the training manifest", path=run_dir,
                          hint="give --train and --validation")
@@ -160,6 +161,11 @@ def _locate(run_dir: str, which: str) -> tuple[str, str]:
     return weights, meta
 
 
+def weights_file(source: str | os.PathLike, *, which: str = "model") -> str:
+    """The ``.safetensors`` file of a run folder (``<which>.safetensors``) or the file ``source`` itself."""
+    return _locate(os.fspath(source), which)[0]
+
+
 def read_run_info(run_dir: str | os.PathLike, *, which: str = "model") -> RunInfo:
     """The ``RunInfo`` of a saved model without loading its weights."""
     _, meta = _locate(os.fspath(run_dir), which)
@@ -198,7 +204,7 @@ def load_run_model(run_dir: str | os.PathLike, *, which: str = "model", device: 
 
     run_dir = os.fspath(run_dir)
     info = read_run_info(run_dir, which=which)
-    weights, _ = _locate(run_dir, which)
+    weights = weights_file(run_dir, which=which)
     state = load_state_dict(weights)
     thresholds = info.thresholds or {}
     model = build_model(

@@ -1,4 +1,6 @@
-"""SageMaker object-detection hyperparameters: names, defaults, ranges and string parsing (no torch).
+"""SageMaker object-detection hyperparameters: names, defaults, ranges and string parsing (no torch at
+import; a given ``augmentation`` is checked against ``transforms.PRESETS``, the one preset list, which
+loads torch).
 
 ``parse_hyperparameters(raw)`` takes the dict SageMaker takes (``hyperparams.json``: every value a
 string such as ``"False"``, ``"1"``, ``"10,20"``; numbers and booleans work too) and returns a frozen
@@ -105,7 +107,13 @@ class Hyperparameters:
         return parse_hyperparameters(raw)
 
 
-# key -> (kind, check) ; kinds: int, float, bool, str, choice, steps, regex
+def _augmentation_presets() -> tuple[str, ...]:
+    from detforge.training.transforms import PRESETS
+
+    return PRESETS
+
+
+# key -> (kind, check) ; kinds: int, float, bool, str, choice (a tuple, or a function giving it), steps, regex
 def _range(low=None, high=None, *, low_open=False, high_open=False):
     def check(value):
         if low is not None and (value < low or (low_open and value == low)):
@@ -140,7 +148,7 @@ _SPEC: dict[str, tuple] = {
     "early_stopping_min_epochs": ("int", _range(1)),
     "early_stopping_patience": ("int", _range(1)),
     "early_stopping_tolerance": ("float", _range(0, 1, high_open=True)),
-    "augmentation": ("choice", AUGMENTATIONS),
+    "augmentation": ("choice", _augmentation_presets),
     "workers": ("int", _range(0, 64)),
     "device": ("device", None),
     "seed": ("int", _range(0)),
@@ -213,8 +221,9 @@ def _parse_value(key: str, value):
         return int(text)
     if kind == "choice":
         text = str(value).strip().lower()
-        if text not in extra:
-            raise ConfigError(f"expected one of {', '.join(extra)}, got {value!r}", field=key)
+        choices = extra() if callable(extra) else extra
+        if text not in choices:
+            raise ConfigError(f"expected one of {', '.join(choices)}, got {value!r}", field=key)
         return text
     if kind == "steps":
         items = (

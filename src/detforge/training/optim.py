@@ -20,10 +20,15 @@ adadelta    MXNet ``AdaDelta``: rho 0.9, epsilon 1e-5, and **no learning rate**:
             a_d = 0.9 a_d + 0.1 d^2; w -= d`` (torch ``Adadelta`` at lr 1, never scheduled:
             ``IGNORES_LEARNING_RATE``); no weight decay
 ==========  ===================================================================================
+
+``lr_multiplier`` is the learning-rate factor of a step; ``build_scheduler(optimizer, hp, *,
+steps_per_epoch, budget)`` steps it per optimizer step (torch ``LambdaLR`` over ``LRSchedule.factor``),
+over the epochs the time budget plans now (``recipe.Budget.planned``).
 """
 
 from __future__ import annotations
 
+from detforge.training import recipe
 from detforge.training.hyperparams import Hyperparameters
 
 # MXNet's defaults (mxnet.optimizer, 1.x) for what SageMaker does not expose.
@@ -106,3 +111,38 @@ def build_optimizer(params, hp: Hyperparameters):
     if hp.optimizer == "adadelta":
         return torch.optim.Adadelta(params, lr=1.0, rho=ADADELTA_RHO, eps=ADADELTA_EPSILON)
     raise ValueError(f"unknown optimizer {hp.optimizer!r}")
+
+
+def lr_multiplier(
+    step: int, *, steps_per_epoch: int, hp: Hyperparameters, epochs: int | None = None
+) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, then x factor per lr step
+    (``lr_schedule=step``) or a cosine over ``epochs`` (default ``hp.epochs``; ``lr_schedule=cosine``);
+    1 for an optimizer without a learning rate (MXNet's adadelta)."""
+    if hp.optimizer in IGNORES_LEARNING_RATE:
+        return 1.0
+    return recipe.lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs or hp.epochs,
+                            warmup_epochs=hp.warmup_epochs, schedule=hp.lr_schedule,
+                            steps=hp.lr_scheduler_step, step_factor=hp.lr_scheduler_factor,
+                            min_factor=hp.lr_min_factor)
+
+
+class LRSchedule:
+    """The factor of each optimizer step: ``lr_multiplier`` over ``budget.planned`` epochs, read at every
+    step, so a budget that shortens the run bends the cosine with it."""
+
+    def __init__(self, hp: Hyperparameters, *, steps_per_epoch: int, budget: recipe.Budget) -> None:
+        self.hp, self.steps_per_epoch, self.budget = hp, steps_per_epoch, budget
+
+    def factor(self, step: int) -> float:
+        """The learning-rate factor at optimizer step ``step`` (0-based)."""
+        return lr_multiplier(step, steps_per_epoch=self.steps_per_epoch, hp=self.hp,
+                             epochs=self.budget.planned)
+
+
+def build_scheduler(optimizer, hp: Hyperparameters, *, steps_per_epoch: int, budget: recipe.Budget):
+    """torch ``LambdaLR`` stepping ``LRSchedule`` per optimizer step (its state: the step count only)."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LRSchedule(hp, steps_per_epoch=steps_per_epoch, budget=budget).factor)

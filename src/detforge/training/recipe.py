@@ -9,7 +9,10 @@
 - ``MultiScaleLoader``: wraps a training loader; each batch is resized to ``image_shape x s`` with ``s``
   drawn from ``[1 - multiscale, 1 + multiscale]`` and rounded to a multiple of 32 (the detector's largest
   stride), boxes scaled with it; the draw depends only on ``(seed, epoch, step)``.
-- ``plan_epochs``: how many epochs fit in ``max_train_minutes`` given the mean epoch time so far.
+- ``plan_epochs``: how many epochs fit in ``max_train_minutes`` given the mean epoch time so far;
+  ``Budget``: that plan as the object a run keeps (``planned`` epochs, ``seconds`` spent), re-planned
+  after every epoch; the learning-rate schedule (``optim.LRSchedule``) and mosaic's switch-off read
+  ``budget.planned``.
 
 Not here: mosaic (``mosaic``), the loop (``engine``/``train``).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 
 class ModelEMA:
@@ -79,6 +83,53 @@ def plan_epochs(*, epochs: int, done: int, seconds_so_far: float, budget_minutes
         return epochs
     per_epoch = seconds_so_far / done
     return max(done, min(epochs, int(budget_minutes * 60 / max(per_epoch, 1e-9) + 0.5)))
+
+
+@dataclass
+class Budget:
+    """``max_train_minutes`` (``minutes``; 0: none) as a plan: ``planned`` of ``epochs`` epochs, re-planned
+    from the mean epoch time (validation included) after each epoch; ``seconds`` trained so far."""
+
+    epochs: int
+    minutes: float = 0.0
+    seconds: float = 0.0
+    planned: int = 0  # 0: all ``epochs``
+
+    def __post_init__(self) -> None:
+        self.planned = self.planned or self.epochs
+
+    @property
+    def limited(self) -> bool:
+        """True when a time budget is set."""
+        return self.minutes > 0
+
+    def _plan(self, done: int, seconds: float) -> int:
+        return plan_epochs(epochs=self.epochs, done=done, seconds_so_far=seconds, budget_minutes=self.minutes)
+
+    def is_last(self, epoch: int, *, seconds_into_it: float) -> bool:
+        """Whether ``epoch`` is the last the plan has room for, ``seconds_into_it`` seconds into it."""
+        if epoch >= min(self.planned, self.epochs):
+            return True
+        return self.limited and self._plan(epoch, self.seconds + seconds_into_it) <= epoch
+
+    def finish_epoch(self, epoch: int, seconds: float) -> None:
+        """Count ``epoch``'s ``seconds`` and re-plan."""
+        self.seconds += seconds
+        if self.limited:
+            self.planned = self._plan(epoch, self.seconds)
+
+    def spent(self, epoch: int) -> bool:
+        """Whether the budget ends the run after ``epoch`` (before its ``epochs``)."""
+        return epoch >= self.planned and self.planned < self.epochs
+
+    def state_dict(self) -> dict:
+        """The plan for the resume state."""
+        return {"epochs": self.planned, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict, *, done: int) -> None:
+        """Continue after ``done`` epochs; the plan is made afresh (``--set epochs=N`` may change it)."""
+        self.seconds = float(state.get("seconds", 0.0))
+        self.planned = self._plan(done, self.seconds)
 
 
 def multiscale_size(image_size: int, multiscale: float, *, seed: int, epoch: int, step: int) -> int:

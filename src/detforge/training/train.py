@@ -1,28 +1,37 @@
 """``detforge train``: SageMaker's object-detection training job on your own machine or cluster.
 
-``train(config) -> TrainResult`` reads the manifests, builds the model (``models``), and for each epoch
-trains (``engine.train_one_epoch``), validates (``engine.validate``), writes the run folder and
-applies early stopping. The run folder (docs/architecture.md): ``hyperparams.json`` (resolved),
-``classes.json``, ``model.safetensors`` + ``model.json`` (the last epoch), ``best.safetensors`` +
-``best.json`` (highest validation:mAP), ``checkpoints/last.pt`` (resume state), ``metrics.jsonl``,
-``metrics.csv``, ``metrics.png``, ``train.log``. Under ``torchrun`` only rank 0 writes.
+``train(config) -> TrainResult`` reads like torchvision's reference script: ``_start`` resolves what the
+run starts from (a fresh run, or the run folder being resumed: the one resume path), ``_build_data``
+the loaders, ``_build_model`` the model (``models``), ``_training_state`` the optimizer, schedule,
+EMA and time budget; then each epoch trains (``engine.train_one_epoch``), validates
+(``engine.validate``), records the row (``TrainingState.record``), writes the run folder and asks
+``_stop_reason``. ``TrainingState.state_dict``/``load_state_dict`` are the one place that says what
+``checkpoints/last.pt`` holds.
+
+The run folder (docs/architecture.md): ``hyperparams.json`` (resolved), ``classes.json`` and
+``inputs.json`` (the manifests, ``checkpoint.RunInputs``): its inputs as plain JSON, written at every
+start; ``model.safetensors`` + ``model.json`` (the last epoch), ``best.safetensors`` + ``best.json``
+(highest validation:mAP), ``checkpoints/last.pt`` (resume state), ``metrics.jsonl``, ``metrics.csv``,
+``metrics.png``, ``train.log``. Under ``torchrun`` only rank 0 writes (and logs).
 
 The recipe (``recipe``, ``mosaic``; docs/training.md): ``ema_decay > 0`` validates and saves the moving
 average of the weights; ``mosaic`` builds training images from four (off for the last
 ``mosaic_off_epochs``); ``multiscale`` resizes each batch; ``lr_schedule=cosine``;
-``max_train_minutes`` fits the epochs to a time budget (measured after each epoch: the cosine and the
-mosaic switch-off follow the new plan) and stops cleanly, checkpointed; ``validation_interval``.
+``max_train_minutes`` fits the epochs to a time budget (``recipe.Budget``, re-planned after each epoch:
+the cosine and the mosaic switch-off follow the new plan) and stops cleanly, checkpointed;
+``validation_interval``.
 
 ``TrainConfig.on_epoch_end(epoch, row) -> bool`` is called on every process after each epoch;
 returning True stops training (hyperparameter tuning prunes with it).
 
-Not here: metric definitions (``metrics``), the model zoo (``models``), file formats of weights
-(``checkpoint``), plots (``plots``).
+Not here: metric definitions (``metrics``), the model zoo (``models``), file formats of weights and of
+the run folder (``checkpoint``), the optimizers and schedule (``optim``), plots (``plots``).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -30,6 +39,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -43,7 +53,8 @@ from detforge.training.hyperparams import (
     load_hyperparameters,
     parse_hyperparameters,
 )
-from detforge.training.optim import IGNORES_LEARNING_RATE, build_optimizer, ignored_hyperparameters
+from detforge.training.optim import build_optimizer, build_scheduler, ignored_hyperparameters
+from detforge.training.optim import lr_multiplier as lr_multiplier  # re-exported (bench_train)
 from detforge.training.tiles import TileCrops
 
 log = logging.getLogger("detforge.training.train")
@@ -51,19 +62,21 @@ log = logging.getLogger("detforge.training.train")
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs; ``hyperparameters`` is a path, a dict or ``Hyperparameters``."""
+    """Everything one training run needs; ``hyperparameters`` is a path, a dict or ``Hyperparameters``.
+    The ``detforge train`` options are these fields (tests/training/test_train_cli.py checks them)."""
 
-    train: str
-    out: str
-    validation: str | None = None
+    train: str | None  # the training manifest; with ``resume``: the run's own when None
+    out: str | None  # the run folder; with ``resume=RUN``: RUN when None
+    validation: str | None = None  # with ``resume``: the run's own when None
     hyperparameters: str | Mapping | Hyperparameters | None = None
     overrides: Mapping = field(default_factory=dict)  # --set name=value, applied over the file
     weights: str | None = None  # --weights: a run folder or .safetensors to start from
-    resume: bool = False  # continue the run in ``out`` from checkpoints/last.pt
+    resume: bool | str = False  # continue a run from checkpoints/last.pt: True (the run in ``out``) or RUN
     classes: str | None = None  # a classes.json; default: beside the train manifest, else its class map
     label_attribute: str | None = None
     on_epoch_end: Callable[[int, dict], bool] | None = None
     progress: bool = True
+    console: bool = False  # the log lines on stderr too (the CLI)
 
 
 @dataclass
@@ -80,11 +93,467 @@ class TrainResult:
     classes: list[str]
     hyperparams: Hyperparameters
     model: object = field(default=None, repr=False)  # the trained model (last epoch), on its device
+    main: bool = True  # this process wrote the run folder (rank 0 under torchrun)
 
     @property
     def last(self) -> dict:
         """The metrics row of the last epoch."""
         return self.history[-1] if self.history else {}
+
+    def summary(self) -> str:
+        """One line: epochs, run folder, best validation:mAP, why it stopped early."""
+        best = "-" if self.best_map is None else f"{self.best_map:.3f} (epoch {self.best_epoch})"
+        return (f"{self.epochs} epochs -> {self.run_dir}; best validation:mAP {best}"
+                + (f"; stopped early: {self.stop_reason}" if self.stopped_early else ""))
+
+
+@dataclass
+class TrainingState:
+    """What a run changes as it trains; ``state_dict()`` is what ``checkpoints/last.pt`` holds and
+    ``load_state_dict()`` continues from it (the random generators included)."""
+
+    model: Any  # the plain model (not the DDP wrapper)
+    optimizer: Any
+    scheduler: Any
+    budget: recipe.Budget
+    scaler: Any = None  # AMP's GradScaler on CUDA
+    ema: recipe.ModelEMA | None = None
+    epoch: int = 0  # the last finished epoch
+    history: list[dict] = field(default_factory=list)
+    early_stopping: dict = field(default_factory=lambda: {"best": None, "bad_epochs": 0})
+    best: dict = field(default_factory=lambda: {"epoch": None, "map": None})
+
+    @property
+    def eval_model(self):
+        """The model validated and saved: the moving average with ``ema_decay > 0``."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def record(self, row: dict, hp: Hyperparameters) -> bool:
+        """Add an epoch's metrics row (history, best epoch, early stopping); True for a new best."""
+        self.epoch = row["epoch"]
+        self.history.append(row)
+        score = row.get("validation:mAP")
+        improved = score is not None and (self.best["map"] is None or score > self.best["map"])
+        if improved:
+            self.best = {"epoch": self.epoch, "map": score}
+        self.early_stopping = _early_stopping_update(self.early_stopping, score, hp)
+        return improved
+
+    def state_dict(self) -> dict:
+        """Plain tensors, numbers and strings (``torch.load(weights_only=True)`` reads them back)."""
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "plan": self.budget.state_dict(),
+            "history": [orjson.dumps(row).decode() for row in self.history],
+            "early_stopping": self.early_stopping,
+            "best": self.best,
+            "rng": checkpoint.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after ``state["epoch"]`` as if the run had never stopped."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.epoch = int(state["epoch"])
+        self.budget.load_state_dict(state.get("plan") or {}, done=self.epoch)
+        self.history = [orjson.loads(row) for row in state["history"]]
+        self.early_stopping, self.best = state["early_stopping"], state["best"]
+        checkpoint.set_rng_state(state["rng"])
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a training job; see the module docstring for what it writes."""
+    from detforge.training import engine
+
+    start = _start(config)
+    hp, run_dir = start.hp, start.run_dir
+    device = resolve_device(hp.device)
+    dist = distributed.setup(device.type)
+    handlers = _setup_logging(run_dir, main=dist.main, console=config.console)
+    try:
+        device = _seed_and_place(hp, dist, device)
+        data = _build_data(start, dist, device)
+        model, train_model = _build_model(start, dist, device)
+        state = _training_state(model, hp, steps_per_epoch=data.steps_per_epoch, device=device)
+        if start.saved is not None:
+            state.load_state_dict(start.saved)
+            log.info(f"resuming {run_dir} after epoch {state.epoch}")
+        if dist.main:
+            _write_inputs(run_dir, hp, data.names, start.inputs)
+        info = _run_info(hp, data.names, run_dir)
+        log.info(f"training {hp.detector} {hp.base_network} at {hp.image_shape} px on {device} x"
+                 f"{dist.world_size}: {data.describe()}, batch {hp.mini_batch_size} per machine "
+                 f"({data.per_process} per process, {data.per_process * dist.world_size} per step), "
+                 f"{hp.epochs} epochs")
+        budget, reason = state.budget, None
+        for epoch in range(state.epoch + 1, hp.epochs + 1):
+            if epoch > budget.planned:
+                break
+            started = time.perf_counter()
+            data.set_epoch(epoch, mosaic=hp.mosaic if epoch <= budget.planned - hp.mosaic_off_epochs else 0.0)
+            with engine.epoch_progress(config.progress and dist.main, epoch, data.steps_per_epoch) as advance:
+                result = engine.train_one_epoch(
+                    train_model, data.train_loader, state.optimizer, state.scheduler, device=device,
+                    epoch=epoch, scaler=state.scaler, grad_clip_norm=hp.grad_clip_norm,
+                    on_step=_after_step(state, advance))
+            row = _train_row(epoch, result, state.optimizer, dist)
+            distributed.broadcast_buffers(dist, state.model)
+            if data.val_loader is not None and (
+                    epoch % hp.validation_interval == 0
+                    or budget.is_last(epoch, seconds_into_it=time.perf_counter() - started)):
+                row |= _validate(state.eval_model, data, hp, device=device, dist=dist)
+            budget.finish_epoch(epoch, time.perf_counter() - started)
+            if budget.limited:
+                row["planned_epochs"] = budget.planned
+            row["train_time_s"] = budget.seconds
+            best = state.record(row, hp)
+            if dist.main:
+                _save_epoch(run_dir, state, info, row, best=best or data.val_loader is None)
+            distributed.barrier(dist)
+            reason = _stop_reason(config, hp, state, row)
+            if reason:
+                log.info(f"early stop after epoch {epoch}: {reason}")
+                break
+        return TrainResult(run_dir=run_dir, epochs=len(state.history), history=state.history,
+                           best_epoch=state.best["epoch"], best_map=state.best["map"],
+                           stopped_early=reason is not None, stop_reason=reason, classes=list(data.names),
+                           hyperparams=hp, model=state.eval_model, main=dist.main)
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+        distributed.teardown(dist)
+
+
+# --- what a run starts from -------------------------------------------------------------------------
+
+
+@dataclass
+class _Start:
+    """A fresh run (``saved`` None) or the run folder being resumed (``saved``: its last.pt)."""
+
+    run_dir: str
+    hp: Hyperparameters
+    inputs: checkpoint.RunInputs
+    classes: list[str] | None  # the class names to read the manifests with (None: their own)
+    saved: dict | None = None
+
+    @property
+    def initial_weights(self) -> str | None:
+        """``--weights`` of a fresh run (a resumed run has its own)."""
+        return None if self.saved is not None else self.inputs.weights
+
+
+def _start(config: TrainConfig) -> _Start:
+    """Resolve the hyperparameters, manifests and classes; for a resume the one place that reads the
+    run folder (hyperparams.json, classes.json, inputs.json, checkpoints/last.pt once)."""
+    from detforge.data.groundtruth import classes_beside, read_class_names
+
+    if not config.resume:
+        if config.train is None or config.out is None:
+            raise ConfigError("--train and --out are required (or --resume RUN)", field="--train")
+        inputs = checkpoint.RunInputs(train=config.train, validation=config.validation,
+                                      label_attribute=config.label_attribute, weights=config.weights)
+        return _Start(os.fspath(config.out), _resolve_hp(config), inputs,
+                      classes_beside(config.train, config.classes))
+    run_dir = os.fspath(config.resume if isinstance(config.resume, str) else config.out)
+    check_resume_options(run_dir, config)
+    saved_hp = storage.join(run_dir, "hyperparams.json")
+    if not storage.exists(saved_hp):
+        raise ModelError("nothing to resume: hyperparams.json is missing", path=saved_hp)
+    hp = parse_hyperparameters({**orjson.loads(storage.read_bytes(saved_hp)), **config.overrides},
+                               source=saved_hp)
+    saved = checkpoint.load_state(run_dir)
+    recorded = checkpoint.read_inputs(run_dir, state=saved)
+    if config.train is not None and not _same_path(config.train, recorded.train):
+        _refuse_with_resume(run_dir, "--train", f"the run was started on {recorded.train}")
+    inputs = dataclasses.replace(recorded, validation=config.validation or recorded.validation,
+                                 label_attribute=config.label_attribute or recorded.label_attribute)
+    names = read_class_names(storage.join(run_dir, "classes.json"))  # whatever the folders hold now
+    return _Start(run_dir, hp, inputs, names, saved)
+
+
+def check_resume_options(run_dir: str, config: TrainConfig) -> None:
+    """``--resume RUN`` continues RUN as it was started: ConfigError for an option that would change it
+    (``--hyperparameters``, ``--weights``, ``--classes``, another ``--out``; another ``--train``:
+    ``_start``). ``--set name=value`` (e.g. more epochs) and ``--validation`` stay allowed."""
+    if config.hyperparameters is not None:
+        _refuse_with_resume(run_dir, "--hyperparameters", "the run's hyperparams.json is used")
+    if config.weights is not None:
+        _refuse_with_resume(run_dir, "--weights", "the weights come from the run's checkpoint")
+    if config.classes is not None:
+        _refuse_with_resume(run_dir, "--classes", "the run's classes.json is used")
+    if config.out is not None and not _same_path(config.out, run_dir):
+        _refuse_with_resume(run_dir, "--out", f"the run continues in {run_dir} itself, not in {config.out}")
+
+
+def _refuse_with_resume(run_dir: str, option: str, why: str) -> None:
+    raise ConfigError(f"cannot be combined with --resume: {why}", field=option,
+                      hint=f"--resume {run_dir} continues with the run's own settings; change one with "
+                           "--set name=value, or start a new run without --resume")
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    a, b = os.fspath(a), os.fspath(b)
+    return a == b or (not storage.is_remote(a) and os.path.abspath(a) == os.path.abspath(b))
+
+
+def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str | None]:
+    """The train and validation manifests a run was started with (``checkpoint.read_inputs``)."""
+    inputs = checkpoint.read_inputs(run_dir)
+    return inputs.train, validation or inputs.validation
+
+
+def _resolve_hp(config: TrainConfig) -> Hyperparameters:
+    source = config.hyperparameters
+    if isinstance(source, Hyperparameters):
+        return parse_hyperparameters({**source.to_json(), **config.overrides}) if config.overrides else source
+    if isinstance(source, Mapping):
+        return parse_hyperparameters({**source, **config.overrides})
+    return load_hyperparameters(source, overrides=config.overrides)
+
+
+def _setup_logging(run_dir: str, *, main: bool, console: bool) -> list[logging.Handler]:
+    """``train.log`` in a local run folder, and stderr with ``console``: rank 0 only."""
+    handlers: list[logging.Handler] = []
+    if not main:
+        return handlers
+    if not storage.is_remote(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8"))
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if console:
+        handlers.append(logging.StreamHandler())
+        handlers[-1].setFormatter(logging.Formatter("%(message)s"))
+    for handler in handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handlers
+
+
+def _seed_and_place(hp: Hyperparameters, dist: distributed.Dist, device):
+    """Seed every generator, log the hyperparameter notes; the device of this process."""
+    import torch
+
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if hp.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(hp.seed)
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    for note in (*hp.notes, *ignored_hyperparameters(hp)):
+        log.info(note)
+    return device
+
+
+# --- setup ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """The run's datasets and loaders."""
+
+    names: list[str]
+    train_set: Any
+    sampler: Any
+    train_loader: Any  # a DataLoader, or recipe.MultiScaleLoader around it
+    val_loader: Any
+    per_process: int  # images per process and step
+    steps_per_epoch: int
+    validation_images: int
+
+    def set_epoch(self, epoch: int, *, mosaic: float) -> None:
+        """The epoch's shuffle and augmentation draws, and its mosaic probability."""
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        if isinstance(self.train_loader, recipe.MultiScaleLoader):
+            self.train_loader.set_epoch(epoch)
+        self.train_set.mosaic = mosaic
+
+    def describe(self) -> str:
+        return f"{len(self.train_set)} train / {self.validation_images} validation images"
+
+
+def _build_data(start: _Start, dist: distributed.Dist, device) -> _Data:
+    """Read and check the manifests; the training loader (sharded, shuffled, augmented) and the
+    validation loader (sharded)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from detforge.training.dataset import ManifestDataset, collate, load_split
+
+    hp, inputs = start.hp, start.inputs
+    train_samples, names = load_split(inputs.train, classes=start.classes,
+                                      label_attribute=inputs.label_attribute)
+    if not train_samples:
+        raise ConfigError("the training manifest has no images", path=inputs.train)
+    val_samples = []
+    if inputs.validation:
+        val_samples, _ = load_split(inputs.validation, classes=names, label_attribute=inputs.label_attribute)
+    max_boxes = max(len(s.boxes) for s in (*train_samples, *val_samples))  # label_width: both
+    for note in check_against_data(hp, num_classes=len(names), num_samples=len(train_samples),
+                                   max_boxes=max_boxes):
+        log.info(note)
+    # SageMaker's mini_batch_size is per machine: split over the machine's processes (GPUs); with
+    # several machines a step sees mini_batch_size x machines images.
+    per_process = batch_per_process(hp.mini_batch_size, dist)
+    shard_size = -(-len(train_samples) // dist.world_size)
+    cache = hp.image_cache or None
+    train_set = ManifestDataset(train_samples, image_size=hp.image_shape, preset=hp.augmentation, train=True,
+                                cache_dir=cache, seed=hp.seed, mosaic=hp.mosaic, scale_jitter=hp.scale_jitter,
+                                cache_images=hp.cache_images, tiles=TileCrops.from_hyperparameters(hp))
+    train_set.fill_cache()
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
+                                                  shuffle=True, seed=hp.seed, drop_last=False)
+    loader_args = dict(collate_fn=collate, num_workers=hp.workers, pin_memory=device.type == "cuda")
+    # a last batch of one image would break BatchNorm on the 1x1 maps: drop the remainder instead
+    train_loader = DataLoader(train_set, batch_size=per_process, sampler=sampler,
+                              drop_last=shard_size >= per_process, **loader_args)
+    steps_per_epoch = len(train_loader)
+    if hp.multiscale > 0:
+        train_loader = recipe.MultiScaleLoader(train_loader, image_size=hp.image_shape,
+                                               multiscale=hp.multiscale, seed=hp.seed)
+    val_loader = None
+    if val_samples:
+        val_set = ManifestDataset(val_samples, image_size=hp.image_shape, cache_dir=cache,
+                                  cache_images=hp.cache_images)
+        val_set.fill_cache()
+        shard = list(range(dist.rank, len(val_set), dist.world_size))
+        val_loader = DataLoader(val_set, batch_size=per_process, sampler=shard, **loader_args)
+    return _Data(list(names), train_set, sampler, train_loader, val_loader, per_process, steps_per_epoch,
+                 len(val_samples))
+
+
+def _build_model(start: _Start, dist: distributed.Dist, device):
+    """``(model, the model the loop trains)``: built, started from ``--weights``, frozen, placed, and
+    wrapped for DDP under torchrun."""
+    import torch
+
+    from detforge.models import build_model
+
+    hp = start.hp
+    model = build_model(
+        hp.base_network, detector=hp.detector, num_classes=hp.num_classes, image_size=hp.image_shape,
+        pretrained_backbone=bool(hp.use_pretrained_model) and not (start.initial_weights or start.saved),
+        nms_threshold=hp.nms_threshold, nms_topk=hp.nms_topk, score_threshold=hp.score_threshold)
+    if start.initial_weights:
+        log.info(load_initial_weights(model, start.initial_weights, base_network=hp.base_network,
+                                      num_classes=hp.num_classes, detector=hp.detector))
+    frozen = freeze(model, hp.freeze_layer_pattern, base_network=hp.base_network)
+    if frozen:
+        log.info(f"froze {len(frozen)} parameters matching {hp.freeze_layer_pattern!r}")
+    model.to(device)
+    if dist.enabled and hp.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not dist.enabled:
+        return model, model
+    return model, torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _training_state(model, hp: Hyperparameters, *, steps_per_epoch: int, device) -> TrainingState:
+    """The optimizer, the per-step schedule over the time budget's plan, EMA and (CUDA) AMP scaler."""
+    import torch
+
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], hp)
+    budget = recipe.Budget(epochs=hp.epochs, minutes=hp.max_train_minutes)
+    scheduler = build_scheduler(optimizer, hp, steps_per_epoch=steps_per_epoch, budget=budget)
+    ema = recipe.ModelEMA(model, hp.ema_decay) if hp.ema_decay > 0 else None
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    return TrainingState(model, optimizer, scheduler, budget, scaler=scaler, ema=ema)
+
+
+def _write_inputs(run_dir: str, hp: Hyperparameters, names: list[str], inputs: checkpoint.RunInputs) -> None:
+    """The run's inputs as plain JSON: ``hyperparams.json``, ``classes.json``, ``inputs.json``."""
+    storage.write_bytes(storage.join(run_dir, "hyperparams.json"),
+                        orjson.dumps(hp.to_json(), option=orjson.OPT_INDENT_2))
+    storage.write_bytes(storage.join(run_dir, "classes.json"), orjson.dumps(list(names)))
+    checkpoint.write_inputs(run_dir, inputs)
+
+
+def _run_info(hp: Hyperparameters, names: list[str], run_dir: str) -> checkpoint.RunInfo:
+    thresholds = {"nms_threshold": hp.nms_threshold, "nms_topk": hp.nms_topk,
+                  "score_threshold": hp.score_threshold, "overlap_threshold": hp.overlap_threshold}
+    return checkpoint.RunInfo(detector=hp.detector, base_network=hp.base_network, image_shape=hp.image_shape,
+                              num_classes=hp.num_classes, classes=list(names), thresholds=thresholds,
+                              hyperparams=hp.to_json(), source_run=run_dir)
+
+
+# --- one epoch's pieces ----------------------------------------------------------------------------
+
+
+def _after_step(state: TrainingState, advance: Callable | None) -> Callable[[int, int], None]:
+    """What runs after every optimizer step: the EMA update, the progress bar."""
+    def on_step(step: int, images: int) -> None:
+        if state.ema is not None:
+            state.ema.update(state.model)
+        if advance is not None:
+            advance(step, images)
+
+    return on_step
+
+
+def _train_row(epoch: int, result: dict, optimizer, dist: distributed.Dist) -> dict:
+    """The epoch's training fields (losses averaged over the processes)."""
+    means = result["means"]
+    keys = sorted(means)
+    averaged = dict(zip(keys, distributed.all_reduce_mean(dist, [means[k] for k in keys]), strict=True))
+    row = {"epoch": epoch, "train_loss": averaged.get("loss")}
+    row |= {f"train_loss_{k}": v for k, v in averaged.items() if k != "loss"}
+    row["lr"] = optimizer.param_groups[0]["lr"]
+    row["epoch_time_s"] = result["seconds"]
+    row["images_per_s"] = result["images"] * dist.world_size / max(result["seconds"], 1e-9)
+    return row
+
+
+def _validate(model, data: _Data, hp: Hyperparameters, *, device, dist: distributed.Dist) -> dict:
+    from detforge.training import engine
+
+    started = time.perf_counter()
+    row = engine.validate(model, data.val_loader, device=device, class_names=data.names,
+                          iou_threshold=hp.overlap_threshold, dist=dist)
+    row["validation_time_s"] = time.perf_counter() - started
+    return row
+
+
+def _save_epoch(run_dir: str, state: TrainingState, info: checkpoint.RunInfo, row: dict, *,
+                best: bool) -> None:
+    """model.*, best.* (``best``), metrics.*, checkpoints/last.pt and the log line of an epoch."""
+    info.epoch, info.metrics = row["epoch"], {k: v for k, v in row.items() if not k.startswith("AP/")}
+    checkpoint.save_model(run_dir, state.eval_model, info)
+    if best:
+        checkpoint.save_model(run_dir, state.eval_model, info, name="best")
+    _write_metrics(run_dir, state.history)
+    checkpoint.save_state(run_dir, state.state_dict())
+    log.info(_log_line(row))
+
+
+def _stop_reason(config: TrainConfig, hp: Hyperparameters, state: TrainingState, row: dict) -> str | None:
+    """Why the run ends after this epoch: early stopping, ``on_epoch_end``, the spent time budget."""
+    epoch, bad = row["epoch"], state.early_stopping["bad_epochs"]
+    if hp.early_stopping and epoch >= hp.early_stopping_min_epochs and bad >= hp.early_stopping_patience:
+        return (f"validation:mAP did not improve by more than {hp.early_stopping_tolerance} (relative) "
+                f"for {bad} epochs")
+    if config.on_epoch_end is not None and config.on_epoch_end(epoch, row):
+        return "stopped by on_epoch_end"
+    if state.budget.spent(epoch):
+        return f"the time budget (max_train_minutes={hp.max_train_minutes:g}) is spent"
+    return None
+
+
+# --- the rest ----------------------------------------------------------------------------------------
 
 
 def resolve_device(name: str):
@@ -107,19 +576,6 @@ def resolve_device(name: str):
         )
     return torch.device(name)
 
-
-def lr_multiplier(
-    step: int, *, steps_per_epoch: int, hp: Hyperparameters, epochs: int | None = None
-) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, then x factor per lr step
-    (``lr_schedule=step``) or a cosine over ``epochs`` (default ``hp.epochs``; ``lr_schedule=cosine``);
-    1 for an optimizer without a learning rate (MXNet's adadelta)."""
-    if hp.optimizer in IGNORES_LEARNING_RATE:
-        return 1.0
-    return recipe.lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs or hp.epochs,
-                            warmup_epochs=hp.warmup_epochs, schedule=hp.lr_schedule,
-                            steps=hp.lr_scheduler_step, step_factor=hp.lr_scheduler_factor,
-                            min_factor=hp.lr_min_factor)
 
 
 def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
@@ -159,7 +615,7 @@ def load_initial_weights(model, source: str, *, base_network: str, num_classes: 
             path=source,
             field="--weights",
         )
-    weights, _ = checkpoint._locate(os.fspath(source), "model")
+    weights = checkpoint.weights_file(source)
     state = checkpoint.load_state_dict(weights)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -208,380 +664,6 @@ def _log_line(row: dict) -> str:
     return " ".join(parts)
 
 
-def _setup_logging(run_dir: str, main: bool) -> logging.Handler | None:
-    if not main or storage.is_remote(run_dir):
-        return None
-    os.makedirs(run_dir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
-
-
-def _resolve_hp(config: TrainConfig) -> Hyperparameters:
-    source = config.hyperparameters
-    if isinstance(source, Hyperparameters):
-        return parse_hyperparameters({**source.to_json(), **config.overrides}) if config.overrides else source
-    if isinstance(source, Mapping):
-        return parse_hyperparameters({**source, **config.overrides})
-    return load_hyperparameters(source, overrides=config.overrides)
-
-
-def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) a training job; see the module docstring for what it writes."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from detforge.data.groundtruth import classes_beside, read_class_names
-    from detforge.models import build_model
-    from detforge.training import engine
-    from detforge.training.dataset import ManifestDataset, collate, load_split
-
-    run_dir = os.fspath(config.out)
-    if config.resume:
-        check_resume_options(run_dir, hyperparameters=config.hyperparameters, weights=config.weights,
-                             classes=config.classes)
-        saved = storage.join(run_dir, "hyperparams.json")
-        if not storage.exists(saved):
-            raise ModelError("nothing to resume: hyperparams.json is missing", path=saved)
-        hp = parse_hyperparameters(
-            {**orjson.loads(storage.read_bytes(saved)), **config.overrides}, source=saved
-        )
-    else:
-        hp = _resolve_hp(config)
-    device = resolve_device(hp.device)
-    dist = distributed.setup(device.type)
-    handler = _setup_logging(run_dir, dist.main)
-    try:
-        if device.type == "cuda" and dist.enabled:
-            device = torch.device("cuda", dist.local_rank)
-            torch.cuda.set_device(device)
-        if hp.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.manual_seed(hp.seed)
-        random.seed(hp.seed)
-        np.random.seed(hp.seed)
-        for note in (*hp.notes, *ignored_hyperparameters(hp)):
-            log.info(note)
-
-        if config.resume:  # the run's own classes, whatever the manifests' folders hold now
-            names = read_class_names(storage.join(run_dir, "classes.json"))
-        else:
-            names = classes_beside(config.train, config.classes)
-        train_samples, names = load_split(config.train, classes=names, label_attribute=config.label_attribute)
-        if not train_samples:
-            raise ConfigError("the training manifest has no images", path=config.train)
-        val_samples = []
-        if config.validation:
-            val_samples, _ = load_split(
-                config.validation, classes=names, label_attribute=config.label_attribute
-            )
-        max_boxes = max(len(s.boxes) for s in (*train_samples, *val_samples))  # label_width: both
-        for note in check_against_data(
-            hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
-        ):
-            log.info(note)
-        # SageMaker's mini_batch_size is per machine: split over the machine's processes (GPUs); with
-        # several machines a step sees mini_batch_size x machines images.
-        per_process = batch_per_process(hp.mini_batch_size, dist)
-        shard_size = -(-len(train_samples) // dist.world_size)
-
-        cache = hp.image_cache or None
-        train_set = ManifestDataset(
-            train_samples,
-            image_size=hp.image_shape,
-            preset=hp.augmentation,
-            train=True,
-            cache_dir=cache,
-            seed=hp.seed,
-            mosaic=hp.mosaic,
-            scale_jitter=hp.scale_jitter,
-            cache_images=hp.cache_images,
-            tiles=TileCrops.from_hyperparameters(hp),
-        )
-        train_set.fill_cache()
-        sampler = torch.utils.data.DistributedSampler(
-            train_set,
-            num_replicas=dist.world_size,
-            rank=dist.rank,
-            shuffle=True,
-            seed=hp.seed,
-            drop_last=False,
-        )
-        loader_args = dict(collate_fn=collate, num_workers=hp.workers, pin_memory=device.type == "cuda")
-        # a last batch of one image would break BatchNorm on the 1x1 maps: drop the remainder instead
-        train_loader = DataLoader(
-            train_set,
-            batch_size=per_process,
-            sampler=sampler,
-            drop_last=shard_size >= per_process,
-            **loader_args,
-        )
-        val_loader = None
-        if val_samples:
-            val_set = ManifestDataset(
-                val_samples, image_size=hp.image_shape, cache_dir=cache, cache_images=hp.cache_images
-            )
-            val_set.fill_cache()
-            shard = list(range(dist.rank, len(val_set), dist.world_size))
-            val_loader = DataLoader(val_set, batch_size=per_process, sampler=shard, **loader_args)
-
-        model = build_model(
-            hp.base_network,
-            detector=hp.detector,
-            num_classes=hp.num_classes,
-            image_size=hp.image_shape,
-            pretrained_backbone=bool(hp.use_pretrained_model) and not (config.weights or config.resume),
-            nms_threshold=hp.nms_threshold,
-            nms_topk=hp.nms_topk,
-            score_threshold=hp.score_threshold,
-        )
-        if config.weights and not config.resume:
-            log.info(
-                load_initial_weights(
-                    model,
-                    config.weights,
-                    base_network=hp.base_network,
-                    num_classes=hp.num_classes,
-                    detector=hp.detector,
-                )
-            )
-        frozen = freeze(model, hp.freeze_layer_pattern, base_network=hp.base_network)
-        if frozen:
-            log.info(f"froze {len(frozen)} parameters matching {hp.freeze_layer_pattern!r}")
-        model.to(device)
-        if dist.enabled and hp.sync_batchnorm:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = model
-        if dist.enabled:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], hp)
-        steps_per_epoch = len(train_loader)
-        plan = {"epochs": hp.epochs, "seconds": 0.0}  # the time budget may shorten the run
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_multiplier(step, steps_per_epoch=steps_per_epoch, hp=hp, epochs=plan["epochs"]),
-        )
-        ema = recipe.ModelEMA(model, hp.ema_decay) if hp.ema_decay > 0 else None
-        eval_model = ema.module if ema is not None else model
-        if hp.multiscale > 0:
-            train_loader = recipe.MultiScaleLoader(
-                train_loader, image_size=hp.image_shape, multiscale=hp.multiscale, seed=hp.seed
-            )
-        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-
-        info = checkpoint.RunInfo(
-            detector=hp.detector,
-            base_network=hp.base_network,
-            image_shape=hp.image_shape,
-            num_classes=hp.num_classes,
-            classes=list(names),
-            thresholds={
-                "nms_threshold": hp.nms_threshold,
-                "nms_topk": hp.nms_topk,
-                "score_threshold": hp.score_threshold,
-                "overlap_threshold": hp.overlap_threshold,
-            },
-            hyperparams=hp.to_json(),
-            source_run=run_dir,
-        )
-        history: list[dict] = []
-        start_epoch = 1
-        early = {"best": None, "bad_epochs": 0}
-        best = {"epoch": None, "map": None}
-        if config.resume:
-            state = checkpoint.load_state(run_dir)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if ema is not None and state.get("ema"):
-                ema.load_state_dict(state["ema"])
-            plan["seconds"] = float((state.get("plan") or {}).get("seconds", 0.0))
-            plan["epochs"] = recipe.plan_epochs(  # --set epochs=N may have changed the plan
-                epochs=hp.epochs,
-                done=int(state["epoch"]),
-                seconds_so_far=plan["seconds"],
-                budget_minutes=hp.max_train_minutes,
-            )
-            history = [orjson.loads(row) for row in state["history"]]
-            early, best = state["early_stopping"], state["best"]
-            start_epoch = int(state["epoch"]) + 1
-            checkpoint.set_rng_state(state["rng"])
-            log.info(f"resuming {run_dir} after epoch {state['epoch']}")
-        elif dist.main:
-            storage.write_bytes(
-                storage.join(run_dir, "hyperparams.json"),
-                orjson.dumps(hp.to_json(), option=orjson.OPT_INDENT_2),
-            )
-            storage.write_bytes(storage.join(run_dir, "classes.json"), orjson.dumps(list(names)))
-        if dist.main:
-            checkpoint.write_inputs(run_dir, train=config.train, validation=config.validation,
-                                    label_attribute=config.label_attribute,
-                                    weights=None if config.resume else config.weights)
-        log.info(
-            f"training {hp.detector} {hp.base_network} at {hp.image_shape} px "
-            f"on {device} x{dist.world_size}: "
-            f"{len(train_samples)} train / {len(val_samples)} validation images, "
-            f"batch {hp.mini_batch_size} per machine ({per_process} per process, "
-            f"{per_process * dist.world_size} per step), {hp.epochs} epochs"
-        )
-
-        stopped, reason = False, None
-
-        def on_step(step: int, images: int, advance=None) -> None:
-            if ema is not None:
-                ema.update(model)
-            if advance is not None:
-                advance(step, images)
-
-        for epoch in range(start_epoch, hp.epochs + 1):
-            if epoch > plan["epochs"]:
-                break
-            epoch_started = time.perf_counter()
-            sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            if isinstance(train_loader, recipe.MultiScaleLoader):
-                train_loader.set_epoch(epoch)
-            train_set.mosaic = hp.mosaic if epoch <= plan["epochs"] - hp.mosaic_off_epochs else 0.0
-            with engine.epoch_progress(config.progress and dist.main, epoch, steps_per_epoch) as advance:
-                result = engine.train_one_epoch(
-                    train_model,
-                    train_loader,
-                    optimizer,
-                    scheduler,
-                    device=device,
-                    epoch=epoch,
-                    scaler=scaler,
-                    grad_clip_norm=hp.grad_clip_norm,
-                    on_step=lambda step, images, advance=advance: on_step(step, images, advance),
-                )
-            means = result["means"]
-            keys = sorted(means)
-            averaged = dict(
-                zip(keys, distributed.all_reduce_mean(dist, [means[k] for k in keys]), strict=True)
-            )
-            row = {"epoch": epoch, "train_loss": averaged.get("loss")}
-            row |= {f"train_loss_{k}": v for k, v in averaged.items() if k != "loss"}
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["epoch_time_s"] = result["seconds"]
-            row["images_per_s"] = result["images"] * dist.world_size / max(result["seconds"], 1e-9)
-            distributed.broadcast_buffers(dist, model)
-            last_planned = epoch >= min(plan["epochs"], hp.epochs)
-            if hp.max_train_minutes > 0 and not last_planned:
-                # would the next epoch still fit? (mean epoch time so far, validation included)
-                seconds = plan["seconds"] + time.perf_counter() - epoch_started
-                last_planned = (
-                    recipe.plan_epochs(
-                        epochs=hp.epochs,
-                        done=epoch,
-                        seconds_so_far=seconds,
-                        budget_minutes=hp.max_train_minutes,
-                    )
-                    <= epoch
-                )
-            if val_loader is not None and (epoch % hp.validation_interval == 0 or last_planned):
-                started = time.perf_counter()
-                row |= engine.validate(
-                    eval_model,
-                    val_loader,
-                    device=device,
-                    class_names=list(names),
-                    iou_threshold=hp.overlap_threshold,
-                    dist=dist,
-                )
-                row["validation_time_s"] = time.perf_counter() - started
-            plan["seconds"] += time.perf_counter() - epoch_started
-            if hp.max_train_minutes > 0:
-                plan["epochs"] = recipe.plan_epochs(
-                    epochs=hp.epochs,
-                    done=epoch,
-                    seconds_so_far=plan["seconds"],
-                    budget_minutes=hp.max_train_minutes,
-                )
-                row["planned_epochs"] = plan["epochs"]
-            row["train_time_s"] = plan["seconds"]
-            history.append(row)
-            score = row.get("validation:mAP")
-            improved_best = score is not None and (best["map"] is None or score > best["map"])
-            if improved_best:
-                best = {"epoch": epoch, "map": score}
-            early = _early_stopping_update(early, score, hp)
-            if dist.main:
-                info.epoch, info.metrics = epoch, {k: v for k, v in row.items() if not k.startswith("AP/")}
-                checkpoint.save_model(run_dir, eval_model, info)
-                if improved_best or (val_loader is None):
-                    checkpoint.save_model(run_dir, eval_model, info, name="best")
-                _write_metrics(run_dir, history)
-                checkpoint.save_state(
-                    run_dir,
-                    {
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else {},
-                        "history": [orjson.dumps(r).decode() for r in history],
-                        "early_stopping": early,
-                        "best": best,
-                        "ema": ema.state_dict() if ema is not None else {},
-                        "plan": plan,
-                        "rng": checkpoint.rng_state(),
-                        "data": {
-                            "train": os.fspath(config.train),
-                            "validation": os.fspath(config.validation) if config.validation else None,
-                        },
-                    },
-                )
-                log.info(_log_line(row))
-            distributed.barrier(dist)
-            if (
-                hp.early_stopping
-                and epoch >= hp.early_stopping_min_epochs
-                and early["bad_epochs"] >= hp.early_stopping_patience
-            ):
-                stopped, reason = (
-                    True,
-                    (
-                        f"validation:mAP did not improve by more than "
-                        f"{hp.early_stopping_tolerance} (relative) for {early['bad_epochs']} epochs"
-                    ),
-                )
-            if not stopped and config.on_epoch_end is not None and config.on_epoch_end(epoch, row):
-                stopped, reason = True, "stopped by on_epoch_end"
-            if not stopped and epoch >= plan["epochs"] and plan["epochs"] < hp.epochs:
-                stopped = True
-                reason = f"the time budget (max_train_minutes={hp.max_train_minutes:g}) is spent"
-            if stopped:
-                log.info(f"early stop after epoch {epoch}: {reason}")
-                break
-        return TrainResult(
-            run_dir=run_dir,
-            epochs=len(history),
-            history=history,
-            best_epoch=best["epoch"],
-            best_map=best["map"],
-            stopped_early=stopped,
-            stop_reason=reason,
-            classes=list(names),
-            hyperparams=hp,
-            model=eval_model,
-        )
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-        distributed.teardown(dist)
-
-
-def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str | None]:
-    """The train and validation manifests an interrupted run was started with (for ``--resume``)."""
-    inputs = checkpoint.read_inputs(run_dir)
-    return inputs.train, validation or inputs.validation
 
 
 def batch_per_process(mini_batch_size: int, dist: distributed.Dist) -> int:
@@ -604,30 +686,6 @@ def batch_per_process(mini_batch_size: int, dist: distributed.Dist) -> int:
         )
     return per_process
 
-
-def check_resume_options(run_dir: str, *, out: str | None = None, train: str | None = None,
-                         hyperparameters=None, weights: str | None = None,
-                         classes: str | None = None) -> None:
-    """``--resume RUN`` continues RUN as it was started: ConfigError for an option that would change it
-    (``--hyperparameters``, ``--weights``, ``--classes``, another ``--out``, another ``--train``).
-    ``--set name=value`` (e.g. more epochs) and ``--validation`` stay allowed."""
-    def refuse(option: str, why: str) -> None:
-        raise ConfigError(f"cannot be combined with --resume: {why}", field=option,
-                          hint=f"--resume {run_dir} continues with the run's own settings; change one with "
-                               "--set name=value, or start a new run without --resume")
-
-    if hyperparameters is not None:
-        refuse("--hyperparameters", "the run's hyperparams.json is used")
-    if weights is not None:
-        refuse("--weights", "the weights come from the run's checkpoint")
-    if classes is not None:
-        refuse("--classes", "the run's classes.json is used")
-    if out is not None and os.path.abspath(os.fspath(out)) != os.path.abspath(os.fspath(run_dir)):
-        refuse("--out", f"the run continues in {run_dir} itself, not in {out}")
-    if train is not None:
-        saved = resume_data(run_dir)[0]
-        if saved != train and os.path.abspath(saved) != os.path.abspath(train):
-            refuse("--train", f"the run was started on {saved}")
 
 
 def _early_stopping_update(state: dict, score: float | None, hp: Hyperparameters) -> dict:
