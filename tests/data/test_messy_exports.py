@@ -23,10 +23,11 @@ from detforge.errors import DetforgeError, FormatError, ManifestError
 
 
 def _jpeg(path: Path, size=(80, 60), exif_orientation: int | None = None, box=None) -> Path:
-    """A JPEG marked by its name (never the same bytes twice); ``box`` painted white in stored pixels."""
+    """A JPEG marked by its path (never the same bytes twice); ``box`` painted white in stored pixels."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.new("RGB", size, (40, 40, 40))
-    image.putpixel((0, 0), (zlib.crc32(path.name.encode()) % 256, 0, 0))
+    mark = zlib.crc32(str(path).encode())
+    image.putpixel((0, 0), (mark % 256, mark // 256 % 256, 0))
     if box is not None:
         image.paste((255, 255, 255), tuple(box))
     extra = {}
@@ -411,7 +412,8 @@ def test_review_stats_convert_prepare_share_images_and_on_error(tmp_path):
         params = {p.opts[0]: (p.help, p.default) for p in commands[command].params if p.opts}
         shared[command] = {opt: params[opt] for opt in ("--images", "--on-error", "--label-attribute")}
     assert shared["convert"] == shared["prepare"] == shared["stats"] == shared["review"] == {
-        "--images": ("Image folder of VOC/COCO/labelme inputs (default: the layout's own).", None),
+        "--images": ("Image folder of VOC/COCO/labelme inputs (default: the layout's own); INPUT=DIR for "
+                     "one input's (repeatable).", None),
         "--on-error": ("stop at a bad line/box/file, or skip it and count it.", "stop"),
         "--label-attribute": ("A manifest's label attribute (default: found by its metadata type).", None)}
     review_inputs = next(p for p in commands["review"].params if p.name == "manifests")
@@ -428,3 +430,26 @@ def test_review_stats_convert_prepare_share_images_and_on_error(tmp_path):
     session = load_review([str(path)], discard=str(tmp_path / "d.txt"), images=str(tmp_path / "pics"),
                           on_error="skip", report=report)
     assert session.progress()["total"] == 2 and len(report.skipped) == 1
+
+
+def test_images_per_input(tmp_path, capsys):
+    """Two exports whose images live in folders of their own: one --images INPUT=DIR each."""
+    paths = []
+    for export, names in (("phoneA", ["IMG_2385.JPG"]), ("phoneB", ["IMG_2385.JPG", "IMG_2386.JPG"])):
+        for name in names:
+            _jpeg(tmp_path / "pictures" / export / name)
+        paths.append(_coco(tmp_path / "labels" / f"{export}.json", [(n, 80, 60) for n in names],
+                           [(i + 1, 1, [1, 1, 10, 10]) for i in range(len(names))]))
+    a, b = (str(p) for p in paths)
+    out = tmp_path / "p"
+    assert main(["prepare", a, b, "--out", str(out), "--validation-fraction", "0", "--images",
+                 f"{a}={tmp_path}/pictures/phoneA", "--images", f"{b}={tmp_path}/pictures/phoneB"]) == 0
+    refs = sorted(groundtruth.resolve_source_ref(r.source_ref, out / "train.manifest")
+                  for r in groundtruth.read_manifest(out / "train.manifest"))
+    assert refs == [f"{tmp_path}/pictures/phoneA/IMG_2385.JPG", f"{tmp_path}/pictures/phoneB/IMG_2385.JPG",
+                    f"{tmp_path}/pictures/phoneB/IMG_2386.JPG"]
+    capsys.readouterr()
+    assert main(["stats", a, "--images", f"{tmp_path}/x.json={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (f"error: --images '{tmp_path}/x.json={tmp_path}' names "
+                                       f"'{tmp_path}/x.json', which is not one of the inputs (the inputs "
+                                       f"are {a})\n")

@@ -31,8 +31,9 @@ def register(app: typer.Typer) -> None:
         class names and splits."""
         from detforge.data.convert import convert
 
-        s = convert(source, to=to, out=out, images=images, label_attribute=label_attribute, on_error=on_error,
-                    overwrite=overwrite, source_format=source_format)
+        s = convert(source, to=to, out=out, images=options.images_for(images, [source]),
+                    label_attribute=label_attribute, on_error=on_error, overwrite=overwrite,
+                    source_format=source_format)
         for message in s.skipped + s.skipped_boxes:
             typer.echo(f"skipped: {message}", err=True)
         for message in s.corrected:

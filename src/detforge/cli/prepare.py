@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         on_error: options.OnError = "stop",
     ) -> None:
         """Turn labels from any tool into train.manifest, validation.manifest and classes.json."""
-        from detforge.data.prepare import format_summary, prepare
+        from detforge.data.prepare import format_summary, parse_input, prepare
         from detforge.errors import ConfigError
 
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
@@ -70,7 +70,8 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"--split-of {item!r}: expected INPUT=SPLIT, e.g. val.json=validation")
             splits[path] = split
         s = prepare(manifests, out, discard=discard, class_from=class_from, classes=names,
-                    label_attribute=label_attribute, drop_empty=drop_empty, images=images,
+                    label_attribute=label_attribute, drop_empty=drop_empty,
+                    images=options.images_for(images, [parse_input(m)[0] for m in manifests]),
                     validation_fraction=validation_fraction, seed=seed, group_by=group_by, gap=gap,
                     keep_splits=keep_splits, reject_labels=rejecting, on_error=on_error, split_of=splits,
                     content=content_checks, overwrite=overwrite)

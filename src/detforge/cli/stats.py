@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
 
         from detforge.data.stats import format_stats, manifest_stats
 
-        result = manifest_stats(manifests, label_attribute=label_attribute, images_dir=images,
-                                on_error=on_error, content=content_checks)
+        result = manifest_stats(manifests, label_attribute=label_attribute,
+                                images_dir=options.images_for(images, manifests), on_error=on_error,
+                                content=content_checks)
         typer.echo(json.dumps(result, indent=2) if as_json else format_stats(result))

@@ -101,14 +101,17 @@ def read_source(
 ) -> tuple[str, list[str] | None, Iterator[Record]]:
     """(format, class names or None for a manifest, a stream of Records) of any supported input.
 
-    ``images``: the image folder for VOC/COCO/labelme (``--images``). A manifest's classes come from its
-    lines' class maps (see ``manifest_classes``); its local images are probed like every format's
-    (``groundtruth.checked_local_image``).
+    ``images``: the image folder for VOC/COCO/labelme (``--images``), or a map input -> folder. A
+    manifest's classes come from its lines' class maps (see ``manifest_classes``); its local images are
+    probed like every format's (``groundtruth.checked_local_image``).
     """
     if on_error not in ("stop", "skip"):
         raise ValueError("on_error must be 'stop' or 'skip'")
-    picked, source = split_format(os.fspath(source))
+    named = os.fspath(source)
+    picked, source = split_format(named)
     kind = kind or picked or detect_format(source)
+    if isinstance(images, dict):  # per input (``--images INPUT=DIR``), None: the folder of every other
+        images = images.get(named, images.get(source, images.get(None)))
     if kind not in FORMATS:
         raise FormatError(f"--format {kind!r} is not one of {', '.join(FORMATS)}", path=source)
     if kind == "yolo":
