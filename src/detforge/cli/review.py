@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
 
         session = review(manifests, discard=discard, predictions=predictions, label_attribute=label_attribute,
                          classes=classes, score_threshold=score_threshold, host=host, port=port,
-                         open_browser=not no_browser, on_ready=ready, images=images, on_error=on_error,
+                         open_browser=not no_browser, on_ready=ready, on_error=on_error,
+                         images=options.images_for(images, manifests),
                          report=report)
         progress = session.progress()
         console.print(f"stopped: {progress['reviewed']} of {progress['total']} reviewed, "
