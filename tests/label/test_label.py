@@ -6,9 +6,11 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -321,8 +323,9 @@ def test_server_guards_and_saves(tmp_path):
         assert http(f"{url}/api/job?token=wrong")[0] == 403
         evil = {"X-Detforge-Token": "secret-token", "Host": "evil.example:80"}
         assert http(f"{url}/", headers=evil)[0] == 403
-        for bad in ("3", "-1", "..%2F..%2Fetc%2Fpasswd", "frame_000.png"):
-            assert http(f"{url}/api/image/{bad}?token=secret-token")[0] == 404, bad
+        assert http(f"{url}/api/image/3?token=secret-token")[0] == 404
+        for bad in ("-1", "..%2F..%2Fetc%2Fpasswd", "frame_000.png"):  # not an index at all
+            assert http(f"{url}/api/image/{bad}?token=secret-token")[0] == 400, bad
         status, body, headers = http(f"{url}/api/image/1?token=secret-token")
         assert status == 200 and headers["Content-Type"] == "image/png"
         assert body == (tmp_path / "frames" / "frame_001.png").read_bytes()
@@ -702,3 +705,50 @@ def test_cli_with_model_and_adjust(tiny_deploy, tmp_path):
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=20)
     assert process.returncode == 0 and "stopped: 0 of 1 images done" in rest and not adjusted.exists()
+
+
+def test_the_browser_is_opened_through_a_private_redirect_file(chromium_path, tmp_path):
+    """`detforge label` without --no-browser starts the browser ($BROWSER, here a script that records its
+    command line) with a file:// URL: no token on a command line other local users can read. The file is
+    the user's alone (0600 in a 0700 folder), Chromium follows it to the page with the token, and it is
+    gone when the server stops."""
+    from playwright.sync_api import sync_playwright
+
+    manifest = make_frames(tmp_path / "frames", count=2)
+    argv_file = tmp_path / "browser-argv.txt"
+    browser_script = tmp_path / "browser.sh"
+    browser_script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" > {argv_file}\n')
+    browser_script.chmod(0o755)
+    env = {**os.environ, "COLUMNS": "300", "BROWSER": str(browser_script)}
+    out = tmp_path / "boxes-1.output.manifest"
+    process = subprocess.Popen([*CLI, "label", str(manifest), "--classes", "blue box", "--out", str(out),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env)
+    try:
+        printed = [process.stdout.readline(), process.stdout.readline()]
+        url = printed[1].split("open ")[1].split()[0]
+        deadline = time.monotonic() + 30
+        while not argv_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        argv = argv_file.read_text().splitlines()
+        token = url.split("?token=")[1]
+        assert argv[0] == str(browser_script) and len(argv) == 2 and token not in argv[1]
+        assert argv[1].startswith("file:///") and argv[1].endswith("/open.html")
+        redirect = Path(argv[1][len("file://"):])
+        assert stat.S_IMODE(redirect.stat().st_mode) == 0o600
+        assert stat.S_IMODE(redirect.parent.stat().st_mode) == 0o700
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(argv[1])
+                page.wait_for_function("window.detforgeLabel && window.detforgeLabel.state.item")
+                assert page.url == url
+                assert page.locator("#position").inner_text() == "#1 of 2"
+            finally:
+                browser.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, rest
+    assert not redirect.exists() and not redirect.parent.exists()

@@ -179,8 +179,9 @@ def test_server_token_and_allowed_images(server):
     assert http(f"{url}/", headers={"X-Detforge-Token": "secret-token", "Host": "evil.example:80"})[0] == 403
     status, body, _ = http(f"{url}/api/items", headers={"X-Detforge-Token": "secret-token"})
     assert status == 200 and len(json.loads(body)["items"]) == 6
-    for bad in ("6", "-1", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "a_000.jpg"):
-        assert http(f"{url}/api/image/{bad}?token=secret-token")[0] == 404, bad
+    assert http(f"{url}/api/image/6?token=secret-token")[0] == 404
+    for bad in ("-1", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "a_000.jpg"):  # not an index at all
+        assert http(f"{url}/api/image/{bad}?token=secret-token")[0] == 400, bad
     assert http(f"{url}/../../etc/passwd?token=secret-token")[0] == 404
     status, body, headers = http(f"{url}/api/image/1?token=secret-token")
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
@@ -359,3 +360,51 @@ def manifests_of(srv) -> list[str]:
     """The manifests the server's items came from (their folder holds job-a/job-b.manifest)."""
     folder = Path(srv.session.items[0].source_ref).parent
     return [str(folder / "job-a.manifest"), str(folder / "job-b.manifest")]
+
+
+def test_a_second_session_on_one_discard_file_is_refused(manifests, tmp_path):
+    """Two `detforge review` on one discard file: the second is refused naming the first's pid (before, the
+    last writer won and the other's rejections were lost); the first goes on saving, and once it stops the
+    file is free again."""
+    discard = tmp_path / "rejected.txt"
+    args = [*CLI, "review", *map(str, manifests), "--discard", str(discard), "--port", "0", "--no-browser"]
+    env = {**os.environ, "COLUMNS": "300"}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = [first.stdout.readline(), first.stdout.readline()]
+        url = lines[1].split()[1]
+        second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+        status, _, _ = http(url.replace("/?", "/api/decide?"), data=b'{"id": "a_001", "decision": "reject"}')
+        assert status == 200
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=20)
+    assert second.returncode == 2 and second.stdout == ""
+    assert second.stderr.strip() == (f"error: {discard}, field '--discard': another detforge review is "
+                                     f"writing this discard list (pid {first.pid}) (stop it first, or give "
+                                     "another --discard)")
+    assert first.returncode == 0 and "stopped: 1 of 6 reviewed, 1 rejected" in out
+    assert storage.read_text(discard).splitlines()[-1] == "a_001" and not Path(f"{discard}.lock").exists()
+    with review.discard_lock(discard):  # free again
+        with pytest.raises(ConfigError, match=rf"another detforge review .* \(pid {os.getpid()}\)"):
+            with review.discard_lock(discard):
+                pass
+
+
+def test_deeply_nested_predictions_are_a_one_line_error(manifests, tmp_path):
+    """A JSON line nested 100,000 deep: orjson refuses it at 1,024 levels, and the NaN-tolerant second
+    reader must not overflow the stack (it raised RecursionError): the error names file and line."""
+    predictions = tmp_path / "predictions.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    predictions.write_text('{"image": "a_000.jpg", "prediction": []}\n' + deep + "\n")
+    with pytest.raises(FormatError) as info:
+        review.load_review(manifests, discard=tmp_path / "d.txt", predictions=predictions)
+    assert str(info.value) == (f"{predictions}:2: not valid JSON: depth limit exceeded: line 1 column 1026 "
+                               "(char 1025)")
+    done = subprocess.run([*CLI, "review", *map(str, manifests), "--discard", str(tmp_path / "d.txt"),
+                           "--predictions", str(predictions), "--no-browser"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {info.value}"]
+    done = subprocess.run([*CLI, "evaluate", str(predictions), str(manifests[0]), "--out",
+                           str(tmp_path / "metrics")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {info.value}"]

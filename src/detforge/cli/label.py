@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from detforge.cli.browser_options import Host, NoBrowser, Port
 from detforge.cli.tile_options import Overlap, Tile, TileFullPass
 
 
@@ -47,11 +48,9 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--job-name", help="The job name (default: the --out file name, "
                                      "e.g. boxes-1 for boxes-1.output.manifest).")
         ] = None,
-        port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8766,
-        host: Annotated[str, typer.Option("--host", help="Loopback address to listen on.")] = "127.0.0.1",
-        no_browser: Annotated[
-            bool, typer.Option("--no-browser", help="Print the URL without opening a browser.")
-        ] = False,
+        port: Port = 8766,
+        host: Host = "127.0.0.1",
+        no_browser: NoBrowser = False,
         tile: Tile = None,
         overlap: Overlap = None,
         tile_full_pass: TileFullPass = None,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from detforge.cli import options
+from detforge.cli.browser_options import Host, NoBrowser, Port
 
 
 def register(app: typer.Typer) -> None:
@@ -35,11 +36,9 @@ def register(app: typer.Typer) -> None:
         label_attribute: options.LabelAttribute = None,
         images: options.Images = None,
         on_error: options.OnError = "stop",
-        port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8765,
-        host: Annotated[str, typer.Option("--host", help="Loopback address to listen on.")] = "127.0.0.1",
-        no_browser: Annotated[
-            bool, typer.Option("--no-browser", help="Print the URL without opening a browser.")
-        ] = False,
+        port: Port = 8765,
+        host: Host = "127.0.0.1",
+        no_browser: NoBrowser = False,
     ) -> None:
         """Open a local web page to look at every labeled box and reject images into a discard list."""
         from rich.console import Console

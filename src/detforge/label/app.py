@@ -17,7 +17,13 @@ import orjson
 
 from detforge.errors import ConfigError, DetforgeError
 from detforge.label.jobs import PROPOSAL_FLOOR, LabelJob, open_job
-from detforge.label.server import LocalServer, TokenHandler, inline_page
+from detforge.label.server import (
+    LocalServer,
+    TokenHandler,
+    inline_page,
+    open_in_browser,
+    remove_redirect,
+)
 
 MAX_PAGE = 500  # items per /api/items answer
 MAX_BODY = 1 << 20
@@ -57,10 +63,7 @@ class _Handler(TokenHandler):
     server_version = "detforge-label"
 
     def _index(self, key: str) -> int | None:
-        if not key.isdigit() or not 0 <= int(key) < len(self.server.job.items):
-            self._error(404, "items are fetched by their index in the manifest only")
-            return None
-        return int(key)
+        return self._item_index(key, len(self.server.job.items), "items")
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         path, query = self._parse()
@@ -106,12 +109,11 @@ class _Handler(TokenHandler):
         index = self._index(path[len("/api/item/"):])
         if index is None:
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._error(413, "request too large")
+        data = self._read_body(MAX_BODY)
+        if data is None:
             return
         try:
-            body = orjson.loads(self.rfile.read(length) or b"{}")
+            body = orjson.loads(data or b"{}")
             if not isinstance(body, dict):
                 raise ConfigError('expected JSON {"boxes": [[x1, y1, x2, y2, class_id, score|null], ...]}')
             done = body.get("done", True) is not False
@@ -190,16 +192,16 @@ def _label(manifest, *, out, classes, adjust, label_attribute, job_name, model, 
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port",
                           hint="choose another --port") from None
+    redirect = None
     try:  # Ctrl+C at any moment from here on is a normal stop: every change is already saved
         if on_ready is not None:
             on_ready(server)
         if open_browser:
-            import webbrowser
-
-            webbrowser.open(server.url)
+            redirect = open_in_browser(server.url)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        remove_redirect(redirect)
     return job

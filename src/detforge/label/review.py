@@ -2,9 +2,10 @@
 
 In here: loading manifests (+ optional SageMaker predictions) into compact review items with their
 warning flags (empty, tiny boxes, boxes at the edge, disagreement with the model), the discard file and
-its ``<discard>.review.json`` sidecar (read on start, rewritten atomically after every decision), and a
-small stdlib HTTP server bound to loopback that serves the page (``static/review.*``), the items, the
-images (only those the manifests reference, by index) and the discard list, all behind a random token.
+its ``<discard>.review.json`` sidecar (read on start, rewritten atomically after every decision; one
+session a discard file, held by ``<discard>.lock``), and a small stdlib HTTP server bound to loopback that
+serves the page (``static/review.*``), the items, the images (only those the manifests reference, by
+index) and the discard list, all behind a random token.
 Not in here: applying the discard list (``detforge prepare --discard``). No torch.
 
 Discard file format (what ``prepare --discard`` reads): UTF-8 text, ``#`` lines are comments, blank
@@ -15,13 +16,14 @@ the file stem of the image (``record.image_id``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as _dt
 import functools
 import mimetypes
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +35,13 @@ from detforge.data.groundtruth import read_class_names, read_discard, resolve_so
 from detforge.data.sources import read_source
 from detforge.errors import ConfigError, DetforgeError, FormatError
 from detforge.evaluation.evaluate import iter_predictions, prediction_rows
-from detforge.label.server import LocalServer, TokenHandler, inline_page
+from detforge.label.server import (
+    LocalServer,
+    TokenHandler,
+    inline_page,
+    open_in_browser,
+    remove_redirect,
+)
 
 TINY_FRACTION = 0.02  # a box narrower or lower than 2% of the image side is "tiny"
 EDGE_PIXELS = 1.0  # a box within 1 px of the border "touches the edge"
@@ -41,6 +49,7 @@ MATCH_IOU = 0.3  # a prediction and a label of the same class at this IoU or mor
 GOOD_IOU = 0.7  # a matched label below this IoU with its prediction is "low IoU"
 THUMB_SIZE = 256
 DECISIONS = ("reject", "keep", "clear")
+MAX_BODY = 65536  # one decision with its reason
 
 
 @dataclass
@@ -330,10 +339,10 @@ class _Handler(TokenHandler):
 
     def _image(self, key: str, *, thumb: bool) -> None:
         session = self.server.session
-        if not key.isdigit() or not 0 <= int(key) < len(session.items):
-            self._error(404, "images are fetched by their index in the loaded manifests only")
+        index = self._item_index(key, len(session.items), "images")
+        if index is None:
             return
-        data, content_type = session.image_bytes(int(key), thumb=thumb)
+        data, content_type = session.image_bytes(index, thumb=thumb)
         self._send(200, data, content_type, {"Cache-Control": "private, max-age=3600"})
 
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
@@ -343,12 +352,11 @@ class _Handler(TokenHandler):
         if path != "/api/decide":
             self._error(404, "not found")
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 65536:
-            self._error(413, "request too large")
+        data = self._read_body(MAX_BODY)
+        if data is None:
             return
         try:
-            body = orjson.loads(self.rfile.read(length) or b"{}")
+            body = orjson.loads(data or b"{}")
             progress = self.server.session.decide(str(body.get("id", "")), str(body.get("decision", "")),
                                                   str(body.get("reason") or ""))
         except (orjson.JSONDecodeError, AttributeError):
@@ -372,26 +380,49 @@ def review(manifests: Sequence[str | os.PathLike], *, discard: str | os.PathLike
            on_ready: Callable[[ReviewServer], None] | None = None) -> ReviewSession:
     """Load the manifests and serve the review page until interrupted; returns the session at the end.
 
-    ``on_ready(server)`` is called once the server listens (the CLI prints ``server.url`` there).
+    ``on_ready(server)`` is called once the server listens (the CLI prints ``server.url`` there). A local
+    discard file has one session at a time (``<discard>.lock``, as ``detforge label``'s output): a second
+    one is refused instead of the last writer silently dropping the other's rejections.
     """
-    session = load_review(manifests, discard=discard, predictions=predictions,
-                          images=images, on_error=on_error, report=report,
-                          label_attribute=label_attribute, classes=classes, score_threshold=score_threshold)
-    try:
-        server = ReviewServer(session, host=host, port=port)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port",
-                          hint="choose another --port") from None
-    if on_ready is not None:
-        on_ready(server)
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(server.url)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    with discard_lock(discard):
+        session = load_review(manifests, discard=discard, predictions=predictions,
+                              images=images, on_error=on_error, report=report,
+                              label_attribute=label_attribute, classes=classes,
+                              score_threshold=score_threshold)
+        try:
+            server = ReviewServer(session, host=host, port=port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port",
+                              hint="choose another --port") from None
+        redirect = None
+        try:
+            if on_ready is not None:
+                on_ready(server)
+            if open_browser:
+                redirect = open_in_browser(server.url)
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+            remove_redirect(redirect)
     return session
+
+
+@contextlib.contextmanager
+def discard_lock(discard: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<discard>.lock`` while a session may write the discard file; ConfigError naming the other
+    session's pid when it is taken. An ``s3://`` discard file has no lock."""
+    discard = os.fspath(discard)
+    if storage.is_remote(discard):
+        yield
+        return
+    lock = storage.FileLock(os.path.abspath(discard) + ".lock")
+    holder = lock.acquire()
+    if holder is not None:
+        raise ConfigError(f"another detforge review is writing this discard list ({holder})", path=discard,
+                          field="--discard", hint="stop it first, or give another --discard")
+    try:
+        yield
+    finally:
+        lock.release()
