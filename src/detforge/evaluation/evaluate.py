@@ -141,7 +141,7 @@ def iter_predictions(path: str) -> Iterator[tuple[int, dict]]:
         except orjson.JSONDecodeError as exc:
             try:  # Python's json writes NaN/Infinity; read them so the check below can name the field
                 entry = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # orjson stops at 1024 levels; json would overflow the stack
                 raise FormatError(f"not valid JSON: {exc}", path=path, line=number) from None
         if not isinstance(entry, dict):
             raise FormatError("expected a JSON object", path=path, line=number)
