@@ -32,13 +32,17 @@ def peak_rss_mib_of_children() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def write_result(name: str, *, title: str, rows: list[dict], summary: str, notes: str = "") -> Path:
-    """Save one benchmark's figures as benchmarks/results/<name>.json."""
+def write_result(name: str, *, title: str, rows: list[dict], summary: str, notes: str = "",
+                 headline: str = "") -> Path:
+    """Save one benchmark's figures as benchmarks/results/<name>.json. ``headline``: the one line the README's
+    table shows (the headline ratio against the baseline); without it the table shows ``summary``."""
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     payload = {"name": name, "title": title, "machine": machine(),
                "date": dt.datetime.now().isoformat(timespec="seconds"), "rows": rows,
                "summary": summary, "notes": notes}
+    if headline:
+        payload["headline"] = headline
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)

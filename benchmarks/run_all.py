@@ -54,12 +54,14 @@ def render_readme(results: list[dict]) -> None:
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         return
-    rows = ["| benchmark | result (baseline in the same run) | measured |", "|---|---|---|"]
+    rows = ["| benchmark | headline (baseline in the same run) | measured |", "|---|---|---|"]
     for result in results:
         if result["name"].endswith("_quick"):  # a check that the benchmark runs, not a figure
             continue
-        summary = str(result["summary"]).replace("|", "/").replace("\n", " ")
-        rows.append(f"| {result['title']} | {summary} | {str(result['date'])[:10]} |")
+        line = str(result.get("headline") or result["summary"]).replace("|", "/").replace("\n", " ")
+        anchor = _anchor(result["title"])
+        rows.append(f"| [{result['title']}](benchmarks/RESULTS.md#{anchor}) | {line} | "
+                    f"{str(result['date'])[:10]} |")
     machines = sorted({r["machine"]["cpu"] + f", {r['machine']['cores']} cores" for r in results})
     rows += ["", f"Machine: {'; '.join(machines)} (shared and noisy: read the ratios). Details, rows and "
                  "notes: [benchmarks/RESULTS.md](benchmarks/RESULTS.md)."]
@@ -67,6 +69,13 @@ def render_readme(results: list[dict]) -> None:
     tail = rest.split(README_END, 1)[1]
     readme.write_text(head + README_START + "\n" + "\n".join(rows) + "\n" + README_END + tail)
     print(f"updated the benchmark table in {readme}")
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor of a RESULTS.md heading: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title.strip().lower()))
 
 
 def _cell(value) -> str:
