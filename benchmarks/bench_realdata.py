@@ -562,6 +562,14 @@ def main() -> None:
             for peer in peers:
                 summary += (f". {mine} / {peer}: valid {by[mine]['val AP'] / by[peer]['val AP']:.2f}x, "
                             f"test {by[mine]['test AP'] / max(by[peer]['test AP'], 1e-9):.2f}x")
+    headline = ""
+    if not args.quick and "gfl" in by and peers:
+        peer = max(peers, key=lambda m: by[m]["val AP"])  # against the best peer of the run
+        g, p = by["gfl"], by[peer]
+        headline = (f"{args.dataset}, {budget:g} min: gfl / {peer} valid "
+                    f"{g['val AP'] / p['val AP']:.2f}x, test {g['test AP'] / max(p['test AP'], 1e-9):.2f}x "
+                    f"(AP50-95 {g['val AP']:.3f} vs {p['val AP']:.3f}, "
+                    f"{g['test AP']:.3f} vs {p['test AP']:.3f})")
     name = args.name or ("realdata_quick" if args.quick else "realdata" + suffix.replace("-", "_"))
     title = (f"Detectors on real photos ({spec['credit'].split(' (')[0]}; CPU, {budget:g} min each, "
              "side by side" + (", QUICK: no claims)" if args.quick else ")"))
@@ -592,7 +600,7 @@ def main() -> None:
              "scored, one graph after the other on one core (median of 100 runs), each at its own input "
              "size; the peers' graphs have no NMS. "
              f"Data: {spec['credit']}. " + args.note)
-    write_result(name, title=title, rows=rows, summary=summary, notes=notes)
+    write_result(name, title=title, rows=rows, summary=summary, notes=notes, headline=headline)
 
 
 if __name__ == "__main__":
