@@ -173,3 +173,7 @@ def test_names_and_defaults_come_from_their_modules():
     for detector, base_network in MODEL_TABLE:
         hp = parse_hyperparameters({"num_classes": "1", "detector": detector, "base_network": base_network})
         assert (hp.detector, hp.base_network) == (detector, base_network)
+    from detforge.models import gfl
+
+    # the torch-free table hyperparams checks against names what gfl can build, no more, no less
+    assert [b for d, b in MODEL_TABLE if d == "gfl"] == list(gfl.BACKBONES)

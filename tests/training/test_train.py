@@ -361,8 +361,10 @@ def test_remote_images_are_cached_on_first_read(s3_server, make_bucket, tiny, tm
     dataset = ManifestDataset(samples, image_size=32, cache_dir=str(tmp_path / "cache"))
     image, target, index = dataset[0]
     assert image.shape == (3, 32, 32) and index == 0 and target["labels"].tolist() == [1]
-    cached = tmp_path / "cache" / "s3" / bucket / "data" / "img_1_000.png"
-    assert cached.exists()
+    from detforge import storage
+
+    cached = Path(storage.cache_path(f"s3://{bucket}/data/img_1_000.png", str(tmp_path / "cache")))
+    assert cached.exists() and cached.is_relative_to(tmp_path / "cache") and cached.name == "img_1_000.png"
     fs.rm(f"{bucket}/data/img_1_000.png")
     assert torch.equal(dataset[0][0], image)  # served from the local cache now
 
