@@ -51,6 +51,11 @@ def is_secret_key(name: str) -> bool:
     return name in SECRET_KEYS or any(part in name for part in _SECRET_PARTS)
 
 
+def secret_values(text: str) -> list[str]:
+    """The values of the secret-looking ``key=value`` pairs in ``text`` (quotes kept), in order."""
+    return [m["value"] for m in _SECRET_VALUE.finditer(text) if is_secret_key(m["name"]) and m["value"]]
+
+
 def mask_credentials(text: str) -> str:
     """``text`` with every URL's user information -- all of the authority before its last ``@``, so
     ``rtsp://admin:p@ss@cam/s`` -> ``rtsp://***@cam/s`` -- and every secret-looking ``key=value`` (``?pw=``,

@@ -619,3 +619,48 @@ def test_a_postgresql_study_survives_a_killed_worker_and_two_workers_finish_it(
     assert states.count("COMPLETE") == 4 and states[1] == "FAIL" and "RUNNING" not in states
     summary = json.loads((out / "summary.json").read_text())
     assert summary["storage"] == postgres_url
+
+
+@pytest.mark.parametrize(
+    ("form", "shown"),
+    [
+        ("postgresql://alice:Hunter2@Secret@db.example/study", "postgresql://***@db.example/study"),
+        ("postgresql://alice@db.example/study?password=Hunter2&sslmode=require",
+         "postgresql://***@db.example/study?password=***&sslmode=require"),
+        ("postgresql://alice:Hunter2%40Secret@db.example/study", "postgresql://***@db.example/study"),
+        ("host=db.example user=alice password=Hunter2 dbname=study",
+         "host=db.example user=alice password=*** dbname=study"),
+        ("host=db.example password='Hunter2 \\' Secret' dbname=study",
+         "host=db.example password=*** dbname=study"),
+        ("sqlite:////data/a@b/study.db", "sqlite:////data/a@b/study.db"),  # a path, no user in it
+    ],
+)
+def test_public_url_hides_every_form_of_password(form, shown):
+    from detforge.tune.summary import public_url
+
+    assert public_url(form) == shown
+
+
+def test_a_storage_that_cannot_be_opened_never_shows_its_password(tiny, tmp_path, _one_thread, postgres_url):
+    """Against a real PostgreSQL: a database that does not exist, reached with the password in each form
+    psycopg accepts, and a key=value string SQLAlchemy cannot parse: the one-line error names the storage,
+    never the password or any piece of it."""
+    from detforge.errors import ConfigError
+    from detforge.tune import TuneConfig, tune
+
+    server = postgres_url.split("@")[1].split("/")[0]  # 127.0.0.1:PORT
+    host, port = server.split(":")
+    forms = {
+        f"postgresql://detforge:Hunter2@Secret@{server}/nope": f"postgresql://***@{server}/nope",
+        f"postgresql://detforge@{server}/nope?password=Hunter2Secret": f"postgresql://***@{server}/nope?password=***",
+        f"postgresql://detforge:Hunter2%40Secret@{server}/nope": f"postgresql://***@{server}/nope",
+        f"host={host} port={port} user=detforge password=Hunter2Secret dbname=nope":
+            f"host={host} port={port} user=detforge password=*** dbname=nope",
+    }
+    for form, shown in forms.items():
+        with pytest.raises(ConfigError) as info:
+            tune(TuneConfig(train=tiny[0], validation=tiny[1], out=str(tmp_path / "tune"), trials=1,
+                            hyperparameters=HP, ranges=RESUME_RANGES, storage=form))
+        message = str(info.value)
+        assert message.startswith(f"field '--storage': cannot open {shown}: "), message
+        assert "Hunter2" not in message and "Secret" not in message and "\n" not in message.strip(), message

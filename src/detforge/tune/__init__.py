@@ -39,7 +39,7 @@ from detforge import storage
 from detforge.errors import ConfigError, DetforgeError, MissingDependencyError, require
 from detforge.training.hyperparams import parse_hyperparameters, read_hyperparameters_file
 from detforge.tune.ranges import OBJECTIVE, TuningSpec, load_tuning_config, parse_tuning_config
-from detforge.tune.summary import COUNTED, TuneResult, public_url, trial_state, write_summary
+from detforge.tune.summary import COUNTED, TuneResult, public_url, redact, trial_state, write_summary
 
 log = logging.getLogger("detforge.tune")
 
@@ -178,7 +178,9 @@ def _storage(job: _Job):
                 hint="pip install 'detforge[postgres]' for postgresql://, pymysql for mysql+pymysql://",
             ) from exc
         except Exception as exc:
-            raise ConfigError(f"cannot open {public_url(job.url)}: {exc}", field="--storage") from exc
+            # from None: the driver's exception may hold the URL itself; what it says is kept, redacted
+            reason = " ".join(redact(str(exc), job.url).split())  # one line: drivers' messages have several
+            raise ConfigError(f"cannot open {public_url(job.url)}: {reason}", field="--storage") from None
 
 
 def _pruner(job: _Job):

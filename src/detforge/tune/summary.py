@@ -43,13 +43,34 @@ class TuneResult:
 
 
 def public_url(url: str) -> str:
-    """The storage URL with any password hidden."""
-    try:
-        from sqlalchemy.engine import make_url
+    """The storage URL as messages and summaries show it, with no password in any form the database
+    libraries accept: a URL's user information (all of it up to the last ``@``, so neither libpq's nor
+    SQLAlchemy's way of reading ``alice:Hunter2@Secret@host`` shows a piece), ``?password=`` and other
+    secret-looking keys, and ``password=...`` in a ``key=value`` connection string (quoted or not)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest and not scheme.startswith("sqlite"):  # a SQLite URL is a path: no user there
+        url = f"{scheme}://{storage.MASK}@{rest.rpartition('@')[2]}"
+    return storage.mask_credentials(url)
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
+
+def redact(text: str, url: str) -> str:
+    """``text`` (e.g. a driver's error) with every secret of ``url`` replaced by ``***``, however it is
+    spelled there (as given or percent-decoded), then masked like a URL."""
+    from urllib.parse import unquote
+
+    scheme, sep, rest = url.partition("://")
+    secrets = []
+    if sep and "@" in rest and not scheme.startswith("sqlite"):
+        userinfo = rest.rpartition("@")[0]
+        password = userinfo.partition(":")[2]
+        # a parser that stops at the first "@" takes the rest for the host and may print it: every piece
+        secrets += [userinfo, password, *password.split("@"), *userinfo.split("@")[1:]]
+    for match in storage.secret_values(url):
+        secrets.append(match.strip("'\""))
+    spellings = {s for found in secrets for s in (found, unquote(found)) if s}
+    for secret in sorted(spellings, key=len, reverse=True):  # the longest first: a part never shows
+        text = text.replace(secret, storage.MASK)
+    return storage.mask_credentials(text)
 
 
 def trial_state(trial) -> str:
