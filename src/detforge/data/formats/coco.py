@@ -5,9 +5,14 @@
   exports list their dataset's name that way, as category 0.
 - ``iscrowd`` annotations are kept and flagged: evaluation ignores them as pycocotools does (a
   detection on a crowd region is neither a hit nor a miss).
-- ``file_name`` is relative to ``images`` when given, else to the JSON's folder. Roboflow's export
-  folder (``train/_annotations.coco.json``, ``valid/...``, ``test/...``) is read split by split.
-- Image sizes come from the JSON, or from the image header when missing.
+- ``file_name`` is relative to ``images`` when given, else to the first of CVAT's ``images/<subset>/``,
+  ``images/``, the JSON's folder and its ``images/`` that holds it (``image_folders``); a relative name
+  may not climb out of that folder (``formats.image_inside``); an absolute one is taken as given.
+- Roboflow's export folder (``train/_annotations.coco.json``, ``valid/...``, ``test/...``) and CVAT's
+  (``annotations/instances_<subset>.json``) are read file by file, each file's subset its split.
+- Every image is probed (``images.probe``): a missing one is an error or a counted skip; the JSON's
+  ``width``/``height`` are checked against the header (``formats.checked_size``).
+- A file that is not JSON or not COCO stops, or with ``on_error='skip'`` is passed over and counted.
 
 Not here: detection results and COCO metrics (``coco_metrics``).
 """

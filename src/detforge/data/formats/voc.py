@@ -5,9 +5,13 @@
   layout's own image folder (``JPEGImages/`` or ``images/`` beside ``Annotations/``), else beside the
   XML (LabelImg's default). ``<path>`` is the labeler's own disk: it is used only as a last resort,
   when it is absolute (or a URI) and exists on this machine (what ``write_voc`` writes).
-- ``ImageSets/Main/{train,val,test}.txt`` splits are kept; ``difficult`` objects are kept and flagged
-  (evaluation treats them as the VOC devkit does: neither a hit nor a miss).
-- Coordinates are kept as written (pixels); a missing or zero ``<size>`` is read from the image header.
+- ``<filename>`` may not climb out of the folder it is looked up in (``formats.image_inside``).
+- ``ImageSets/Main/<split>.txt`` splits are kept (VOC's ``train``/``val``/``test``, CVAT's ``Train``,
+  ``Validation``, ...); ``difficult`` objects are kept and flagged (evaluation treats them as the VOC
+  devkit does: neither a hit nor a miss).
+- Coordinates are kept as written (pixels); ``<size>`` is checked against the image header (a missing
+  or zero one is read from it; the stored size of an EXIF-turned photo turns its boxes upright).
+- Messages name an object by its 1-based index and the XML line it starts on.
 
 Not here: the VOC metric (``metrics``), choosing the format (``data.sources``).
 """
