@@ -62,7 +62,7 @@ def detect_format(source: str) -> str:
     if source.endswith(yolo.YAML_SUFFIXES):
         return "yolo"
     if source.endswith(".json"):
-        return "labelme" if _looks_like_labelme(source) else "coco"
+        return "labelme" if labelme.looks_like_labelme(source) else "coco"
     if storage.is_remote(source) or not os.path.isdir(source):
         return "manifest"
     found = formats_found(source)
@@ -78,16 +78,6 @@ def detect_format(source: str) -> str:
         "annotations/instances_*.json, VOC .xml files or labelme .json files",
         path=source,
     )
-
-
-def _looks_like_labelme(path: str) -> bool:
-    """A local JSON file whose first 64 KiB hold labelme's ``shapes`` and no COCO ``annotations`` (a COCO
-    file may be hundreds of MB: it is not parsed twice to tell)."""
-    if storage.is_remote(path) or not os.path.isfile(path):
-        return False
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    return b'"shapes"' in head and b'"annotations"' not in head and b'"categories"' not in head
 
 
 def read_source(

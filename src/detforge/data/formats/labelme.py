@@ -32,12 +32,24 @@ def is_labelme(data) -> bool:
     return isinstance(data, dict) and isinstance(data.get("shapes"), list) and "imagePath" in data
 
 
+def looks_like_labelme(path: str) -> bool:
+    """A local JSON file whose first 64 KiB hold labelme's ``shapes`` and no COCO ``annotations`` or
+    ``categories`` (a COCO file may be hundreds of MB: it is not parsed to tell)."""
+    if storage.is_remote(path) or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    return b'"shapes"' in head and b'"annotations"' not in head and b'"categories"' not in head
+
+
 def labelme_files(folder: str, *, limit: int | None = None) -> list[str]:
     """The labelme JSON files under ``folder`` (checked by content; ``limit``: stop after that many)."""
     found = []
     if storage.is_remote(folder) or not os.path.isdir(folder):
         return found
     for path in storage.list_files(folder, suffixes=(".json",)):
+        if not looks_like_labelme(path):
+            continue
         try:
             data = decoded_json(storage.read_bytes(path), path)
         except FormatError:
