@@ -2,7 +2,8 @@
 
 ``prepare`` and ``stats`` count duplicates with the same ``DuplicateRule``:
 
-- an image's **identity is its resolved path** (a local file's real path, else the URI): two photos both
+- an image's **identity is its resolved path** (a local file's absolute path with ``..`` resolved, else
+  the URI; a symbolic link to another file is found as the same bytes below): two photos both
   named ``IMG_2385.JPG`` in ``phoneA/`` and ``phoneB/`` are two images; the same path listed twice (two
   jobs labeling one image, a manifest given twice) is one image labeled twice;
 - **exact duplicates** are local files with the same bytes under different paths (BLAKE2b of the file).
@@ -44,11 +45,14 @@ _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)$")
 
 
 def identity(source_ref: str) -> str:
-    """The identity of an image whose reference is resolved: a local file's real path, else the URI."""
+    """The identity of an image whose reference is resolved: a local file's absolute path, else the URI.
+
+    No file system call (``abspath``, not ``realpath``): it runs once per manifest line.
+    """
     if storage.is_remote(source_ref):
         return source_ref
     path = source_ref[len("file://"):] if source_ref.startswith("file://") else source_ref
-    return os.path.realpath(path)
+    return os.path.abspath(path)
 
 
 def original_stem(stem: str) -> str:
@@ -115,14 +119,15 @@ class DuplicateRule:
     """Finds, over a stream of images, the same image listed again and the same bytes under another path.
 
     ``check(reference, origin)`` returns None for a new image, else ``(kind, first origin)`` with kind
-    ``"same image"`` or ``"same content"``; ``content=False`` compares identities only.
+    ``"same image"`` or ``"same content"``; ``content=False`` compares identities only. ``origin`` is
+    whatever the caller names a listing by (``"file:line"``, or a compact ``(input, line)`` tuple).
     """
 
     content: bool = True
-    _first: dict[str, str] = field(default_factory=dict)  # identity -> origin of its first listing
-    _digests: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> (identity, origin)
+    _first: dict[str, object] = field(default_factory=dict)  # identity -> origin of its first listing
+    _digests: dict[str, tuple[str, object]] = field(default_factory=dict)  # digest -> (identity, origin)
 
-    def same_image(self, reference: str, origin: str) -> str | None:
+    def same_image(self, reference: str, origin: object) -> object | None:
         """The origin of the first listing of this image, or None (and it is remembered)."""
         key = identity(reference)
         first = self._first.get(key)
@@ -130,7 +135,7 @@ class DuplicateRule:
             self._first[key] = origin
         return first
 
-    def same_content(self, reference: str, origin: str, data: bytes | None = None) -> str | None:
+    def same_content(self, reference: str, origin: object, data: bytes | None = None) -> object | None:
         """The origin of an earlier image (another path) with these bytes, or None (remembered).
 
         ``data``: the file's bytes when the caller has read them already.
@@ -144,7 +149,7 @@ class DuplicateRule:
         first = self._digests.setdefault(digest, (key, origin))
         return first[1] if first[0] != key else None
 
-    def check(self, reference: str, origin: str) -> tuple[str, str] | None:
+    def check(self, reference: str, origin: object) -> tuple[str, object] | None:
         """None for a new image, else ("same image" | "same content", the origin of the first one)."""
         first = self.same_image(reference, origin)
         if first is not None:

@@ -391,7 +391,7 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
         if ref in seen and verdict.rejects(rejecting):
             summary.rejected_by_verification.append(image_id)
             acc.skip("failed verification", 1, len(seen.pop(ref).names))
-    hashes = _content_checks(seen, summary, acc, rule) if content else {}
+    hashes = _content_checks(inputs, seen, summary, acc, rule) if content else {}
     if not seen:
         raise ConfigError(_nothing_usable(inputs, acc), hint="see the reasons above each count; "
                           "--on-error skip passes over bad lines, it does not make them usable")
@@ -487,7 +487,6 @@ class _Kept:
     split: str | None  # the split the input gives it, if any
     names: tuple[str, ...]  # class name per box
     image_id: str
-    origin: str  # "input:line"
 
 
 def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes, label_attribute, drop_empty,
@@ -553,9 +552,9 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                 summary.discarded.append(image_id)
                 acc.skip("discarded (--discard)", 1, len(names))
                 continue
-            origin = f"{name}:{number}"
-            if (first := rule.same_image(ref, origin)) is not None:
-                summary.duplicates.append(f"{ref}: labeled again at {origin}; kept {first}")
+            if (first := rule.same_image(ref, (index, number))) is not None:
+                summary.duplicates.append(f"{ref}: labeled again at {name}:{number}; kept "
+                                          f"{inputs[first[0]][0]}:{first[1]}")
                 acc.hold("same image listed again", 1, len(names))
                 continue
             if not names and drop_empty:
@@ -563,7 +562,7 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                 acc.skip("no boxes (--drop-empty)", 1, 0)
                 continue
             split = _SPLIT_NAMES.get(str(record.split).lower()) if record.split else None
-            seen[ref] = _Kept(index, number, given or split or by_name, tuple(names), image_id, origin)
+            seen[ref] = _Kept(index, number, given or split or by_name, tuple(names), image_id)
     return seen, verdicts
 
 
@@ -579,10 +578,10 @@ def _box_count(obj) -> int:
     return len(annotations) if isinstance(annotations, list) else 0
 
 
-def _content_checks(seen: dict[str, _Kept], summary, acc, rule: DuplicateRule) -> dict[str, int]:
+def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: DuplicateRule) -> dict[str, int]:
     """Exact duplicates (same bytes, another path) left out; the ``dhash`` of every numbered local image."""
     hashes: dict[str, int] = {}
-    by_origin = {kept.origin: ref for ref, kept in seen.items()}
+    by_origin = {(kept.index, kept.line): ref for ref, kept in seen.items() if not storage.is_remote(ref)}
     for ref in list(seen):
         if storage.is_remote(ref):
             continue
@@ -590,11 +589,12 @@ def _content_checks(seen: dict[str, _Kept], summary, acc, rule: DuplicateRule) -
             data = image_io.read_bytes(ref)
         except image_io.ImageError:
             continue  # a missing image is the readers' to report
-        first = rule.same_content(ref, seen[ref].origin, data)
+        first = rule.same_content(ref, (seen[ref].index, seen[ref].line), data)
         if first is not None:
             kept = seen.pop(ref)
-            summary.duplicates.append(f"{ref} ({kept.origin}) has the same bytes as {by_origin[first]} "
-                                      f"({first}); kept the first")
+            summary.duplicates.append(
+                f"{ref} ({inputs[kept.index][0]}:{kept.line}) has the same bytes as {by_origin[first]} "
+                f"({inputs[first[0]][0]}:{first[1]}); kept the first")
             acc.hold("same content as another image", 1, len(kept.names))
             continue
         if video_frame(seen[ref].image_id) is None and numbered(seen[ref].image_id) is not None:
@@ -737,16 +737,19 @@ def _groups(key_of: dict[str, str], seen: dict[str, _Kept]) -> dict[str, list]:
 def _best_run(positions: list[int], run: int, gap: int, rng: random.Random) -> tuple[int, set[int]]:
     """(first index, indices held out) of the ``run`` consecutive frames for validation that leave out the
     fewest training frames within ``gap`` positions of them (ties drawn with ``rng``)."""
-    best: list[tuple[int, set[int]]] = []
+    def near(start: int) -> tuple[int, int, int, int]:
+        low = bisect.bisect_left(positions, positions[start] - gap)
+        high = bisect.bisect_right(positions, positions[start + run - 1] + gap)
+        return low, start, start + run, high
+
+    costs = []
     for start in range(len(positions) - run + 1):
-        low, high = positions[start] - gap, positions[start + run - 1] + gap
-        near = set(range(bisect.bisect_left(positions, low), start))
-        near |= set(range(start + run, bisect.bisect_right(positions, high)))
-        if not best or len(near) < len(best[0][1]):
-            best = [(start, near)]
-        elif len(near) == len(best[0][1]):
-            best.append((start, near))
-    return rng.choice(best)
+        low, first, end, high = near(start)
+        costs.append((first - low) + (high - end))
+    fewest = min(costs)
+    start = rng.choice([i for i, cost in enumerate(costs) if cost == fewest])
+    low, first, end, high = near(start)
+    return start, set(range(low, first)) | set(range(end, high))
 
 
 def _nearest(sequences: dict[str, list[tuple[int, str]]], targets: dict) -> dict[str, int]:
