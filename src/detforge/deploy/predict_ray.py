@@ -350,8 +350,34 @@ def _connect(ray, *, address: str | None) -> bool:
                               hint="check the address (`ray status` on a node prints it) and Ray's token "
                                    "(RAY_AUTH_TOKEN) where the cluster uses token authentication") from None
         return False
-    ray.init(address="local", include_dashboard=False, configure_logging=False)  # never a stale cluster
+    start_on_loopback(ray)
     return True
+
+
+def start_on_loopback(ray, **settings) -> None:
+    """Start a new local Ray instance (never a stale cluster's address) whose servers listen on 127.0.0.1.
+
+    ``_node_ip_address="127.0.0.1"`` alone is not enough: Ray (2.60) turns a loopback node address into the
+    machine's primary IP (``services.resolve_ip_for_localhost``) unless its ``ENABLE_RAY_CLUSTER``
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) is off, which this sets for the start only. Without it the GCS,
+    raylet and object manager of a one-machine job were reachable from the network. A warning names the
+    address should a Ray version still pick another.
+    """
+    import logging
+
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1", **settings)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    address = ray.util.get_node_ip_address()
+    if address != "127.0.0.1":
+        logging.getLogger("detforge.predict").warning(
+            "the local Ray instance listens on %s, not only on loopback", address)
 
 
 def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, dict], settings: dict,
