@@ -414,6 +414,19 @@ def test_parse_broker():
         parse_broker("mqtts://h", ca_file="/no/ca.pem")
 
 
+def test_a_password_over_plain_mqtt_to_another_host_is_warned_about(tmp_path):
+    from detforge.edge import plaintext_password_warning
+
+    assert plaintext_password_warning(parse_broker("mqtt://dev:s3cret@10.0.0.5")) == (
+        "the password for dev goes to 10.0.0.5:1883 in plain text; use mqtts:// (TLS)")
+    assert plaintext_password_warning(parse_broker("mqtt://10.0.0.5", username="dev", password="x"))
+    assert plaintext_password_warning(parse_broker("mqtts://dev:s3cret@10.0.0.5")) is None  # TLS
+    assert plaintext_password_warning(parse_broker("mqtt://dev:s3cret@10.0.0.5", tls=True)) is None
+    for host in ("127.0.0.1", "localhost", "[::1]"):  # the password stays on the machine
+        assert plaintext_password_warning(parse_broker(f"mqtt://dev:s3cret@{host}:1883")) is None
+    assert plaintext_password_warning(parse_broker("mqtt://dev@10.0.0.5")) is None  # no password
+
+
 def test_disk_buffer_is_bounded_ordered_and_survives_a_restart(tmp_path):
     buffer = DiskBuffer(str(tmp_path), max_messages=3)
     seqs = [buffer.append("t/a", f'{{"n": {i}}}'.encode()) for i in range(5)]

@@ -130,6 +130,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def plaintext_password_warning(broker) -> str | None:
+    """What to warn about when a password would cross the network unencrypted (plain MQTT, a host that is
+    not loopback), else None."""
+    if broker.password and not broker.tls and not is_loopback(broker.host):
+        return (f"the password for {broker.username} goes to {broker.host}:{broker.port} in plain text; "
+                "use mqtts:// (TLS)")
+    return None
+
+
 def utc_timestamp(seconds: float) -> str:
     """ISO 8601 UTC with microseconds and a Z, e.g. ``2026-11-24T02:45:43.123456Z``."""
     return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -167,9 +176,9 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
         password=config.password or os.environ.get("DETFORGE_MQTT_PASSWORD"),
         mqtt_version=config.mqtt_version,
     )
-    if broker.password and not broker.tls and not is_loopback(broker.host):
-        log.warning("MQTT: the password for %s goes to %s:%s in plain text; use mqtts:// (TLS)",
-                    broker.username, broker.host, broker.port)
+    warning = plaintext_password_warning(broker)
+    if warning:
+        log.warning("MQTT: %s", warning)
     # the folder is taken before the source is opened: a refused second runtime leaves the camera alone
     buffer = DiskBuffer(config.buffer_dir or default_buffer_dir(config), max_messages=config.buffer_max)
     try:
