@@ -256,7 +256,7 @@ def _create_beside(target: Path) -> tuple[int, str]:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
-        if keep is not None:
+        if keep is not None and hasattr(os, "fchmod"):  # (not on Windows before Python 3.13)
             os.fchmod(fd, keep)
         return fd, tmp
     raise StorageError("cannot create a temporary file", path=str(target))
