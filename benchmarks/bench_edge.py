@@ -132,7 +132,7 @@ def main() -> None:
 
     import cv2
 
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     bare: list[float] = []

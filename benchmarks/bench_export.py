@@ -68,7 +68,7 @@ def synth_calibration(folder: Path, count: int, *, seed: int) -> Path:
 
 
 def manifest_images(manifest: Path) -> list[np.ndarray]:
-    from detforge.deploy.runtime import load_image
+    from detforge.runtime import load_image
 
     return [load_image(json.loads(line)["source-ref"]) for line in manifest.read_text().splitlines() if line]
 
@@ -146,7 +146,7 @@ def speed_case(arch: str, size: int, tmp: Path, *, frames: list[np.ndarray], cal
     import torch
     from PIL import Image
 
-    from detforge.deploy.runtime import Predictor, resize_rgb
+    from detforge.runtime import Predictor, resize_rgb
     from detforge.training.checkpoint import load_run_model
 
     run = save_untrained_run(tmp / f"run-{arch}", arch, size)

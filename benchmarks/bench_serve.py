@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=12)
     args = parser.parse_args()
 
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     deploy = args.deploy or make_deploy(args.size)
     body = test_jpeg()

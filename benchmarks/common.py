@@ -71,7 +71,7 @@ def export_bench_deploy(folder: Path, *, image_size: int = 320, background_bias:
     from PIL import Image
 
     from detforge.deploy.export import export_run
-    from detforge.deploy.runtime import load_image, resize_rgb
+    from detforge.runtime import load_image, resize_rgb
     from detforge.models import build_model
     from detforge.training.checkpoint import RunInfo, save_model
 

@@ -15,7 +15,7 @@ from conftest import need_binary
 pytest.importorskip("torch")
 
 from detforge.data.groundtruth import read_manifest  # noqa: E402
-from detforge.deploy.runtime import Predictor  # noqa: E402
+from detforge.runtime import Predictor  # noqa: E402
 
 
 def run_demo(out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -139,6 +139,6 @@ def test_pixel_cap_truncation_and_no_global_state(tmp_path):
         images.decode(b"")
     with pytest.raises(ImageError, match="missing.jpg"):
         images.read(tmp_path / "missing.jpg")
-    from detforge.deploy import runtime  # noqa: F401  (importing the runtime once changed Pillow's global)
+    from detforge import runtime  # noqa: F401  (importing the runtime once changed Pillow's global)
 
     assert Image.MAX_IMAGE_PIXELS == before

@@ -218,7 +218,7 @@ def _step_export(out: str, profile: dict, say: Callable) -> dict:
 def _latency_ms(deploy: str, image: str, repeats: int) -> float:
     import numpy as np
 
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     predictor = Predictor(deploy)
     predictor.predict([image])

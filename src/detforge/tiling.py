@@ -27,7 +27,7 @@ the same for other detectors; this is detforge's own, numpy only (the torch-free
   are not fused the way merging every IoS match would fuse them. Two fragments that only meet at an edge
   (windows without overlap) are unioned too (``adjoining``).
 
-Not here: running the model (``deploy.runtime.Predictor`` batches a photo's windows), training crops
+Not here: running the model (``runtime.Predictor`` batches a photo's windows), training crops
 (``training.tiles``).
 """
 

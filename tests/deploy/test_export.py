@@ -23,7 +23,7 @@ from conftest import TINY_HP, make_box_images  # noqa: E402
 
 from detforge.deploy import export  # noqa: E402
 from detforge.deploy.export import check_nms, compare_raw, export_run  # noqa: E402
-from detforge.deploy.runtime import Predictor, file_sha256, load_image, resize_rgb  # noqa: E402
+from detforge.runtime import Predictor, file_sha256, load_image, resize_rgb  # noqa: E402
 from detforge.errors import ConfigError, ModelError  # noqa: E402
 from detforge.images import ImageError  # noqa: E402
 from detforge.models import build_model  # noqa: E402
@@ -422,7 +422,7 @@ def test_cli_export_and_its_error(tiny_run, tmp_path):
 
 def test_runtime_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-            "import detforge.deploy.runtime, detforge.cli.edge, detforge.cli.serve\n"
+            "import detforge.runtime, detforge.cli.edge, detforge.cli.serve\n"
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -24,7 +24,7 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def predictor(tiny_deploy):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     return Predictor(tiny_deploy, threads=1)
 

@@ -141,7 +141,7 @@ def server(tiny_deploy, allowed):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_deploy):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     return Predictor(str(tiny_deploy), threads=1)
 

@@ -46,7 +46,7 @@ def big_photo(path: Path) -> Path:
 
 
 def test_predictor_runs_model_json_tiling_and_matches_its_windows_one_by_one(tiny_deploy, tmp_path):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     deploy = tiled_copy(tiny_deploy, tmp_path / "deploy", TILED)
     photo = np.asarray(Image.open(big_photo(tmp_path / "photo.png")))
@@ -78,7 +78,7 @@ def test_predictor_runs_model_json_tiling_and_matches_its_windows_one_by_one(tin
 
 
 def test_bad_tiling_in_model_json_names_the_file_and_field(tiny_deploy, tmp_path):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     deploy = tiled_copy(tiny_deploy, tmp_path / "deploy", {"tile": 64, "overlap": 2})
     with pytest.raises(ModelError, match=r"model.json, field 'tiling.overlap': the overlap is a fraction"):
@@ -157,7 +157,7 @@ def edge_answer(deploy: Path, photo: Path, broker, tmp_path: Path) -> list:
 
 
 def test_predict_serve_and_edge_give_one_photo_the_same_tiled_detections(tiny_deploy, mqtt_broker, tmp_path):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     deploy = tiled_copy(tiny_deploy, tmp_path / "deploy", TILED)
     (tmp_path / "photos").mkdir()
@@ -193,7 +193,7 @@ def test_evaluate_takes_the_tiling_options_and_refuses_them_for_a_run(tiny_deplo
 def test_serve_batches_count_a_tiled_photo_as_its_tiles(tiny_deploy, tmp_path):
     import asyncio
 
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
     from detforge.deploy.serve import Batcher, Metrics, _Job
 
     deploy = tiled_copy(tiny_deploy, tmp_path / "deploy", TILED)

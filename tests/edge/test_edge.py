@@ -925,7 +925,7 @@ def wait_online(recorder: Recorder, process: subprocess.Popen) -> dict:
 
 
 def test_video_source_publishes_one_valid_message_per_sampled_frame(tiny_deploy, mqtt_broker, tmp_path):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     video = write_video(tmp_path / "clip.avi", frames=10, fps=10.0)
     recorder = Recorder(mqtt_broker.port).connect()
@@ -972,7 +972,7 @@ def test_video_source_publishes_one_valid_message_per_sampled_frame(tiny_deploy,
 
 
 def test_requests_answer_allowed_files_and_refuse_the_rest(tiny_deploy, mqtt_broker, tmp_path):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     allowed = tmp_path / "allowed"
     allowed.mkdir()
@@ -1065,7 +1065,7 @@ def test_a_stream_with_credentials_never_shows_them_and_uses_the_default_thresho
     import http.server
     import shutil
 
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     site = tmp_path / "site"
     site.mkdir()

@@ -110,13 +110,13 @@ def test_torch_is_absent_and_the_cli_works(edge_venv):
 
 
 def test_inference_without_torch_matches_the_full_install(edge_venv, tiny_deploy, tmp_path):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     image = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     path = tmp_path / "image.png"
     cv2.imwrite(str(path), image[:, :, ::-1])
     script = (
-        "import json, sys; from detforge.deploy.runtime import Predictor; "
+        "import json, sys; from detforge.runtime import Predictor; "
         "d = Predictor(sys.argv[1]).predict([sys.argv[2]], threshold=0.0)[0]; "
         "print(json.dumps(d.to_sagemaker())); "
         "print('torch' in sys.modules)"

@@ -204,7 +204,7 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
     for name, (w, h) in (("p.png", (64, 48)), ("q.png", (40, 40))):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
         files.append(tmp_path / name)
-    from detforge.deploy.runtime import resize_rgb
+    from detforge.runtime import resize_rgb
 
     pictures = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     with torch.inference_mode():  # the model sees each image resized to 64 x 64 by the runtime's resize

@@ -184,7 +184,7 @@ def test_adjustment_job(tmp_path):
 
 
 def test_model_proposals_and_uncertainty_order(tiny_deploy, tmp_path):
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     manifest = make_frames(tmp_path / "frames", count=4)
     out = tmp_path / "out.manifest"
@@ -245,7 +245,7 @@ class FixedProposals:
     threshold = 0.5
 
     def predict(self, images, *, threshold=None):
-        from detforge.deploy.runtime import Detections
+        from detforge.runtime import Detections
 
         out = []
         for image in images:
@@ -634,7 +634,7 @@ def test_page_accepts_and_edits_real_proposals(tiny_deploy, chromium_path, tmp_p
     (human-annotated "no"); one moved by the mouse becomes a person's box (1.0, "yes")."""
     from playwright.sync_api import sync_playwright
 
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     manifest = make_frames(tmp_path / "frames", count=3)
     out = tmp_path / "frames" / "boxes-1.output.manifest"

@@ -122,7 +122,7 @@ def test_tiled_training_then_export_and_predict_through_the_cli(tmp_path):
 
     from conftest import make_tiny_set
 
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
     from detforge.tiling import Tiling
 
     train = make_tiny_set(tmp_path / "train", 8, 1, size=128)

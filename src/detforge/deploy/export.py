@@ -38,7 +38,7 @@ import orjson
 from detforge import __version__, storage, tiling
 from detforge import boxes as boxmath
 from detforge.data.groundtruth import read_image_refs, resolve_source_ref
-from detforge.deploy.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image, resize_rgb
+from detforge.runtime import METADATA_FILE, MODEL_FILE, file_sha256, load_image, resize_rgb
 from detforge.errors import ConfigError, DetforgeError, ManifestError, ModelError
 
 DEFAULT_OPSET = 17

@@ -194,7 +194,7 @@ def _check_truth(truth: Record, class_names: list[str], warned: set[int], warnin
 
 def _decode(source: Source, make_thumbnail: bool):
     """(image array, thumbnail or None) or the DetforgeError saying why the image cannot be read."""
-    from detforge.deploy.runtime import load_image
+    from detforge.runtime import load_image
 
     try:
         image = load_image(source.ref)
@@ -248,7 +248,7 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
     """
     check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
     if predictor is None:
-        from detforge.deploy.runtime import Predictor
+        from detforge.runtime import Predictor
 
         predictor = Predictor(deploy, threads=threads, providers=providers, tile=tile, overlap=overlap,
                               full_pass=tile_full_pass)

@@ -220,7 +220,7 @@ class BlockWorker:
     written to a temporary folder, removed once loaded), then whole blocks (one per call)."""
 
     def __init__(self, *, model_files: dict[str, bytes], settings: dict, out: str) -> None:
-        from detforge.deploy.runtime import Predictor
+        from detforge.runtime import Predictor
 
         if os.path.isdir(settings["cwd"]):  # relative paths of the job are relative to the driver's folder
             os.chdir(settings["cwd"])
@@ -469,7 +469,7 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     """
     ray = require("ray", "ray")
     require("ray.data", "ray")
-    from detforge.deploy.runtime import METADATA_FILE, MODEL_FILE, local_deploy, read_metadata
+    from detforge.runtime import METADATA_FILE, MODEL_FILE, local_deploy, read_metadata
 
     check_options(on_error=on_error, batch_size=batch_size, threshold=threshold, iou_threshold=iou_threshold)
     if int(block_size) < 1:

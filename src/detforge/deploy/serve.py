@@ -350,7 +350,7 @@ def public_model_info(metadata: dict, *, threshold: float) -> dict:
 def create_app(config: ServeConfig, predictor=None) -> Starlette:
     """The endpoint as an ASGI app; loads the model (``predictor`` may be given) before returning."""
     if predictor is None:
-        from detforge.deploy.runtime import Predictor
+        from detforge.runtime import Predictor
 
         predictor = Predictor(config.deploy_dir, threads=config.threads, tile=config.tile,
                               overlap=config.overlap, full_pass=config.tile_full_pass)

@@ -162,7 +162,7 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
     the next run.
     """
     if predictor is None:
-        from detforge.deploy.runtime import Predictor
+        from detforge.runtime import Predictor
 
         predictor = Predictor(config.deploy_dir, threads=config.threads, tile=config.tile,
                               overlap=config.overlap, full_pass=config.tile_full_pass)

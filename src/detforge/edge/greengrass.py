@@ -121,7 +121,7 @@ def _package_files() -> list[tuple[Path, str]]:
 
 def build_archive(deploy_dir: str) -> bytes:
     """The artifact zip (model, detforge source, requirements, run.sh) as bytes."""
-    from detforge.deploy.runtime import local_deploy
+    from detforge.runtime import local_deploy
 
     deploy_dir = local_deploy(deploy_dir)  # an s3:// deploy folder: its cached copy
     model_files = [os.path.join(deploy_dir, name) for name in ("model.onnx", "model.json")]

@@ -289,7 +289,7 @@ def _open_model(path: str):
 def _open_deploy(path: str, **tiling):
     """Class names of a deploy folder and a function from RGB arrays to detections (ONNX Runtime;
     ``tiling``: ``Predictor``'s ``tile``, ``overlap``, ``full_pass``)."""
-    from detforge.deploy.runtime import Predictor
+    from detforge.runtime import Predictor
 
     predictor = Predictor(path, **tiling)
 

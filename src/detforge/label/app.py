@@ -177,7 +177,7 @@ def _label(manifest, *, out, classes, adjust, label_attribute, job_name, model, 
            open_browser, on_progress, on_ready, tiling=None) -> LabelJob:
     predictor = None
     if model is not None:
-        from detforge.deploy.runtime import Predictor
+        from detforge.runtime import Predictor
 
         predictor = Predictor(model, **(tiling or {}))
     job = open_job(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,

@@ -4,7 +4,7 @@ In here: reading the job's input (a labeling *input* manifest, or for ``adjust``
 boxes are corrected), resuming from an output manifest written earlier, the model's proposals and the
 "least sure first" order, and writing the output after every change (atomically, the whole file, so a
 killed process leaves the last saved state). Not in here: the HTTP server and the page (``label.app``).
-No torch: proposals come from ``detforge.deploy.runtime.Predictor`` (ONNX Runtime).
+No torch: proposals come from ``detforge.runtime.Predictor`` (ONNX Runtime).
 
 Boxes travel as ``[x1, y1, x2, y2, class_id, score]`` in image pixels; ``score`` is the model's confidence
 of a proposal accepted unchanged (or, when adjusting, the input box's own confidence while it is

@@ -1,4 +1,7 @@
-"""The deployed model without torch: ``Predictor`` over ONNX Runtime, for predict, serve and edge.
+"""The deployed model without torch: ``Predictor`` over ONNX Runtime, for every stage that runs a deploy
+folder (evaluate, label's proposals, predict, serve, edge, demo). A leaf: it imports only the other leaves
+(``errors``, ``storage``, ``boxes``, ``images``, ``tiling``), so any stage may use it without an import
+running back up the stages.
 
 ``Predictor(deploy_dir, *, threads=None, providers=None)`` loads ``deploy_dir/model.onnx`` and
 ``model.json`` (written by ``deploy.export``), checks the ONNX file's sha256 against the metadata, and
