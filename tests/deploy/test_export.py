@@ -1,11 +1,14 @@
-"""Export and runtime: the ONNX model reproduces PyTorch for all three architectures, handles batches, any
-input size and zero detections; verification compares pre-NMS outputs on real images (a weak 2-epoch model
-exports; without real images the export stops or says it is unverified); the int8 gate keeps fp32 when int8
-loses too much; the torch-free Predictor maps boxes back to each image; bad deploy folders, bad images and a
-failed verification give clear errors and write nothing."""
+"""Export and runtime: every entry of the model table exports, verifies against PyTorch and quantizes to an
+int8 graph that still detects and is verified itself; the graph handles batches, any input size and zero
+detections; verification compares pre-NMS outputs on real images (a weak 2-epoch model exports; without real
+images the export stops or says it is unverified); int8 calibrates on training images and is compared on
+validation images, and the gate keeps fp32 when int8 loses too much; a deploy folder is written whole to
+S3 (moto's server); the torch-free Predictor maps boxes back to each image; bad deploy folders, bad images
+and a failed verification give clear errors and write nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,12 +24,13 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import TINY_HP, make_box_images  # noqa: E402
 
-from detforge.deploy import export  # noqa: E402
-from detforge.deploy.export import check_nms, compare_raw, export_run  # noqa: E402
-from detforge.runtime import Predictor, file_sha256, load_image, resize_rgb  # noqa: E402
+from detforge import models  # noqa: E402
+from detforge.deploy import quantize, verify  # noqa: E402
+from detforge.deploy.export import export_run  # noqa: E402
+from detforge.deploy.verify import check_nms, compare_raw  # noqa: E402
 from detforge.errors import ConfigError, ModelError  # noqa: E402
 from detforge.images import ImageError  # noqa: E402
-from detforge.models import build_model  # noqa: E402
+from detforge.runtime import Predictor, file_sha256, load_image, resize_rgb  # noqa: E402
 from detforge.training import checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,20 +52,61 @@ def box_image(width: int, height: int, *, color=(40, 70, 210), seed: int = 0,
     return pixels
 
 
-def save_untrained_run(folder: Path, base_network: str, image_size: int, **thresholds) -> Path:
+def save_untrained_run(folder: Path, base_network: str, image_size: int, *, detector: str = "ssd",
+                       **thresholds) -> Path:
     """A run folder holding a freshly initialised model (what ``train`` writes, minus the training)."""
     torch.manual_seed(0)
-    model = build_model(base_network, num_classes=2, image_size=image_size)
+    model = models.build_model(base_network, detector=detector, num_classes=2, image_size=image_size)
     for module in model.modules():  # LeCun-normal convolutions: an untrained model with distinct scores
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.weight[0].numel()))
-    for parameter in model.head.parameters():
-        parameter.data *= 0.5
-    info = checkpoint.RunInfo(base_network=base_network, image_shape=image_size, num_classes=2,
-                              classes=["blue box", "yellow box"],
+    for module in model.head.modules():  # class scores spread around the middle, not at a prior
+        if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    info = checkpoint.RunInfo(detector=detector, base_network=base_network, image_shape=image_size,
+                              num_classes=2, classes=["blue box", "yellow box"],
                               thresholds={"nms_threshold": 0.45, "nms_topk": 50, "score_threshold": 0.01,
                                           **thresholds})
     checkpoint.save_model(folder, model, info)
+    return folder
+
+
+def write_inputs(run: Path, *, train: Path, validation: Path) -> None:
+    """The run folder's ``inputs.json``, as ``train`` writes it."""
+    inputs = checkpoint.RunInputs(train=str(train), validation=str(validation))
+    (run / checkpoint.INPUTS_FILE).write_text(json.dumps(inputs.to_json()))
+
+
+def noise_images(folder: Path, size: int, seeds=(0, 1)) -> list[str]:
+    """Noisy pictures (``size`` high, ``size + 16 x k`` wide) with a blue box: distinct scores."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, seed in enumerate(seeds):
+        paths.append(str(folder / f"sample{seed}.png"))
+        Image.fromarray(box_image(size + 16 * (i % 2), size, seed=seed, noise=True)).save(paths[-1])
+    return paths
+
+
+def noise_manifest(folder: Path, size: int, seeds) -> Path:
+    """A manifest of ``noise_images`` (no boxes): training images to calibrate int8 on."""
+    from detforge.data.groundtruth import make_record, write_manifest
+
+    records = [make_record(path, width=size + 16 * (i % 2), height=size, boxes_xyxy=np.zeros((0, 4)),
+                           class_ids=[], class_map={0: "blue box", 1: "yellow box"})
+               for i, path in enumerate(noise_images(folder, size, seeds))]
+    write_manifest(folder / "data.manifest", records)
+    return folder / "data.manifest"
+
+
+def fp32_twin(deploy: Path, folder: Path) -> Path:
+    """The ``model-fp32.onnx`` beside an int8 model as a deploy folder of its own."""
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes((deploy / "model-fp32.onnx").read_bytes())
+    meta = json.loads((deploy / "model.json").read_text())
+    meta["sha256"] = file_sha256(str(folder / "model.onnx"))
+    (folder / "model.json").write_text(json.dumps(meta))
     return folder
 
 
@@ -75,11 +120,11 @@ def test_deploy_folder_has_what_model_json_promises(tiny_deploy, tmp_path):
     assert check["compared"].startswith("pre-NMS class scores and boxes of every anchor")
     assert check["samples"].startswith("4 validation images (") and check["images"] == 4
     # every anchor's 2 class scores and 4 box coordinates, on 4 images
-    raw = export._with_pre_nms_outputs(str(tiny_deploy / "model.onnx"), str(tmp_path))
+    raw = verify._with_pre_nms_outputs(str(tiny_deploy / "model.onnx"), str(tmp_path))
     raw_session = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
     anchors = raw_session.run(None, {"images": np.zeros((1, 64, 64, 3), np.uint8)})[4].shape[1]
     assert anchors > 100 and check["raw_values"] == 4 * anchors * (2 + 4)
-    assert check["detections"] > 0 and check["max_score_diff"] <= export.VERIFY_SCORE
+    assert check["detections"] > 0 and check["max_score_diff"] <= verify.VERIFY_SCORE
     assert meta["hyperparameters"]["base_network"] == "mobilenet-v3"
     assert sorted(os.listdir(tiny_deploy)) == ["model.json", "model.onnx"]
     session = ort.InferenceSession(str(tiny_deploy / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -108,34 +153,71 @@ def test_onnx_batches_are_independent_and_any_input_size_runs(tiny_deploy):
     assert n > 0 and fb[0, :n, [0, 2]].max() <= 100 and fb[0, :n, [1, 3]].max() <= 80
 
 
-# mobilenet-v3 is covered by the trained ``tiny_deploy`` (untrained, its scores are all but equal: NMS ties)
-@pytest.mark.parametrize("base_network,size", [("resnet-50", 64), ("vgg-16", 64)])
-def test_every_architecture_exports_and_matches_pytorch(tmp_path, base_network, size):
-    run = save_untrained_run(tmp_path / "run", base_network, size)
-    images = []
-    for i in range(2):
-        path = tmp_path / f"sample{i}.png"
-        from PIL import Image
+@pytest.mark.parametrize(("detector", "base_network"), models.MODEL_TABLE)
+def test_every_model_exports_verified_and_its_int8_graph_still_detects(tmp_path, detector, base_network):
+    size = 64
+    train = noise_manifest(tmp_path / "train", size, seeds=(10, 11, 12, 13))  # int8 ranges fit the samples
+    validation = make_box_images(tmp_path / "validation", 2, 2)
+    run = save_untrained_run(tmp_path / "run", base_network, size, detector=detector)
+    write_inputs(run, train=train, validation=validation)
+    images = noise_images(tmp_path, size)
+    deploy = tmp_path / "deploy"
+    result = export_run(str(run), str(deploy), verify_images=images, default_threshold=0.0, int8=True,
+                        max_map_drop=100.0, min_speedup=0.0)
+    meta = json.loads((deploy / "model.json").read_text())
+    assert meta["detector"] == detector and meta["base_network"] == base_network
+    assert meta["input_size"] == size and meta["quantization"] == "int8"
+    assert sorted(os.listdir(deploy)) == ["model-fp32.onnx", "model.json", "model.onnx"]
+    # int8: calibrated on the run's training images (inputs.json), compared on its validation images
+    q = meta["int8"]
+    assert q["accepted"] is True and q["refused"] == [] and q["fp32_model"] == "model-fp32.onnx"
+    assert (q["calibration"], q["calibration_images"]) == (str(train), 4)
+    assert (q["validation"], q["validation_images"]) == (str(validation), 2)
+    # the fp32 graph reproduces PyTorch within the tolerances (noise: no near-equal scores)
+    fp32 = meta["verification"]["fp32"]
+    assert fp32["graph"] == "fp32" and fp32["verified"] and fp32["samples"] == "2 given images"
+    assert fp32["max_score_diff"] <= verify.VERIFY_SCORE and fp32["max_box_diff_px"] <= verify.VERIFY_BOX
+    assert fp32["matched"] == fp32["pytorch_detections"] > 0 and fp32["detections"] > 0
+    # the record beside the int8 graph describes the int8 graph: a valid NMS of its own scores, measured
+    check = meta["verification"]
+    assert check["graph"] == "int8" and check["verified"] and check["tolerance"] is None
+    assert check["raw_values"] == fp32["raw_values"] and check["detections"] > 0
+    assert meta["sha256"] == file_sha256(str(deploy / "model.onnx")) and result.verify.quantized
+    # every convolution of the network is quantized (its weights come through DequantizeLinear)
+    import onnx
 
-        Image.fromarray(box_image(size + 16 * i, size, seed=i, noise=True)).save(path)
-        images.append(str(path))
-    result = export_run(str(run), str(tmp_path / "deploy"), verify_images=images, default_threshold=0.0)
-    assert result.verify.verified and result.verify.detections > 0
-    assert result.verify.max_box_diff <= export.VERIFY_BOX
-    assert result.verify.max_score_diff <= export.VERIFY_SCORE
-    assert result.verify.matched == result.verify.pytorch_detections > 0  # noise: no near-equal scores
-    # the runtime's detections are the PyTorch model's on the same resized pixels, in the original image
+    graph = onnx.load(str(deploy / "model.onnx")).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    float_convs = [c.name for c in convs if producers.get(c.input[1]) is None
+                   or producers[c.input[1]].op_type != "DequantizeLinear"]
+    assert len(convs) > 10 and float_convs == []
+    # it still detects: the int8 graph's class scores of every candidate follow PyTorch's (an untrained
+    # model scores many anchors alike, so which one NMS keeps first is no test), and it finds as much
     model, _ = checkpoint.load_run_model(str(run))
-    predictor = Predictor(str(tmp_path / "deploy"))
+    batch = np.stack([resize_rgb(load_image(p), size) for p in images])
+    session = ort.InferenceSession(verify._with_pre_nms_outputs(str(deploy / "model.onnx"), str(tmp_path)),
+                                   providers=["CPUExecutionProvider"])
+    counts, int8_scores = (session.run(None, {"images": batch})[k] for k in (3, 5))
+    fp32_scores = np.stack([scores for _, scores in verify.pytorch_pre_nms(model, batch, candidates=50)])
+    both = (int8_scores > 0) & (fp32_scores > 0)
+    assert counts.min() > 0 and both.sum() > 50
+    assert np.corrcoef(int8_scores[both], fp32_scores[both])[0, 1] >= 0.9
+    fp32_predictor = Predictor(str(fp32_twin(deploy, tmp_path / "fp32")))
+    int8_predictor = Predictor(str(deploy))
+    for image in images:
+        (want,), (got,) = (p.predict([image], threshold=0.05) for p in (fp32_predictor, int8_predictor))
+        assert len(got) > 0 and abs(float(got.scores[0]) - float(want.scores[0])) <= 0.05
+    # the runtime's fp32 detections are the PyTorch model's on the same resized pixels, in the original image
     picture = load_image(images[1])
-    found = predictor.predict([images[1]], threshold=0.05)[0]
+    found = fp32_predictor.predict([images[1]], threshold=0.05)[0]
     resized = torch.from_numpy(resize_rgb(picture, size).copy()).permute(2, 0, 1).float().div(255)
     with torch.inference_mode():
         ref = model([resized])[0]
     keep = ref["scores"].numpy() >= 0.05
     sx = picture.shape[1] / size
     ref_boxes = ref["boxes"].numpy()[keep] * np.array([sx, 1.0, sx, 1.0])
-    assert len(found) == int(keep.sum())
+    assert len(found) == int(keep.sum()) > 0
     np.testing.assert_allclose(found.scores, ref["scores"].numpy()[keep], atol=1e-3)
     np.testing.assert_allclose(found.boxes_xyxy, ref_boxes, atol=0.05)
     np.testing.assert_array_equal(found.class_ids, ref["labels"].numpy()[keep] - 1)
@@ -175,13 +257,14 @@ def test_zero_detections_come_back_empty(tmp_path):
 
 
 def test_int8_is_compared_with_fp32_and_kept_within_max_map_drop(tiny_run, tmp_path):
-    calibration = tiny_run.parent / "validation" / "data.manifest"
-    result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True, calibration=str(calibration),
-                        max_map_drop=100.0, min_speedup=0.0)
+    result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True, max_map_drop=100.0,
+                        min_speedup=0.0)
     meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
-    q = meta["int8"]  # the export compares both models: latency and validation:mAP on the run's validation
-    assert meta["quantization"] == "int8" and q["accepted"] is True and q["calibration_images"] == 4
-    assert q["fp32_ms"] > 0 and q["int8_ms"] > 0 and q["validation"].endswith("data.manifest")
+    q = meta["int8"]  # calibrated on the run's 16 training images, compared on its 4 validation images
+    assert meta["quantization"] == "int8" and q["accepted"] is True and q["calibration_images"] == 16
+    assert q["calibration"] == str(tiny_run.parent / "train" / "data.manifest")
+    assert q["validation"] == str(tiny_run.parent / "validation" / "data.manifest")
+    assert q["fp32_ms"] > 0 and q["int8_ms"] > 0
     assert q["validation_images"] == 4 and q["max_map_drop"] == 100.0
     lost = 100 * (q["fp32_map"] - q["int8_map"])
     assert 0 <= q["int8_map"] <= 1 and q["map_points_lost"] == pytest.approx(lost, abs=0.01)
@@ -192,6 +275,20 @@ def test_int8_is_compared_with_fp32_and_kept_within_max_map_drop(tiny_run, tmp_p
     assert "QuantizeLinear" in ops and "NonMaxSuppression" in ops
     found = Predictor(str(tmp_path / "deploy")).predict([box_image(64, 64)], threshold=0.0)[0]
     assert len(found) > 0
+    check = meta["verification"]  # of the int8 graph written, on the 4 validation images
+    assert check["graph"] == "int8" and check["verified"] and check["images"] == 4
+    assert check["fp32"]["graph"] == "fp32" and check["fp32"]["verified"]
+
+
+def test_int8_never_calibrates_on_the_images_it_is_compared_on(tiny_run, tmp_path):
+    validation = tiny_run.parent / "validation" / "data.manifest"
+    with pytest.raises(ConfigError, match="also the validation manifest of the int8 comparison") as caught:
+        export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True, calibration=str(validation))
+    assert caught.value.field == "--calibration" and not (tmp_path / "deploy").exists()
+    run = save_untrained_run(tmp_path / "run", "mobilenet-v3", 64)  # no inputs.json: no training images
+    with pytest.raises(ConfigError, match="calibrates on the run's training images") as caught:
+        export_run(str(run), str(tmp_path / "deploy"), int8=True, validation=str(validation))
+    assert caught.value.field == "--calibration"
 
 
 def test_int8_that_loses_too_much_is_refused_and_fp32_kept(tiny_run, tmp_path, monkeypatch):
@@ -224,11 +321,11 @@ def test_int8_that_loses_too_much_is_refused_and_fp32_kept(tiny_run, tmp_path, m
         constant.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([1.0], np.float32)))
         onnx.save(model, int8_path)
 
-    monkeypatch.setattr(export, "quantize_int8", blind)
+    monkeypatch.setattr(quantize, "quantize_int8", blind)
     result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True,
                         validation=str(tmp_path / "own" / "data.manifest"))
     q = result.int8
-    assert q["accepted"] is False and q["max_map_drop"] == export.DEFAULT_MAX_MAP_DROP == 1.0
+    assert q["accepted"] is False and q["max_map_drop"] == quantize.DEFAULT_MAX_MAP_DROP == 1.0
     assert (q["fp32_map"], q["int8_map"], q["map_points_lost"]) == (1.0, 0.0, 100.0)
     meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
     assert meta["quantization"] == "fp32" and meta["int8"]["fp32_model"] == "model.onnx"
@@ -246,13 +343,13 @@ def test_int8_that_is_slower_than_fp32_is_refused(tiny_run, tmp_path, monkeypatc
     mAP lost): by default the export keeps fp32 and says why; ``--min-speedup 0`` keeps int8 anyway."""
     from detforge.cli import main
 
-    real = export.compare_int8
+    real = quantize.compare_int8
 
     def slower(*args, **kwargs):
         found = real(*args, **kwargs)
         return {**found, "fp32_ms": 10.0, "int8_ms": 12.5, "speedup": 0.8}
 
-    monkeypatch.setattr(export, "compare_int8", slower)
+    monkeypatch.setattr(quantize, "compare_int8", slower)
     code = main(["export", str(tiny_run), "--out", str(tmp_path / "deploy"), "--int8",
                  "--max-map-drop", "100"])
     out = capsys.readouterr().out
@@ -266,6 +363,51 @@ def test_int8_that_is_slower_than_fp32_is_refused(tiny_run, tmp_path, monkeypatc
     assert code == 0 and json.loads((tmp_path / "kept" / "model.json").read_text())["quantization"] == "int8"
 
 
+def test_export_writes_a_whole_deploy_folder_to_s3(tiny_run, tmp_path, make_bucket, monkeypatch, capsys):
+    """``export --out s3://`` against moto's S3 server: the folder appears whole (no temporary prefix left)
+    and the runtime loads it; a second export replaces it; an upload that fails half way leaves no
+    ``model.json`` beside a new ``model.onnx`` (the folder is not a deploy folder until it is complete)."""
+    from detforge import storage
+    from detforge.cli import main
+    from detforge.errors import StorageError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bucket = make_bucket()
+    out = f"s3://{bucket}/models/tiny"
+    assert main(["export", str(tiny_run), "--out", out, "--threshold", "0.05"]) == 0
+    assert f"wrote {out}/model.onnx (fp32, ssd on mobilenet-v3 at 64 px" in capsys.readouterr().out
+    assert storage.list_files(f"s3://{bucket}/") == [f"{out}/model.json", f"{out}/model.onnx"]
+    meta = json.loads(storage.read_bytes(f"{out}/model.json"))
+    assert meta["sha256"] == hashlib.sha256(storage.read_bytes(f"{out}/model.onnx")).hexdigest()
+    assert meta["verification"]["verified"] and meta["default_threshold"] == 0.05
+    picture = box_image(64, 64)
+    remote = Predictor(out).predict([picture])[0]
+    local = Predictor(str(tiny_run.parent / "deploy")).predict([picture])[0]
+    assert len(remote) == len(local) > 0
+    np.testing.assert_allclose(remote.scores, local.scores, atol=1e-6)
+    export_run(str(tiny_run), out, default_threshold=0.2)  # replaces the folder
+    assert json.loads(storage.read_bytes(f"{out}/model.json"))["default_threshold"] == 0.2
+    assert storage.list_files(f"s3://{bucket}/") == [f"{out}/model.json", f"{out}/model.onnx"]
+    before = storage.read_bytes(f"{out}/model.onnx")
+    real_move = storage.move
+
+    def interrupted(source, target):  # the store fails while the new model.onnx is moved into place
+        if target.endswith("/model.onnx"):
+            raise StorageError("cannot write: connection reset", path=target)
+        real_move(source, target)
+
+    monkeypatch.setattr(storage, "move", interrupted)
+    with pytest.raises(StorageError, match="connection reset"):
+        export_run(str(tiny_run), out, default_threshold=0.3)
+    assert storage.list_files(f"s3://{bucket}/") == [f"{out}/model.onnx"]  # no model.json, no prefix
+    assert storage.read_bytes(f"{out}/model.onnx") == before
+    with pytest.raises(ModelError, match="not a deploy folder"):
+        Predictor(out)
+    monkeypatch.setattr(storage, "move", real_move)
+    assert main(["export", str(tiny_run), "--out", "s3://no-such-bucket-detforge/d"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_int8_needs_validation_images(tmp_path):
     run = save_untrained_run(tmp_path / "run", "mobilenet-v3", 64)
     with pytest.raises(ConfigError, match="--validation"):
@@ -274,12 +416,12 @@ def test_int8_needs_validation_images(tmp_path):
 
 def test_a_failed_verification_writes_nothing(tiny_run, tmp_path, monkeypatch):
     def disagree(*args, **kwargs):
-        report = export.VerifyReport(images=1, raw_values=5000)
+        report = verify.VerifyReport(images=1, raw_values=5000)
         report.problems.append("sample image 0: pre-NMS score of class 0 at anchor 7: ONNX 0.9000, "
                                "PyTorch 0.1000")
         return report
 
-    monkeypatch.setattr(export, "verify", disagree)
+    monkeypatch.setattr(verify, "verify", disagree)
     with pytest.raises(ModelError, match="could not be verified.*does not reproduce PyTorch.*anchor 7"):
         export_run(str(tiny_run), str(tmp_path / "deploy"))
     assert os.listdir(tmp_path / "deploy") == []
@@ -305,19 +447,19 @@ def test_without_real_images_the_export_stops_or_says_it_is_unverified(tmp_path)
 def test_compare_raw_tolerances_and_the_top_k_cut():
     boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 15, 15]], float)
     scores = np.array([[0.9, 0.3, 0.0], [0.0, 0.2, 0.6]])
-    report = export.VerifyReport(images=1)
+    report = verify.VerifyReport(images=1)
     compare_raw((boxes, scores), (boxes + 0.01, scores + 0.0005 * (scores > 0)), report=report, name="x")
     assert report.ok and report.raw_values == 18 and report.boundary == 0
     assert report.max_box_diff == pytest.approx(0.01) and report.max_score_diff == pytest.approx(0.0005)
-    report = export.VerifyReport(images=1)  # class 0's cut at 0.3: ONNX keeps anchor 2 at 0.2996 instead
+    report = verify.VerifyReport(images=1)  # class 0's cut at 0.3: ONNX keeps anchor 2 at 0.2996 instead
     compare_raw((boxes, scores), (boxes, np.array([[0.9, 0.0, 0.2996], [0.0, 0.2, 0.6]])), report=report,
                 name="x")
     assert report.ok and report.boundary == 2
-    report = export.VerifyReport(images=1)
+    report = verify.VerifyReport(images=1)
     compare_raw((boxes, scores), (boxes, np.array([[0.9, 0.0, 0.25], [0.0, 0.2, 0.6]])), report=report,
                 name="x")
     assert report.problems == ["x: pre-NMS score of class 0 at anchor 1: ONNX 0.0000, PyTorch 0.3000"]
-    report = export.VerifyReport(images=1)
+    report = verify.VerifyReport(images=1)
     moved = boxes + np.array([[0, 0, 0, 0], [0, 0, 0.1, 0], [0, 0, 0, 0]])
     compare_raw((boxes, scores), (moved, scores), report=report, name="x")
     assert report.problems == ["x: pre-NMS box of anchor 1: ONNX [20.0, 20.0, 30.1, 30.0], "
@@ -332,7 +474,7 @@ def test_check_nms_accepts_either_of_near_equal_boxes_and_nothing_else():
     settings = {"nms_threshold": 0.45, "nms_topk": 10, "score_threshold": 0.01, "keep": 10}
 
     def run(kept):
-        report = export.VerifyReport(images=1)
+        report = verify.VerifyReport(images=1)
         found = (boxes[kept], scores[0, kept], np.zeros(len(kept), np.int64))
         check_nms((boxes, scores), found, **settings, report=report, name="x")
         return report
@@ -344,11 +486,11 @@ def test_check_nms_accepts_either_of_near_equal_boxes_and_nothing_else():
                                  "a kept box"]
     assert run([0, 1, 2]).problems == ["x: two kept boxes of class 0 overlap by IoU 0.900 > nms_threshold "
                                        "0.45"]
-    report = export.VerifyReport(images=1)
+    report = verify.VerifyReport(images=1)
     check_nms((boxes, scores), (boxes[:1] + 1, scores[0, :1], np.zeros(1, np.int64)), **settings,
               report=report, name="x")
     assert report.problems[0] == "x: detection (class 0, score 0.4000) is none of the network's candidates"
-    report = export.VerifyReport(images=1)  # keep=1: the per-image limit cuts anchor 2
+    report = verify.VerifyReport(images=1)  # keep=1: the per-image limit cuts anchor 2
     check_nms((boxes, scores), (boxes[:1], scores[0, :1], np.zeros(1, np.int64)), **{**settings, "keep": 1},
               report=report, name="x")
     assert report.ok
@@ -432,7 +574,7 @@ def test_an_untrained_model_with_tied_scores_exports(tmp_path):
     """Freshly initialised MobileNetV3 features vanish: hundreds of anchors share one score, and NMS may
     keep different ones of them in PyTorch and ONNX Runtime. The pre-NMS outputs still agree."""
     torch.manual_seed(0)
-    model = build_model("mobilenet-v3", num_classes=2, image_size=64)
+    model = models.build_model("mobilenet-v3", num_classes=2, image_size=64)
     info = checkpoint.RunInfo(base_network="mobilenet-v3", image_shape=64, num_classes=2, classes=["a", "b"])
     checkpoint.save_model(tmp_path / "run", model, info)
     validation = make_box_images(tmp_path / "validation", 2, 3)

@@ -3,6 +3,7 @@ torch hub cache; run models saved and loaded without pickle."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -11,6 +12,8 @@ torch = pytest.importorskip("torch")
 
 from detforge import models  # noqa: E402
 from detforge.errors import ConfigError, ModelError  # noqa: E402
+from detforge.models.contract import InputSpec  # noqa: E402
+from detforge.models.postprocess import select_detections  # noqa: E402
 from detforge.training import checkpoint  # noqa: E402
 
 
@@ -48,6 +51,50 @@ def test_train_and_eval_forward_at_64px(detector, base_network):
         assert set(output["labels"].tolist()) <= {1, 2}  # model label = class id + 1
         assert float(output["boxes"][:, 2].max()) <= width and float(output["boxes"][:, 3].max()) <= height
     assert (model.nms_thresh, model.topk_candidates, model.detections_per_img) == (0.45, 50, 50)
+
+
+@pytest.mark.parametrize(("detector", "base_network"), models.MODEL_TABLE)
+def test_every_model_has_the_detector_contract(detector, base_network):
+    """``input_spec`` as data; ``dense_predictions``: every anchor's box (input pixels) and class scores;
+    eval mode is ``models.postprocess`` on exactly those (what the ONNX graph is built from)."""
+    torch.manual_seed(0)
+    model = models.build_model(base_network, detector=detector, num_classes=3, image_size=64, nms_topk=20,
+                               score_threshold=0.0).eval()
+    for module in model.modules():  # LeCun-normal convolutions, head biases 0: distinct scores, no NMS ties
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.weight[0].numel()))
+    for module in model.head.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    spec = model.input_spec
+    assert isinstance(spec, InputSpec) and spec.size == 64 and len(spec.mean) == len(spec.std) == 3
+    images = torch.rand(2, 3, 64, 64)
+    x = (images - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        boxes, scores = model.dense_predictions(x)
+        outputs = model(list(images))
+    anchors = boxes.shape[1]
+    assert tuple(boxes.shape) == (2, anchors, 4) and tuple(scores.shape) == (2, anchors, 3)
+    assert anchors >= 84
+    assert float(boxes.min()) >= 0.0 and float(boxes.max()) <= 64.0
+    assert 0.0 <= float(scores.min()) and float(scores.max()) <= 1.0
+    for i, output in enumerate(outputs):
+        expected = select_detections(boxes[i], scores[i], score_thresh=0.0, nms_thresh=0.45,
+                                     topk_candidates=20, detections_per_img=20)
+        assert 0 < len(output["labels"]) <= 20 and torch.equal(output["labels"], expected["labels"])
+        torch.testing.assert_close(output["scores"], expected["scores"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(output["boxes"], expected["boxes"], rtol=0, atol=1e-4)
+    if detector == "ssd":  # the boxes are torchvision's own anchors through its own box coder
+        from torchvision.ops import boxes as box_ops
+
+        with torch.no_grad():
+            image_list, _ = model.transform(list(images))
+            features = list(model.backbone(image_list.tensors).values())
+            head = model.head(features)
+            for i, own in enumerate(model.anchor_generator(image_list, features)):
+                decoded = model.box_coder.decode_single(head["bbox_regression"][i], own)
+                torch.testing.assert_close(boxes[i], box_ops.clip_boxes_to_image(decoded, (64, 64)),
+                                           rtol=0, atol=1e-4)
 
 
 def test_vgg_anchors_follow_ssd300_and_ssd512():

@@ -1,4 +1,5 @@
-"""``detforge export RUN --out DEPLOY``: a verified ONNX model with NMS inside, plus its model.json."""
+"""``detforge export RUN --out DEPLOY``: a verified ONNX model with NMS inside, plus its model.json (any
+detector family; ``DEPLOY`` local or ``s3://``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
         run: Annotated[str, typer.Argument(help="A training run folder (or its model.safetensors).")],
-        out: Annotated[str, typer.Option("--out", help="The deploy folder to write.")] = "deploy",
+        out: Annotated[str, typer.Option(
+            "--out", help="The deploy folder to write, local or s3:// (written whole, model.json last)."
+        )] = "deploy",
         which: Annotated[str, typer.Option(
             "--which", help="model (last epoch) or best (best validation:mAP).")] = "model",
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
@@ -29,7 +32,7 @@ def register(app: typer.Typer) -> None:
             "--int8", help="Post-training static int8 quantization (fp32 model kept beside).")] = False,
         calibration: Annotated[str | None, typer.Option(
             "--calibration", help="Manifest of calibration images for --int8 (default: the run's "
-                                  "validation images).")] = None,
+                                  "training images; never the validation images it is compared on).")] = None,
         calibration_count: Annotated[int, typer.Option(
             "--calibration-count", help="Calibration images used.")] = 32,
         verify_images: Annotated[list[str] | None, typer.Option(
@@ -62,18 +65,25 @@ def register(app: typer.Typer) -> None:
                                 verify_images=verify_images, validation=validation,
                                 allow_unverified=allow_unverified, max_map_drop=max_map_drop,
                                 min_speedup=min_speedup, name=name)
-        meta, check = result.metadata, result.verify
-        console.print(f"wrote {result.model_path} ({meta['quantization']}, {meta['base_network']} at "
-                      f"{meta['input_size']} px, classes: {', '.join(meta['classes'])})")
+        meta = result.metadata
+        console.print(f"wrote {result.model_path} ({meta['quantization']}, {meta['detector']} on "
+                      f"{meta['base_network']} at {meta['input_size']} px, classes: "
+                      f"{', '.join(meta['classes'])})")
         v = meta["verification"]
-        if v["verified"]:
-            console.print(f"verified on {v['samples']}: {v['raw_values']} pre-NMS scores and box coordinates "
-                          f"agree (max score difference {v['max_score_diff']:.2g}, max box difference "
-                          f"{v['max_box_diff_px']:.2g} px); {v['detections']} detections are a valid NMS of "
-                          f"them; {check.matched} of PyTorch's {check.pytorch_detections} detections >= "
-                          f"{check.threshold:g} reproduced exactly")
+        fp32 = v.get("fp32", v)  # an int8 model's record holds its fp32 twin's
+        if fp32["verified"]:
+            console.print(f"verified on {fp32['samples']}: {fp32['raw_values']} pre-NMS scores and box "
+                          f"coordinates agree (max score difference {fp32['max_score_diff']:.2g}, max box "
+                          f"difference {fp32['max_box_diff_px']:.2g} px); {fp32['detections']} detections "
+                          f"are a valid NMS of them; {fp32['matched']} of PyTorch's "
+                          f"{fp32['pytorch_detections']} detections >= {fp32['threshold']:g} reproduced "
+                          "exactly")
         else:
-            console.print(f"[bold red]NOT verified[/]: {v['reason']} (model.json records it)")
+            console.print(f"[bold red]NOT verified[/]: {fp32['reason']} (model.json records it)")
+        if v is not fp32:
+            console.print(f"the int8 graph, verified on the same images: its {v['detections']} detections "
+                          f"are a valid NMS of its own scores; its pre-NMS scores differ from PyTorch's by "
+                          f"up to {v['max_score_diff']:.2g} (boxes {v['max_box_diff_px']:.2g} px)")
         if result.int8:
             q = result.int8
             console.print(f"int8: calibrated on {q['calibration_images']} images; latency at batch 1: fp32 "

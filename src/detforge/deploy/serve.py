@@ -6,7 +6,7 @@ concurrent requests into one ``Predictor.predict`` call, back-pressure (bounded 
 images, requests in flight and connections; ``503`` with ``Retry-After`` when full, never a growing memory),
 Prometheus metrics (``prometheus_client``, summed over ``--workers``), and ``serve()`` which runs it under
 uvicorn with a graceful SIGTERM. Answers never carry local paths or exception text. Not in here: the model
-itself (``detforge.deploy.runtime``), the allowed-path rule for files named in requests
+itself (``detforge.runtime``), the allowed-path rule for files named in requests
 (``detforge.edge.sources.resolve_allowed_path``). No torch.
 """
 

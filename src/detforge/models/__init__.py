@@ -4,12 +4,15 @@
 torchvision detectors' contract: train mode ``model(images, targets)`` -> loss dict, eval mode
 ``model(images)`` -> ``[{"boxes", "scores", "labels"}]``; images are float ``CHW`` tensors in [0, 1]
 (any size: the model resizes to ``image_size`` x ``image_size`` and maps boxes back).
-Model label = class id + 1 (0 is background for SSD); ``labels_to_class_ids`` converts back.
+Model label = class id + 1 (0 is background for SSD); ``labels_to_class_ids`` converts back. Every
+family also has the detector contract (``models.contract``: ``input_spec``, ``dense_predictions``, ``head``)
+that export, verification and int8 use, and shares its NMS with the ONNX graph (``models.postprocess``).
+A new family is one module here plus its rows in ``MODEL_TABLE``.
 
 - ``detector=ssd`` (default; SageMaker's algorithm, ``ssd``): torchvision SSD on ``vgg-16``,
   ``resnet-50`` or SSDLite on ``mobilenet-v3``.
 - ``detector=gfl`` (``gfl``): the anchor-free detector (PAN neck, GFL head, task-aligned assignment)
-  on ``mobilenet-v3`` or ``resnet-50``.
+  on ``shufflenet-v2``, ``mobilenet-v3`` or ``resnet-50``.
 
 ``MODEL_TABLE`` lists every (detector, base_network) pair that builds. ``nms_topk`` is the number of
 candidates per class kept before NMS and the most detections per image after it; ``score_threshold``

@@ -24,8 +24,9 @@ image in that image's pixels (labels = class id + 1). Eval resizes every image t
 (multi-scale training) and resizes the others. Post-processing is torchvision SSD's: per class, scores above
 ``score_thresh``, the ``topk_candidates`` best, NMS at ``nms_thresh``, the ``detections_per_img`` best.
 
+The detector contract (``models.contract``): ``input_spec`` (``image_size``, ImageNet mean/std) and
 ``dense_predictions(x)`` (normalised ``N x 3 x S x S`` input) -> boxes ``N x A x 4`` in input pixels and
-class probabilities ``N x A x C``: what ``detforge.deploy.export`` puts before NMS in the ONNX graph.
+class probabilities ``N x A x C``, one per point; eval mode selects from them with ``models.postprocess``.
 
 Not here: SSD (``ssd``), the assigner (``assign``), the name -> factory table (``detforge.models``).
 """
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 
 from detforge.errors import ConfigError
 from detforge.models.assign import box_iou, task_aligned_assign
+from detforge.models.contract import InputSpec
+from detforge.models.postprocess import select_detections
 from detforge.models.pretrained import pretrained_weights
 
 STRIDES = (8, 16, 32)
@@ -238,8 +241,6 @@ class GFLDetector(nn.Module):
         self.head = Head(num_classes)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
-        self.image_mean = list(IMAGENET_MEAN)
-        self.image_std = list(IMAGENET_STD)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.score_thresh = float(score_thresh)
@@ -248,6 +249,10 @@ class GFLDetector(nn.Module):
         self.topk_candidates = int(topk_candidates)
 
     # ------------------------------------------------------------ shared
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(self.image_size, IMAGENET_MEAN, IMAGENET_STD)
+
     def raw_outputs(self, x):
         """Class logits, side logits, points and strides for a normalised batch ``x``."""
         features = self.neck(self.backbone(x))
@@ -265,16 +270,15 @@ class GFLDetector(nn.Module):
     def _batch(self, images, targets=None):
         """Stack images (resized to image_size unless a train batch already shares a /32 size)."""
         sizes = [tuple(img.shape[-2:]) for img in images]
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         keep = (self.training and len(set(sizes)) == 1 and sizes[0][0] % 32 == 0 and sizes[0][1] % 32 == 0)
         if keep:
             batch = torch.stack(list(images))
         else:
             # antialiased, as training's resize (PIL bilinear) is: a 1024 px photo shrunk to 320 px without
-            # it is a different image to the model (0.156 vs 0.169 AP50-95 on Aquarium's valid split)
-            # (the ONNX exporter has no antialiased resize: tracing keeps the plain one)
+            # it is a different image to the model (0.156 vs 0.169 AP50-95 on Aquarium's valid split); the
+            # exported graph calls dense_predictions on the runtime's antialiased resize, never this
             batch = torch.cat([F.interpolate(img[None], size=(self.image_size, self.image_size),
-                                             mode="bilinear", align_corners=False, antialias=not exporting)
+                                             mode="bilinear", align_corners=False, antialias=True)
                                for img in images])
         scales = []
         for height, width in sizes:
@@ -284,11 +288,9 @@ class GFLDetector(nn.Module):
         if targets is not None:
             scaled = [t["boxes"].to(batch.device).float() * s for t, s in zip(targets, scales, strict=True)]
         batch = (batch - self.mean) / self.std
-        if not exporting:
-            # NHWC in PyTorch: oneDNN's depthwise convolutions and BatchNorm run ~1.25x faster per training
-            # step on one CPU thread (measured on mobilenet-v3 and shufflenet-v2); an exported graph has no
-            # memory format, so tracing keeps the plain layout
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        # NHWC in PyTorch: oneDNN's depthwise convolutions and BatchNorm run ~1.25x faster per training
+        # step on one CPU thread (measured on mobilenet-v3 and shufflenet-v2)
+        batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, scales, scaled
 
     def forward(self, images, targets=None):
@@ -342,22 +344,9 @@ class GFLDetector(nn.Module):
     # ------------------------------------------------------------ inference
     def postprocess(self, boxes, scores) -> dict:
         """Per-class score threshold, top-k candidates and NMS (torchvision SSD's rules) for one image."""
-        from torchvision.ops import boxes as box_ops
-
-        out_boxes, out_scores, out_labels = [], [], []
-        for c in range(scores.shape[1]):
-            score = scores[:, c]
-            keep = torch.nonzero(score > self.score_thresh).squeeze(1)
-            score = score[keep]
-            top = min(self.topk_candidates, score.numel())
-            score, order = score.topk(top)
-            out_boxes.append(boxes[keep[order]])
-            out_scores.append(score)
-            out_labels.append(torch.full_like(order, c + 1))
-        all_boxes, all_scores, all_labels = torch.cat(out_boxes), torch.cat(out_scores), torch.cat(out_labels)
-        keep = box_ops.batched_nms(all_boxes, all_scores, all_labels, self.nms_thresh)
-        keep = keep[: self.detections_per_img]
-        return {"boxes": all_boxes[keep], "scores": all_scores[keep], "labels": all_labels[keep]}
+        return select_detections(boxes, scores, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                                 topk_candidates=self.topk_candidates,
+                                 detections_per_img=self.detections_per_img)
 
 
 BACKBONES = {"shufflenet-v2": shufflenet_v2_backbone, "mobilenet-v3": mobilenet_v3_backbone,

@@ -1,10 +1,13 @@
 """SageMaker's SSD (``detector=ssd``, the default): one factory function per ``base_network``.
 
-``build_model(base_network, *, num_classes, image_size, ...)`` returns a torchvision ``SSD``:
-train mode ``model(images, targets)`` -> loss dict (``bbox_regression``, ``classification``),
-eval mode ``model(images)`` -> ``[{"boxes", "scores", "labels"}]``; images are float ``CHW`` tensors
-in [0, 1] (any size: the model resizes to ``image_size`` x ``image_size`` and maps boxes back).
-Model label = class id + 1 (0 is background); ``labels_to_class_ids`` converts back.
+``build_model(base_network, *, num_classes, image_size, ...)`` returns an ``SSDDetector``, a torchvision
+``SSD`` with the detector contract (``models.contract``): train mode ``model(images, targets)`` -> loss
+dict (``bbox_regression``, ``classification``), eval mode ``model(images)`` -> ``[{"boxes", "scores",
+"labels"}]``; images are float ``CHW`` tensors in [0, 1] (any size: the model resizes to ``image_size`` x
+``image_size`` and maps boxes back). Model label = class id + 1 (0 is background); ``labels_to_class_ids``
+converts back. ``dense_predictions(x)``: every anchor's box, decoded as torchvision's ``BoxCoder`` does
+(batched) and clipped to the input, and its softmax class scores without the background column; eval
+mode selects from the same scores and boxes with ``models.postprocess``.
 
 - ``vgg-16``: torchvision's SSD300-VGG16 (conv4_3 L2-norm + fc6/fc7 + extra blocks); at 300 exactly
   torchvision's anchors, at 512 the SSD512 paper's 7 maps, at other sizes the extra blocks that fit.
@@ -19,19 +22,88 @@ image after it; ``score_threshold`` drops lower-scoring detections.
 Pretrained backbones come from ``detforge.models.pretrained`` (the local torch hub cache only; a missing
 file is a ``ModelError`` naming it and ``detforge weights download``).
 
-Not here: the anchor-free detector (``gfl``), the name -> factory table (``detforge.models``).
+Not here: the anchor-free detector (``gfl``), the name -> factory table (``detforge.models``), NMS
+(``models.postprocess``).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from functools import cache
 
 from detforge.errors import ConfigError
+from detforge.models.contract import InputSpec
 from detforge.models.pretrained import pretrained_weights as _pretrained
 
 MIN_IMAGE_SIZE = 32
 
+
+@cache
+def _detector_class():
+    """``SSDDetector`` (made on first use: importing ``detforge.models`` must not import torch)."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.ssd import SSD
+    from torchvision.ops import boxes as box_ops
+
+    from detforge.models.postprocess import select_detections
+
+    class SSDDetector(SSD):
+        """torchvision's SSD with the detector contract (``models.contract``); same weights, same outputs."""
+
+        @property
+        def input_spec(self) -> InputSpec:
+            size = self.transform.fixed_size
+            return InputSpec(int(size[0]), tuple(float(m) for m in self.transform.image_mean),
+                             tuple(float(s) for s in self.transform.image_std))
+
+        def anchors_for(self, x, features):
+            """The anchors (``A x 4``, input pixels) of an input of ``x``'s size, computed once per size."""
+            key = (tuple(int(v) for v in x.shape[-2:]), x.device, x.dtype)
+            cached = getattr(self, "_anchor_cache", None)
+            if cached is None or cached[0] != key:
+                with torch.no_grad():
+                    image_list = ImageList(x[:1], [key[0]])
+                    anchors = self.anchor_generator(image_list, [f[:1] for f in features])[0]
+                self._anchor_cache = cached = (key, anchors)
+            return cached[1]
+
+        def decode(self, codes, anchors):
+            """``BoxCoder.decode_single`` on a batch: codes ``N x A x 4`` -> xyxy boxes ``N x A x 4``."""
+            wx, wy, ww, wh = (float(w) for w in self.box_coder.weights)
+            clip = float(self.box_coder.bbox_xform_clip)
+            widths, heights = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+            cx, cy = anchors[:, 0] + 0.5 * widths, anchors[:, 1] + 0.5 * heights
+            dx, dy = codes[..., 0] / wx, codes[..., 1] / wy
+            dw = torch.clamp(codes[..., 2] / ww, max=clip)
+            dh = torch.clamp(codes[..., 3] / wh, max=clip)
+            px, py = dx * widths + cx, dy * heights + cy
+            half_w, half_h = 0.5 * torch.exp(dw) * widths, 0.5 * torch.exp(dh) * heights
+            return torch.stack([px - half_w, py - half_h, px + half_w, py + half_h], dim=-1)
+
+        def dense_predictions(self, x):
+            """Boxes ``N x A x 4`` (clipped to the input) and class probabilities ``N x A x C``."""
+            features = list(self.backbone(x).values())
+            head = self.head(features)
+            boxes = self.decode(head["bbox_regression"], self.anchors_for(x, features))
+            boxes = boxes.clamp(min=0.0, max=float(x.shape[-1]))  # the input is square
+            return boxes, F.softmax(head["cls_logits"], dim=-1)[..., 1:]
+
+        def postprocess_detections(self, head_outputs, image_anchors, image_shapes):
+            """torchvision's decoding and clipping per image, then ``select_detections`` (its rules)."""
+            scores = F.softmax(head_outputs["cls_logits"], dim=-1)
+            detections = []
+            for codes, image_scores, anchors, shape in zip(head_outputs["bbox_regression"], scores,
+                                                           image_anchors, image_shapes, strict=True):
+                boxes = box_ops.clip_boxes_to_image(self.box_coder.decode_single(codes, anchors), shape)
+                detections.append(select_detections(
+                    boxes, image_scores[:, 1:], score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                    topk_candidates=self.topk_candidates, detections_per_img=self.detections_per_img))
+            return detections
+
+    return SSDDetector
 
 
 def _anchors(aspect_ratios: list[list[int]], scales: list[float] | None = None,
@@ -41,11 +113,6 @@ def _anchors(aspect_ratios: list[list[int]], scales: list[float] | None = None,
     if scales is None:
         return DefaultBoxGenerator(aspect_ratios, min_ratio=0.1, max_ratio=0.9)
     return DefaultBoxGenerator(aspect_ratios, scales=scales, steps=steps)
-
-
-def _post(nms_threshold: float, nms_topk: int, score_threshold: float) -> dict:
-    return {"score_thresh": float(score_threshold), "nms_thresh": float(nms_threshold),
-            "detections_per_img": int(nms_topk), "topk_candidates": int(nms_topk)}
 
 
 # ---------------------------------------------------------------- vgg-16
@@ -67,7 +134,7 @@ def build_vgg16(*, num_classes: int, image_size: int, pretrained_backbone: bool 
     """SSD with a VGG-16 backbone (torchvision's SSD300 design; extra blocks and anchors fit the size)."""
     import torch.nn as nn
     import torchvision
-    from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG
+    from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
 
     weights = _pretrained("vgg-16", pretrained_backbone)
     # only the convolutional part: building VGG's 120M-parameter classifier just to drop it is slow
@@ -95,8 +162,8 @@ def build_vgg16(*, num_classes: int, image_size: int, pretrained_backbone: bool 
                            [0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06], [8, 16, 32, 64, 128, 256, 512])
     else:
         anchors = _anchors(([[2]] + [[2, 3]] * max(0, n - 3) + [[2]] * 2)[:n])
-    return SSD(backbone, anchors, (image_size, image_size), num_classes + 1,
-               image_mean=[0.48235, 0.45882, 0.40784], image_std=[1.0 / 255.0] * 3, **post)
+    return _detector_class()(backbone, anchors, (image_size, image_size), num_classes + 1,
+                             image_mean=[0.48235, 0.45882, 0.40784], image_std=[1.0 / 255.0] * 3, **post)
 
 
 # ---------------------------------------------------------------- resnet-50
@@ -142,7 +209,6 @@ def _resnet_extractor(resnet, image_size: int):
 def build_resnet50(*, num_classes: int, image_size: int, pretrained_backbone: bool = False, **post):
     """SSD on ResNet-50 features as GluonCV's ssd_512_resnet50_v1 (6 maps at 512; fewer when smaller)."""
     import torchvision
-    from torchvision.models.detection.ssd import SSD
 
     weights = _pretrained("resnet-50", pretrained_backbone)
     backbone = _resnet_extractor(torchvision.models.resnet50(weights=weights, progress=False), image_size)
@@ -151,8 +217,8 @@ def build_resnet50(*, num_classes: int, image_size: int, pretrained_backbone: bo
     # GluonCV's sizes [51.2, 102.4, 189.4, 276.4, 363.52, 450.6, 492] at 512, as fractions of the image
     scales = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 0.961] if n_maps == 6 else None
     anchors = _anchors(ratios[:n_maps], scales)
-    return SSD(backbone, anchors, (image_size, image_size), num_classes + 1,
-               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], **post)
+    return _detector_class()(backbone, anchors, (image_size, image_size), num_classes + 1,
+                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], **post)
 
 
 # ---------------------------------------------------------------- mobilenet-v3
@@ -164,7 +230,6 @@ def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone
     import torch.nn as nn
     import torchvision
     from torchvision.models.detection import _utils as det_utils
-    from torchvision.models.detection.ssd import SSD
     from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
 
     weights = _pretrained("mobilenet-v3", pretrained_backbone)
@@ -180,8 +245,8 @@ def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone
     anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
     out_channels = det_utils.retrieve_out_channels(backbone, size)
     head = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_classes + 1, norm_layer)
-    return SSD(backbone, anchors, size, num_classes + 1, head=head,
-               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **post)
+    return _detector_class()(backbone, anchors, size, num_classes + 1, head=head,
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **post)
 
 
 SSD_FACTORIES = {
