@@ -120,19 +120,20 @@ class DuplicateRule:
 
     ``check(reference, origin)`` returns None for a new image, else ``(kind, first origin)`` with kind
     ``"same image"`` or ``"same content"``; ``content=False`` compares identities only. ``origin`` is
-    whatever the caller names a listing by (``"file:line"``, or a compact ``(input, line)`` tuple).
+    whatever the caller names a listing by (``"file:line"``, or its own record of the image);
+    ``listings`` (identity -> origin of the first listing) may be the caller's own table of images.
     """
 
     content: bool = True
-    _first: dict[str, object] = field(default_factory=dict)  # identity -> origin of its first listing
+    listings: dict[str, object] = field(default_factory=dict)  # identity -> origin of its first listing
     _digests: dict[str, tuple[str, object]] = field(default_factory=dict)  # digest -> (identity, origin)
 
     def same_image(self, reference: str, origin: object) -> object | None:
         """The origin of the first listing of this image, or None (and it is remembered)."""
         key = identity(reference)
-        first = self._first.get(key)
+        first = self.listings.get(key)
         if first is None:
-            self._first[key] = origin
+            self.listings[key] = origin
         return first
 
     def same_content(self, reference: str, origin: object, data: bytes | None = None) -> object | None:

@@ -379,7 +379,7 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
 def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, label_attribute, drop_empty,
              validation_fraction, seed, group_by, gap, keep_splits, rejecting, on_error,
              content, staging) -> PrepareSummary:
-    rule = DuplicateRule(content=content)
+    rule = DuplicateRule(content=content, listings={})
     seen, verdicts = _read_lines(inputs, summary, acc, rule, discard_ids=discard_ids, class_from=class_from,
                                  classes=classes, label_attribute=label_attribute, drop_empty=drop_empty,
                                  on_error=on_error)
@@ -486,13 +486,12 @@ class _Kept:
     line: int
     split: str | None  # the split the input gives it, if any
     names: tuple[str, ...]  # class name per box
-    image_id: str
 
 
 def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes, label_attribute, drop_empty,
                 on_error) -> tuple[dict[str, _Kept], dict[str, object]]:
     """Pass 1: every line checked; the kept images by identity, the verification answers by identity."""
-    seen: dict[str, _Kept] = {}
+    seen: dict[str, _Kept] = rule.listings
     verdicts: dict[str, object] = {}  # identity -> Verification (the last answer wins)
     for index, (name, path) in enumerate(inputs):
         summary.lines[name] = 0
@@ -552,17 +551,17 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                 summary.discarded.append(image_id)
                 acc.skip("discarded (--discard)", 1, len(names))
                 continue
-            if (first := rule.same_image(ref, (index, number))) is not None:
-                summary.duplicates.append(f"{ref}: labeled again at {name}:{number}; kept "
-                                          f"{inputs[first[0]][0]}:{first[1]}")
-                acc.hold("same image listed again", 1, len(names))
-                continue
             if not names and drop_empty:
                 summary.dropped_empty += 1
                 acc.skip("no boxes (--drop-empty)", 1, 0)
                 continue
             split = _SPLIT_NAMES.get(str(record.split).lower()) if record.split else None
-            seen[ref] = _Kept(index, number, given or split or by_name, tuple(names), image_id)
+            kept = _Kept(index, number, given or split or by_name, tuple(names))
+            # the rule's table of first listings is `seen` itself: a new image is stored there by it
+            if (first := rule.same_image(ref, kept)) is not None:
+                summary.duplicates.append(f"{ref}: labeled again at {name}:{number}; kept "
+                                          f"{inputs[first.index][0]}:{first.line}")
+                acc.hold("same image listed again", 1, len(names))
     return seen, verdicts
 
 
@@ -597,7 +596,7 @@ def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: Duplicat
                 f"({inputs[first[0]][0]}:{first[1]}); kept the first")
             acc.hold("same content as another image", 1, len(kept.names))
             continue
-        if video_frame(seen[ref].image_id) is None and numbered(seen[ref].image_id) is not None:
+        if video_frame(storage.stem(ref)) is None and numbered(storage.stem(ref)) is not None:
             value = dhash_bytes(data, ref)
             if value is not None:
                 hashes[ref] = value
@@ -642,11 +641,11 @@ def _sequences(refs: list[str], seen: dict[str, _Kept], hashes: dict[str, int]):
     stills = []
     for ref in refs:
         kept = seen[ref]
-        frame = video_frame(kept.image_id)
+        frame = video_frame(storage.stem(ref))
         if frame is not None:
             videos[frame[0]].append((frame[1], ref))
         elif ref in hashes:
-            prefix, number = numbered(kept.image_id)
+            prefix, number = numbered(storage.stem(ref))
             numbered_items[(kept.index, prefix)].append((number, ref))
         else:
             stills.append(ref)
@@ -680,14 +679,14 @@ def _draw_split(seen: dict[str, _Kept], summary, names_found: Counter, hashes: d
     targets: dict[str, str | None] = {}
     if group_by.startswith(("block", "regex:")) or group_by == "none":
         group_of = parse_group_by(group_by)
-        groups = _groups({ref: group_of(seen[ref].image_id) for ref in refs}, seen)
+        groups = _groups({ref: group_of(storage.stem(ref)) for ref in refs}, seen)
         validation = _split(groups, names_found, fraction, seed)
         summary.group_by, summary.groups = group_by, len(groups)
         size = block_size(group_by)
         summary.gap = (size if gap is None else gap) if size else 0
         near = _near_validation(seen, group_of, validation, summary.gap) if size else set()
         for ref in refs:
-            in_validation = group_of(seen[ref].image_id) in validation
+            in_validation = group_of(storage.stem(ref)) in validation
             targets[ref] = "validation" if in_validation else (None if ref in near else "train")
         return targets
 
@@ -777,10 +776,10 @@ def _near_validation(seen: dict, group_of, validation_groups: set[str], gap: int
     if gap <= 0:
         return set()
     frames: dict[str, list[tuple[int, bool, str]]] = defaultdict(list)
-    for ref, kept in seen.items():
-        m = FRAME_STEM.match(kept.image_id)
+    for ref in seen:
+        m = FRAME_STEM.match(image_id := storage.stem(ref))
         if m:
-            in_validation = group_of(kept.image_id) in validation_groups
+            in_validation = group_of(image_id) in validation_groups
             frames[m.group("video")].append((int(m.group("frame")), in_validation, ref))
     near = set()
     for items in frames.values():
