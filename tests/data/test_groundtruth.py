@@ -153,7 +153,8 @@ def _write(path, text: str) -> str:
 
 
 def test_one_class_map_merge_in_convert_and_evaluate(tmp_path):
-    """An id that means two names is the same error everywhere (evaluate used to keep the first silently)."""
+    """An id that means two names is the same error in convert, evaluate and training (evaluate used to keep
+    the first silently)."""
     from PIL import Image
 
     from detforge.data.convert import convert
@@ -176,6 +177,11 @@ def test_one_class_map_merge_in_convert_and_evaluate(tmp_path):
     assert str(error.value) == expected
     with pytest.raises(ManifestError) as error:
         manifest_class_names(str(path))
+    assert str(error.value) == expected
+    from detforge.training.dataset import load_split
+
+    with pytest.raises(ManifestError) as error:
+        load_split(str(path))  # training, without a classes.json: the same merge
     assert str(error.value) == expected
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:2]) + "\n")

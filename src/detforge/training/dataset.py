@@ -31,7 +31,7 @@ import numpy as np
 
 from detforge import boxes as box_ops
 from detforge import images, storage
-from detforge.data.groundtruth import classes_beside, read_manifest, resolve_source_ref
+from detforge.data.groundtruth import ClassMaps, classes_beside, read_manifest, resolve_source_ref
 from detforge.errors import ManifestError
 
 
@@ -62,7 +62,8 @@ def load_split(
     names = classes if classes is not None else classes_beside(manifest)
     by_name = {n: i for i, n in enumerate(names)} if names is not None else None
     samples: list[Sample] = []
-    seen: dict[int, str] = {}
+    merged = ClassMaps()  # the one class-map merge (convert, evaluate): an id meaning two names is an error
+    seen = merged.names
     for record in read_manifest(manifest, label_attribute=label_attribute):
         if by_name is not None:
             try:
@@ -77,13 +78,7 @@ def load_split(
                 ) from None
         else:
             ids = record.class_ids.astype(np.int64)
-            for key, name in record.class_map.items():
-                if seen.setdefault(key, name) != name:
-                    raise ManifestError(
-                        f"class id {key} is {seen[key]!r} on an earlier line and {name!r} here",
-                        path=manifest,
-                        hint="run `detforge prepare` to merge the class maps",
-                    )
+            merged.add(record, manifest)
         samples.append(
             Sample(
                 resolve_source_ref(record.source_ref, manifest),
