@@ -337,3 +337,17 @@ def test_aquarium_default_split_keeps_burst_shots_together(shared_data, tmp_path
         members = {n for n in side if numbered(Path(n).stem)[0] == prefix
                    and number <= numbered(Path(n).stem)[1] < number + s.videos[key]}
         assert len({side[n] for n in members}) == 1, key
+
+
+def test_skips_counted_by_reason(tmp_path):
+    """A missing local image and a class outside --classes are skipped with their own reasons."""
+    (tmp_path / "a.jpg").write_bytes(photo_jpeg(1))
+    (tmp_path / "c.jpg").write_bytes(photo_jpeg(2))
+    path = tmp_path / "job.manifest"
+    path.write_text(manifest_line("a.jpg") + "\n" + manifest_line("b.jpg") + "\n"
+                    + manifest_line("c.jpg", class_map={"0": "dog"}) + "\n")
+    s = prepare([str(path)], str(tmp_path / "o"), classes=["cat"], on_error="skip", validation_fraction=0.0)
+    assert s.accounting["skipped"] == {"image missing or unreadable": {"images": 1, "boxes": 1},
+                                       "class not in --classes": {"images": 1, "boxes": 1}}
+    assert (s.train, s.accounting["read"]) == (1, {"images": 3, "boxes": 3})
+    assert "job.manifest:2, field 'source-ref'" in s.skipped[0]

@@ -500,7 +500,7 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
             if not raw.strip():
                 continue
             summary.lines[name] += 1
-            obj = None
+            obj, reason = None, "bad line or image"
             try:
                 try:
                     obj = orjson.loads(raw)
@@ -524,8 +524,10 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                 else:
                     names = record.class_names
                 if name == path:  # a manifest input: its local image probed (other readers probe theirs)
+                    reason = "image missing or unreadable"
                     checked_local_image(record, path)
                 if classes is not None and (unknown := sorted(set(names) - set(classes))):
+                    reason = "class not in --classes"
                     raise ManifestError(f"class {unknown[0]!r} is not in --classes {classes}", path=name,
                                         line=number)
             except ManifestError as exc:
@@ -534,7 +536,7 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                                         hint=exc.hint) from None
                 boxes = _box_count(obj)
                 acc.read(1, boxes)
-                acc.skip("bad line or image", 1, boxes)
+                acc.skip(reason, 1, boxes)
                 summary.skipped.append(str(exc))
                 continue
             acc.read(1, len(names) + len(boxes_skipped))
