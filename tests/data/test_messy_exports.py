@@ -453,3 +453,12 @@ def test_images_per_input(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: --images '{tmp_path}/x.json={tmp_path}' names "
                                        f"'{tmp_path}/x.json', which is not one of the inputs (the inputs "
                                        f"are {a})\n")
+
+
+def test_yolo_label_file_with_a_bom(tmp_path):
+    _jpeg(tmp_path / "train" / "images" / "a.jpg", (80, 60))
+    (tmp_path / "train" / "labels").mkdir()
+    (tmp_path / "train" / "labels" / "a.txt").write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.25 0.5\n")
+    (tmp_path / "data.yaml").write_bytes(b"\xef\xbb\xbfnames: [fish]\ntrain: train/images\n")
+    (record,) = list(read_source(str(tmp_path / "data.yaml"))[2])
+    assert record.boxes.tolist() == [[30.0, 15.0, 50.0, 45.0]] and record.class_names == ["fish"]

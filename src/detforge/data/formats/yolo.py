@@ -275,7 +275,7 @@ def _records(
                 rows, where = [], []
                 if storage.exists(label):
                     for number, raw in storage.iter_lines(label):
-                        parts = raw.decode("utf-8", "replace").split()
+                        parts = raw.decode("utf-8", "replace").lstrip("\ufeff").split()  # a BOM is no value
                         if parts:
                             rows.append(_parse_label_line(parts, len(names), label, number))
                             where.append((label, number, None))
