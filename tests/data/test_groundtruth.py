@@ -16,9 +16,22 @@ GOOD = {"source-ref": "s3://b/a_000001.jpg", "color": "blue",
                         "objects": [{"confidence": 0.25}], "type": "groundtruth/object-detection"}}
 
 
+# the three public jobs in ../shared/data/groundtruth: lines, boxes, images without a box (from the raw JSON)
+REAL_MANIFESTS = {
+    "blue-box-large-job-public.output.manifest": (624, 590, 36),
+    "blue-box-small-job-public.output.manifest": (21, 19, 2),
+    "yellow-box-small-job-public.output.manifest": (32, 33, 1),
+}
+
+
 def test_real_manifests_round_trip(shared_data, tmp_path):
-    for path in sorted((shared_data / "groundtruth").glob("*.manifest")):
+    paths = sorted((shared_data / "groundtruth").glob("*.manifest"))
+    assert [path.name for path in paths] == sorted(REAL_MANIFESTS)
+    for path in paths:
         records = list(groundtruth.read_manifest(path))
+        counts = (len(records), sum(len(r.boxes) for r in records), sum(len(r.boxes) == 0 for r in records))
+        assert counts == REAL_MANIFESTS[path.name], path.name
+        assert {name for r in records for name in r.class_names} == {"storage box"}
         out = tmp_path / path.name
         assert groundtruth.write_manifest(out, records) == len(records)
         before = [json.loads(x) for x in path.read_text().splitlines()]
