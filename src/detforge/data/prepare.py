@@ -391,7 +391,7 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
         if ref in seen and verdict.rejects(rejecting):
             summary.rejected_by_verification.append(image_id)
             acc.skip("failed verification", 1, len(seen.pop(ref).names))
-    hashes = _content_checks(inputs, seen, summary, acc, rule) if content else {}
+    hashes = _content_checks(inputs, seen, summary, acc, rule, keep_splits=keep_splits) if content else {}
     if not seen:
         raise ConfigError(_nothing_usable(inputs, acc), hint="see the reasons above each count; "
                           "--on-error skip passes over bad lines, it does not make them usable")
@@ -579,8 +579,10 @@ def _box_count(obj) -> int:
     return len(annotations) if isinstance(annotations, list) else 0
 
 
-def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: DuplicateRule) -> dict[str, int]:
-    """Exact duplicates (same bytes, another path) left out; the ``dhash`` of every numbered local image."""
+def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: DuplicateRule, *,
+                    keep_splits: bool) -> dict[str, int]:
+    """Exact duplicates (same bytes, another path) left out; the ``dhash`` of every numbered local image
+    the split will draw (not those whose kept split is given)."""
     hashes: dict[str, int] = {}
     by_origin = {(kept.index, kept.line): ref for ref, kept in seen.items() if not storage.is_remote(ref)}
     for ref in list(seen):
@@ -597,6 +599,8 @@ def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: Duplicat
                 f"{ref} ({inputs[kept.index][0]}:{kept.line}) has the same bytes as {by_origin[first]} "
                 f"({inputs[first[0]][0]}:{first[1]}); kept the first")
             acc.hold("same content as another image", 1, len(kept.names))
+            continue
+        if keep_splits and seen[ref].split is not None:
             continue
         if video_frame(storage.stem(ref)) is None and numbered(storage.stem(ref)) is not None:
             value = dhash_bytes(data, ref)
