@@ -20,7 +20,7 @@ from detforge.cli import main
 from detforge.data import groundtruth
 from detforge.data.identity import DuplicateRule, numbered, original_stem, video_frame
 from detforge.data.prepare import prepare, split_of_name
-from detforge.data.stats import manifest_stats
+from detforge.data.stats import format_stats, manifest_stats
 from detforge.errors import ConfigError
 
 W, H = 64, 48
@@ -177,6 +177,8 @@ def test_two_phones_same_names_kept_and_same_bytes_reported(tmp_path):
     st = manifest_stats([str(a), str(b)])
     assert st["images"] == 9 and st["distinct_images"] == 8
     assert st["duplicates"] == {"same image": 0, "same content": 1}
+    assert ("  duplicates (as prepare counts them): 0 the same image listed again, 1 the same bytes under "
+            "another path; 8 distinct images") in format_stats(st)
     st = manifest_stats([str(a), str(a)])
     assert (st["images"], st["distinct_images"], st["duplicates"]) == (8, 4, {"same image": 4,
                                                                               "same content": 0})
