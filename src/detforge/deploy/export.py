@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from detforge import __version__, storage, tiling
 from detforge.deploy import quantize
 from detforge.deploy import verify as verification
-from detforge.runtime import METADATA_FILE, MODEL_FILE, file_sha256
 from detforge.errors import ConfigError, DetforgeError, ModelError
 from detforge.images import resize_rgb
 from detforge.models.postprocess import class_candidates, padded_detections
+from detforge.runtime import METADATA_FILE, MODEL_FILE, file_sha256
 
 DEFAULT_OPSET = 17
 DEFAULT_THRESHOLD = 0.3
@@ -58,7 +58,8 @@ class DeployableDetector(nn.Module):
     the contract of ``models.contract``; shares its weights. Its ONNX nodes are named ``/detector/...``
     (``quantize.HEAD_SCOPE``)."""
 
-    def __init__(self, model, *, nms_threshold: float, nms_topk: int, score_threshold: float) -> None:
+    def __init__(self, model, *, nms_threshold: float, nms_topk: int, score_threshold: float,
+                 nms_candidates: int = 0) -> None:
         super().__init__()
         spec = model.input_spec
         self.detector = model.eval()
@@ -66,6 +67,7 @@ class DeployableDetector(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.nms_threshold, self.nms_topk = float(nms_threshold), int(nms_topk)
+        self.nms_candidates = int(nms_candidates or nms_topk)  # per class into NMS (0: nms_topk)
         self.score_threshold = float(score_threshold)
         with torch.no_grad():  # one eager call first: what a family computes once per size (SSD's anchors)
             model.dense_predictions(torch.zeros(1, 3, self.size, self.size))
@@ -79,7 +81,8 @@ class DeployableDetector(nn.Module):
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         boxes, scores = self.detector.dense_predictions(x)
         boxes = boxes * (torch.stack([width, height, width, height]) / float(self.size))
-        scores = class_candidates(scores.transpose(1, 2), self.nms_topk)  # N x C x A, as torchvision's top-k
+        # N x C x A, each class's best nms_candidates, as torchvision's top-k
+        scores = class_candidates(scores.transpose(1, 2), self.nms_candidates)
         return padded_detections(boxes, scores, nms_threshold=self.nms_threshold, nms_topk=self.nms_topk,
                                  score_threshold=self.score_threshold)
 
@@ -250,8 +253,11 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
     score_threshold = float(thresholds.get("score_threshold", 0.01) if score_threshold is None
                             else score_threshold)
     _check_settings(nms_threshold, nms_topk, score_threshold, default_threshold)
-    set_postprocess(model, nms_threshold=nms_threshold, nms_topk=nms_topk, score_threshold=score_threshold)
-    settings = {"nms_threshold": nms_threshold, "nms_topk": nms_topk, "score_threshold": score_threshold}
+    nms_candidates = int(thresholds.get("nms_candidates", 0))
+    set_postprocess(model, nms_threshold=nms_threshold, nms_topk=nms_topk, score_threshold=score_threshold,
+                    nms_candidates=nms_candidates)
+    settings = {"nms_threshold": nms_threshold, "nms_topk": nms_topk, "score_threshold": score_threshold,
+                "nms_candidates": nms_candidates}
     size = int(model.input_spec.size)
     train, run_validation = run_inputs(run_dir)
     validation = validation or run_validation

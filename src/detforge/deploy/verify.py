@@ -27,9 +27,9 @@ import numpy as np
 
 from detforge import boxes as boxmath
 from detforge.data.groundtruth import read_image_refs, resolve_source_ref
-from detforge.runtime import load_image
 from detforge.errors import DetforgeError, ManifestError, ModelError
 from detforge.images import resize_rgb
+from detforge.runtime import load_image
 
 # Verification (``verify``): the pre-NMS class scores of every anchor must agree within VERIFY_SCORE and
 # its box coordinates within VERIFY_BOX pixels (at the input size); ONNX detections must be a valid NMS of
@@ -270,15 +270,17 @@ def pytorch_pre_nms(model, batch: np.ndarray, *, candidates: int) -> list[tuple[
 
 
 def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, nms_threshold: float, nms_topk: int,
-           score_threshold: float, threshold: float = VERIFY_THRESHOLD, real: bool = True, source: str = "",
-           quantized: bool = False, threads: int | None = None) -> VerifyReport:
+           score_threshold: float, nms_candidates: int = 0, threshold: float = VERIFY_THRESHOLD,
+           real: bool = True, source: str = "", quantized: bool = False,
+           threads: int | None = None) -> VerifyReport:
     """Run PyTorch and ONNX Runtime on the same images, resized to the model's input size, and compare
     (see ``VerifyReport``); ``real`` says whether ``images`` are real pictures, ``quantized`` that the
     graph is int8 (its pre-NMS differences are measured, not bounded).
 
     Any model with the detector contract (``models.contract``) verifies here when its graph has exactly
     one ONNX ``NonMaxSuppression`` fed with ``boxes`` ``N x A x 4`` (input pixels) and ``scores``
-    ``N x C x A`` (each class's best ``nms_topk`` candidates, the others 0), as ``export`` writes it.
+    ``N x C x A`` (each class's best ``nms_candidates`` (0: ``nms_topk``) candidates, the others 0), as
+    ``export`` writes it.
     """
     import onnxruntime as ort
     import torch
@@ -295,7 +297,7 @@ def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, nms_threshold
         outputs = session.run(None, {"images": batch})
     out_boxes, out_scores, out_classes, counts, raw_boxes, raw_scores = outputs
     keep = out_scores.shape[1]
-    reference_raw = pytorch_pre_nms(model, batch, candidates=int(nms_topk))
+    reference_raw = pytorch_pre_nms(model, batch, candidates=int(nms_candidates or nms_topk))
     with torch.inference_mode():
         reference = model([torch.from_numpy(b.copy()).permute(2, 0, 1).float().div(255) for b in batch])
     for i, ref in enumerate(reference):

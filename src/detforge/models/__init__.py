@@ -51,14 +51,16 @@ def _build_gfl(base_network: str, **kwargs):
     return build_gfl(base_network, **kwargs)
 
 
-def _post(nms_threshold: float, nms_topk: int, score_threshold: float) -> dict:
+def _post(nms_threshold: float, nms_topk: int, score_threshold: float, nms_candidates: int = 0) -> dict:
+    """Post-processing settings: ``nms_topk`` detections per image; ``nms_candidates`` per class before NMS
+    (0: ``nms_topk``, SageMaker's one knob for both)."""
     return {"score_thresh": float(score_threshold), "nms_thresh": float(nms_threshold),
-            "detections_per_img": int(nms_topk), "topk_candidates": int(nms_topk)}
+            "detections_per_img": int(nms_topk), "topk_candidates": int(nms_candidates or nms_topk)}
 
 
 def build_model(base_network: str, *, num_classes: int, image_size: int, detector: str = DEFAULT_DETECTOR,
                 pretrained_backbone: bool = False, nms_threshold: float = 0.45, nms_topk: int = 400,
-                score_threshold: float = 0.01):
+                score_threshold: float = 0.01, nms_candidates: int = 0):
     """A ``detector`` on ``base_network`` for ``num_classes`` classes at ``image_size`` x ``image_size``."""
     if detector not in DETECTORS:
         raise ConfigError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}",
@@ -78,15 +80,14 @@ def build_model(base_network: str, *, num_classes: int, image_size: int, detecto
         lambda **kw: _build_gfl(base_network, **kw))
     return factory(num_classes=int(num_classes), image_size=int(image_size),
                    pretrained_backbone=bool(pretrained_backbone),
-                   **_post(nms_threshold, nms_topk, score_threshold))
+                   **_post(nms_threshold, nms_topk, score_threshold, nms_candidates))
 
 
-def set_postprocess(model, *, nms_threshold: float, nms_topk: int, score_threshold: float) -> None:
-    """Change a built model's NMS IoU, candidate/detection count and score threshold in place."""
-    model.nms_thresh = float(nms_threshold)
-    model.topk_candidates = int(nms_topk)
-    model.detections_per_img = int(nms_topk)
-    model.score_thresh = float(score_threshold)
+def set_postprocess(model, *, nms_threshold: float, nms_topk: int, score_threshold: float,
+                    nms_candidates: int = 0) -> None:
+    """Change a built model's NMS IoU, candidate/detection count and score threshold in place (``_post``)."""
+    for key, value in _post(nms_threshold, nms_topk, score_threshold, nms_candidates).items():
+        setattr(model, key, value)
 
 
 def labels_to_class_ids(labels):

@@ -215,6 +215,7 @@ def load_run_model(run_dir: str | os.PathLike, *, which: str = "model", device: 
         nms_threshold=thresholds.get("nms_threshold", 0.45),
         nms_topk=thresholds.get("nms_topk", 400),
         score_threshold=thresholds.get("score_threshold", 0.01),
+        nms_candidates=thresholds.get("nms_candidates", 0),
     )
     try:
         model.load_state_dict(state, strict=True)

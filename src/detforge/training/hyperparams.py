@@ -89,6 +89,8 @@ class Hyperparameters:
     cache_images: bool = False
     validation_interval: int = 1
     max_train_minutes: float = 0.0
+    # candidates per class before NMS (0: nms_topk); crowded scenes need more than the detections kept
+    nms_candidates: int = 0
     # tiled training (detforge.training.tiles): crops of tile_size photo pixels, 0 = whole photos
     tile_size: int = 0
     tile_min_visible: float = 0.6
@@ -169,6 +171,7 @@ _SPEC: dict[str, tuple] = {
     "cache_images": ("bool", None),
     "validation_interval": ("int", _range(1)),
     "max_train_minutes": ("float", _range(0)),
+    "nms_candidates": ("int", _range(0, 100000)),
     "tile_size": ("int", lambda v: "must be 0 (off) or at least 32" if 0 < v < 32 or v < 0 else None),
     "tile_min_visible": ("float", _range(0, 1, low_open=True)),
     "tile_probability": ("float", _range(0, 1)),

@@ -447,7 +447,8 @@ def _build_model(start: _Start, dist: distributed.Dist, device):
     model = build_model(
         hp.base_network, detector=hp.detector, num_classes=hp.num_classes, image_size=hp.image_shape,
         pretrained_backbone=bool(hp.use_pretrained_model) and not (start.initial_weights or start.saved),
-        nms_threshold=hp.nms_threshold, nms_topk=hp.nms_topk, score_threshold=hp.score_threshold)
+        nms_threshold=hp.nms_threshold, nms_topk=hp.nms_topk, score_threshold=hp.score_threshold,
+        nms_candidates=hp.nms_candidates)
     if start.initial_weights:
         log.info(load_initial_weights(model, start.initial_weights, base_network=hp.base_network,
                                       num_classes=hp.num_classes, detector=hp.detector))
@@ -485,7 +486,8 @@ def _write_inputs(run_dir: str, hp: Hyperparameters, names: list[str], inputs: c
 
 def _run_info(hp: Hyperparameters, names: list[str], run_dir: str) -> checkpoint.RunInfo:
     thresholds = {"nms_threshold": hp.nms_threshold, "nms_topk": hp.nms_topk,
-                  "score_threshold": hp.score_threshold, "overlap_threshold": hp.overlap_threshold}
+                  "nms_candidates": hp.nms_candidates, "score_threshold": hp.score_threshold,
+                  "overlap_threshold": hp.overlap_threshold}
     return checkpoint.RunInfo(detector=hp.detector, base_network=hp.base_network, image_shape=hp.image_shape,
                               num_classes=hp.num_classes, classes=list(names), thresholds=thresholds,
                               hyperparams=hp.to_json(), source_run=run_dir)
