@@ -404,21 +404,24 @@ def run_model(name: str, *, work: Path, dataset: str, manifests: dict, names: li
     row |= {"train_s": round(time.perf_counter() - started, 1), "epochs": result.epochs}
     curve = [(r["train_time_s"], r.get("coco_AP")) for r in result.history if r.get("coco_AP") is not None]
     model, _ = checkpoint.load_run_model(out)
-    # scored with the recipe's own NMS threshold (what `export` puts into the graph), 100 detections
-    set_postprocess(model, nms_threshold=float(hp.get("nms_threshold", 0.45)), nms_topk=100,
-                    score_threshold=0.001)
+    # scored with the recipe's own NMS threshold and candidates (what `export` puts into the graph), 100
+    # detections
+    post = {"nms_threshold": float(hp.get("nms_threshold", 0.45)), "nms_topk": 100,
+            "nms_candidates": int(hp.get("nms_candidates", 0)), "score_threshold": 0.001}
+    set_postprocess(model, **post)
     row |= {"GFLOPs": gflops(model, size), "image_size": size}
     for split, records in evals.items():
         row |= coco_row(split, records, predict_model(model, records, image_size=size), names)
-    # a diagnostic for crowded scenes: valid AP50-95 of the same model at other NMS IoU thresholds
+    # a diagnostic for crowded scenes: valid AP50-95 of the same model at other NMS IoU thresholds and
+    # candidate counts (per class, into NMS)
     by_nms = {}
-    for iou in (0.45, 0.5, 0.6, 0.65, 0.7):
-        set_postprocess(model, nms_threshold=iou, nms_topk=100, score_threshold=0.001)
+    for iou, candidates in ((0.45, 100), (0.6, 1000), (0.7, 1000)):
+        set_postprocess(model, **(post | {"nms_threshold": iou, "nms_candidates": candidates}))
         detections = predict_model(model, evals["validation"], image_size=size)
-        by_nms[str(iou)] = coco_row("validation", evals["validation"], detections, names)["val AP"]
-    row["val AP by NMS IoU"] = by_nms
-    set_postprocess(model, nms_threshold=float(hp.get("nms_threshold", 0.45)), nms_topk=100,
-                    score_threshold=0.001)
+        scores = coco_row("validation", evals["validation"], detections, names)
+        by_nms[f"{iou} / {candidates}"] = scores["val AP"]
+    row["val AP by NMS IoU / candidates"] = by_nms
+    set_postprocess(model, **post)
     try:
         from detforge.deploy.export import export_run
 
