@@ -453,14 +453,24 @@ def test_serve_refuses_bad_settings(tiny_deploy, tmp_path):
     from detforge.errors import ConfigError
 
     for kwargs, message in [
-        ({"max_batch": 0}, "max_batch"),
-        ({"max_wait_ms": -1}, "max_wait_ms"),
-        ({"threshold": 1.5}, "threshold"),
-        ({"allow_paths": (str(tmp_path / "nope"),)}, "not a folder"),
+        ({"max_batch": 0}, "field 'max_batch': must be at least 1, got 0"),
+        ({"max_wait_ms": -1}, "field 'max_wait_ms': must be 0 or more, got -1"),
+        ({"threshold": 1.5}, "field 'threshold': must be within [0, 1], got 1.5"),
+        ({"allow_paths": (str(tmp_path / "no"),)}, f"{tmp_path / 'no'}, field 'allow_path': not a folder"),
     ]:
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConfigError) as caught:
             ServeConfig(deploy_dir=str(tiny_deploy), **kwargs)
-    assert os.path.isdir(tiny_deploy)
+        assert str(caught.value) == message
+    # the command refuses before it listens: one line, no traceback, exit 2, nothing on the port
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "detforge", "serve", str(tiny_deploy), "--port", str(port),
+         "--max-batch", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert (result.returncode, result.stderr) == (2, "error: field 'max_batch': must be at least 1, got 0\n")
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 # -- back-pressure, errors that tell nothing, metrics over several workers -----------------------------
