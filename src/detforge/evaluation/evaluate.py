@@ -8,7 +8,7 @@ The detections come from one of three sources, told apart by ``find_source``:
 - a deploy folder (``model.onnx``, ONNX Runtime through ``runtime.Predictor``).
 
 A run and a deploy folder see the same pixels: each image resized to the model's input size by
-``runtime.resize_rgb`` (PIL bilinear, antialiased), as the runtime and training's validation do, so
+``images.resize_rgb`` (PIL bilinear, antialiased), as the runtime and training's validation do, so
 ``evaluate RUN``, ``evaluate DEPLOY`` and the run's validation:mAP agree. Their class ids are matched by
 name: the manifest's classes (``--classes``, else ``classes.json`` beside it, else its class maps) are
 looked up in the model's; a name the model lacks is an error.
@@ -255,7 +255,7 @@ def _open_image(source_ref: str, manifest: str) -> np.ndarray:
 
 def torch_detector(model, size: int):
     """A function from RGB arrays to ``[(boxes_xyxy, scores, class_ids)]`` of an eval-mode torch detector:
-    each array resized by ``runtime.resize_rgb`` to ``size`` (what training and the runtime feed the model),
+    each array resized by ``images.resize_rgb`` to ``size`` (what training and the runtime feed the model),
     boxes scaled back to the array's pixels."""
     import torch
 

@@ -2,8 +2,9 @@
 
 Written for detforge from the papers, in the NanoDet-Plus / RTMDet family:
 
-- **Backbone** (``base_network``): MobileNetV3-Large (stride 8/16/32 outputs of torchvision's
-  ``mobilenet_v3_large``, ImageNet weights with ``use_pretrained_model=1``) or ResNet-50 (``layer2..4``).
+- **Backbone** (``base_network``, ``BACKBONES``): ShuffleNetV2 1.0x (``stage2..4`` of torchvision's
+  ``shufflenet_v2_x1_0``), MobileNetV3-Large (stride 8/16/32 outputs of ``mobilenet_v3_large``) or ResNet-50
+  (``layer2..4``); ImageNet weights with ``use_pretrained_model=1``.
 - **Neck**: a path-aggregation network (PAN, Liu et al. 2018) on strides 8/16/32 with ``NECK_CHANNELS``
   channels: 1x1 lateral convolutions, a top-down pass (nearest upsampling, add) and a bottom-up pass
   (depthwise-separable stride-2 convolutions, add).

@@ -124,7 +124,7 @@ class RandomHSV(v2.Transform):
 
 
 class RuntimeResize(v2.Transform):
-    """Resize to ``size x size`` with the deployed runtime's own function (``runtime.resize_rgb``: PIL
+    """Resize to ``size x size`` with the deployed runtime's own function (``images.resize_rgb``: PIL
     bilinear, antialiased), so that training, validation, ``evaluate`` and the ONNX runtime see the same
     pixels; boxes scale with the image."""
 
