@@ -16,6 +16,9 @@ def test_local_atomic_write_list_exists(tmp_path):
     storage.write_text(target, "hello\nworld\n")
     assert storage.read_text(target) == "hello\nworld\n"
     assert list(storage.iter_lines(target)) == [(1, b"hello"), (2, b"world")]
+    storage.write_bytes(target, b"\xef\xbb\xbfhello\r\n\xef\xbb\xbfworld")  # only the first BOM goes
+    assert list(storage.iter_lines(target)) == [(1, b"hello"), (2, b"\xef\xbb\xbfworld")]
+    storage.write_text(target, "hello\nworld\n")
     assert storage.exists(target) and not storage.exists(tmp_path / "nope")
     with pytest.raises(RuntimeError), storage.atomic_writer(target, "wb") as handle:
         handle.write(b"partial")

@@ -12,6 +12,7 @@ any URL may show of itself: never a password.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import os
@@ -200,10 +201,16 @@ def read_text(uri: str | os.PathLike) -> str:
 
 
 def iter_lines(uri: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number from 1, raw line without the newline), streaming; blank lines included."""
+    """Yield (line number from 1, raw line without the newline), streaming; blank lines included.
+
+    A UTF-8 byte order mark at the start of the file (Windows tools write one) is dropped, so every reader
+    of manifests, predictions and label lists accepts such a file; a BOM anywhere else stays in the line.
+    """
     uri = os.fspath(uri)
     with open_file(uri, "rb") as handle, _errors(uri, "read"):
         for number, line in enumerate(handle, start=1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
             yield number, line.rstrip(b"\r\n")
 
 

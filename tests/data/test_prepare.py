@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -259,6 +260,34 @@ def test_cli_bad_input_prints_one_line_exit_2(tmp_path, capsys):
     assert main(["prepare", str(path), "--out", str(tmp_path / "o"), "--on-error", "skip",
                  "--validation-fraction", "0"]) == 0
     assert "skipped: bad line or image" in capsys.readouterr().out
+
+
+def test_cli_manifest_with_utf8_bom_reads_as_without(tmp_path, capsys):
+    """A manifest a Windows tool saved starts with a UTF-8 BOM: prepare and stats read it as without."""
+    text = "".join(_line(f"s3://b/v_{i:06d}.jpg") + "\n" for i in range(1, 4))
+    results = {}
+    for name, head in (("plain", b""), ("bom", codecs.BOM_UTF8)):
+        path = tmp_path / name / "m.manifest"
+        path.parent.mkdir()
+        path.write_bytes(head + text.encode())
+        out = tmp_path / name / "o"
+        assert main(["prepare", str(path), "--out", str(out), "--validation-fraction", "0"]) == 0
+        assert f"read 3 lines from {path} (manifest)" in capsys.readouterr().out
+        assert main(["stats", str(path), "--json"]) == 0
+        stats = json.loads(capsys.readouterr().out)
+        assert (stats["images"], stats["boxes"], stats.pop("per_manifest")) == (3, 3, {str(path): 3})
+        results[name] = ((out / "train.manifest").read_bytes(), stats)
+    assert results["bom"] == results["plain"]
+    assert [x["source-ref"] for x in _lines(tmp_path / "bom" / "o" / "train.manifest")] == [
+        "s3://b/v_000001.jpg", "s3://b/v_000002.jpg", "s3://b/v_000003.jpg"]
+    # a BOM anywhere but at the start of the file is still a bad line, named the same by both commands
+    path = tmp_path / "late.manifest"
+    path.write_bytes(text.encode() + codecs.BOM_UTF8 + text.encode())
+    for args in (["prepare", str(path), "--out", str(tmp_path / "late")], ["stats", str(path)]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}:4: not valid JSON") and err.count("\n") == 1, err
+    assert not (tmp_path / "late").exists()
 
 
 def test_s3_in_and_out_same_as_local(manifests, make_bucket, tmp_path):
