@@ -273,14 +273,16 @@ def _start(config: TrainConfig) -> _Start:
         raise ModelError("nothing to resume: hyperparams.json is missing", path=saved_hp)
     hp = parse_hyperparameters({**orjson.loads(storage.read_bytes(saved_hp)), **config.overrides},
                                source=saved_hp)
-    saved = checkpoint.load_state(run_dir)
+    saved = None  # checkpoints/last.pt, read once; first only for a run folder from before inputs.json
+    if not storage.exists(storage.join(run_dir, checkpoint.INPUTS_FILE)):
+        saved = checkpoint.load_state(run_dir)
     recorded = checkpoint.read_inputs(run_dir, state=saved)
     if config.train is not None and not _same_path(config.train, recorded.train):
         _refuse_with_resume(run_dir, "--train", f"the run was started on {recorded.train}")
     inputs = dataclasses.replace(recorded, validation=config.validation or recorded.validation,
                                  label_attribute=config.label_attribute or recorded.label_attribute)
     names = read_class_names(storage.join(run_dir, "classes.json"))  # whatever the folders hold now
-    return _Start(run_dir, hp, inputs, names, saved)
+    return _Start(run_dir, hp, inputs, names, saved if saved is not None else checkpoint.load_state(run_dir))
 
 
 def check_resume_options(run_dir: str, config: TrainConfig) -> None:
