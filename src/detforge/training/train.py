@@ -310,12 +310,6 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a == b or (not storage.is_remote(a) and os.path.abspath(a) == os.path.abspath(b))
 
 
-def resume_data(run_dir: str, validation: str | None = None) -> tuple[str, str | None]:
-    """The train and validation manifests a run was started with (``checkpoint.read_inputs``)."""
-    inputs = checkpoint.read_inputs(run_dir)
-    return inputs.train, validation or inputs.validation
-
-
 def _resolve_hp(config: TrainConfig) -> Hyperparameters:
     source = config.hyperparameters
     if isinstance(source, Hyperparameters):
