@@ -193,8 +193,8 @@ def test_evaluate_takes_the_tiling_options_and_refuses_them_for_a_run(tiny_deplo
 def test_serve_batches_count_a_tiled_photo_as_its_tiles(tiny_deploy, tmp_path):
     import asyncio
 
-    from detforge.runtime import Predictor
     from detforge.deploy.serve import Batcher, Metrics, _Job
+    from detforge.runtime import Predictor
 
     deploy = tiled_copy(tiny_deploy, tmp_path / "deploy", TILED)
     photo = np.zeros((130, 200, 3), np.uint8)  # 4 x 3 tiles and the full pass: 13 model inputs
@@ -215,3 +215,43 @@ def test_serve_batches_count_a_tiled_photo_as_its_tiles(tiny_deploy, tmp_path):
     assert asyncio.run(batch_sizes(tiled, [small] * 10)) == [8, 2]
     whole = Predictor(deploy, threads=1, tile=0)
     assert asyncio.run(batch_sizes(whole, [photo, photo, small])) == [3]
+
+
+def test_label_proposals_come_from_tiled_inference(tiny_deploy, tmp_path):
+    import os
+
+    from conftest import http
+
+    from detforge.data.groundtruth import make_record, write_manifest
+    from detforge.label.jobs import PROPOSAL_FLOOR
+    from detforge.runtime import Predictor
+
+    (tmp_path / "photos").mkdir()
+    photo = big_photo(tmp_path / "photos" / "photo.png")
+    manifest = tmp_path / "photos" / "input.manifest"
+    write_manifest(manifest, [make_record("photo.png", width=200, height=130, boxes_xyxy=np.zeros((0, 4)),
+                                          class_ids=[], class_map={}, creation_date="2024-01-01T00:00:00")])
+    process = subprocess.Popen([sys.executable, "-m", "detforge", "label", str(manifest), "--model",
+                                str(tiny_deploy), "--tile", "64", "--overlap", "0.25", "--order",
+                                "uncertainty", "--out", str(tmp_path / "out.manifest"), "--port", "0",
+                                "--no-browser"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "COLUMNS": "300"})
+    try:
+        lines = [process.stdout.readline()]
+        while "open http://127.0.0.1:" not in lines[-1] and len(lines) < 10 and lines[-1]:
+            lines.append(process.stdout.readline())
+        assert "open http://127.0.0.1:" in lines[-1], lines
+        base, token = lines[-1].split("open ")[1].split()[0].split("/?token=")
+        status, body, _ = http(f"{base}/api/item/0?token={token}")
+        assert status == 200, body
+        proposals = json.loads(body)["proposals"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=20)
+    tiled = Predictor(tiny_deploy, threads=1, tile=64, overlap=0.25).predict([str(photo)],
+                                                                          threshold=PROPOSAL_FLOOR)[0]
+    whole = Predictor(tiny_deploy, threads=1).predict([str(photo)], threshold=PROPOSAL_FLOOR)[0]
+    assert len(proposals) == len(tiled)
+    assert sorted(p[5] for p in proposals) == sorted(round(s, 4) for s in tiled.scores.tolist())
+    assert sorted(tiled.scores.tolist()) != sorted(whole.scores.tolist())  # the options were used
