@@ -8,7 +8,7 @@ written at the end. Why not matplotlib or fpdf2: ``PdfPages`` keeps every image 
 (measured here: +1.6 MiB per 12-thumbnail page), fpdf2 builds the whole document in memory, and
 neither is in the ``edge`` extra.
 
-Not here: the items, colours, thumbnails and the HTML page (``report``).
+Not here: the items, colours and thumbnails (``report.items``); the HTML page (``report.html_report``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from detforge import storage
-from detforge.deploy.report import (
+from detforge.deploy.report.items import (
     ReportItem,
     ReportSummary,
     caption,
