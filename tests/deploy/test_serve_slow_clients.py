@@ -69,9 +69,17 @@ def post_head(length: int, content_type: str = "image/png") -> bytes:
 
 
 @pytest.fixture(scope="module")
+def allowed(tmp_path_factory):
+    """A folder JSON Lines requests may name (``--allow-path``), holding a.png."""
+    folder = tmp_path_factory.mktemp("allowed")
+    (folder / "a.png").write_bytes(png_bytes(80, 60, seed=1))
+    return folder
+
+
+@pytest.fixture(scope="module")
 def guarded(tiny_deploy):
     """A server with short deadlines and small connection limits, so the tests need not wait long."""
-    process, url = start_server(tiny_deploy, "--header-timeout", "1", "--body-timeout", "1",
+    process, url = start_server(tiny_deploy, "--header-timeout", "1", "--body-timeout", "6",
                                 "--max-client-connections", "8", "--max-connections", "24",
                                 "--max-body-mb", "1")
     try:
@@ -161,18 +169,23 @@ def test_slow_bodies_get_408_and_hold_nothing_another_client_needs(guarded):
     slow = [connect(port, post_head(1000) + b"0123456789") for _ in range(8)]  # 10 of 1000 bytes each
     with other_client() as client:
         deadline = time.monotonic() + 30
-        while metric(url, "detforge_requests_in_progress") != 8:
+        while metric(url, "detforge_requests_in_progress") < 8:
             assert time.monotonic() < deadline, "the slow requests did not reach the server"
             time.sleep(0.02)
         assert client.get(f"{url}/ping").json() == {"status": "ok"}
         answer = client.post(f"{url}/invocations", content=png_bytes(40, 30),
                              headers={"Content-Type": "image/png"})
         assert answer.status_code == 200
+    for sock in slow:  # still held, unanswered, while the other client was served
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+        sock.settimeout(60)
     for sock in slow:
         status, headers, body = read_answer(sock)
         assert (status, headers["connection"]) == (408, "close")
         assert re.fullmatch(r"body not received in time: 10 of 1000 bytes after \d+\.\d s "
-                            r"\(--body-timeout 1 s, then at least 64 KiB/s\)", body["error"]), body
+                            r"\(--body-timeout 6 s, then at least 64 KiB/s\)", body["error"]), body
     assert metric(url, 'detforge_request_timeouts_total{phase="body"}') == timeouts + 8
     assert metric(url, "detforge_requests_in_progress") == 0
 
