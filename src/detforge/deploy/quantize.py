@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
-from detforge.runtime import METADATA_FILE, MODEL_FILE
 from detforge.images import resize_rgb
+from detforge.runtime import METADATA_FILE, MODEL_FILE
 
 # --int8 keeps the fp32 model when int8 loses more validation:mAP points than this.
 DEFAULT_MAX_MAP_DROP = 1.0
