@@ -318,13 +318,13 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     manifest_names = (classes_beside(manifest, classes)
                       or manifest_class_names(manifest, label_attribute=label_attribute))
     to_model = None
+    tiling = {"tile": tile, "overlap": overlap, "full_pass": tile_full_pass}
+    if source != "deploy" and tiling != dict.fromkeys(tiling):
+        raise ConfigError("tiled inference (--tile, --overlap, --tile-full-pass) runs a deploy folder "
+                          "(`detforge export RUN --out DIR`)", field="tile")
     if source == "predictions":
         names = manifest_names
     else:
-        tiling = {"tile": tile, "overlap": overlap, "full_pass": tile_full_pass}
-        if source != "deploy" and tiling != dict.fromkeys(tiling):
-            raise ConfigError("tiled inference (--tile, --overlap, --tile-full-pass) runs a deploy folder "
-                              "(`detforge export RUN --out DIR`)", field="tile")
         names, run_model = (_open_deploy(model_or_predictions, **tiling) if source == "deploy"
                             else _open_model(model_or_predictions))
         to_model = class_mapping(manifest_names, names, source=manifest)
