@@ -32,6 +32,7 @@ test: setup system
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 bench: setup system
 	$(PY) benchmarks/run_all.py

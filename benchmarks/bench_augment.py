@@ -38,8 +38,12 @@ DATA = HERE / "data" / "augment"
 FRAMES = HERE.parent.parent / "shared" / "data" / "frames"
 OPS = ("xflip", "yflip", "cw", "ccw")
 WIDTH, HEIGHT = 1920, 1080
-EXACT = {"xflip": lambda a: a[:, ::-1], "yflip": lambda a: a[::-1], "cw": lambda a: np.rot90(a, -1),
-         "ccw": lambda a: np.rot90(a, 1)}
+EXACT = {
+    "xflip": lambda a: a[:, ::-1],
+    "yflip": lambda a: a[::-1],
+    "cw": lambda a: np.rot90(a, -1),
+    "ccw": lambda a: np.rot90(a, 1),
+}
 
 
 def _bases() -> list[np.ndarray]:
@@ -68,15 +72,22 @@ def make_data(n: int, subsampling: int) -> Path:
     bases = _bases()
     lines = []
     for i in range(n):
-        frame = np.roll(bases[i % len(bases)], (int(rng.integers(-40, 40)), int(rng.integers(-200, 200))),
-                        axis=(0, 1))
+        frame = np.roll(
+            bases[i % len(bases)], (int(rng.integers(-40, 40)), int(rng.integers(-200, 200))), axis=(0, 1)
+        )
         frame = np.clip(frame.astype(np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
         name = f"frame_{i:04d}.jpg"
         Image.fromarray(frame).save(folder / "frames" / name, quality=90, subsampling=subsampling)
         x, y = int(rng.integers(0, 1200)), int(rng.integers(0, 500))
-        record = make_record(f"frames/{name}", width=WIDTH, height=HEIGHT,
-                             boxes_xyxy=box_ops.ltwh_to_xyxy([[x, y, 600, 500]]), class_ids=[0],
-                             class_map={0: "storage box"}, metadata={"color": "blue", "object": "box"})
+        record = make_record(
+            f"frames/{name}",
+            width=WIDTH,
+            height=HEIGHT,
+            boxes_xyxy=box_ops.ltwh_to_xyxy([[x, y, 600, 500]]),
+            class_ids=[0],
+            class_map={0: "storage box"},
+            metadata={"color": "blue", "object": "box"},
+        )
         lines.append(orjson.dumps(record_to_json(record)) + b"\n")
     tmp = manifest.with_suffix(".part")
     tmp.write_bytes(b"".join(lines))
@@ -95,9 +106,12 @@ def blog_method(manifest: Path, out: Path) -> None:
         path = manifest.parent / ref
         image = np.asarray(Image.open(path))  # imageio.imread
         stem = path.stem
-        turned = {"x-flip": cv2.flip(image, 1), "y-flip": cv2.flip(image, 0),
-                  "cw-rotate": cv2.flip(cv2.transpose(image), 1),
-                  "ccw-rotate": cv2.flip(cv2.transpose(image), 0)}
+        turned = {
+            "x-flip": cv2.flip(image, 1),
+            "y-flip": cv2.flip(image, 0),
+            "cw-rotate": cv2.flip(cv2.transpose(image), 1),
+            "ccw-rotate": cv2.flip(cv2.transpose(image), 0),
+        }
         for suffix, array in turned.items():
             Image.fromarray(array).save(out / f"{stem}-{suffix}.jpg", quality=75)  # imageio.imwrite
 
@@ -130,8 +144,10 @@ def quality(manifest: Path, out_images: Path, sample: int = 8) -> dict[str, floa
         for op in OPS:
             turned = _decode(out_images / f"frame_{i:04d}-{suffix[op]}.jpg")
             scores[op].append(_psnr(turned, EXACT[op](original)))
-    return {op: (float("inf") if all(v == float("inf") for v in vals) else round(float(np.mean(vals)), 2))
-            for op, vals in scores.items()}
+    return {
+        op: (float("inf") if all(v == float("inf") for v in vals) else round(float(np.mean(vals)), 2))
+        for op, vals in scores.items()
+    }
 
 
 def no_generation_loss(manifest: Path, out_images: Path, sample: int = 8) -> bool:
@@ -146,8 +162,9 @@ def no_generation_loss(manifest: Path, out_images: Path, sample: int = 8) -> boo
                 restored, lossless = aug.transform_image_bytes(data, back[op], suffix=".jpg")
                 import io
 
-                if not lossless or not np.array_equal(_decode(io.BytesIO(restored)),
-                                                      _decode(io.BytesIO(original))):
+                if not lossless or not np.array_equal(
+                    _decode(io.BytesIO(restored)), _decode(io.BytesIO(original))
+                ):
                     return False
     return True
 
@@ -168,12 +185,21 @@ def main() -> None:
         blog_cpu = (_cpu_seconds() - cpu) * 1000 / args.images
         blog_rate = args.images / blog_s
         psnr = quality(manifest, work / "blog")
-        rows.append({"data": label, "method": "blog (sequential, decode, cv2, quality 75)", "workers": 1,
-                     "seconds": round(blog_s, 2), "images/s": round(blog_rate, 2), "ratio": 1.0,
-                     "CPU ms/image": round(blog_cpu, 1),
-                     "lossless copies": 0, **{f"PSNR {op} dB": psnr[op] for op in OPS},
-                     "no generation loss": False,
-                     "MB written": round(sum(f.stat().st_size for f in (work / "blog").iterdir()) / 1e6, 1)})
+        rows.append(
+            {
+                "data": label,
+                "method": "blog (sequential, decode, cv2, quality 75)",
+                "workers": 1,
+                "seconds": round(blog_s, 2),
+                "images/s": round(blog_rate, 2),
+                "ratio": 1.0,
+                "CPU ms/image": round(blog_cpu, 1),
+                "lossless copies": 0,
+                **{f"PSNR {op} dB": psnr[op] for op in OPS},
+                "no generation loss": False,
+                "MB written": round(sum(f.stat().st_size for f in (work / "blog").iterdir()) / 1e6, 1),
+            }
+        )
         for workers in (1, 2):
             out = work / f"detforge-{workers}"
             start, cpu = time.perf_counter(), _cpu_seconds()
@@ -182,28 +208,46 @@ def main() -> None:
             cpu_ms = (_cpu_seconds() - cpu) * 1000 / args.images
             assert result.written == 4 * args.images
             psnr = quality(manifest, out / "images")
-            rows.append({"data": label, "method": "detforge augment", "workers": workers,
-                         "seconds": round(seconds, 2), "images/s": round(args.images / seconds, 2),
-                         "ratio": round(blog_s / seconds, 2), "CPU ms/image": round(cpu_ms, 1),
-                         "lossless copies": result.lossless,
-                         **{f"PSNR {op} dB": psnr[op] for op in OPS},
-                         "no generation loss": no_generation_loss(manifest, out / "images"),
-                         "MB written": round(sum(f.stat().st_size for f in (out / "images").iterdir()) / 1e6,
-                                             1)})
+            rows.append(
+                {
+                    "data": label,
+                    "method": "detforge augment",
+                    "workers": workers,
+                    "seconds": round(seconds, 2),
+                    "images/s": round(args.images / seconds, 2),
+                    "ratio": round(blog_s / seconds, 2),
+                    "CPU ms/image": round(cpu_ms, 1),
+                    "lossless copies": result.lossless,
+                    **{f"PSNR {op} dB": psnr[op] for op in OPS},
+                    "no generation loss": no_generation_loss(manifest, out / "images"),
+                    "MB written": round(sum(f.stat().st_size for f in (out / "images").iterdir()) / 1e6, 1),
+                }
+            )
         shutil.rmtree(work, ignore_errors=True)
-    best = {label: max(r["ratio"] for r in rows if r["data"] == label and r["method"] != rows[0]["method"])
-            for label in dict.fromkeys(r["data"] for r in rows)}
-    summary = "; ".join(f"{label}: detforge augment {ratio:g}x the blog's images/s (best of 1/2 workers)"
-                        for label, ratio in best.items())
-    notes = ("images/s = source images per second, 4 copies each (xflip, yflip, cw, ccw). The machine's 2 "
-             f"cores were shared with other engineers' work (load average at the start: {load_start:.1f}, "
-             f"at the end: {os.getloadavg()[0]:.1f}). PSNR against the exact pixel turn of the decoded "
-             "original; lossless DCT-domain turns differ from it only by IDCT/upsampling rounding, and "
-             "turning them back restores the original pixels exactly ('no generation loss'). detforge "
-             "writes quality 95 where it must re-encode (the blog: 75), hence about twice the bytes, and "
-             "fsyncs every file (atomic writes).")
-    write_result("augment", title="Offline augmentation, 200 1920x1080 JPEGs x 4 ops", rows=rows,
-                 summary=summary, notes=notes)
+    best = {
+        label: max(r["ratio"] for r in rows if r["data"] == label and r["method"] != rows[0]["method"])
+        for label in dict.fromkeys(r["data"] for r in rows)
+    }
+    summary = "; ".join(
+        f"{label}: detforge augment {ratio:g}x the blog's images/s (best of 1/2 workers)"
+        for label, ratio in best.items()
+    )
+    notes = (
+        "images/s = source images per second, 4 copies each (xflip, yflip, cw, ccw). The machine's 2 "
+        f"cores were shared with other engineers' work (load average at the start: {load_start:.1f}, "
+        f"at the end: {os.getloadavg()[0]:.1f}). PSNR against the exact pixel turn of the decoded "
+        "original; lossless DCT-domain turns differ from it only by IDCT/upsampling rounding, and "
+        "turning them back restores the original pixels exactly ('no generation loss'). detforge "
+        "writes quality 95 where it must re-encode (the blog: 75), hence about twice the bytes, and "
+        "fsyncs every file (atomic writes)."
+    )
+    write_result(
+        "augment",
+        title="Offline augmentation, 200 1920x1080 JPEGs x 4 ops",
+        rows=rows,
+        summary=summary,
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

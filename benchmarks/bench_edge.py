@@ -81,8 +81,9 @@ def time_bare(predictor, frames: list) -> list[float]:
     return times
 
 
-def run_edge_once(deploy: Path, video: Path, *, port: int, threads: int, frames: int,
-                  buffer_dir: Path) -> tuple[list[tuple[float, dict]], float]:
+def run_edge_once(
+    deploy: Path, video: Path, *, port: int, threads: int, frames: int, buffer_dir: Path
+) -> tuple[list[tuple[float, dict]], float]:
     """Run ``detforge edge`` over the video with a subscriber on the output topic: (arrivals, wall s)."""
     import paho.mqtt.client as mqtt
 
@@ -103,9 +104,23 @@ def run_edge_once(deploy: Path, video: Path, *, port: int, threads: int, frames:
     try:
         subscribed.wait(10)
         started = time.perf_counter()
-        command = [sys.executable, "-m", "detforge", "edge", str(deploy), "--source", str(video),
-                   "--broker", f"mqtt://127.0.0.1:{port}", "--fps", "1000", "--threads", str(threads),
-                   "--buffer-dir", str(buffer_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "detforge",
+            "edge",
+            str(deploy),
+            "--source",
+            str(video),
+            "--broker",
+            f"mqtt://127.0.0.1:{port}",
+            "--fps",
+            "1000",
+            "--threads",
+            str(threads),
+            "--buffer-dir",
+            str(buffer_dir),
+        ]
         edge = subprocess.run(command, capture_output=True, text=True, timeout=600)
         wall = time.perf_counter() - started
         done.wait(10)
@@ -142,7 +157,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         deploy = args.deploy or export_bench_deploy(
-            REPO / "benchmarks" / "data" / f"deploy-mobilenet-v3-{args.size}", image_size=args.size)
+            REPO / "benchmarks" / "data" / f"deploy-mobilenet-v3-{args.size}", image_size=args.size
+        )
         video = make_video(tmp / "clip.avi", args.frames)
         capture = cv2.VideoCapture(str(video))
         frames = []
@@ -154,8 +170,9 @@ def main() -> None:
         port = free_port()
         config = tmp / "mosquitto.conf"
         config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        broker = subprocess.Popen([mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        broker = subprocess.Popen(
+            [mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             time.sleep(0.5)
             # Bare model and edge runtime alternate, so that both see the same load on a shared machine;
@@ -165,14 +182,25 @@ def main() -> None:
                 time_bare(predictor, frames[:3])
                 bare_round = time_bare(predictor, frames)
                 del predictor
-                arrivals, wall = run_edge_once(deploy, video, port=port, threads=args.threads,
-                                               frames=len(frames), buffer_dir=tmp / f"buffer{k}")
+                arrivals, wall = run_edge_once(
+                    deploy,
+                    video,
+                    port=port,
+                    threads=args.threads,
+                    frames=len(frames),
+                    buffer_dir=tmp / f"buffer{k}",
+                )
                 f2m = [(arrived - parse_timestamp(m["timestamp"])) * 1000 for arrived, m in arrivals]
                 span = arrivals[-1][0] - arrivals[0][0]
-                rounds.append({"bare_p50_ms": float(np.percentile(bare_round, 50)),
-                               "f2m_p50_ms": float(np.percentile(f2m, 50)),
-                               "fps": (len(arrivals) - 1) / span if span > 0 else float("nan"),
-                               "messages": len(arrivals), "wall_s": wall})
+                rounds.append(
+                    {
+                        "bare_p50_ms": float(np.percentile(bare_round, 50)),
+                        "f2m_p50_ms": float(np.percentile(f2m, 50)),
+                        "fps": (len(arrivals) - 1) / span if span > 0 else float("nan"),
+                        "messages": len(arrivals),
+                        "wall_s": wall,
+                    }
+                )
                 bare += bare_round
                 to_message += f2m
                 in_process += [m["latency_ms"] for _, m in arrivals]
@@ -186,31 +214,61 @@ def main() -> None:
     bare_p50 = float(np.percentile(bare, 50))
     f2m_p50, f2m_p99 = float(np.percentile(to_message, 50)), float(np.percentile(to_message, 99))
     rows = [
-        {"case": "bare Predictor, batch 1", "frames": len(bare), "p50_ms": round(bare_p50, 2),
-         "p99_ms": round(float(np.percentile(bare, 99)), 2), "fps": round(1000 / float(np.mean(bare)), 1)},
-        {"case": "edge: capture -> handed to MQTT (latency_ms)", "frames": len(in_process),
-         "p50_ms": round(float(np.percentile(in_process, 50)), 2),
-         "p99_ms": round(float(np.percentile(in_process, 99)), 2)},
-        {"case": "edge: capture -> message at subscriber", "frames": len(to_message),
-         "p50_ms": round(f2m_p50, 2), "p99_ms": round(f2m_p99, 2), "fps": round(fps, 1),
-         "overhead_ms": round(overhead, 2)},
+        {
+            "case": "bare Predictor, batch 1",
+            "frames": len(bare),
+            "p50_ms": round(bare_p50, 2),
+            "p99_ms": round(float(np.percentile(bare, 99)), 2),
+            "fps": round(1000 / float(np.mean(bare)), 1),
+        },
+        {
+            "case": "edge: capture -> handed to MQTT (latency_ms)",
+            "frames": len(in_process),
+            "p50_ms": round(float(np.percentile(in_process, 50)), 2),
+            "p99_ms": round(float(np.percentile(in_process, 99)), 2),
+        },
+        {
+            "case": "edge: capture -> message at subscriber",
+            "frames": len(to_message),
+            "p50_ms": round(f2m_p50, 2),
+            "p99_ms": round(f2m_p99, 2),
+            "fps": round(fps, 1),
+            "overhead_ms": round(overhead, 2),
+        },
     ]
     for k, r in enumerate(rounds):
-        rows.append({"case": f"round {k + 1}", "bare_p50_ms": round(r["bare_p50_ms"], 2),
-                     "f2m_p50_ms": round(r["f2m_p50_ms"], 2), "overhead_ms": round(overheads[k], 2),
-                     "fps": round(r["fps"], 1), "messages": r["messages"],
-                     "process_wall_s": round(r["wall_s"], 1)})
+        rows.append(
+            {
+                "case": f"round {k + 1}",
+                "bare_p50_ms": round(r["bare_p50_ms"], 2),
+                "f2m_p50_ms": round(r["f2m_p50_ms"], 2),
+                "overhead_ms": round(overheads[k], 2),
+                "fps": round(r["fps"], 1),
+                "messages": r["messages"],
+                "process_wall_s": round(r["wall_s"], 1),
+            }
+        )
     venv = edge_venv()
     edge_mib = site_packages_mib(venv) if venv else float("nan")
     full_mib = site_packages_mib(REPO / ".venv")
-    rows.append({"case": "installed size (site-packages)", "edge_extra_mib": round(edge_mib, 1),
-                 "full_dev_venv_mib": round(full_mib, 1), "ratio": round(edge_mib / full_mib, 3)})
-    summary = (f"frame-to-message p50 {f2m_p50:.1f} ms vs bare model {bare_p50:.1f} ms; overhead (median "
-               f"of {len(rounds)} alternating rounds) {overhead:+.1f} ms, target <= 5 ms; {fps:.1f} fps "
-               f"sustained at batch 1; edge install {edge_mib:.0f} MiB vs full {full_mib:.0f} MiB")
+    rows.append(
+        {
+            "case": "installed size (site-packages)",
+            "edge_extra_mib": round(edge_mib, 1),
+            "full_dev_venv_mib": round(full_mib, 1),
+            "ratio": round(edge_mib / full_mib, 3),
+        }
+    )
+    summary = (
+        f"frame-to-message p50 {f2m_p50:.1f} ms vs bare model {bare_p50:.1f} ms; overhead (median "
+        f"of {len(rounds)} alternating rounds) {overhead:+.1f} ms, target <= 5 ms; {fps:.1f} fps "
+        f"sustained at batch 1; edge install {edge_mib:.0f} MiB vs full {full_mib:.0f} MiB"
+    )
     title = f"detforge edge on this CPU ({args.size} px mobilenet-v3, {args.threads} threads, 640x360 video)"
-    notes = ("The runtime, the broker and the subscriber share this machine's 2 CPU cores with other work; "
-             "bare-model and edge runs alternate so that each round compares like with like.")
+    notes = (
+        "The runtime, the broker and the subscriber share this machine's 2 CPU cores with other work; "
+        "bare-model and edge runs alternate so that each round compares like with like."
+    )
     write_result("edge", title=title, rows=rows, summary=summary, notes=notes)
 
 

@@ -78,8 +78,9 @@ class Broker:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with socket.socket() as sock:
@@ -197,7 +198,10 @@ class Device:
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         self.process = subprocess.Popen(
             [sys.executable, "-c", DEVICE, self.url, str(self.folder), str(start), str(self.rate)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
 

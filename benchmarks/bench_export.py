@@ -57,8 +57,25 @@ FP32_TARGET, INT8_TARGET, MAP_LOSS_TARGET = 2.0, 1.5, 1.0
 
 def synth_calibration(folder: Path, count: int, *, seed: int) -> Path:
     """``count`` storage-box frames from ``detforge synth`` and one manifest listing them all."""
-    subprocess.run([sys.executable, "-m", "detforge", "synth", "--out", str(folder), "--images", str(count),
-                    "--seed", str(seed), "--size", "640x360"], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "synth",
+            "--out",
+            str(folder),
+            "--images",
+            str(count),
+            "--seed",
+            str(seed),
+            "--size",
+            "640x360",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     lines = []
     for manifest in sorted((folder / "manifests").glob("*.manifest")):
         lines += [line for line in manifest.read_text().splitlines() if line.strip()]
@@ -87,15 +104,20 @@ def save_untrained_run(folder: Path, base_network: str, image_size: int) -> Path
             torch.nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.weight[0].numel()))
     for parameter in model.head.parameters():
         parameter.data *= 0.5
-    info = checkpoint.RunInfo(base_network=base_network, image_shape=image_size, num_classes=2,
-                              classes=["blue box", "yellow box"],
-                              thresholds={"nms_threshold": 0.45, "nms_topk": 400, "score_threshold": 0.01})
+    info = checkpoint.RunInfo(
+        base_network=base_network,
+        image_shape=image_size,
+        num_classes=2,
+        classes=["blue box", "yellow box"],
+        thresholds={"nms_threshold": 0.45, "nms_topk": 400, "score_threshold": 0.01},
+    )
     checkpoint.save_model(folder, model, info)
     return folder
 
 
-def export_both(run: Path, out: Path, *, calibration: Path, calibration_count: int,
-                verify_images: list[str] | None = None) -> tuple[Path, Path, dict]:
+def export_both(
+    run: Path, out: Path, *, calibration: Path, calibration_count: int, verify_images: list[str] | None = None
+) -> tuple[Path, Path, dict]:
     """fp32 and int8 deploy folders of ``run`` (both verified against PyTorch by export_run)."""
     from detforge.deploy.export import export_run
 
@@ -106,9 +128,17 @@ def export_both(run: Path, out: Path, *, calibration: Path, calibration_count: i
     # the benchmark measures the int8 model whatever it loses or gains (its accuracy and speed tables are
     # measured below): never refused; export compares it with fp32 on other frames than it calibrates on
     comparison = synth_calibration(out / "comparison", 4, seed=101)
-    export_run(str(run), str(out / "int8"), int8=True, calibration=str(calibration),
-               calibration_count=calibration_count, verify_images=verify_images, validation=str(comparison),
-               max_map_drop=100.0, min_speedup=0.0)
+    export_run(
+        str(run),
+        str(out / "int8"),
+        int8=True,
+        calibration=str(calibration),
+        calibration_count=calibration_count,
+        verify_images=verify_images,
+        validation=str(comparison),
+        max_map_drop=100.0,
+        min_speedup=0.0,
+    )
     int8_s = time.perf_counter() - started
     return out / "fp32", out / "int8", {"export_fp32_s": round(fp32_s, 1), "export_int8_s": round(int8_s, 1)}
 
@@ -135,14 +165,26 @@ def time_backends(calls: dict, *, rounds: int, warmup: int) -> dict[str, list[fl
 
 def ratios(latency: dict, throughput: dict, suffix: str) -> dict:
     """ONNX fp32 vs eager and int8 vs fp32: speed-ups (> 1: faster) at batch 1 and batch 8."""
-    return {f"fp32_vs_eager_b1{suffix}": round(latency["eager"] / latency["onnx-fp32"], 2),
-            f"int8_vs_fp32_b1{suffix}": round(latency["onnx-fp32"] / latency["onnx-int8"], 2),
-            f"fp32_vs_eager_b{BATCH}{suffix}": round(throughput["onnx-fp32"] / throughput["eager"], 2),
-            f"int8_vs_fp32_b{BATCH}{suffix}": round(throughput["onnx-int8"] / throughput["onnx-fp32"], 2)}
+    return {
+        f"fp32_vs_eager_b1{suffix}": round(latency["eager"] / latency["onnx-fp32"], 2),
+        f"int8_vs_fp32_b1{suffix}": round(latency["onnx-fp32"] / latency["onnx-int8"], 2),
+        f"fp32_vs_eager_b{BATCH}{suffix}": round(throughput["onnx-fp32"] / throughput["eager"], 2),
+        f"int8_vs_fp32_b{BATCH}{suffix}": round(throughput["onnx-int8"] / throughput["onnx-fp32"], 2),
+    }
 
 
-def speed_case(arch: str, size: int, tmp: Path, *, frames: list[np.ndarray], calibration: Path,
-               calibration_count: int, threads: list[int], runs: int, batch_runs: int) -> list[dict]:
+def speed_case(
+    arch: str,
+    size: int,
+    tmp: Path,
+    *,
+    frames: list[np.ndarray],
+    calibration: Path,
+    calibration_count: int,
+    threads: list[int],
+    runs: int,
+    batch_runs: int,
+) -> list[dict]:
     """Export ``arch`` once, then time the three backends at each thread count: one row per count."""
     import torch
     from PIL import Image
@@ -157,8 +199,13 @@ def speed_case(arch: str, size: int, tmp: Path, *, frames: list[np.ndarray], cal
         path = tmp / f"verify-{arch}-{k}.png"
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
         verify.append(str(path))
-    fp32_dir, int8_dir, export_times = export_both(run, tmp / f"deploy-{arch}", calibration=calibration,
-                                                   calibration_count=calibration_count, verify_images=verify)
+    fp32_dir, int8_dir, export_times = export_both(
+        run,
+        tmp / f"deploy-{arch}",
+        calibration=calibration,
+        calibration_count=calibration_count,
+        verify_images=verify,
+    )
     model, _ = load_run_model(str(run))
     model.eval()
     pixels = np.stack([resize_rgb(f, size) for f in frames[:BATCH]])
@@ -177,12 +224,16 @@ def speed_case(arch: str, size: int, tmp: Path, *, frames: list[np.ndarray], cal
     for count in threads:
         torch.set_num_threads(count)
         fp32, int8 = Predictor(fp32_dir, threads=count), Predictor(int8_dir, threads=count)
-        single = {"eager": lambda: eager([tensors[one()]]),
-                  "onnx-fp32": lambda: fp32.run_batch(pixels[one()][None]),  # noqa: B023 - used in this pass
-                  "onnx-int8": lambda: int8.run_batch(pixels[one()][None])}  # noqa: B023
-        batched = {"eager": lambda: eager(tensors),
-                   "onnx-fp32": lambda: fp32.run_batch(pixels),  # noqa: B023
-                   "onnx-int8": lambda: int8.run_batch(pixels)}  # noqa: B023
+        single = {
+            "eager": lambda: eager([tensors[one()]]),
+            "onnx-fp32": lambda: fp32.run_batch(pixels[one()][None]),  # noqa: B023 - used in this pass
+            "onnx-int8": lambda: int8.run_batch(pixels[one()][None]),  # noqa: B023
+        }
+        batched = {
+            "eager": lambda: eager(tensors),
+            "onnx-fp32": lambda: fp32.run_batch(pixels),  # noqa: B023
+            "onnx-int8": lambda: int8.run_batch(pixels),  # noqa: B023
+        }
         single_s = time_backends(single, rounds=runs, warmup=3)
         batched_s = time_backends(batched, rounds=batch_runs, warmup=1)
         latency = {k: float(np.median(v)) * 1000 for k, v in single_s.items()}
@@ -194,18 +245,26 @@ def speed_case(arch: str, size: int, tmp: Path, *, frames: list[np.ndarray], cal
             found = {"eager": sum(int((o["scores"] >= 0.3).sum()) for o in model(tensors))}
         for name, predictor in (("onnx-fp32", fp32), ("onnx-int8", int8)):
             _, scores, _, counts = predictor.run_batch(pixels)
-            found[name] = int(sum((scores[i, :int(n)] >= 0.3).sum() for i, n in enumerate(counts)))
-        row = {"architecture": arch, "image_size": size, "threads": count,
-               **{f"{k}_ms_b1": round(v, 2) for k, v in latency.items()},
-               **{f"{k}_img_s_b{BATCH}": round(v, 2) for k, v in throughput.items()},
-               **ratios(latency, throughput, ""),
-               **{f"{k}_ms_b1_best": round(v, 2) for k, v in best_latency.items()},
-               **{f"{k}_img_s_b{BATCH}_best": round(v, 2) for k, v in best_throughput.items()},
-               **ratios(best_latency, best_throughput, "_best"),
-               "detections_b8_at_0.3": found,
-               "onnx_mib": {"fp32": round((fp32_dir / "model.onnx").stat().st_size / 2**20, 1),
-                            "int8": round((int8_dir / "model.onnx").stat().st_size / 2**20, 1)},
-               "runs_b1": runs, f"runs_b{BATCH}": batch_runs, **export_times}
+            found[name] = int(sum((scores[i, : int(n)] >= 0.3).sum() for i, n in enumerate(counts)))
+        row = {
+            "architecture": arch,
+            "image_size": size,
+            "threads": count,
+            **{f"{k}_ms_b1": round(v, 2) for k, v in latency.items()},
+            **{f"{k}_img_s_b{BATCH}": round(v, 2) for k, v in throughput.items()},
+            **ratios(latency, throughput, ""),
+            **{f"{k}_ms_b1_best": round(v, 2) for k, v in best_latency.items()},
+            **{f"{k}_img_s_b{BATCH}_best": round(v, 2) for k, v in best_throughput.items()},
+            **ratios(best_latency, best_throughput, "_best"),
+            "detections_b8_at_0.3": found,
+            "onnx_mib": {
+                "fp32": round((fp32_dir / "model.onnx").stat().st_size / 2**20, 1),
+                "int8": round((int8_dir / "model.onnx").stat().st_size / 2**20, 1),
+            },
+            "runs_b1": runs,
+            f"runs_b{BATCH}": batch_runs,
+            **export_times,
+        }
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -229,8 +288,9 @@ def wait_for_run(run: Path, *, wait_s: float) -> str:
         time.sleep(30)
 
 
-def accuracy(run: Path, validation: Path, tmp: Path, *, calibration: Path, calibration_count: int,
-             wait_s: float) -> dict:
+def accuracy(
+    run: Path, validation: Path, tmp: Path, *, calibration: Path, calibration_count: int, wait_s: float
+) -> dict:
     from detforge.evaluation.evaluate import evaluate
 
     state = wait_for_run(run, wait_s=wait_s)
@@ -245,31 +305,46 @@ def accuracy(run: Path, validation: Path, tmp: Path, *, calibration: Path, calib
     for line in validation.read_text().splitlines()[:4]:  # a relative source-ref is beside the manifest
         ref = Path(json.loads(line)["source-ref"])
         verify.append(str(ref if ref.is_absolute() or ref.exists() else validation.parent / ref))
-    fp32_dir, int8_dir, export_times = export_both(snapshot, tmp / "deploy-trained", calibration=calibration,
-                                                   calibration_count=calibration_count, verify_images=verify)
+    fp32_dir, int8_dir, export_times = export_both(
+        snapshot,
+        tmp / "deploy-trained",
+        calibration=calibration,
+        calibration_count=calibration_count,
+        verify_images=verify,
+    )
     maps = {}
     for name, path in (("pytorch", snapshot), ("onnx-fp32", fp32_dir), ("onnx-int8", int8_dir)):
         started = time.perf_counter()
         maps[name] = evaluate(str(path), str(validation), coco=False).metrics.voc07_map
         print(f"{name}: validation:mAP {maps[name]:.4f} ({time.perf_counter() - started:.1f} s)", flush=True)
-    row = {"architecture": meta["base_network"], "image_size": meta["image_shape"],
-           "run": str(run), "run_state": state, "epoch": meta.get("epoch"),
-           "validation": str(validation),
-           "validation_images": sum(1 for line in validation.read_text().splitlines() if line.strip()),
-           "calibration_images": calibration_count,
-           "run_recorded_validation_map": round((meta.get("metrics") or {}).get("validation:mAP") or 0.0, 4),
-           **{f"{k}_map": round(v, 4) for k, v in maps.items()},
-           "fp32_vs_pytorch_points": round(100 * (maps["onnx-fp32"] - maps["pytorch"]), 2),
-           "int8_vs_fp32_points": round(100 * (maps["onnx-int8"] - maps["onnx-fp32"]), 2),
-           **export_times}
+    row = {
+        "architecture": meta["base_network"],
+        "image_size": meta["image_shape"],
+        "run": str(run),
+        "run_state": state,
+        "epoch": meta.get("epoch"),
+        "validation": str(validation),
+        "validation_images": sum(1 for line in validation.read_text().splitlines() if line.strip()),
+        "calibration_images": calibration_count,
+        "run_recorded_validation_map": round((meta.get("metrics") or {}).get("validation:mAP") or 0.0, 4),
+        **{f"{k}_map": round(v, 4) for k, v in maps.items()},
+        "fp32_vs_pytorch_points": round(100 * (maps["onnx-fp32"] - maps["pytorch"]), 2),
+        "int8_vs_fp32_points": round(100 * (maps["onnx-int8"] - maps["onnx-fp32"]), 2),
+        **export_times,
+    }
     print(row, flush=True)
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[2],
-                        help="torch and ONNX Runtime intra-op threads (several: a pass each)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="torch and ONNX Runtime intra-op threads (several: a pass each)",
+    )
     parser.add_argument("--runs", type=int, default=20, help="timed batch-1 calls per backend")
     parser.add_argument("--batch-runs", type=int, default=5, help=f"timed batch-{BATCH} calls per backend")
     parser.add_argument("--calibration-images", type=int, default=16, help="synth frames to calibrate int8")
@@ -290,12 +365,30 @@ def main() -> None:
         frames = manifest_images(synth_calibration(tmp / "frames", BATCH, seed=23))
         if not args.no_speed:
             for arch, size in CASES:
-                speed_rows.extend(speed_case(arch, size, tmp, frames=frames, calibration=calibration,
-                                             calibration_count=args.calibration_images, threads=args.threads,
-                                             runs=args.runs, batch_runs=args.batch_runs))
+                speed_rows.extend(
+                    speed_case(
+                        arch,
+                        size,
+                        tmp,
+                        frames=frames,
+                        calibration=calibration,
+                        calibration_count=args.calibration_images,
+                        threads=args.threads,
+                        runs=args.runs,
+                        batch_runs=args.batch_runs,
+                    )
+                )
         if not args.no_accuracy and args.run and args.validation:
-            accuracy_rows.append(accuracy(args.run, args.validation, tmp, calibration=calibration,
-                                          calibration_count=args.calibration_images, wait_s=args.wait))
+            accuracy_rows.append(
+                accuracy(
+                    args.run,
+                    args.validation,
+                    tmp,
+                    calibration=calibration,
+                    calibration_count=args.calibration_images,
+                    wait_s=args.wait,
+                )
+            )
     rows = [{"part": "speed", **r} for r in speed_rows] + [{"part": "accuracy", **r} for r in accuracy_rows]
     parts = []
     misses = []
@@ -309,18 +402,25 @@ def main() -> None:
             f"{r['int8_vs_fp32_b1_best']}x), "
             f"batch {BATCH} {r[f'eager_img_s_{b8}']} / {r[f'onnx-fp32_img_s_{b8}']} / "
             f"{r[f'onnx-int8_img_s_{b8}']} img/s ({r[f'fp32_vs_eager_{b8}']}x, {r[f'int8_vs_fp32_{b8}']}x; "
-            f"best-of {r[f'fp32_vs_eager_{b8}_best']}x, {r[f'int8_vs_fp32_{b8}_best']}x)")
+            f"best-of {r[f'fp32_vs_eager_{b8}_best']}x, {r[f'int8_vs_fp32_{b8}_best']}x)"
+        )
         for b in ("b1", b8):
             if r[f"fp32_vs_eager_{b}"] < FP32_TARGET:
-                misses.append(f"{r['architecture']} {r['threads']}t fp32/eager {b} "
-                              f"{r[f'fp32_vs_eager_{b}']}x < {FP32_TARGET}x")
+                misses.append(
+                    f"{r['architecture']} {r['threads']}t fp32/eager {b} "
+                    f"{r[f'fp32_vs_eager_{b}']}x < {FP32_TARGET}x"
+                )
             if r[f"int8_vs_fp32_{b}"] < INT8_TARGET:
-                misses.append(f"{r['architecture']} {r['threads']}t int8/fp32 {b} "
-                              f"{r[f'int8_vs_fp32_{b}']}x < {INT8_TARGET}x")
+                misses.append(
+                    f"{r['architecture']} {r['threads']}t int8/fp32 {b} "
+                    f"{r[f'int8_vs_fp32_{b}']}x < {INT8_TARGET}x"
+                )
     for r in accuracy_rows:
-        parts.append(f"validation:mAP {r['architecture']}@{r['image_size']} (trained): PyTorch "
-                     f"{r['pytorch_map']}, ONNX fp32 {r['onnx-fp32_map']}, int8 {r['onnx-int8_map']} "
-                     f"({r['int8_vs_fp32_points']:+} points)")
+        parts.append(
+            f"validation:mAP {r['architecture']}@{r['image_size']} (trained): PyTorch "
+            f"{r['pytorch_map']}, ONNX fp32 {r['onnx-fp32_map']}, int8 {r['onnx-int8_map']} "
+            f"({r['int8_vs_fp32_points']:+} points)"
+        )
         if -r["int8_vs_fp32_points"] > MAP_LOSS_TARGET:
             misses.append(f"int8 loses {-r['int8_vs_fp32_points']} mAP points > {MAP_LOSS_TARGET}")
     verdict = "targets missed: " + ", ".join(misses) if misses else "all measured targets met"

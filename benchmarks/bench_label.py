@@ -62,19 +62,26 @@ def generate(total: int) -> tuple[Path, Path]:
     if not manifest.exists() or not out.exists():
         with open(manifest, "w") as inp, open(out, "w") as done:
             for i in range(total):
-                line = {"source-ref": f"s3://bucket/frames/blue_box_{i // 1000}_{i % 1000:06d}.jpg",
-                        "color": "blue", "object": "box"}
+                line = {
+                    "source-ref": f"s3://bucket/frames/blue_box_{i // 1000}_{i % 1000:06d}.jpg",
+                    "color": "blue",
+                    "object": "box",
+                }
                 inp.write(json.dumps(line) + "\n")
                 if i % 10 == 0:
                     name = f"boxes-{total}"
-                    line[name] = {"annotations": [{"class_id": 0, "width": 99, "top": 134, "height": 46,
-                                                   "left": 830}],
-                                  "image_size": [{"width": 1920, "depth": 3, "height": 1080}]}
-                    line[f"{name}-metadata"] = {"job-name": f"labeling-job/{name}",
-                                                "class-map": {"0": "blue box"}, "human-annotated": "yes",
-                                                "objects": [{"confidence": 1.0}],
-                                                "creation-date": "2026-12-01T15:04:05.123456",
-                                                "type": "groundtruth/object-detection"}
+                    line[name] = {
+                        "annotations": [{"class_id": 0, "width": 99, "top": 134, "height": 46, "left": 830}],
+                        "image_size": [{"width": 1920, "depth": 3, "height": 1080}],
+                    }
+                    line[f"{name}-metadata"] = {
+                        "job-name": f"labeling-job/{name}",
+                        "class-map": {"0": "blue box"},
+                        "human-annotated": "yes",
+                        "objects": [{"confidence": 1.0}],
+                        "creation-date": "2026-12-01T15:04:05.123456",
+                        "type": "groundtruth/object-detection",
+                    }
                     done.write(json.dumps(line) + "\n")
     return manifest, out
 
@@ -86,25 +93,43 @@ def main() -> None:
     rows = []
     for total in (int(v) for v in args.sizes.split(",")):
         manifest, out = generate(total)
-        result = subprocess.run([sys.executable, "-c", CHILD, str(manifest), str(out)], capture_output=True,
-                                text=True, check=True, cwd=ROOT)
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, str(manifest), str(out)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         m = json.loads(result.stdout.strip().splitlines()[-1])
-        rows.append({"images": total, "done (resumed)": m["done"], "open s": round(m["open_s"], 3),
-                     "first requests s": round(m["first_requests_s"], 4),
-                     "first requests KB": round(m["first_bytes"] / 1024, 1),
-                     "whole list s (baseline)": round(m["whole_list_s"], 3),
-                     "whole list KB (baseline)": round(m["whole_list_bytes"] / 1024, 1),
-                     "peak RSS MiB": round(m["peak_rss_mib"], 1)})
+        rows.append(
+            {
+                "images": total,
+                "done (resumed)": m["done"],
+                "open s": round(m["open_s"], 3),
+                "first requests s": round(m["first_requests_s"], 4),
+                "first requests KB": round(m["first_bytes"] / 1024, 1),
+                "whole list s (baseline)": round(m["whole_list_s"], 3),
+                "whole list KB (baseline)": round(m["whole_list_bytes"] / 1024, 1),
+                "peak RSS MiB": round(m["peak_rss_mib"], 1),
+            }
+        )
     biggest = rows[-1]
     summary = "; ".join(
         f"{r['images']:,} images: open {r['open s']} s + first page {r['first requests s']} s, "
-        f"{r['first requests KB']} KB vs the whole list {r['whole list KB (baseline)']} KB" for r in rows)
-    write_result("label", title="detforge label: opening a large job", rows=rows, summary=summary,
-                 notes="Server time in one process (no browser); 'open' reads and checks every input line "
-                       "and resumes from an output manifest with every tenth image done. The page's first "
-                       "requests (job info, the first 100 items) stay the same size whatever the job's size; "
-                       f"the baseline is one JSON of every item's summary ({biggest['images']:,} images: "
-                       f"{biggest['whole list KB (baseline)']} KB).")
+        f"{r['first requests KB']} KB vs the whole list {r['whole list KB (baseline)']} KB"
+        for r in rows
+    )
+    write_result(
+        "label",
+        title="detforge label: opening a large job",
+        rows=rows,
+        summary=summary,
+        notes="Server time in one process (no browser); 'open' reads and checks every input line "
+        "and resumes from an output manifest with every tenth image done. The page's first "
+        "requests (job info, the first 100 items) stay the same size whatever the job's size; "
+        f"the baseline is one JSON of every item's summary ({biggest['images']:,} images: "
+        f"{biggest['whole list KB (baseline)']} KB).",
+    )
 
 
 if __name__ == "__main__":

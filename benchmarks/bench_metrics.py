@@ -39,8 +39,15 @@ def make_images(n: int, boxes: int, seed: int = 0) -> list[dict]:
         dc = gc.copy()
         swap = rng.uniform(size=boxes) < 0.1
         dc[swap] = rng.integers(0, NUM_CLASSES, int(swap.sum()))
-        images.append(dict(gt_boxes=gt, gt_classes=gc, pred_boxes=det, pred_scores=rng.uniform(0, 1, boxes),
-                           pred_classes=dc))
+        images.append(
+            dict(
+                gt_boxes=gt,
+                gt_classes=gc,
+                pred_boxes=det,
+                pred_scores=rng.uniform(0, 1, boxes),
+                pred_classes=dc,
+            )
+        )
     return images
 
 
@@ -97,23 +104,42 @@ def main() -> None:
     coco50, ap50_only = time_pycocotools(images, only_iou50=True)
     coco_full, ap50_full = time_pycocotools(images, only_iou50=False)
     rows = [
-        {"method": "detforge DetectionAccumulator (VOC07 + all-point AP@0.5, P/R/F1, confusion)",
-         "seconds": round(ours, 3), "ratio_vs_detforge": 1.0, "AP50": round(all_point, 4),
-         "note": f"VOC07 mAP {voc07:.4f}; accumulator state {state_bytes / 1e6:.2f} MB"},
-        {"method": "pycocotools COCOeval, IoU 0.5 only, area 'all'", "seconds": round(coco50, 3),
-         "ratio_vs_detforge": round(coco50 / ours, 2), "AP50": round(ap50_only, 4),
-         "note": "101-point AP50"},
-        {"method": "pycocotools COCOeval, standard (10 IoUs, 4 areas)", "seconds": round(coco_full, 3),
-         "ratio_vs_detforge": round(coco_full / ours, 2), "AP50": round(ap50_full, 4),
-         "note": "what coco_metrics runs for AP@[.5:.95]"},
+        {
+            "method": "detforge DetectionAccumulator (VOC07 + all-point AP@0.5, P/R/F1, confusion)",
+            "seconds": round(ours, 3),
+            "ratio_vs_detforge": 1.0,
+            "AP50": round(all_point, 4),
+            "note": f"VOC07 mAP {voc07:.4f}; accumulator state {state_bytes / 1e6:.2f} MB",
+        },
+        {
+            "method": "pycocotools COCOeval, IoU 0.5 only, area 'all'",
+            "seconds": round(coco50, 3),
+            "ratio_vs_detforge": round(coco50 / ours, 2),
+            "AP50": round(ap50_only, 4),
+            "note": "101-point AP50",
+        },
+        {
+            "method": "pycocotools COCOeval, standard (10 IoUs, 4 areas)",
+            "seconds": round(coco_full, 3),
+            "ratio_vs_detforge": round(coco_full / ours, 2),
+            "AP50": round(ap50_full, 4),
+            "note": "what coco_metrics runs for AP@[.5:.95]",
+        },
     ]
-    summary = (f"{args.images} images x {args.boxes} boxes: detforge {ours:.2f} s, pycocotools IoU 0.5 "
-               f"{coco50:.2f} s ({coco50 / ours:.1f}x), pycocotools standard {coco_full:.2f} s "
-               f"({coco_full / ours:.1f}x); all-point AP50 {all_point:.4f}, pycocotools 101-point "
-               f"{ap50_full:.4f}")
-    write_result("metrics", title="Detection metrics: 10,000 images x 10 boxes vs pycocotools", rows=rows,
-                 summary=summary, notes="Shared 2-core machine (about 8 engineers working): ratios matter, "
-                                        "not the absolute seconds. torchmetrics is not installed, not timed.")
+    summary = (
+        f"{args.images} images x {args.boxes} boxes: detforge {ours:.2f} s, pycocotools IoU 0.5 "
+        f"{coco50:.2f} s ({coco50 / ours:.1f}x), pycocotools standard {coco_full:.2f} s "
+        f"({coco_full / ours:.1f}x); all-point AP50 {all_point:.4f}, pycocotools 101-point "
+        f"{ap50_full:.4f}"
+    )
+    write_result(
+        "metrics",
+        title="Detection metrics: 10,000 images x 10 boxes vs pycocotools",
+        rows=rows,
+        summary=summary,
+        notes="Shared 2-core machine (about 8 engineers working): ratios matter, "
+        "not the absolute seconds. torchmetrics is not installed, not timed.",
+    )
 
 
 if __name__ == "__main__":

@@ -85,18 +85,32 @@ def generate(total: int, folder: Path) -> tuple[list[str], list[str]]:
                     anns = []
                     for _ in range(rng.choice((0, 1, 1, 1, 2, 3))):
                         w, h = rng.randint(20, 900), rng.randint(20, 700)
-                        anns.append({"class_id": 0, "width": w, "top": rng.randint(0, 1080 - h),
-                                     "height": h, "left": rng.randint(0, 1920 - w)})
-                    line = {"source-ref": f"s3://bucket/frames/{video}/{video}_{i % 5000:06d}.jpg",
-                            "color": color, "object": "box",
-                            "bb": {"annotations": anns,
-                                   "image_size": [{"width": 1920, "depth": 3, "height": 1080}]},
-                            "bb-metadata": {"job-name": f"labeling-job/{name}",
-                                            "class-map": {"0": "storage box"} if anns else {},
-                                            "human-annotated": "yes",
-                                            "objects": [{"confidence": round(rng.random(), 2)} for _ in anns],
-                                            "creation-date": "2019-05-21T21:45:58.350877",
-                                            "type": "groundtruth/object-detection"}}
+                        anns.append(
+                            {
+                                "class_id": 0,
+                                "width": w,
+                                "top": rng.randint(0, 1080 - h),
+                                "height": h,
+                                "left": rng.randint(0, 1920 - w),
+                            }
+                        )
+                    line = {
+                        "source-ref": f"s3://bucket/frames/{video}/{video}_{i % 5000:06d}.jpg",
+                        "color": color,
+                        "object": "box",
+                        "bb": {
+                            "annotations": anns,
+                            "image_size": [{"width": 1920, "depth": 3, "height": 1080}],
+                        },
+                        "bb-metadata": {
+                            "job-name": f"labeling-job/{name}",
+                            "class-map": {"0": "storage box"} if anns else {},
+                            "human-annotated": "yes",
+                            "objects": [{"confidence": round(rng.random(), 2)} for _ in anns],
+                            "creation-date": "2019-05-21T21:45:58.350877",
+                            "type": "groundtruth/object-detection",
+                        },
+                    }
                     f.write(json.dumps(line, separators=(",", ":")) + "\n")
     for i in range(0, 200):
         discard.append(f"blue_blue-box-large_0_{i * 7:06d}")
@@ -106,8 +120,13 @@ def generate(total: int, folder: Path) -> tuple[list[str], list[str]]:
 def run(code: str, paths: list[str], out: Path, discard: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, ",".join(paths), str(out), discard],
-                          capture_output=True, text=True, check=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", code, ",".join(paths), str(out), discard],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_seconds"] = time.perf_counter() - wall
     return result
@@ -125,22 +144,31 @@ def main() -> None:
         discard_file.write_text("\n".join(discard) + "\n")
         ours = run(DETFORGE, paths, DATA / f"out-detforge-{total}", str(discard_file))
         notebook = run(NOTEBOOK, paths, DATA / f"out-notebook-{total}", ",".join(discard))
-        row = {"lines": total,
-               "detforge_lines_per_s": round(total / ours["seconds"]),
-               "notebook_lines_per_s": round(total / notebook["seconds"]),
-               "speed_ratio": round(notebook["seconds"] / ours["seconds"], 2),
-               "detforge_peak_rss_mib": round(ours["peak_rss_mib"], 1),
-               "notebook_peak_rss_mib": round(notebook["peak_rss_mib"], 1)}
+        row = {
+            "lines": total,
+            "detforge_lines_per_s": round(total / ours["seconds"]),
+            "notebook_lines_per_s": round(total / notebook["seconds"]),
+            "speed_ratio": round(notebook["seconds"] / ours["seconds"], 2),
+            "detforge_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+            "notebook_peak_rss_mib": round(notebook["peak_rss_mib"], 1),
+        }
         print(row, flush=True)
         rows.append(row)
     big, small = rows[-1], rows[0]
-    summary = (f"{big['lines']} lines: detforge {big['detforge_lines_per_s']} lines/s vs notebook "
-               f"{big['notebook_lines_per_s']} lines/s (x{big['speed_ratio']}); peak RSS "
-               f"{big['detforge_peak_rss_mib']} MiB vs {big['notebook_peak_rss_mib']} MiB; "
-               f"detforge RSS at {small['lines']} lines {small['detforge_peak_rss_mib']} MiB")
-    write_result("prepare", title="prepare vs notebook approach", rows=rows, summary=summary,
-                 notes="CPU shared by ~8 engineers during the run; each side in its own subprocess; "
-                       "detforge checks every line (boxes, class map) and keeps unknown fields")
+    summary = (
+        f"{big['lines']} lines: detforge {big['detforge_lines_per_s']} lines/s vs notebook "
+        f"{big['notebook_lines_per_s']} lines/s (x{big['speed_ratio']}); peak RSS "
+        f"{big['detforge_peak_rss_mib']} MiB vs {big['notebook_peak_rss_mib']} MiB; "
+        f"detforge RSS at {small['lines']} lines {small['detforge_peak_rss_mib']} MiB"
+    )
+    write_result(
+        "prepare",
+        title="prepare vs notebook approach",
+        rows=rows,
+        summary=summary,
+        notes="CPU shared by ~8 engineers during the run; each side in its own subprocess; "
+        "detforge checks every line (boxes, class map) and keeps unknown fields",
+    )
 
 
 if __name__ == "__main__":

@@ -68,12 +68,16 @@ def _shared(name: str) -> Path:
 # Each set: its folder, how a split lists its photos (a folder of images, or an Ultralytics list file),
 # and the credit its licence asks for wherever a figure of it is shown.
 DATASETS = {
-    "aquarium": {"root": _shared("aquarium"), "splits": {"train": "train", "validation": "valid",
-                                                          "test": "test"},
-                 "credit": "Roboflow Aquarium, CC BY 4.0 (https://roboflow.com)"},
-    "pear640": {"root": _shared("pear640"), "splits": {"train": "train.txt", "validation": "valid.txt",
-                                                        "test": "test.txt"},
-                "credit": "Pear640 (CC BY 4.0; see ../shared/data/pear640/README.md)"},
+    "aquarium": {
+        "root": _shared("aquarium"),
+        "splits": {"train": "train", "validation": "valid", "test": "test"},
+        "credit": "Roboflow Aquarium, CC BY 4.0 (https://roboflow.com)",
+    },
+    "pear640": {
+        "root": _shared("pear640"),
+        "splits": {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"},
+        "credit": "Pear640 (CC BY 4.0; see ../shared/data/pear640/README.md)",
+    },
 }
 SHORT = {"validation": "val", "test": "test"}
 PEERS = ("yolo11n", "yolo26n")  # Ultralytics nano models, from their .yaml (from scratch)
@@ -114,7 +118,7 @@ def convert(work: Path, dataset: str = "aquarium") -> dict[str, Path]:
                 width, height = im.size
             label = label_file(image_path)
             boxes, ids = [], []
-            for line in (label.read_text().splitlines() if label.exists() else []):
+            for line in label.read_text().splitlines() if label.exists() else []:
                 if not line.strip():
                     continue
                 c, cx, cy, w, h = line.split()[:5]
@@ -124,10 +128,17 @@ def convert(work: Path, dataset: str = "aquarium") -> dict[str, Path]:
                 if x2 - x1 >= 1 and y2 - y1 >= 1:
                     boxes.append([x1, y1, x2, y2])
                     ids.append(int(c))
-            records.append(make_record(str(image_path), width=width, height=height,
-                                       boxes_xyxy=np.array(boxes, dtype=np.float64).reshape(-1, 4),
-                                       class_ids=ids, class_map=dict(enumerate(names)),
-                                       creation_date="2020-11-18T19:55:00"))
+            records.append(
+                make_record(
+                    str(image_path),
+                    width=width,
+                    height=height,
+                    boxes_xyxy=np.array(boxes, dtype=np.float64).reshape(-1, 4),
+                    class_ids=ids,
+                    class_map=dict(enumerate(names)),
+                    creation_date="2020-11-18T19:55:00",
+                )
+            )
         path = work / f"{split}.manifest"
         write_manifest(path, records)
         out[split] = path
@@ -143,7 +154,7 @@ def _yaml_names(path: Path) -> list[str]:
             if inline:
                 return [n.strip().strip("'\"") for n in inline.strip("[]").split(",")]
             block = {}
-            for item in lines[i + 1:]:
+            for item in lines[i + 1 :]:
                 if not item.startswith((" ", "\t")) or ":" not in item:
                     break
                 key, value = item.split(":", 1)
@@ -164,13 +175,18 @@ def constant_boxes(train_records, *, k: int = 5, seed: int = 0):
     rows = []
     total = sum(len(r.boxes) for r in train_records)
     for c in sorted({int(c) for r in train_records for c in r.class_ids}):
-        pts = np.concatenate([r.boxes[r.class_ids == c] / np.array([r.width, r.height] * 2)
-                              for r in train_records])
+        pts = np.concatenate(
+            [r.boxes[r.class_ids == c] / np.array([r.width, r.height] * 2) for r in train_records]
+        )
         centres = pts[rng.choice(len(pts), min(k, len(pts)), replace=False)]
         for _ in range(50):
             nearest = ((pts[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
-            centres = np.stack([pts[nearest == j].mean(0) if np.any(nearest == j) else centres[j]
-                                for j in range(len(centres))])
+            centres = np.stack(
+                [
+                    pts[nearest == j].mean(0) if np.any(nearest == j) else centres[j]
+                    for j in range(len(centres))
+                ]
+            )
         nearest = ((pts[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
         for j, centre in enumerate(centres):
             rows.append((centre, float((nearest == j).sum()) / total, c))
@@ -197,7 +213,7 @@ def predict_model(model, records, *, image_size: int, batch: int = 8):
     run = torch_detector(model, image_size)
     out = []
     for start in range(0, len(records), batch):
-        out += run([images.read(r.source_ref) for r in records[start:start + batch]])
+        out += run([images.read(r.source_ref) for r in records[start : start + batch]])
     return out
 
 
@@ -237,8 +253,17 @@ except Exception as exc:  # no onnx package in the venv: no latency figure
 """
 
 
-def run_yolo(venv: Path, work: Path, *, arch: str, dataset: str, budget_minutes: float, imgsz: int,
-             records_by_split: dict, curve_points: int = 12) -> dict:
+def run_yolo(
+    venv: Path,
+    work: Path,
+    *,
+    arch: str,
+    dataset: str,
+    budget_minutes: float,
+    imgsz: int,
+    records_by_split: dict,
+    curve_points: int = 12,
+) -> dict:
     """An Ultralytics nano model (``arch``: yolo11n, yolo26n) from scratch in its own venv (a measuring
     stick; never imported by detforge):
     train for the budget with its ``time=`` (its defaults otherwise: AdamW chosen by 'auto', mosaic off
@@ -250,34 +275,61 @@ def run_yolo(venv: Path, work: Path, *, arch: str, dataset: str, budget_minutes:
     yaml = work / f"{arch}-data.yaml"
     spec = DATASETS[dataset]
     names = _yaml_names(spec["root"] / "data.yaml")
-    train, val, test = (spec["splits"][k] + ("/images" if (spec["root"] / spec["splits"][k]).is_dir() else "")
-                        for k in ("train", "validation", "test"))
-    yaml.write_text(f"path: {spec['root']}\ntrain: {train}\nval: {val}\ntest: {test}\n"
-                    f"names: {json.dumps(dict(enumerate(names)))}\n")
+    train, val, test = (
+        spec["splits"][k] + ("/images" if (spec["root"] / spec["splits"][k]).is_dir() else "")
+        for k in ("train", "validation", "test")
+    )
+    yaml.write_text(
+        f"path: {spec['root']}\ntrain: {train}\nval: {val}\ntest: {test}\n"
+        f"names: {json.dumps(dict(enumerate(names)))}\n"
+    )
     images = [r.source_ref for split in ("validation", "test") for r in records_by_split[split]]
-    cfg = {"arch": arch, "data": str(yaml), "imgsz": imgsz, "hours": budget_minutes / 60, "batch": 8,
-           "project": str(work / "yolo"), "images": images, "curve_points": curve_points,
-           "curve_images": [r.source_ref for r in records_by_split["validation"]],
-           "predictions": str(work / f"{arch}-predictions.json")}
+    cfg = {
+        "arch": arch,
+        "data": str(yaml),
+        "imgsz": imgsz,
+        "hours": budget_minutes / 60,
+        "batch": 8,
+        "project": str(work / "yolo"),
+        "images": images,
+        "curve_points": curve_points,
+        "curve_images": [r.source_ref for r in records_by_split["validation"]],
+        "predictions": str(work / f"{arch}-predictions.json"),
+    }
     (work / f"{arch}-config.json").write_text(json.dumps(cfg))
     started = time.perf_counter()
-    subprocess.run([str(venv / "bin" / "python"), "-c", YOLO_SCRIPT, str(work / f"{arch}-config.json")],
-                   check=True, cwd=str(work), env={**os.environ, "YOLO_OFFLINE": "1"})
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-c", YOLO_SCRIPT, str(work / f"{arch}-config.json")],
+        check=True,
+        cwd=str(work),
+        env={**os.environ, "YOLO_OFFLINE": "1"},
+    )
     seconds = time.perf_counter() - started
     raw = json.loads(Path(cfg["predictions"]).read_text())
 
     def arrays(rows):
-        return [(np.array(b, dtype=np.float64).reshape(-1, 4), np.array(s, dtype=np.float64),
-                 np.array(c, dtype=np.int64)) for b, s, c in rows]
+        return [
+            (
+                np.array(b, dtype=np.float64).reshape(-1, 4),
+                np.array(s, dtype=np.float64),
+                np.array(c, dtype=np.int64),
+            )
+            for b, s, c in rows
+        ]
 
     preds, start = {}, 0
     for split in ("validation", "test"):
         n = len(records_by_split[split])
-        preds[split] = arrays(raw["final"][start:start + n])
+        preds[split] = arrays(raw["final"][start : start + n])
         start += n
     curve = [(t, arrays(rows)) for t, rows in raw["curve"]]
-    return {"seconds": seconds, "predictions": preds, "curve": curve, "epochs": raw["epochs"],
-            "onnx": work / "yolo" / arch / "weights" / "last.onnx"}
+    return {
+        "seconds": seconds,
+        "predictions": preds,
+        "curve": curve,
+        "epochs": raw["epochs"],
+        "onnx": work / "yolo" / arch / "weights" / "last.onnx",
+    }
 
 
 def onnx_latency_ms(deploy: Path, size: int, *, threads: int, runs: int = 30) -> float:
@@ -285,8 +337,9 @@ def onnx_latency_ms(deploy: Path, size: int, *, threads: int, runs: int = 30) ->
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(deploy / "model.onnx"), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(deploy / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+    )
     image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     for _ in range(3):
         session.run(None, {"images": image})
@@ -330,11 +383,13 @@ def latencies(rows: list[dict], *, threads: int, core: int) -> None:
             if path is None:
                 continue
             if row.get("onnx_note") == "NMS inside":
-                row["onnx_ms"] = onnx_latency_ms(Path(path).parent, row["image_size"], threads=threads,
-                                                 runs=100)
+                row["onnx_ms"] = onnx_latency_ms(
+                    Path(path).parent, row["image_size"], threads=threads, runs=100
+                )
             else:
-                row["onnx_ms"] = yolo_onnx_latency_ms(Path(path), row["image_size"], threads=threads,
-                                                      runs=100)
+                row["onnx_ms"] = yolo_onnx_latency_ms(
+                    Path(path), row["image_size"], threads=threads, runs=100
+                )
     finally:
         os.sched_setaffinity(0, before)
 
@@ -353,15 +408,29 @@ def coco_row(split: str, records, predictions, names) -> dict:
     from detforge.evaluation.coco_metrics import coco_metrics
 
     stats = coco_metrics(records, predictions, names)
-    row = {f"{SHORT[split]} {k}": (None if stats.get(k) is None else round(stats[k], 4))
-           for k in ("AP", "AP50", "APs", "APm", "APl")}
-    row[f"{SHORT[split]} per-class AP"] = {names[c]: (None if v is None else round(v, 4))
-                                           for c, v in sorted(stats["per_class_AP"].items())}
+    row = {
+        f"{SHORT[split]} {k}": (None if stats.get(k) is None else round(stats[k], 4))
+        for k in ("AP", "AP50", "APs", "APm", "APl")
+    }
+    row[f"{SHORT[split]} per-class AP"] = {
+        names[c]: (None if v is None else round(v, 4)) for c, v in sorted(stats["per_class_AP"].items())
+    }
     return row
 
 
-def run_model(name: str, *, work: Path, dataset: str, manifests: dict, names: list[str], budget: float,
-              image_size: int, threads: int, yolo_venv: str, recipes: dict) -> tuple[dict, list]:
+def run_model(
+    name: str,
+    *,
+    work: Path,
+    dataset: str,
+    manifests: dict,
+    names: list[str],
+    budget: float,
+    image_size: int,
+    threads: int,
+    yolo_venv: str,
+    recipes: dict,
+) -> tuple[dict, list]:
     """Train, score and time one model: (its row, its curve [(training seconds, valid AP50-95)])."""
     import torch
 
@@ -375,15 +444,28 @@ def run_model(name: str, *, work: Path, dataset: str, manifests: dict, names: li
             row |= coco_row(split, records, predict_constant(boxes, records), names)
         return row, []
     if name in PEERS:
-        got = run_yolo(Path(yolo_venv), work, arch=name, dataset=dataset, budget_minutes=budget,
-                       imgsz=image_size, records_by_split=evals)
+        got = run_yolo(
+            Path(yolo_venv),
+            work,
+            arch=name,
+            dataset=dataset,
+            budget_minutes=budget,
+            imgsz=image_size,
+            records_by_split=evals,
+        )
         # Ultralytics' own figures at 640 px: YOLO11n 6.5 GFLOPs, YOLO26n 5.4
-        row |= {"train_s": round(got["seconds"], 1), "epochs": got["epochs"], "image_size": image_size,
-                "GFLOPs": round({"yolo11n": 6.5, "yolo26n": 5.4}[name] * (image_size / 640) ** 2, 3)}
+        row |= {
+            "train_s": round(got["seconds"], 1),
+            "epochs": got["epochs"],
+            "image_size": image_size,
+            "GFLOPs": round({"yolo11n": 6.5, "yolo26n": 5.4}[name] * (image_size / 640) ** 2, 3),
+        }
         for split, records in evals.items():
             row |= coco_row(split, records, got["predictions"][split], names)
-        curve = [(t, coco_row("validation", evals["validation"], preds, names)["val AP"])
-                 for t, preds in got["curve"]]
+        curve = [
+            (t, coco_row("validation", evals["validation"], preds, names)["val AP"])
+            for t, preds in got["curve"]
+        ]
         if got["onnx"].exists():  # timed by the parent once every model is done (latencies())
             row["onnx_file"] = str(got["onnx"])
             row["onnx_note"] = "no NMS in graph"
@@ -399,15 +481,26 @@ def run_model(name: str, *, work: Path, dataset: str, manifests: dict, names: li
     size = int(hp.get("image_shape", image_size))
     out = work / "runs" / name
     started = time.perf_counter()
-    result = train(TrainConfig(train=str(manifests["train"]), validation=str(manifests["validation"]),
-                               out=str(out), hyperparameters=hp, progress=False))
+    result = train(
+        TrainConfig(
+            train=str(manifests["train"]),
+            validation=str(manifests["validation"]),
+            out=str(out),
+            hyperparameters=hp,
+            progress=False,
+        )
+    )
     row |= {"train_s": round(time.perf_counter() - started, 1), "epochs": result.epochs}
     curve = [(r["train_time_s"], r.get("coco_AP")) for r in result.history if r.get("coco_AP") is not None]
     model, _ = checkpoint.load_run_model(out)
     # scored with the recipe's own NMS threshold and candidates (what `export` puts into the graph), 100
     # detections
-    post = {"nms_threshold": float(hp.get("nms_threshold", 0.45)), "nms_topk": 100,
-            "nms_candidates": int(hp.get("nms_candidates", 0)), "score_threshold": 0.001}
+    post = {
+        "nms_threshold": float(hp.get("nms_threshold", 0.45)),
+        "nms_topk": 100,
+        "nms_candidates": int(hp.get("nms_candidates", 0)),
+        "score_threshold": 0.001,
+    }
     set_postprocess(model, **post)
     row |= {"GFLOPs": gflops(model, size), "image_size": size}
     for split, records in evals.items():
@@ -441,10 +534,22 @@ def recipe(name: str, recipes: dict) -> dict:
     if name == "gfl":
         return json.loads((ROOT / "recipes" / "cpu-small-data.json").read_text())
     if name == "ssd":
-        return {"detector": "ssd", "base_network": "mobilenet-v3", "use_pretrained_model": "0",
-                "image_shape": "320", "epochs": "300", "optimizer": "adam", "learning_rate": "0.001",
-                "weight_decay": "0.0005", "augmentation": "ssd", "mini_batch_size": "8", "warmup_epochs": "1",
-                "workers": "0", "cache_images": "1", "nms_topk": "100"}
+        return {
+            "detector": "ssd",
+            "base_network": "mobilenet-v3",
+            "use_pretrained_model": "0",
+            "image_shape": "320",
+            "epochs": "300",
+            "optimizer": "adam",
+            "learning_rate": "0.001",
+            "weight_decay": "0.0005",
+            "augmentation": "ssd",
+            "mini_batch_size": "8",
+            "warmup_epochs": "1",
+            "workers": "0",
+            "cache_images": "1",
+            "nms_topk": "100",
+        }
     raise SystemExit(f"no recipe for model {name!r}: give one with --recipe {name}=FILE")
 
 
@@ -477,37 +582,63 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="aquarium")
     parser.add_argument("--budget-minutes", type=float, default=90.0)
-    parser.add_argument("--quick", action="store_true",
-                        help="2 minutes each, gfl and the constant boxes only; writes realdata_quick, "
-                        "no claims")
-    parser.add_argument("--image-size", type=int, default=320,
-                        help="the peers' input size (detforge's models take their recipe's image_shape)")
-    parser.add_argument("--models", default="",
-                        help="comma list of const, gfl (or any name given a --recipe), ssd, yolo11n, yolo26n "
-                        "(default const,gfl, and yolo11n with --yolo-venv)")
-    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=FILE",
-                        help="train model NAME with the recipe FILE (an A/B of two recipes in one run)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 minutes each, gfl and the constant boxes only; writes realdata_quick, no claims",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=320,
+        help="the peers' input size (detforge's models take their recipe's image_shape)",
+    )
+    parser.add_argument(
+        "--models",
+        default="",
+        help="comma list of const, gfl (or any name given a --recipe), ssd, yolo11n, yolo26n "
+        "(default const,gfl, and yolo11n with --yolo-venv)",
+    )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="train model NAME with the recipe FILE (an A/B of two recipes in one run)",
+    )
     parser.add_argument("--name", default="", help="the result's name (default realdata[_<dataset>])")
-    parser.add_argument("--work", default="",
-                        help="work folder (default /tmp/detforge-bench-realdata[-<dataset>])")
+    parser.add_argument(
+        "--work", default="", help="work folder (default /tmp/detforge-bench-realdata[-<dataset>])"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per model")
     parser.add_argument("--note", default="", help="a sentence for the notes")
-    parser.add_argument("--yolo-venv", default=os.environ.get("DETFORGE_YOLO_VENV", ""),
-                        help="a venv with `pip install ultralytics==8.4.190 onnx` (outside the repo): "
-                        "adds YOLO11n")
+    parser.add_argument(
+        "--yolo-venv",
+        default=os.environ.get("DETFORGE_YOLO_VENV", ""),
+        help="a venv with `pip install ultralytics==8.4.190 onnx` (outside the repo): adds YOLO11n",
+    )
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one model, write its row
     args = parser.parse_args()
     budget = 2.0 if args.quick else args.budget_minutes
     spec = DATASETS[args.dataset]
     recipes = dict(item.split("=", 1) for item in args.recipe)
     if not spec["root"].exists():
-        sys.exit(f"no {spec['root']}: this benchmark needs the {args.dataset} photos beside the checkout "
-                 f"(../shared/data/{args.dataset}, in Ultralytics layout)")
+        sys.exit(
+            f"no {spec['root']}: this benchmark needs the {args.dataset} photos beside the checkout "
+            f"(../shared/data/{args.dataset}, in Ultralytics layout)"
+        )
     suffix = "" if args.dataset == "aquarium" else f"-{args.dataset}"
     work = Path(args.work or f"/tmp/detforge-bench-realdata{suffix}")
     manifests = {split: work / "data" / f"{split}.manifest" for split in spec["splits"]}
-    one = {"work": work, "dataset": args.dataset, "manifests": manifests, "budget": budget,
-           "image_size": args.image_size, "threads": args.threads, "recipes": recipes}
+    one = {
+        "work": work,
+        "dataset": args.dataset,
+        "manifests": manifests,
+        "budget": budget,
+        "image_size": args.image_size,
+        "threads": args.threads,
+        "recipes": recipes,
+    }
     if args.one:
         names = json.loads((work / "data" / "classes.json").read_text())
         row, curve = run_model(args.one, names=names, yolo_venv=args.yolo_venv, **one)
@@ -533,17 +664,41 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     procs = []
     for i, name in enumerate(trained):
-        cmd = [sys.executable, __file__, "--one", name, "--dataset", args.dataset, "--work", str(work),
-               "--budget-minutes", str(budget), "--image-size", str(args.image_size),
-               "--threads", str(args.threads), "--yolo-venv", args.yolo_venv,
-               *(f"--recipe={item}" for item in args.recipe)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--dataset",
+            args.dataset,
+            "--work",
+            str(work),
+            "--budget-minutes",
+            str(budget),
+            "--image-size",
+            str(args.image_size),
+            "--threads",
+            str(args.threads),
+            "--yolo-venv",
+            args.yolo_venv,
+            *(f"--recipe={item}" for item in args.recipe),
+        ]
         if args.quick:
             cmd.append("--quick")
         if len(trained) <= len(cores) and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(cores[i]), *cmd]
         log = open(work / f"{name}.log", "w")
-        procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})))
+        procs.append(
+            (
+                name,
+                subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+                ),
+            )
+        )
         print(f"started {name}: log {work / f'{name}.log'}", flush=True)
     if "const" in models:
         row, _ = run_model("const", names=names, yolo_venv="", **one)
@@ -557,52 +712,66 @@ def main() -> None:
     latencies(rows, threads=args.threads, core=cores[0])
     curves = {m: got[m]["curve"] for m in trained}
     by = {r["model"]: r for r in rows}
-    summary = "; ".join(f"{m}: valid AP50-95 {r.get('val AP')} (AP50 {r.get('val AP50')}, "
-                        f"APs {r.get('val APs')}), test {r.get('test AP')}" for m, r in by.items())
+    summary = "; ".join(
+        f"{m}: valid AP50-95 {r.get('val AP')} (AP50 {r.get('val AP50')}, "
+        f"APs {r.get('val APs')}), test {r.get('test AP')}"
+        for m, r in by.items()
+    )
     peers = [m for m in PEERS if by.get(m, {}).get("val AP")]
     if not args.quick and peers:
         for mine in [m for m in trained if m not in PEERS]:
             for peer in peers:
-                summary += (f". {mine} / {peer}: valid {by[mine]['val AP'] / by[peer]['val AP']:.2f}x, "
-                            f"test {by[mine]['test AP'] / max(by[peer]['test AP'], 1e-9):.2f}x")
+                summary += (
+                    f". {mine} / {peer}: valid {by[mine]['val AP'] / by[peer]['val AP']:.2f}x, "
+                    f"test {by[mine]['test AP'] / max(by[peer]['test AP'], 1e-9):.2f}x"
+                )
     headline = ""
     if not args.quick and "gfl" in by and peers:
         peer = max(peers, key=lambda m: by[m]["val AP"])  # against the best peer of the run
         g, p = by["gfl"], by[peer]
-        headline = (f"{args.dataset}, {budget:g} min: gfl / {peer} valid "
-                    f"{g['val AP'] / p['val AP']:.2f}x, test {g['test AP'] / max(p['test AP'], 1e-9):.2f}x "
-                    f"(AP50-95 {g['val AP']:.3f} vs {p['val AP']:.3f}, "
-                    f"{g['test AP']:.3f} vs {p['test AP']:.3f})")
+        headline = (
+            f"{args.dataset}, {budget:g} min: gfl / {peer} valid "
+            f"{g['val AP'] / p['val AP']:.2f}x, test {g['test AP'] / max(p['test AP'], 1e-9):.2f}x "
+            f"(AP50-95 {g['val AP']:.3f} vs {p['val AP']:.3f}, "
+            f"{g['test AP']:.3f} vs {p['test AP']:.3f})"
+        )
     name = args.name or ("realdata_quick" if args.quick else "realdata" + suffix.replace("-", "_"))
-    title = (f"Detectors on real photos ({spec['credit'].split(' (')[0]}; CPU, {budget:g} min each, "
-             "side by side" + (", QUICK: no claims)" if args.quick else ")"))
+    title = (
+        f"Detectors on real photos ({spec['credit'].split(' (')[0]}; CPU, {budget:g} min each, "
+        "side by side" + (", QUICK: no claims)" if args.quick else ")")
+    )
     plot = Path(__file__).resolve().parent / "results" / f"{name}_curve.png"
     plot.parent.mkdir(exist_ok=True)
     plot_curves(curves, by.get("const", {}).get("val AP"), plot, title=title, credit=spec["credit"])
     sizes = ", ".join(f"{r['model']} {r['image_size']} px" for r in rows if r.get("image_size"))
     counts = {split: sum(1 for _ in open(manifests[split])) for split in ("validation", "test")}
-    notes = (("QUICK run: checks that the benchmark runs; no claims. " if args.quick else "")
-             + f"Models {','.join(models)}, all trained at the same time, each from scratch for "
-             f"{budget:g} min (max_train_minutes / Ultralytics time=, schedules fitted to it), "
-             + ("each in its own process pinned to its own core, " if len(trained) <= len(cores) else
-                f"{len(trained)} processes sharing {len(cores)} cores (not pinned), ")
-             + f"{args.threads} thread(s) each, batch 8, input {sizes}; "
-             f"1-min load average {load_start:.1f} at the start, {load_end:.1f} at the end. Recipes: "
-             + ", ".join(f"{m}={recipes.get(m, 'recipes/cpu-small-data.json')}" for m in trained
-                         if m not in PEERS)
-             + ". Scored by pycocotools at the photos' own size on 'valid' "
-             f"({counts['validation']} images) and 'test' ({counts['test']} images); detforge's "
-             "models see each photo resized by images.resize_rgb as the runtime does, with their recipe's "
-             "NMS threshold, the peers their own predict() (conf 0.001, 100 detections). "
-             f"Curve (plot: benchmarks/results/{plot.name}): training seconds, AP50-95 on 'valid' "
-             "(detforge: its validation during training; peers: their epoch checkpoints scored afterwards): "
-             + "; ".join(f"{m}: " + ", ".join(f"{t:.0f}s {a:.3f}" for t, a in c
-                                             if a is not None and t is not None)
-                         for m, c in curves.items())
-             + ". ONNX Runtime latency: batch 1, same threads, timed after every model is trained and "
-             "scored, one graph after the other on one core (median of 100 runs), each at its own input "
-             "size; the peers' graphs have no NMS. "
-             f"Data: {spec['credit']}. " + args.note)
+    notes = (
+        ("QUICK run: checks that the benchmark runs; no claims. " if args.quick else "")
+        + f"Models {','.join(models)}, all trained at the same time, each from scratch for "
+        f"{budget:g} min (max_train_minutes / Ultralytics time=, schedules fitted to it), "
+        + (
+            "each in its own process pinned to its own core, "
+            if len(trained) <= len(cores)
+            else f"{len(trained)} processes sharing {len(cores)} cores (not pinned), "
+        )
+        + f"{args.threads} thread(s) each, batch 8, input {sizes}; "
+        f"1-min load average {load_start:.1f} at the start, {load_end:.1f} at the end. Recipes: "
+        + ", ".join(f"{m}={recipes.get(m, 'recipes/cpu-small-data.json')}" for m in trained if m not in PEERS)
+        + ". Scored by pycocotools at the photos' own size on 'valid' "
+        f"({counts['validation']} images) and 'test' ({counts['test']} images); detforge's "
+        "models see each photo resized by images.resize_rgb as the runtime does, with their recipe's "
+        "NMS threshold, the peers their own predict() (conf 0.001, 100 detections). "
+        f"Curve (plot: benchmarks/results/{plot.name}): training seconds, AP50-95 on 'valid' "
+        "(detforge: its validation during training; peers: their epoch checkpoints scored afterwards): "
+        + "; ".join(
+            f"{m}: " + ", ".join(f"{t:.0f}s {a:.3f}" for t, a in c if a is not None and t is not None)
+            for m, c in curves.items()
+        )
+        + ". ONNX Runtime latency: batch 1, same threads, timed after every model is trained and "
+        "scored, one graph after the other on one core (median of 100 runs), each at its own input "
+        "size; the peers' graphs have no NMS. "
+        f"Data: {spec['credit']}. " + args.note
+    )
     write_result(name, title=title, rows=rows, summary=summary, notes=notes, headline=headline)
 
 

@@ -87,8 +87,12 @@ def request_mix(folder: Path) -> list[tuple[str, bool, bytes, dict]]:
         ("valid jsonlines (2 refs)", True, "\n".join(refs[:2]).encode(), jsonl),
         ("oversized body (7 MiB)", False, b"\xff" * (7 * 2**20), image),
         ("truncated jpeg", False, jpeg[: len(jpeg) // 3], image),
-        ("random bytes as png", False, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
-         {"Content-Type": "image/png"}),
+        (
+            "random bytes as png",
+            False,
+            rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+            {"Content-Type": "image/png"},
+        ),
         ("wrong content type", False, jpeg, {"Content-Type": "text/plain"}),
         ("no content type", False, jpeg, {}),
         ("20000x20000 png bomb", False, bilevel_png(20000, 20000), {"Content-Type": "image/png"}),
@@ -122,9 +126,12 @@ def probe_ping(url: str, body: bytes, stop_event: threading.Event, pairs: list) 
     with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.9"), timeout=60) as client:
         while not stop_event.is_set():
             pair = []
-            for call in (lambda: client.get(f"{url}/ping"),
-                         lambda: client.post(f"{url}/invocations", content=body,
-                                             headers={"Content-Type": "image/jpeg"})):
+            for call in (
+                lambda: client.get(f"{url}/ping"),
+                lambda: client.post(
+                    f"{url}/invocations", content=body, headers={"Content-Type": "image/jpeg"}
+                ),
+            ):
                 try:
                     pair.append(call().status_code)
                 except httpx.HTTPError as exc:
@@ -136,20 +143,26 @@ def probe_ping(url: str, body: bytes, stop_event: threading.Event, pairs: list) 
 def ping_truth(pairs: list) -> dict:
     """How often /ping told the truth about the request sent right after it."""
     pct = lambda n: round(100 * n / len(pairs), 1) if pairs else None  # noqa: E731
-    return {"probes": len(pairs),
-            "truthful_pct": pct(sum(1 for ping, answer in pairs if (ping == 200) == (answer == 200))),
-            "ping_200_request_refused": sum(1 for ping, answer in pairs if ping == 200 and answer != 200),
-            "ping_not_200_request_served": sum(1 for ping, answer in pairs if ping != 200 and answer == 200),
-            "ping_200_pct": pct(sum(1 for ping, _ in pairs if ping == 200))}
+    return {
+        "probes": len(pairs),
+        "truthful_pct": pct(sum(1 for ping, answer in pairs if (ping == 200) == (answer == 200))),
+        "ping_200_request_refused": sum(1 for ping, answer in pairs if ping == 200 and answer != 200),
+        "ping_not_200_request_served": sum(1 for ping, answer in pairs if ping != 200 and answer == 200),
+        "ping_200_pct": pct(sum(1 for ping, _ in pairs if ping == 200)),
+    }
 
 
-async def _attack(port: int, kind: str, stop_event: threading.Event, outcomes: collections.Counter,
-                  held: list[float]) -> None:
+async def _attack(
+    port: int, kind: str, stop_event: threading.Event, outcomes: collections.Counter, held: list[float]
+) -> None:
     """One slowloris connection after another: unfinished headers or a 10-of-1000-byte body, a byte a
     second; what the server answered each one (408, 503, closed) is counted, and how long it held."""
-    first = (b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n" if kind == "headers" else
-             b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-             b"Content-Length: 1000\r\n\r\n0123456789")
+    first = (
+        b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        if kind == "headers"
+        else b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 1000\r\n\r\n0123456789"
+    )
     drip = b"X" if kind == "headers" else b"x"
     while not stop_event.is_set():
         started = time.perf_counter()
@@ -187,8 +200,13 @@ def slowloris_round(deploy: Path, args, jpeg: bytes) -> dict:
 
     def attack() -> None:
         async def everything() -> None:
-            await asyncio.gather(*(_attack(port, kind, stop_event, outcomes, held)
-                                   for kind in ["headers"] * 256 + ["body"] * 32))
+            await asyncio.gather(
+                *(
+                    _attack(port, kind, stop_event, outcomes, held)
+                    for kind in ["headers"] * 256 + ["body"] * 32
+                )
+            )
+
         asyncio.run(everything())
 
     statuses: collections.Counter = collections.Counter()
@@ -199,8 +217,9 @@ def slowloris_round(deploy: Path, args, jpeg: bytes) -> dict:
             while not stop_event.is_set():
                 started = time.perf_counter()
                 try:
-                    status = session.post(f"{url}/invocations", content=jpeg,
-                                          headers={"Content-Type": "image/jpeg"}).status_code
+                    status = session.post(
+                        f"{url}/invocations", content=jpeg, headers={"Content-Type": "image/jpeg"}
+                    ).status_code
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 statuses[status] += 1
@@ -208,9 +227,11 @@ def slowloris_round(deploy: Path, args, jpeg: bytes) -> dict:
                     latency.append(time.perf_counter() - started)
 
     pairs: list = []
-    threads = [threading.Thread(target=attack, daemon=True),
-               threading.Thread(target=watch_rss, args=(process.pid, stop_event, peak), daemon=True),
-               threading.Thread(target=probe_ping, args=(url, jpeg, stop_event, pairs), daemon=True)]
+    threads = [
+        threading.Thread(target=attack, daemon=True),
+        threading.Thread(target=watch_rss, args=(process.pid, stop_event, peak), daemon=True),
+        threading.Thread(target=probe_ping, args=(url, jpeg, stop_event, pairs), daemon=True),
+    ]
     threads[0].start()
     time.sleep(3)  # the attack takes hold before the valid clients come
     threads += [threading.Thread(target=client, daemon=True) for _ in range(args.slow_clients)]
@@ -228,13 +249,15 @@ def slowloris_round(deploy: Path, args, jpeg: bytes) -> dict:
     refused = statuses.get(503, 0)
     return {
         "round": f"slowloris: 256 unfinished headers + 32 slow bodies from 127.0.0.1, {args.slow_clients} "
-                 f"valid clients on 127.0.0.2, {wall:.0f} s",
+        f"valid clients on 127.0.0.2, {wall:.0f} s",
         "valid 2xx/s": round(statuses.get(200, 0) / wall, 1),
-        "valid p50 ms": percentile(latency, 50), "valid p99 ms": percentile(latency, 99),
+        "valid p50 ms": percentile(latency, 50),
+        "valid p99 ms": percentile(latency, 99),
         "valid 503 %": round(100 * refused / total, 1) if total else None,
         "valid answers": ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)),
-        "attack outcomes": ", ".join(f"{kind} {outcome}: {n}"
-                                     for (kind, outcome), n in sorted(outcomes.items())),
+        "attack outcomes": ", ".join(
+            f"{kind} {outcome}: {n}" for (kind, outcome), n in sorted(outcomes.items())
+        ),
         "attack connection held ms (p50/p99)": f"{percentile(held, 50)}/{percentile(held, 99)}",
         "peak RSS MiB": round(peak[0]),
         "/ping": ping_truth(pairs),
@@ -251,8 +274,10 @@ def burst_round(deploy: Path, args, jpeg: bytes, size: int) -> dict:
     peak = [psutil.Process(process.pid).memory_info().rss / 2**20]
     stop_event = threading.Event()
     pairs: list = []
-    watchers = [threading.Thread(target=watch_rss, args=(process.pid, stop_event, peak), daemon=True),
-                threading.Thread(target=probe_ping, args=(url, jpeg, stop_event, pairs), daemon=True)]
+    watchers = [
+        threading.Thread(target=watch_rss, args=(process.pid, stop_event, peak), daemon=True),
+        threading.Thread(target=probe_ping, args=(url, jpeg, stop_event, pairs), daemon=True),
+    ]
     for thread in watchers:
         thread.start()
     statuses: collections.Counter = collections.Counter()
@@ -267,8 +292,9 @@ def burst_round(deploy: Path, args, jpeg: bytes, size: int) -> dict:
                 barrier.wait()
                 started = time.perf_counter()
                 try:
-                    status = session.post(f"{url}/invocations", content=jpeg,
-                                          headers={"Content-Type": "image/jpeg"}).status_code
+                    status = session.post(
+                        f"{url}/invocations", content=jpeg, headers={"Content-Type": "image/jpeg"}
+                    ).status_code
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 statuses[status] += 1
@@ -294,7 +320,8 @@ def burst_round(deploy: Path, args, jpeg: bytes, size: int) -> dict:
     return {
         "round": f"burst: {args.bursts} x {size} single-JPEG requests at once from 4 client addresses",
         "valid 2xx/s": round(statuses.get(200, 0) / sum(walls), 1),
-        "valid p50 ms": percentile(latency["2xx"], 50), "valid p99 ms": percentile(latency["2xx"], 99),
+        "valid p50 ms": percentile(latency["2xx"], 50),
+        "valid p99 ms": percentile(latency["2xx"], 99),
         "valid 503 %": round(100 * statuses.get(503, 0) / total, 1),
         "valid answers": ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)),
         "503 p99 ms": percentile(latency["503"], 99),
@@ -394,8 +421,14 @@ def main() -> None:
     rows = []
     for kind, valid, _, _ in mix:
         by_status = {str(s): n for (k, s), n in sorted(answers.items(), key=str) if k == kind}
-        rows.append({"request": kind, "valid": valid, "answers": sum(by_status.values()),
-                     "by status": ", ".join(f"{s}: {n}" for s, n in by_status.items())})
+        rows.append(
+            {
+                "request": kind,
+                "valid": valid,
+                "answers": sum(by_status.values()),
+                "by status": ", ".join(f"{s}: {n}" for s, n in by_status.items()),
+            }
+        )
     ok = statuses.get("2xx", 0)
     summary = (
         f"{args.clients} clients for {wall:.0f} s, {len(mix) - 3} kinds of hostile request among 3 valid: "
@@ -406,16 +439,29 @@ def main() -> None:
         f"peak RSS {peak[0]:.0f} MiB (idle {idle_rss:.0f}) vs bound {args.rss_bound_mib:.0f} MiB "
         f"({'held' if peak[0] <= args.rss_bound_mib else 'EXCEEDED'}); still answering /ping: {alive}"
     )
-    rows.append({"request": "all", "answers": total, "by status": ", ".join(
-        f"{s}: {n}" for s, n in sorted(statuses.items()))})
+    rows.append(
+        {
+            "request": "all",
+            "answers": total,
+            "by status": ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())),
+        }
+    )
     for result in rounds:
         ping = result.pop("/ping")
-        rows.append({**result, "/ping truthful %": ping["truthful_pct"],
-                     "/ping said 200 but refused": ping["ping_200_request_refused"],
-                     "/ping probes": ping["probes"], "/ping 200 %": ping["ping_200_pct"]})
-        summary += (f"; {result['round'].split(':')[0]} round: {result['valid 2xx/s']} 2xx/s, p99 "
-                    f"{result['valid p99 ms']} ms, 503 {result['valid 503 %']} %, peak RSS "
-                    f"{result['peak RSS MiB']} MiB, /ping truthful {ping['truthful_pct']} %")
+        rows.append(
+            {
+                **result,
+                "/ping truthful %": ping["truthful_pct"],
+                "/ping said 200 but refused": ping["ping_200_request_refused"],
+                "/ping probes": ping["probes"],
+                "/ping 200 %": ping["ping_200_pct"],
+            }
+        )
+        summary += (
+            f"; {result['round'].split(':')[0]} round: {result['valid 2xx/s']} 2xx/s, p99 "
+            f"{result['valid p99 ms']} ms, 503 {result['valid 503 %']} %, peak RSS "
+            f"{result['peak RSS MiB']} MiB, /ping truthful {ping['truthful_pct']} %"
+        )
     write_result(
         args.name,
         title=f"detforge serve under hostile load ({args.clients} clients, {args.size} px mobilenet-v3, "

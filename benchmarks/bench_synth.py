@@ -56,19 +56,37 @@ def main() -> None:
         start = time.perf_counter()
         summary = synth.synthesize(Path(tmp) / "d", images=args.images, seed=0, size=(width, height))
         full = time.perf_counter() - start
-    rows.append({"method": "synthesize (files + manifests)", "images": summary.images,
-                 "seconds": round(full, 3), "images_per_s": round(summary.images / full, 1)})
+    rows.append(
+        {
+            "method": "synthesize (files + manifests)",
+            "images": summary.images,
+            "seconds": round(full, 3),
+            "images_per_s": round(summary.images / full, 1),
+        }
+    )
 
     plans = synth.plan_videos(args.images, seed=0)
     start = time.perf_counter()
     count = sum(1 for plan in plans for _ in synth.render_video(plan, seed=0, width=width, height=height))
     render = time.perf_counter() - start
-    rows.append({"method": "render only (no files)", "images": count, "seconds": round(render, 3),
-                 "images_per_s": round(count / render, 1)})
+    rows.append(
+        {
+            "method": "render only (no files)",
+            "images": count,
+            "seconds": round(render, 3),
+            "images_per_s": round(count / render, 1),
+        }
+    )
 
     per_frame = render / count + rebuild_seconds(width=width, height=height, count=30)
-    rows.append({"method": "naive: room + camera rebuilt per frame (render only)", "images": count,
-                 "seconds": round(per_frame * count, 3), "images_per_s": round(1 / per_frame, 1)})
+    rows.append(
+        {
+            "method": "naive: room + camera rebuilt per frame (render only)",
+            "images": count,
+            "seconds": round(per_frame * count, 3),
+            "images_per_s": round(1 / per_frame, 1),
+        }
+    )
 
     frame = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
     frame = frame.resize((width // 8, height // 8)).resize((width, height))  # smooth, like a photo
@@ -76,21 +94,30 @@ def main() -> None:
     for _ in range(200):
         frame.save(io.BytesIO(), "JPEG", quality=88)
     encode = (time.perf_counter() - start) / 200
-    rows.append({"method": "JPEG encode only (Pillow, quality 88)", "images": 200,
-                 "seconds": round(encode * 200, 3), "images_per_s": round(1 / encode, 1)})
+    rows.append(
+        {
+            "method": "JPEG encode only (Pillow, quality 88)",
+            "images": 200,
+            "seconds": round(encode * 200, 3),
+            "images_per_s": round(1 / encode, 1),
+        }
+    )
 
     base = rows[0]["images_per_s"]
     for row in rows:
         row["ratio_vs_synthesize"] = round(row["images_per_s"] / base, 2)
     write_result(
-        "synth", title=f"detforge synth at {width}x{height}, one core",
+        "synth",
+        title=f"detforge synth at {width}x{height}, one core",
         rows=rows,
-        summary=(f"{rows[0]['images_per_s']:.0f} images/s end to end (target >= 50); "
-                 f"rendering alone {rows[1]['images_per_s']:.0f}/s, {rows[2]['images_per_s']:.0f}/s without "
-                 "per-video precomputation; "
-                 f"JPEG encoding alone {rows[3]['images_per_s']:.0f} images/s"),
+        summary=(
+            f"{rows[0]['images_per_s']:.0f} images/s end to end (target >= 50); "
+            f"rendering alone {rows[1]['images_per_s']:.0f}/s, {rows[2]['images_per_s']:.0f}/s without "
+            "per-video precomputation; "
+            f"JPEG encoding alone {rows[3]['images_per_s']:.0f} images/s"
+        ),
         notes="Pinned to one core with sched_setaffinity; the machine's 2 cores were shared with other "
-              "engineers' jobs while this ran, so absolute figures are conservative.",
+        "engineers' jobs while this ran, so absolute figures are conservative.",
     )
 
 

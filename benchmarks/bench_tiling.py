@@ -47,10 +47,18 @@ def score(deploy: Path, manifest: Path, setting: dict) -> dict:
     """COCO figures of the deploy folder on ``manifest`` with ``setting`` (Predictor's tiling options)."""
     from detforge.evaluation.evaluate import evaluate
 
-    result = evaluate(str(deploy), str(manifest), coco=True, tile=setting["tile"],
-                      overlap=setting.get("overlap"), tile_full_pass=setting.get("full_pass"))
-    return {k: (None if result.coco.get(k) is None else round(float(result.coco[k]), 4))
-            for k in ("AP", "AP50", "APs", "APm", "APl")}
+    result = evaluate(
+        str(deploy),
+        str(manifest),
+        coco=True,
+        tile=setting["tile"],
+        overlap=setting.get("overlap"),
+        tile_full_pass=setting.get("full_pass"),
+    )
+    return {
+        k: (None if result.coco.get(k) is None else round(float(result.coco[k]), 4))
+        for k in ("AP", "AP50", "APs", "APm", "APl")
+    }
 
 
 def latency_ms(predictor, photos: list[np.ndarray], runs: int) -> float:
@@ -89,19 +97,26 @@ def picture(deploy: Path, photo_path: str, setting: dict, out: Path) -> None:
 
     photo = images.read(photo_path)
     whole = Predictor(deploy, threads=1, tile=0)
-    tiled = Predictor(deploy, threads=1, tile=setting["tile"], overlap=setting["overlap"],
-                      full_pass=setting["full_pass"])
+    tiled = Predictor(
+        deploy, threads=1, tile=setting["tile"], overlap=setting["overlap"], full_pass=setting["full_pass"]
+    )
     plain = whole.predict([photo])[0]
     left = draw(photo, plain, f"whole photo at {whole.input_size} px: {len(plain)} boxes")
     found = tiled.predict([photo])[0]
-    right = draw(photo, found, f"{setting['tile']} px tiles, overlap {setting['overlap']:g} + full pass: "
-                               f"{len(found)} boxes")
+    right = draw(
+        photo,
+        found,
+        f"{setting['tile']} px tiles, overlap {setting['overlap']:g} + full pass: {len(found)} boxes",
+    )
     width, height = left.size
     sheet = Image.new("RGB", (2 * width + 16, height + 30), (255, 255, 255))
     sheet.paste(left, (0, 0))
     sheet.paste(right, (width + 16, 0))
-    ImageDraw.Draw(sheet).text((8, height + 8), f"{Path(photo_path).name} ({CREDIT}); boxes scoring >= "
-                               f"{whole.threshold:g}", fill=(0, 0, 0))
+    ImageDraw.Draw(sheet).text(
+        (8, height + 8),
+        f"{Path(photo_path).name} ({CREDIT}); boxes scoring >= {whole.threshold:g}",
+        fill=(0, 0, 0),
+    )
     scale = min(1.0, 1800 / sheet.width)
     sheet = sheet.resize((round(sheet.width * scale), round(sheet.height * scale)), Image.LANCZOS)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +136,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/detforge-bench-tiling"))
     parser.add_argument("--core", type=int, default=0, help="the core the timing runs on")
     parser.add_argument("--picture", type=Path, default=None, help="also draw one photo whole vs tiled here")
-    parser.add_argument("--photo", default="",
-                        help="the photo to draw (default: the valid photo with most small labeled objects)")
+    parser.add_argument(
+        "--photo",
+        default="",
+        help="the photo to draw (default: the valid photo with most small labeled objects)",
+    )
     args = parser.parse_args()
     if not (args.deploy / "model.json").exists():
         print(f"no deploy folder at {args.deploy}: run benchmarks/bench_realdata.py first (or pass --deploy)")
@@ -137,12 +155,18 @@ def main() -> None:
     tiles = [int(t) for t in args.tiles.split(",") if t.strip()]
     settings = [{"name": "whole photo", "tile": 0}]
     settings += [{"name": f"tiles {t}", "tile": t, "overlap": args.overlap, "full_pass": True} for t in tiles]
-    settings.append({"name": f"tiles {tiles[0]}, no full pass", "tile": tiles[0], "overlap": args.overlap,
-                     "full_pass": False})
+    settings.append(
+        {
+            "name": f"tiles {tiles[0]}, no full pass",
+            "tile": tiles[0],
+            "overlap": args.overlap,
+            "full_pass": False,
+        }
+    )
     rows = []
     for setting in settings:
         row = {"setting": setting["name"]}
-        for split, short in (() if args.latency_only else (("validation", "valid"), ("test", "test"))):
+        for split, short in () if args.latency_only else (("validation", "valid"), ("test", "test")):
             for key, value in score(args.deploy, manifests[split], setting).items():
                 row[f"{short} {key}"] = value
         rows.append(row)
@@ -158,8 +182,13 @@ def main() -> None:
     frames = [np.asarray(Image.fromarray(p).resize((1920, 1080), Image.BILINEAR)) for p in photos]
     base = {}
     for row, setting in zip(rows, settings, strict=True):
-        predictor = Predictor(args.deploy, threads=1, tile=setting["tile"], overlap=setting.get("overlap"),
-                              full_pass=setting.get("full_pass"))
+        predictor = Predictor(
+            args.deploy,
+            threads=1,
+            tile=setting["tile"],
+            overlap=setting.get("overlap"),
+            full_pass=setting.get("full_pass"),
+        )
         for what, batch in (("photo", photos), ("1080p", frames)):
             ms = latency_ms(predictor, batch, args.runs)
             base.setdefault(what, ms)
@@ -169,24 +198,36 @@ def main() -> None:
         row["1080p frames/s"] = round(1000 / row["ms per 1080p"], 1)
         print(row, flush=True)
     if args.latency_only:
-        write_result(args.name, title=f"Tiled inference on {args.dataset}: cost per photo and 1080p frame",
-                     rows=rows, summary="; ".join(f"{r['setting']}: {r['x whole (photo)']}x per photo, "
-                                                  f"{r['1080p frames/s']} 1080p frames/s" for r in rows))
+        write_result(
+            args.name,
+            title=f"Tiled inference on {args.dataset}: cost per photo and 1080p frame",
+            rows=rows,
+            summary="; ".join(
+                f"{r['setting']}: {r['x whole (photo)']}x per photo, {r['1080p frames/s']} 1080p frames/s"
+                for r in rows
+            ),
+        )
         return
     whole, best = rows[0], max(rows[1:], key=lambda r: r["valid APs"] or 0)
     edge = [r for r in rows[1:] if r["1080p frames/s"] >= 5]
-    summary = (f"{best['setting']}: valid AP small {best['valid APs']} vs {whole['valid APs']} whole "
-               f"(AP50-95 {best['valid AP']} vs {whole['valid AP']}; test AP small {best['test APs']} vs "
-               f"{whole['test APs']}), {best['x whole (photo)']}x the time per photo; "
-               + (f"{edge[-1]['setting']} keeps {edge[-1]['1080p frames/s']} 1080p frames/s on one core"
-                  if edge else "no tiling keeps 5 frames/s at 1080p on one core"))
+    summary = (
+        f"{best['setting']}: valid AP small {best['valid APs']} vs {whole['valid APs']} whole "
+        f"(AP50-95 {best['valid AP']} vs {whole['valid AP']}; test AP small {best['test APs']} vs "
+        f"{whole['test APs']}), {best['x whole (photo)']}x the time per photo; "
+        + (
+            f"{edge[-1]['setting']} keeps {edge[-1]['1080p frames/s']} 1080p frames/s on one core"
+            if edge
+            else "no tiling keeps 5 frames/s at 1080p on one core"
+        )
+    )
     model_name = json.loads((args.deploy / "model.json").read_text()).get("name")
-    notes = (f"Deploy folder {args.deploy} ({model_name}); {CREDIT}. Timing: one core, one thread, median "
-             f"of {args.runs} predict calls on the first 10 valid photos (1024 px), and on the same photos "
-             "resized to 1920 x 1080.")
+    notes = (
+        f"Deploy folder {args.deploy} ({model_name}); {CREDIT}. Timing: one core, one thread, median "
+        f"of {args.runs} predict calls on the first 10 valid photos (1024 px), and on the same photos "
+        "resized to 1920 x 1080."
+    )
     title = f"Tiled inference on {args.dataset} (one model, whole photo vs tiles)"
-    write_result(args.name, title=title, rows=rows,
-                 summary=summary, notes=notes)
+    write_result(args.name, title=title, rows=rows, summary=summary, notes=notes)
     if args.picture is not None:
         photo = args.photo
         if not photo:

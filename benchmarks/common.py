@@ -23,8 +23,13 @@ def machine() -> dict:
     except OSError:
         pass
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1),
-            "python": platform.python_version(), "system": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_gib, 1),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
 
 
 def peak_rss_mib_of_children() -> float:
@@ -32,15 +37,22 @@ def peak_rss_mib_of_children() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def write_result(name: str, *, title: str, rows: list[dict], summary: str, notes: str = "",
-                 headline: str = "") -> Path:
+def write_result(
+    name: str, *, title: str, rows: list[dict], summary: str, notes: str = "", headline: str = ""
+) -> Path:
     """Save one benchmark's figures as benchmarks/results/<name>.json. ``headline``: the one line the README's
     table shows (the headline ratio against the baseline); without it the table shows ``summary``."""
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    payload = {"name": name, "title": title, "machine": machine(),
-               "date": dt.datetime.now().isoformat(timespec="seconds"), "rows": rows,
-               "summary": summary, "notes": notes}
+    payload = {
+        "name": name,
+        "title": title,
+        "machine": machine(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "rows": rows,
+        "summary": summary,
+        "notes": notes,
+    }
     if headline:
         payload["headline"] = headline
     tmp = path.with_suffix(".json.part")
@@ -71,8 +83,8 @@ def export_bench_deploy(folder: Path, *, image_size: int = 320, background_bias:
     from PIL import Image
 
     from detforge.deploy.export import export_run
-    from detforge.runtime import load_image, resize_rgb
     from detforge.models import build_model
+    from detforge.runtime import load_image, resize_rgb
     from detforge.training.checkpoint import RunInfo, save_model
 
     torch.manual_seed(0)
@@ -90,9 +102,13 @@ def export_bench_deploy(folder: Path, *, image_size: int = 320, background_bias:
         for conv in model.head.classification_head.modules():
             if isinstance(conv, torch.nn.Conv2d) and conv.bias is not None:
                 conv.bias[0::3] += background_bias  # channels are anchor x class, class 0 = background
-    info = RunInfo(base_network="mobilenet-v3", image_shape=image_size, num_classes=2,
-                   classes=["blue box", "yellow box"],
-                   thresholds={"nms_threshold": 0.45, "nms_topk": 400, "score_threshold": 0.01})
+    info = RunInfo(
+        base_network="mobilenet-v3",
+        image_shape=image_size,
+        num_classes=2,
+        classes=["blue box", "yellow box"],
+        thresholds={"nms_threshold": 0.45, "nms_topk": 400, "score_threshold": 0.01},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         save_model(tmp, model, info)
         images = []
@@ -100,8 +116,13 @@ def export_bench_deploy(folder: Path, *, image_size: int = 320, background_bias:
             path = Path(tmp) / f"verify_{k}.png"
             Image.fromarray(frame).save(path)
             images.append(str(path))
-        export_run(tmp, str(deploy), name=f"bench-stand-in-mobilenet-v3-{image_size}", default_threshold=0.3,
-                   verify_images=images)
+        export_run(
+            tmp,
+            str(deploy),
+            name=f"bench-stand-in-mobilenet-v3-{image_size}",
+            default_threshold=0.3,
+            verify_images=images,
+        )
     return deploy
 
 

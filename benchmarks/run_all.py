@@ -1,8 +1,8 @@
 """Run every benchmarks/bench_*.py (or those named), then render results.json and RESULTS.md.
 
-    python benchmarks/run_all.py            # all
-    python benchmarks/run_all.py prepare    # only bench_prepare.py, others keep their last figures
-    python benchmarks/run_all.py --render   # only re-render from benchmarks/results/*.json
+python benchmarks/run_all.py            # all
+python benchmarks/run_all.py prepare    # only bench_prepare.py, others keep their last figures
+python benchmarks/run_all.py --render   # only re-render from benchmarks/results/*.json
 """
 
 from __future__ import annotations
@@ -20,16 +20,25 @@ QUICK_ARGS = {"bench_realdata.py": ["--quick"]}
 def render() -> None:
     results = [json.loads(p.read_text()) for p in sorted((HERE / "results").glob("*.json"))]
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["# Benchmark results", "",
-             "Made by `make bench` (`benchmarks/run_all.py`). Each benchmark compares against its named",
-             "baseline *in the same run* on the machine named with it; the machine is shared and noisy,",
-             "so read the ratios, not the absolute times.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Made by `make bench` (`benchmarks/run_all.py`). Each benchmark compares against its named",
+        "baseline *in the same run* on the machine named with it; the machine is shared and noisy,",
+        "so read the ratios, not the absolute times.",
+        "",
+    ]
     for result in results:
         m = result["machine"]
-        lines += [f"## {result['title']}", "",
-                  f"{result['summary']}", "",
-                  f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; "
-                  f"measured {result['date']}.", ""]
+        lines += [
+            f"## {result['title']}",
+            "",
+            f"{result['summary']}",
+            "",
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; "
+            f"measured {result['date']}.",
+            "",
+        ]
         rows = result["rows"]
         if rows:
             keys = list(dict.fromkeys(k for row in rows for k in row))
@@ -60,11 +69,15 @@ def render_readme(results: list[dict]) -> None:
             continue
         line = str(result.get("headline") or result["summary"]).replace("|", "/").replace("\n", " ")
         anchor = _anchor(result["title"])
-        rows.append(f"| [{result['title']}](benchmarks/RESULTS.md#{anchor}) | {line} | "
-                    f"{str(result['date'])[:10]} |")
+        rows.append(
+            f"| [{result['title']}](benchmarks/RESULTS.md#{anchor}) | {line} | {str(result['date'])[:10]} |"
+        )
     machines = sorted({r["machine"]["cpu"] + f", {r['machine']['cores']} cores" for r in results})
-    rows += ["", f"Machine: {'; '.join(machines)} (shared and noisy: read the ratios). Details, rows and "
-                 "notes: [benchmarks/RESULTS.md](benchmarks/RESULTS.md)."]
+    rows += [
+        "",
+        f"Machine: {'; '.join(machines)} (shared and noisy: read the ratios). Details, rows and "
+        "notes: [benchmarks/RESULTS.md](benchmarks/RESULTS.md).",
+    ]
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
     readme.write_text(head + README_START + "\n" + "\n".join(rows) + "\n" + README_END + tail)
@@ -93,8 +106,12 @@ def main(argv: list[str]) -> int:
         failed = []
         for script in scripts:
             print(f"== {script.name}", flush=True)
-            if subprocess.run([sys.executable, str(script), *QUICK_ARGS.get(script.name, [])],
-                              cwd=HERE.parent).returncode != 0:
+            if (
+                subprocess.run(
+                    [sys.executable, str(script), *QUICK_ARGS.get(script.name, [])], cwd=HERE.parent
+                ).returncode
+                != 0
+            ):
                 failed.append(script.name)
         if failed:
             print(f"failed: {', '.join(failed)}", file=sys.stderr)

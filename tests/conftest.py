@@ -130,10 +130,16 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     try:
         yield endpoint
     finally:
@@ -179,8 +185,9 @@ class Broker:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> None:
-        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -215,14 +222,31 @@ def chromium_path() -> str:
 # -- a tiny trained + exported model (shared by predict, serve, edge tests) ---------------------------
 TINY_CLASSES = ["blue box", "yellow box"]
 TINY_HP = {
-    "num_classes": "2", "base_network": "mobilenet-v3", "use_pretrained_model": "0", "epochs": "6",
-    "mini_batch_size": "4", "image_shape": "64", "workers": "0", "learning_rate": "0.002",
-    "optimizer": "adam", "augmentation": "none", "deterministic": "1",
+    "num_classes": "2",
+    "base_network": "mobilenet-v3",
+    "use_pretrained_model": "0",
+    "epochs": "6",
+    "mini_batch_size": "4",
+    "image_shape": "64",
+    "workers": "0",
+    "learning_rate": "0.002",
+    "optimizer": "adam",
+    "augmentation": "none",
+    "deterministic": "1",
 }
 
 
-def make_tiny_set(folder: Path, count: int, seed: int, size: int = 64, *, classes=("red", "blue"),
-                  colors=((220, 30, 30), (30, 30, 220)), background: int = 128, prefix: str = "img") -> Path:
+def make_tiny_set(
+    folder: Path,
+    count: int,
+    seed: int,
+    size: int = 64,
+    *,
+    classes=("red", "blue"),
+    colors=((220, 30, 30), (30, 30, 220)),
+    background: int = 128,
+    prefix: str = "img",
+) -> Path:
     """``count`` gray PNGs ``<prefix>_<seed>_<i>.png`` with one box of class ``i % 2`` in that class's colour,
     a manifest and classes.json (the training, tuning and deploy tests' data)."""
     import json
@@ -240,12 +264,20 @@ def make_tiny_set(folder: Path, count: int, seed: int, size: int = 64, *, classe
         class_id = i % 2
         w, h = (int(v) for v in rng.integers(size // 4, size // 2, 2))
         x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-        pixels[y:y + h, x:x + w] = colors[class_id]
+        pixels[y : y + h, x : x + w] = colors[class_id]
         name = f"{prefix}_{seed}_{i:03d}.png"
         Image.fromarray(pixels).save(folder / name)
-        records.append(make_record(name, width=size, height=size, boxes_xyxy=[[x, y, x + w, y + h]],
-                                   class_ids=[class_id], class_map=dict(enumerate(classes)),
-                                   creation_date="2024-01-01T00:00:00"))
+        records.append(
+            make_record(
+                name,
+                width=size,
+                height=size,
+                boxes_xyxy=[[x, y, x + w, y + h]],
+                class_ids=[class_id],
+                class_map=dict(enumerate(classes)),
+                creation_date="2024-01-01T00:00:00",
+            )
+        )
     write_manifest(folder / "data.manifest", records)
     (folder / "classes.json").write_text(json.dumps(list(classes)))
     return folder / "data.manifest"
@@ -253,8 +285,15 @@ def make_tiny_set(folder: Path, count: int, seed: int, size: int = 64, *, classe
 
 def make_box_images(folder: Path, count: int, seed: int) -> Path:
     """The tiny deploy model's data: blue (class 0) and yellow (class 1) boxes on darker gray."""
-    return make_tiny_set(folder, count, seed, classes=TINY_CLASSES, colors=((40, 70, 210), (230, 200, 40)),
-                         background=110, prefix="box")
+    return make_tiny_set(
+        folder,
+        count,
+        seed,
+        classes=TINY_CLASSES,
+        colors=((40, 70, 210), (230, 200, 40)),
+        background=110,
+        prefix="box",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -286,8 +325,15 @@ def tiny_deploy(tmp_path_factory) -> Path:
             try:
                 train_manifest = make_box_images(root / "train", 16, 1)
                 validation = make_box_images(root / "validation", 4, 2)
-                train(TrainConfig(train=str(train_manifest), validation=str(validation),
-                                  out=str(root / "run"), hyperparameters=TINY_HP, progress=False))
+                train(
+                    TrainConfig(
+                        train=str(train_manifest),
+                        validation=str(validation),
+                        out=str(root / "run"),
+                        hyperparameters=TINY_HP,
+                        progress=False,
+                    )
+                )
                 export_run(str(root / "run"), str(deploy), default_threshold=0.05, name="tiny")
             finally:
                 torch.set_num_threads(threads)

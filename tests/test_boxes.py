@@ -34,10 +34,12 @@ def same(actual, expected, atol: float) -> None:
 def test_hand_values():
     np.testing.assert_array_equal(B.ltwh_to_xyxy([[10, 20, 30, 40]]), [[10, 20, 40, 60]])
     np.testing.assert_array_equal(B.xyxy_to_ltwh([[10, 20, 40, 60]]), [[10, 20, 30, 40]])
-    np.testing.assert_allclose(B.xyxy_to_xyxy_norm([[64, 48, 320, 240]], width=W, height=H),
-                               [[0.1, 0.1, 0.5, 0.5]])
-    np.testing.assert_allclose(B.xyxy_to_cxcywh_norm([[64, 48, 320, 240]], width=W, height=H),
-                               [[0.3, 0.3, 0.4, 0.4]])
+    np.testing.assert_allclose(
+        B.xyxy_to_xyxy_norm([[64, 48, 320, 240]], width=W, height=H), [[0.1, 0.1, 0.5, 0.5]]
+    )
+    np.testing.assert_allclose(
+        B.xyxy_to_cxcywh_norm([[64, 48, 320, 240]], width=W, height=H), [[0.3, 0.3, 0.4, 0.4]]
+    )
     np.testing.assert_array_equal(B.area_xyxy([[0, 0, 4, 5]]), [20])
     np.testing.assert_array_equal(B.clip_xyxy([[-5, -5, 700, 100]], width=W, height=H), [[0, 0, 640, 100]])
     np.testing.assert_allclose(B.iou_xyxy([[0, 0, 2, 2]], [[1, 1, 3, 3], [5, 5, 6, 6]]), [[1 / 7, 0]])
@@ -97,10 +99,14 @@ def test_iou_symmetric_and_bounded(a, b):
 def test_empty_inputs_keep_shape_0_4():
     """``[]`` and ``(0, 4)`` arrays go through every function as ``(0, 4)`` (or ``(0,)`` masks/areas)."""
     for empty in ([], np.zeros((0, 4)), np.zeros((0, 4), dtype=np.float32)):
-        for convert in (B.as_boxes, B.ltwh_to_xyxy, B.xyxy_to_ltwh,
-                        lambda e: B.clip_xyxy(e, width=W, height=H),
-                        lambda e: B.xyxy_to_cxcywh_norm(e, width=W, height=H),
-                        lambda e: B.rotate_180_xyxy(e, width=W, height=H)):
+        for convert in (
+            B.as_boxes,
+            B.ltwh_to_xyxy,
+            B.xyxy_to_ltwh,
+            lambda e: B.clip_xyxy(e, width=W, height=H),
+            lambda e: B.xyxy_to_cxcywh_norm(e, width=W, height=H),
+            lambda e: B.rotate_180_xyxy(e, width=W, height=H),
+        ):
             same(convert(empty), np.zeros((0, 4)), atol=0)
         assert B.xyxy_to_ltwh_int(empty).shape == (0, 4)
         assert B.area_xyxy(empty).shape == B.positive_size_xyxy(empty).shape == (0,)

@@ -14,11 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 SUITE = {
-    "test_module.py": ('import pytest\npytest.importorskip("detforge_no_such_pkg")\n\n'
-                       'def test_a():\n    pass\n'),
-    "test_fixture.py": ('import pytest\n\n@pytest.fixture\ndef needs():\n'
-                        '    pytest.importorskip("detforge_no_such_pkg")\n\n'
-                        'def test_b(needs):\n    pass\n\ndef test_c():\n    pytest.skip("another reason")\n'),
+    "test_module.py": (
+        'import pytest\npytest.importorskip("detforge_no_such_pkg")\n\ndef test_a():\n    pass\n'
+    ),
+    "test_fixture.py": (
+        "import pytest\n\n@pytest.fixture\ndef needs():\n"
+        '    pytest.importorskip("detforge_no_such_pkg")\n\n'
+        'def test_b(needs):\n    pass\n\ndef test_c():\n    pytest.skip("another reason")\n'
+    ),
 }
 
 
@@ -26,8 +29,21 @@ def run_suite(tmp_path: Path, ci: str) -> subprocess.CompletedProcess:
     for name, text in SUITE.items():
         (tmp_path / name).write_text(text)
     env = {**os.environ, "CI": ci, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO / "src")])}
-    command = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-p", "no:xdist",
-               "-q", "-rA", "--continue-on-collection-errors", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "conftest",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        "-q",
+        "-rA",
+        "--continue-on-collection-errors",
+        str(tmp_path),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
 
 

@@ -40,15 +40,27 @@ def test_the_script_runs_this_checkout():
     assert where.stdout.strip() == str(REPO / "src" / "detforge" / "__init__.py")
 
 
-@pytest.mark.parametrize("args,usage,error", [
-    (["export", "run", "--int9"], "Usage: detforge export [OPTIONS]",
-     "Error: No such option: --int9. Did you mean --int8?"),
-    (["prepare", "m.manifest", "--valdation-fraction", "0.2"], "Usage: detforge prepare [OPTIONS]",
-     "Error: No such option: --valdation-fraction. Did you mean --validation-fraction?"),
-    (["trian"], "Usage: detforge [OPTIONS] COMMAND [ARGS]...",
-     "Error: No such command 'trian'. Did you mean 'train'?"),
-    (["export"], "Usage: detforge export [OPTIONS]", "Error: Missing argument 'run'."),
-])
+@pytest.mark.parametrize(
+    "args,usage,error",
+    [
+        (
+            ["export", "run", "--int9"],
+            "Usage: detforge export [OPTIONS]",
+            "Error: No such option: --int9. Did you mean --int8?",
+        ),
+        (
+            ["prepare", "m.manifest", "--valdation-fraction", "0.2"],
+            "Usage: detforge prepare [OPTIONS]",
+            "Error: No such option: --valdation-fraction. Did you mean --validation-fraction?",
+        ),
+        (
+            ["trian"],
+            "Usage: detforge [OPTIONS] COMMAND [ARGS]...",
+            "Error: No such command 'trian'. Did you mean 'train'?",
+        ),
+        (["export"], "Usage: detforge export [OPTIONS]", "Error: Missing argument 'run'."),
+    ],
+)
 def test_usage_errors_print_the_usage_message_and_exit_2(args, usage, error):
     done = run(*args)
     assert done.returncode == 2, done.stderr

@@ -33,8 +33,9 @@ def demo(tmp_path_factory):
 
 def test_every_step_runs_and_says_so(demo):
     out, stdout = demo
-    for i, step in enumerate(("synth", "prepare", "augment", "train", "evaluate", "export", "predict",
-                              "summary"), start=1):
+    for i, step in enumerate(
+        ("synth", "prepare", "augment", "train", "evaluate", "export", "predict", "summary"), start=1
+    ):
         assert f"{i}/8 {step}" in stdout
     assert "validation:mAP" in stdout and "summary.json" in stdout
 
@@ -60,11 +61,24 @@ def test_the_artifacts_are_valid(demo):
     assert int(next(line.split()[-1] for line in info.stdout.splitlines() if line.startswith("Pages:"))) >= 2
     assert "<html" in (out / "report.html").read_text()[:500].lower()
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("validation:mAP", "onnx_validation:mAP", "seconds", "step_seconds", "latency_ms",
-                "artifacts"):
+    for key in (
+        "validation:mAP",
+        "onnx_validation:mAP",
+        "seconds",
+        "step_seconds",
+        "latency_ms",
+        "artifacts",
+    ):
         assert key in summary
-    assert set(summary["step_seconds"]) >= {"synth", "prepare", "augment", "train", "evaluate", "export",
-                                            "predict"}
+    assert set(summary["step_seconds"]) >= {
+        "synth",
+        "prepare",
+        "augment",
+        "train",
+        "evaluate",
+        "export",
+        "predict",
+    }
     # the deployed model scores the validation split as the PyTorch run does
     assert summary["onnx_validation:mAP"] == pytest.approx(summary["validation:mAP"], abs=0.02)
 

@@ -64,15 +64,21 @@ def test_cache_path_stays_inside_the_cache_folder(tmp_path):
     assert len({cache_path(f"s3://bucket/{key}", cache) for key in keys}) == len(keys)
     # a deploy folder's two files stay side by side
     assert os.path.dirname(cache_path("s3://b/d/model.json", cache)) == os.path.dirname(
-        cache_path("s3://b/d/model.onnx", cache))
+        cache_path("s3://b/d/model.onnx", cache)
+    )
 
 
 def test_distinct_keys_that_normalize_alike_never_share_a_cached_copy(make_bucket, tmp_path):
     """Against moto's S3: keys that one path normalization would fold together are distinct objects;
     each gets its own bytes from the cache, in either order."""
     bucket = make_bucket()
-    keys = {"victim/model.onnx": b"victim", "attacker/../victim/model.onnx": b"attacker",
-            "a/b/x": b"plain", "a//b/x": b"double slash", "a/./b/x": b"dot"}
+    keys = {
+        "victim/model.onnx": b"victim",
+        "attacker/../victim/model.onnx": b"attacker",
+        "a/b/x": b"plain",
+        "a//b/x": b"double slash",
+        "a/./b/x": b"dot",
+    }
     import boto3
 
     client = boto3.client("s3")
@@ -108,8 +114,9 @@ def test_atomic_writes_keep_the_mode_and_fsync_the_folder(tmp_path, monkeypatch)
         os.umask(old)
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
-                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1]
+    )
     storage.write_text(target, "four")
     # the temporary file's data, then the folder that holds the rename
     assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".detforge-"))

@@ -26,35 +26,47 @@ from detforge.tiling import (
 )
 
 
-@pytest.mark.parametrize(("length", "tile", "overlap_px", "starts"), [
-    (1024, 512, 102, [0, 256, 512]),  # 2 strides of 410 do not reach: 3 windows spread evenly
-    (1024, 512, 0, [0, 512]),  # no overlap: edge to edge
-    (1030, 512, 102, [0, 259, 518]),  # last flush with the edge: 518 + 512 = 1030
-    (1001, 256, 51, [0, 186, 373, 559, 745]),  # odd sizes: 745 + 256 = 1001
-    (1920, 640, 128, [0, 427, 853, 1280]),
-    (1080, 640, 128, [0, 440]),
-    (513, 512, 102, [0, 1]),  # one pixel more than a tile is two windows
-    (512, 512, 102, [0]),
-    (300, 512, 102, [0]),  # smaller than a tile: one window
-])
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap_px", "starts"),
+    [
+        (1024, 512, 102, [0, 256, 512]),  # 2 strides of 410 do not reach: 3 windows spread evenly
+        (1024, 512, 0, [0, 512]),  # no overlap: edge to edge
+        (1030, 512, 102, [0, 259, 518]),  # last flush with the edge: 518 + 512 = 1030
+        (1001, 256, 51, [0, 186, 373, 559, 745]),  # odd sizes: 745 + 256 = 1001
+        (1920, 640, 128, [0, 427, 853, 1280]),
+        (1080, 640, 128, [0, 440]),
+        (513, 512, 102, [0, 1]),  # one pixel more than a tile is two windows
+        (512, 512, 102, [0]),
+        (300, 512, 102, [0]),  # smaller than a tile: one window
+    ],
+)
 def test_axis_starts(length, tile, overlap_px, starts):
     assert axis_starts(length, tile, overlap_px) == starts
 
 
 def test_windows_of_a_photo_row_by_row():
     windows = tile_windows(1024, 768, Tiling(512, 0.2))
-    assert windows.tolist() == [[0, 0, 512, 512], [256, 0, 768, 512], [512, 0, 1024, 512],
-                                [0, 256, 512, 768], [256, 256, 768, 768], [512, 256, 1024, 768]]
+    assert windows.tolist() == [
+        [0, 0, 512, 512],
+        [256, 0, 768, 512],
+        [512, 0, 1024, 512],
+        [0, 256, 512, 768],
+        [256, 256, 768, 768],
+        [512, 256, 1024, 768],
+    ]
     full = passes(1024, 768, Tiling(512, 0.2))
     assert full.tolist()[-1] == [0, 0, 1024, 768] and len(full) == 7
     assert len(passes(1024, 768, Tiling(512, 0.2, full_pass=False))) == 6
 
 
-@pytest.mark.parametrize(("width", "height", "expected"), [
-    (300, 200, [[0, 0, 300, 200]]),  # smaller than a tile: the photo itself, and no extra full pass
-    (512, 512, [[0, 0, 512, 512]]),
-    (700, 301, [[0, 0, 512, 301], [188, 0, 700, 301], [0, 0, 700, 301]]),  # short side: not square
-])
+@pytest.mark.parametrize(
+    ("width", "height", "expected"),
+    [
+        (300, 200, [[0, 0, 300, 200]]),  # smaller than a tile: the photo itself, and no extra full pass
+        (512, 512, [[0, 0, 512, 512]]),
+        (700, 301, [[0, 0, 512, 301], [188, 0, 700, 301], [0, 0, 700, 301]]),  # short side: not square
+    ],
+)
 def test_small_photos_and_short_sides(width, height, expected):
     assert passes(width, height, Tiling(512, 0.2)).tolist() == expected
 
@@ -75,7 +87,10 @@ def test_tiling_setting_is_checked_and_read_from_model_json():
     assert parse_tiling({"tile": 0}) is None
     assert parse_tiling({"tile": 640}) == Tiling(640, 0.2, True)
     assert parse_tiling({"tile": 512, "overlap": 0.25, "full_pass": False}).to_json() == {
-        "tile": 512, "overlap": 0.25, "full_pass": False}
+        "tile": 512,
+        "overlap": 0.25,
+        "full_pass": False,
+    }
     with pytest.raises(ConfigError, match=r"field 'model.json tiling.overlap': the overlap is a fraction"):
         parse_tiling({"tile": 512, "overlap": 0.9}, where="model.json tiling")
     with pytest.raises(ConfigError, match=r"field 'tiling': unknown key 'size'"):
@@ -108,14 +123,22 @@ def test_boxes_of_a_window_back_to_the_photo():
 
 def test_boxes_touching_an_inner_window_edge():
     window = [256, 0, 768, 512]  # of a 1024 x 768 photo: left, right and bottom edges are inner
-    boxes = [[257, 100, 300, 150],  # within 5.12 px of the left edge
-             [300, 0, 400, 50],  # on the top edge, which is the photo's: not cut
-             [300, 100, 400, 200],  # inside
-             [300, 400, 400, 508],  # near the bottom (inner) edge
-             [700, 100, 762.8, 150],  # 5.2 px from the right edge: not within the margin
-             [700, 100, 763, 150]]  # 5 px: within
+    boxes = [
+        [257, 100, 300, 150],  # within 5.12 px of the left edge
+        [300, 0, 400, 50],  # on the top edge, which is the photo's: not cut
+        [300, 100, 400, 200],  # inside
+        [300, 400, 400, 508],  # near the bottom (inner) edge
+        [700, 100, 762.8, 150],  # 5.2 px from the right edge: not within the margin
+        [700, 100, 763, 150],
+    ]  # 5 px: within
     assert cut_by_inner_edge(boxes, window, width=1024, height=768).tolist() == [
-        True, False, False, True, False, True]
+        True,
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]
     # the photo's own edges never cut, whatever the margin
     whole = cut_by_inner_edge([[0, 0, 10, 10]], [0, 0, 64, 64], width=64, height=64, margin=20)
     assert whole.tolist() == [False]
@@ -123,7 +146,8 @@ def test_boxes_touching_an_inner_window_edge():
 
 def test_intersection_over_smaller():
     assert ios_xyxy([[0, 0, 10, 10]], [[5, 0, 25, 10], [2, 2, 4, 4], [20, 20, 30, 30]]).tolist() == [
-        [0.5, 1.0, 0.0]]
+        [0.5, 1.0, 0.0]
+    ]
     assert ios_xyxy([[0, 0, 0, 10]], [[0, 0, 10, 10]]).tolist() == [[0.0]]  # an empty box
 
 
@@ -185,8 +209,9 @@ def test_tiled_pass_merges_a_box_cut_by_the_tile_edge_into_one():
         seen.append(batch.shape)
         return red_detector(batch)
 
-    boxes, scores, ids = detect_tiled(photo, Tiling(64, 0.0, full_pass=False), input_size=64,
-                                      run_batch=detector, threshold=0.5)
+    boxes, scores, ids = detect_tiled(
+        photo, Tiling(64, 0.0, full_pass=False), input_size=64, run_batch=detector, threshold=0.5
+    )
     assert seen == [(2, 64, 64, 3)]  # the photo's tiles as one batch
     assert boxes.tolist() == [[40, 10, 100, 30]] and scores.tolist() == [pytest.approx(0.9)]
     # with the whole-photo pass (128 x 64 shrunk to 64 x 64: the box's edges fall on even columns)
@@ -197,8 +222,9 @@ def test_tiled_pass_merges_a_box_cut_by_the_tile_edge_into_one():
 def test_tiled_pass_with_overlap_sees_a_small_box_whole_once():
     # windows [0, 64] and [32, 96] (overlap 0.5): the box at 40..56 is whole in both
     photo = photo_with(96, 64, (40, 8, 56, 24))
-    boxes, _, _ = detect_tiled(photo, Tiling(64, 0.5, full_pass=False), input_size=64, run_batch=red_detector,
-                               threshold=0.5)
+    boxes, _, _ = detect_tiled(
+        photo, Tiling(64, 0.5, full_pass=False), input_size=64, run_batch=red_detector, threshold=0.5
+    )
     assert boxes.tolist() == [[40, 8, 56, 24]]
 
 
@@ -208,10 +234,15 @@ def test_tiled_pass_on_a_photo_smaller_than_a_tile_and_odd_sizes():
     assert boxes.tolist() == [[3, 5, 20, 30]]
     # odd: 101 x 67 in 64 px tiles at a 64 px input: windows at x 0 and 37, y 0 and 3
     photo = photo_with(101, 67, (70, 50, 90, 60))
-    assert passes(101, 67, Tiling(64, 0.2)).tolist()[:4] == [[0, 0, 64, 64], [37, 0, 101, 64],
-                                                            [0, 3, 64, 67], [37, 3, 101, 67]]
-    boxes, _, _ = detect_tiled(photo, Tiling(64, 0.2, full_pass=False), input_size=64, run_batch=red_detector,
-                               threshold=0.5)
+    assert passes(101, 67, Tiling(64, 0.2)).tolist()[:4] == [
+        [0, 0, 64, 64],
+        [37, 0, 101, 64],
+        [0, 3, 64, 67],
+        [37, 3, 101, 67],
+    ]
+    boxes, _, _ = detect_tiled(
+        photo, Tiling(64, 0.2, full_pass=False), input_size=64, run_batch=red_detector, threshold=0.5
+    )
     assert boxes.tolist() == [[70, 50, 90, 60]]
 
 
@@ -228,8 +259,9 @@ def test_tiled_pass_on_an_exif_rotated_photo_is_in_upright_pixels(tmp_path):
     photo = images.read(path)
     assert photo.shape == (64, 128, 3)
     assert passes(128, 64, Tiling(64, 0.0)).tolist() == [[0, 0, 64, 64], [64, 0, 128, 64], [0, 0, 128, 64]]
-    boxes, _, _ = detect_tiled(photo, Tiling(64, 0.0, full_pass=False), input_size=64, run_batch=red_detector,
-                               threshold=0.5)
+    boxes, _, _ = detect_tiled(
+        photo, Tiling(64, 0.0, full_pass=False), input_size=64, run_batch=red_detector, threshold=0.5
+    )
     assert boxes.tolist() == [[90, 40, 120, 60]]
 
 

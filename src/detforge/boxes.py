@@ -97,8 +97,12 @@ def positive_size_xyxy(boxes, *, min_size: float = 0.0) -> np.ndarray:
 def inside_image_xyxy(boxes, *, width: float, height: float, tolerance: float = 0.0) -> np.ndarray:
     """Boolean mask of boxes lying within the image (up to ``tolerance`` pixels outside)."""
     b = as_boxes(boxes)
-    return ((b[:, 0] >= -tolerance) & (b[:, 1] >= -tolerance)
-            & (b[:, 2] <= width + tolerance) & (b[:, 3] <= height + tolerance))
+    return (
+        (b[:, 0] >= -tolerance)
+        & (b[:, 1] >= -tolerance)
+        & (b[:, 2] <= width + tolerance)
+        & (b[:, 3] <= height + tolerance)
+    )
 
 
 def iou_xyxy(boxes_a, boxes_b) -> np.ndarray:

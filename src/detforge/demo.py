@@ -46,12 +46,30 @@ CLASSES = ["blue box", "yellow box"]
 # (docs/demo.md has the measurements behind it).
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 DEMO_PROFILES = {
-    "cpu": {"images": 600, "heldout": 48, "size": (640, 360), "frames_per_video": 20, "ops": ("xflip",),
-            "recipe": "demo-cpu.json"},
-    "gpu": {"images": 1200, "heldout": 96, "size": (640, 360), "frames_per_video": 20,
-            "ops": ("xflip", "yflip"), "recipe": "demo-gpu.json"},
-    "tiny": {"images": 60, "heldout": 6, "size": (320, 180), "frames_per_video": 10, "ops": ("xflip",),
-             "recipe": "demo-tiny.json"},
+    "cpu": {
+        "images": 600,
+        "heldout": 48,
+        "size": (640, 360),
+        "frames_per_video": 20,
+        "ops": ("xflip",),
+        "recipe": "demo-cpu.json",
+    },
+    "gpu": {
+        "images": 1200,
+        "heldout": 96,
+        "size": (640, 360),
+        "frames_per_video": 20,
+        "ops": ("xflip", "yflip"),
+        "recipe": "demo-gpu.json",
+    },
+    "tiny": {
+        "images": 60,
+        "heldout": 6,
+        "size": (320, 180),
+        "frames_per_video": 10,
+        "ops": ("xflip",),
+        "recipe": "demo-tiny.json",
+    },
 }
 
 
@@ -61,8 +79,9 @@ def demo_hyperparameters(profile: dict) -> dict:
 
     path = RECIPES / profile["recipe"]
     if not path.exists():
-        raise ConfigError("the demo's recipe is missing (the demo runs from a checkout of the repository)",
-                          path=str(path))
+        raise ConfigError(
+            "the demo's recipe is missing (the demo runs from a checkout of the repository)", path=str(path)
+        )
     return read_hyperparameters_file(path)
 
 
@@ -114,8 +133,9 @@ def _bar(enabled: bool, description: str, total: int):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    with Progress(f"   {description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
+    with Progress(
+        f"   {description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+    ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda done, total=None: bar.update(task, completed=done, **({"total": total} if total else {}))
 
@@ -124,21 +144,41 @@ def _step_synth(out: str, profile: dict, say: Callable, progress: bool) -> dict:
     from detforge.data.synth import synthesize
 
     with _bar(progress, "drawing frames", profile["images"]) as update:
-        data = synthesize(os.path.join(out, "data", "synth"), images=profile["images"], seed=0,
-                          size=profile["size"], frames_per_video=profile["frames_per_video"], progress=update)
+        data = synthesize(
+            os.path.join(out, "data", "synth"),
+            images=profile["images"],
+            seed=0,
+            size=profile["size"],
+            frames_per_video=profile["frames_per_video"],
+            progress=update,
+        )
     with _bar(progress, "drawing held-out frames", profile["heldout"]) as update:
-        heldout = synthesize(os.path.join(out, "data", "heldout"), images=profile["heldout"], seed=1,
-                             size=profile["size"], frames_per_video=profile["frames_per_video"],
-                             progress=update)
-    say(f"{data.images} labeled frames in {len(data.job_images)} labeling jobs, {len(data.rejected)} ids on "
-        f"the reviewer's discard list; {heldout.images} held-out frames (other videos)")
-    return {"images": data.images, "heldout": heldout.images, "jobs": data.job_images,
-            "rejected": len(data.rejected)}
+        heldout = synthesize(
+            os.path.join(out, "data", "heldout"),
+            images=profile["heldout"],
+            seed=1,
+            size=profile["size"],
+            frames_per_video=profile["frames_per_video"],
+            progress=update,
+        )
+    say(
+        f"{data.images} labeled frames in {len(data.job_images)} labeling jobs, {len(data.rejected)} ids on "
+        f"the reviewer's discard list; {heldout.images} held-out frames (other videos)"
+    )
+    return {
+        "images": data.images,
+        "heldout": heldout.images,
+        "jobs": data.job_images,
+        "rejected": len(data.rejected),
+    }
 
 
 def _manifests(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, "manifests", n) for n in os.listdir(os.path.join(folder, "manifests"))
-                  if n.endswith(".manifest"))
+    return sorted(
+        os.path.join(folder, "manifests", n)
+        for n in os.listdir(os.path.join(folder, "manifests"))
+        if n.endswith(".manifest")
+    )
 
 
 def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
@@ -146,29 +186,57 @@ def _step_prepare(out: str, profile: dict, say: Callable) -> dict:
 
     synth = os.path.join(out, "data", "synth")
     # the default split (auto): whole videos, since the demo has enough of them
-    summary = prepare(_manifests(synth), os.path.join(out, "prepared"),
-                      discard=[os.path.join(synth, "rejected.txt")], class_from="{color} {object}",
-                      classes=CLASSES, validation_fraction=0.15, seed=7, overwrite=True)
+    summary = prepare(
+        _manifests(synth),
+        os.path.join(out, "prepared"),
+        discard=[os.path.join(synth, "rejected.txt")],
+        class_from="{color} {object}",
+        classes=CLASSES,
+        validation_fraction=0.15,
+        seed=7,
+        overwrite=True,
+    )
     heldout = os.path.join(out, "data", "heldout")
-    prepare(_manifests(heldout), os.path.join(out, "heldout"),
-            discard=[os.path.join(heldout, "rejected.txt")], class_from="{color} {object}", classes=CLASSES,
-            validation_fraction=0.0, seed=7, overwrite=True)
-    say(f"discarded {len(summary.discarded)}, boxes per class {summary.boxes_per_class}; "
+    prepare(
+        _manifests(heldout),
+        os.path.join(out, "heldout"),
+        discard=[os.path.join(heldout, "rejected.txt")],
+        class_from="{color} {object}",
+        classes=CLASSES,
+        validation_fraction=0.0,
+        seed=7,
+        overwrite=True,
+    )
+    say(
+        f"discarded {len(summary.discarded)}, boxes per class {summary.boxes_per_class}; "
         f"train {summary.train}, validation {summary.validation} (split by {summary.group_by}: "
-        f"{summary.groups} groups)")
-    return {"train": summary.train, "validation": summary.validation, "discarded": len(summary.discarded),
-            "boxes_per_class": summary.boxes_per_class, "split": summary.group_by}
+        f"{summary.groups} groups)"
+    )
+    return {
+        "train": summary.train,
+        "validation": summary.validation,
+        "discarded": len(summary.discarded),
+        "boxes_per_class": summary.boxes_per_class,
+        "split": summary.group_by,
+    }
 
 
 def _step_augment(out: str, profile: dict, say: Callable, progress: bool) -> dict:
     from detforge.data.augment import augment
 
     with _bar(progress, "augmenting", 0) as update:
-        result = augment(os.path.join(out, "prepared", "train.manifest"),
-                         out_dir=os.path.join(out, "augmented"), ops=profile["ops"], workers=2,
-                         overwrite=True, progress=update)
-    say(f"{result.written} new images ({', '.join(profile['ops'])}), {result.lossless} without re-encoding; "
-        f"training manifest {result.manifest}")
+        result = augment(
+            os.path.join(out, "prepared", "train.manifest"),
+            out_dir=os.path.join(out, "augmented"),
+            ops=profile["ops"],
+            workers=2,
+            overwrite=True,
+            progress=update,
+        )
+    say(
+        f"{result.written} new images ({', '.join(profile['ops'])}), {result.lossless} without re-encoding; "
+        f"training manifest {result.manifest}"
+    )
     return {"written": result.written, "lossless": result.lossless, "manifest": result.manifest}
 
 
@@ -180,27 +248,49 @@ def _step_train(out: str, profile: dict, say: Callable, progress: bool) -> dict:
     if os.path.exists(run):
         shutil.rmtree(run)
     storage.write_text(os.path.join(out, "hyperparams.json"), json.dumps(hp, indent=2))
-    result = train(TrainConfig(train=os.path.join(out, "augmented", "augmented.manifest"),
-                               validation=os.path.join(out, "prepared", "validation.manifest"), out=run,
-                               hyperparameters=hp, classes=os.path.join(out, "prepared", "classes.json"),
-                               progress=progress))
-    say(f"{result.epochs} epochs, validation:mAP {result.last.get('validation:mAP', float('nan')):.3f} "
-        f"(best {result.best_map or 0:.3f} at epoch {result.best_epoch}); {run}/metrics.png")
-    return {"run": run, "epochs": result.epochs, "validation:mAP": result.last.get("validation:mAP"),
-            "best_map": result.best_map, "best_epoch": result.best_epoch,
-            "history": [round(r.get("validation:mAP") or 0.0, 4) for r in result.history]}
+    result = train(
+        TrainConfig(
+            train=os.path.join(out, "augmented", "augmented.manifest"),
+            validation=os.path.join(out, "prepared", "validation.manifest"),
+            out=run,
+            hyperparameters=hp,
+            classes=os.path.join(out, "prepared", "classes.json"),
+            progress=progress,
+        )
+    )
+    say(
+        f"{result.epochs} epochs, validation:mAP {result.last.get('validation:mAP', float('nan')):.3f} "
+        f"(best {result.best_map or 0:.3f} at epoch {result.best_epoch}); {run}/metrics.png"
+    )
+    return {
+        "run": run,
+        "epochs": result.epochs,
+        "validation:mAP": result.last.get("validation:mAP"),
+        "best_map": result.best_map,
+        "best_epoch": result.best_epoch,
+        "history": [round(r.get("validation:mAP") or 0.0, 4) for r in result.history],
+    }
 
 
 def _step_evaluate(out: str, profile: dict, say: Callable) -> dict:
     from detforge.evaluation.evaluate import evaluate
 
-    result = evaluate(os.path.join(out, "runs", "demo"), os.path.join(out, "prepared", "validation.manifest"),
-                      out_dir=os.path.join(out, "evaluation"))
+    result = evaluate(
+        os.path.join(out, "runs", "demo"),
+        os.path.join(out, "prepared", "validation.manifest"),
+        out_dir=os.path.join(out, "evaluation"),
+    )
     m = result.metrics
-    say(f"validation:mAP (VOC07, IoU 0.5) {m.voc07_map:.3f}, all-point AP {m.all_point_map:.3f}, "
-        f"COCO AP {result.coco['AP'] if result.coco else float('nan'):.3f}")
-    return {"validation:mAP": m.voc07_map, "all_point_map": m.all_point_map,
-            "coco_AP": result.coco["AP"] if result.coco else None, "images": m.num_images}
+    say(
+        f"validation:mAP (VOC07, IoU 0.5) {m.voc07_map:.3f}, all-point AP {m.all_point_map:.3f}, "
+        f"COCO AP {result.coco['AP'] if result.coco else float('nan'):.3f}"
+    )
+    return {
+        "validation:mAP": m.voc07_map,
+        "all_point_map": m.all_point_map,
+        "coco_AP": result.coco["AP"] if result.coco else None,
+        "images": m.num_images,
+    }
 
 
 def _step_export(out: str, profile: dict, say: Callable) -> dict:
@@ -208,11 +298,16 @@ def _step_export(out: str, profile: dict, say: Callable) -> dict:
 
     result = export_run(os.path.join(out, "runs", "demo"), os.path.join(out, "deploy"), name="storage-boxes")
     check = result.verify
-    say(f"{result.model_path}: verified on {check.images} validation images: {check.raw_values} pre-NMS "
+    say(
+        f"{result.model_path}: verified on {check.images} validation images: {check.raw_values} pre-NMS "
         f"scores and box coordinates match PyTorch (max score difference {check.max_score_diff:.1e}), "
-        f"{check.detections} detections are a valid NMS of them")
-    return {"model": result.model_path, "verified_detections": check.detections,
-            "size_bytes": os.path.getsize(result.model_path)}
+        f"{check.detections} detections are a valid NMS of them"
+    )
+    return {
+        "model": result.model_path,
+        "verified_detections": check.detections,
+        "size_bytes": os.path.getsize(result.model_path),
+    }
 
 
 def _latency_ms(deploy: str, image: str, repeats: int) -> float:
@@ -241,20 +336,33 @@ def _step_predict(out: str, profile: dict, say: Callable, progress: bool) -> dic
     onnx_map = evaluate(on_validation, validation, coco=False).metrics.voc07_map
     heldout = os.path.join(out, "heldout", "train.manifest")
     with _bar(progress, "predicting held-out frames", profile["heldout"]) as update:
-        result = predict(deploy, [heldout], out=os.path.join(out, "predictions", "heldout.jsonl"),
-                         report=os.path.join(out, "report.pdf"), html=os.path.join(out, "report.html"),
-                         progress=update)
+        result = predict(
+            deploy,
+            [heldout],
+            out=os.path.join(out, "predictions", "heldout.jsonl"),
+            report=os.path.join(out, "report.pdf"),
+            html=os.path.join(out, "report.html"),
+            progress=update,
+        )
     first_image = resolve_source_ref(json.loads(open(heldout).readline())["source-ref"], heldout)
     latency = _latency_ms(deploy, first_image, 5 if profile is DEMO_PROFILES["tiny"] else 30)
     # every detection counts here (the report's own mAP only sees those above the display threshold)
     heldout_map = evaluate(deploy, heldout, coco=False).metrics.voc07_map
     shown = heldout_map if heldout_map is not None else float("nan")
-    say(f"ONNX Runtime on the validation split: mAP {onnx_map:.3f}; on {result.images} held-out frames: "
+    say(
+        f"ONNX Runtime on the validation split: mAP {onnx_map:.3f}; on {result.images} held-out frames: "
         f"{result.detections} detections, mAP {shown:.3f}; "
-        f"{latency:.1f} ms per image at batch 1 (decode + resize + model)")
-    return {"onnx_validation_map": onnx_map, "heldout_images": result.images, "heldout_map": heldout_map,
-            "detections": result.detections, "latency_ms": latency,
-            "report_pdf": os.path.join(out, "report.pdf"), "report_html": os.path.join(out, "report.html")}
+        f"{latency:.1f} ms per image at batch 1 (decode + resize + model)"
+    )
+    return {
+        "onnx_validation_map": onnx_map,
+        "heldout_images": result.images,
+        "heldout_map": heldout_map,
+        "detections": result.detections,
+        "latency_ms": latency,
+        "report_pdf": os.path.join(out, "report.pdf"),
+        "report_html": os.path.join(out, "report.html"),
+    }
 
 
 def _machine() -> str:
@@ -304,9 +412,16 @@ def _summary(out: str, results: dict, seconds: dict, total: float, profile_name:
     }
 
 
-def run_demo(out: str = "demo", *, start: str | None = None, tiny: bool = False, device: str = "auto",
-             progress: bool = True, say: Callable[[str], None] = print,
-             header: Callable[[int, str], None] | None = None) -> DemoResult:
+def run_demo(
+    out: str = "demo",
+    *,
+    start: str | None = None,
+    tiny: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+    header: Callable[[int, str], None] | None = None,
+) -> DemoResult:
     """Run (or finish) the demo in ``out``; ``start`` re-runs that step and the ones after it."""
     if start is not None and start not in STEPS:
         raise ConfigError(f"unknown step {start!r}; steps: {', '.join(STEPS)}", field="--from")

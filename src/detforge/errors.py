@@ -9,8 +9,15 @@ from __future__ import annotations
 class DetforgeError(Exception):
     """Base of every error detforge raises on purpose."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
         self.message = message
         self.path = path
         self.line = line

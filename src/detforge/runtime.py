@@ -55,8 +55,9 @@ class Detections:
     def above(self, threshold: float) -> Detections:
         """Only the detections scoring at least ``threshold``."""
         keep = self.scores >= threshold
-        return Detections(self.boxes_xyxy[keep], self.scores[keep], self.class_ids[keep],
-                          self.width, self.height)
+        return Detections(
+            self.boxes_xyxy[keep], self.scores[keep], self.class_ids[keep], self.width, self.height
+        )
 
     def to_sagemaker(self) -> list[list[float]]:
         """``[[class_id, score, xmin, ymin, xmax, ymax], ...]``, corners as fractions of the image size."""
@@ -98,8 +99,10 @@ def local_deploy(deploy_dir: str) -> str:
         return deploy_dir
     deploy_dir = deploy_dir.rstrip("/")
     folder = None
-    missing_files = {METADATA_FILE: "not a deploy folder (no model.json; make one with `detforge export RUN "
-                                    "--out DIR`)", MODEL_FILE: "missing model.onnx"}
+    missing_files = {
+        METADATA_FILE: "not a deploy folder (no model.json; make one with `detforge export RUN --out DIR`)",
+        MODEL_FILE: "missing model.onnx",
+    }
     for name, missing in missing_files.items():
         uri = storage.join(deploy_dir, name)
         try:  # one request per file and process (local_copy); a cached copy serves when offline
@@ -119,8 +122,10 @@ def read_metadata(deploy_dir: str) -> dict:
     deploy_dir = local_deploy(deploy_dir)
     path = os.path.join(deploy_dir, METADATA_FILE)
     if not os.path.exists(path):
-        raise ModelError("not a deploy folder (no model.json; make one with `detforge export RUN --out DIR`)",
-                         path=deploy_dir)
+        raise ModelError(
+            "not a deploy folder (no model.json; make one with `detforge export RUN --out DIR`)",
+            path=deploy_dir,
+        )
     try:
         metadata = orjson.loads(storage.read_bytes(path))
     except orjson.JSONDecodeError as exc:
@@ -139,8 +144,10 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     if requested:
         missing = [p for p in requested if p not in available]
         if missing:
-            raise ConfigError(f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(available)})",
-                              field="providers")
+            raise ConfigError(
+                f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(available)})",
+                field="providers",
+            )
         return list(requested)
     return [p for p in PREFERRED_PROVIDERS if p in available] or list(available)
 
@@ -148,9 +155,16 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
 class Predictor:
     """A deploy folder loaded into an ONNX Runtime session; ``predict`` is thread-safe."""
 
-    def __init__(self, deploy_dir: str | os.PathLike, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, tile: int | None = None,
-                 overlap: float | None = None, full_pass: bool | None = None) -> None:
+    def __init__(
+        self,
+        deploy_dir: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        tile: int | None = None,
+        overlap: float | None = None,
+        full_pass: bool | None = None,
+    ) -> None:
         ort = require("onnxruntime", "edge")
         deploy_dir = os.fspath(deploy_dir)
         if deploy_dir.endswith(MODEL_FILE):
@@ -163,8 +177,9 @@ class Predictor:
             raise ModelError("missing model.onnx", path=deploy_dir)
         expected = self.metadata.get("sha256")
         if expected and file_sha256(model_path) != expected:
-            raise ModelError("model.onnx does not match the sha256 in model.json (a partial copy?)",
-                             path=model_path)
+            raise ModelError(
+                "model.onnx does not match the sha256 in model.json (a partial copy?)", path=model_path
+            )
         if threads is not None and int(threads) < 1:
             raise ConfigError(f"threads must be at least 1, got {threads}", field="threads")
         options = ort.SessionOptions()
@@ -173,8 +188,9 @@ class Predictor:
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(model_path, sess_options=options,
-                                                providers=choose_providers(providers))
+            self.session = ort.InferenceSession(
+                model_path, sess_options=options, providers=choose_providers(providers)
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"onnxruntime cannot load the model: {exc}", path=model_path) from None
         self.input_name = self.session.get_inputs()[0].name
@@ -183,8 +199,13 @@ class Predictor:
         self.threshold = float(self.metadata.get("default_threshold", 0.3))
         self.max_batch = int(self.metadata.get("max_batch", 8))
         # tiled inference (detforge.tiling): model.json's ``tiling`` unless the caller's options say else
-        self.tiling = tiling.deploy_tiling(self.metadata, path=os.path.join(local, METADATA_FILE), tile=tile,
-                                           overlap=overlap, full_pass=full_pass)
+        self.tiling = tiling.deploy_tiling(
+            self.metadata,
+            path=os.path.join(local, METADATA_FILE),
+            tile=tile,
+            overlap=overlap,
+            full_pass=full_pass,
+        )
 
     @property
     def providers(self) -> list[str]:
@@ -201,8 +222,9 @@ class Predictor:
         boxes, scores, classes, counts = self.session.run(None, {self.input_name: batch})
         return boxes, scores, classes, counts
 
-    def predict(self, images: Iterable, *, threshold: float | None = None,
-                batch_size: int | None = None) -> list[Detections]:
+    def predict(
+        self, images: Iterable, *, threshold: float | None = None, batch_size: int | None = None
+    ) -> list[Detections]:
         """One ``Detections`` per image, scores >= ``threshold`` (default: model.json's default_threshold)."""
         threshold = self.threshold if threshold is None else float(threshold)
         arrays = [load_image(image) for image in images]
@@ -210,11 +232,18 @@ class Predictor:
         step = max(1, int(batch_size or self.max_batch))
         results: list[Detections] = []
         if self.tiling is not None:  # each photo's windows are one batch
-            return [Detections(*tiling.detect_tiled(a, self.tiling, input_size=size, run_batch=self.run_batch,
-                                                    threshold=threshold), a.shape[1], a.shape[0])
-                    for a in arrays]
+            return [
+                Detections(
+                    *tiling.detect_tiled(
+                        a, self.tiling, input_size=size, run_batch=self.run_batch, threshold=threshold
+                    ),
+                    a.shape[1],
+                    a.shape[0],
+                )
+                for a in arrays
+            ]
         for start in range(0, len(arrays), step):
-            chunk = arrays[start:start + step]
+            chunk = arrays[start : start + step]
             batch = np.stack([resize_rgb(a, size) for a in chunk])
             boxes, scores, classes, counts = self.run_batch(batch)
             for i, array in enumerate(chunk):
@@ -225,6 +254,13 @@ class Predictor:
                 found[:, 0::2] *= width / size
                 found[:, 1::2] *= height / size
                 found = boxmath.clip_xyxy(found, width=width, height=height)
-                results.append(Detections(found, scores[i, :n][keep].astype(np.float64),
-                                          classes[i, :n][keep].astype(np.int64), width, height))
+                results.append(
+                    Detections(
+                        found,
+                        scores[i, :n][keep].astype(np.float64),
+                        classes[i, :n][keep].astype(np.int64),
+                        width,
+                        height,
+                    )
+                )
         return results

@@ -40,8 +40,27 @@ _SECRET_VALUE = re.compile(
     r"(?P<key>(?:^|(?<=[?&;\s]))(?P<name>[A-Za-z0-9_.-]+)\s*=\s*)"
     r"(?P<value>'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^&;#\s]*)"
 )
-SECRET_KEYS = frozenset({"pw", "pin", "psw", "pwd", "pass", "passwd", "password", "passcode", "loginpas",
-                         "token", "key", "secret", "auth", "sig", "signature", "credential", "session"})
+SECRET_KEYS = frozenset(
+    {
+        "pw",
+        "pin",
+        "psw",
+        "pwd",
+        "pass",
+        "passwd",
+        "password",
+        "passcode",
+        "loginpas",
+        "token",
+        "key",
+        "secret",
+        "auth",
+        "sig",
+        "signature",
+        "credential",
+        "session",
+    }
+)
 _SECRET_PARTS = ("pass", "pwd", "token", "secret", "key", "auth", "sig", "credential", "session")
 
 
@@ -83,7 +102,7 @@ def is_remote(uri: str | os.PathLike) -> bool:
 
 def _local(uri: str | os.PathLike) -> str:
     text = os.fspath(uri)
-    return text[len("file://"):] if text.startswith("file://") else text
+    return text[len("file://") :] if text.startswith("file://") else text
 
 
 def _filesystem(uri: str):
@@ -95,7 +114,8 @@ def _filesystem(uri: str):
     except ImportError as exc:
         raise MissingDependencyError(
             f"reading {protocol}:// needs an fsspec backend that is not installed",
-            path=uri, hint="pip install 'detforge[s3]' for s3://",
+            path=uri,
+            hint="pip install 'detforge[s3]' for s3://",
         ) from exc
     except ValueError as exc:
         raise StorageError(f"unknown storage protocol '{protocol}'", path=uri) from exc
@@ -118,8 +138,11 @@ def _errors(uri: str, action: str) -> Iterator[None]:
     except IsADirectoryError as exc:
         raise StorageError(f"cannot {action}: it is a folder", path=uri) from exc
     except PermissionError as exc:
-        raise StorageError(f"cannot {action}: permission denied", path=uri,
-                           hint="check the credentials or the file's permissions") from exc
+        raise StorageError(
+            f"cannot {action}: permission denied",
+            path=uri,
+            hint="check the credentials or the file's permissions",
+        ) from exc
     except OSError as exc:
         raise StorageError(f"cannot {action}: {exc}", path=uri) from exc
     except Exception as exc:  # botocore/aiohttp errors have no common base we can import cheaply
@@ -384,8 +407,9 @@ def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
     remove(source)
 
 
-def list_files(uri: str | os.PathLike, *, suffixes: tuple[str, ...] | None = None,
-               recursive: bool = True) -> list[str]:
+def list_files(
+    uri: str | os.PathLike, *, suffixes: tuple[str, ...] | None = None, recursive: bool = True
+) -> list[str]:
     """Files under a folder or prefix, sorted; filtered by lower-case suffix when given."""
     uri = os.fspath(uri)
 

@@ -62,12 +62,19 @@ class Tiling:
 
     def __post_init__(self) -> None:
         if isinstance(self.tile, bool) or not isinstance(self.tile, int | np.integer) or self.tile < MIN_TILE:
-            raise ConfigError(f"the tile size must be an integer of at least {MIN_TILE} pixels, got "
-                              f"{self.tile!r}", field="tile")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int | float) \
-                or not 0.0 <= float(self.overlap) <= MAX_OVERLAP:
-            raise ConfigError(f"the overlap is a fraction of the tile in [0, {MAX_OVERLAP}], got "
-                              f"{self.overlap!r}", field="overlap")
+            raise ConfigError(
+                f"the tile size must be an integer of at least {MIN_TILE} pixels, got {self.tile!r}",
+                field="tile",
+            )
+        if (
+            isinstance(self.overlap, bool)
+            or not isinstance(self.overlap, int | float)
+            or not 0.0 <= float(self.overlap) <= MAX_OVERLAP
+        ):
+            raise ConfigError(
+                f"the overlap is a fraction of the tile in [0, {MAX_OVERLAP}], got {self.overlap!r}",
+                field="overlap",
+            )
         if not isinstance(self.full_pass, bool):
             raise ConfigError(f"full_pass must be true or false, got {self.full_pass!r}", field="full_pass")
 
@@ -106,8 +113,13 @@ def trained_tiling(hyperparameters: dict | None) -> dict | None:
     return Tiling(tile).to_json() if tile else None
 
 
-def resolve_tiling(default: Tiling | None, *, tile: int | None = None, overlap: float | None = None,
-                   full_pass: bool | None = None) -> Tiling | None:
+def resolve_tiling(
+    default: Tiling | None,
+    *,
+    tile: int | None = None,
+    overlap: float | None = None,
+    full_pass: bool | None = None,
+) -> Tiling | None:
     """The tiling a command runs: ``default`` (a deploy folder's) with the command's options over it.
 
     ``tile``: ``None`` keeps the default's, ``0`` turns tiling off; ``overlap``/``full_pass`` ``None`` keep
@@ -117,17 +129,26 @@ def resolve_tiling(default: Tiling | None, *, tile: int | None = None, overlap: 
     if tile is None and default is None:
         if overlap is not None or full_pass is not None:
             option = "--overlap" if overlap is not None else "--tile-full-pass"
-            raise ConfigError(f"{option} needs --tile SIZE (the deploy folder's model.json has no tiling)",
-                              field=option)
+            raise ConfigError(
+                f"{option} needs --tile SIZE (the deploy folder's model.json has no tiling)", field=option
+            )
         return None
     base = default or Tiling(int(tile))  # type: ignore[arg-type]
-    return Tiling(int(base.tile if tile is None else tile),
-                  float(base.overlap if overlap is None else overlap),
-                  bool(base.full_pass if full_pass is None else full_pass))
+    return Tiling(
+        int(base.tile if tile is None else tile),
+        float(base.overlap if overlap is None else overlap),
+        bool(base.full_pass if full_pass is None else full_pass),
+    )
 
 
-def deploy_tiling(metadata: dict, *, path: str, tile: int | None = None, overlap: float | None = None,
-                  full_pass: bool | None = None) -> Tiling | None:
+def deploy_tiling(
+    metadata: dict,
+    *,
+    path: str,
+    tile: int | None = None,
+    overlap: float | None = None,
+    full_pass: bool | None = None,
+) -> Tiling | None:
     """The tiling a loaded deploy folder runs: its ``model.json`` (``path``) ``tiling`` (a ModelError naming
     the file and field when it is not one) with a command's options over it (``resolve_tiling``)."""
     try:
@@ -220,8 +241,9 @@ def adjoining(boxes, *, touch: float, ios: float = MERGE_IOS) -> np.ndarray:
     return across_x | across_y
 
 
-def merge(boxes, scores, class_ids, cut, *, iou: float = MERGE_IOU, ios: float = MERGE_IOS,
-          touch: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def merge(
+    boxes, scores, class_ids, cut, *, iou: float = MERGE_IOU, ios: float = MERGE_IOS, touch: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(boxes, scores, class_ids)`` of the detections of all windows merged (the module docstring's rule),
     highest score first; a merged box keeps its highest score. Two fragments that only meet (``adjoining``
     within ``touch`` px: windows without overlap) are the parts of one object too."""
@@ -258,8 +280,9 @@ def merge(boxes, scores, class_ids, cut, *, iou: float = MERGE_IOU, ios: float =
     return np.array(out_boxes), np.array(out_scores), np.array(out_ids, dtype=np.int64)
 
 
-def detect_tiled(image: np.ndarray, tiling: Tiling, *, input_size: int, run_batch,
-                 threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def detect_tiled(
+    image: np.ndarray, tiling: Tiling, *, input_size: int, run_batch, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(boxes, scores, class_ids)`` of one ``H x W x 3`` photo, in its pixels: every window of
     ``passes`` resized to ``input_size`` (``images.resize_rgb``), run as one batch through ``run_batch``
     (``N x S x S x 3`` uint8 -> the graph's boxes, scores, classes, num_detections), the detections scoring
@@ -274,11 +297,19 @@ def detect_tiled(image: np.ndarray, tiling: Tiling, *, input_size: int, run_batc
     for i, window in enumerate(windows):
         n = int(counts[i])
         keep = scores[i, :n] >= threshold
-        photo = boxmath.clip_xyxy(windows_to_photo(boxes[i, :n][keep].astype(np.float64), window, input_size),
-                                  width=width, height=height)
+        photo = boxmath.clip_xyxy(
+            windows_to_photo(boxes[i, :n][keep].astype(np.float64), window, input_size),
+            width=width,
+            height=height,
+        )
         found.append(photo)
         found_scores.append(scores[i, :n][keep].astype(np.float64))
         found_ids.append(classes[i, :n][keep].astype(np.int64))
         cut.append(cut_by_inner_edge(photo, window, width=width, height=height))
-    return merge(np.concatenate(found), np.concatenate(found_scores), np.concatenate(found_ids),
-                 np.concatenate(cut), touch=max(1.0, EDGE_MARGIN * tiling.tile))
+    return merge(
+        np.concatenate(found),
+        np.concatenate(found_scores),
+        np.concatenate(found_ids),
+        np.concatenate(cut),
+        touch=max(1.0, EDGE_MARGIN * tiling.tile),
+    )

@@ -50,24 +50,34 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _crop(array: np.ndarray, ltwh) -> np.ndarray:
     left, top, w, h = ltwh
-    return array[top:top + h, left:left + w]
+    return array[top : top + h, left : left + w]
 
 
 def _scene(width: int, height: int, box_ltwh, seed: int = 0) -> np.ndarray:
     """A smooth gradient with a red rectangle and a small blue mark in its top-left corner (shows turns)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    image = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
-                      np.full_like(xx, 90)], axis=2).astype(np.uint8)
+    image = np.stack(
+        [xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), np.full_like(xx, 90)], axis=2
+    ).astype(np.uint8)
     left, top, w, h = box_ltwh
-    image[top:top + h, left:left + w] = (220, 30, 30)
-    image[top:top + h // 3, left:left + w // 3] = (20, 40, 230)
+    image[top : top + h, left : left + w] = (220, 30, 30)
+    image[top : top + h // 3, left : left + w // 3] = (20, 40, 230)
     image[top + h // 2, left + w // 2] = rng.integers(0, 255, 3)
     return image
 
 
-def _write_scene(folder, name: str, width: int, height: int, box_ltwh, *, fmt: str = "JPEG",
-                 subsampling: int = 0, seed: int = 0) -> str:
+def _write_scene(
+    folder,
+    name: str,
+    width: int,
+    height: int,
+    box_ltwh,
+    *,
+    fmt: str = "JPEG",
+    subsampling: int = 0,
+    seed: int = 0,
+) -> str:
     path = os.path.join(folder, name)
     image = Image.fromarray(_scene(width, height, box_ltwh, seed))
     image.save(path, format=fmt, **({"quality": 90, "subsampling": subsampling} if fmt == "JPEG" else {}))
@@ -75,10 +85,17 @@ def _write_scene(folder, name: str, width: int, height: int, box_ltwh, *, fmt: s
 
 
 def _line(source_ref: str, width: int, height: int, boxes_ltwh, **metadata) -> dict:
-    record = make_record(source_ref, width=width, height=height, boxes_xyxy=box_ops.ltwh_to_xyxy(boxes_ltwh),
-                         class_ids=[0] * len(boxes_ltwh), class_map={0: "storage box"},
-                         job_name="labeling-job/test", creation_date="2019-05-21T22:21:52.381549",
-                         metadata={"color": "blue", "object": "box", **metadata})
+    record = make_record(
+        source_ref,
+        width=width,
+        height=height,
+        boxes_xyxy=box_ops.ltwh_to_xyxy(boxes_ltwh),
+        class_ids=[0] * len(boxes_ltwh),
+        class_map={0: "storage box"},
+        job_name="labeling-job/test",
+        creation_date="2019-05-21T22:21:52.381549",
+        metadata={"color": "blue", "object": "box", **metadata},
+    )
     return record_to_json(record)
 
 
@@ -164,8 +181,13 @@ def test_synthetic_png_pixels_inside_box_are_the_turned_box(tmp_path, op):
     original = _decode(path)
     assert np.array_equal(new, NUMPY_OP[op](original))
     assert np.array_equal(_crop(new, _ann(line)), NUMPY_OP[op](_crop(original, box)))
-    expected = {"xflip": (22, 5, 21, 13), "yflip": (7, 12, 21, 13), "cw": (12, 7, 13, 21),
-                "ccw": (5, 22, 13, 21), "rot180": (22, 12, 21, 13)}[op]
+    expected = {
+        "xflip": (22, 5, 21, 13),
+        "yflip": (7, 12, 21, 13),
+        "cw": (12, 7, 13, 21),
+        "ccw": (5, 22, 13, 21),
+        "rot180": (22, 12, 21, 13),
+    }[op]
     assert _ann(line) == expected
     assert _size(line) == ((30, 50) if aug.OPS[op].swaps_size else (50, 30))
 
@@ -190,8 +212,9 @@ def test_jpeg_lossless_when_mcu_aligned(tmp_path, op, subsampling):
     assert np.array_equal(_decode(back), _decode(data))
 
 
-@pytest.mark.parametrize(("op", "lossless"), [("xflip", False), ("yflip", True), ("cw", False),
-                                              ("ccw", False), ("rot180", False)])
+@pytest.mark.parametrize(
+    ("op", "lossless"), [("xflip", False), ("yflip", True), ("cw", False), ("ccw", False), ("rot180", False)]
+)
 def test_jpeg_falls_back_when_not_mcu_aligned(tmp_path, op, lossless):
     # 4:2:0 (16x16 MCU): width 72 is not a multiple of 16, height 48 is.
     path = _write_scene(tmp_path, "b.jpg", 72, 48, (10, 10, 30, 20), subsampling=2)
@@ -219,8 +242,9 @@ def test_cw_then_ccw_returns_the_original(tmp_path):
 
 
 @settings(max_examples=150, deadline=None)
-@given(width=st.integers(1, 4000), height=st.integers(1, 4000), data=st.data(),
-       op=st.sampled_from(list(aug.OPS)))
+@given(
+    width=st.integers(1, 4000), height=st.integers(1, 4000), data=st.data(), op=st.sampled_from(list(aug.OPS))
+)
 def test_property_boxes_stay_inside_and_keep_their_size(width, height, data, op):
     n = data.draw(st.integers(0, 6))
     ltwh = []
@@ -229,15 +253,25 @@ def test_property_boxes_stay_inside_and_keep_their_size(width, height, data, op)
         h = data.draw(st.integers(1, height))
         ltwh.append((data.draw(st.integers(0, width - w)), data.draw(st.integers(0, height - h)), w, h))
     ids = list(range(n))
-    record = make_record("x.jpg", width=width, height=height, boxes_xyxy=box_ops.ltwh_to_xyxy(ltwh),
-                         class_ids=ids, class_map={i: f"c{i}" for i in ids})
+    record = make_record(
+        "x.jpg",
+        width=width,
+        height=height,
+        boxes_xyxy=box_ops.ltwh_to_xyxy(ltwh),
+        class_ids=ids,
+        class_map={i: f"c{i}" for i in ids},
+    )
     new = aug.augment_record(record, op, source_ref="y.jpg")
     swapped = aug.OPS[op].swaps_size
     assert (new.width, new.height) == ((height, width) if swapped else (width, height))
     assert box_ops.inside_image_xyxy(new.boxes, width=new.width, height=new.height).all()
     sizes = box_ops.xyxy_to_ltwh(new.boxes)[:, 2:]
-    assert np.array_equal(sizes, np.array(ltwh, dtype=float).reshape(-1, 4)[:, 2:][:, ::-1] if swapped
-                          else np.array(ltwh, dtype=float).reshape(-1, 4)[:, 2:])
+    assert np.array_equal(
+        sizes,
+        np.array(ltwh, dtype=float).reshape(-1, 4)[:, 2:][:, ::-1]
+        if swapped
+        else np.array(ltwh, dtype=float).reshape(-1, 4)[:, 2:],
+    )
     assert np.array_equal(new.class_ids, np.array(ids, dtype=np.int64))
     # The written line parses back to the same boxes (integer pixels stay integers).
     again = parse_record(record_to_json(new))
@@ -301,9 +335,12 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, monkeypatch):
     assert (resumed.images, resumed.written, resumed.skipped) == (5, 13, 7)
     assert _tree(tmp_path / "crashed") == _tree(tmp_path / "clean") and not partial.exists()
     # a complete output is not mixed into: refused, or replaced whole with overwrite
-    with pytest.raises(OutputExistsError, match=r"crashed: the output folder is not empty \(holds "
-                                                r"augmented.manifest, ccw.manifest, cw.manifest and 3 "
-                                                r"more\)"):
+    with pytest.raises(
+        OutputExistsError,
+        match=r"crashed: the output folder is not empty \(holds "
+        r"augmented.manifest, ccw.manifest, cw.manifest and 3 "
+        r"more\)",
+    ):
         aug.augment(manifest, out_dir=tmp_path / "crashed")
     again = aug.augment(manifest, out_dir=tmp_path / "crashed", overwrite=True)
     assert (again.written, again.skipped) == (20, 0)
@@ -329,17 +366,25 @@ def test_relative_source_refs_resolve_against_the_manifest_folder(tmp_path):
     aug.augment(manifest, out_dir=tmp_path / "out", ops="xflip")
     lines = _lines(tmp_path / "out" / "augmented.manifest")
     assert [line["source-ref"] for line in lines] == [
-        str(tmp_path / "frames" / "img_000.jpg"), str(tmp_path / "out" / "images" / "img_000-x-flip.jpg"),
-        str(tmp_path / "frames" / "img_001.jpg"), str(tmp_path / "out" / "images" / "img_001-x-flip.jpg")]
+        str(tmp_path / "frames" / "img_000.jpg"),
+        str(tmp_path / "out" / "images" / "img_000-x-flip.jpg"),
+        str(tmp_path / "frames" / "img_001.jpg"),
+        str(tmp_path / "out" / "images" / "img_001-x-flip.jpg"),
+    ]
     assert lines[1][aug.PROVENANCE_KEY] == {"op": "xflip", "from": "frames/img_000.jpg"}
     assert [r.image_id for r in read_manifest(tmp_path / "out" / "xflip.manifest")] == [
-        "img_000-x-flip", "img_001-x-flip"]
+        "img_000-x-flip",
+        "img_001-x-flip",
+    ]
 
 
 def test_validation_manifest_is_refused_unless_forced(tmp_path):
     manifest = _dataset(tmp_path, count=1, name="validation.manifest")
-    with pytest.raises(ConfigError, match=r"validation\.manifest: refusing to augment validation data: the "
-                                          r"manifest's name says validation \(.*--force"):
+    with pytest.raises(
+        ConfigError,
+        match=r"validation\.manifest: refusing to augment validation data: the "
+        r"manifest's name says validation \(.*--force",
+    ):
         aug.augment(manifest, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert aug.augment(manifest, out_dir=tmp_path / "out", force=True).written == 4
@@ -366,8 +411,11 @@ def test_bad_inputs_have_clear_messages(tmp_path):
         aug.augment(_write_manifest(tmp_path / "twice.manifest", lines), out_dir=tmp_path / "out")
     wrong = _lines(manifest)
     wrong[0]["bb"]["image_size"][0]["width"] = 80
-    with pytest.raises(ManifestError, match=r"wrong\.manifest:1, field 'image_size': the image "
-                                            r".*img_000\.jpg is 70x48 but the line says 80x48"):
+    with pytest.raises(
+        ManifestError,
+        match=r"wrong\.manifest:1, field 'image_size': the image "
+        r".*img_000\.jpg is 70x48 but the line says 80x48",
+    ):
         aug.augment(_write_manifest(tmp_path / "wrong.manifest", wrong), out_dir=tmp_path / "out2")
 
 
@@ -387,25 +435,36 @@ def test_s3_in_and_out(tmp_path, make_bucket):
     bucket = make_bucket()
     _dataset(tmp_path, count=2)
     for i in range(2):
-        storage.copy_file(tmp_path / "frames" / f"img_{i:03d}.jpg", f"s3://{bucket}/data/frames/img_{i:03d}.jpg")
+        storage.copy_file(
+            tmp_path / "frames" / f"img_{i:03d}.jpg", f"s3://{bucket}/data/frames/img_{i:03d}.jpg"
+        )
     storage.copy_file(tmp_path / "train.manifest", f"s3://{bucket}/data/train.manifest")
     result = aug.augment(f"s3://{bucket}/data/train.manifest", out_dir=f"s3://{bucket}/aug", ops="xflip,ccw")
     assert (result.images, result.written) == (2, 4)
     lines = [orjson.loads(raw) for _, raw in storage.iter_lines(f"s3://{bucket}/aug/augmented.manifest")]
     assert [line["source-ref"] for line in lines[:3]] == [
-        f"s3://{bucket}/data/frames/img_000.jpg", f"s3://{bucket}/aug/images/img_000-x-flip.jpg",
-        f"s3://{bucket}/aug/images/img_000-ccw-rotate.jpg"]
+        f"s3://{bucket}/data/frames/img_000.jpg",
+        f"s3://{bucket}/aug/images/img_000-x-flip.jpg",
+        f"s3://{bucket}/aug/images/img_000-ccw-rotate.jpg",
+    ]
     assert _size(lines[2]) == (48, 70)
     turned = _decode(storage.read_bytes(lines[2]["source-ref"]))
     assert turned.shape[:2] == (70, 48)
     with pytest.raises(OutputExistsError, match=rf"s3://{bucket}/aug: the output folder is not empty"):
         aug.augment(f"s3://{bucket}/data/train.manifest", out_dir=f"s3://{bucket}/aug", ops="xflip")
-    again = aug.augment(f"s3://{bucket}/data/train.manifest", out_dir=f"s3://{bucket}/aug", ops="xflip",
-                        overwrite=True)
+    again = aug.augment(
+        f"s3://{bucket}/data/train.manifest", out_dir=f"s3://{bucket}/aug", ops="xflip", overwrite=True
+    )
     assert (again.written, again.skipped) == (2, 0)
     assert sorted(storage.list_files(f"s3://{bucket}/aug")) == [  # the ccw copies of the first run are gone
-        f"s3://{bucket}/aug/{name}" for name in ("augmented.manifest", "images/img_000-x-flip.jpg",
-                                                 "images/img_001-x-flip.jpg", "xflip.manifest")]
+        f"s3://{bucket}/aug/{name}"
+        for name in (
+            "augmented.manifest",
+            "images/img_000-x-flip.jpg",
+            "images/img_001-x-flip.jpg",
+            "xflip.manifest",
+        )
+    ]
 
 
 def test_cli(tmp_path):
@@ -433,8 +492,9 @@ def test_hard_kill_leaves_only_complete_files_and_resumes(tmp_path):
     os.makedirs(tmp_path / "frames")
     lines = []
     for i in range(8):
-        path = _write_scene(tmp_path / "frames", f"big_{i:02d}.png", 640, 480, (40, 30, 200, 150), fmt="PNG",
-                            seed=i)
+        path = _write_scene(
+            tmp_path / "frames", f"big_{i:02d}.png", 640, 480, (40, 30, 200, 150), fmt="PNG", seed=i
+        )
         lines.append(_line(path, 640, 480, [(40, 30, 200, 150)]))
     manifest = _write_manifest(tmp_path / "train.manifest", lines)
     out = str(tmp_path / "killed")
@@ -459,11 +519,14 @@ def test_hard_kill_leaves_only_complete_files_and_resumes(tmp_path):
     assert _tree(tmp_path / "killed") == _tree(tmp_path / "clean")
 
 
-@pytest.mark.parametrize(("mode", "subsampling", "width", "height"), [
-    ("RGB", 1, 72, 48),  # 4:2:2, even: re-encoded from YUV planes, 4:2:2 turns into 4:4:0
-    ("RGB", 1, 71, 45),  # 4:2:2, odd: through Pillow (4:4:4 after a 90° turn)
-    ("L", 0, 70, 45),  # gray
-])
+@pytest.mark.parametrize(
+    ("mode", "subsampling", "width", "height"),
+    [
+        ("RGB", 1, 72, 48),  # 4:2:2, even: re-encoded from YUV planes, 4:2:2 turns into 4:4:0
+        ("RGB", 1, 71, 45),  # 4:2:2, odd: through Pillow (4:4:4 after a 90° turn)
+        ("L", 0, 70, 45),  # gray
+    ],
+)
 @pytest.mark.parametrize("op", ["xflip", "cw"])
 def test_other_jpeg_layouts_keep_size_and_pixels(tmp_path, mode, subsampling, width, height, op):
     image = Image.fromarray(_scene(width, height, (10, 10, 30, 20))).convert(mode)

@@ -23,13 +23,27 @@ def manifest(tmp_path):
         (tmp_path / "f").mkdir(exist_ok=True)
         Image.new("RGB", size, (80, 80, 80)).save(tmp_path / "f" / f"{name}.jpg")
     records = [
-        groundtruth.make_record("f/v_000001.jpg", width=200, height=100,
-                                boxes_xyxy=[[10, 20, 50, 60], [100, 0, 200, 100]], class_ids=[0, 1],
-                                class_map=CLASSES, job_name="job-a", metadata={"color": "blue"}),
-        groundtruth.make_record("f/v_000002.jpg", width=200, height=100, boxes_xyxy=[],
-                                class_ids=[], class_map={}),
-        groundtruth.make_record("f/v_000003.jpg", width=64, height=48, boxes_xyxy=[[1, 2, 33, 47]],
-                                class_ids=[1], class_map={1: "yellow box"}),
+        groundtruth.make_record(
+            "f/v_000001.jpg",
+            width=200,
+            height=100,
+            boxes_xyxy=[[10, 20, 50, 60], [100, 0, 200, 100]],
+            class_ids=[0, 1],
+            class_map=CLASSES,
+            job_name="job-a",
+            metadata={"color": "blue"},
+        ),
+        groundtruth.make_record(
+            "f/v_000002.jpg", width=200, height=100, boxes_xyxy=[], class_ids=[], class_map={}
+        ),
+        groundtruth.make_record(
+            "f/v_000003.jpg",
+            width=64,
+            height=48,
+            boxes_xyxy=[[1, 2, 33, 47]],
+            class_ids=[1],
+            class_map={1: "yellow box"},
+        ),
     ]
     path = tmp_path / "in.manifest"
     groundtruth.write_manifest(path, records)
@@ -37,8 +51,16 @@ def manifest(tmp_path):
 
 
 def _signature(records, manifest):
-    return [(os.path.realpath(groundtruth.resolve_source_ref(r.source_ref, manifest)), r.width, r.height,
-             r.boxes.round(4).tolist(), r.class_names) for r in records]
+    return [
+        (
+            os.path.realpath(groundtruth.resolve_source_ref(r.source_ref, manifest)),
+            r.width,
+            r.height,
+            r.boxes.round(4).tolist(),
+            r.class_names,
+        )
+        for r in records
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["coco", "voc", "yolo"])
@@ -84,7 +106,10 @@ def test_yolo_lines_are_exact(manifest, tmp_path):
     assert (tmp_path / "y" / "train" / "images" / "v_000002.jpg").exists()
     # no split in the input: data.yaml names no validation set (never the training images as `val`)
     assert yaml.safe_load((tmp_path / "y" / "data.yaml").read_text()) == {
-        "train": "train/images", "nc": 2, "names": {0: "blue box", 1: "yellow box"}}
+        "train": "train/images",
+        "nc": 2,
+        "names": {0: "blue box", 1: "yellow box"},
+    }
 
 
 def test_voc_xml_values(manifest, tmp_path):

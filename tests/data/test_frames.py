@@ -39,13 +39,18 @@ def manifest_lines(path) -> list[dict]:
 def test_every_frame_with_metadata(video, tmp_path):
     out = tmp_path / "frames"
     calls = []
-    summary = extract_frames([video], out, metadata={"color": "blue", "object": "box"},
-                             progress=lambda v, done, total: calls.append((done, total)))
+    summary = extract_frames(
+        [video],
+        out,
+        metadata={"color": "blue", "object": "box"},
+        progress=lambda v, done, total: calls.append((done, total)),
+    )
     names = [f"blue_box_1_{i:06d}.jpg" for i in range(30)]
     assert summary.frames == 30 and summary.per_video == {str(video): 30} and summary.failed == {}
     assert sorted(p.name for p in out.glob("*.jpg") if p.name != "contact-sheet.jpg") == names
     assert manifest_lines(out / "input.manifest") == [
-        {"source-ref": str(out / name), "color": "blue", "object": "box"} for name in names]
+        {"source-ref": str(out / name), "color": "blue", "object": "box"} for name in names
+    ]
     for i in (0, 13, 29):  # the right frame went to the right name
         with Image.open(out / names[i]) as image:
             assert image.size == (64, 48)
@@ -58,13 +63,16 @@ def test_every_frame_with_metadata(video, tmp_path):
 def test_every_nth_fps_and_max_frames(video, tmp_path):
     s = extract_frames([video], tmp_path / "a", every=7)
     assert [Path(x["source-ref"]).name for x in manifest_lines(s.manifest)] == [
-        f"blue_box_1_{i:06d}.jpg" for i in (0, 7, 14, 21, 28)]
+        f"blue_box_1_{i:06d}.jpg" for i in (0, 7, 14, 21, 28)
+    ]
     s = extract_frames([video], tmp_path / "b", fps=2.5)  # the video has 10 fps: every 4th frame
     assert [Path(x["source-ref"]).name for x in manifest_lines(s.manifest)] == [
-        f"blue_box_1_{i:06d}.jpg" for i in range(0, 30, 4)]
+        f"blue_box_1_{i:06d}.jpg" for i in range(0, 30, 4)
+    ]
     s = extract_frames([video], tmp_path / "c", every=2, max_frames=3)
     assert [Path(x["source-ref"]).name for x in manifest_lines(s.manifest)] == [
-        f"blue_box_1_{i:06d}.jpg" for i in (0, 2, 4)]
+        f"blue_box_1_{i:06d}.jpg" for i in (0, 2, 4)
+    ]
     with Image.open(s.contact_sheet) as sheet:
         assert sheet.size == (3 * 244 + 4, 180 + 20 + 4)
 
@@ -82,7 +90,8 @@ def test_corrupt_video_stops_or_is_skipped(video, tmp_path):
     summary = extract_frames([truncated], tmp_path / "d")
     assert 0 < summary.frames < 30 and summary.failed == {}
     assert summary.warnings == {
-        str(truncated): f"only {summary.frames} of the 30 frames its header announces could be read"}
+        str(truncated): f"only {summary.frames} of the 30 frames its header announces could be read"
+    }
     with pytest.raises(FormatError, match="missing.avi: no such video file"):
         extract_frames([tmp_path / "missing.avi"], tmp_path / "c")
 
@@ -97,7 +106,10 @@ def test_bad_options(video, tmp_path):
     with pytest.raises(ConfigError, match="on-error"):
         extract_frames([video], tmp_path, on_error="ignore")
     assert parse_metadata(["color=blue", "object=box", "note=a=b"]) == {
-        "color": "blue", "object": "box", "note": "a=b"}
+        "color": "blue",
+        "object": "box",
+        "note": "a=b",
+    }
     with pytest.raises(ConfigError, match="expected key=value, got 'blue'"):
         parse_metadata(["blue"])
     with pytest.raises(ConfigError, match="source-ref"):
@@ -108,8 +120,9 @@ def test_to_s3(video, make_bucket):
     bucket = make_bucket()
     summary = extract_frames([video], f"s3://{bucket}/frames", every=10, metadata={"color": "blue"})
     lines = manifest_lines(f"s3://{bucket}/frames/input.manifest")
-    assert lines == [{"source-ref": f"s3://{bucket}/frames/blue_box_1_{i:06d}.jpg", "color": "blue"}
-                     for i in (0, 10, 20)]
+    assert lines == [
+        {"source-ref": f"s3://{bucket}/frames/blue_box_1_{i:06d}.jpg", "color": "blue"} for i in (0, 10, 20)
+    ]
     with Image.open(io.BytesIO(storage.read_bytes(lines[1]["source-ref"]))) as image:
         assert image.size == (64, 48)
     assert summary.contact_sheet == f"s3://{bucket}/frames/contact-sheet.jpg"
@@ -127,13 +140,29 @@ def test_cli_frames(video, tmp_path):
     app.command("noop")(lambda: None)
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"junk")
-    args = ["frames", str(video), str(bad), "--out", str(tmp_path / "o"), "--every", "5",
-            "--meta", "color=blue", "--meta", "object=box", "--on-error", "skip"]
+    args = [
+        "frames",
+        str(video),
+        str(bad),
+        "--out",
+        str(tmp_path / "o"),
+        "--every",
+        "5",
+        "--meta",
+        "color=blue",
+        "--meta",
+        "object=box",
+        "--on-error",
+        "skip",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output  # a skipped video is reported and fails the exit status
     assert "6 frames" in result.output and "skipped" in result.output
     assert manifest_lines(tmp_path / "o" / "input.manifest")[0] == {
-        "source-ref": str(tmp_path / "o" / "blue_box_1_000000.jpg"), "color": "blue", "object": "box"}
+        "source-ref": str(tmp_path / "o" / "blue_box_1_000000.jpg"),
+        "color": "blue",
+        "object": "box",
+    }
 
 
 def test_main_exit_status(video, tmp_path, capsys):

@@ -9,11 +9,20 @@ import pytest
 from detforge.data import groundtruth
 from detforge.errors import ManifestError
 
-GOOD = {"source-ref": "s3://b/a_000001.jpg", "color": "blue",
-        "bb": {"annotations": [{"class_id": 0, "left": 1, "top": 2, "width": 10, "height": 20}],
-               "image_size": [{"width": 100, "height": 50, "depth": 3}]},
-        "bb-metadata": {"job-name": "labeling-job/x", "class-map": {"0": "storage box"},
-                        "objects": [{"confidence": 0.25}], "type": "groundtruth/object-detection"}}
+GOOD = {
+    "source-ref": "s3://b/a_000001.jpg",
+    "color": "blue",
+    "bb": {
+        "annotations": [{"class_id": 0, "left": 1, "top": 2, "width": 10, "height": 20}],
+        "image_size": [{"width": 100, "height": 50, "depth": 3}],
+    },
+    "bb-metadata": {
+        "job-name": "labeling-job/x",
+        "class-map": {"0": "storage box"},
+        "objects": [{"confidence": 0.25}],
+        "type": "groundtruth/object-detection",
+    },
+}
 
 
 # the three public jobs in ../shared/data/groundtruth: lines, boxes, images without a box (from the raw JSON)
@@ -43,16 +52,24 @@ def test_good_line_values(tmp_path):
     record = groundtruth.parse_record(json.loads(json.dumps(GOOD)))
     assert record.boxes.tolist() == [[1, 2, 11, 22]]
     assert record.class_names == ["storage box"] and record.confidences.tolist() == [0.25]
-    assert (record.width, record.height, record.job_name, record.image_id) == (100, 50, "labeling-job/x",
-                                                                               "a_000001")
+    assert (record.width, record.height, record.job_name, record.image_id) == (
+        100,
+        50,
+        "labeling-job/x",
+        "a_000001",
+    )
     adjusted = json.loads(json.dumps(GOOD))
     adjusted["adjusted-bb"] = {"annotations": [], "image_size": [{"width": 100, "height": 50}]}
     adjusted["adjusted-bb-metadata"] = dict(GOOD["bb-metadata"], **{"class-map": {}})
     # AWS's own example: the value is the index of the worker's choice; what it means is class-name
     adjusted["check"] = "1"
-    adjusted["check-metadata"] = {"class-name": "bad", "confidence": 0.93, "job-name": "verify-job",
-                                  "type": "groundtruth/label-verification",
-                                  "worker-feedback": [{"comment": "too wide"}]}
+    adjusted["check-metadata"] = {
+        "class-name": "bad",
+        "confidence": 0.93,
+        "job-name": "verify-job",
+        "type": "groundtruth/label-verification",
+        "worker-feedback": [{"comment": "too wide"}],
+    }
     record = groundtruth.parse_record(adjusted)
     assert record.label_attribute == "adjusted-bb" and len(record.boxes) == 0
     assert record.verification == groundtruth.Verification("check", "bad", "verify-job", ("too wide",))
@@ -69,17 +86,28 @@ def _bad(change) -> dict:
     return obj
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda o: o.pop("bb"), "bad.manifest:2: no bounding-box label attribute"),
-    (lambda o: o["bb"]["annotations"][0].update(left=95),
-     "field 'bb.annotations[0]': box (left=95, top=2, width=10, height=20) lies outside the 100x50 image"),
-    (lambda o: o["bb"]["annotations"][0].update(width=0), "box has non-positive size 0x20"),
-    (lambda o: o["bb"]["annotations"][0].update(class_id=4),
-     "field 'bb.annotations[0].class_id': class_id 4"),
-    (lambda o: o["bb"]["annotations"][0].update(top="x"), "field 'bb.annotations[0].top': expected a number"),
-    (lambda o: o["bb"].pop("image_size"), "field 'bb.image_size': missing"),
-    (lambda o: o.pop("source-ref"), "field 'source-ref': missing or empty"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: o.pop("bb"), "bad.manifest:2: no bounding-box label attribute"),
+        (
+            lambda o: o["bb"]["annotations"][0].update(left=95),
+            "field 'bb.annotations[0]': box (left=95, top=2, width=10, height=20) "
+            "lies outside the 100x50 image",
+        ),
+        (lambda o: o["bb"]["annotations"][0].update(width=0), "box has non-positive size 0x20"),
+        (
+            lambda o: o["bb"]["annotations"][0].update(class_id=4),
+            "field 'bb.annotations[0].class_id': class_id 4",
+        ),
+        (
+            lambda o: o["bb"]["annotations"][0].update(top="x"),
+            "field 'bb.annotations[0].top': expected a number",
+        ),
+        (lambda o: o["bb"].pop("image_size"), "field 'bb.image_size': missing"),
+        (lambda o: o.pop("source-ref"), "field 'source-ref': missing or empty"),
+    ],
+)
 def test_bad_lines(tmp_path, change, message):
     path = tmp_path / "bad.manifest"
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(_bad(change)) + "\n")
@@ -131,12 +159,15 @@ def test_ref_from_relative_only_within_a_shared_top_folder(tmp_path):
     assert groundtruth.ref_from("/opt/photos/a.jpg", "/srv/out") == "/opt/photos/a.jpg"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[\"a\", ", "not valid JSON"),
-    ("{\"a\": 1}", "expected a non-empty JSON list of class names"),
-    ("[]", "expected a non-empty JSON list of class names"),
-    ("[\"a\", 2]", "expected a non-empty JSON list of class names"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('["a", ', "not valid JSON"),
+        ('{"a": 1}', "expected a non-empty JSON list of class names"),
+        ("[]", "expected a non-empty JSON list of class names"),
+        ('["a", 2]', "expected a non-empty JSON list of class names"),
+    ],
+)
 def test_one_class_file_reader_and_the_same_error_in_every_command(tmp_path, text, message, capsys):
     from detforge.cli import main
     from detforge.errors import FormatError
@@ -149,11 +180,21 @@ def test_one_class_file_reader_and_the_same_error_in_every_command(tmp_path, tex
     with pytest.raises(FormatError, match=message):
         groundtruth.classes_beside(tmp_path / "bad" / "x.manifest")
     # train, evaluate and label read a --classes file through it: the same message naming the file
-    for args in (["train", "--train", manifest, "--out", str(tmp_path / "run"), "--classes", bad,
-                  "--set", "num_classes=1"],
-                 ["evaluate", _write(tmp_path / "p.jsonl", ""), manifest, "--classes", bad],
-                 ["label", manifest, "--out", str(tmp_path / "o.manifest"), "--classes", bad,
-                  "--no-browser"]):
+    for args in (
+        [
+            "train",
+            "--train",
+            manifest,
+            "--out",
+            str(tmp_path / "run"),
+            "--classes",
+            bad,
+            "--set",
+            "num_classes=1",
+        ],
+        ["evaluate", _write(tmp_path / "p.jsonl", ""), manifest, "--classes", bad],
+        ["label", manifest, "--out", str(tmp_path / "o.manifest"), "--classes", bad, "--no-browser"],
+    ):
         code = main(args)
         err = capsys.readouterr().err
         assert code == 2 and f"{bad}: {message}" in err, (args[0], err)
@@ -176,15 +217,24 @@ def test_one_class_map_merge_in_convert_and_evaluate(tmp_path):
     path = tmp_path / "m.manifest"
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         Image.new("RGB", (20, 10)).save(tmp_path / name)
-    groundtruth.write_manifest(path, [
-        groundtruth.make_record("a.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[0],
-                                class_map={0: "cat"}),
-        groundtruth.make_record("b.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[2],
-                                class_map={2: "bird"}),
-        groundtruth.make_record("c.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[0],
-                                class_map={0: "dog"})])
-    expected = (f"{path}:3, field 'bb-metadata.class-map': class id 0 means 'cat' at {path}:1 and 'dog' here "
-                "(run `detforge prepare` first to merge the class maps by name)")
+    groundtruth.write_manifest(
+        path,
+        [
+            groundtruth.make_record(
+                "a.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[0], class_map={0: "cat"}
+            ),
+            groundtruth.make_record(
+                "b.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[2], class_map={2: "bird"}
+            ),
+            groundtruth.make_record(
+                "c.jpg", width=20, height=10, boxes_xyxy=[[0, 0, 5, 5]], class_ids=[0], class_map={0: "dog"}
+            ),
+        ],
+    )
+    expected = (
+        f"{path}:3, field 'bb-metadata.class-map': class id 0 means 'cat' at {path}:1 and 'dog' here "
+        "(run `detforge prepare` first to merge the class maps by name)"
+    )
     with pytest.raises(ManifestError) as error:
         convert(str(path), to="coco", out=str(tmp_path / "c.json"))
     assert str(error.value) == expected

@@ -39,14 +39,21 @@ def _jpeg(path: Path, size=(80, 60), exif_orientation: int | None = None, box=No
     return path
 
 
-def _coco(path: Path, images: list[tuple[str, int, int]], boxes: list[tuple[int, int, list]],
-          categories=((1, "fish"),)) -> Path:
+def _coco(
+    path: Path,
+    images: list[tuple[str, int, int]],
+    boxes: list[tuple[int, int, list]],
+    categories=((1, "fish"),),
+) -> Path:
     data = {
-        "images": [{"id": i + 1, "file_name": name, "width": w, "height": h}
-                   for i, (name, w, h) in enumerate(images)],
+        "images": [
+            {"id": i + 1, "file_name": name, "width": w, "height": h} for i, (name, w, h) in enumerate(images)
+        ],
         "categories": [{"id": cid, "name": name} for cid, name in categories],
-        "annotations": [{"id": n + 1, "image_id": image_id, "category_id": cid, "bbox": bbox, "iscrowd": 0}
-                        for n, (image_id, cid, bbox) in enumerate(boxes)],
+        "annotations": [
+            {"id": n + 1, "image_id": image_id, "category_id": cid, "bbox": bbox, "iscrowd": 0}
+            for n, (image_id, cid, bbox) in enumerate(boxes)
+        ],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
@@ -64,7 +71,9 @@ VOC_XML = """<annotation>
 def _voc_xml(path: Path, name: str, size, boxes=(("dog", (10, 10, 30, 30)),)) -> Path:
     objects = "\n  ".join(
         f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax>"
-        "</bndbox></object>" for n, (a, b, c, d) in boxes)
+        "</bndbox></object>"
+        for n, (a, b, c, d) in boxes
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(VOC_XML.format(name=name, w=size[0], h=size[1], objects=objects))
     return path
@@ -78,15 +87,20 @@ def test_sparse_cvat_coco_export_missing_images_error_or_counted_skip(tmp_path, 
     for name in ("a.jpg", "c.jpg", "e.jpg"):
         _jpeg(tmp_path / "export" / "images" / "Train" / name)
     listed = [(n, 80, 60) for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg")]
-    _coco(tmp_path / "export" / "annotations" / "instances_Train.json", listed,
-          [(i, 1, [5, 5, 20, 20]) for i in range(1, 6)])
+    _coco(
+        tmp_path / "export" / "annotations" / "instances_Train.json",
+        listed,
+        [(i, 1, [5, 5, 20, 20]) for i in range(1, 6)],
+    )
     assert detect_format(str(tmp_path / "export")) == "coco"
     with pytest.raises(DetforgeError) as error:
         list(read_source(str(tmp_path / "export"))[2])
-    expected = (f"{tmp_path}/export/annotations/instances_Train.json, field 'image 2 (id 2).file_name': "
-                f"image 'b.jpg' not found in {tmp_path}/export/images/Train/, {tmp_path}/export/images/, "
-                f"{tmp_path}/export/annotations/, {tmp_path}/export/annotations/images/ (give the image "
-                "folder with --images)")
+    expected = (
+        f"{tmp_path}/export/annotations/instances_Train.json, field 'image 2 (id 2).file_name': "
+        f"image 'b.jpg' not found in {tmp_path}/export/images/Train/, {tmp_path}/export/images/, "
+        f"{tmp_path}/export/annotations/, {tmp_path}/export/annotations/images/ (give the image "
+        "folder with --images)"
+    )
     assert str(error.value) == expected
     report = ReadReport()
     kind, names, records = read_source(str(tmp_path / "export"), on_error="skip", report=report)
@@ -96,30 +110,47 @@ def test_sparse_cvat_coco_export_missing_images_error_or_counted_skip(tmp_path, 
     second = expected.replace("image 2 (id 2)", "image 4 (id 4)").replace("'b.jpg'", "'d.jpg'")
     assert [m for _, _, m in report.skipped] == [expected, second]
     out = tmp_path / "m.manifest"
-    assert main(["convert", str(tmp_path / "export"), "--to", "manifest", "--out", str(out),
-                 "--on-error", "skip"]) == 0
+    assert (
+        main(
+            ["convert", str(tmp_path / "export"), "--to", "manifest", "--out", str(out), "--on-error", "skip"]
+        )
+        == 0
+    )
     out = capsys.readouterr()
-    assert out.out == (f"converted 3 images (train 3) from coco to manifest: {tmp_path}/m.manifest (skipped "
-                       "2 images, 0 boxes)\n")
+    assert out.out == (
+        f"converted 3 images (train 3) from coco to manifest: {tmp_path}/m.manifest (skipped "
+        "2 images, 0 boxes)\n"
+    )
     assert out.err.count("skipped: ") == 2
 
 
 def test_manifest_naming_a_missing_local_image(tmp_path, capsys):
     _jpeg(tmp_path / "a_1.jpg", (100, 50))
     path = tmp_path / "m.manifest"
-    groundtruth.write_manifest(path, [
-        groundtruth.make_record(name, width=100, height=50, boxes_xyxy=[[0, 0, 10, 5]], class_ids=[0],
-                                class_map={0: "cat"}) for name in ("a_1.jpg", "a_2.jpg")])
+    groundtruth.write_manifest(
+        path,
+        [
+            groundtruth.make_record(
+                name, width=100, height=50, boxes_xyxy=[[0, 0, 10, 5]], class_ids=[0], class_map={0: "cat"}
+            )
+            for name in ("a_1.jpg", "a_2.jpg")
+        ],
+    )
     assert main(["convert", str(path), "--to", "coco", "--out", str(tmp_path / "c.json")]) == 2
     assert capsys.readouterr().err == (f"error: {path}:2, field 'source-ref': cannot read: no such file\n")
     assert not (tmp_path / "c.json").exists()
     s = convert(str(path), to="coco", out=str(tmp_path / "c.json"), on_error="skip")
     assert (s.images, s.skipped) == (1, [f"{path}:2, field 'source-ref': cannot read: no such file"])
     # a size that is not the image's is the same kind of error
-    groundtruth.write_manifest(path, [groundtruth.make_record(
-        "a_1.jpg", width=50, height=100, boxes_xyxy=[], class_ids=[], class_map={})])
-    with pytest.raises(ManifestError, match=r"m.manifest:1, field 'bb.image_size': the line says the image "
-                                            r"is 50x100 but .*a_1.jpg is 100x50"):
+    groundtruth.write_manifest(
+        path,
+        [groundtruth.make_record("a_1.jpg", width=50, height=100, boxes_xyxy=[], class_ids=[], class_map={})],
+    )
+    with pytest.raises(
+        ManifestError,
+        match=r"m.manifest:1, field 'bb.image_size': the line says the image "
+        r"is 50x100 but .*a_1.jpg is 100x50",
+    ):
         list(read_source(str(path))[2])
 
 
@@ -132,7 +163,8 @@ def test_voc_size_that_contradicts_the_image_names_the_file(tmp_path, capsys):
     assert main(["stats", str(tmp_path / "shots")]) == 2
     assert capsys.readouterr().err == (
         f"error: {xml}:3, field 'size': the annotation says the image is 3000x3000 but "
-        f"{tmp_path}/shots/IMG_2385.JPG is 378x504 (upright)\n")
+        f"{tmp_path}/shots/IMG_2385.JPG is 378x504 (upright)\n"
+    )
 
 
 def test_exif_turned_photo_stored_size_is_corrected_and_counted(tmp_path):
@@ -148,7 +180,8 @@ def test_exif_turned_photo_stored_size_is_corrected_and_counted(tmp_path):
     assert record.boxes.tolist() == [[25.0, 10.0, 35.0, 30.0]]
     assert report.corrected == [
         f"{tmp_path}/shots/IMG_1.xml:3: <size> 60x40 is the stored size of an EXIF-turned photo (40x60 "
-        "upright): boxes turned with it"]
+        "upright): boxes turned with it"
+    ]
     from detforge import images
 
     upright = images.read(str(tmp_path / "shots" / "IMG_1.jpg"))
@@ -170,16 +203,33 @@ def test_folder_with_two_formats_is_refused_with_how_to_pick(tmp_path, capsys):
     assert main(["stats", str(folder)]) == 2
     assert capsys.readouterr().err == (
         f"error: {folder}: this folder holds several label formats (YOLO data.yaml; 1 VOC .xml files): which "
-        f"one to read is not guessed (name one as yolo:{folder} or voc:{folder}, or give --format)\n")
+        f"one to read is not guessed (name one as yolo:{folder} or voc:{folder}, or give --format)\n"
+    )
     assert main(["stats", f"voc:{folder}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["per_class"] == {"dog": 2}
-    assert main(["convert", str(folder), "--format", "yolo", "--to", "manifest", "--out",
-                 str(tmp_path / "y.manifest")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(folder),
+                "--format",
+                "yolo",
+                "--to",
+                "manifest",
+                "--out",
+                str(tmp_path / "y.manifest"),
+            ]
+        )
+        == 0
+    )
     assert [r.class_names for r in groundtruth.read_manifest(tmp_path / "y.manifest")] == [["cat"]]
     # a COCO JSON beside labels/ is refused the same way
     _coco(folder / "annotations" / "instances_default.json", [("images/p.jpg", 80, 60)], [])
-    with pytest.raises(FormatError, match=r"several label formats \(YOLO data.yaml; COCO annotations/"
-                                          r"instances_default.json; 1 VOC .xml files\)"):
+    with pytest.raises(
+        FormatError,
+        match=r"several label formats \(YOLO data.yaml; COCO annotations/"
+        r"instances_default.json; 1 VOC .xml files\)",
+    ):
         detect_format(str(folder))
 
 
@@ -191,16 +241,31 @@ def test_labelme_folder_rectangles_read_other_shapes_counted(tmp_path, capsys):
     _jpeg(folder / "one.jpg", (80, 60))
     _jpeg(folder / "two.jpg", (80, 60))
     shapes_one = [
-        {"label": "dog", "points": [[30, 40], [10, 5]], "group_id": None, "shape_type": "rectangle",
-         "flags": {}},
+        {
+            "label": "dog",
+            "points": [[30, 40], [10, 5]],
+            "group_id": None,
+            "shape_type": "rectangle",
+            "flags": {},
+        },
         {"label": "dog", "points": [[1, 1], [5, 1], [5, 5]], "shape_type": "polygon", "flags": {}},
         {"label": "eye", "points": [[3, 3]], "shape_type": "point", "flags": {}},
     ]
     shapes_two = [{"label": "cat", "points": [[0, 0], [80, 60]], "shape_type": "rectangle", "flags": {}}]
     for name, shapes in (("one", shapes_one), ("two", shapes_two)):
-        (folder / f"{name}.json").write_text(json.dumps({
-            "version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": f"{name}.jpg", "imageData": None,
-            "imageHeight": 60, "imageWidth": 80}))
+        (folder / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "version": "5.4.1",
+                    "flags": {},
+                    "shapes": shapes,
+                    "imagePath": f"{name}.jpg",
+                    "imageData": None,
+                    "imageHeight": 60,
+                    "imageWidth": 80,
+                }
+            )
+        )
     assert detect_format(str(folder)) == "labelme"
     report = ReadReport()
     kind, names, records = read_source(str(folder), report=report)
@@ -214,10 +279,14 @@ def test_labelme_folder_rectangles_read_other_shapes_counted(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "note: 2 labelme shapes that are not rectangles left out (point 1, polygon 1)\n"
     # labelme's imagePath climbing out of the folder given is refused
-    (folder / "two.json").write_text(json.dumps({"shapes": [], "imagePath": "../../etc/app.env.txt",
-                                                 "imageHeight": 1, "imageWidth": 1}))
-    with pytest.raises(FormatError, match=r"two.json, field 'imagePath': imagePath '../../etc/app.env.txt' "
-                                          r"climbs out of the dataset folder"):
+    (folder / "two.json").write_text(
+        json.dumps({"shapes": [], "imagePath": "../../etc/app.env.txt", "imageHeight": 1, "imageWidth": 1})
+    )
+    with pytest.raises(
+        FormatError,
+        match=r"two.json, field 'imagePath': imagePath '../../etc/app.env.txt' "
+        r"climbs out of the dataset folder",
+    ):
         list(read_source(str(folder))[2])
 
 
@@ -255,8 +324,9 @@ def test_bom_accepted_and_non_utf8_json_names_line_and_column(tmp_path):
     column = text.index(b"\xe9") - text.rfind(b"\n", 0, text.index(b"\xe9"))
     with pytest.raises(FormatError) as error:
         read_source(str(path))
-    assert str(error.value) == (f"{path}:{line}: not UTF-8 text: byte 0xe9 at line {line}, column {column} "
-                                "(save the file as UTF-8)")
+    assert str(error.value) == (
+        f"{path}:{line}: not UTF-8 text: byte 0xe9 at line {line}, column {column} (save the file as UTF-8)"
+    )
     path.write_text('{"images": [],\n  "categories": [}')
     with pytest.raises(FormatError, match=r"c.json:2: not valid JSON at line 2, column 18: "):
         read_source(str(path))
@@ -287,30 +357,50 @@ def split_yolo(tmp_path) -> Path:
             _jpeg(root / split / "images" / f"{name}.jpg")
             (root / split / "labels").mkdir(parents=True, exist_ok=True)
             (root / split / "labels" / f"{name}.txt").write_text(f"{1 + (name == 'x1')} 0.5 0.5 0.25 0.5\n")
-    (root / "data.yaml").write_text("train: train/images\nval: valid/images\ntest: test/images\n"
-                                    "nc: 3\nnames: ['_background_', 'fish', 'shark']\n")
+    (root / "data.yaml").write_text(
+        "train: train/images\nval: valid/images\ntest: test/images\n"
+        "nc: 3\nnames: ['_background_', 'fish', 'shark']\n"
+    )
     return root
 
 
 def test_convert_keeps_splits_in_every_format(split_yolo, tmp_path):
-    expected = {"t1": "train", "t2": "train", "t3": "train", "v1": "validation", "v2": "validation",
-                "x1": "test"}
+    expected = {
+        "t1": "train",
+        "t2": "train",
+        "t3": "train",
+        "v1": "validation",
+        "v2": "validation",
+        "x1": "test",
+    }
     s = convert(str(split_yolo), to="voc", out=str(tmp_path / "voc"))
     assert s.splits == {"train": 3, "validation": 2, "test": 1}
     main_sets = tmp_path / "voc" / "ImageSets" / "Main"
     assert {p.name: p.read_text() for p in main_sets.iterdir()} == {
-        "train.txt": "t1\nt2\nt3\n", "val.txt": "v1\nv2\n", "test.txt": "x1\n"}
+        "train.txt": "t1\nt2\nt3\n",
+        "val.txt": "v1\nv2\n",
+        "test.txt": "x1\n",
+    }
     s = convert(str(split_yolo), to="coco", out=str(tmp_path / "coco"))
     assert sorted(p.name for p in (tmp_path / "coco" / "annotations").iterdir()) == [
-        "instances_test.json", "instances_train.json", "instances_val.json"]
-    assert [len(json.loads((tmp_path / "coco" / "annotations" / f"instances_{n}.json").read_text())["images"])
-            for n in ("train", "val", "test")] == [3, 2, 1]
+        "instances_test.json",
+        "instances_train.json",
+        "instances_val.json",
+    ]
+    assert [
+        len(json.loads((tmp_path / "coco" / "annotations" / f"instances_{n}.json").read_text())["images"])
+        for n in ("train", "val", "test")
+    ] == [3, 2, 1]
     for middle in ("voc", "coco"):
         back = convert(str(tmp_path / middle), to="yolo", out=str(tmp_path / f"yolo-from-{middle}"))
         assert back.splits == {"train": 3, "validation": 2, "test": 1}
         assert yaml.safe_load((tmp_path / f"yolo-from-{middle}" / "data.yaml").read_text()) == {
-            "train": "train/images", "val": "val/images", "test": "test/images", "nc": 2,
-            "names": {0: "fish", 1: "shark"}}
+            "train": "train/images",
+            "val": "val/images",
+            "test": "test/images",
+            "nc": 2,
+            "names": {0: "fish", 1: "shark"},
+        }
         again = read_source(str(tmp_path / f"yolo-from-{middle}"))[2]
         assert {r.image_id: r.split for r in again} == expected
     s = convert(str(split_yolo), to="manifest", out=str(tmp_path / "m.manifest"))
@@ -321,9 +411,12 @@ def test_prepare_and_convert_keep_the_same_classes_for_one_coco_file(tmp_path, c
     """labelme2coco and CVAT list a `_background_` category no box uses."""
     for name in ("a.jpg", "b.jpg"):
         _jpeg(tmp_path / name)
-    path = _coco(tmp_path / "c.json", [("a.jpg", 80, 60), ("b.jpg", 80, 60)],
-                 [(1, 2, [1, 1, 10, 10]), (2, 3, [5, 5, 10, 10])],
-                 categories=((1, "_background_"), (2, "fish"), (3, "shark"), (4, "whale")))
+    path = _coco(
+        tmp_path / "c.json",
+        [("a.jpg", 80, 60), ("b.jpg", 80, 60)],
+        [(1, 2, [1, 1, 10, 10]), (2, 3, [5, 5, 10, 10])],
+        categories=((1, "_background_"), (2, "fish"), (3, "shark"), (4, "whale")),
+    )
     assert main(["convert", str(path), "--to", "yolo", "--out", str(tmp_path / "y")]) == 0
     assert capsys.readouterr().err.startswith("classes no box uses, left out: _background_, whale\n")
     data = yaml.safe_load((tmp_path / "y" / "data.yaml").read_text())
@@ -336,17 +429,20 @@ def test_prepare_and_convert_keep_the_same_classes_for_one_coco_file(tmp_path, c
 
 def test_yaml_alias_bomb_is_refused_naming_the_file(tmp_path, capsys):
     levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
-        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)
+    ]
     bomb = tmp_path / "data.yaml"
     bomb.write_text("\n".join(levels) + "\nnames: *i\ntrain: images\n")
     assert len(bomb.read_bytes()) < 600
     assert main(["stats", str(bomb)]) == 2
     assert capsys.readouterr().err == (
-        f"error: {bomb}:2: not valid YAML: an alias (*a) is not accepted in a dataset file\n")
+        f"error: {bomb}:2: not valid YAML: an alias (*a) is not accepted in a dataset file\n"
+    )
     bomb.write_text("names: [a]\ntrain: images\n# " + "x" * (1 << 20) + "\n")
     assert main(["stats", str(bomb)]) == 2
     assert capsys.readouterr().err == (
-        f"error: {bomb}: {(1 << 20) + 28} bytes is too large for a dataset YAML (the limit is 1048576)\n")
+        f"error: {bomb}: {(1 << 20) + 28} bytes is too large for a dataset YAML (the limit is 1048576)\n"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["voc", "coco", "manifest"])
@@ -361,28 +457,49 @@ def test_image_paths_escaping_the_dataset_are_refused_and_nothing_is_copied(tmp_
         source = data / "Annotations"
         _voc_xml(source / "ok.xml", "ok.jpg", (80, 60))
         _voc_xml(source / "x.xml", escape, (80, 60))
-        expected = (f"error: {source}/x.xml:2, field 'filename': image name '{escape}' climbs out of the "
-                    f"dataset folder {data}/JPEGImages\n")
+        expected = (
+            f"error: {source}/x.xml:2, field 'filename': image name '{escape}' climbs out of the "
+            f"dataset folder {data}/JPEGImages\n"
+        )
     elif fmt == "coco":
         source = _coco(data / "c.json", [("ok.jpg", 80, 60), (escape, 80, 60)], [])
-        expected = (f"error: {source}, field 'image 2 (id 2).file_name': image name '{escape}' climbs out of "
-                    f"the dataset folder {data}\n")
+        expected = (
+            f"error: {source}, field 'image 2 (id 2).file_name': image name '{escape}' climbs out of "
+            f"the dataset folder {data}\n"
+        )
     else:  # a manifest may refer anywhere (prepare writes ../ references), but only to an image
         source = data / "m.manifest"
-        groundtruth.write_manifest(source, [groundtruth.make_record(
-            name, width=80, height=60, boxes_xyxy=[], class_ids=[], class_map={})
-            for name in ("ok.jpg", escape)])
-        expected = (f"error: {source}:2, field 'source-ref': not a JPEG/PNG/WEBP/BMP image (unknown format "
-                    "or corrupt data)\n")
+        groundtruth.write_manifest(
+            source,
+            [
+                groundtruth.make_record(name, width=80, height=60, boxes_xyxy=[], class_ids=[], class_map={})
+                for name in ("ok.jpg", escape)
+            ],
+        )
+        expected = (
+            f"error: {source}:2, field 'source-ref': not a JPEG/PNG/WEBP/BMP image (unknown format "
+            "or corrupt data)\n"
+        )
     for on_error in ("stop", "skip"):
-        code = main(["convert", str(source), "--to", "yolo", "--out", str(tmp_path / "out"),
-                     "--on-error", on_error, "--overwrite"])
+        code = main(
+            [
+                "convert",
+                str(source),
+                "--to",
+                "yolo",
+                "--out",
+                str(tmp_path / "out"),
+                "--on-error",
+                on_error,
+                "--overwrite",
+            ]
+        )
         err = capsys.readouterr().err
         if on_error == "stop":
             assert (code, err) == (2, expected)
             assert not (tmp_path / "out").exists()
         else:
-            assert code == 0 and f"skipped: {expected[len('error: '):]}" in err
+            assert code == 0 and f"skipped: {expected[len('error: ') :]}" in err
             assert sorted(p.name for p in (tmp_path / "out" / "train" / "images").iterdir()) == ["ok.jpg"]
     assert [p for p in tmp_path.rglob("app.env.txt")] == [secret]
 
@@ -390,9 +507,15 @@ def test_image_paths_escaping_the_dataset_are_refused_and_nothing_is_copied(tmp_
 def test_prepare_finds_a_manifests_missing_local_image(tmp_path, capsys):
     _jpeg(tmp_path / "a_1.jpg", (100, 50))
     path = tmp_path / "m.manifest"
-    groundtruth.write_manifest(path, [
-        groundtruth.make_record(name, width=100, height=50, boxes_xyxy=[[0, 0, 10, 5]], class_ids=[0],
-                                class_map={0: "cat"}) for name in ("a_1.jpg", "a_2.jpg")])
+    groundtruth.write_manifest(
+        path,
+        [
+            groundtruth.make_record(
+                name, width=100, height=50, boxes_xyxy=[[0, 0, 10, 5]], class_ids=[0], class_map={0: "cat"}
+            )
+            for name in ("a_1.jpg", "a_2.jpg")
+        ],
+    )
     assert main(["prepare", str(path), "--out", str(tmp_path / "p")]) == 2
     assert capsys.readouterr().err == f"error: {path}:2, field 'source-ref': cannot read: no such file\n"
     assert not (tmp_path / "p").exists()
@@ -411,24 +534,48 @@ def test_review_stats_convert_prepare_share_images_and_on_error(tmp_path):
     for command in ("prepare", "convert", "stats", "review"):
         params = {p.opts[0]: (p.help, p.default) for p in commands[command].params if p.opts}
         shared[command] = {opt: params[opt] for opt in ("--images", "--on-error", "--label-attribute")}
-    assert shared["convert"] == shared["prepare"] == shared["stats"] == shared["review"] == {
-        "--images": ("Image folder of VOC/COCO/labelme inputs (default: the layout's own); INPUT=DIR for "
-                     "one input's (repeatable).", None),
-        "--on-error": ("stop at a bad line/box/file, or skip it and count it.", "stop"),
-        "--label-attribute": ("A manifest's label attribute (default: found by its metadata type).", None)}
+    assert (
+        shared["convert"]
+        == shared["prepare"]
+        == shared["stats"]
+        == shared["review"]
+        == {
+            "--images": (
+                "Image folder of VOC/COCO/labelme inputs (default: the layout's own); INPUT=DIR for "
+                "one input's (repeatable).",
+                None,
+            ),
+            "--on-error": ("stop at a bad line/box/file, or skip it and count it.", "stop"),
+            "--label-attribute": (
+                "A manifest's label attribute (default: found by its metadata type).",
+                None,
+            ),
+        }
+    )
     review_inputs = next(p for p in commands["review"].params if p.name == "manifests")
     assert "YOLO data.yaml" in review_inputs.help and "labelme" in review_inputs.help
     # review reads any format with the same --images / --on-error treatment
     for name in ("a.jpg", "c.jpg"):
         _jpeg(tmp_path / "pics" / name)
-    path = _coco(tmp_path / "ann" / "c.json", [(n, 80, 60) for n in ("a.jpg", "b.jpg", "c.jpg")],
-                 [(1, 1, [1, 1, 10, 10]), (3, 1, [2, 2, 10, 10])])
-    with pytest.raises(DetforgeError, match=r"c.json, field 'image 1 \(id 1\).file_name': image 'a.jpg' "
-                                            r"not found"):
+    path = _coco(
+        tmp_path / "ann" / "c.json",
+        [(n, 80, 60) for n in ("a.jpg", "b.jpg", "c.jpg")],
+        [(1, 1, [1, 1, 10, 10]), (3, 1, [2, 2, 10, 10])],
+    )
+    with pytest.raises(
+        DetforgeError,
+        match=r"c.json, field 'image 1 \(id 1\).file_name': image 'a.jpg' "
+        r"not found",
+    ):
         load_review([str(path)], discard=str(tmp_path / "d.txt"))  # not beside the JSON
     report = ReadReport()
-    session = load_review([str(path)], discard=str(tmp_path / "d.txt"), images=str(tmp_path / "pics"),
-                          on_error="skip", report=report)
+    session = load_review(
+        [str(path)],
+        discard=str(tmp_path / "d.txt"),
+        images=str(tmp_path / "pics"),
+        on_error="skip",
+        report=report,
+    )
     assert session.progress()["total"] == 2 and len(report.skipped) == 1
 
 
@@ -438,21 +585,49 @@ def test_images_per_input(tmp_path, capsys):
     for export, names in (("phoneA", ["IMG_2385.JPG"]), ("phoneB", ["IMG_2385.JPG", "IMG_2386.JPG"])):
         for name in names:
             _jpeg(tmp_path / "pictures" / export / name)
-        paths.append(_coco(tmp_path / "labels" / f"{export}.json", [(n, 80, 60) for n in names],
-                           [(i + 1, 1, [1, 1, 10, 10]) for i in range(len(names))]))
+        paths.append(
+            _coco(
+                tmp_path / "labels" / f"{export}.json",
+                [(n, 80, 60) for n in names],
+                [(i + 1, 1, [1, 1, 10, 10]) for i in range(len(names))],
+            )
+        )
     a, b = (str(p) for p in paths)
     out = tmp_path / "p"
-    assert main(["prepare", a, b, "--out", str(out), "--validation-fraction", "0", "--images",
-                 f"{a}={tmp_path}/pictures/phoneA", "--images", f"{b}={tmp_path}/pictures/phoneB"]) == 0
-    refs = sorted(groundtruth.resolve_source_ref(r.source_ref, out / "train.manifest")
-                  for r in groundtruth.read_manifest(out / "train.manifest"))
-    assert refs == [f"{tmp_path}/pictures/phoneA/IMG_2385.JPG", f"{tmp_path}/pictures/phoneB/IMG_2385.JPG",
-                    f"{tmp_path}/pictures/phoneB/IMG_2386.JPG"]
+    assert (
+        main(
+            [
+                "prepare",
+                a,
+                b,
+                "--out",
+                str(out),
+                "--validation-fraction",
+                "0",
+                "--images",
+                f"{a}={tmp_path}/pictures/phoneA",
+                "--images",
+                f"{b}={tmp_path}/pictures/phoneB",
+            ]
+        )
+        == 0
+    )
+    refs = sorted(
+        groundtruth.resolve_source_ref(r.source_ref, out / "train.manifest")
+        for r in groundtruth.read_manifest(out / "train.manifest")
+    )
+    assert refs == [
+        f"{tmp_path}/pictures/phoneA/IMG_2385.JPG",
+        f"{tmp_path}/pictures/phoneB/IMG_2385.JPG",
+        f"{tmp_path}/pictures/phoneB/IMG_2386.JPG",
+    ]
     capsys.readouterr()
     assert main(["stats", a, "--images", f"{tmp_path}/x.json={tmp_path}"]) == 2
-    assert capsys.readouterr().err == (f"error: --images '{tmp_path}/x.json={tmp_path}' names "
-                                       f"'{tmp_path}/x.json', which is not one of the inputs (the inputs "
-                                       f"are {a})\n")
+    assert capsys.readouterr().err == (
+        f"error: --images '{tmp_path}/x.json={tmp_path}' names "
+        f"'{tmp_path}/x.json', which is not one of the inputs (the inputs "
+        f"are {a})\n"
+    )
 
 
 def test_yolo_label_file_with_a_bom(tmp_path):

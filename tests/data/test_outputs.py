@@ -31,10 +31,16 @@ def _dataset(root: Path, names: list[str], class_map: dict[int, str], size=(64, 
         image.paste((200, 30 * n % 256, 9 * n), (n * 5 % size[0], 0, n * 5 % size[0] + 5, size[1]))
         image.save(path)  # distinct photos (prepare reports same-bytes copies as duplicates)
         ids = sorted(class_map)
-        records.append(groundtruth.make_record(
-            f"images/{name}.jpg", width=size[0], height=size[1],
-            boxes_xyxy=[[2 + 3 * i, 2, 20 + 3 * i, 30] for i in range(len(ids))], class_ids=ids,
-            class_map=class_map))
+        records.append(
+            groundtruth.make_record(
+                f"images/{name}.jpg",
+                width=size[0],
+                height=size[1],
+                boxes_xyxy=[[2 + 3 * i, 2, 20 + 3 * i, 30] for i in range(len(ids))],
+                class_ids=ids,
+                class_map=class_map,
+            )
+        )
     manifest = root / "in.manifest"
     groundtruth.write_manifest(manifest, records)
     return manifest
@@ -54,15 +60,16 @@ def test_convert_into_an_existing_output_is_refused_and_overwrite_replaces_it_wh
     out = tmp_path / "x"
     assert main(["convert", str(a), "--to", "yolo", "--out", str(out)]) == 0
     before = _tree(out)
-    assert sorted(before) == ["data.yaml"] + [f"train/{k}/a{i}.{s}" for k, s in (("images", "jpg"),
-                                                                               ("labels", "txt"))
-                                              for i in range(3)]
+    assert sorted(before) == ["data.yaml"] + [
+        f"train/{k}/a{i}.{s}" for k, s in (("images", "jpg"), ("labels", "txt")) for i in range(3)
+    ]
     capsys.readouterr()
     # B's class 0 would relabel A's leftover label files: refused, one line naming the folder
     assert main(["convert", str(b), "--to", "yolo", "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
         f"error: {out}: the output folder is not empty (holds data.yaml, train) (give --overwrite to "
-        "replace it whole, or another --out)\n")
+        "replace it whole, or another --out)\n"
+    )
     assert _tree(out) == before
     assert main(["convert", str(b), "--to", "yolo", "--out", str(out), "--overwrite"]) == 0
     after = _tree(out)
@@ -97,8 +104,10 @@ def test_a_failure_half_way_leaves_the_previous_output_untouched(tmp_path, monke
     b = _dataset(tmp_path / "b", [f"b{i}" for i in range(4)], {0: "bird"})
     if fmt == "coco":  # one file per split: a second split makes the second write
         lines = (tmp_path / "b" / "in.manifest").read_text().splitlines()
-        marked = [dict(json.loads(line), **{groundtruth.SPLIT_FIELD: s})
-                  for line, s in zip(lines, ["train", "train", "validation", "validation"], strict=True)]
+        marked = [
+            dict(json.loads(line), **{groundtruth.SPLIT_FIELD: s})
+            for line, s in zip(lines, ["train", "train", "validation", "validation"], strict=True)
+        ]
         (tmp_path / "b" / "in.manifest").write_text("".join(json.dumps(m) + "\n" for m in marked))
     with pytest.raises(OSError, match="No space left on device"):
         convert(str(b), to=fmt, out=str(out), overwrite=True)
@@ -137,11 +146,17 @@ def test_prepare_into_a_folder_with_a_stale_test_manifest(tmp_path, capsys):
     (out / "test.manifest").write_text('{"source-ref": "old.jpg"}\n')
     assert main(["prepare", str(a), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: {out}: the output folder is not empty (holds test.manifest) (give --overwrite "
-                   "to replace it whole, or another --out)\n")
+    assert err == (
+        f"error: {out}: the output folder is not empty (holds test.manifest) (give --overwrite "
+        "to replace it whole, or another --out)\n"
+    )
     s = prepare([str(a)], str(out), overwrite=True)
-    assert sorted(os.listdir(out)) == ["classes.json", "summary.json", "train.manifest",
-                                       "validation.manifest"]
+    assert sorted(os.listdir(out)) == [
+        "classes.json",
+        "summary.json",
+        "train.manifest",
+        "validation.manifest",
+    ]
     assert s.train + s.validation == 10 and s.test == 0
     assert json.loads((out / "summary.json").read_text())["test"] == 0
     assert _leftovers(tmp_path) == []
@@ -158,14 +173,19 @@ def test_s3_outputs_are_refused_when_present_and_replaced_whole(tmp_path, make_b
     out = f"s3://{bucket}/yolo"
     convert(str(a), to="yolo", out=out)
     assert sorted(storage.list_files(out)) == [f"{out}/data.yaml"] + [
-        f"{out}/train/{k}/a{i}.{s}" for k, s in (("images", "jpg"), ("labels", "txt")) for i in range(2)]
+        f"{out}/train/{k}/a{i}.{s}" for k, s in (("images", "jpg"), ("labels", "txt")) for i in range(2)
+    ]
     with pytest.raises(OutputExistsError, match=rf"s3://{bucket}/yolo: the output folder is not empty"):
         convert(str(b), to="yolo", out=out)
     convert(str(b), to="yolo", out=out, overwrite=True)
-    assert sorted(storage.list_files(out)) == [f"{out}/data.yaml", f"{out}/train/images/b0.jpg",
-                                               f"{out}/train/labels/b0.txt"]
+    assert sorted(storage.list_files(out)) == [
+        f"{out}/data.yaml",
+        f"{out}/train/images/b0.jpg",
+        f"{out}/train/labels/b0.txt",
+    ]
     s = prepare([str(a)], f"s3://{bucket}/prepared", validation_fraction=0.5)
     assert sorted(storage.list_files(f"s3://{bucket}/prepared")) == [
-        f"s3://{bucket}/prepared/{n}" for n in ("classes.json", "summary.json", "train.manifest",
-                                                "validation.manifest")]
+        f"s3://{bucket}/prepared/{n}"
+        for n in ("classes.json", "summary.json", "train.manifest", "validation.manifest")
+    ]
     assert s.train + s.validation == 2

@@ -41,7 +41,7 @@ def frame_jpeg(index: int, scene: int = 1000) -> bytes:
     small = Image.fromarray(rng.integers(0, 256, (4, 5, 3)).astype(np.uint8))
     pixels = np.asarray(small.resize((W, H), Image.BILINEAR)).astype(np.int16)
     pixels = np.clip(pixels + index % 3, 0, 255).astype(np.uint8)
-    pixels[20:28, 2 + index:10 + index] = 255
+    pixels[20:28, 2 + index : 10 + index] = 255
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
@@ -51,21 +51,31 @@ def labelimg(folder: Path, name: str, data: bytes, boxes=(("cat", 5, 5, 30, 30),
     """An image and the VOC XML LabelImg writes beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data)
-    objects = "".join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin>"
-                      f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
-                      for c, x1, y1, x2, y2 in boxes)
+    objects = "".join(
+        f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin>"
+        f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+        for c, x1, y1, x2, y2 in boxes
+    )
     (folder / (name.rsplit(".", 1)[0] + ".xml")).write_text(
         f"<annotation><folder>{folder.name}</folder><filename>{name}</filename><path>/home/pi/{name}</path>"
-        f"<size><width>{W}</width><height>{H}</height><depth>3</depth></size>{objects}</annotation>")
+        f"<size><width>{W}</width><height>{H}</height><depth>3</depth></size>{objects}</annotation>"
+    )
 
 
 def manifest_line(ref: str, boxes=((0, 5, 5, 20, 20),), class_map=None, job: str = "j") -> str:
     anns = [{"class_id": c, "left": x, "top": y, "width": w, "height": h} for c, x, y, w, h in boxes]
-    return json.dumps({"source-ref": ref,
-                       "bb": {"annotations": anns, "image_size": [{"width": W, "height": H, "depth": 3}]},
-                       "bb-metadata": {"job-name": job, "type": "groundtruth/object-detection",
-                                       "class-map": class_map if class_map is not None else {"0": "cat"},
-                                       "objects": [{"confidence": 1.0}] * len(anns)}})
+    return json.dumps(
+        {
+            "source-ref": ref,
+            "bb": {"annotations": anns, "image_size": [{"width": W, "height": H, "depth": 3}]},
+            "bb-metadata": {
+                "job-name": job,
+                "type": "groundtruth/object-detection",
+                "class-map": class_map if class_map is not None else {"0": "cat"},
+                "objects": [{"confidence": 1.0}] * len(anns),
+            },
+        }
+    )
 
 
 def written_ids(out: Path, name: str) -> list[str]:
@@ -75,26 +85,43 @@ def written_ids(out: Path, name: str) -> list[str]:
 
 def totals_add_up(accounting: dict) -> None:
     for unit in ("images", "boxes"):
-        parts = sum(c[unit] for section in ("written", "held_out", "skipped")
-                    for c in accounting[section].values())
+        parts = sum(
+            c[unit] for section in ("written", "held_out", "skipped") for c in accounting[section].values()
+        )
         assert parts == accounting["read"][unit]
 
 
 def test_naming_rules():
     assert video_frame("blue_box_1_000043") == ("blue_box_1", 43)  # Ground Truth jobs from videos
     assert video_frame("clip_000007") == ("clip", 7)  # what `detforge frames` writes
-    for still in ("IMG_2385", "DSC_0001", "DSC01234", "IMG_20230101_123456", "PXL_20240601_101530123",
-                  "20230101_123456", "P1010001"):
+    for still in (
+        "IMG_2385",
+        "DSC_0001",
+        "DSC01234",
+        "IMG_20230101_123456",
+        "PXL_20240601_101530123",
+        "20230101_123456",
+        "P1010001",
+    ):
         assert video_frame(still) is None, still
     assert numbered("IMG_2385") == ("img_", 2385) and numbered("DSC_0001") == ("dsc_", 1)
     assert original_stem("IMG_2301_jpeg_jpg.rf.2f319e949748145fb22dcb52bb325a0c") == "IMG_2301"
     assert numbered("IMG_8571_MOV-4_jpg.rf.d7b7c24c46f21df8cca7ae652464d2d1") == ("img_8571_mov-", 4)
     assert numbered("holiday") is None
-    assert [split_of_name(n) for n in ("instances_Train.json", "instances_Validation.json", "val.json",
-                                       "test.manifest", "prepared/validation.manifest", "job.manifest",
-                                       "instances_default.json", "export/valid/_annotations.coco.json",
-                                       "_annotations.coco.json")] == [
-        "train", "validation", "validation", "test", "validation", None, None, "validation", None]
+    assert [
+        split_of_name(n)
+        for n in (
+            "instances_Train.json",
+            "instances_Validation.json",
+            "val.json",
+            "test.manifest",
+            "prepared/validation.manifest",
+            "job.manifest",
+            "instances_default.json",
+            "export/valid/_annotations.coco.json",
+            "_annotations.coco.json",
+        )
+    ] == ["train", "validation", "validation", "test", "validation", None, None, "validation", None]
 
 
 def test_numbered_still_photos_lose_nothing(tmp_path):
@@ -134,10 +161,14 @@ def test_frames_of_a_clip_kept_together_by_content(tmp_path):
     clip_train = sorted(int(i[5:]) for i in train if i.startswith("clip_"))
     assert clip_val in ([1, 2, 3, 4, 5, 6], [25, 26, 27, 28, 29, 30])
     assert len(clip_train) == 14 and s.dropped_for_gap == 10
-    assert min(abs(t - v) for t in clip_train for v in clip_val) == 11 == s.nearest_train_to_validation[
-        f"near copies {clip}"]
-    bursts = {name: {i for i in ids if i.startswith("IMG_20")}
-              for name, ids in (("t", train), ("v", validation))}
+    assert (
+        min(abs(t - v) for t in clip_train for v in clip_val)
+        == 11
+        == s.nearest_train_to_validation[f"near copies {clip}"]
+    )
+    bursts = {
+        name: {i for i in ids if i.startswith("IMG_20")} for name, ids in (("t", train), ("v", validation))
+    }
     assert sorted(bursts["t"] | bursts["v"]) == ["IMG_200", "IMG_201", "IMG_202"]
     assert not (bursts["t"] and bursts["v"])  # never split
     assert (s.train, s.validation) == (24, 9)
@@ -157,17 +188,23 @@ def test_two_phones_same_names_kept_and_same_bytes_reported(tmp_path):
     for i in range(4):
         labelimg(tmp_path / "phoneA", f"IMG_{2385 + i}.JPG", photo_jpeg(i))
         labelimg(tmp_path / "phoneB", f"IMG_{2385 + i}.JPG", photo_jpeg(50 + i))
-    labelimg(tmp_path / "phoneB", "IMG_2390.JPG", photo_jpeg(1), boxes=(("cat", 1, 1, 9, 9),
-                                                                        ("dog", 10, 10, 20, 20)))
+    labelimg(
+        tmp_path / "phoneB",
+        "IMG_2390.JPG",
+        photo_jpeg(1),
+        boxes=(("cat", 1, 1, 9, 9), ("dog", 10, 10, 20, 20)),
+    )
     a, b = tmp_path / "phoneA", tmp_path / "phoneB"
     s = prepare([str(a), str(b)], str(tmp_path / "out"), validation_fraction=0.0)
     assert s.train == 8 and s.stills == 8
-    assert s.duplicates == [f"{b / 'IMG_2390.JPG'} ({b}:5) has the same bytes as {a / 'IMG_2386.JPG'} "
-                            f"({a}:2); kept the first"]
+    assert s.duplicates == [
+        f"{b / 'IMG_2390.JPG'} ({b}:5) has the same bytes as {a / 'IMG_2386.JPG'} ({a}:2); kept the first"
+    ]
     assert s.accounting["held_out"] == {"same content as another image": {"images": 1, "boxes": 2}}
     assert s.accounting["read"] == {"images": 9, "boxes": 10}
-    assert sorted(written_ids(tmp_path / "out", "train")) == sorted(["IMG_2385", "IMG_2386", "IMG_2387",
-                                                                     "IMG_2388"] * 2)
+    assert sorted(written_ids(tmp_path / "out", "train")) == sorted(
+        ["IMG_2385", "IMG_2386", "IMG_2387", "IMG_2388"] * 2
+    )
     assert s.classes == ["cat"]  # the dog box was only on the held-out copy
     # the same folder given twice: every image is the same image listed again
     s = prepare([str(a), str(a)], str(tmp_path / "twice"), validation_fraction=0.0)
@@ -177,11 +214,16 @@ def test_two_phones_same_names_kept_and_same_bytes_reported(tmp_path):
     st = manifest_stats([str(a), str(b)])
     assert st["images"] == 9 and st["distinct_images"] == 8
     assert st["duplicates"] == {"same image": 0, "same content": 1}
-    assert ("  duplicates (as prepare counts them): 0 the same image listed again, 1 the same bytes under "
-            "another path; 8 distinct images") in format_stats(st)
+    assert (
+        "  duplicates (as prepare counts them): 0 the same image listed again, 1 the same bytes under "
+        "another path; 8 distinct images"
+    ) in format_stats(st)
     st = manifest_stats([str(a), str(a)])
-    assert (st["images"], st["distinct_images"], st["duplicates"]) == (8, 4, {"same image": 4,
-                                                                              "same content": 0})
+    assert (st["images"], st["distinct_images"], st["duplicates"]) == (
+        8,
+        4,
+        {"same image": 4, "same content": 0},
+    )
     rule = DuplicateRule()
     assert rule.check(str(a / "IMG_2385.JPG"), "x:1") is None
     assert rule.check(str(a / ".." / "phoneA" / "IMG_2385.JPG"), "y:1") == ("same image", "x:1")
@@ -190,8 +232,12 @@ def test_two_phones_same_names_kept_and_same_bytes_reported(tmp_path):
 def test_every_box_of_a_class_bad_is_a_counted_skip(tmp_path):
     """Before: KeyError: 'dog' and a traceback; now the three bad dog boxes are counted and never written."""
     bad_dog = (1, 60, 40, 20, 20)  # outside the 64x48 image
-    lines = [manifest_line(f"s3://b/a_{i}.jpg", boxes=((0, 5, 5, 10, 10), bad_dog),
-                           class_map={"0": "cat", "1": "dog"}) for i in range(3)]
+    lines = [
+        manifest_line(
+            f"s3://b/a_{i}.jpg", boxes=((0, 5, 5, 10, 10), bad_dog), class_map={"0": "cat", "1": "dog"}
+        )
+        for i in range(3)
+    ]
     path = tmp_path / "job.manifest"
     path.write_text("\n".join(lines) + "\n")
     s = prepare([str(path)], str(tmp_path / "out"), on_error="skip", validation_fraction=0.0)
@@ -209,8 +255,9 @@ def test_every_box_of_a_class_bad_is_a_counted_skip(tmp_path):
     s = prepare([str(path)], str(tmp_path / "mixed"), on_error="skip", validation_fraction=0.0)
     written = json.loads((tmp_path / "mixed" / "train.manifest").read_text())
     assert written["bb"]["annotations"] == [{"class_id": 0, "left": 5, "top": 5, "width": 10, "height": 10}]
-    assert s.boxes_per_class == {"cat": 1} and s.accounting["skipped"] == {"bad box": {"images": 0,
-                                                                                      "boxes": 1}}
+    assert s.boxes_per_class == {"cat": 1} and s.accounting["skipped"] == {
+        "bad box": {"images": 0, "boxes": 1}
+    }
 
 
 def test_nothing_usable_is_an_error(tmp_path, capsys):
@@ -234,8 +281,10 @@ def test_three_images_empty_validation_is_said(tmp_path, capsys):
     path.write_text("".join(manifest_line(f"s3://b/p{i}.jpg") + "\n" for i in range(3)))
     assert main(["prepare", str(path), "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    assert ("warning: validation is empty: 3 images x --validation-fraction 0.1 rounds to no image; give a "
-            "larger fraction or more images") in out
+    assert (
+        "warning: validation is empty: 3 images x --validation-fraction 0.1 rounds to no image; give a "
+        "larger fraction or more images"
+    ) in out
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert (s["train"], s["validation"]) == (3, 0) and s["warnings"][0].startswith("validation is empty")
 
@@ -245,11 +294,27 @@ def _coco(path: Path, names: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         (path.parent / name).write_bytes(photo_jpeg(hash(name) % 1000 + i))
-    path.write_text(json.dumps({
-        "images": [{"id": i + 1, "file_name": n, "width": W, "height": H} for i, n in enumerate(names)],
-        "categories": [{"id": 1, "name": "cat", "supercategory": ""}],
-        "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 10, 10],
-                         "area": 100, "iscrowd": 0} for i in range(len(names))]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": i + 1, "file_name": n, "width": W, "height": H} for i, n in enumerate(names)
+                ],
+                "categories": [{"id": 1, "name": "cat", "supercategory": ""}],
+                "annotations": [
+                    {
+                        "id": i + 1,
+                        "image_id": i + 1,
+                        "category_id": 1,
+                        "bbox": [2, 2, 10, 10],
+                        "area": 100,
+                        "iscrowd": 0,
+                    }
+                    for i in range(len(names))
+                ],
+            }
+        )
+    )
 
 
 def test_keep_splits_from_file_names_and_input_syntax(tmp_path, capsys):
@@ -267,8 +332,9 @@ def test_keep_splits_from_file_names_and_input_syntax(tmp_path, capsys):
     s = prepare([str(a), f"{b}=val"], str(tmp_path / "p"), keep_splits=True)
     assert (s.train, s.validation, s.kept_splits, s.split_given) == (4, 2, True, {str(b): "validation"})
     assert any("4 images carry no split" in w for w in s.warnings)
-    s = prepare([str(a), str(b)], str(tmp_path / "q"), keep_splits=True, split_of={str(a): "train",
-                                                                                      str(b): "test"})
+    s = prepare(
+        [str(a), str(b)], str(tmp_path / "q"), keep_splits=True, split_of={str(a): "train", str(b): "test"}
+    )
     assert (s.train, s.validation, s.test) == (4, 0, 2)
     assert s.warnings == ["validation is empty: the inputs' splits name no validation image"]
     # no input says a split: an error naming them, never "(kept splits)"
@@ -283,32 +349,58 @@ def test_keep_splits_from_file_names_and_input_syntax(tmp_path, capsys):
 
 def test_cli_prints_the_accounting_table(tmp_path, capsys):
     """The printed table adds up and equals summary.json; per-class counts are what was written."""
-    lines = [manifest_line(f"s3://b/v_{i:06d}.jpg", class_map={"0": "cat", "1": "dog"},
-                           boxes=((0, 5, 5, 10, 10),) + (((1, 20, 20, 10, 10),) if i % 4 == 0 else ()))
-             for i in range(40)]
+    lines = [
+        manifest_line(
+            f"s3://b/v_{i:06d}.jpg",
+            class_map={"0": "cat", "1": "dog"},
+            boxes=((0, 5, 5, 10, 10),) + (((1, 20, 20, 10, 10),) if i % 4 == 0 else ()),
+        )
+        for i in range(40)
+    ]
     lines[5] = manifest_line("s3://b/v_000005.jpg", boxes=((0, 60, 40, 20, 20),))  # one bad box
     lines[6] = "{broken"
     path = tmp_path / "job.manifest"
     path.write_text("\n".join(lines + [lines[0]]) + "\n")  # v_000000 listed twice
-    assert main(["prepare", str(path), "--out", str(tmp_path / "o"), "--on-error", "skip",
-                 "--discard", "v_000001,v_000002", "--validation-fraction", "0.25"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+                "--on-error",
+                "skip",
+                "--discard",
+                "v_000001,v_000002",
+                "--validation-fraction",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     acc = s["accounting"]
     assert acc["read"] == {"images": 41, "boxes": 51}
-    assert acc["skipped"] == {"bad line or image": {"images": 1, "boxes": 0},
-                              "bad box": {"images": 0, "boxes": 1},
-                              "discarded (--discard)": {"images": 2, "boxes": 2}}
-    assert acc["held_out"] == {"same image listed again": {"images": 1, "boxes": 2},
-                               "near a validation frame": {"images": 10, "boxes": 12}}
+    assert acc["skipped"] == {
+        "bad line or image": {"images": 1, "boxes": 0},
+        "bad box": {"images": 0, "boxes": 1},
+        "discarded (--discard)": {"images": 2, "boxes": 2},
+    }
+    assert acc["held_out"] == {
+        "same image listed again": {"images": 1, "boxes": 2},
+        "near a validation frame": {"images": 10, "boxes": 12},
+    }
     # one video v of 37 kept frames: a run of round(37 x 0.25) = 9 at its end (v_000031..39: 9 cats,
     # dogs on 32 and 36), the 10 frames before it held out (21..30: 10 cats, dogs on 24 and 28)
-    assert acc["written"] == {"train": {"images": 18, "boxes": 23}, "validation": {"images": 9,
-                                                                                   "boxes": 11}}
+    assert acc["written"] == {"train": {"images": 18, "boxes": 23}, "validation": {"images": 9, "boxes": 11}}
     assert written_ids(tmp_path / "o", "validation") == [f"v_{i:06d}" for i in range(31, 40)]
     totals_add_up(acc)
-    table = {line[:36].strip(): line[36:].split() for line in out.splitlines()
-             if line.startswith(("read ", "written", "held out", "skipped:"))}
+    table = {
+        line[:36].strip(): line[36:].split()
+        for line in out.splitlines()
+        if line.startswith(("read ", "written", "held out", "skipped:"))
+    }
     assert table["read"] == ["41", "51"] and table["written to train"] == ["18", "23"]
     assert table["held out: near a validation frame"] == ["10", "12"]
     assert table["held out: same image listed again"] == ["1", "2"]
@@ -336,8 +428,12 @@ def test_aquarium_default_split_keeps_burst_shots_together(shared_data, tmp_path
     for key, _ in s.videos.items():
         first = Path(key.removeprefix("near copies ")).name
         prefix, number = numbered(Path(first).stem)
-        members = {n for n in side if numbered(Path(n).stem)[0] == prefix
-                   and number <= numbered(Path(n).stem)[1] < number + s.videos[key]}
+        members = {
+            n
+            for n in side
+            if numbered(Path(n).stem)[0] == prefix
+            and number <= numbered(Path(n).stem)[1] < number + s.videos[key]
+        }
         assert len({side[n] for n in members}) == 1, key
 
 
@@ -346,10 +442,18 @@ def test_skips_counted_by_reason(tmp_path):
     (tmp_path / "a.jpg").write_bytes(photo_jpeg(1))
     (tmp_path / "c.jpg").write_bytes(photo_jpeg(2))
     path = tmp_path / "job.manifest"
-    path.write_text(manifest_line("a.jpg") + "\n" + manifest_line("b.jpg") + "\n"
-                    + manifest_line("c.jpg", class_map={"0": "dog"}) + "\n")
+    path.write_text(
+        manifest_line("a.jpg")
+        + "\n"
+        + manifest_line("b.jpg")
+        + "\n"
+        + manifest_line("c.jpg", class_map={"0": "dog"})
+        + "\n"
+    )
     s = prepare([str(path)], str(tmp_path / "o"), classes=["cat"], on_error="skip", validation_fraction=0.0)
-    assert s.accounting["skipped"] == {"image missing or unreadable": {"images": 1, "boxes": 1},
-                                       "class not in --classes": {"images": 1, "boxes": 1}}
+    assert s.accounting["skipped"] == {
+        "image missing or unreadable": {"images": 1, "boxes": 1},
+        "class not in --classes": {"images": 1, "boxes": 1},
+    }
     assert (s.train, s.accounting["read"]) == (1, {"images": 3, "boxes": 3})
     assert "job.manifest:2, field 'source-ref'" in s.skipped[0]

@@ -15,12 +15,23 @@ def test_small_fixture(tmp_path, capsys):
     for name in ("a_1.jpg", "a_2.jpg"):  # the images must exist (every reader checks)
         Image.new("RGB", (100, 50), (10, 20, 30) if name == "a_1.jpg" else (40, 50, 60)).save(tmp_path / name)
     path = tmp_path / "m.manifest"
-    groundtruth.write_manifest(path, [
-        groundtruth.make_record("a_1.jpg", width=100, height=50, boxes_xyxy=[[0, 0, 10, 5], [0, 0, 50, 50]],
-                                class_ids=[0, 1], class_map={0: "cat", 1: "dog"}, job_name="j1"),
-        groundtruth.make_record("a_2.jpg", width=100, height=50, boxes_xyxy=[], class_ids=[], class_map={},
-                                job_name="j2"),
-    ])
+    groundtruth.write_manifest(
+        path,
+        [
+            groundtruth.make_record(
+                "a_1.jpg",
+                width=100,
+                height=50,
+                boxes_xyxy=[[0, 0, 10, 5], [0, 0, 50, 50]],
+                class_ids=[0, 1],
+                class_map={0: "cat", 1: "dog"},
+                job_name="j1",
+            ),
+            groundtruth.make_record(
+                "a_2.jpg", width=100, height=50, boxes_xyxy=[], class_ids=[], class_map={}, job_name="j2"
+            ),
+        ],
+    )
     s = manifest_stats([str(path)])
     assert (s["images"], s["boxes"], s["empty_images"], s["max_boxes_per_image"]) == (2, 2, 1, 2)
     assert s["per_class"] == {"cat": 1, "dog": 1} and s["per_job"] == {"j1": 1, "j2": 1}

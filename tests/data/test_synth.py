@@ -34,10 +34,14 @@ def small(tmp_path_factory):
 def test_plan_videos_jobs_and_lengths():
     plans = synth.plan_videos(600, seed=0)
     assert [(p.name, p.job, p.frames) for p in plans] == [
-        ("blue_box_1", "blue-box-small-job", 43), ("blue_box_2", "blue-box-large-job", 86),
-        ("blue_box_3", "blue-box-large-job", 86), ("blue_box_4", "blue-box-large-job", 85),
-        ("yellow_box_1", "yellow-box-small-job", 43), ("yellow_box_2", "yellow-box-large-job", 86),
-        ("yellow_box_3", "yellow-box-large-job", 86), ("yellow_box_4", "yellow-box-large-job", 85),
+        ("blue_box_1", "blue-box-small-job", 43),
+        ("blue_box_2", "blue-box-large-job", 86),
+        ("blue_box_3", "blue-box-large-job", 86),
+        ("blue_box_4", "blue-box-large-job", 85),
+        ("yellow_box_1", "yellow-box-small-job", 43),
+        ("yellow_box_2", "yellow-box-large-job", 86),
+        ("yellow_box_3", "yellow-box-large-job", 86),
+        ("yellow_box_4", "yellow-box-large-job", 85),
     ]
     five = [(p.name, p.frames) for p in synth.plan_videos(5, seed=0)]
     assert five == [("blue_box_1", 3), ("yellow_box_1", 2)]
@@ -107,12 +111,17 @@ def test_videos_move_smoothly(rendered):
 def test_dataset_layout_and_summary(small):
     out = Path(small.out)
     assert sorted(p.name for p in (out / "manifests").iterdir()) == [
-        "blue-box-large-job.output.manifest", "blue-box-small-job.output.manifest",
-        "yellow-box-large-job.output.manifest", "yellow-box-small-job.output.manifest"]
+        "blue-box-large-job.output.manifest",
+        "blue-box-small-job.output.manifest",
+        "yellow-box-large-job.output.manifest",
+        "yellow-box-small-job.output.manifest",
+    ]
     assert small.images == 40 and len(list((out / "images").glob("*.jpg"))) == 40
     assert small.rejected == {
         "blue_box_2_000032": "two colours in one frame (the line's colour names one)",
-        "yellow_box_1_000015": "bad label: box shifted", "yellow_box_2_000033": "bad label: box too large"}
+        "yellow_box_1_000015": "bad label: box shifted",
+        "yellow_box_2_000033": "bad label: box too large",
+    }
     assert sum(small.job_images.values()) == 40
     saved = json.loads((out / "synth.json").read_text())
     assert saved == small.to_json() and saved["seed"] == 7 and saved["width"] == 160
@@ -184,7 +193,8 @@ def test_same_seed_same_bytes(tmp_path):
     names_a = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
     names_c = sorted(p.name for p in (tmp_path / "c" / "images").iterdir())
     assert [(tmp_path / "a" / "images" / n).read_bytes() for n in names_a] != [
-        (tmp_path / "c" / "images" / n).read_bytes() for n in names_c]
+        (tmp_path / "c" / "images" / n).read_bytes() for n in names_c
+    ]
 
 
 def test_bad_input():
@@ -218,8 +228,9 @@ def test_cli_synth(tmp_path):
     app = typer.Typer()
     cli_synth.register(app)
     app.command("noop")(lambda: None)  # keep typer in multi-command mode
-    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d"), "--images", "8", "--seed", "2",
-                                      "--size", "96x64"])
+    result = CliRunner().invoke(
+        app, ["synth", "--out", str(tmp_path / "d"), "--images", "8", "--seed", "2", "--size", "96x64"]
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 8 images (96x64, 2 videos)" in result.output
     assert len(list((tmp_path / "d" / "images").iterdir())) == 8
@@ -236,14 +247,27 @@ def test_prepare_takes_the_dataset_unchanged(small, tmp_path):
     cli_prepare.register(app)
     app.command("noop")(lambda: None)
     out = tmp_path / "prepared"
-    args = ["prepare", *small.manifests, "--discard", small.rejected_file, "--class-from", "{color} {object}",
-            "--validation-fraction", "0.2", "--gap", "0", "--out", str(out)]
+    args = [
+        "prepare",
+        *small.manifests,
+        "--discard",
+        small.rejected_file,
+        "--class-from",
+        "{color} {object}",
+        "--validation-fraction",
+        "0.2",
+        "--gap",
+        "0",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     classes = json.loads((out / "classes.json").read_text())
     assert sorted(classes) == ["blue box", "yellow box"]
-    records = [r for name in ("train.manifest", "validation.manifest")
-               for r in groundtruth.read_manifest(out / name)]
+    records = [
+        r for name in ("train.manifest", "validation.manifest") for r in groundtruth.read_manifest(out / name)
+    ]
     expected = {}
     for path in small.manifests:
         for r in groundtruth.read_manifest(path):
@@ -270,16 +294,22 @@ def test_default_split_leaves_no_training_frame_next_to_a_validation_frame(tmp_p
             m = FRAME_STEM.match(r.image_id)
             found.setdefault(m.group("video"), []).append(int(m.group("frame")))
         return found
+
     train, validation = frames("train.manifest"), frames("validation.manifest")
-    closest = min(abs(t - v) for video, vs in validation.items() for v in vs
-                  for t in train.get(video, [10**9]))
+    closest = min(
+        abs(t - v) for video, vs in validation.items() for v in vs for t in train.get(video, [10**9])
+    )
     assert closest > DEFAULT_BLOCK
     assert s.train + s.validation + s.dropped_for_gap + len(s.discarded) == 120
     # with enough videos the default takes whole videos: nothing is left out
     many = synth.synthesize(tmp_path / "m", images=120, seed=4, size=(64, 48), frames_per_video=6)
     s = prepare(many.manifests, str(tmp_path / "q"), validation_fraction=0.2, seed=1)
     assert s.group_by == "video" and s.dropped_for_gap == 0
-    videos = {name: {FRAME_STEM.match(r.image_id).group("video")
-                     for r in groundtruth.read_manifest(tmp_path / "q" / name)}
-              for name in ("train.manifest", "validation.manifest")}
+    videos = {
+        name: {
+            FRAME_STEM.match(r.image_id).group("video")
+            for r in groundtruth.read_manifest(tmp_path / "q" / name)
+        }
+        for name in ("train.manifest", "validation.manifest")
+    }
     assert videos["validation.manifest"] and not videos["train.manifest"] & videos["validation.manifest"]

@@ -41,19 +41,21 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def box_image(width: int, height: int, *, color=(40, 70, 210), seed: int = 0,
-              noise: bool = False) -> np.ndarray:
+def box_image(
+    width: int, height: int, *, color=(40, 70, 210), seed: int = 0, noise: bool = False
+) -> np.ndarray:
     rng = np.random.default_rng(seed)
     pixels = np.full((height, width, 3), 110, np.uint8)
     if noise:  # an untrained model scores flat regions alike: noise keeps NMS free of exact ties
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     x, y = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
-    pixels[y:y + height // 3, x:x + width // 3] = color
+    pixels[y : y + height // 3, x : x + width // 3] = color
     return pixels
 
 
-def save_untrained_run(folder: Path, base_network: str, image_size: int, *, detector: str = "ssd",
-                       **thresholds) -> Path:
+def save_untrained_run(
+    folder: Path, base_network: str, image_size: int, *, detector: str = "ssd", **thresholds
+) -> Path:
     """A run folder holding a freshly initialised model (what ``train`` writes, minus the training)."""
     torch.manual_seed(0)
     model = models.build_model(base_network, detector=detector, num_classes=2, image_size=image_size)
@@ -63,10 +65,14 @@ def save_untrained_run(folder: Path, base_network: str, image_size: int, *, dete
     for module in model.head.modules():  # class scores spread around the middle, not at a prior
         if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
-    info = checkpoint.RunInfo(detector=detector, base_network=base_network, image_shape=image_size,
-                              num_classes=2, classes=["blue box", "yellow box"],
-                              thresholds={"nms_threshold": 0.45, "nms_topk": 50, "score_threshold": 0.01,
-                                          **thresholds})
+    info = checkpoint.RunInfo(
+        detector=detector,
+        base_network=base_network,
+        image_shape=image_size,
+        num_classes=2,
+        classes=["blue box", "yellow box"],
+        thresholds={"nms_threshold": 0.45, "nms_topk": 50, "score_threshold": 0.01, **thresholds},
+    )
     checkpoint.save_model(folder, model, info)
     return folder
 
@@ -93,9 +99,17 @@ def noise_manifest(folder: Path, size: int, seeds) -> Path:
     """A manifest of ``noise_images`` (no boxes): training images to calibrate int8 on."""
     from detforge.data.groundtruth import make_record, write_manifest
 
-    records = [make_record(path, width=size + 16 * (i % 2), height=size, boxes_xyxy=np.zeros((0, 4)),
-                           class_ids=[], class_map={0: "blue box", 1: "yellow box"})
-               for i, path in enumerate(noise_images(folder, size, seeds))]
+    records = [
+        make_record(
+            path,
+            width=size + 16 * (i % 2),
+            height=size,
+            boxes_xyxy=np.zeros((0, 4)),
+            class_ids=[],
+            class_map={0: "blue box", 1: "yellow box"},
+        )
+        for i, path in enumerate(noise_images(folder, size, seeds))
+    ]
     write_manifest(folder / "data.manifest", records)
     return folder / "data.manifest"
 
@@ -139,7 +153,7 @@ def test_onnx_batches_are_independent_and_any_input_size_runs(tiny_deploy):
     boxes, scores, classes, counts = session.run(None, {"images": batch})
     assert boxes.shape[:2] == scores.shape == classes.shape and counts.shape == (3,)
     for i in range(3):
-        one = session.run(None, {"images": batch[i:i + 1]})
+        one = session.run(None, {"images": batch[i : i + 1]})
         n = int(counts[i])
         assert int(one[3][0]) == n
         np.testing.assert_allclose(one[1][0, :n], scores[i, :n], atol=1e-5)
@@ -162,8 +176,15 @@ def test_every_model_exports_verified_and_its_int8_graph_still_detects(tmp_path,
     write_inputs(run, train=train, validation=validation)
     images = noise_images(tmp_path, size)
     deploy = tmp_path / "deploy"
-    result = export_run(str(run), str(deploy), verify_images=images, default_threshold=0.0, int8=True,
-                        max_map_drop=100.0, min_speedup=0.0)
+    result = export_run(
+        str(run),
+        str(deploy),
+        verify_images=images,
+        default_threshold=0.0,
+        int8=True,
+        max_map_drop=100.0,
+        min_speedup=0.0,
+    )
     meta = json.loads((deploy / "model.json").read_text())
     assert meta["detector"] == detector and meta["base_network"] == base_network
     assert meta["input_size"] == size and meta["quantization"] == "int8"
@@ -189,15 +210,20 @@ def test_every_model_exports_verified_and_its_int8_graph_still_detects(tmp_path,
     graph = onnx.load(str(deploy / "model.onnx")).graph
     producers = {output: node for node in graph.node for output in node.output}
     convs = [node for node in graph.node if node.op_type == "Conv"]
-    float_convs = [c.name for c in convs if producers.get(c.input[1]) is None
-                   or producers[c.input[1]].op_type != "DequantizeLinear"]
+    float_convs = [
+        c.name
+        for c in convs
+        if producers.get(c.input[1]) is None or producers[c.input[1]].op_type != "DequantizeLinear"
+    ]
     assert len(convs) > 10 and float_convs == []
     # it still detects: the int8 graph's class scores of every candidate follow PyTorch's (an untrained
     # model scores many anchors alike, so which one NMS keeps first is no test), and it finds as much
     model, _ = checkpoint.load_run_model(str(run))
     batch = np.stack([resize_rgb(load_image(p), size) for p in images])
-    session = ort.InferenceSession(verify._with_pre_nms_outputs(str(deploy / "model.onnx"), str(tmp_path)),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        verify._with_pre_nms_outputs(str(deploy / "model.onnx"), str(tmp_path)),
+        providers=["CPUExecutionProvider"],
+    )
     counts, int8_scores = (session.run(None, {"images": batch})[k] for k in (3, 5))
     fp32_scores = np.stack([scores for _, scores in verify.pytorch_pre_nms(model, batch, candidates=50)])
     both = (int8_scores > 0) & (fp32_scores > 0)
@@ -257,8 +283,9 @@ def test_zero_detections_come_back_empty(tmp_path):
 
 
 def test_int8_is_compared_with_fp32_and_kept_within_max_map_drop(tiny_run, tmp_path):
-    result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True, max_map_drop=100.0,
-                        min_speedup=0.0)
+    result = export_run(
+        str(tiny_run), str(tmp_path / "deploy"), int8=True, max_map_drop=100.0, min_speedup=0.0
+    )
     meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
     q = meta["int8"]  # calibrated on the run's 16 training images, compared on its 4 validation images
     assert meta["quantization"] == "int8" and q["accepted"] is True and q["calibration_images"] == 16
@@ -307,9 +334,16 @@ def test_int8_that_loses_too_much_is_refused_and_fp32_kept(tiny_run, tmp_path, m
         image = str(source.parent / record.source_ref)
         found = predictor.predict([image], threshold=0.0)[0]
         keep = np.argsort(-found.scores)[:3]
-        records.append(make_record(image, width=record.width, height=record.height,
-                                   boxes_xyxy=found.boxes_xyxy[keep], class_ids=found.class_ids[keep],
-                                   class_map={0: "blue box", 1: "yellow box"}))
+        records.append(
+            make_record(
+                image,
+                width=record.width,
+                height=record.height,
+                boxes_xyxy=found.boxes_xyxy[keep],
+                class_ids=found.class_ids[keep],
+                class_map={0: "blue box", 1: "yellow box"},
+            )
+        )
     (tmp_path / "own").mkdir()
     write_manifest(tmp_path / "own" / "data.manifest", records)
     (tmp_path / "own" / "classes.json").write_text(json.dumps(["blue box", "yellow box"]))
@@ -322,8 +356,9 @@ def test_int8_that_loses_too_much_is_refused_and_fp32_kept(tiny_run, tmp_path, m
         onnx.save(model, int8_path)
 
     monkeypatch.setattr(quantize, "quantize_int8", blind)
-    result = export_run(str(tiny_run), str(tmp_path / "deploy"), int8=True,
-                        validation=str(tmp_path / "own" / "data.manifest"))
+    result = export_run(
+        str(tiny_run), str(tmp_path / "deploy"), int8=True, validation=str(tmp_path / "own" / "data.manifest")
+    )
     q = result.int8
     assert q["accepted"] is False and q["max_map_drop"] == quantize.DEFAULT_MAX_MAP_DROP == 1.0
     assert (q["fp32_map"], q["int8_map"], q["map_points_lost"]) == (1.0, 0.0, 100.0)
@@ -333,8 +368,12 @@ def test_int8_that_loses_too_much_is_refused_and_fp32_kept(tiny_run, tmp_path, m
     graph = onnx.load(str(tmp_path / "deploy" / "model.onnx")).graph
     assert "QuantizeLinear" not in {node.op_type for node in graph.node}
     exe = [sys.executable, "-m", "detforge"]
-    done = subprocess.run([*exe, "export", str(tiny_run), "--out", str(tmp_path / "d2"), "--int8",
-                           "--max-map-drop", "101"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*exe, "export", str(tiny_run), "--out", str(tmp_path / "d2"), "--int8", "--max-map-drop", "101"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "--max-map-drop" in done.stderr and not (tmp_path / "d2").exists()
 
 
@@ -350,16 +389,28 @@ def test_int8_that_is_slower_than_fp32_is_refused(tiny_run, tmp_path, monkeypatc
         return {**found, "fp32_ms": 10.0, "int8_ms": 12.5, "speedup": 0.8}
 
     monkeypatch.setattr(quantize, "compare_int8", slower)
-    code = main(["export", str(tiny_run), "--out", str(tmp_path / "deploy"), "--int8",
-                 "--max-map-drop", "100"])
+    code = main(
+        ["export", str(tiny_run), "--out", str(tmp_path / "deploy"), "--int8", "--max-map-drop", "100"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "int8 refused: it is 0.80x as fast as fp32 at batch 1, less than --min-speedup 1" in out
     meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
     assert meta["quantization"] == "fp32" and meta["int8"]["accepted"] is False
     assert meta["int8"]["refused"] == ["it is 0.80x as fast as fp32 at batch 1, less than --min-speedup 1"]
-    code = main(["export", str(tiny_run), "--out", str(tmp_path / "kept"), "--int8", "--max-map-drop", "100",
-                 "--min-speedup", "0"])
+    code = main(
+        [
+            "export",
+            str(tiny_run),
+            "--out",
+            str(tmp_path / "kept"),
+            "--int8",
+            "--max-map-drop",
+            "100",
+            "--min-speedup",
+            "0",
+        ]
+    )
     assert code == 0 and json.loads((tmp_path / "kept" / "model.json").read_text())["quantization"] == "int8"
 
 
@@ -416,8 +467,9 @@ def test_int8_needs_validation_images(tmp_path):
 def test_a_failed_verification_writes_nothing(tiny_run, tmp_path, monkeypatch):
     def disagree(*args, **kwargs):
         report = verify.VerifyReport(images=1, raw_values=5000)
-        report.problems.append("sample image 0: pre-NMS score of class 0 at anchor 7: ONNX 0.9000, "
-                               "PyTorch 0.1000")
+        report.problems.append(
+            "sample image 0: pre-NMS score of class 0 at anchor 7: ONNX 0.9000, PyTorch 0.1000"
+        )
         return report
 
     monkeypatch.setattr(verify, "verify", disagree)
@@ -451,18 +503,21 @@ def test_compare_raw_tolerances_and_the_top_k_cut():
     assert report.ok and report.raw_values == 18 and report.boundary == 0
     assert report.max_box_diff == pytest.approx(0.01) and report.max_score_diff == pytest.approx(0.0005)
     report = verify.VerifyReport(images=1)  # class 0's cut at 0.3: ONNX keeps anchor 2 at 0.2996 instead
-    compare_raw((boxes, scores), (boxes, np.array([[0.9, 0.0, 0.2996], [0.0, 0.2, 0.6]])), report=report,
-                name="x")
+    compare_raw(
+        (boxes, scores), (boxes, np.array([[0.9, 0.0, 0.2996], [0.0, 0.2, 0.6]])), report=report, name="x"
+    )
     assert report.ok and report.boundary == 2
     report = verify.VerifyReport(images=1)
-    compare_raw((boxes, scores), (boxes, np.array([[0.9, 0.0, 0.25], [0.0, 0.2, 0.6]])), report=report,
-                name="x")
+    compare_raw(
+        (boxes, scores), (boxes, np.array([[0.9, 0.0, 0.25], [0.0, 0.2, 0.6]])), report=report, name="x"
+    )
     assert report.problems == ["x: pre-NMS score of class 0 at anchor 1: ONNX 0.0000, PyTorch 0.3000"]
     report = verify.VerifyReport(images=1)
     moved = boxes + np.array([[0, 0, 0, 0], [0, 0, 0.1, 0], [0, 0, 0, 0]])
     compare_raw((boxes, scores), (moved, scores), report=report, name="x")
-    assert report.problems == ["x: pre-NMS box of anchor 1: ONNX [20.0, 20.0, 30.1, 30.0], "
-                               "PyTorch [20.0, 20.0, 30.0, 30.0]"]
+    assert report.problems == [
+        "x: pre-NMS box of anchor 1: ONNX [20.0, 20.0, 30.1, 30.0], PyTorch [20.0, 20.0, 30.0, 30.0]"
+    ]
 
 
 def test_check_nms_accepts_either_of_near_equal_boxes_and_nothing_else():
@@ -481,17 +536,29 @@ def test_check_nms_accepts_either_of_near_equal_boxes_and_nothing_else():
     assert run([0, 2]).ok and run([0, 2]).tied == 0
     either = run([1, 2])
     assert either.ok and either.tied == 1 and either.detections == 2
-    assert run([0]).problems == ["x: candidate (class 0, score 0.2000) is neither kept nor suppressed by "
-                                 "a kept box"]
-    assert run([0, 1, 2]).problems == ["x: two kept boxes of class 0 overlap by IoU 0.900 > nms_threshold "
-                                       "0.45"]
+    assert run([0]).problems == [
+        "x: candidate (class 0, score 0.2000) is neither kept nor suppressed by a kept box"
+    ]
+    assert run([0, 1, 2]).problems == [
+        "x: two kept boxes of class 0 overlap by IoU 0.900 > nms_threshold 0.45"
+    ]
     report = verify.VerifyReport(images=1)
-    check_nms((boxes, scores), (boxes[:1] + 1, scores[0, :1], np.zeros(1, np.int64)), **settings,
-              report=report, name="x")
+    check_nms(
+        (boxes, scores),
+        (boxes[:1] + 1, scores[0, :1], np.zeros(1, np.int64)),
+        **settings,
+        report=report,
+        name="x",
+    )
     assert report.problems[0] == "x: detection (class 0, score 0.4000) is none of the network's candidates"
     report = verify.VerifyReport(images=1)  # keep=1: the per-image limit cuts anchor 2
-    check_nms((boxes, scores), (boxes[:1], scores[0, :1], np.zeros(1, np.int64)), **{**settings, "keep": 1},
-              report=report, name="x")
+    check_nms(
+        (boxes, scores),
+        (boxes[:1], scores[0, :1], np.zeros(1, np.int64)),
+        **{**settings, "keep": 1},
+        report=report,
+        name="x",
+    )
     assert report.ok
 
 
@@ -502,13 +569,33 @@ def test_a_two_epoch_model_exports_through_the_cli(tmp_path):
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({**TINY_HP, "epochs": "6"}))
     exe = [sys.executable, "-m", "detforge"]
-    done = subprocess.run([*exe, "train", "--train", str(train_manifest), "--validation", str(validation),
-                           "-p", str(hp), "--set", "epochs=2", "--out", str(tmp_path / "run"),
-                           "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *exe,
+            "train",
+            "--train",
+            str(train_manifest),
+            "--validation",
+            str(validation),
+            "-p",
+            str(hp),
+            "--set",
+            "epochs=2",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([*exe, "export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*exe, "export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
     check = meta["verification"]
@@ -556,15 +643,21 @@ def test_cli_export_and_its_error(tiny_run, tmp_path):
     assert "pre-NMS scores and box coordinates agree" in done.stdout
     assert (tmp_path / "deploy" / "model.onnx").exists()
     assert json.loads((tmp_path / "deploy" / "model.json").read_text())["default_threshold"] == 0.2
-    bad = subprocess.run([*exe, "export", str(tmp_path / "missing"), "--out", str(tmp_path / "d2")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*exe, "export", str(tmp_path / "missing"), "--out", str(tmp_path / "d2")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
 def test_runtime_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-            "import detforge.runtime, detforge.cli.edge, detforge.cli.serve\n"
-            "print('ok')")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "import detforge.runtime, detforge.cli.edge, detforge.cli.serve\n"
+        "print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 

@@ -49,8 +49,14 @@ def read_lines(path) -> list[dict]:
 def test_folder_skips_and_names_a_corrupt_image(predictor, images, tmp_path):
     out = tmp_path / "p.jsonl"
     seen = []
-    result = predict("unused", [str(images)], out=str(out), predictor=predictor, batch_size=3,
-                     progress=lambda done, total: seen.append((done, total)))
+    result = predict(
+        "unused",
+        [str(images)],
+        out=str(out),
+        predictor=predictor,
+        batch_size=3,
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert result.images == 4
     assert [name for name, _ in result.skipped] == [str(images / "sub" / "corrupt.png")]
     assert "not a JPEG/PNG/WEBP/BMP image" in result.skipped[0][1]
@@ -76,15 +82,23 @@ def test_threshold_and_single_images(predictor, images, tmp_path):
     lines = read_lines(out)
     assert [line["source-ref"] for line in lines] == files[:2] and result.threshold == 0.3
     assert all(row[1] >= 0.3 for line in lines for row in line["prediction"])
-    assert [line["prediction"] for line in lines] == [d.to_sagemaker() for d in predictor.predict(files[:2],
-                                                                                                   threshold=0.3)]
+    assert [line["prediction"] for line in lines] == [
+        d.to_sagemaker() for d in predictor.predict(files[:2], threshold=0.3)
+    ]
 
 
 def test_on_error_stop_writes_nothing(predictor, images, tmp_path):
     out = tmp_path / "out" / "p.jsonl"
     with pytest.raises(ImageError, match="corrupt.png: not a JPEG/PNG/WEBP/BMP image"):
-        predict("unused", [str(images)], out=str(out), predictor=predictor, on_error="stop",
-                report=str(tmp_path / "out" / "r.pdf"), html=str(tmp_path / "out" / "r.html"))
+        predict(
+            "unused",
+            [str(images)],
+            out=str(out),
+            predictor=predictor,
+            on_error="stop",
+            report=str(tmp_path / "out" / "r.pdf"),
+            html=str(tmp_path / "out" / "r.html"),
+        )
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
@@ -103,12 +117,20 @@ def test_labeled_manifest_gives_the_same_map_as_evaluate(predictor, tiny_deploy,
 
 
 def test_match_truth_marks_tp_fp_and_missed():
-    record = make_record("a.jpg", width=200, height=100, boxes_xyxy=[[20, 10, 60, 50], [100, 20, 180, 80]],
-                         class_ids=[0, 1], class_map=dict(enumerate(TINY_CLASSES)))
-    rows = [[0, 0.9, 0.1, 0.1, 0.3, 0.5],      # the blue box exactly: TP
-            [0, 0.8, 0.1, 0.1, 0.3, 0.5],      # the same box again: FP
-            [0, 0.7, 0.5, 0.2, 0.9, 0.8],      # on the yellow box but blue: FP, the yellow box is missed
-            [1, 0.6, 0.0, 0.0, 0.05, 0.05]]    # nowhere: FP
+    record = make_record(
+        "a.jpg",
+        width=200,
+        height=100,
+        boxes_xyxy=[[20, 10, 60, 50], [100, 20, 180, 80]],
+        class_ids=[0, 1],
+        class_map=dict(enumerate(TINY_CLASSES)),
+    )
+    rows = [
+        [0, 0.9, 0.1, 0.1, 0.3, 0.5],  # the blue box exactly: TP
+        [0, 0.8, 0.1, 0.1, 0.3, 0.5],  # the same box again: FP
+        [0, 0.7, 0.5, 0.2, 0.9, 0.8],  # on the yellow box but blue: FP, the yellow box is missed
+        [1, 0.6, 0.0, 0.0, 0.05, 0.05],
+    ]  # nowhere: FP
     boxes, scores, classes, is_tp, missed = match_truth(record, rows, iou_threshold=0.5)
     assert boxes[0].tolist() == [20, 10, 60, 50] and scores.tolist() == [0.9, 0.8, 0.7, 0.6]
     assert classes.tolist() == [0, 0, 0, 1]
@@ -141,10 +163,20 @@ def test_bad_inputs_are_named(predictor, images, tmp_path):
         predict("unused", [str(images)], out=out, predictor=predictor, on_error="ignore")
     manifest = tmp_path / "three.manifest"
     names = {0: "blue box", 1: "yellow box", 2: "red box"}
-    write_manifest(manifest, [
-        make_record(str(images / name), width=64, height=64, boxes_xyxy=[[0, 0, 9, 9]], class_ids=[cid],
-                    class_map=names)
-        for name, cid in (("box_2_000.png", 0), ("box_2_002.png", 2))])
+    write_manifest(
+        manifest,
+        [
+            make_record(
+                str(images / name),
+                width=64,
+                height=64,
+                boxes_xyxy=[[0, 0, 9, 9]],
+                class_ids=[cid],
+                class_map=names,
+            )
+            for name, cid in (("box_2_000.png", 0), ("box_2_002.png", 2))
+        ],
+    )
     with pytest.raises(ManifestError, match=r"three.manifest:2: class id 2 is not one of the model's 2"):
         predict("unused", [str(manifest)], out=out, predictor=predictor)
     bad = tmp_path / "bad.manifest"
@@ -156,9 +188,19 @@ def test_bad_inputs_are_named(predictor, images, tmp_path):
 
 def test_class_names_that_differ_are_warned(predictor, images, tmp_path):
     manifest = tmp_path / "m.manifest"
-    write_manifest(manifest, [make_record(str(images / "box_2_000.png"), width=64, height=64,
-                                          boxes_xyxy=[[0, 0, 9, 9]], class_ids=[1],
-                                          class_map={0: "blue box", 1: "green box"})])
+    write_manifest(
+        manifest,
+        [
+            make_record(
+                str(images / "box_2_000.png"),
+                width=64,
+                height=64,
+                boxes_xyxy=[[0, 0, 9, 9]],
+                class_ids=[1],
+                class_map={0: "blue box", 1: "green box"},
+            )
+        ],
+    )
     result = predict("unused", [str(manifest)], out=str(tmp_path / "p.jsonl"), predictor=predictor)
     assert result.warnings == [f"class 1 is 'green box' in {manifest}:1 but 'yellow box' in the model"]
 
@@ -168,16 +210,32 @@ def test_s3_prefix_and_manifest_in_and_out(predictor, images, tmp_path, make_buc
     local = sorted(images.rglob("*.png"))
     for path in local:
         storage.copy_file(str(path), f"s3://{bucket}/frames/{path.relative_to(images)}")
-    records = [make_record(f"s3://{bucket}/frames/{p.relative_to(images)}", width=64, height=64,
-                           boxes_xyxy=[[10, 10, 40, 40]], class_ids=[0], class_map={0: "blue box"})
-               for p in local if p.name != "corrupt.png"]
+    records = [
+        make_record(
+            f"s3://{bucket}/frames/{p.relative_to(images)}",
+            width=64,
+            height=64,
+            boxes_xyxy=[[10, 10, 40, 40]],
+            class_ids=[0],
+            class_map={0: "blue box"},
+        )
+        for p in local
+        if p.name != "corrupt.png"
+    ]
     write_manifest(f"s3://{bucket}/labels/output.manifest", records)
     out = f"s3://{bucket}/out/predictions.jsonl"
     specs = resolve_inputs([f"s3://{bucket}/frames", f"s3://{bucket}/labels/output.manifest"])
     assert [(s.kind, s.count) for s in specs] == [("folder", 5), ("manifest", 4)]
-    result = predict("unused", [f"s3://{bucket}/frames", f"s3://{bucket}/labels/output.manifest"], out=out,
-                     predictor=predictor, html=str(tmp_path / "r.html"))
-    assert result.images == 8 and [name for name, _ in result.skipped] == [f"s3://{bucket}/frames/sub/corrupt.png"]
+    result = predict(
+        "unused",
+        [f"s3://{bucket}/frames", f"s3://{bucket}/labels/output.manifest"],
+        out=out,
+        predictor=predictor,
+        html=str(tmp_path / "r.html"),
+    )
+    assert result.images == 8 and [name for name, _ in result.skipped] == [
+        f"s3://{bucket}/frames/sub/corrupt.png"
+    ]
     assert result.images_with_truth == 4
     lines = read_lines(out)
     assert lines[0]["source-ref"] == f"s3://{bucket}/frames/box_2_000.png"
@@ -195,17 +253,39 @@ def test_cli_writes_predictions_pdf_and_html(tiny_deploy, images, tmp_path, caps
     for i in range(10):  # 4 + 4 + 10 images: 18 cells, a title page and two grid pages
         shutil.copy(images / "box_2_000.png", more / f"copy_{i:02d}.png")
     out, pdf, page = tmp_path / "p.jsonl", tmp_path / "r.pdf", tmp_path / "r.html"
-    code = main(["predict", str(tiny_deploy), str(images), str(manifest), str(more), "--out", str(out),
-                 "--report", str(pdf), "--html", str(page), "--threshold", "0.1", "--batch-size", "4",
-                 "--threads", "1"])
+    code = main(
+        [
+            "predict",
+            str(tiny_deploy),
+            str(images),
+            str(manifest),
+            str(more),
+            "--out",
+            str(out),
+            "--report",
+            str(pdf),
+            "--html",
+            str(page),
+            "--threshold",
+            "0.1",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "18 images," in captured.out and "images/s" in captured.out
     assert "against the labels of 4 images: mAP (VOC07, IoU 0.5)" in captured.out
     assert "skipped 1 unreadable images" in captured.out and "corrupt.png" in captured.out
     assert len(read_lines(out)) == 18
-    done = subprocess.run([pdftoppm, "-png", "-r", "40", str(pdf), str(tmp_path / "page")],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [pdftoppm, "-png", "-r", "40", str(pdf), str(tmp_path / "page")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stderr == ""
     pages = sorted(tmp_path.glob("page-*.png"))
     assert len(pages) == 3
@@ -225,8 +305,9 @@ def test_cli_errors_exit_2(tiny_deploy, tmp_path, capsys):
     assert code == 2 and "not a deploy folder" in capsys.readouterr().err
 
 
-def test_an_s3_deploy_folder_predicts_evaluates_and_fails_as_a_local_one(tiny_deploy, images, tmp_path,
-                                                                        make_bucket, monkeypatch, capsys):
+def test_an_s3_deploy_folder_predicts_evaluates_and_fails_as_a_local_one(
+    tiny_deploy, images, tmp_path, make_bucket, monkeypatch, capsys
+):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     bucket = make_bucket()
     for name in ("model.onnx", "model.json"):

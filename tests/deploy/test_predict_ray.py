@@ -44,8 +44,9 @@ def ray_local(s3_server):
     except ImportError:
         missing("ray is not installed (pip install 'detforge[ray]')")
     # address="local": a new instance, even where `ray start` left the address of a cluster behind
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+    )
     try:
         assert ray.util.get_node_ip_address() == "127.0.0.1"  # loopback only
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -85,38 +86,62 @@ def test_s3_inputs_give_the_lines_of_predict(ray_local, tiny_deploy, images, tmp
     for path in local:
         storage.copy_file(str(path), f"s3://{bucket}/frames/{path.relative_to(images)}")
     validation = tiny_deploy.parent / "validation"
-    labeled = [make_record(f"s3://{bucket}/frames/{p.relative_to(images)}", width=64, height=64,
-                           boxes_xyxy=[[10, 10, 40, 40]], class_ids=[i % 2],
-                           class_map={0: "blue box", 1: "yellow box"})
-               for i, p in enumerate(local) if p.name != "corrupt.png"]
+    labeled = [
+        make_record(
+            f"s3://{bucket}/frames/{p.relative_to(images)}",
+            width=64,
+            height=64,
+            boxes_xyxy=[[10, 10, 40, 40]],
+            class_ids=[i % 2],
+            class_map={0: "blue box", 1: "yellow box"},
+        )
+        for i, p in enumerate(local)
+        if p.name != "corrupt.png"
+    ]
     write_manifest(f"s3://{bucket}/labels/output.manifest", labeled)
-    inputs = [f"s3://{bucket}/frames", f"s3://{bucket}/labels/output.manifest",
-              str(validation / "data.manifest")]
+    inputs = [
+        f"s3://{bucket}/frames",
+        f"s3://{bucket}/labels/output.manifest",
+        str(validation / "data.manifest"),
+    ]
     single = predict(str(tiny_deploy), inputs, out=str(tmp_path / "single.jsonl"), threads=1, batch_size=3)
     out = f"s3://{bucket}/predictions"
     seen = []
-    result = ray_local_predict(tiny_deploy, inputs, out=out, block_size=3, workers=2,
-                               progress=lambda done, total: seen.append((done, total)))
+    result = ray_local_predict(
+        tiny_deploy,
+        inputs,
+        out=out,
+        block_size=3,
+        workers=2,
+        progress=lambda done, total: seen.append((done, total)),
+    )
     # 5 files (4 + corrupt) in 2 blocks, the S3 manifest's 4 lines in 2, the local manifest's 4 in 2
     names = [storage.basename(p) for p in result.files]
     assert names == [f"part-{i:05d}.jsonl" for i in range(6)] + ["_SUCCESS"]
     assert joined(out) == (tmp_path / "single.jsonl").read_bytes()  # line for line, byte for byte
     assert len(joined(out).splitlines()) == 12
-    assert result.skipped == single.skipped == [(f"s3://{bucket}/frames/sub/corrupt.png",
-                                                 single.skipped[0][1])]
+    assert (
+        result.skipped == single.skipped == [(f"s3://{bucket}/frames/sub/corrupt.png", single.skipped[0][1])]
+    )
     assert "not a JPEG/PNG/WEBP/BMP image" in result.skipped[0][1]
     assert (result.images, result.detections_per_class) == (single.images, single.detections_per_class)
     assert result.images_with_truth == single.images_with_truth == 8
     m, s = result.metrics, single.metrics
     assert (m.voc07_map, m.all_point_map, m.tp, m.fp, m.fn) == (
-        s.voc07_map, s.all_point_map, s.tp, s.fp, s.fn)
+        s.voc07_map,
+        s.all_point_map,
+        s.tp,
+        s.fp,
+        s.fn,
+    )
     assert result.warnings == single.warnings
     assert seen[-1] == (13, 13) and [done for done, _ in seen] == sorted(done for done, _ in seen)
     success = json.loads(storage.read_text(f"{out}/_SUCCESS"))
     assert success["images"] == 12 and success["metrics"]["tp"] == s.tp
     assert success["skipped"] == [list(single.skipped[0])]
     assert sorted(storage.basename(p) for p in storage.list_files(f"{out}/_blocks")) == [
-        f"part-{i:05d}.json" for i in range(6)]
+        f"part-{i:05d}.json" for i in range(6)
+    ]
 
 
 def ray_local_predict(deploy, inputs, **kwargs):
@@ -137,8 +162,11 @@ def test_a_killed_worker_is_retried_and_every_image_written_once(ray_local, tiny
     files = sorted(str(p) for p in folder.glob("*.jpg"))
     out = str(tmp_path / "out")
     done = {}
-    job = threading.Thread(target=lambda: done.setdefault("result", ray_local_predict(
-        tiny_deploy, [str(folder)], out=out, block_size=4, workers=2)))
+    job = threading.Thread(
+        target=lambda: done.setdefault(
+            "result", ray_local_predict(tiny_deploy, [str(folder)], out=out, block_size=4, workers=2)
+        )
+    )
     job.start()
     deadline = time.monotonic() + 120
     # kill when one block is written and another is being written
@@ -186,11 +214,18 @@ def test_rerun_resumes_and_another_job_is_refused(ray_local, tiny_deploy, images
     again = ray_local_predict(tiny_deploy, ["images"], out="out", block_size=2, workers=1)
     assert joined(str(out)) == reference
     assert (again.images, again.skipped, again.detections_per_class) == (
-        first.images, first.skipped, first.detections_per_class)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.jsonl")
-            if p.name != "part-00001.jsonl"} == {k: v for k, v in stamps.items() if k != "part-00001.jsonl"}
-    with pytest.raises(ConfigError, match=r"another job \(it differs in: block_size, blocks, plan_sha256, "
-                                          r"threshold\)"):
+        first.images,
+        first.skipped,
+        first.detections_per_class,
+    )
+    assert {
+        p.name: p.stat().st_mtime_ns for p in out.glob("part-*.jsonl") if p.name != "part-00001.jsonl"
+    } == {k: v for k, v in stamps.items() if k != "part-00001.jsonl"}
+    with pytest.raises(
+        ConfigError,
+        match=r"another job \(it differs in: block_size, blocks, plan_sha256, "
+        r"threshold\)",
+    ):
         ray_local_predict(tiny_deploy, ["images"], out="out", block_size=3, threshold=0.5)
 
 
@@ -208,15 +243,32 @@ def test_cli_engine_ray_with_a_sampled_report(ray_local, tiny_deploy, images, tm
     code = main([*common, "--out", str(tmp_path / "local.jsonl"), "--html", str(tmp_path / "local.html")])
     assert code == 0
     capsys.readouterr()
-    code = main([*common, "--out", str(out), "--engine", "ray", "--workers", "2", "--block-size", "4",
-                 "--html", str(tmp_path / "all.html"), "--report-sample", "100"])
+    code = main(
+        [
+            *common,
+            "--out",
+            str(out),
+            "--engine",
+            "ray",
+            "--workers",
+            "2",
+            "--block-size",
+            "4",
+            "--html",
+            str(tmp_path / "all.html"),
+            "--report-sample",
+            "100",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "8 images," in captured.out
     assert "against the labels of 4 images: mAP (VOC07, IoU 0.5)" in captured.out
     assert "skipped 1 unreadable images" in captured.out and "corrupt.png" in captured.out
-    assert (f"wrote 3 part files (in order) and {out / '_SUCCESS'} naming them; reports of the first 100 "
-            f"images: {tmp_path / 'all.html'}") in captured.out
+    assert (
+        f"wrote 3 part files (in order) and {out / '_SUCCESS'} naming them; reports of the first 100 "
+        f"images: {tmp_path / 'all.html'}"
+    ) in captured.out
     assert joined(str(out)) == (tmp_path / "local.jsonl").read_bytes()
 
     def page(name: str) -> str:  # the HTML report without its creation time
@@ -225,8 +277,23 @@ def test_cli_engine_ray_with_a_sampled_report(ray_local, tiny_deploy, images, tm
     # a sample that holds every image: the very report of the local engine (predictions read back)
     assert page("all.html") == page("local.html")
     # the same job again: nothing to predict (no Ray needed), a report of the first 6 inputs only
-    code = main([*common, "--out", str(out), "--engine", "ray", "--block-size", "4", "--report-sample", "6",
-                 "--html", str(tmp_path / "six.html"), "--report", str(tmp_path / "six.pdf")])
+    code = main(
+        [
+            *common,
+            "--out",
+            str(out),
+            "--engine",
+            "ray",
+            "--block-size",
+            "4",
+            "--report-sample",
+            "6",
+            "--html",
+            str(tmp_path / "six.html"),
+            "--report",
+            str(tmp_path / "six.pdf"),
+        ]
+    )
     assert code == 0 and "8 images," in capsys.readouterr().out
     six = (tmp_path / "six.html").read_text()
     assert six.count('<figure class="item"') == 5 and "corrupt.png" in six  # 4 images + the skipped one
@@ -236,8 +303,9 @@ def test_cli_engine_ray_with_a_sampled_report(ray_local, tiny_deploy, images, tm
 
 
 def test_cli_refuses_ray_options_without_ray_engine(tiny_deploy, images, tmp_path, capsys):
-    code = main(["predict", str(tiny_deploy), str(images), "--out", str(tmp_path / "o.jsonl"),
-                 "--workers", "2"])
+    code = main(
+        ["predict", str(tiny_deploy), str(images), "--out", str(tmp_path / "o.jsonl"), "--workers", "2"]
+    )
     assert code == 2 and "--address and --workers are for --engine ray" in capsys.readouterr().err
     code = main(["predict", str(tiny_deploy), str(images), "--out", str(tmp_path / "o"), "--engine", "spark"])
     assert code == 2 and "engine must be 'local' or 'ray', got 'spark'" in capsys.readouterr().err
@@ -258,23 +326,42 @@ def test_blocks_follow_the_input_order_and_bad_lines_stop_the_plan(images, tmp_p
 
     manifest = tmp_path / "in.manifest"
     refs = ["a.png", "sub/b.png", "c.png"]
-    manifest.write_bytes(b"".join(json.dumps({"source-ref": r}).encode() + b"\n" + (b"\n" if i == 0 else b"")
-                                  for i, r in enumerate(refs)))
+    manifest.write_bytes(
+        b"".join(
+            json.dumps({"source-ref": r}).encode() + b"\n" + (b"\n" if i == 0 else b"")
+            for i, r in enumerate(refs)
+        )
+    )
     single = str(images / "box_2_000.png")
     specs = resolve_inputs([single, str(images), str(manifest)])
     blocks = plan_blocks(specs, block_size=2, class_names=["blue box", "yellow box"])
     files = sorted(str(p) for p in images.rglob("*.png"))
     first, second = (len(json.dumps({"source-ref": r})) + 1 for r in refs[:2])
-    assert blocks == [Block(0, refs=[single, files[0]]), Block(1, refs=files[1:3]), Block(2, refs=files[3:5]),
-                      Block(3, manifest=str(manifest), offset=0, line=1, count=2),
-                      Block(4, manifest=str(manifest), offset=first + 1 + second, line=4, count=1)]
+    assert blocks == [
+        Block(0, refs=[single, files[0]]),
+        Block(1, refs=files[1:3]),
+        Block(2, refs=files[3:5]),
+        Block(3, manifest=str(manifest), offset=0, line=1, count=2),
+        Block(4, manifest=str(manifest), offset=first + 1 + second, line=4, count=1),
+    ]
     assert [s.source_ref for s in block_sources(blocks[3])] == ["a.png", "sub/b.png"]
     assert [(s.ref, s.source_ref) for s in block_sources(blocks[4])] == [(str(tmp_path / "c.png"), "c.png")]
     manifest.write_text('{"source-ref": "a.png"}\n{"color": "blue"}\n')
     with pytest.raises(ManifestError, match=r"in.manifest:2, field 'source-ref'"):
         plan_blocks(resolve_inputs([str(manifest)]), block_size=2, class_names=["x"])
-    write_manifest(manifest, [make_record("a.png", width=64, height=64, boxes_xyxy=[[0, 0, 9, 9]],
-                                          class_ids=[2], class_map={2: "red box"})])
+    write_manifest(
+        manifest,
+        [
+            make_record(
+                "a.png",
+                width=64,
+                height=64,
+                boxes_xyxy=[[0, 0, 9, 9]],
+                class_ids=[2],
+                class_map={2: "red box"},
+            )
+        ],
+    )
     with pytest.raises(ManifestError, match=r"in.manifest:1: class id 2 is not one of the model's 2"):
         plan_blocks(resolve_inputs([str(manifest)]), block_size=2, class_names=["blue box", "yellow box"])
 
@@ -284,12 +371,33 @@ def test_a_local_instance_of_its_own_and_too_many_workers(ray_local, tiny_deploy
     more workers than its CPUs hold, and stops the instance."""
     import subprocess
 
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # its Ray on loopback too
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
-                                          os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "detforge", "predict", str(tiny_deploy), str(images),
-                           "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "100000"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # its Ray on loopback too
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "predict",
+            str(tiny_deploy),
+            str(images),
+            "--out",
+            str(tmp_path / "out"),
+            "--engine",
+            "ray",
+            "--workers",
+            "100000",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     assert "field 'workers': 100000 workers of 1 CPU each do not fit the" in done.stderr
     assert "CPUs of this machine's Ray instance (fewer --workers or --threads, or --address" in done.stderr
@@ -302,8 +410,11 @@ def test_a_cluster_that_cannot_be_reached_is_named(ray_local, tiny_deploy, image
 
     monkeypatch.setattr(ray_local, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_local, "init", refuse)
-    with pytest.raises(ConfigError, match=r"field 'address': cannot connect to the Ray cluster at "
-                                          r"10.0.0.7:6379: Failed to connect"):
+    with pytest.raises(
+        ConfigError,
+        match=r"field 'address': cannot connect to the Ray cluster at "
+        r"10.0.0.7:6379: Failed to connect",
+    ):
         ray_local_predict(tiny_deploy, [str(images)], out=str(tmp_path / "out"), address="10.0.0.7:6379")
 
 
@@ -323,14 +434,18 @@ def test_a_model_the_workers_cannot_load_stops_the_job_naming_it(ray_local, tiny
 def test_a_failed_ray_job_is_said_in_one_line():
     from detforge.deploy.predict_ray import _job_failed
 
-    report = ("ray::MapWorker(MapBatches(BlockWorker)).__init__() (pid=1, ip=127.0.0.1)\n"
-              "  File \"serialization.py\", line 366, in _deserialize_pickle5_data\n"
-              "    obj = pickle.loads(in_band)\n"
-              "ModuleNotFoundError: No module named 'detforge.deploy.predict_ray'\n")
+    report = (
+        "ray::MapWorker(MapBatches(BlockWorker)).__init__() (pid=1, ip=127.0.0.1)\n"
+        '  File "serialization.py", line 366, in _deserialize_pickle5_data\n'
+        "    obj = pickle.loads(in_band)\n"
+        "ModuleNotFoundError: No module named 'detforge.deploy.predict_ray'\n"
+    )
     error = _job_failed(RuntimeError(report), out="s3://b/out")
-    assert str(error).startswith("s3://b/out: the Ray job failed: ModuleNotFoundError: No module named "
-                                 "'detforge.deploy.predict_ray' (every node needs this detforge with "
-                                 "detforge[ray]")
+    assert str(error).startswith(
+        "s3://b/out: the Ray job failed: ModuleNotFoundError: No module named "
+        "'detforge.deploy.predict_ray' (every node needs this detforge with "
+        "detforge[ray]"
+    )
 
 
 def test_a_local_instance_listens_on_loopback_only():
@@ -352,10 +467,12 @@ def test_a_local_instance_listens_on_loopback_only():
         "ray.shutdown()\n"
         "print(json.dumps(seen))\n"
     )
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=540)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=540
+    )
     if done.returncode != 0 and "timed out during startup" in done.stderr:
         # Ray waits a fixed 30 s for its raylet; on a machine loaded by other jobs it can take longer
         pytest.skip("Ray's local node did not start within its fixed 30 s on this loaded machine")

@@ -17,13 +17,21 @@ from detforge.deploy.report.pdf import PdfReport
 from detforge.evaluation.metrics import DetectionAccumulator
 
 NAMES = ["blue box", "yellow box", "red (box)"]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def picture(i: int, width: int = 320, height: int = 240) -> np.ndarray:
     pixels = np.full((height, width, 3), 200, np.uint8)
-    pixels[40:120, 40 + i:140 + i] = (40, 70, 210)
+    pixels[40:120, 40 + i : 140 + i] = (40, 70, 210)
     return pixels
 
 
@@ -32,15 +40,23 @@ def make_items(count: int, *, truth: bool) -> list[ReportItem]:
     items = []
     for i in range(count):
         empty = i % 5 == 4
-        boxes = np.zeros((0, 4)) if empty else np.array([[0.1, 0.15, 0.45, 0.5], [0.5, 0.5, 0.9, 0.95],
-                                                         [0.0, 0.0, 0.2, 0.1]])
+        boxes = (
+            np.zeros((0, 4))
+            if empty
+            else np.array([[0.1, 0.15, 0.45, 0.5], [0.5, 0.5, 0.9, 0.95], [0.0, 0.0, 0.2, 0.1]])
+        )
         scores = np.zeros(0) if empty else np.array([0.9, 0.6, 0.35])
         classes = np.zeros(0, np.int64) if empty else np.array([0, 1, 2])
-        item = ReportItem(name=f"img_{i:03d}.jpg", source_ref=f"s3://bucket/img_{i:03d}.jpg",
-                          thumbnail=report.make_thumbnail(picture(i)), boxes=boxes, scores=scores,
-                          class_ids=classes)
+        item = ReportItem(
+            name=f"img_{i:03d}.jpg",
+            source_ref=f"s3://bucket/img_{i:03d}.jpg",
+            thumbnail=report.make_thumbnail(picture(i)),
+            boxes=boxes,
+            scores=scores,
+            class_ids=classes,
+        )
         if truth:
-            item.is_tp = np.array([True, False, False])[:len(scores)]
+            item.is_tp = np.array([True, False, False])[: len(scores)]
             item.missed_boxes = np.array([[0.6, 0.1, 0.8, 0.3]])
             item.missed_class_ids = np.array([1])
         items.append(item)
@@ -51,14 +67,28 @@ def make_summary(items: list[ReportItem], *, truth: bool, skipped=()) -> ReportS
     metrics = None
     if truth:
         acc = DetectionAccumulator(len(NAMES), score_threshold=0.3)
-        acc.update(gt_boxes=[[0, 0, 10, 10]], gt_classes=[0], pred_boxes=[[0, 0, 10, 10]], pred_scores=[0.9],
-                   pred_classes=[0])
+        acc.update(
+            gt_boxes=[[0, 0, 10, 10]],
+            gt_classes=[0],
+            pred_boxes=[[0, 0, 10, 10]],
+            pred_scores=[0.9],
+            pred_classes=[0],
+        )
         metrics = acc.compute()
     per_class = [sum(int(np.count_nonzero(it.class_ids == c)) for it in items) for c in range(len(NAMES))]
-    return ReportSummary(class_names=NAMES, model_name="boxes", threshold=0.3, images=len(items),
-                         detections_per_class=per_class, source_run="runs/boxes", input_size=320,
-                         validation_map=0.8125, metrics=metrics, images_with_truth=len(items) if truth else 0,
-                         skipped=list(skipped))
+    return ReportSummary(
+        class_names=NAMES,
+        model_name="boxes",
+        threshold=0.3,
+        images=len(items),
+        detections_per_class=per_class,
+        source_run="runs/boxes",
+        input_size=320,
+        validation_map=0.8125,
+        metrics=metrics,
+        images_with_truth=len(items) if truth else 0,
+        skipped=list(skipped),
+    )
 
 
 def write_pdf(path: Path, items, summary) -> None:
@@ -71,8 +101,12 @@ def write_pdf(path: Path, items, summary) -> None:
 def render(pdf: Path, tmp_path: Path) -> list[np.ndarray]:
     """Every page as an RGB array (pdftoppm at 50 dpi); poppler must not complain."""
     binary = need_binary("pdftoppm")
-    done = subprocess.run([binary, "-png", "-r", "50", str(pdf), str(tmp_path / "page")], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [binary, "-png", "-r", "50", str(pdf), str(tmp_path / "page")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stderr == ""
     return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(tmp_path.glob("page-*.png"))]
 
@@ -133,10 +167,10 @@ def test_pdf_cross_reference_table_is_exact(tmp_path):
     write_pdf(pdf, items, make_summary(items, truth=False))
     data = pdf.read_bytes()
     start = int(data.rsplit(b"startxref", 1)[1].split()[0])
-    assert data[start:start + 4] == b"xref"
+    assert data[start : start + 4] == b"xref"
     rows = data[start:].split(b"trailer")[0].splitlines()
     count = int(rows[1].split()[1])
-    entries = rows[3:3 + count - 1]
+    entries = rows[3 : 3 + count - 1]
     assert len(entries) == count - 1 and all(len(row) == 19 for row in entries)  # + "\n": 20 bytes
     for number, row in enumerate(entries, start=1):
         offset = int(row[:10])
@@ -150,8 +184,9 @@ def test_pdf_text_is_there(tmp_path):
     items = make_items(3, truth=False)
     pdf = tmp_path / "r.pdf"
     write_pdf(pdf, items, make_summary(items, truth=False, skipped=[("bad (1).jpg", "cannot decode")]))
-    text = subprocess.run([pdftotext, "-layout", str(pdf), "-"], capture_output=True, text=True,
-                          check=True).stdout
+    text = subprocess.run(
+        [pdftotext, "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
+    ).stdout
     pages = text.split("\f")
     assert "detforge predict: boxes" in pages[0] and "0.812" in pages[0] and "runs/boxes" in pages[0]
     assert "3 predicted, 1 unreadable (skipped)" in pages[0] and "bad (1).jpg: cannot decode" in pages[0]
@@ -215,10 +250,10 @@ def test_html_is_one_self_contained_file(tmp_path):
     items[0].name = "<script>alert(1)</script>.jpg"
     summary = make_summary(items, truth=False, skipped=[("x{{FACTS}}.jpg", "cannot decode")])
     text = write_html(tmp_path / "r.html", items, summary)
-    assert text.count("<figure class=\"item\"") == 6 and text.count("data:image/jpeg;base64,") == 6
+    assert text.count('<figure class="item"') == 6 and text.count("data:image/jpeg;base64,") == 6
     assert "<script>alert(1)" not in text and "&lt;script&gt;alert(1)" in text
     assert "x{{FACTS}}.jpg" in text  # placeholders are filled in one pass
-    assert "http://" not in text and "https://" not in text and "src=\"/" not in text
+    assert "http://" not in text and "https://" not in text and 'src="/' not in text
     assert list(tmp_path.iterdir()) == [tmp_path / "r.html"]
 
 
@@ -226,9 +261,16 @@ def test_html_filters_in_chromium(tmp_path, chromium_path):
     from playwright.sync_api import sync_playwright
 
     items = make_items(10, truth=True)  # items 4 and 9 have no detections (but a missed box)
-    items.append(ReportItem(name="nothing.jpg", source_ref="nothing.jpg",
-                            thumbnail=report.make_thumbnail(picture(0)), boxes=np.zeros((0, 4)),
-                            scores=np.zeros(0), class_ids=np.zeros(0, np.int64)))
+    items.append(
+        ReportItem(
+            name="nothing.jpg",
+            source_ref="nothing.jpg",
+            thumbnail=report.make_thumbnail(picture(0)),
+            boxes=np.zeros((0, 4)),
+            scores=np.zeros(0),
+            class_ids=np.zeros(0, np.int64),
+        )
+    )
     path = tmp_path / "r.html"
     write_html(path, items, make_summary(items, truth=True))
     with sync_playwright() as p:
@@ -246,7 +288,8 @@ def test_html_filters_in_chromium(tmp_path, chromium_path):
             assert page.locator("#shown").inner_text() == "11 of 11 images"
             # every picture decoded and the boxes drawn over it
             assert page.locator("figure.item img").evaluate_all(
-                "els => els.every(e => e.naturalWidth === 320)")
+                "els => els.every(e => e.naturalWidth === 320)"
+            )
             assert page.locator("figure.item").first.locator("g.box").count() == 4
             rect = page.locator("figure.item").first.locator("g.box.tp rect").bounding_box()
             pic = page.locator("figure.item .pic").first.bounding_box()
@@ -278,7 +321,8 @@ def test_html_filters_in_chromium(tmp_path, chromium_path):
             # images with a red detection (8) + the empty one; missed boxes are yellow (unchecked)
             assert page.locator(visible).count() == 9
             assert page.locator("figure.item g.box:not(.off)").evaluate_all(
-                "els => [...new Set(els.map(e => e.dataset.c))]") == ["2"]
+                "els => [...new Set(els.map(e => e.dataset.c))]"
+            ) == ["2"]
             page.locator("#show-fp").uncheck()  # the red detections are false positives
             assert page.locator(visible).count() == 1
             page.locator(".class-filter[value='0']").check()

@@ -161,9 +161,24 @@ def test_ping_model_and_metrics(server, tiny_deploy):
     model = httpx.get(f"{url}/model")
     assert model.status_code == 200 and model.headers["content-type"] == "application/json"
     full = json.loads((tiny_deploy / "model.json").read_text())
-    public = ["name", "format", "classes", "base_network", "input_size", "input", "outputs", "nms_threshold",
-              "nms_topk", "score_threshold", "default_threshold", "quantization", "opset", "detforge_version",
-              "exported_at", "sha256"]
+    public = [
+        "name",
+        "format",
+        "classes",
+        "base_network",
+        "input_size",
+        "input",
+        "outputs",
+        "nms_threshold",
+        "nms_topk",
+        "score_threshold",
+        "default_threshold",
+        "quantization",
+        "opset",
+        "detforge_version",
+        "exported_at",
+        "sha256",
+    ]
     assert model.json() == {**{key: full[key] for key in public}, "threshold": 0.05}
     assert str(tiny_deploy.parent) not in model.text and "hyperparameters" not in model.text
     assert "source_run" in full and "hyperparameters" in full  # what it leaves out is there to leave out
@@ -252,17 +267,36 @@ def test_invocations_match_detforge_predict(server, tiny_deploy, allowed, tmp_pa
     url, _ = server
     out = tmp_path / "predictions.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "detforge", "predict", str(tiny_deploy), str(allowed),
-         "--out", str(out), "--batch-size", "1", "--threads", "1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "predict",
+            str(tiny_deploy),
+            str(allowed),
+            "--out",
+            str(out),
+            "--batch-size",
+            "1",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    predicted = {Path(json.loads(line)["image"]).name: json.loads(line)["prediction"]
-                 for line in out.read_text().splitlines()}
+    predicted = {
+        Path(json.loads(line)["image"]).name: json.loads(line)["prediction"]
+        for line in out.read_text().splitlines()
+    }
     assert sorted(predicted) == ["a.png", "b.jpg"]
     for name, content_type in (("a.png", "image/png"), ("b.jpg", "image/jpeg")):
-        answer = httpx.post(f"{url}/invocations", content=(allowed / name).read_bytes(),
-                            headers={"Content-Type": content_type})
+        answer = httpx.post(
+            f"{url}/invocations",
+            content=(allowed / name).read_bytes(),
+            headers={"Content-Type": content_type},
+        )
         assert answer.status_code == 200
         assert answer.json()["prediction"] == predicted[name], name
 
@@ -468,9 +502,20 @@ def test_serve_refuses_bad_settings(tiny_deploy, tmp_path):
     # the command refuses before it listens: one line, no traceback, exit 2, nothing on the port
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "detforge", "serve", str(tiny_deploy), "--port", str(port),
-         "--max-batch", "0"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "serve",
+            str(tiny_deploy),
+            "--port",
+            str(port),
+            "--max-batch",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert (result.returncode, result.stderr) == (2, "error: field 'max_batch': must be at least 1, got 0\n")
     with socket.socket() as probe:
@@ -511,13 +556,21 @@ def gated_server(tiny_deploy, predictor, allowed):
     from detforge.deploy.serve import ServeConfig, create_app
 
     gated = GatedPredictor(predictor)
-    config = ServeConfig(deploy_dir=str(tiny_deploy), max_batch=1, max_queue=3, max_in_flight=2, max_images=3,
-                         allow_paths=(str(allowed),), retry_after_s=2)
+    config = ServeConfig(
+        deploy_dir=str(tiny_deploy),
+        max_batch=1,
+        max_queue=3,
+        max_in_flight=2,
+        max_images=3,
+        allow_paths=(str(allowed),),
+        retry_after_s=2,
+    )
     app = create_app(config, predictor=gated)
     gated.entered = threading.Semaphore(0)  # forget the warm-up run
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -546,8 +599,9 @@ def _post_in_thread(url: str, body: bytes, content_type: str = "image/png") -> t
     out: list = []
 
     def send() -> None:
-        out.append(httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": content_type},
-                              timeout=60))
+        out.append(
+            httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": content_type}, timeout=60)
+        )
 
     thread = threading.Thread(target=send)
     thread.start()
@@ -569,8 +623,11 @@ def test_a_full_server_answers_503_with_retry_after_and_recovers(gated_server, p
         "error": "the server is full (3 images queued (--max-queue)); retry after 2 s"
     }
     ping = httpx.get(f"{url}/ping")  # /ping says what /invocations would answer
-    assert (ping.status_code, ping.json(), ping.headers["retry-after"]) == (503, {"status": "full",
-                                                                               "full": "queue"}, "2")
+    assert (ping.status_code, ping.json(), ping.headers["retry-after"]) == (
+        503,
+        {"status": "full", "full": "queue"},
+        "2",
+    )
     sock, last = _raw_request(port, body)  # a second request in flight, still being received
     _wait_in_progress(url, 2)
     too_many = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/png"})
@@ -586,7 +643,8 @@ def test_a_full_server_answers_503_with_retry_after_and_recovers(gated_server, p
     expected_a = predictor.predict([np.asarray(Image.open(allowed / "a.png").convert("RGB"))])[0]
     assert first_out[0].status_code == 200
     assert [json.loads(x)["prediction"] for x in first_out[0].text.splitlines()] == [
-        json.loads(json.dumps(expected_a.to_sagemaker()))] * 3
+        json.loads(json.dumps(expected_a.to_sagemaker()))
+    ] * 3
     assert status == 200 and payload["prediction"] == json.loads(json.dumps(expected))
     again = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/png"})
     assert again.status_code == 200  # nothing stays stuck once the load is gone
@@ -601,12 +659,19 @@ def test_a_full_server_answers_503_with_retry_after_and_recovers(gated_server, p
 def test_jsonlines_images_per_request_are_bounded(gated_server, allowed):
     url, _, _ = gated_server
     line = json.dumps({"source-ref": str(allowed / "a.png")})
-    ok = httpx.post(f"{url}/invocations", content="\n".join([line] * 3),
-                    headers={"Content-Type": "application/jsonlines"}, timeout=60)
+    ok = httpx.post(
+        f"{url}/invocations",
+        content="\n".join([line] * 3),
+        headers={"Content-Type": "application/jsonlines"},
+        timeout=60,
+    )
     assert ok.status_code == 200 and len(ok.text.splitlines()) == 3
     for count in (4, 5000):  # one over the limit, and thousands of refs
-        answer = httpx.post(f"{url}/invocations", content="\n".join([line] * count),
-                            headers={"Content-Type": "application/jsonlines"})
+        answer = httpx.post(
+            f"{url}/invocations",
+            content="\n".join([line] * count),
+            headers={"Content-Type": "application/jsonlines"},
+        )
         assert answer.status_code == 413
         assert answer.json() == {
             "error": "line 4: more than 3 images in one request (--max-images); split it"
@@ -616,8 +681,9 @@ def test_jsonlines_images_per_request_are_bounded(gated_server, allowed):
 def test_a_failing_model_gets_500_without_its_exception_text(gated_server):
     url, gated, records = gated_server
     gated.fail = "cannot open /home/alice/secret-model/model.onnx"
-    answer = httpx.post(f"{url}/invocations", content=png_bytes(32, 32),
-                        headers={"Content-Type": "image/png"})
+    answer = httpx.post(
+        f"{url}/invocations", content=png_bytes(32, 32), headers={"Content-Type": "image/png"}
+    )
     assert answer.status_code == 500
     error = answer.json()["error"]
     assert error.startswith("internal error ") and error.endswith(": the server's log has the details")
@@ -626,8 +692,12 @@ def test_a_failing_model_gets_500_without_its_exception_text(gated_server):
     logged = [r for r in records if error_id in r.getMessage()]
     assert len(logged) == 1 and "RuntimeError: cannot open /home/alice" in logged[0].getMessage()
     gated.fail = None
-    assert httpx.post(f"{url}/invocations", content=png_bytes(32, 32),
-                      headers={"Content-Type": "image/png"}).status_code == 200
+    assert (
+        httpx.post(
+            f"{url}/invocations", content=png_bytes(32, 32), headers={"Content-Type": "image/png"}
+        ).status_code
+        == 200
+    )
 
 
 def test_metrics_add_up_over_several_workers(tiny_deploy):
@@ -640,8 +710,12 @@ def test_metrics_add_up_over_several_workers(tiny_deploy):
         body = png_bytes(40, 30, seed=4)
         for _ in range(8):  # a new connection each: the kernel hands them to either worker
             with httpx.Client() as client:
-                assert client.post(f"{url}/invocations", content=body,
-                                   headers={"Content-Type": "image/png"}).status_code == 200
+                assert (
+                    client.post(
+                        f"{url}/invocations", content=body, headers={"Content-Type": "image/png"}
+                    ).status_code
+                    == 200
+                )
         pids = {name.rsplit("_", 1)[1] for name in os.listdir(folder) if name.startswith("histogram")}
         assert len(pids) == 2  # both workers write their values there
         for _ in range(6):  # whichever worker answers the scrape, it counts both

@@ -64,8 +64,10 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
 
 
 def post_head(length: int, content_type: str = "image/png") -> bytes:
-    return (f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,19 @@ def allowed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def guarded(tiny_deploy):
     """A server with short deadlines and small connection limits, so the tests need not wait long."""
-    process, url = start_server(tiny_deploy, "--header-timeout", "1", "--body-timeout", "6",
-                                "--max-client-connections", "8", "--max-connections", "24",
-                                "--max-body-mb", "1")
+    process, url = start_server(
+        tiny_deploy,
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "6",
+        "--max-client-connections",
+        "8",
+        "--max-connections",
+        "24",
+        "--max-body-mb",
+        "1",
+    )
     try:
         yield url, process
     finally:
@@ -95,8 +107,9 @@ def test_a_declared_oversized_body_gets_413_at_once(guarded):
     assert (status, headers["connection"]) == (413, "close")
     assert body == {"error": "body of 7340032 bytes is over the limit of 1048576 bytes (--max-body-mb)"}
     # a client that writes its whole body before reading (urllib) still reads the 413, not a reset
-    request = urllib.request.Request(f"{url}/invocations", data=b"\xff" * (7 * 2**20),
-                                     headers={"Content-Type": "image/jpeg"})
+    request = urllib.request.Request(
+        f"{url}/invocations", data=b"\xff" * (7 * 2**20), headers={"Content-Type": "image/jpeg"}
+    )
     with pytest.raises(urllib.error.HTTPError) as answer:
         urllib.request.urlopen(request, timeout=60)
     assert answer.value.code == 413
@@ -127,12 +140,15 @@ def test_unfinished_headers_get_408_and_do_not_take_the_server(guarded):
         refused = connect(port, b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # a 9th from this client
         status, headers, body = read_answer(refused)
         assert (status, headers["retry-after"]) == (503, "1")
-        assert body == {"error": "the server is full (8 connections open from 127.0.0.1 "
-                                 "(--max-client-connections)); retry after 1 s"}
+        assert body == {
+            "error": "the server is full (8 connections open from 127.0.0.1 "
+            "(--max-client-connections)); retry after 1 s"
+        }
         with other_client() as client:  # meanwhile another client is served, and /ping says so
             assert client.get(f"{url}/ping").json() == {"status": "ok"}
-            answer = client.post(f"{url}/invocations", content=png_bytes(40, 30),
-                                 headers={"Content-Type": "image/png"})
+            answer = client.post(
+                f"{url}/invocations", content=png_bytes(40, 30), headers={"Content-Type": "image/png"}
+            )
             assert answer.status_code == 200 and isinstance(answer.json()["prediction"], list)
         for sock in [*silent, dribbler]:
             status, headers, body = read_answer(sock)
@@ -173,8 +189,9 @@ def test_slow_bodies_get_408_and_hold_nothing_another_client_needs(guarded):
             assert time.monotonic() < deadline, "the slow requests did not reach the server"
             time.sleep(0.02)
         assert client.get(f"{url}/ping").json() == {"status": "ok"}
-        answer = client.post(f"{url}/invocations", content=png_bytes(40, 30),
-                             headers={"Content-Type": "image/png"})
+        answer = client.post(
+            f"{url}/invocations", content=png_bytes(40, 30), headers={"Content-Type": "image/png"}
+        )
         assert answer.status_code == 200
     for sock in slow:  # still held, unanswered, while the other client was served
         sock.setblocking(False)
@@ -184,8 +201,11 @@ def test_slow_bodies_get_408_and_hold_nothing_another_client_needs(guarded):
     for sock in slow:
         status, headers, body = read_answer(sock)
         assert (status, headers["connection"]) == (408, "close")
-        assert re.fullmatch(r"body not received in time: 10 of 1000 bytes after \d+\.\d s "
-                            r"\(--body-timeout 6 s, then at least 64 KiB/s\)", body["error"]), body
+        assert re.fullmatch(
+            r"body not received in time: 10 of 1000 bytes after \d+\.\d s "
+            r"\(--body-timeout 6 s, then at least 64 KiB/s\)",
+            body["error"],
+        ), body
     assert metric(url, 'detforge_request_timeouts_total{phase="body"}') == timeouts + 8
     assert metric(url, "detforge_requests_in_progress") == 0
 
@@ -211,8 +231,10 @@ def test_a_client_disconnect_is_its_own_outcome(tiny_deploy):
     disconnects = [line for line in log if "disconnected" in line]
     assert len(disconnects) == 32
     # the app may see the hang-up before or after the half body it came with
-    said = re.compile(r"INFO: +client 127\.0\.0\.1 disconnected while sending its request "
-                      r"\((0|500) of 1000 body bytes received\): not answered")
+    said = re.compile(
+        r"INFO: +client 127\.0\.0\.1 disconnected while sending its request "
+        r"\((0|500) of 1000 body bytes received\): not answered"
+    )
     assert all(said.fullmatch(line) for line in disconnects), disconnects[:3]
     assert not [line for line in log if "Traceback" in line or "ERROR" in line]
 
@@ -228,8 +250,11 @@ def test_a_burst_is_queued_not_shed(tiny_deploy, allowed):
             with httpx.Client(timeout=120) as client:
                 if wait:
                     barrier.wait()
-                statuses.append(client.post(f"{url}/invocations", content=body,
-                                            headers={"Content-Type": "image/png"}).status_code)
+                statuses.append(
+                    client.post(
+                        f"{url}/invocations", content=body, headers={"Content-Type": "image/png"}
+                    ).status_code
+                )
 
         threads = [threading.Thread(target=one, args=(True,)) for _ in range(40)]
         for thread in threads:
@@ -241,9 +266,16 @@ def test_a_burst_is_queued_not_shed(tiny_deploy, allowed):
         # a 64-image JSON Lines request and 12 single images beside it: 76 images, within the queue of 100
         line = json.dumps({"source-ref": str(allowed / "a.png")})
         big: list[httpx.Response] = []
-        big_thread = threading.Thread(target=lambda: big.append(httpx.post(
-            f"{url}/invocations", content="\n".join([line] * 64), timeout=120,
-            headers={"Content-Type": "application/jsonlines"})))
+        big_thread = threading.Thread(
+            target=lambda: big.append(
+                httpx.post(
+                    f"{url}/invocations",
+                    content="\n".join([line] * 64),
+                    timeout=120,
+                    headers={"Content-Type": "application/jsonlines"},
+                )
+            )
+        )
         big_thread.start()
         singles = [threading.Thread(target=one, args=(False,)) for _ in range(12)]
         for thread in singles:

@@ -67,8 +67,9 @@ def test_predictor_runs_model_json_tiling_and_matches_its_windows_one_by_one(tin
         scores.append(d.scores)
         ids.append(d.class_ids)
         cut.append(tiling.cut_by_inner_edge(boxes[-1], [x0, y0, x1, y1], width=200, height=130))
-    expected = tiling.merge(np.concatenate(boxes), np.concatenate(scores), np.concatenate(ids),
-                            np.concatenate(cut), touch=1.0)
+    expected = tiling.merge(
+        np.concatenate(boxes), np.concatenate(scores), np.concatenate(ids), np.concatenate(cut), touch=1.0
+    )
     assert len(found) == len(expected[0]) > 0
     np.testing.assert_allclose(found.boxes_xyxy, expected[0], atol=1e-3)
     np.testing.assert_allclose(found.scores, expected[1], atol=1e-5)
@@ -86,17 +87,35 @@ def test_bad_tiling_in_model_json_names_the_file_and_field(tiny_deploy, tmp_path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "detforge", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "detforge", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def serve_answer(deploy: Path, photo: Path) -> list:
     import httpx
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "detforge", "serve", str(deploy), "--host", "127.0.0.1",
-                                "--port", str(port), "--threads", "1", "--log-level", "warning"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "serve",
+            str(deploy),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -107,8 +126,12 @@ def serve_answer(deploy: Path, photo: Path) -> list:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        response = httpx.post(f"{url}/invocations", content=photo.read_bytes(),
-                              headers={"Content-Type": "image/png"}, timeout=60)
+        response = httpx.post(
+            f"{url}/invocations",
+            content=photo.read_bytes(),
+            headers={"Content-Type": "image/png"},
+            timeout=60,
+        )
         assert response.status_code == 200, response.text
         return response.json()["prediction"]
     finally:
@@ -135,11 +158,28 @@ def edge_answer(deploy: Path, photo: Path, broker, tmp_path: Path) -> list:
     client.subscribe("detforge/infer/#", qos=1)
     client.loop_start()
     subscribed.wait(10)
-    process = subprocess.Popen([sys.executable, "-m", "detforge", "edge", str(deploy), "--broker", broker.url,
-                                "--buffer-dir", str(tmp_path / "buffer"), "--threads", "1",
-                                "--allow-path", str(photo.parent)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "edge",
+            str(deploy),
+            "--broker",
+            broker.url,
+            "--buffer-dir",
+            str(tmp_path / "buffer"),
+            "--threads",
+            "1",
+            "--allow-path",
+            str(photo.parent),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def wait(condition) -> dict:
             with arrived:
                 assert arrived.wait_for(lambda: any(condition(t, m) for t, m in messages), 60), messages
@@ -178,14 +218,16 @@ def test_predict_serve_and_edge_give_one_photo_the_same_tiled_detections(tiny_de
 
 def test_evaluate_takes_the_tiling_options_and_refuses_them_for_a_run(tiny_deploy, tiny_run, tmp_path):
     validation = tiny_run.parent / "validation" / "data.manifest"
-    done = run_cli("evaluate", str(tiny_deploy), str(validation), "--tile", "32", "--overlap", "0.5",
-                   "--no-coco")
+    done = run_cli(
+        "evaluate", str(tiny_deploy), str(validation), "--tile", "32", "--overlap", "0.5", "--no-coco"
+    )
     assert done.returncode == 0, done.stderr
     done = run_cli("evaluate", str(tiny_run), str(validation), "--tile", "32")
     assert done.returncode == 2
     assert "field 'tile': tiled inference (--tile, --overlap, --tile-full-pass) runs a deploy" in done.stderr
-    done = run_cli("predict", str(tiny_deploy), str(validation), "--out", str(tmp_path / "x.jsonl"),
-                   "--overlap", "0.3")
+    done = run_cli(
+        "predict", str(tiny_deploy), str(validation), "--out", str(tmp_path / "x.jsonl"), "--overlap", "0.3"
+    )
     assert done.returncode == 2
     assert "field '--overlap': --overlap needs --tile SIZE" in done.stderr
 
@@ -229,14 +271,46 @@ def test_label_proposals_come_from_tiled_inference(tiny_deploy, tmp_path):
     (tmp_path / "photos").mkdir()
     photo = big_photo(tmp_path / "photos" / "photo.png")
     manifest = tmp_path / "photos" / "input.manifest"
-    write_manifest(manifest, [make_record("photo.png", width=200, height=130, boxes_xyxy=np.zeros((0, 4)),
-                                          class_ids=[], class_map={}, creation_date="2024-01-01T00:00:00")])
-    process = subprocess.Popen([sys.executable, "-m", "detforge", "label", str(manifest), "--model",
-                                str(tiny_deploy), "--tile", "64", "--overlap", "0.25", "--order",
-                                "uncertainty", "--out", str(tmp_path / "out.manifest"), "--port", "0",
-                                "--no-browser"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "COLUMNS": "300"})
+    write_manifest(
+        manifest,
+        [
+            make_record(
+                "photo.png",
+                width=200,
+                height=130,
+                boxes_xyxy=np.zeros((0, 4)),
+                class_ids=[],
+                class_map={},
+                creation_date="2024-01-01T00:00:00",
+            )
+        ],
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "label",
+            str(manifest),
+            "--model",
+            str(tiny_deploy),
+            "--tile",
+            "64",
+            "--overlap",
+            "0.25",
+            "--order",
+            "uncertainty",
+            "--out",
+            str(tmp_path / "out.manifest"),
+            "--port",
+            "0",
+            "--no-browser",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     try:
         lines = [process.stdout.readline()]
         while "open http://127.0.0.1:" not in lines[-1] and len(lines) < 10 and lines[-1]:
@@ -249,8 +323,9 @@ def test_label_proposals_come_from_tiled_inference(tiny_deploy, tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=20)
-    tiled = Predictor(tiny_deploy, threads=1, tile=64, overlap=0.25).predict([str(photo)],
-                                                                          threshold=PROPOSAL_FLOOR)[0]
+    tiled = Predictor(tiny_deploy, threads=1, tile=64, overlap=0.25).predict(
+        [str(photo)], threshold=PROPOSAL_FLOOR
+    )[0]
     whole = Predictor(tiny_deploy, threads=1).predict([str(photo)], threshold=PROPOSAL_FLOOR)[0]
     assert len(proposals) == len(tiled)
     assert sorted(p[5] for p in proposals) == sorted(round(s, 4) for s in tiled.scores.tolist())

@@ -41,8 +41,15 @@ REPO = Path(__file__).resolve().parents[2]
 class Recorder:
     """A subscriber on a real broker that keeps every message (topic, decoded JSON) in arrival order."""
 
-    def __init__(self, port: int, topics: tuple[str, ...] = ("detforge/#",), *, ca_file: str | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        topics: tuple[str, ...] = ("detforge/#",),
+        *,
+        ca_file: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.port = port
         self.topics = topics
         self.login = (ca_file, username, password)
@@ -308,10 +315,19 @@ def test_watch_source_picks_up_new_images_only(tmp_path):
         ("rtsp://admin:p@ss@cam/live?x=1", "rtsp://***@cam/live?x=1"),
         ("rtsp://admin:p@ss@cam:554", "rtsp://***@cam:554"),
         ("http://cam/cgi?loginuse=admin&loginpas=s3cret", "http://cam/cgi?loginuse=admin&loginpas=***"),
-        ("http://cam/snap?usr=a&pw=s3cret&PIN=1234&Passwd=x", "http://cam/snap?usr=a&pw=***&PIN=***&Passwd=***"),
-        ("http://cam/v?api_key=k1&X-Amz-Signature=ab&keep=1", "http://cam/v?api_key=***&X-Amz-Signature=***&keep=1"),
+        (
+            "http://cam/snap?usr=a&pw=s3cret&PIN=1234&Passwd=x",
+            "http://cam/snap?usr=a&pw=***&PIN=***&Passwd=***",
+        ),
+        (
+            "http://cam/v?api_key=k1&X-Amz-Signature=ab&keep=1",
+            "http://cam/v?api_key=***&X-Amz-Signature=***&keep=1",
+        ),
         ("rtsp://:s3cret@cam/stream", "rtsp://***@cam/stream"),
-        ("http://cam/mjpeg?user=admin&password=s3cret&fps=5", "http://cam/mjpeg?user=admin&password=***&fps=5"),
+        (
+            "http://cam/mjpeg?user=admin&password=s3cret&fps=5",
+            "http://cam/mjpeg?user=admin&password=***&fps=5",
+        ),
         ("https://cam/live?TOKEN=abc;x=1", "https://cam/live?TOKEN=***;x=1"),
         ("rtsp://cam.local:554/stream", "rtsp://cam.local:554/stream"),
         ("camera:0", "camera:0"),
@@ -343,8 +359,11 @@ def test_the_same_stream_with_another_password_is_the_same_buffer_folder(tmp_pat
 def test_no_credentials_in_the_buffer_folder_name_or_errors(tiny_deploy, tmp_path):
     from detforge.edge import EdgeConfig, default_buffer_dir
 
-    config = EdgeConfig(deploy_dir=str(tiny_deploy), broker="mqtt://127.0.0.1:1",
-                        source="rtsp://admin:s3cret@cam.local:554/stream?token=t0k")
+    config = EdgeConfig(
+        deploy_dir=str(tiny_deploy),
+        broker="mqtt://127.0.0.1:1",
+        source="rtsp://admin:s3cret@cam.local:554/stream?token=t0k",
+    )
     assert config.public_source == "rtsp://***@cam.local:554/stream?token=***"
     assert os.path.basename(default_buffer_dir(config)) == "rtsp_____cam.local_554_stream_token____"
     with pytest.raises(ConfigError) as info:
@@ -398,8 +417,16 @@ def test_parse_broker():
     assert (spec.port, spec.tls, spec.username, spec.password) == (8883, True, "u", "p")
     assert parse_broker("127.0.0.1:1999").port == 1999
     # every setting as `detforge edge` passes them, with an mqtts:// URL (this once raised a TypeError)
-    spec = parse_broker("mqtts://u:p@h", tls=False, ca_file=None, cert_file=None, key_file=None,
-                        username=None, password=None, mqtt_version="3.1.1")
+    spec = parse_broker(
+        "mqtts://u:p@h",
+        tls=False,
+        ca_file=None,
+        cert_file=None,
+        key_file=None,
+        username=None,
+        password=None,
+        mqtt_version="3.1.1",
+    )
     assert spec == BrokerSpec("h", 8883, tls=True, username="u", password="p", mqtt_version="3.1.1")
     with pytest.raises(ConfigError, match="field 'mqtt_version': must be 5 or 3.1.1, got '4'"):
         parse_broker("mqtt://h", mqtt_version="4")
@@ -418,7 +445,8 @@ def test_a_password_over_plain_mqtt_to_another_host_is_warned_about(tmp_path):
     from detforge.edge import plaintext_password_warning
 
     assert plaintext_password_warning(parse_broker("mqtt://dev:s3cret@10.0.0.5")) == (
-        "the password for dev goes to 10.0.0.5:1883 in plain text; use mqtts:// (TLS)")
+        "the password for dev goes to 10.0.0.5:1883 in plain text; use mqtts:// (TLS)"
+    )
     assert plaintext_password_warning(parse_broker("mqtt://10.0.0.5", username="dev", password="x"))
     assert plaintext_password_warning(parse_broker("mqtts://dev:s3cret@10.0.0.5")) is None  # TLS
     assert plaintext_password_warning(parse_broker("mqtt://dev:s3cret@10.0.0.5", tls=True)) is None
@@ -479,8 +507,10 @@ def test_disk_buffer_has_one_owner_and_survives_a_full_disk(tmp_path):
     assert (tmp_path / "buffer.lock").read_text() == f"pid {os.getpid()}"
     with pytest.raises(ConfigError) as info:
         DiskBuffer(str(folder))  # a second owner, even in the same process
-    assert str(info.value) == (f"{folder}, field 'buffer_dir': another detforge edge (pid {os.getpid()}) is "
-                               "using this buffer folder (give each runtime its own --buffer-dir)")
+    assert str(info.value) == (
+        f"{folder}, field 'buffer_dir': another detforge edge (pid {os.getpid()}) is "
+        "using this buffer folder (give each runtime its own --buffer-dir)"
+    )
     assert buffer.append("t/a", b'{"n": 0}') == 1
     # the next write lands on a full device: /dev/full answers every write with ENOSPC
     os.symlink("/dev/full", folder / ".000000000002.part")
@@ -511,8 +541,9 @@ def _damage(buffer_dir: Path) -> dict[str, bytes]:
 def test_disk_buffer_fsyncs_and_quarantines_what_cannot_be_read(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
-                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1]
+    )
     buffer = DiskBuffer(str(tmp_path))
     buffer.append("t/a", b'{"n": 0}')
     # the message file, then the folder holding its new name
@@ -538,16 +569,24 @@ def test_disk_buffer_fsyncs_and_quarantines_what_cannot_be_read(tmp_path, monkey
     }
     assert again.pending() == [1, 2, 7] and again.quarantined == 5
     assert sorted(os.listdir(tmp_path / "quarantine")) == sorted(_damage(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["000000000001.msg", "000000000002.msg", "000000000007.msg",
-                                            "quarantine"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "000000000001.msg",
+        "000000000002.msg",
+        "000000000007.msg",
+        "quarantine",
+    ]
     assert again.next_seq() == 10  # after the cut-short .part's 9: a number is never reused
     (tmp_path / "000000000007.msg").write_bytes(b"")  # damaged again later, under a name already seen
     (tmp_path / "000000000003.msg").write_bytes(b"")
     again.close()
     later = DiskBuffer(str(tmp_path))
     assert later.quarantined == 5  # the count survives a restart (the files do)
-    assert [later.read(seq) for seq in later.pending()] == [("t/a", b'{"n": 0}'), ("t/a", b'{"n": 1}'), None,
-                                                            None]
+    assert [later.read(seq) for seq in later.pending()] == [
+        ("t/a", b'{"n": 0}'),
+        ("t/a", b'{"n": 1}'),
+        None,
+        None,
+    ]
     assert later.quarantined == 7 and later.pending() == [1, 2]
     assert {"000000000003.msg", "000000000003.msg.2", "000000000007.msg"} <= set(
         os.listdir(tmp_path / "quarantine")
@@ -742,13 +781,54 @@ def secure_broker(tmp_path):
         subprocess.run(args, cwd=folder, check=True, capture_output=True, timeout=60)
 
     for ca in ("ca", "other-ca"):
-        run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
-            f"{ca}.pem", "-days", "2", "-subj", f"/CN=detforge test {ca}")
-    run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=127.0.0.1")
+        run(
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=detforge test {ca}",
+        )
+    run(
+        openssl,
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run(openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    run(
+        openssl,
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
     run(passwd, "-b", "-c", "passwd", "dev", "s3cret")
     (folder / "acl").write_text("user dev\ntopic readwrite detforge/infer/#\n")
     broker = Broker(binary, folder)
@@ -770,13 +850,24 @@ def secure_broker(tmp_path):
 
 def _secure_publisher(broker, buffer_dir: Path, **login) -> Publisher:
     spec = parse_broker(f"mqtts://127.0.0.1:{broker.port}", **{"ca_file": broker.ca_file, **login})
-    return Publisher(spec, DiskBuffer(str(buffer_dir)), client_id=f"pub-{time.monotonic_ns()}",
-                     status_topic="detforge/infer/status", status=lambda: {}, backoff=(0.05, 0.2))
+    return Publisher(
+        spec,
+        DiskBuffer(str(buffer_dir)),
+        client_id=f"pub-{time.monotonic_ns()}",
+        status_topic="detforge/infer/status",
+        status=lambda: {},
+        backoff=(0.05, 0.2),
+    )
 
 
 def test_tls_with_a_password_publishes_and_the_acl_refuses_other_topics(secure_broker, tmp_path):
-    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
-                        username="dev", password="s3cret").connect()
+    recorder = Recorder(
+        secure_broker.port,
+        ("detforge/infer/#",),
+        ca_file=secure_broker.ca_file,
+        username="dev",
+        password="s3cret",
+    ).connect()
     publisher = _secure_publisher(secure_broker, tmp_path / "buffer", username="dev", password="s3cret")
     try:
         publisher.start()
@@ -805,8 +896,10 @@ def test_tls_with_a_password_publishes_and_the_acl_refuses_other_topics(secure_b
             "broker's password file)",
         ),
         ({}, "broker refused the connection: Not authorized"),
-        ({"username": "dev", "password": "s3cret", "mqtt_version": "3.1.1", "ca_file": "OTHER"},
-         "CERTIFICATE_VERIFY_FAILED"),
+        (
+            {"username": "dev", "password": "s3cret", "mqtt_version": "3.1.1", "ca_file": "OTHER"},
+            "CERTIFICATE_VERIFY_FAILED",
+        ),
     ],
 )
 def test_tls_refuses_wrong_credentials_with_a_clear_error(secure_broker, tmp_path, login, error):
@@ -825,8 +918,13 @@ def test_tls_refuses_wrong_credentials_with_a_clear_error(secure_broker, tmp_pat
 
 
 def test_edge_command_over_tls_with_a_password_from_the_environment(tiny_deploy, secure_broker, tmp_path):
-    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
-                        username="dev", password="s3cret").connect()
+    recorder = Recorder(
+        secure_broker.port,
+        ("detforge/infer/#",),
+        ca_file=secure_broker.ca_file,
+        username="dev",
+        password="s3cret",
+    ).connect()
     url = f"mqtts://127.0.0.1:{secure_broker.port}"
     login = ("--ca-file", secure_broker.ca_file, "--username", "dev")
     os.environ["DETFORGE_MQTT_PASSWORD"] = "s3cret"
@@ -1104,9 +1202,22 @@ def test_a_stream_with_credentials_never_shows_them_and_uses_the_default_thresho
         code, output = finish(process)
         recorder.wait_for(STATUS, 2, timeout=5)
         refused = subprocess.run(
-            [sys.executable, "-m", "detforge", "edge", str(deploy), "--broker", mqtt_broker.url,
-             "--buffer-dir", str(tmp_path / "buffer2"), "--source", "rtsp://admin:s3cret@127.0.0.1:1/x"],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "detforge",
+                "edge",
+                str(deploy),
+                "--broker",
+                mqtt_broker.url,
+                "--buffer-dir",
+                str(tmp_path / "buffer2"),
+                "--source",
+                "rtsp://admin:s3cret@127.0.0.1:1/x",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         if process.poll() is None:
@@ -1133,8 +1244,19 @@ def test_a_second_runtime_on_the_same_buffer_folder_is_refused_naming_the_first(
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     image = write_image_atomically(allowed, "in.png", value=200)
-    command = [sys.executable, "-m", "detforge", "edge", str(tiny_deploy), "--broker", mqtt_broker.url,
-               "--threads", "1", "--allow-path", str(allowed)]
+    command = [
+        sys.executable,
+        "-m",
+        "detforge",
+        "edge",
+        str(tiny_deploy),
+        "--broker",
+        mqtt_broker.url,
+        "--threads",
+        "1",
+        "--allow-path",
+        str(allowed),
+    ]
     env = {**os.environ, "HOME": str(tmp_path / "home")}  # the default buffer folder, under a test home
     folder = tmp_path / "home" / ".cache" / "detforge" / "edge-buffer" / "requests"
     recorder = Recorder(mqtt_broker.port).connect()
@@ -1200,10 +1322,14 @@ def test_a_full_disk_is_reported_and_survived(tiny_deploy, mqtt_broker, tmp_path
     assert code == 0, said + output
     assert [(m["frame"], m["seq"]) for m in received] == [("img0.png", 1), ("img1.png", 2), ("img3.png", 4)]
     buffer_dir = tmp_path / "buffer"
-    assert f"MQTT: cannot write to the buffer folder {buffer_dir}: File too large; results are sent " \
-           "without a copy on disk" in said
-    assert f"MQTT: cannot write to the buffer folder {buffer_dir}: File too large; results made while " \
-           "disconnected are lost" in said
+    assert (
+        f"MQTT: cannot write to the buffer folder {buffer_dir}: File too large; results are sent "
+        "without a copy on disk" in said
+    )
+    assert (
+        f"MQTT: cannot write to the buffer folder {buffer_dir}: File too large; results made while "
+        "disconnected are lost" in said
+    )
     last = recorder.on(STATUS)[-1]
     counts = (last["status"], last["buffer_write_errors"], last["unbuffered"], last["lost"])
     assert counts == ("offline", 2, 1, 1)
@@ -1279,6 +1405,8 @@ def test_edge_run_options_are_the_edge_config_fields_with_the_same_defaults():
             assert (name, default) == (name, field.default)
     parsed = {name: param.default for name, param in params.items()}
     parsed.update(deploy="deploy/model.onnx", broker="mqtt://127.0.0.1:1883", allow_path=None)
-    assert config_fields(parsed) == {**{f: fields[f].default for f in fields if fields[f].default is not
-                                        dataclasses.MISSING},
-                                     "deploy_dir": "deploy", "broker": "mqtt://127.0.0.1:1883"}
+    assert config_fields(parsed) == {
+        **{f: fields[f].default for f in fields if fields[f].default is not dataclasses.MISSING},
+        "deploy_dir": "deploy",
+        "broker": "mqtt://127.0.0.1:1883",
+    }

@@ -176,25 +176,43 @@ def test_install_step_then_run_step_over_tls_with_a_password(component, secure_b
 
     lifecycle = recipe["Manifests"][0]["Lifecycle"]
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run(fill(lifecycle["Install"]["Script"]), shell=True, env=clean, capture_output=True,
-                             text=True, timeout=900, cwd=work)
+    install = subprocess.run(
+        fill(lifecycle["Install"]["Script"]),
+        shell=True,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=work,
+    )
     if install.returncode != 0 and "No matching distribution" in install.stderr + install.stdout:
         missing("pip cannot reach a package index for the Install step")
     assert install.returncode == 0, install.stdout + install.stderr
     venv = work / "venv"
-    frozen = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--all"],
-                            capture_output=True, text=True, timeout=120, env=clean).stdout.split()
+    frozen = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "freeze", "--all"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean,
+    ).stdout.split()
     pinned = (unpacked / "detforge-edge" / "requirements.txt").read_text().split()
     normal = lambda line: line.lower().replace("_", "-")  # noqa: E731
     assert {normal(x) for x in pinned} <= {normal(x) for x in frozen}  # exactly the pinned versions
     assert not any(normal(x).startswith(("torch==", "torchvision==")) for x in frozen)
     run = lifecycle["Run"]
     env = {**clean, **{k: fill(v) for k, v in run["Setenv"].items()}}
-    recorder = Recorder(secure_broker.port, ("detforge/infer/#",), ca_file=secure_broker.ca_file,
-                        username="dev", password="s3cret").connect()
+    recorder = Recorder(
+        secure_broker.port,
+        ("detforge/infer/#",),
+        ca_file=secure_broker.ca_file,
+        username="dev",
+        password="s3cret",
+    ).connect()
     try:
-        result = subprocess.run(fill(run["Script"]), shell=True, env=env, capture_output=True, text=True,
-                                timeout=120, cwd=work)
+        result = subprocess.run(
+            fill(run["Script"]), shell=True, env=env, capture_output=True, text=True, timeout=120, cwd=work
+        )
         messages = recorder.wait_for(OUTPUT, 3, timeout=10)
     finally:
         recorder.close()

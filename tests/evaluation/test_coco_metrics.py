@@ -75,8 +75,9 @@ def test_all_point_ap50_agrees_with_pycocotools():
         n_gt = int(sum(np.count_nonzero(~np.asarray(e["gtIgnore"], dtype=bool)) for e in per_image))
         assert n_gt == ours.n_gt[cat]
         curve = pr_curve(scores, matched, n_gt=n_gt)
-        assert m.per_class_ap_all_point[cat] == pytest.approx(all_point_ap(curve.recall, curve.precision),
-                                                              abs=1e-9)
+        assert m.per_class_ap_all_point[cat] == pytest.approx(
+            all_point_ap(curve.recall, curve.precision), abs=1e-9
+        )
         # pycocotools' own AP50 samples the same precision envelope at 101 recall points; for a
         # non-increasing envelope p, |mean of p(k/100), k=0..100 - area under p| <= 1/100.
         sampled = evaluator.eval["precision"][0, :, k, 0, -1]
@@ -90,8 +91,13 @@ def test_all_point_ap50_agrees_with_pycocotools():
 def test_known_coco_values():
     acc = CocoAccumulator(["box"])
     # IoU of the detection with its box: 100*93 / (100*100) = 0.93 -> matched at .5 ... .9, not .95
-    acc.update(gt_boxes=[[0, 0, 100, 100]], gt_classes=[0], pred_boxes=[[0, 0, 100, 93]], pred_scores=[0.9],
-               pred_classes=[0])
+    acc.update(
+        gt_boxes=[[0, 0, 100, 100]],
+        gt_classes=[0],
+        pred_boxes=[[0, 0, 100, 93]],
+        pred_scores=[0.9],
+        pred_classes=[0],
+    )
     acc.update(gt_boxes=[], gt_classes=[], pred_boxes=[], pred_scores=[], pred_classes=[])
     stats = acc.compute()
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP75"] == pytest.approx(1.0)
@@ -105,10 +111,22 @@ def test_known_coco_values():
 def test_coco_metrics_from_records_and_merge():
     cmap = {0: "blue box", 1: "yellow box"}
     records = [
-        make_record("s3://b/a.jpg", width=200, height=200, boxes_xyxy=[[10, 10, 60, 60]], class_ids=[0],
-                    class_map=cmap),
-        make_record("s3://b/b.jpg", width=200, height=200, boxes_xyxy=[[20, 20, 120, 120]], class_ids=[1],
-                    class_map=cmap),
+        make_record(
+            "s3://b/a.jpg",
+            width=200,
+            height=200,
+            boxes_xyxy=[[10, 10, 60, 60]],
+            class_ids=[0],
+            class_map=cmap,
+        ),
+        make_record(
+            "s3://b/b.jpg",
+            width=200,
+            height=200,
+            boxes_xyxy=[[20, 20, 120, 120]],
+            class_ids=[1],
+            class_map=cmap,
+        ),
     ]
     preds = {"a": ([[10, 10, 60, 60]], [0.8], [0]), "b": ([[20, 20, 120, 120]], [0.7], [0])}
     stats = coco_metrics(records, preds, ["blue box", "yellow box"])
@@ -132,10 +150,21 @@ def test_coco_empty_and_bad_input():
     acc.update(gt_boxes=[], gt_classes=[], pred_boxes=[[0, 0, 1, 1]], pred_scores=[0.5], pred_classes=[0])
     assert acc.compute()["AP"] is None
     with pytest.raises(ValueError, match=r"pred_classes outside 0..0: \[1\] \(image q\)"):
-        acc.update(gt_boxes=[], gt_classes=[], pred_boxes=[[0, 0, 1, 1]], pred_scores=[0.5], pred_classes=[1],
-                   image_id="q")
+        acc.update(
+            gt_boxes=[],
+            gt_classes=[],
+            pred_boxes=[[0, 0, 1, 1]],
+            pred_scores=[0.5],
+            pred_classes=[1],
+            image_id="q",
+        )
     with pytest.raises(ValueError, match="NaN"):
-        acc.update(gt_boxes=[], gt_classes=[], pred_boxes=[[0, 0, 1, 1]], pred_scores=[float("nan")],
-                   pred_classes=[0])
+        acc.update(
+            gt_boxes=[],
+            gt_classes=[],
+            pred_boxes=[[0, 0, 1, 1]],
+            pred_scores=[float("nan")],
+            pred_classes=[0],
+        )
     with pytest.raises(ValueError, match="class names differ"):
         acc.merge(CocoAccumulator(["y"]))

@@ -28,10 +28,22 @@ def norm(box):
 def data(tmp_path):
     """Three 200x100 images; hand-computed expectations in test_predictions_end_to_end."""
     records = [
-        make_record("s3://bucket/imgs/a.jpg", width=W, height=H,
-                    boxes_xyxy=[[20, 10, 60, 50], [100, 20, 180, 80]], class_ids=[0, 1], class_map=CMAP),
-        make_record("s3://bucket/imgs/b.jpg", width=W, height=H, boxes_xyxy=[[0, 0, 50, 50]], class_ids=[0],
-                    class_map=CMAP),
+        make_record(
+            "s3://bucket/imgs/a.jpg",
+            width=W,
+            height=H,
+            boxes_xyxy=[[20, 10, 60, 50], [100, 20, 180, 80]],
+            class_ids=[0, 1],
+            class_map=CMAP,
+        ),
+        make_record(
+            "s3://bucket/imgs/b.jpg",
+            width=W,
+            height=H,
+            boxes_xyxy=[[0, 0, 50, 50]],
+            class_ids=[0],
+            class_map=CMAP,
+        ),
         make_record("s3://bucket/imgs/c.jpg", width=W, height=H, boxes_xyxy=[], class_ids=[], class_map={}),
     ]
     manifest = tmp_path / "validation.manifest"
@@ -39,12 +51,20 @@ def data(tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
     lines = [
         # b first: the order of predictions does not matter; matched by source-ref
-        {"source-ref": "s3://bucket/imgs/b.jpg", "image": "b.jpg",
-         "prediction": [[1, 0.6, *norm([120, 0, 160, 40])]]},
+        {
+            "source-ref": "s3://bucket/imgs/b.jpg",
+            "image": "b.jpg",
+            "prediction": [[1, 0.6, *norm([120, 0, 160, 40])]],
+        },
         # a by file name: blue found (.9), yellow found (.8), blue again (.7, a duplicate)
-        {"image": "a.jpg", "prediction": [[0, 0.9, *norm([20, 10, 60, 50])],
-                                          [1, 0.8, *norm([100, 20, 180, 80])],
-                                          [0, 0.7, *norm([21, 10, 60, 50])]]},
+        {
+            "image": "a.jpg",
+            "prediction": [
+                [0, 0.9, *norm([20, 10, 60, 50])],
+                [1, 0.8, *norm([100, 20, 180, 80])],
+                [0, 0.7, *norm([21, 10, 60, 50])],
+            ],
+        },
         # c: no line at all
     ]
     predictions = tmp_path / "predictions.jsonl"
@@ -79,8 +99,11 @@ def test_predictions_end_to_end(data):
     assert saved["validation:mAP"] == pytest.approx(17 / 22)
     assert [c["name"] for c in saved["per_class"]] == CLASSES
     assert saved["confusion_matrix"]["labels"] == CLASSES + ["background"]
-    assert saved["pr_curves"]["yellow box"] == {"scores": [0.8, 0.6], "precision": [1.0, 0.5],
-                                                "recall": [1.0, 1.0]}
+    assert saved["pr_curves"]["yellow box"] == {
+        "scores": [0.8, 0.6],
+        "precision": [1.0, 0.5],
+        "recall": [1.0, 1.0],
+    }
     assert saved["coco"]["AP50"] == pytest.approx(result.coco["AP50"])
 
 
@@ -90,8 +113,12 @@ def test_iou_threshold_and_stem_matching(data, tmp_path):
     # matched by stem; the box has IoU 40*40/(50*50) = 0.64 with b's blue box
     predictions.write_text(json.dumps({"image": "b", "prediction": [[0, 0.9, *norm([0, 0, 40, 40])]]}) + "\n")
     assert evaluate(str(predictions), str(manifest), coco=False).metrics.per_class_ap_all_point[0] == 0.5
-    assert evaluate(str(predictions), str(manifest), iou_threshold=0.7,
-                    coco=False).metrics.per_class_ap_all_point[0] == 0.0
+    assert (
+        evaluate(
+            str(predictions), str(manifest), iou_threshold=0.7, coco=False
+        ).metrics.per_class_ap_all_point[0]
+        == 0.0
+    )
 
 
 def test_class_names_from_the_manifest_without_classes_json(data):
@@ -108,8 +135,11 @@ def test_cli_prints_a_table_and_writes_files(data):
     evaluate_cli.register(app)
     app.command("unused")(lambda: None)  # two commands, so typer keeps the command name
     out = folder / "cli-out"
-    result = CliRunner().invoke(app, ["evaluate", str(predictions), str(manifest), "--out", str(out),
-                                      "--threshold", "0.75", "--no-coco"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(predictions), str(manifest), "--out", str(out), "--threshold", "0.75", "--no-coco"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     assert "validation:mAP (VOC07 11-point) = 0.773" in result.output
     assert "yellow box" in result.output and "1 manifest images had no predictions line" in result.output
@@ -123,20 +153,34 @@ def write_lines(path, *lines):
     return str(path)
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ('{"image": "zzz.jpg", "prediction": []}',
-     "p.jsonl:2, field 'image': image 'zzz.jpg' is not in the manifest"),
-    ('{"image": "b.jpg", "prediction": [[2, 0.5, 0, 0, 0.1, 0.1]]}',
-     "p.jsonl:2, field 'prediction[0].class_id': unknown class id 2 (the classes are 0..1)"),
-    ('{"image": "b.jpg", "prediction": [[0, NaN, 0, 0, 0.1, 0.1]]}',
-     "p.jsonl:2, field 'prediction[0].score': score is nan"),
-    ('{"image": "b.jpg", "prediction": [[0, 0.5, 0, 0, 0.1]]}',
-     "p.jsonl:2, field 'prediction[0]': expected [class_id, score, xmin, ymin, xmax, ymax] numbers"),
-    ('{"image": "b.jpg", "prediction": [[0.5, 0.5, 0, 0, 0.1, 0.1]]}', "unknown class id 0.5"),
-    ('{"image": "b.jpg"}', "p.jsonl:2, field 'prediction': missing or not a list"),
-    ('{"image": "a.jpg", "prediction": []}', "p.jsonl:2, field 'image': second predictions line for image"),
-    ('{"image": "b.jpg", "prediction": [}', "p.jsonl:2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"image": "zzz.jpg", "prediction": []}',
+            "p.jsonl:2, field 'image': image 'zzz.jpg' is not in the manifest",
+        ),
+        (
+            '{"image": "b.jpg", "prediction": [[2, 0.5, 0, 0, 0.1, 0.1]]}',
+            "p.jsonl:2, field 'prediction[0].class_id': unknown class id 2 (the classes are 0..1)",
+        ),
+        (
+            '{"image": "b.jpg", "prediction": [[0, NaN, 0, 0, 0.1, 0.1]]}',
+            "p.jsonl:2, field 'prediction[0].score': score is nan",
+        ),
+        (
+            '{"image": "b.jpg", "prediction": [[0, 0.5, 0, 0, 0.1]]}',
+            "p.jsonl:2, field 'prediction[0]': expected [class_id, score, xmin, ymin, xmax, ymax] numbers",
+        ),
+        ('{"image": "b.jpg", "prediction": [[0.5, 0.5, 0, 0, 0.1, 0.1]]}', "unknown class id 0.5"),
+        ('{"image": "b.jpg"}', "p.jsonl:2, field 'prediction': missing or not a list"),
+        (
+            '{"image": "a.jpg", "prediction": []}',
+            "p.jsonl:2, field 'image': second predictions line for image",
+        ),
+        ('{"image": "b.jpg", "prediction": [}', "p.jsonl:2: not valid JSON"),
+    ],
+)
 def test_bad_predictions_name_file_and_line(data, tmp_path, line, message):
     _, manifest, _ = data
     path = write_lines(tmp_path / "p.jsonl", '{"image": "a.jpg", "prediction": []}', line)
@@ -148,13 +192,19 @@ def test_bad_predictions_name_file_and_line(data, tmp_path, line, message):
 def test_ambiguous_names_and_unknown_sources(data, tmp_path):
     _, manifest, _ = data
     twin = tmp_path / "twins.manifest"
-    write_manifest(twin, [make_record(f"s3://b/{d}/x.jpg", width=W, height=H, boxes_xyxy=[], class_ids=[],
-                                      class_map=CMAP) for d in ("one", "two")])
+    write_manifest(
+        twin,
+        [
+            make_record(f"s3://b/{d}/x.jpg", width=W, height=H, boxes_xyxy=[], class_ids=[], class_map=CMAP)
+            for d in ("one", "two")
+        ],
+    )
     path = write_lines(tmp_path / "p.jsonl", '{"image": "x.jpg", "prediction": []}')
     with pytest.raises(FormatError, match="matches 2 manifest images .*give the full source-ref"):
         evaluate(path, str(twin), coco=False)
-    ok = write_lines(tmp_path / "q.jsonl",
-                     '{"source-ref": "s3://b/two/x.jpg", "image": "x.jpg", "prediction": []}')
+    ok = write_lines(
+        tmp_path / "q.jsonl", '{"source-ref": "s3://b/two/x.jpg", "image": "x.jpg", "prediction": []}'
+    )
     assert evaluate(ok, str(twin), coco=False).images_without_predictions == 1
     with pytest.raises(ConfigError, match="not a predictions JSON Lines file or a training run folder"):
         find_source(str(tmp_path / "nothing-here"))
@@ -196,8 +246,9 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
     torch.manual_seed(0)
     run = tmp_path / "run"
     model = build_model("mobilenet-v3", num_classes=2, image_size=64).eval()
-    save_model(run, model,
-               RunInfo(base_network="mobilenet-v3", image_shape=64, num_classes=2, classes=CLASSES))
+    save_model(
+        run, model, RunInfo(base_network="mobilenet-v3", image_shape=64, num_classes=2, classes=CLASSES)
+    )
     assert find_source(str(run)) == "run"
     rng = np.random.default_rng(0)
     files = []
@@ -208,8 +259,9 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
 
     pictures = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     with torch.inference_mode():  # the model sees each image resized to 64 x 64 by the runtime's resize
-        outputs = model([torch.from_numpy(resize_rgb(p, 64).copy()).permute(2, 0, 1).float().div(255)
-                         for p in pictures])
+        outputs = model(
+            [torch.from_numpy(resize_rgb(p, 64).copy()).permute(2, 0, 1).float().div(255) for p in pictures]
+        )
     # q.png is labeled at twice its size (its manifest image_size is 80x80): boxes scale with it
     sizes, scales = [(64, 48), (80, 80)], [1, 2]
     records, lines = [], []
@@ -218,11 +270,21 @@ def test_run_folder_gives_the_same_metrics_as_its_predictions(tmp_path):
         classes = labels_to_class_ids(out["labels"].numpy())
         assert len(boxes) > 2
         gt = np.clip(np.rint(boxes[:2] * k), 0, [w, h, w, h])  # two of its own detections as labels
-        records.append(make_record(str(f), width=w, height=h, boxes_xyxy=gt, class_ids=classes[:2],
-                                   class_map=CMAP))
+        records.append(
+            make_record(str(f), width=w, height=h, boxes_xyxy=gt, class_ids=classes[:2], class_map=CMAP)
+        )
         norm_boxes = boxes / [w / k, h / k, w / k, h / k]
-        lines.append({"image": f.name, "prediction": [[int(c), float(s), *b] for c, s, b in zip(
-            classes, out["scores"].numpy().tolist(), norm_boxes.tolist(), strict=True)]})
+        lines.append(
+            {
+                "image": f.name,
+                "prediction": [
+                    [int(c), float(s), *b]
+                    for c, s, b in zip(
+                        classes, out["scores"].numpy().tolist(), norm_boxes.tolist(), strict=True
+                    )
+                ],
+            }
+        )
     manifest = tmp_path / "m.manifest"
     write_manifest(manifest, records)
     predictions = tmp_path / "model.jsonl"
@@ -269,14 +331,23 @@ def test_run_deploy_predictions_and_training_validation_agree(tmp_path):
     torch.set_num_threads(1)
     train_manifest = make_tiny_set(tmp_path / "train", 16, 1, size=80)
     manifest = make_tiny_set(tmp_path / "validation", 6, 2, size=80)
-    train(TrainConfig(train=str(train_manifest), validation=str(manifest), out=str(tmp_path / "run"),
-                      hyperparameters={**TINY_HP, "epochs": "3", "image_shape": "48"}, progress=False))
+    train(
+        TrainConfig(
+            train=str(train_manifest),
+            validation=str(manifest),
+            out=str(tmp_path / "run"),
+            hyperparameters={**TINY_HP, "epochs": "3", "image_shape": "48"},
+            progress=False,
+        )
+    )
     export_run(str(tmp_path / "run"), str(tmp_path / "deploy"))
     predict(str(tmp_path / "deploy"), [str(manifest)], out=str(tmp_path / "p.jsonl"), threshold=0.0)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = rows[-1]["validation:mAP"]
-    results = {name: evaluate(str(tmp_path / name), str(manifest), coco=False)
-               for name in ("run", "deploy", "p.jsonl")}
+    results = {
+        name: evaluate(str(tmp_path / name), str(manifest), coco=False)
+        for name in ("run", "deploy", "p.jsonl")
+    }
     assert [r.source for r in results.values()] == ["run", "deploy", "predictions"]
     assert trained > 0.0 and rows[-1]["validation_images"] == 6
     for result in results.values():
@@ -295,9 +366,16 @@ def test_classes_are_matched_by_name(tiny_run, tiny_deploy, tmp_path):
     records = []
     for record in read_manifest(str(manifest)):
         source = str(tiny_run.parent / "validation" / record.source_ref)
-        records.append(make_record(source, width=record.width, height=record.height,
-                                   boxes_xyxy=record.boxes, class_ids=1 - record.class_ids,
-                                   class_map={0: "yellow box", 1: "blue box"}))
+        records.append(
+            make_record(
+                source,
+                width=record.width,
+                height=record.height,
+                boxes_xyxy=record.boxes,
+                class_ids=1 - record.class_ids,
+                class_map={0: "yellow box", 1: "blue box"},
+            )
+        )
     write_manifest(folder / "data.manifest", records)
     (folder / "classes.json").write_text(json.dumps(["yellow box", "blue box"]))
     for model in (tiny_run, tiny_deploy):

@@ -17,9 +17,13 @@ FAR = [50, 50, 60, 60]
 
 def add(acc, gt, preds):
     """gt: [(box, cls)], preds: [(box, score, cls)]."""
-    acc.update(gt_boxes=[g[0] for g in gt], gt_classes=[g[1] for g in gt],
-               pred_boxes=[p[0] for p in preds], pred_scores=[p[1] for p in preds],
-               pred_classes=[p[2] for p in preds])
+    acc.update(
+        gt_boxes=[g[0] for g in gt],
+        gt_classes=[g[1] for g in gt],
+        pred_boxes=[p[0] for p in preds],
+        pred_scores=[p[1] for p in preds],
+        pred_classes=[p[2] for p in preds],
+    )
 
 
 def case_a(acc, cls=0):
@@ -180,7 +184,8 @@ def test_merge_of_three_shards_equals_one_accumulation():
     states = [pickle.loads(pickle.dumps(s.state_dict())) for s in shards]
     merged = DetectionAccumulator.from_state_dict(states[2])
     merged.merge(DetectionAccumulator.from_state_dict(states[0])).merge(
-        DetectionAccumulator.from_state_dict(states[1]))
+        DetectionAccumulator.from_state_dict(states[1])
+    )
     expected = whole.compute().to_dict(curves=True)
     assert merged.compute().to_dict(curves=True) == expected
     assert expected["num_images"] == 60 and expected["n_gt"] > 50
@@ -205,19 +210,31 @@ def test_ap_functions_on_empty_curves():
     assert all_point_ap(np.zeros(0), np.zeros(0)) == 0.0
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"pred_scores": [float("nan")]}, "pred_scores contains NaN (image img7)"),
-    ({"pred_classes": [3]}, "pred_classes has class id 3, outside 0..2 (image img7)"),
-    ({"gt_classes": [-1]}, "gt_classes has class id -1, outside 0..2"),
-    ({"pred_classes": [0.5]}, "pred_classes must be whole class ids"),
-    ({"pred_boxes": [[0, 0, float("nan"), 1]]}, "pred_boxes contains NaN or infinite coordinates"),
-    ({"pred_boxes": [[0, 0, 1]]}, "boxes must have shape (N, 4)"),
-    ({"pred_scores": [0.5, 0.4]}, "1 pred_boxes, 2 pred_scores, 1 pred_classes"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pred_scores": [float("nan")]}, "pred_scores contains NaN (image img7)"),
+        ({"pred_classes": [3]}, "pred_classes has class id 3, outside 0..2 (image img7)"),
+        ({"gt_classes": [-1]}, "gt_classes has class id -1, outside 0..2"),
+        ({"pred_classes": [0.5]}, "pred_classes must be whole class ids"),
+        ({"pred_boxes": [[0, 0, float("nan"), 1]]}, "pred_boxes contains NaN or infinite coordinates"),
+        ({"pred_boxes": [[0, 0, 1]]}, "boxes must have shape (N, 4)"),
+        ({"pred_scores": [0.5, 0.4]}, "1 pred_boxes, 2 pred_scores, 1 pred_classes"),
+    ],
+)
 def test_bad_input(change, message):
     acc = DetectionAccumulator(3)
-    args = dict(gt_boxes=[BOX], gt_classes=[0], pred_boxes=[BOX], pred_scores=[0.5], pred_classes=[0],
-                image_id="img7") | change
+    args = (
+        dict(
+            gt_boxes=[BOX],
+            gt_classes=[0],
+            pred_boxes=[BOX],
+            pred_scores=[0.5],
+            pred_classes=[0],
+            image_id="img7",
+        )
+        | change
+    )
     with pytest.raises(ValueError) as info:
         acc.update(**args)
     assert message in str(info.value)
@@ -239,8 +256,9 @@ def test_difficult_boxes_are_neither_hit_nor_miss_as_in_the_voc_devkit():
     """
     gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=float)
     pred = np.array([[50, 50, 60, 60], [20, 20, 30, 30], [0, 0, 10, 10]], dtype=float)
-    fields = dict(gt_boxes=gt, gt_classes=[0, 0], pred_boxes=pred, pred_scores=[0.95, 0.9, 0.8],
-                  pred_classes=[0, 0, 0])
+    fields = dict(
+        gt_boxes=gt, gt_classes=[0, 0], pred_boxes=pred, pred_scores=[0.95, 0.9, 0.8], pred_classes=[0, 0, 0]
+    )
     flagged = DetectionAccumulator(1)
     flagged.update(**fields, gt_difficult=[False, True])
     plain = DetectionAccumulator(1)

@@ -33,8 +33,10 @@ def server():
 
 def ask(port: int, host: str) -> tuple[int, dict]:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Detforge-Token: secret-token\r\n"
-                     "Connection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Detforge-Token: secret-token\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -42,14 +44,39 @@ def ask(port: int, host: str) -> tuple[int, dict]:
     return int(head.split(b" ")[1]), json.loads(body)
 
 
-@pytest.mark.parametrize("host", ["[::1]", "[::1]:8080", "127.0.0.1", "127.0.0.1:8080", "localhost",
-                                  "localhost:8080", "LOCALHOST", "127.0.0.2:80", "[0:0:0:0:0:0:0:1]:1"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::1]",
+        "[::1]:8080",
+        "127.0.0.1",
+        "127.0.0.1:8080",
+        "localhost",
+        "localhost:8080",
+        "LOCALHOST",
+        "127.0.0.2:80",
+        "[0:0:0:0:0:0:0:1]:1",
+    ],
+)
 def test_loopback_hosts_are_accepted(server, host):
     assert ask(server, host) == (200, {"ok": True})
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "[::1", "[::1]x", "[evil.example]",
-                                  "10.0.0.1:80", "[::2]", "", "127.0.0.1.evil.example",
-                                  "x@127.0.0.1", "127.0.0.1:80:80"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:80",
+        "[::1",
+        "[::1]x",
+        "[evil.example]",
+        "10.0.0.1:80",
+        "[::2]",
+        "",
+        "127.0.0.1.evil.example",
+        "x@127.0.0.1",
+        "127.0.0.1:80:80",
+    ],
+)
 def test_other_hosts_are_refused(server, host):
     assert ask(server, host) == (403, {"error": "wrong Host header"})

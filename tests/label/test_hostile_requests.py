@@ -29,8 +29,17 @@ def make_manifests(folder: Path) -> tuple[Path, Path]:
         path = folder / f"frame_{i}.png"
         Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(path)
         inputs.append(json.dumps({"source-ref": str(path)}) + "\n")
-        records.append(make_record(str(path), width=40, height=30, boxes_xyxy=[[1, 2, 20, 20]], class_ids=[0],
-                                   class_map={0: "box"}, job_name="labeling-job/j"))
+        records.append(
+            make_record(
+                str(path),
+                width=40,
+                height=30,
+                boxes_xyxy=[[1, 2, 20, 20]],
+                class_ids=[0],
+                class_map={0: "box"},
+                job_name="labeling-job/j",
+            )
+        )
     (folder / "input.manifest").write_text("".join(inputs))
     write_manifest(folder / "job.manifest", records)
     return folder / "input.manifest", folder / "job.manifest"
@@ -85,16 +94,28 @@ def post(path: str, headers: str, body: bytes = b"") -> bytes:
 
 def test_bad_indexes_are_answered_not_crashed(target, capfd):
     port, _, _ = target
-    for key, status in (("%C2%B2", 400), ("%D9%A3", 400), ("-1", 400), ("1.0", 400), ("frame_0.png", 400),
-                        ("..%2F..%2Fetc%2Fpasswd", 400), ("99999999999999999999999", 404), ("2", 404)):
-        answer = exchange(port, f"GET /api/image/{key}?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                "\r\n".encode())
+    for key, status in (
+        ("%C2%B2", 400),
+        ("%D9%A3", 400),
+        ("-1", 400),
+        ("1.0", 400),
+        ("frame_0.png", 400),
+        ("..%2F..%2Fetc%2Fpasswd", 400),
+        ("99999999999999999999999", 404),
+        ("2", 404),
+    ):
+        answer = exchange(
+            port, f"GET /api/image/{key}?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
         assert answer[0] == status, (key, answer)
-    code, body, _ = exchange(port, f"GET /api/image/%C2%B2?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                   "\r\n".encode())
+    code, body, _ = exchange(
+        port, f"GET /api/image/%C2%B2?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    )
     assert (code, body["error"].endswith("by their index, a whole number, not '²'")) == (400, True)
-    assert exchange(port, f"GET /api/image/1?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                          "\r\n".encode())[0] == 200
+    assert (
+        exchange(port, f"GET /api/image/1?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())[0]
+        == 200
+    )
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -123,6 +144,6 @@ def test_a_body_is_read_within_the_cap_whatever_is_declared(target, capfd):
 def test_a_client_that_goes_silent_mid_body_is_let_go(target, monkeypatch, capfd):
     port, path, _ = target
     monkeypatch.setattr(TokenHandler, "timeout", 0.3)
-    code, _, closed = exchange(port, post(path, "Content-Length: 100\r\n", b"{\"boxes\""))
+    code, _, closed = exchange(port, post(path, "Content-Length: 100\r\n", b'{"boxes"'))
     assert (code, closed) == (None, True)  # dropped after the silence, nothing half-done
     assert "Traceback" not in capfd.readouterr().err

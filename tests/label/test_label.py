@@ -27,8 +27,16 @@ from detforge.label import app, jobs, review
 
 CLASSES = ["blue box", "yellow box"]
 W, H = 200, 150
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def make_frames(folder: Path, count: int = 4) -> Path:
@@ -37,11 +45,12 @@ def make_frames(folder: Path, count: int = 4) -> Path:
     lines = []
     for i in range(count):
         pixels = np.full((H, W, 3), 100, np.uint8)
-        pixels[20 + i:70 + i, 30:90] = (40, 70, 210)
-        pixels[80:130, 120 + i:180 + i] = (230, 200, 40)
+        pixels[20 + i : 70 + i, 30:90] = (40, 70, 210)
+        pixels[80:130, 120 + i : 180 + i] = (230, 200, 40)
         Image.fromarray(pixels).save(folder / f"frame_{i:03d}.png")
-        lines.append({"source-ref": f"frame_{i:03d}.png", "color": "blue", "object": "box",
-                      "extra": {"n": i}})
+        lines.append(
+            {"source-ref": f"frame_{i:03d}.png", "color": "blue", "object": "box", "extra": {"n": i}}
+        )
     manifest = folder / "input.manifest"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest
@@ -58,35 +67,56 @@ def test_output_is_ground_truth_and_prepare_reads_it(tmp_path):
     manifest = make_frames(tmp_path / "frames")
     out = tmp_path / "jobs" / "boxes-1.output.manifest"
     job = jobs.open_job(manifest, out=out, classes="blue box, yellow box")
-    assert job.attribute == "boxes-1" and job.job_name == "boxes-1" and job.class_map == {0: "blue box",
-                                                                                         1: "yellow box"}
+    assert (
+        job.attribute == "boxes-1"
+        and job.job_name == "boxes-1"
+        and job.class_map == {0: "blue box", 1: "yellow box"}
+    )
     assert not out.exists()
     job.update(1, [[30.4, 20.6, 90.2, 70.49, 0, None], [119.6, 80, 180, 130, 1, 0.8125]])
     job.update(0, [])
     job.update(3, [[200, 150, 150.2, 100.7, 1, 0.5]])  # corners in any order, clipped to the image
     found = lines_of(out)
     # the output lies in another folder: relative references are rewritten to name the same images
-    assert [line["source-ref"] for line in found] == ["../frames/frame_000.png", "../frames/frame_001.png",
-                                                      "../frames/frame_003.png"]
+    assert [line["source-ref"] for line in found] == [
+        "../frames/frame_000.png",
+        "../frames/frame_001.png",
+        "../frames/frame_003.png",
+    ]
     line = found[1]
     date = line["boxes-1-metadata"].pop("creation-date")
     assert len(date) == 26 and date[10] == "T"
     assert line == {
-        "source-ref": "../frames/frame_001.png", "color": "blue", "object": "box", "extra": {"n": 1},
-        "boxes-1": {"annotations": [{"class_id": 0, "width": 60, "top": 21, "height": 49, "left": 30},
-                                    {"class_id": 1, "width": 60, "top": 80, "height": 50, "left": 120}],
-                    "image_size": [{"width": 200, "depth": 3, "height": 150}]},
-        "boxes-1-metadata": {"job-name": "labeling-job/boxes-1",
-                             "class-map": {"0": "blue box", "1": "yellow box"}, "human-annotated": "yes",
-                             "objects": [{"confidence": 1.0}, {"confidence": 0.8125}],
-                             "type": "groundtruth/object-detection"}}
+        "source-ref": "../frames/frame_001.png",
+        "color": "blue",
+        "object": "box",
+        "extra": {"n": 1},
+        "boxes-1": {
+            "annotations": [
+                {"class_id": 0, "width": 60, "top": 21, "height": 49, "left": 30},
+                {"class_id": 1, "width": 60, "top": 80, "height": 50, "left": 120},
+            ],
+            "image_size": [{"width": 200, "depth": 3, "height": 150}],
+        },
+        "boxes-1-metadata": {
+            "job-name": "labeling-job/boxes-1",
+            "class-map": {"0": "blue box", "1": "yellow box"},
+            "human-annotated": "yes",
+            "objects": [{"confidence": 1.0}, {"confidence": 0.8125}],
+            "type": "groundtruth/object-detection",
+        },
+    }
     assert found[0]["boxes-1"]["annotations"] == [] and found[0]["boxes-1-metadata"]["class-map"] == {}
-    assert found[2]["boxes-1"]["annotations"] == [{"class_id": 1, "width": 50, "top": 101, "height": 49,
-                                                   "left": 150}]
+    assert found[2]["boxes-1"]["annotations"] == [
+        {"class_id": 1, "width": 50, "top": 101, "height": 49, "left": 150}
+    ]
     assert found[2]["boxes-1-metadata"]["human-annotated"] == "no"  # only an unchanged model proposal
     records = list(read_manifest(out))
-    assert [r.boxes.tolist() for r in records] == [[], [[30, 21, 90, 70], [120, 80, 180, 130]],
-                                                   [[150, 101, 200, 150]]]
+    assert [r.boxes.tolist() for r in records] == [
+        [],
+        [[30, 21, 90, 70], [120, 80, 180, 130]],
+        [[150, 101, 200, 150]],
+    ]
     assert records[1].confidences.tolist() == [1.0, 0.8125] and records[1].job_name == "labeling-job/boxes-1"
     summary = prepare([str(out)], str(tmp_path / "prepared"), validation_fraction=0.0)
     assert json.loads((tmp_path / "prepared" / "classes.json").read_text()) == CLASSES
@@ -99,19 +129,29 @@ def test_output_is_ground_truth_and_prepare_reads_it(tmp_path):
     assert figures["per_job"] == {"labeling-job/boxes-1": 3}
     convert(str(out), to="coco", out=str(tmp_path / "coco.json"))
     coco = json.loads((tmp_path / "coco.json").read_text())
-    assert sorted(a["bbox"] for a in coco["annotations"]) == [[30, 21, 60, 49], [120, 80, 60, 50],
-                                                               [150, 101, 50, 49]]
+    assert sorted(a["bbox"] for a in coco["annotations"]) == [
+        [30, 21, 60, 49],
+        [120, 80, 60, 50],
+        [150, 101, 50, 49],
+    ]
     assert [item.image_id for item in review.load_review([out], discard=tmp_path / "d.txt").items] == [
-        "frame_000", "frame_001", "frame_003"]
+        "frame_000",
+        "frame_001",
+        "frame_003",
+    ]
 
 
 def test_bad_boxes_and_options(tmp_path):
     manifest = make_frames(tmp_path / "frames", count=2)
     out = tmp_path / "out.manifest"
     job = jobs.open_job(manifest, out=out, classes=CLASSES)
-    for boxes, message in [([[1, 2, 3, 4, 5, None]], "class_id 5"), ([[1, 2, 3]], "a box is"),
-                           ([[1, 2, 1.2, 40, 0, None]], "smaller than one pixel"),
-                           ([[1, 2, 30, 40, 0, 1.5]], "score must be"), ("x", "boxes must be a list")]:
+    for boxes, message in [
+        ([[1, 2, 3, 4, 5, None]], "class_id 5"),
+        ([[1, 2, 3]], "a box is"),
+        ([[1, 2, 1.2, 40, 0, None]], "smaller than one pixel"),
+        ([[1, 2, 30, 40, 0, 1.5]], "score must be"),
+        ("x", "boxes must be a list"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             job.update(0, boxes)
     assert not out.exists()
@@ -169,11 +209,15 @@ def test_adjustment_job(tmp_path):
     assert meta["class-map"] == {"1": "green box"}
     assert found[0]["adjusted-boxes-1-metadata"]["adjustment-status"] == "unadjusted"
     assert found[1]["adjusted-boxes-1"]["annotations"] == [
-        {"class_id": 1, "width": 65, "top": 21, "height": 50, "left": 30}]
+        {"class_id": 1, "width": 65, "top": 21, "height": 50, "left": 30}
+    ]
     records = list(read_manifest(out))  # the adjusted attribute wins
     assert records[1].label_attribute == "adjusted-boxes-1" and records[1].class_names == ["green box"]
-    with pytest.raises(ManifestError, match=r"boxes-1.output.manifest:1.*class id 0 is 'blue box' here but "
-                       "'green box' in --classes"):
+    with pytest.raises(
+        ManifestError,
+        match=r"boxes-1.output.manifest:1.*class id 0 is 'blue box' here but "
+        "'green box' in --classes",
+    ):
         jobs.open_job(first, out=out, adjust=True, classes="green box")
     resumed = jobs.open_job(first, out=out, adjust=True, classes="blue box,green box")
     assert [item.done for item in resumed.items] == [True, True, False]
@@ -190,14 +234,20 @@ def test_model_proposals_and_uncertainty_order(tiny_deploy, tmp_path):
     out = tmp_path / "out.manifest"
     predictor = Predictor(tiny_deploy, threads=1)
     seen = []
-    job = jobs.open_job(manifest, out=out, predictor=predictor, order="uncertainty",
-                        on_progress=lambda done, total: seen.append((done, total)))
+    job = jobs.open_job(
+        manifest,
+        out=out,
+        predictor=predictor,
+        order="uncertainty",
+        on_progress=lambda done, total: seen.append((done, total)),
+    )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert job.class_map == {0: "blue box", 1: "yellow box"}  # the model's classes
     scores = [job.items[i].uncertainty for i in job.order]
     assert scores == sorted(scores, reverse=True) and job.order_name == "uncertainty"
-    expected = predictor.predict([np.asarray(Image.open(tmp_path / "frames" / "frame_002.png"))],
-                                 threshold=jobs.PROPOSAL_FLOOR)[0]
+    expected = predictor.predict(
+        [np.asarray(Image.open(tmp_path / "frames" / "frame_002.png"))], threshold=jobs.PROPOSAL_FLOOR
+    )[0]
     proposals = job.proposals(2)
     assert len(proposals) == len(expected) > 0
     assert sorted(p[5] for p in proposals) == sorted(round(s, 4) for s in expected.scores.tolist())
@@ -228,8 +278,9 @@ def test_model_proposals_and_uncertainty_order(tiny_deploy, tmp_path):
     assert Path(str(out) + ".proposals.json").exists()
     again = jobs.open_job(manifest, out=out, predictor=Counted(), order="uncertainty")
     assert calls == [] and again.order == job.order and again.proposals(2) == proposals
-    again = jobs.open_job(manifest, out=out, predictor=Counted(), order="uncertainty",
-                          classes="yellow box,blue box")
+    again = jobs.open_job(
+        manifest, out=out, predictor=Counted(), order="uncertainty", classes="yellow box,blue box"
+    )
     assert calls == [1, 1, 1, 1]  # other class ids: computed again
 
 
@@ -250,8 +301,15 @@ class FixedProposals:
         out = []
         for image in images:
             i = int(np.argmax(image[:, 30, 2] > 150)) - 20  # the frame number: its blue box's top row - 20
-            rows = [[30, 20 + i, 90, 70 + i, 0.9, 1], [120 + i, 80, 180 + i, 130, 0.3, 0],
-                    [5, 5, 15, 15, 0.2, 2]] if i in (2, 3) else []
+            rows = (
+                [
+                    [30, 20 + i, 90, 70 + i, 0.9, 1],
+                    [120 + i, 80, 180 + i, 130, 0.3, 0],
+                    [5, 5, 15, 15, 0.2, 2],
+                ]
+                if i in (2, 3)
+                else []
+            )
             array = np.array([r[:4] for r in rows], dtype=np.float64).reshape(-1, 4)
             scores = np.array([r[4] for r in rows], dtype=np.float64)
             ids = np.array([r[5] for r in rows], dtype=np.int64)
@@ -264,8 +322,13 @@ def test_uncertainty_order_puts_unsure_images_first(tmp_path):
     (tmp_path / "frames" / "broken.png").write_bytes(b"not an image")
     with open(manifest, "a") as handle:
         handle.write('{"source-ref": "broken.png"}\n')
-    job = jobs.open_job(manifest, out=tmp_path / "out.manifest", classes=CLASSES, predictor=FixedProposals(),
-                        order="uncertainty")
+    job = jobs.open_job(
+        manifest,
+        out=tmp_path / "out.manifest",
+        classes=CLASSES,
+        predictor=FixedProposals(),
+        order="uncertainty",
+    )
     # frames 2 and 3: a sure box (0.9) and an unsure one (0.3): uncertainty 1 - |0.6 - 1| = 0.6
     assert job.order == [2, 3, 0, 1, 4, 5]
     assert [job.items[i].uncertainty for i in job.order] == pytest.approx([0.6, 0.6, 0, 0, 0, 0])
@@ -282,16 +345,21 @@ def serve(job, **kwargs):
 
 
 def get(srv, path: str):
-    status, body, _ = http(f"http://127.0.0.1:{srv.server_address[1]}{path}",
-                           headers={"X-Detforge-Token": "secret-token"})
+    status, body, _ = http(
+        f"http://127.0.0.1:{srv.server_address[1]}{path}", headers={"X-Detforge-Token": "secret-token"}
+    )
     assert status == 200, body
     return json.loads(body)
 
 
 def test_ten_thousand_images_in_pages(tmp_path):
     manifest = tmp_path / "big.manifest"
-    manifest.write_text("".join(json.dumps({"source-ref": f"s3://bucket/frames/f_{i:05d}.jpg", "n": i}) + "\n"
-                                for i in range(10_000)))
+    manifest.write_text(
+        "".join(
+            json.dumps({"source-ref": f"s3://bucket/frames/f_{i:05d}.jpg", "n": i}) + "\n"
+            for i in range(10_000)
+        )
+    )
     job = jobs.open_job(manifest, out=tmp_path / "big.output.manifest", classes=CLASSES)
     srv = serve(job)
     try:
@@ -332,16 +400,28 @@ def test_server_guards_and_saves(tmp_path):
         status, body, _ = http(f"{url}/api/image/1?size=thumb&token=secret-token")
         assert status == 200 and Image.open(io.BytesIO(body)).size == (160, 120)
         assert http(f"{url}/api/image/1?size=thumb&token=secret-token")[1] == body  # from the cache
-        assert get(srv, "/api/item/1") == {"pos": 1, "i": 1, "name": "frame_001.png", "done": False, "n": 0,
-                                           "w": W, "h": H, "boxes": [], "start": [], "proposals": [],
-                                           "uncertainty": 0.0}
+        assert get(srv, "/api/item/1") == {
+            "pos": 1,
+            "i": 1,
+            "name": "frame_001.png",
+            "done": False,
+            "n": 0,
+            "w": W,
+            "h": H,
+            "boxes": [],
+            "start": [],
+            "proposals": [],
+            "uncertainty": 0.0,
+        }
         post = f"{url}/api/item/1?token=secret-token"
         status, body, _ = http(post, data=b'{"boxes": [[10, 20, 30, 40, 1, null]]}')
         assert status == 200 and json.loads(body) == {
             "item": {"pos": 1, "i": 1, "name": "frame_001.png", "done": True, "n": 1},
-            "progress": {"done": 1, "total": 3}}
+            "progress": {"done": 1, "total": 3},
+        }
         assert lines_of(out)[0]["out"]["annotations"] == [
-            {"class_id": 1, "width": 20, "top": 20, "height": 20, "left": 10}]
+            {"class_id": 1, "width": 20, "top": 20, "height": 20, "left": 10}
+        ]
         status, body, _ = http(post, data=b'{"boxes": [[10, 20, 30, 40, 7, null]]}')
         assert status == 400 and "class_id 7" in json.loads(body)["error"]
         assert http(post, data=b"[1, 2]")[0] == 400 and http(post, data=b"{bad")[0] == 400
@@ -376,13 +456,22 @@ def test_exif_turned_images_are_served_upright(tmp_path):
 
 
 # The CLI with the command modules that exist, so this test need not wait for every other command.
-CLI = [sys.executable, "-c", "import sys, importlib.util as u, detforge.cli as c; "
-       "c.COMMANDS[:] = [n for n in c.COMMANDS if u.find_spec('detforge.cli.' + n)]; sys.exit(c.main())"]
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys, importlib.util as u, detforge.cli as c; "
+    "c.COMMANDS[:] = [n for n in c.COMMANDS if u.find_spec('detforge.cli.' + n)]; sys.exit(c.main())",
+]
 
 
 def start_cli(args: list[str]) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([*CLI, "label", *args, "--port", "0", "--no-browser"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    process = subprocess.Popen(
+        [*CLI, "label", *args, "--port", "0", "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     lines = [process.stdout.readline()]
     while "open http://127.0.0.1:" not in lines[-1] and len(lines) < 10 and lines[-1]:
         lines.append(process.stdout.readline())
@@ -416,19 +505,27 @@ def test_cli_killed_mid_job_resumes_with_nothing_lost(tmp_path):
         status, body, _ = http(f"{base}/api/job?token={token}")
         assert json.loads(body)["start"] == 1  # the first image not done yet
         # a second labeler on the same output is refused (the killed one's lock went with it)
-        second = subprocess.run([*CLI, "label", *args, "--no-browser", "--port", "0"], capture_output=True,
-                                text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+        second = subprocess.run(
+            [*CLI, "label", *args, "--no-browser", "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "300"},
+        )
         assert second.returncode == 2, second.stderr
-        assert (f"{out}, field '--out': another detforge label is writing this output (pid {process.pid})"
-                in second.stderr)
+        assert (
+            f"{out}, field '--out': another detforge label is writing this output (pid {process.pid})"
+            in second.stderr
+        )
     finally:
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=20)
     assert process.returncode == 0 and "stopped: 2 of 4 images done" in rest
     assert out.read_bytes() == saved and not Path(f"{out}.lock").exists()
     assert [r.image_id for r in read_manifest(out)] == ["frame_000", "frame_002"]
-    bad = subprocess.run([*CLI, "label", str(manifest), "--out", str(out), "--no-browser"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [*CLI, "label", str(manifest), "--out", str(out), "--no-browser"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "--classes" in bad.stderr
 
 
@@ -454,15 +551,18 @@ def boxes_in(out: Path, name: str) -> list[list[int]]:
     """[class_id, left, top, width, height, confidence] of one image's line."""
     line = next(x for x in lines_of(out) if x["source-ref"] == name)
     objects = line["boxes-1-metadata"]["objects"]
-    return [[a["class_id"], a["left"], a["top"], a["width"], a["height"], o["confidence"]]
-            for a, o in zip(line["boxes-1"]["annotations"], objects, strict=True)]
+    return [
+        [a["class_id"], a["left"], a["top"], a["width"], a["height"], o["confidence"]]
+        for a, o in zip(line["boxes-1"]["annotations"], objects, strict=True)
+    ]
 
 
 def near(found, expected) -> bool:
     """Same boxes, corners within 1 px (the mouse lands on whole screen pixels)."""
     return len(found) == len(expected) and all(
         f[0] == e[0] and f[5] == e[5] and all(abs(a - b) <= 1 for a, b in zip(f[1:5], e[1:5], strict=True))
-        for f, e in zip(found, expected, strict=True))
+        for f, e in zip(found, expected, strict=True)
+    )
 
 
 def test_page_in_chromium(chromium_path, tmp_path):
@@ -484,8 +584,14 @@ def test_page_in_chromium(chromium_path, tmp_path):
                 errors: list[str] = []
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
                 # (the broken image's own requests answer 502: that is the message, not an error of the page)
-                page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error"
-                        and "status of 502" not in msg.text else None)
+                page.on(
+                    "console",
+                    lambda msg: (
+                        errors.append(msg.text)
+                        if msg.type == "error" and "status of 502" not in msg.text
+                        else None
+                    ),
+                )
                 requests: list[str] = []
                 page.on("request", lambda req: requests.append(req.url))
                 page.goto(f"http://127.0.0.1:{port}/?token=secret-token")
@@ -531,27 +637,33 @@ def test_page_in_chromium(chromium_path, tmp_path):
                 page.keyboard.press("Enter")
                 page.wait_for_function("document.getElementById('position').textContent === '#2 of 7'")
                 page.keyboard.press("c")
-                page.wait_for_function("window.detforgeLabel.state.boxes.length === 2 "
-                                       "&& window.detforgeLabel.idle()")
+                page.wait_for_function(
+                    "window.detforgeLabel.state.boxes.length === 2 && window.detforgeLabel.idle()"
+                )
                 assert boxes_in(out, "frame_001.png") == frame0
 
                 # proposals: the sure one shows at 0.5; a click accepts it with the model's confidence
                 page.keyboard.press("ArrowRight")
                 page.wait_for_function("document.getElementById('position').textContent === '#3 of 7'")
                 assert page.evaluate("window.detforgeLabel.state.item.proposals") == [
-                    [30, 22, 90, 72, 0, 0.9], [122, 80, 182, 130, 1, 0.3]]  # the unknown class is dropped
+                    [30, 22, 90, 72, 0, 0.9],
+                    [122, 80, 182, 130, 1, 0.3],
+                ]  # the unknown class is dropped
                 click(page, (60, 47))
                 assert boxes_in(out, "frame_002.png") == [[0, 30, 22, 60, 50, 0.9]]
-                page.evaluate("() => { const s = document.getElementById('threshold'); s.value = '0.25';"
-                              " s.dispatchEvent(new Event('input')); }")
+                page.evaluate(
+                    "() => { const s = document.getElementById('threshold'); s.value = '0.25';"
+                    " s.dispatchEvent(new Event('input')); }"
+                )
                 assert page.locator("#threshold-text").inner_text() == "0.25"
                 page.keyboard.press("a")
                 page.wait_for_function("window.detforgeLabel.idle()")
                 assert boxes_in(out, "frame_002.png") == [[0, 30, 22, 60, 50, 0.9], [1, 122, 80, 60, 50, 0.3]]
                 click(page, (150, 105))  # select the yellow box, then widen it: a person's box now
                 drag(page, (182, 105), (185, 105))
-                assert near(boxes_in(out, "frame_002.png"),
-                            [[0, 30, 22, 60, 50, 0.9], [1, 122, 80, 63, 50, 1.0]])
+                assert near(
+                    boxes_in(out, "frame_002.png"), [[0, 30, 22, 60, 50, 0.9], [1, 122, 80, 63, 50, 1.0]]
+                )
                 widened = boxes_in(out, "frame_002.png")[1]
                 page.keyboard.press("Shift+ArrowDown")  # one pixel down, by the keyboard
                 page.wait_for_function("window.detforgeLabel.idle()")
@@ -610,23 +722,35 @@ def test_page_in_chromium(chromium_path, tmp_path):
         return [{"class_id": r[0], "width": r[3], "top": r[2], "height": r[4], "left": r[1]} for r in rows]
 
     def line(i, rows, human, class_map):
-        return {"source-ref": f"frame_{i:03d}.png", "color": "blue", "object": "box", "extra": {"n": i},
-                "boxes-1": {"annotations": ann(rows), "image_size": size},
-                "boxes-1-metadata": {"job-name": meta["job-name"], "class-map": class_map,
-                                     "human-annotated": human,
-                                     "objects": [{"confidence": r[5]} for r in rows], "type": meta["type"]}}
+        return {
+            "source-ref": f"frame_{i:03d}.png",
+            "color": "blue",
+            "object": "box",
+            "extra": {"n": i},
+            "boxes-1": {"annotations": ann(rows), "image_size": size},
+            "boxes-1-metadata": {
+                "job-name": meta["job-name"],
+                "class-map": class_map,
+                "human-annotated": human,
+                "objects": [{"confidence": r[5]} for r in rows],
+                "type": meta["type"],
+            },
+        }
 
     both = {"0": "blue box", "1": "yellow box"}
     frame2 = boxes_in(out, "frame_002.png")  # its widened box checked within 1 px above
-    assert found == [line(0, frame0, "yes", both), line(1, frame0, "yes", both), line(2, frame2, "yes", both),
-                     line(3, [[0, 30, 23, 60, 50, 0.9], [1, 123, 80, 60, 50, 0.3]], "no", both)]
+    assert found == [
+        line(0, frame0, "yes", both),
+        line(1, frame0, "yes", both),
+        line(2, frame2, "yes", both),
+        line(3, [[0, 30, 23, 60, 50, 0.9], [1, 123, 80, 60, 50, 0.3]], "no", both),
+    ]
     resumed = jobs.open_job(manifest, out=out, classes=CLASSES)
     assert resumed.progress() == {"done": 4, "total": 7}
     summary = prepare([str(out)], str(tmp_path / "prepared"), validation_fraction=0.0)
     assert len(lines_of(tmp_path / "prepared" / "train.manifest")) == 4 and summary is not None
     pixels = np.asarray(Image.open(tmp_path / "proposals.png").convert("L"), dtype=np.float64)
     assert pixels.std() > 10  # not a blank page
-
 
 
 def test_page_accepts_and_edits_real_proposals(tiny_deploy, chromium_path, tmp_path):
@@ -660,8 +784,10 @@ def test_page_accepts_and_edits_real_proposals(tiny_deploy, chromium_path, tmp_p
                 scores = [o["confidence"] for o in line["boxes-1-metadata"]["objects"]]
                 assert scores == [b[5] for b in accepted]
                 # move the smallest box (its centre hits no other box first) by 3 image pixels
-                k = min(range(len(accepted)), key=lambda j: (accepted[j][2] - accepted[j][0])
-                        * (accepted[j][3] - accepted[j][1]))
+                k = min(
+                    range(len(accepted)),
+                    key=lambda j: (accepted[j][2] - accepted[j][0]) * (accepted[j][3] - accepted[j][1]),
+                )
                 b = accepted[k]
                 centre = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
                 room = 3 if b[2] + 3 <= W else -3
@@ -683,8 +809,19 @@ def test_page_accepts_and_edits_real_proposals(tiny_deploy, chromium_path, tmp_p
 def test_cli_with_model_and_adjust(tiny_deploy, tmp_path):
     manifest = make_frames(tmp_path / "frames", count=2)
     out = tmp_path / "jobs" / "boxes-2.output.manifest"
-    process, text = start_cli([str(manifest), "--model", str(tiny_deploy), "--order", "uncertainty",
-                               "--threshold", "0.2", "--out", str(out)])
+    process, text = start_cli(
+        [
+            str(manifest),
+            "--model",
+            str(tiny_deploy),
+            "--order",
+            "uncertainty",
+            "--threshold",
+            "0.2",
+            "--out",
+            str(out),
+        ]
+    )
     try:
         assert text.splitlines()[0] == "model: 2 of 2 images scored"
         base, token = text.split("open ")[1].split()[0].split("/?token=")
@@ -721,9 +858,13 @@ def test_the_browser_is_opened_through_a_private_redirect_file(chromium_path, tm
     browser_script.chmod(0o755)
     env = {**os.environ, "COLUMNS": "300", "BROWSER": str(browser_script)}
     out = tmp_path / "boxes-1.output.manifest"
-    process = subprocess.Popen([*CLI, "label", str(manifest), "--classes", "blue box", "--out", str(out),
-                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env)
+    process = subprocess.Popen(
+        [*CLI, "label", str(manifest), "--classes", "blue box", "--out", str(out), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         printed = [process.stdout.readline(), process.stdout.readline()]
         url = printed[1].split("open ")[1].split()[0]
@@ -734,7 +875,7 @@ def test_the_browser_is_opened_through_a_private_redirect_file(chromium_path, tm
         token = url.split("?token=")[1]
         assert argv[0] == str(browser_script) and len(argv) == 2 and token not in argv[1]
         assert argv[1].startswith("file:///") and argv[1].endswith("/open.html")
-        redirect = Path(argv[1][len("file://"):])
+        redirect = Path(argv[1][len("file://") :])
         assert stat.S_IMODE(redirect.stat().st_mode) == 0o600
         assert stat.S_IMODE(redirect.parent.stat().st_mode) == 0o700
         with sync_playwright() as p:

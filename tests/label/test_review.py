@@ -22,8 +22,16 @@ from detforge.errors import ConfigError, FormatError
 from detforge.label import review
 
 CLASS_MAP = {0: "red box", 1: "blue box"}
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 # (image name, job, boxes xyxy, class ids) on 160x120 images
 IMAGES = [
@@ -43,8 +51,17 @@ def make_images(folder: Path, prefix: str = "") -> list[Path]:
     for name, job, boxes, ids in IMAGES:
         path = folder / f"{name}.jpg"
         Image.fromarray((rng.random((120, 160, 3)) * 255).astype(np.uint8)).save(path, quality=90)
-        records[job].append(make_record(prefix + str(path), width=160, height=120, boxes_xyxy=boxes,
-                                        class_ids=ids, class_map=CLASS_MAP, job_name=f"labeling-job/{job}"))
+        records[job].append(
+            make_record(
+                prefix + str(path),
+                width=160,
+                height=120,
+                boxes_xyxy=boxes,
+                class_ids=ids,
+                class_map=CLASS_MAP,
+                job_name=f"labeling-job/{job}",
+            )
+        )
     paths = []
     for job, recs in records.items():
         paths.append(folder / f"{job}.manifest")
@@ -103,20 +120,30 @@ def test_load_flags_jobs_and_empty(manifests, tmp_path):
 
 
 def test_compare_with_predictions_exact():
-    item = review.ReviewItem(index=0, image_id="x", source_ref="x.jpg", job="j", width=400, height=400,
-                             boxes=[[0, 0, 100, 100], [200, 200, 300, 300], [0, 300, 50, 350]],
-                             classes=["a", "a", "b"])
-    rows = [[0, 0.95, 0, 0, 0.25, 0.25],        # label 0 exactly: fine
-            [0, 0.8, 0.5, 0.5, 0.625, 0.75],   # label 1 at IoU 0.5: low IoU
-            [1, 0.9, 0.75, 0.75, 1.0, 1.0],    # nothing labeled there: a missed object
-            [0, 0.2, 0.0, 0.75, 0.125, 0.875]]  # below the score threshold: ignored, so label 2 is extra
+    item = review.ReviewItem(
+        index=0,
+        image_id="x",
+        source_ref="x.jpg",
+        job="j",
+        width=400,
+        height=400,
+        boxes=[[0, 0, 100, 100], [200, 200, 300, 300], [0, 300, 50, 350]],
+        classes=["a", "a", "b"],
+    )
+    rows = [
+        [0, 0.95, 0, 0, 0.25, 0.25],  # label 0 exactly: fine
+        [0, 0.8, 0.5, 0.5, 0.625, 0.75],  # label 1 at IoU 0.5: low IoU
+        [1, 0.9, 0.75, 0.75, 1.0, 1.0],  # nothing labeled there: a missed object
+        [0, 0.2, 0.0, 0.75, 0.125, 0.875],
+    ]  # below the score threshold: ignored, so label 2 is extra
     review.compare_with_predictions(item, rows, class_names=["a", "b"], score_threshold=0.5)
     assert (item.missed, item.extra, item.low_iou) == (1, 1, 1)
     assert item.suspicion == pytest.approx(0.9 + 1 + 0.5)
     assert item.predictions[1] == ["a", 0.8, 200.0, 200.0, 250.0, 300.0]
     # class-aware: a prediction of the wrong class on label 0 does not match it
-    review.compare_with_predictions(item, [[1, 0.9, 0, 0, 0.25, 0.25]], class_names=["a", "b"],
-                                    score_threshold=0.5)
+    review.compare_with_predictions(
+        item, [[1, 0.9, 0, 0, 0.25, 0.25]], class_names=["a", "b"], score_threshold=0.5
+    )
     assert (item.missed, item.extra, item.low_iou) == (1, 3, 0)
     review.compare_with_predictions(item, [[1, 0.9, 0, 0, 0.25, 0.25]], class_names=None, score_threshold=0.5)
     assert (item.missed, item.extra, item.low_iou) == (0, 2, 0)
@@ -125,8 +152,10 @@ def test_compare_with_predictions_exact():
 
 def test_predictions_file(manifests, tmp_path):
     preds = tmp_path / "predictions.jsonl"
-    lines = [{"image": "a_000.jpg", "prediction": [[0, 0.9, 10 / 160, 10 / 120, 60 / 160, 50 / 120]]},
-             {"image": "s3://bucket/frames/b_001.jpg", "prediction": []}]
+    lines = [
+        {"image": "a_000.jpg", "prediction": [[0, 0.9, 10 / 160, 10 / 120, 60 / 160, 50 / 120]]},
+        {"image": "s3://bucket/frames/b_001.jpg", "prediction": []},
+    ]
     preds.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     session = review.load_review(manifests, discard=tmp_path / "r.txt", predictions=preds)
     by_id = {item.image_id: item for item in session.items}
@@ -135,11 +164,13 @@ def test_predictions_file(manifests, tmp_path):
     assert by_id["b_000"].extra == 1  # no line for it: every label is unconfirmed
     assert max(session.items, key=lambda i: i.suspicion).image_id == "b_001"
     # the one predictions parser (evaluate's): the same message, line and field
-    for row, message in (("[0, 0.9, 0.1]", r"'prediction\[0\]': expected \[class_id, score, xmin"),
-                         ("[0, NaN, 0, 0, 0.1, 0.1]", r"'prediction\[0\].score': score is nan"),
-                         ("[true, 0.9, 0, 0, 0.1, 0.1]", r"'prediction\[0\]': expected"),
-                         ("[-1, 0.9, 0, 0, 0.1, 0.1]", r"'prediction\[0\].class_id': unknown class id -1")):
-        preds.write_text('{"image": "a.jpg", "prediction": [' + row + ']}\n')
+    for row, message in (
+        ("[0, 0.9, 0.1]", r"'prediction\[0\]': expected \[class_id, score, xmin"),
+        ("[0, NaN, 0, 0, 0.1, 0.1]", r"'prediction\[0\].score': score is nan"),
+        ("[true, 0.9, 0, 0, 0.1, 0.1]", r"'prediction\[0\]': expected"),
+        ("[-1, 0.9, 0, 0, 0.1, 0.1]", r"'prediction\[0\].class_id': unknown class id -1"),
+    ):
+        preds.write_text('{"image": "a.jpg", "prediction": [' + row + "]}\n")
         with pytest.raises(FormatError, match=r"predictions.jsonl:1, field " + message):
             review.load_review(manifests, discard=tmp_path / "r.txt", predictions=preds)
 
@@ -189,8 +220,11 @@ def test_server_token_and_allowed_images(server):
     status, body, _ = http(f"{url}/api/image/1?size=thumb&token=secret-token")
     assert status == 200 and Image.open(io.BytesIO(body)).size == (160, 120)  # never upscaled
     decide = f"{url}/api/decide?token=secret-token"
-    status, body, _ = http(decide, data=b'{"id": "b_002", "decision": "reject", "reason": "bad image"}',
-                           headers={"Content-Type": "application/json"})
+    status, body, _ = http(
+        decide,
+        data=b'{"id": "b_002", "decision": "reject", "reason": "bad image"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert status == 200 and json.loads(body)["progress"]["rejected"] == 1
     assert http(f"{url}/api/decide", data=b'{"id": "b_002", "decision": "keep"}')[0] == 401
     assert http(decide, data=b'{"id": "nope", "decision": "reject"}')[0] == 400
@@ -227,21 +261,30 @@ def test_s3_images_and_discard(make_bucket, tmp_path):
     assert content_type == "image/jpeg" and Image.open(io.BytesIO(data)).size == (160, 120)
     session.decide("a_001", "reject", "blurry")
     assert storage.read_text(f"s3://{bucket}/rejected.txt").splitlines()[-1] == "a_001\tblurry"
-    assert review.load_review([f"s3://{bucket}/job-a.manifest"],
-                              discard=f"s3://{bucket}/rejected.txt").rejected == {"a_001": "blurry"}
+    assert review.load_review(
+        [f"s3://{bucket}/job-a.manifest"], discard=f"s3://{bucket}/rejected.txt"
+    ).rejected == {"a_001": "blurry"}
 
 
 # The CLI with the command modules that exist, so this test need not wait for every other command.
-CLI = [sys.executable, "-c", "import sys, importlib.util as u, detforge.cli as c; "
-       "c.COMMANDS[:] = [n for n in c.COMMANDS if u.find_spec('detforge.cli.' + n)]; sys.exit(c.main())"]
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys, importlib.util as u, detforge.cli as c; "
+    "c.COMMANDS[:] = [n for n in c.COMMANDS if u.find_spec('detforge.cli.' + n)]; sys.exit(c.main())",
+]
 
 
 def test_cli_serves_until_interrupted(manifests, tmp_path):
     discard = tmp_path / "rejected.txt"
     env = {**os.environ, "COLUMNS": "300"}
-    process = subprocess.Popen([*CLI, "review", *map(str, manifests), "--discard",
-                                str(discard), "--port", "0", "--no-browser"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        [*CLI, "review", *map(str, manifests), "--discard", str(discard), "--port", "0", "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         lines = [process.stdout.readline(), process.stdout.readline()]
         assert lines[0].startswith("6 images, 0 reviewed, 0 rejected"), lines
@@ -254,8 +297,11 @@ def test_cli_serves_until_interrupted(manifests, tmp_path):
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=20)
     assert process.returncode == 0 and "stopped: 0 of 6 reviewed" in out
-    bad = subprocess.run([*CLI, "review", str(tmp_path / "none.manifest"), "--discard",
-                          str(discard), "--no-browser"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [*CLI, "review", str(tmp_path / "none.manifest"), "--discard", str(discard), "--no-browser"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "none.manifest" in bad.stderr and "no such file" in bad.stderr
 
 
@@ -299,8 +345,9 @@ def test_page_in_chromium(server, chromium_path, tmp_path):
             page.keyboard.press("r")
             page.wait_for_function("document.getElementById('current-id').textContent === 'b_001'")
             page.keyboard.press("a")
-            page.wait_for_function("document.getElementById('progress-text').textContent"
-                                   ".startsWith('reviewed 3')")
+            page.wait_for_function(
+                "document.getElementById('progress-text').textContent.startsWith('reviewed 3')"
+            )
             assert page.locator("#progress-text").inner_text() == "reviewed 3 / 6 · rejected 2"
             assert review.read_discard(discard) == {"a_002": "box off the object", "b_000": ""}
             # zoom doubles the drawn image
@@ -316,7 +363,9 @@ def test_page_in_chromium(server, chromium_path, tmp_path):
             page.reload()
             page.wait_for_selector(".tile[data-id='b_002']")
             assert page.locator(".tile.reject").evaluate_all("els => els.map(e => e.dataset.id)") == [
-                "a_002", "b_000"]
+                "a_002",
+                "b_000",
+            ]
             assert page.locator(".tile.keep").get_attribute("data-id") == "b_001"
             restarted = review.load_review(manifests_of(server), discard=discard)
             assert restarted.rejected == {"a_002": "box off the object", "b_000": ""}
@@ -380,9 +429,11 @@ def test_a_second_session_on_one_discard_file_is_refused(manifests, tmp_path):
         first.send_signal(signal.SIGINT)
         out, _ = first.communicate(timeout=20)
     assert second.returncode == 2 and second.stdout == ""
-    assert second.stderr.strip() == (f"error: {discard}, field '--discard': another detforge review is "
-                                     f"writing this discard list (pid {first.pid}) (stop it first, or give "
-                                     "another --discard)")
+    assert second.stderr.strip() == (
+        f"error: {discard}, field '--discard': another detforge review is "
+        f"writing this discard list (pid {first.pid}) (stop it first, or give "
+        "another --discard)"
+    )
     assert first.returncode == 0 and "stopped: 1 of 6 reviewed, 1 rejected" in out
     assert storage.read_text(discard).splitlines()[-1] == "a_001" and not Path(f"{discard}.lock").exists()
     with review.discard_lock(discard):  # free again
@@ -399,12 +450,29 @@ def test_deeply_nested_predictions_are_a_one_line_error(manifests, tmp_path):
     predictions.write_text('{"image": "a_000.jpg", "prediction": []}\n' + deep + "\n")
     with pytest.raises(FormatError) as info:
         review.load_review(manifests, discard=tmp_path / "d.txt", predictions=predictions)
-    assert str(info.value) == (f"{predictions}:2: not valid JSON: depth limit exceeded: line 1 column 1026 "
-                               "(char 1025)")
-    done = subprocess.run([*CLI, "review", *map(str, manifests), "--discard", str(tmp_path / "d.txt"),
-                           "--predictions", str(predictions), "--no-browser"], capture_output=True, text=True,
-                          timeout=60)
+    assert str(info.value) == (
+        f"{predictions}:2: not valid JSON: depth limit exceeded: line 1 column 1026 (char 1025)"
+    )
+    done = subprocess.run(
+        [
+            *CLI,
+            "review",
+            *map(str, manifests),
+            "--discard",
+            str(tmp_path / "d.txt"),
+            "--predictions",
+            str(predictions),
+            "--no-browser",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {info.value}"]
-    done = subprocess.run([*CLI, "evaluate", str(predictions), str(manifests[0]), "--out",
-                           str(tmp_path / "metrics")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*CLI, "evaluate", str(predictions), str(manifests[0]), "--out", str(tmp_path / "metrics")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {info.value}"]

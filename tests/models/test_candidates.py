@@ -37,20 +37,23 @@ def crowd(objects: int = 60, copies: int = 4):
 @pytest.mark.parametrize(("candidates", "found"), [(100, 25), (239, 60), (1000, 60)])
 def test_a_crowd_needs_more_candidates_than_detections(candidates, found):
     boxes, scores = crowd()
-    out = select_detections(boxes, scores, score_thresh=0.01, nms_thresh=0.6, topk_candidates=candidates,
-                            detections_per_img=100)
+    out = select_detections(
+        boxes, scores, score_thresh=0.01, nms_thresh=0.6, topk_candidates=candidates, detections_per_img=100
+    )
     assert len(out["boxes"]) == found  # 100 candidates = 4 copies of the first 25 objects
     assert torch.equal(out["boxes"][:, 0], 20.0 * torch.arange(found))  # each object once, its best copy
     # the exported graph's functions give the same
     dense = class_candidates(scores.T[None], candidates)
-    _, kept_scores, classes, count = padded_detections(boxes[None], dense, nms_threshold=0.6, nms_topk=100,
-                                                       score_threshold=0.01)
+    _, kept_scores, classes, count = padded_detections(
+        boxes[None], dense, nms_threshold=0.6, nms_topk=100, score_threshold=0.01
+    )
     assert int(count[0]) == found and torch.allclose(kept_scores[0, :found], out["scores"])
 
 
 def test_models_take_it_and_zero_means_nms_topk():
-    model = models.build_model("shufflenet-v2", detector="gfl", num_classes=1, image_size=64, nms_topk=100,
-                               nms_candidates=1000)
+    model = models.build_model(
+        "shufflenet-v2", detector="gfl", num_classes=1, image_size=64, nms_topk=100, nms_candidates=1000
+    )
     assert (model.topk_candidates, model.detections_per_img) == (1000, 100)
     models.set_postprocess(model, nms_threshold=0.5, nms_topk=30, score_threshold=0.01)
     assert (model.topk_candidates, model.detections_per_img) == (30, 30)  # SageMaker's one knob for both
@@ -77,9 +80,14 @@ def test_export_puts_the_candidates_into_the_graph_and_model_json(tmp_path):
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
     run = tmp_path / "run"
-    info = checkpoint.RunInfo(detector="gfl", base_network="shufflenet-v2", image_shape=64, num_classes=2,
-                              classes=["a", "b"], thresholds={"nms_threshold": 0.45, "nms_topk": 40,
-                                                              "nms_candidates": 84, "score_threshold": 0.01})
+    info = checkpoint.RunInfo(
+        detector="gfl",
+        base_network="shufflenet-v2",
+        image_shape=64,
+        num_classes=2,
+        classes=["a", "b"],
+        thresholds={"nms_threshold": 0.45, "nms_topk": 40, "nms_candidates": 84, "score_threshold": 0.01},
+    )
     checkpoint.save_model(run, model, info)
     images = []
     for seed in (0, 1):

@@ -30,12 +30,14 @@ def test_assigner_takes_the_topk_aligned_candidates_with_normalised_targets():
     pred = gt.repeat(5, 1)
     pred[3] = torch.tensor([0.0, 0.0, 12.0, 8.0])  # IoU 0.5: metric 0.9 * 0.5 ** 6
     assigned, target = assign.task_aligned_assign(
-        scores, pred, points, strides, gt, torch.tensor([0]), topk=2)
+        scores, pred, points, strides, gt, torch.tensor([0]), topk=2
+    )
     # point 4 scores highest but is no candidate (outside the box, 96 px from its centre)
     assert assigned.tolist() == [-1, 0, 0, -1, -1]
     assert torch.allclose(target, torch.tensor([0.0, 1.0, 0.625, 0.0, 0.0]))
     assigned, target = assign.task_aligned_assign(
-        scores, pred, points, strides, gt, torch.tensor([0]), topk=13)
+        scores, pred, points, strides, gt, torch.tensor([0]), topk=13
+    )
     assert assigned.tolist() == [0, 0, 0, 0, -1]
     assert torch.allclose(target, torch.tensor([0.25, 1.0, 0.625, 0.9 * 0.5**6 / 0.8, 0.0]))
 
@@ -46,15 +48,17 @@ def test_a_point_two_boxes_want_goes_to_the_one_it_overlaps_most():
     pred = torch.tensor([[8.0, 0.0, 24.0, 16.0], [90.0, 90.0, 110.0, 110.0]])  # IoU 1/3 with box 0, 1 with 1
     scores = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
     assigned, target = assign.task_aligned_assign(
-        scores, pred, points, strides, gt, torch.tensor([0, 1]), topk=1)
+        scores, pred, points, strides, gt, torch.tensor([0, 1]), topk=1
+    )
     assert assigned.tolist() == [1, -1] and target.tolist() == [1.0, 0.0]
 
 
 def test_no_boxes_means_all_background_and_tiny_boxes_get_centre_candidates():
     points, strides = gfl.grid_points([(8, 8)], (8,))
     scores, pred = torch.full((64, 3), 0.1), torch.zeros(64, 4)
-    assigned, target = assign.task_aligned_assign(scores, pred, points, strides, torch.zeros(0, 4),
-                                                  torch.zeros(0, dtype=torch.long))
+    assigned, target = assign.task_aligned_assign(
+        scores, pred, points, strides, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    )
     assert assigned.tolist() == [-1] * 64 and float(target.sum()) == 0.0
     tiny = torch.tensor([[30.0, 30.0, 32.0, 32.0]])  # smaller than the stride: no point inside it
     mask = assign.candidate_mask(points, strides, tiny)
@@ -73,21 +77,26 @@ def test_loss_functions_have_their_textbook_values():
     b = torch.tensor([[2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
     assert torch.allclose(gfl.giou_loss(a, b), torch.tensor([4 / 3, 0.0]))
     uniform = torch.zeros(1, 4, gfl.REG_MAX + 1)
-    assert torch.allclose(gfl.distribution_focal_loss(uniform, torch.tensor([[0.0, 2.5, 3.0, 6.0]])),
-                          torch.tensor([math.log(gfl.REG_MAX + 1)]))
+    assert torch.allclose(
+        gfl.distribution_focal_loss(uniform, torch.tensor([[0.0, 2.5, 3.0, 6.0]])),
+        torch.tensor([math.log(gfl.REG_MAX + 1)]),
+    )
     peaked = torch.full((1, 4, gfl.REG_MAX + 1), -1e4)
     peaked[0, :, 3] = 0.0
     assert float(gfl.distribution_focal_loss(peaked, torch.full((1, 4), 3.0))) == pytest.approx(0.0, abs=1e-6)
     assert float(gfl.quality_focal_loss(torch.zeros(2), torch.tensor([0.5, 1.0]))) == pytest.approx(
-        0.25 * math.log(2))
+        0.25 * math.log(2)
+    )
 
 
 def _overfit_case():
     images = torch.zeros(2, 3, 64, 64)
     images[0, :, 10:40, 8:30] = 1.0
     images[1, 1, 20:60, 30:60] = 0.8
-    targets = [{"boxes": torch.tensor([[8.0, 10.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[30.0, 20.0, 60.0, 60.0]]), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.tensor([[8.0, 10.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 20.0, 60.0, 60.0]]), "labels": torch.tensor([2])},
+    ]
     return list(images), targets
 
 
@@ -143,8 +152,9 @@ def test_eval_shrinks_a_photo_as_training_and_the_runtime_do():
 
 def test_eval_boxes_map_back_to_each_image_and_follow_the_postprocess_settings():
     torch.manual_seed(3)
-    model = models.build_model("mobilenet-v3", detector="gfl", num_classes=3, image_size=64, nms_topk=7,
-                               score_threshold=0.0).eval()
+    model = models.build_model(
+        "mobilenet-v3", detector="gfl", num_classes=3, image_size=64, nms_topk=7, score_threshold=0.0
+    ).eval()
     with torch.no_grad():
         outputs = model([torch.rand(3, 128, 32), torch.rand(3, 64, 64)])
         boxes, scores = model.dense_predictions(torch.zeros(1, 3, 64, 64))

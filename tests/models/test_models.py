@@ -23,19 +23,24 @@ def _one_thread():
 
 
 def _targets():
-    return [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
-            {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}]
+    return [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
 
 
-LOSSES = {"ssd": ["bbox_regression", "classification"],
-          "gfl": ["distribution_focal", "giou", "quality_focal"]}
+LOSSES = {
+    "ssd": ["bbox_regression", "classification"],
+    "gfl": ["distribution_focal", "giou", "quality_focal"],
+}
 
 
 @pytest.mark.parametrize(("detector", "base_network"), models.MODEL_TABLE)
 def test_train_and_eval_forward_at_64px(detector, base_network):
     torch.manual_seed(0)
-    model = models.build_model(base_network, detector=detector, num_classes=2, image_size=64, nms_topk=50,
-                               score_threshold=0.0)
+    model = models.build_model(
+        base_network, detector=detector, num_classes=2, image_size=64, nms_topk=50, score_threshold=0.0
+    )
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 80)]
     model.train()
     losses = model(images, _targets())
@@ -58,8 +63,9 @@ def test_every_model_has_the_detector_contract(detector, base_network):
     """``input_spec`` as data; ``dense_predictions``: every anchor's box (input pixels) and class scores;
     eval mode is ``models.postprocess`` on exactly those (what the ONNX graph is built from)."""
     torch.manual_seed(0)
-    model = models.build_model(base_network, detector=detector, num_classes=3, image_size=64, nms_topk=20,
-                               score_threshold=0.0).eval()
+    model = models.build_model(
+        base_network, detector=detector, num_classes=3, image_size=64, nms_topk=20, score_threshold=0.0
+    ).eval()
     for module in model.modules():  # LeCun-normal convolutions, head biases 0: distinct scores, no NMS ties
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.weight[0].numel()))
@@ -79,8 +85,9 @@ def test_every_model_has_the_detector_contract(detector, base_network):
     assert float(boxes.min()) >= 0.0 and float(boxes.max()) <= 64.0
     assert 0.0 <= float(scores.min()) and float(scores.max()) <= 1.0
     for i, output in enumerate(outputs):
-        expected = select_detections(boxes[i], scores[i], score_thresh=0.0, nms_thresh=0.45,
-                                     topk_candidates=20, detections_per_img=20)
+        expected = select_detections(
+            boxes[i], scores[i], score_thresh=0.0, nms_thresh=0.45, topk_candidates=20, detections_per_img=20
+        )
         assert 0 < len(output["labels"]) <= 20 and torch.equal(output["labels"], expected["labels"])
         torch.testing.assert_close(output["scores"], expected["scores"], rtol=0, atol=1e-5)
         torch.testing.assert_close(output["boxes"], expected["boxes"], rtol=0, atol=1e-4)
@@ -93,8 +100,9 @@ def test_every_model_has_the_detector_contract(detector, base_network):
             head = model.head(features)
             for i, own in enumerate(model.anchor_generator(image_list, features)):
                 decoded = model.box_coder.decode_single(head["bbox_regression"][i], own)
-                torch.testing.assert_close(boxes[i], box_ops.clip_boxes_to_image(decoded, (64, 64)),
-                                           rtol=0, atol=1e-4)
+                torch.testing.assert_close(
+                    boxes[i], box_ops.clip_boxes_to_image(decoded, (64, 64)), rtol=0, atol=1e-4
+                )
 
 
 def test_vgg_anchors_follow_ssd300_and_ssd512():
@@ -125,8 +133,10 @@ def test_bad_model_arguments():
     with pytest.raises(ConfigError) as info:
         models.build_model("mobilenet-v3", detector="yolo", num_classes=2, image_size=64)
     assert info.value.field == "detector"
-    with pytest.raises(ConfigError, match="detector=gfl has no vgg-16 backbone; choose one of "
-                                          "shufflenet-v2, mobilenet-v3, resnet-50") as info:
+    with pytest.raises(
+        ConfigError,
+        match="detector=gfl has no vgg-16 backbone; choose one of shufflenet-v2, mobilenet-v3, resnet-50",
+    ) as info:
         models.build_model("vgg-16", detector="gfl", num_classes=2, image_size=64)
     assert info.value.field == "base_network"
 
@@ -153,9 +163,13 @@ def test_pretrained_backbone_comes_from_the_hub_cache(tmp_path, monkeypatch):
 def test_save_and_load_a_run_model(tmp_path):
     torch.manual_seed(2)
     model = models.build_model("mobilenet-v3", num_classes=2, image_size=64, nms_threshold=0.5, nms_topk=20)
-    info = checkpoint.RunInfo(base_network="mobilenet-v3", image_shape=64, num_classes=2,
-                              classes=["red", "blue"],
-                              thresholds={"nms_threshold": 0.5, "nms_topk": 20, "score_threshold": 0.01})
+    info = checkpoint.RunInfo(
+        base_network="mobilenet-v3",
+        image_shape=64,
+        num_classes=2,
+        classes=["red", "blue"],
+        thresholds={"nms_threshold": 0.5, "nms_topk": 20, "score_threshold": 0.01},
+    )
     path = checkpoint.save_model(tmp_path, model, info)
     assert sorted(os.listdir(tmp_path)) == ["model.json", "model.safetensors"]
     loaded, read = checkpoint.load_run_model(tmp_path)
@@ -166,10 +180,13 @@ def test_save_and_load_a_run_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(image)[0]["scores"], loaded(image)[0]["scores"])
     same, _ = checkpoint.load_run_model(path)  # the .safetensors file itself
-    assert torch.equal(same.state_dict()["head.regression_head.module_list.0.1.weight"],
-                       model.state_dict()["head.regression_head.module_list.0.1.weight"])
-    (tmp_path / "model.json").write_text((tmp_path / "model.json").read_text().replace('"num_classes": 2',
-                                                                                       '"num_classes": 5'))
+    assert torch.equal(
+        same.state_dict()["head.regression_head.module_list.0.1.weight"],
+        model.state_dict()["head.regression_head.module_list.0.1.weight"],
+    )
+    (tmp_path / "model.json").write_text(
+        (tmp_path / "model.json").read_text().replace('"num_classes": 2', '"num_classes": 5')
+    )
     with pytest.raises(ModelError, match="weights do not fit a mobilenet-v3 model at 64 px with 5 classes"):
         checkpoint.load_run_model(tmp_path)
     with pytest.raises(ModelError, match="model.json is missing"):
@@ -177,8 +194,12 @@ def test_save_and_load_a_run_model(tmp_path):
 
 
 def test_resume_state_round_trip_without_pickle(tmp_path):
-    state = {"epoch": 3, "weights": {"w": torch.arange(4.0)}, "history": ['{"epoch": 1}'],
-             "best": {"map": None}}
+    state = {
+        "epoch": 3,
+        "weights": {"w": torch.arange(4.0)},
+        "history": ['{"epoch": 1}'],
+        "best": {"map": None},
+    }
     checkpoint.save_state(tmp_path, state)
     loaded = checkpoint.load_state(tmp_path)
     assert loaded["epoch"] == 3 and torch.equal(loaded["weights"]["w"], torch.arange(4.0))

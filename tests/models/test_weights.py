@@ -48,14 +48,28 @@ def test_download_checks_the_hash_and_lands_in_the_cache(tmp_path, monkeypatch):
 
 def test_cli_lists_and_refuses_unknown_networks(tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path), "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, "-m", "detforge", "weights", "list"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "detforge", "weights", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [["vgg-16", "missing"], ["resnet-50", "missing"],
-                                                    ["mobilenet-v3", "missing"], ["shufflenet-v2", "missing"]]
+    assert [line.split()[:2] for line in lines] == [
+        ["vgg-16", "missing"],
+        ["resnet-50", "missing"],
+        ["mobilenet-v3", "missing"],
+        ["shufflenet-v2", "missing"],
+    ]
     assert str(tmp_path / "hub" / "checkpoints" / "mobilenet_v3_large-8738ca79.pth") in lines[2]
     assert str(tmp_path / "hub" / "checkpoints" / "shufflenetv2_x1-5666bf0f80.pth") in lines[3]
-    done = subprocess.run([sys.executable, "-m", "detforge", "weights", "download", "vgg-19"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "detforge", "weights", "download", "vgg-19"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2 and "unknown base_network 'vgg-19'" in done.stderr

@@ -27,8 +27,12 @@ def test_sagemaker_defaults():
     assert (hp.optimizer, hp.momentum, hp.weight_decay) == ("sgd", 0.9, 0.0005)
     assert (hp.image_shape, hp.label_width, hp.freeze_layer_pattern) == (300, 350, "")
     assert (hp.nms_threshold, hp.nms_topk, hp.overlap_threshold) == (0.45, 400, 0.5)
-    assert (hp.early_stopping, hp.early_stopping_min_epochs, hp.early_stopping_patience,
-            hp.early_stopping_tolerance) == (False, 10, 5, 0.0)
+    assert (
+        hp.early_stopping,
+        hp.early_stopping_min_epochs,
+        hp.early_stopping_patience,
+        hp.early_stopping_tolerance,
+    ) == (False, 10, 5, 0.0)
     assert hp.num_training_samples is None
     assert len(SAGEMAKER_KEYS) == 22 and SAGEMAKER_KEYS[-1] == "early_stopping_tolerance"
     assert EXTENSION_KEYS[0] == "augmentation" and "workers" in EXTENSION_KEYS and "seed" in EXTENSION_KEYS
@@ -44,55 +48,61 @@ def test_real_sagemaker_file_is_accepted_with_notes(shared_data):
     assert ignored == ["_kvstore", "_num_kv_servers", "_tuning_objective_metric", "kv_store"]
 
 
-@pytest.mark.parametrize(("raw", "field", "expected"), [
-    ({"early_stopping": "True"}, "early_stopping", True),
-    ({"early_stopping": "false"}, "early_stopping", False),
-    ({"early_stopping": 1}, "early_stopping", True),
-    ({"use_pretrained_model": "0"}, "use_pretrained_model", 0),
-    ({"use_pretrained_model": True}, "use_pretrained_model", 1),
-    ({"lr_scheduler_step": "10,20"}, "lr_scheduler_step", (10, 20)),
-    ({"lr_scheduler_step": " 5, 7 "}, "lr_scheduler_step", (5, 7)),
-    ({"lr_scheduler_step": ""}, "lr_scheduler_step", ()),
-    ({"epochs": "12"}, "epochs", 12),
-    ({"epochs": 12.0}, "epochs", 12),
-    ({"learning_rate": "1e-4"}, "learning_rate", 0.0001),
-    ({"optimizer": "ADAM"}, "optimizer", "adam"),
-    ({"base_network": "mobilenet-v3"}, "base_network", "mobilenet-v3"),
-    ({"device": "cuda:1"}, "device", "cuda:1"),
-    ({"augmentation": "ssd+rot"}, "augmentation", "ssd+rot"),
-])
+@pytest.mark.parametrize(
+    ("raw", "field", "expected"),
+    [
+        ({"early_stopping": "True"}, "early_stopping", True),
+        ({"early_stopping": "false"}, "early_stopping", False),
+        ({"early_stopping": 1}, "early_stopping", True),
+        ({"use_pretrained_model": "0"}, "use_pretrained_model", 0),
+        ({"use_pretrained_model": True}, "use_pretrained_model", 1),
+        ({"lr_scheduler_step": "10,20"}, "lr_scheduler_step", (10, 20)),
+        ({"lr_scheduler_step": " 5, 7 "}, "lr_scheduler_step", (5, 7)),
+        ({"lr_scheduler_step": ""}, "lr_scheduler_step", ()),
+        ({"epochs": "12"}, "epochs", 12),
+        ({"epochs": 12.0}, "epochs", 12),
+        ({"learning_rate": "1e-4"}, "learning_rate", 0.0001),
+        ({"optimizer": "ADAM"}, "optimizer", "adam"),
+        ({"base_network": "mobilenet-v3"}, "base_network", "mobilenet-v3"),
+        ({"device": "cuda:1"}, "device", "cuda:1"),
+        ({"augmentation": "ssd+rot"}, "augmentation", "ssd+rot"),
+    ],
+)
 def test_string_parsing(raw, field, expected):
     assert getattr(parse_hyperparameters({"num_classes": 2, **raw}), field) == expected
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("epochs", "0", "must be >= 1, got '0'"),
-    ("epochs", "ten", "expected a whole number, got 'ten'"),
-    ("epochs", "2.5", "expected a whole number, got 2.5"),
-    ("mini_batch_size", "-1", "must be >= 1"),
-    ("learning_rate", "0", "must be > 0, got '0'"),
-    ("learning_rate", "1.5", "must be <= 1"),
-    ("learning_rate", "nan", "expected a number"),
-    ("momentum", "1", "must be < 1"),
-    ("weight_decay", "-0.1", "must be >= 0"),
-    ("lr_scheduler_step", "20,10", "expected increasing epoch numbers >= 1 like '10,20', got '20,10'"),
-    ("lr_scheduler_step", "a,b", "expected a whole number"),
-    ("lr_scheduler_factor", "0", "must be > 0"),
-    ("optimizer", "lamb", "expected one of sgd, adam, rmsprop, adadelta, adamw, got 'lamb'"),
-    ("base_network", "resnet-101", "expected one of vgg-16, resnet-50, mobilenet-v3, shufflenet-v2"),
-    ("use_pretrained_model", "2", "expected 0 or 1, got '2'"),
-    ("early_stopping", "maybe", "expected True or False, got 'maybe'"),
-    ("image_shape", "16", "must be >= 32"),
-    ("nms_threshold", "0", "must be > 0"),
-    ("nms_topk", "0", "must be >= 1"),
-    ("overlap_threshold", "1.2", "must be <= 1"),
-    ("early_stopping_tolerance", "1", "must be < 1"),
-    ("freeze_layer_pattern", "backbone.(", "not a valid regular expression"),
-    ("label_width", "0", "must be >= 1"),
-    ("device", "tpu", "expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
-    ("augmentation", "heavy", "expected one of none, flip, ssd, ssd+rot"),
-    ("workers", "-2", "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("epochs", "0", "must be >= 1, got '0'"),
+        ("epochs", "ten", "expected a whole number, got 'ten'"),
+        ("epochs", "2.5", "expected a whole number, got 2.5"),
+        ("mini_batch_size", "-1", "must be >= 1"),
+        ("learning_rate", "0", "must be > 0, got '0'"),
+        ("learning_rate", "1.5", "must be <= 1"),
+        ("learning_rate", "nan", "expected a number"),
+        ("momentum", "1", "must be < 1"),
+        ("weight_decay", "-0.1", "must be >= 0"),
+        ("lr_scheduler_step", "20,10", "expected increasing epoch numbers >= 1 like '10,20', got '20,10'"),
+        ("lr_scheduler_step", "a,b", "expected a whole number"),
+        ("lr_scheduler_factor", "0", "must be > 0"),
+        ("optimizer", "lamb", "expected one of sgd, adam, rmsprop, adadelta, adamw, got 'lamb'"),
+        ("base_network", "resnet-101", "expected one of vgg-16, resnet-50, mobilenet-v3, shufflenet-v2"),
+        ("use_pretrained_model", "2", "expected 0 or 1, got '2'"),
+        ("early_stopping", "maybe", "expected True or False, got 'maybe'"),
+        ("image_shape", "16", "must be >= 32"),
+        ("nms_threshold", "0", "must be > 0"),
+        ("nms_topk", "0", "must be >= 1"),
+        ("overlap_threshold", "1.2", "must be <= 1"),
+        ("early_stopping_tolerance", "1", "must be < 1"),
+        ("freeze_layer_pattern", "backbone.(", "not a valid regular expression"),
+        ("label_width", "0", "must be >= 1"),
+        ("device", "tpu", "expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        ("augmentation", "heavy", "expected one of none, flip, ssd, ssd+rot"),
+        ("workers", "-2", "must be >= 0"),
+    ],
+)
 def test_bad_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError) as info:
         parse_hyperparameters({"num_classes": "2", key: value})
@@ -108,7 +118,8 @@ def test_a_detector_without_that_backbone_is_refused_naming_the_file(tmp_path):
         load_hyperparameters(path)
     assert info.value.field == "base_network" and str(path) in str(info.value)
     assert "detector=ssd has no shufflenet-v2 backbone; choose one of vgg-16, resnet-50, mobilenet-v3" in str(
-        info.value)
+        info.value
+    )
     hp = parse_hyperparameters({"num_classes": "2", "detector": "gfl", "base_network": "shufflenet-v2"})
     assert (hp.detector, hp.base_network) == ("gfl", "shufflenet-v2")
 
@@ -145,9 +156,10 @@ def test_overrides_and_round_trip(tmp_path):
 def test_checks_against_the_data():
     hp = parse_hyperparameters({"num_classes": "2", "num_training_samples": "10", "label_width": "17"})
     notes = check_against_data(hp, num_classes=2, num_samples=8, max_boxes=3)
-    assert notes == ["8 training images, 2 classes, at most 3 boxes per image",
-                     "num_training_samples is 10 but the training manifest has 8 images (informative only; "
-                     "using 8)"]
+    assert notes == [
+        "8 training images, 2 classes, at most 3 boxes per image",
+        "num_training_samples is 10 but the training manifest has 8 images (informative only; using 8)",
+    ]
     with pytest.raises(ConfigError) as info:
         check_against_data(hp, num_classes=4, num_samples=8, max_boxes=1)
     assert info.value.field == "num_classes" and "has 4 classes" in str(info.value)

@@ -54,15 +54,30 @@ def test_torch_names_still_work_and_a_pattern_matching_nothing_says_where_to_loo
     with pytest.raises(ConfigError) as info:
         freeze(vgg, "^conv9_", base_network="vgg-16")
     assert "'backbone.scale_weight' or, as SageMaker's MXNet network names them, 'conv1_1_weight'" in str(
-        info.value)
+        info.value
+    )
     assert "--list-layers" in info.value.hint
 
 
 def test_cli_list_layers():
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, "-m", "detforge", "train", "--list-layers", "--set",
-                           "base_network=vgg-16", "--set", "image_shape=64"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "detforge",
+            "train",
+            "--list-layers",
+            "--set",
+            "base_network=vgg-16",
+            "--set",
+            "image_shape=64",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["parameter", "(torch)", "MXNet", "name", "shape"]

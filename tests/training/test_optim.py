@@ -66,14 +66,23 @@ def test_adadelta_ignores_the_learning_rate_and_weight_decay():
         expected.append(w - delta)
     assert one_step("adadelta", learning_rate=0.001) == pytest.approx(expected, abs=1e-12)
     assert one_step("adadelta", learning_rate=0.5, weight_decay=0.1) == pytest.approx(expected, abs=1e-12)
-    assert expected == pytest.approx([1 - 0.5 * math.sqrt(1e-5 / (0.025 + 1e-5)),
-                                      -2 - 0.001 * math.sqrt(1e-5 / (1e-7 + 1e-5))], abs=1e-12)
-    hp = parse_hyperparameters({"num_classes": 1, "optimizer": "adadelta", "warmup_epochs": "1",
-                                "lr_scheduler_step": "1", "learning_rate": "0.001"})
+    assert expected == pytest.approx(
+        [1 - 0.5 * math.sqrt(1e-5 / (0.025 + 1e-5)), -2 - 0.001 * math.sqrt(1e-5 / (1e-7 + 1e-5))], abs=1e-12
+    )
+    hp = parse_hyperparameters(
+        {
+            "num_classes": 1,
+            "optimizer": "adadelta",
+            "warmup_epochs": "1",
+            "lr_scheduler_step": "1",
+            "learning_rate": "0.001",
+        }
+    )
     assert [lr_multiplier(s, steps_per_epoch=4, hp=hp) for s in (0, 3, 8)] == [1.0, 1.0, 1.0]
     assert ignored_hyperparameters(hp) == [
         "weight_decay=0.0005 is ignored: SageMaker applies it to sgd and rmsprop only",
-        "learning_rate, warmup_epochs and lr_scheduler_* are ignored: MXNet's adadelta has no learning rate"]
+        "learning_rate, warmup_epochs and lr_scheduler_* are ignored: MXNet's adadelta has no learning rate",
+    ]
     sgd = parse_hyperparameters({"num_classes": 1, "optimizer": "sgd"})
     assert ignored_hyperparameters(sgd) == []
     # detforge's adamw (not SageMaker's) decays weights, decoupled

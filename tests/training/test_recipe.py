@@ -67,11 +67,19 @@ def test_ema_follows_the_ramped_decay():
 
 
 def test_cosine_schedule_with_warmup_and_the_budget_plan():
-    hp = parse_hyperparameters({"num_classes": 1, "lr_schedule": "cosine", "lr_min_factor": "0.1",
-                                "warmup_epochs": "1"})
+    hp = parse_hyperparameters(
+        {"num_classes": 1, "lr_schedule": "cosine", "lr_min_factor": "0.1", "warmup_epochs": "1"}
+    )
     factors = [lr_multiplier(step, steps_per_epoch=2, hp=hp, epochs=2) for step in range(5)]
-    assert factors == pytest.approx([0.5, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4)), 0.55,
-                                     0.1 + 0.9 * 0.5 * (1 + np.cos(3 * np.pi / 4)), 0.1])
+    assert factors == pytest.approx(
+        [
+            0.5,
+            0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4)),
+            0.55,
+            0.1 + 0.9 * 0.5 * (1 + np.cos(3 * np.pi / 4)),
+            0.1,
+        ]
+    )
     assert recipe.plan_epochs(epochs=30, done=2, seconds_so_far=120, budget_minutes=10) == 10
     assert recipe.plan_epochs(epochs=30, done=1, seconds_so_far=330, budget_minutes=10) == 2  # 1.8 -> 2
     assert recipe.plan_epochs(epochs=30, done=1, seconds_so_far=450, budget_minutes=10) == 1  # 1.33 -> 1
@@ -84,8 +92,13 @@ def test_multiscale_batches_are_multiples_of_32_and_scale_the_boxes():
     sizes = {recipe.multiscale_size(320, 0.5, seed=0, epoch=1, step=s) for s in range(200)}
     assert sizes == set(range(160, 481, 32))
     assert recipe.multiscale_size(64, 0.5, seed=0, epoch=1, step=0) in (32, 64, 96)
-    batch = [([torch.zeros(3, 64, 64)] * 2,
-              [{"boxes": torch.tensor([[8.0, 16.0, 32.0, 48.0]]), "labels": torch.tensor([1])}] * 2, [0, 1])]
+    batch = [
+        (
+            [torch.zeros(3, 64, 64)] * 2,
+            [{"boxes": torch.tensor([[8.0, 16.0, 32.0, 48.0]]), "labels": torch.tensor([1])}] * 2,
+            [0, 1],
+        )
+    ]
     loader = recipe.MultiScaleLoader(batch, image_size=64, multiscale=0.5, seed=0)
     images, targets, _ = next(iter(loader))
     size = recipe.multiscale_size(64, 0.5, seed=0, epoch=0, step=0)
@@ -102,7 +115,7 @@ def test_mosaic_moves_boxes_exactly():
     assert len(boxes) == len(labels) and set(labels.tolist()) == {1}
     for x1, y1, x2, y2 in boxes.round().astype(int):  # each kept box covers white pixels only
         assert x2 - x1 >= 2 and y2 - y1 >= 2
-        assert out[y1 + 1:y2 - 1, x1 + 1:x2 - 1].min() >= 250
+        assert out[y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].min() >= 250
     again = mosaic([piece] * 4, size=80, rng=np.random.default_rng(0), scale_jitter=0.0)
     assert np.array_equal(again[0], out) and np.array_equal(again[1], boxes)
     with pytest.raises(ValueError, match="mosaic needs 4 images"):
@@ -133,11 +146,22 @@ def test_bad_recipe_combinations():
 
 
 def test_a_gfl_run_with_the_recipe_saves_the_averaged_weights(tiny, tmp_path):
-    hp = HP | {"mosaic": "0.5", "mosaic_off_epochs": "1", "ema_decay": "0.9", "lr_schedule": "cosine",
-               "warmup_epochs": "1", "multiscale": "0.5", "cache_images": "1", "validation_interval": "2"}
+    hp = HP | {
+        "mosaic": "0.5",
+        "mosaic_off_epochs": "1",
+        "ema_decay": "0.9",
+        "lr_schedule": "cosine",
+        "warmup_epochs": "1",
+        "multiscale": "0.5",
+        "cache_images": "1",
+        "validation_interval": "2",
+    }
     out = tmp_path / "gfl"
-    result = train(TrainConfig(train=str(tiny[0]), validation=str(tiny[1]), out=str(out), hyperparameters=hp,
-                               progress=False))
+    result = train(
+        TrainConfig(
+            train=str(tiny[0]), validation=str(tiny[1]), out=str(out), hyperparameters=hp, progress=False
+        )
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert ["validation:mAP" in r for r in rows] == [False, True, True]  # every 2nd epoch and the last
@@ -164,8 +188,11 @@ def test_a_gfl_run_with_the_recipe_saves_the_averaged_weights(tiny, tmp_path):
 def test_the_time_budget_stops_cleanly(tiny, tmp_path):
     hp = HP | {"epochs": "50", "max_train_minutes": "0.0001"}
     out = tmp_path / "budget"
-    result = train(TrainConfig(train=str(tiny[0]), validation=str(tiny[1]), out=str(out), hyperparameters=hp,
-                               progress=False))
+    result = train(
+        TrainConfig(
+            train=str(tiny[0]), validation=str(tiny[1]), out=str(out), hyperparameters=hp, progress=False
+        )
+    )
     assert result.epochs == 1 and result.stopped_early
     assert result.stop_reason == "the time budget (max_train_minutes=0.0001) is spent"
     assert result.history[0]["planned_epochs"] == 1 and "validation:mAP" in result.history[0]
@@ -202,7 +229,10 @@ def test_the_shipped_recipes():
     from detforge.demo import DEMO_PROFILES, demo_hyperparameters
 
     assert {profile["recipe"] for profile in DEMO_PROFILES.values()} == {
-        "demo-cpu.json", "demo-gpu.json", "demo-tiny.json"}
+        "demo-cpu.json",
+        "demo-gpu.json",
+        "demo-tiny.json",
+    }
     cpu = load_hyperparameters(RECIPES / "demo-cpu.json", overrides={"num_classes": "2"})
     assert cpu.lr_scheduler_step == (5, 6) and cpu.learning_rate == 0.003 and cpu.mini_batch_size == 16
     assert cpu.augmentation == "none" and cpu.seed == 1 and cpu.warmup_epochs == 1

@@ -18,10 +18,12 @@ def test_visible_fraction():
 
 def test_a_box_cut_by_the_crop_edge_is_kept_or_dropped_and_greyed():
     image = np.full((100, 200, 3), 50, np.uint8)
-    boxes = [[10, 10, 30, 30],  # inside
-             [90, 40, 110, 60],  # 50% inside the window [0, 100): dropped, its visible part greyed
-             [80, 70, 105, 80],  # 80% inside: kept, clipped to 100
-             [150, 10, 170, 30]]  # outside
+    boxes = [
+        [10, 10, 30, 30],  # inside
+        [90, 40, 110, 60],  # 50% inside the window [0, 100): dropped, its visible part greyed
+        [80, 70, 105, 80],  # 80% inside: kept, clipped to 100
+        [150, 10, 170, 30],
+    ]  # outside
     pixels, kept, labels = crop_at(image, boxes, [0, 1, 2, 3], (0, 0, 100, 100), min_visible=0.6)
     assert pixels.shape == (100, 100, 3)
     assert kept.tolist() == [[10, 10, 30, 30], [80, 70, 100, 80]] and labels.tolist() == [0, 2]
@@ -67,11 +69,14 @@ def test_sample_scales_the_tile_to_a_cached_image_and_keeps_some_whole():
     assert pixels.shape == (50, 100, 3)
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("tile_size", 16, "must be 0 (off) or at least 32"),
-    ("tile_min_visible", 0.0, "must be > 0"),
-    ("tile_probability", 1.5, "must be <= 1"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tile_size", 16, "must be 0 (off) or at least 32"),
+        ("tile_min_visible", 0.0, "must be > 0"),
+        ("tile_probability", 1.5, "must be <= 1"),
+    ],
+)
 def test_hyperparameters_are_checked(key, value, message):
     from detforge.errors import ConfigError
     from detforge.training.hyperparams import parse_hyperparameters
@@ -93,13 +98,31 @@ def test_dataset_items_are_tiles_with_mosaic_and_the_cache(tmp_path):
     pixels = np.full((120, 240, 3), 100, np.uint8)
     pixels[10:20, 10:20] = (220, 30, 30)
     Image.fromarray(pixels).save(tmp_path / "big.png")
-    write_manifest(tmp_path / "m.manifest", [make_record(
-        "big.png", width=240, height=120, boxes_xyxy=[[10, 10, 20, 20]], class_ids=[0], class_map={0: "red"},
-        creation_date="2024-01-01T00:00:00")])
+    write_manifest(
+        tmp_path / "m.manifest",
+        [
+            make_record(
+                "big.png",
+                width=240,
+                height=120,
+                boxes_xyxy=[[10, 10, 20, 20]],
+                class_ids=[0],
+                class_map={0: "red"},
+                creation_date="2024-01-01T00:00:00",
+            )
+        ],
+    )
     samples, _ = load_split(str(tmp_path / "m.manifest"))
     for mosaic, cache in ((0.0, False), (0.0, True), (1.0, True)):
-        data = ManifestDataset(samples, image_size=32, preset="none", train=True, mosaic=mosaic,
-                               cache_images=cache, tiles=TileCrops(60))
+        data = ManifestDataset(
+            samples,
+            image_size=32,
+            preset="none",
+            train=True,
+            mosaic=mosaic,
+            cache_images=cache,
+            tiles=TileCrops(60),
+        )
         data.fill_cache()
         if cache:  # kept at the resolution the 60 px tiles need (1.5 x 32 / 60 of the photo), not 48 px
             assert data.decoded(0)[0].shape == (96, 192, 3)
@@ -127,20 +150,45 @@ def test_tiled_training_then_export_and_predict_through_the_cli(tmp_path):
 
     train = make_tiny_set(tmp_path / "train", 8, 1, size=128)
     validation = make_tiny_set(tmp_path / "val", 2, 2, size=128)
-    hp = {"num_classes": "2", "base_network": "mobilenet-v3", "use_pretrained_model": "0", "epochs": "2",
-          "mini_batch_size": "4", "image_shape": "64", "workers": "0", "learning_rate": "0.002",
-          "optimizer": "adam", "augmentation": "flip", "deterministic": "1", "mosaic": "0.5",
-          "cache_images": "True", "tile_size": "64", "tile_min_visible": "0.6", "tile_probability": "0.75"}
+    hp = {
+        "num_classes": "2",
+        "base_network": "mobilenet-v3",
+        "use_pretrained_model": "0",
+        "epochs": "2",
+        "mini_batch_size": "4",
+        "image_shape": "64",
+        "workers": "0",
+        "learning_rate": "0.002",
+        "optimizer": "adam",
+        "augmentation": "flip",
+        "deterministic": "1",
+        "mosaic": "0.5",
+        "cache_images": "True",
+        "tile_size": "64",
+        "tile_min_visible": "0.6",
+        "tile_probability": "0.75",
+    }
     (tmp_path / "hp.json").write_text(json.dumps(hp))
 
     def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "detforge", *args], capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "detforge", *args], capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    cli("train", "--train", str(train), "--validation", str(validation), "--hyperparameters",
-        str(tmp_path / "hp.json"), "--out", str(tmp_path / "run"), "--no-progress")
+    cli(
+        "train",
+        "--train",
+        str(train),
+        "--validation",
+        str(validation),
+        "--hyperparameters",
+        str(tmp_path / "hp.json"),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    )
     saved = json.loads((tmp_path / "run" / "hyperparams.json").read_text())
     assert (saved["tile_size"], saved["tile_min_visible"], saved["tile_probability"]) == (64, 0.6, 0.75)
     cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy"))

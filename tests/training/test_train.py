@@ -127,8 +127,12 @@ def test_the_run_folder_names_its_inputs_in_json(tiny, reference_run, tmp_path):
 
     out = reference_run[0]
     assert json.loads((out / "inputs.json").read_text()) == {
-        "format_version": 1, "train": str(tiny[0]), "validation": str(tiny[1]), "label_attribute": None,
-        "weights": None}
+        "format_version": 1,
+        "train": str(tiny[0]),
+        "validation": str(tiny[1]),
+        "label_attribute": None,
+        "weights": None,
+    }
     assert checkpoint.read_inputs(out) == checkpoint.RunInputs(train=str(tiny[0]), validation=str(tiny[1]))
     assert "data" not in checkpoint.load_state(out)  # the resume state holds training state only
     old = tmp_path / "old"  # a run folder from before inputs.json: its resume state names the manifests
@@ -409,13 +413,16 @@ def test_early_stopping_stops_a_run(tiny, tmp_path):
     assert "early stop after epoch" in (tmp_path / "early" / "train.log").read_text()
 
 
-@pytest.mark.parametrize("extra,option,why", [
-    (["--hyperparameters", "hp.json"], "--hyperparameters", "the run's hyperparams.json is used"),
-    (["--weights", "other"], "--weights", "the weights come from the run's checkpoint"),
-    (["--classes", "classes.json"], "--classes", "the run's classes.json is used"),
-    (["--out", "elsewhere"], "--out", "the run continues in"),
-    (["--train", "other.manifest"], "--train", "the run was started on"),
-])
+@pytest.mark.parametrize(
+    "extra,option,why",
+    [
+        (["--hyperparameters", "hp.json"], "--hyperparameters", "the run's hyperparams.json is used"),
+        (["--weights", "other"], "--weights", "the weights come from the run's checkpoint"),
+        (["--classes", "classes.json"], "--classes", "the run's classes.json is used"),
+        (["--out", "elsewhere"], "--out", "the run continues in"),
+        (["--train", "other.manifest"], "--train", "the run was started on"),
+    ],
+)
 def test_resume_refuses_conflicting_options(reference_run, tmp_path, extra, option, why):
     import shutil
 
@@ -423,9 +430,14 @@ def test_resume_refuses_conflicting_options(reference_run, tmp_path, extra, opti
     shutil.copytree(reference_run[0], out)
     before = sorted(p.name for p in out.iterdir())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    done = subprocess.run([sys.executable, "-m", "detforge", "train", "--resume", str(out), *extra,
-                           "--no-progress"], capture_output=True, text=True, timeout=600, env=env,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "detforge", "train", "--resume", str(out), *extra, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: field '{option}': cannot be combined with --resume: {why}")
     assert sorted(p.name for p in out.iterdir()) == before

@@ -45,14 +45,21 @@ def test_the_train_options_are_the_config_fields():
 
 
 def test_importing_the_cli_changes_nothing_and_a_command_sets_the_thread_policy():
-    code = ("import os, detforge.cli as cli\n"
-            "before = os.environ.get('OMP_WAIT_POLICY')\n"
-            "code = cli.main(['--help'])\n"
-            "print(code, before, os.environ.get('OMP_WAIT_POLICY'))\n")
+    code = (
+        "import os, detforge.cli as cli\n"
+        "before = os.environ.get('OMP_WAIT_POLICY')\n"
+        "code = cli.main(['--help'])\n"
+        "print(code, before, os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(SRC)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "0 None PASSIVE"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=env | {"OMP_WAIT_POLICY": "ACTIVE"})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env | {"OMP_WAIT_POLICY": "ACTIVE"},
+    )
     assert done.stdout.splitlines()[-1] == "0 ACTIVE ACTIVE"  # the user's own setting stays

@@ -31,11 +31,13 @@ def test_eval_and_none_resize_boxes_exactly():
     expected = torch.tensor([[8, 10 * 32 / 60, 20, 16], [0, 0, 32, 32]], dtype=torch.float32)
     for preset in PRESETS:
         image, out_boxes, labels = build_transform(preset, image_size=32, train=False)(
-            _scene(), boxes, np.array([3, 4]))
+            _scene(), boxes, np.array([3, 4])
+        )
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32
         assert torch.equal(out_boxes, expected) and torch.equal(labels, torch.tensor([3, 4]))
     image, out_boxes, labels = build_transform("none", image_size=32, train=True)(
-        Image.fromarray(_scene()), boxes, [3, 4])
+        Image.fromarray(_scene()), boxes, [3, 4]
+    )
     assert torch.equal(out_boxes, expected) and labels.dtype == torch.int64
     # The red rectangle is where the box says: every pixel well inside it is red.
     assert torch.allclose(image[:, 7:15, 10:18].mean(dim=(1, 2)), torch.tensor(RED) / 255, atol=1e-3)
@@ -51,7 +53,7 @@ def test_flip_preset_gives_the_flipped_or_the_original_box_and_pixels_follow():
         assert box in {(5.0, 5.0, 15.0, 25.0), (25.0, 5.0, 35.0, 25.0)}
         seen.add(box)
         x1, y1, x2, y2 = (int(v) for v in box)
-        inside = image[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1].mean(dim=(1, 2))
+        inside = image[:, y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].mean(dim=(1, 2))
         assert torch.allclose(inside, torch.tensor(RED) / 255, atol=1e-3)
         assert torch.equal(labels, torch.tensor([1]))
     assert len(seen) == 2
@@ -80,11 +82,12 @@ def test_flip_hsv_preset_moves_boxes_as_flip_and_changes_only_colours():
         flipped, boxes, labels = flip(image, [[10, 5, 30, 25]], [1])
         torch.manual_seed(seed)
         coloured, boxes2, labels2 = build_transform("flip+hsv", image_size=40, train=True)(
-            image, [[10, 5, 30, 25]], [1])
+            image, [[10, 5, 30, 25]], [1]
+        )
         assert torch.equal(boxes, boxes2) and torch.equal(labels, labels2)
         # one colour map for the whole image: the background (grey 40) stays uniform, the red box uniform
         x1, y1, x2, y2 = (int(v) for v in boxes2[0].tolist())
-        inside = coloured[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1].reshape(3, -1)
+        inside = coloured[:, y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].reshape(3, -1)
         assert float((inside - inside[:, :1]).abs().max()) <= 1 / 255
         assert not torch.allclose(coloured, flipped)
 
@@ -122,14 +125,18 @@ def test_training_drops_degenerate_boxes_with_their_labels_eval_keeps_them():
 def test_images_without_boxes_and_other_inputs():
     for preset in PRESETS:
         image, boxes, labels = build_transform(preset, image_size=16, train=True)(
-            _scene()[:, :, 0], np.zeros((0, 4)), np.zeros(0, dtype=int))
+            _scene()[:, :, 0], np.zeros((0, 4)), np.zeros(0, dtype=int)
+        )
         assert image.shape == (3, 16, 16) and boxes.shape == (0, 4) and labels.shape == (0,)
         assert boxes.dtype == torch.float32 and labels.dtype == torch.int64
 
 
 def test_bad_inputs():
-    with pytest.raises(ConfigError, match="field 'augmentation': unknown augmentation preset 'ssd-rot' "
-                                          r"\(choose one of none, flip, ssd, ssd\+rot, flip\+hsv\)"):
+    with pytest.raises(
+        ConfigError,
+        match="field 'augmentation': unknown augmentation preset 'ssd-rot' "
+        r"\(choose one of none, flip, ssd, ssd\+rot, flip\+hsv\)",
+    ):
         build_transform("ssd-rot", image_size=32, train=True)
     assert check_preset("ssd+rot") == "ssd+rot"
     with pytest.raises(ConfigError, match="image_shape"):
@@ -173,10 +180,12 @@ def test_property_every_preset_keeps_boxes_inside_and_labels_aligned(case, prese
     kept = out_labels.tolist()
     assert kept == sorted(set(kept)) and set(kept) <= set(labels.tolist())
     if preset in ("none", "flip"):
-        scaled = box_ops.xyxy_norm_to_xyxy(box_ops.xyxy_to_xyxy_norm(boxes, width=width, height=height),
-                                           width=size, height=size)
+        scaled = box_ops.xyxy_norm_to_xyxy(
+            box_ops.xyxy_to_xyxy_norm(boxes, width=width, height=height), width=size, height=size
+        )
         flipped = box_ops.flip_x_xyxy(scaled, width=size)
         for box, label in zip(b, kept, strict=True):
             i = label - 10
             assert np.allclose(box, scaled[i], atol=1e-3) or (
-                preset == "flip" and np.allclose(box, flipped[i], atol=1e-3))
+                preset == "flip" and np.allclose(box, flipped[i], atol=1e-3)
+            )

@@ -527,8 +527,9 @@ def _postgres_binary(name: str) -> str:
     import glob
     import shutil
 
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                                                   reverse=True)), None)
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
     if found is None:
         missing(f"PostgreSQL's '{name}' is not installed (Debian package postgresql; `make system` has it)")
     return found
@@ -573,8 +574,13 @@ def postgres_url():
         wait_for_port(port)
         yield f"postgresql://detforge@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True, timeout=60,
-                       cwd=folder, **as_user)
+        subprocess.run(
+            [pg_ctl, "-D", data, "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+            cwd=folder,
+            **as_user,
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -601,9 +607,18 @@ def test_a_postgresql_study_survives_a_killed_worker_and_two_workers_finish_it(
     study = optuna.load_study(study_name="tune", storage=postgres_url)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
     result = tune(
-        TuneConfig(train=tiny[0], validation=tiny[1], out=str(out), trials=4, parallel=2,
-                   storage=postgres_url, hyperparameters=HP | {"epochs": "2"}, ranges=RESUME_RANGES,
-                   pruner="none", heartbeat_s=1)
+        TuneConfig(
+            train=tiny[0],
+            validation=tiny[1],
+            out=str(out),
+            trials=4,
+            parallel=2,
+            storage=postgres_url,
+            hyperparameters=HP | {"epochs": "2"},
+            ranges=RESUME_RANGES,
+            pruner="none",
+            heartbeat_s=1,
+        )
     )
     # the killed trial's heartbeat stopped: it is marked failed-stale (interrupted), does not count, and two
     # new workers finish the study; at most one "skipped" row when both claim the last place at once
@@ -625,13 +640,19 @@ def test_a_postgresql_study_survives_a_killed_worker_and_two_workers_finish_it(
     ("form", "shown"),
     [
         ("postgresql://alice:Hunter2@Secret@db.example/study", "postgresql://***@db.example/study"),
-        ("postgresql://alice@db.example/study?password=Hunter2&sslmode=require",
-         "postgresql://***@db.example/study?password=***&sslmode=require"),
+        (
+            "postgresql://alice@db.example/study?password=Hunter2&sslmode=require",
+            "postgresql://***@db.example/study?password=***&sslmode=require",
+        ),
         ("postgresql://alice:Hunter2%40Secret@db.example/study", "postgresql://***@db.example/study"),
-        ("host=db.example user=alice password=Hunter2 dbname=study",
-         "host=db.example user=alice password=*** dbname=study"),
-        ("host=db.example password='Hunter2 \\' Secret' dbname=study",
-         "host=db.example password=*** dbname=study"),
+        (
+            "host=db.example user=alice password=Hunter2 dbname=study",
+            "host=db.example user=alice password=*** dbname=study",
+        ),
+        (
+            "host=db.example password='Hunter2 \\' Secret' dbname=study",
+            "host=db.example password=*** dbname=study",
+        ),
         ("sqlite:////data/a@b/study.db", "sqlite:////data/a@b/study.db"),  # a path, no user in it
     ],
 )
@@ -654,13 +675,23 @@ def test_a_storage_that_cannot_be_opened_never_shows_its_password(tiny, tmp_path
         f"postgresql://detforge:Hunter2@Secret@{server}/nope": f"postgresql://***@{server}/nope",
         f"postgresql://detforge@{server}/nope?password=Hunter2Secret": f"postgresql://***@{server}/nope?password=***",
         f"postgresql://detforge:Hunter2%40Secret@{server}/nope": f"postgresql://***@{server}/nope",
-        f"host={host} port={port} user=detforge password=Hunter2Secret dbname=nope":
-            f"host={host} port={port} user=detforge password=*** dbname=nope",
+        f"host={host} port={port} user=detforge password=Hunter2Secret dbname=nope": (
+            f"host={host} port={port} user=detforge password=*** dbname=nope"
+        ),
     }
     for form, shown in forms.items():
         with pytest.raises(ConfigError) as info:
-            tune(TuneConfig(train=tiny[0], validation=tiny[1], out=str(tmp_path / "tune"), trials=1,
-                            hyperparameters=HP, ranges=RESUME_RANGES, storage=form))
+            tune(
+                TuneConfig(
+                    train=tiny[0],
+                    validation=tiny[1],
+                    out=str(tmp_path / "tune"),
+                    trials=1,
+                    hyperparameters=HP,
+                    ranges=RESUME_RANGES,
+                    storage=form,
+                )
+            )
         message = str(info.value)
         assert message.startswith(f"field '--storage': cannot open {shown}: "), message
         assert "Hunter2" not in message and "Secret" not in message and "\n" not in message.strip(), message

@@ -15,16 +15,26 @@ def register(app: typer.Typer) -> None:
     @app.command("augment")
     def augment_command(
         manifest: Annotated[str, typer.Argument(help="The training manifest (local path or s3://).")],
-        out: Annotated[str, typer.Option(
-            "--out", help="Folder for images/, augmented.manifest and one <op>.manifest per op.")],
-        ops: Annotated[str, typer.Option(
-            "--ops", help="Comma-separated: xflip, yflip, cw, ccw, rot180.")] = "xflip,yflip,cw,ccw",
+        out: Annotated[
+            str,
+            typer.Option(
+                "--out", help="Folder for images/, augmented.manifest and one <op>.manifest per op."
+            ),
+        ],
+        ops: Annotated[
+            str, typer.Option("--ops", help="Comma-separated: xflip, yflip, cw, ccw, rot180.")
+        ] = "xflip,yflip,cw,ccw",
         workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel processes.")] = 1,
-        force: Annotated[bool, typer.Option(
-            "--force", help="Augment even a manifest named or marked as validation data.")] = False,
+        force: Annotated[
+            bool, typer.Option("--force", help="Augment even a manifest named or marked as validation data.")
+        ] = False,
         overwrite: options.Overwrite = False,
-        label_attribute: Annotated[str | None, typer.Option(
-            "--label-attribute", help="The manifest's label attribute, when it cannot be found.")] = None,
+        label_attribute: Annotated[
+            str | None,
+            typer.Option(
+                "--label-attribute", help="The manifest's label attribute, when it cannot be found."
+            ),
+        ] = None,
     ) -> None:
         """Write flipped and rotated copies of every image with exactly moved boxes (lossless for JPEG
         where the size allows), into --out whole; an interrupted run resumes."""
@@ -34,17 +44,32 @@ def register(app: typer.Typer) -> None:
         from detforge.data.augment import augment
 
         console = Console(stderr=True)
-        with Progress(TextColumn("augment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True) as bar:
+        with Progress(
+            TextColumn("augment"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("augment", total=None)
 
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            result = augment(manifest, out_dir=out, ops=ops, workers=workers, force=force,
-                             overwrite=overwrite, label_attribute=label_attribute, progress=progress)
+            result = augment(
+                manifest,
+                out_dir=out,
+                ops=ops,
+                workers=workers,
+                force=force,
+                overwrite=overwrite,
+                label_attribute=label_attribute,
+                progress=progress,
+            )
         Console().print(
             f"{result.images} images: wrote {result.written} copies ({result.lossless} lossless, "
             f"{result.reencoded} re-encoded), reused {result.skipped} already written\n"
             f"manifest: {result.manifest} ({result.images * (1 + len(result.op_manifests))} lines); "
-            f"per op: {', '.join(result.op_manifests.values())}")
+            f"per op: {', '.join(result.op_manifests.values())}"
+        )

@@ -10,6 +10,11 @@ import typer
 
 Port = Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")]
 Host = Annotated[str, typer.Option("--host", help="Loopback address to listen on.")]
-NoBrowser = Annotated[bool, typer.Option(
-    "--no-browser", help="Print the URL without opening a browser (which is otherwise opened through a "
-                         "private redirect file, keeping the token off its command line).")]
+NoBrowser = Annotated[
+    bool,
+    typer.Option(
+        "--no-browser",
+        help="Print the URL without opening a browser (which is otherwise opened through a "
+        "private redirect file, keeping the token off its command line).",
+    ),
+]

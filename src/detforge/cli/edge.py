@@ -25,8 +25,13 @@ def _deploy_dir(path: str) -> str:
 
 # ``edge run``'s parameters whose ``EdgeConfig`` field has another name; every other one has the same name
 # (tests/edge checks that the options and the fields match one to one, defaults included)
-OPTION_FIELDS = {"deploy": "deploy_dir", "allow_path": "allow_paths", "heartbeat": "heartbeat_s",
-                 "drain_timeout": "drain_timeout_s", "reconnect_max": "reconnect_max_s"}
+OPTION_FIELDS = {
+    "deploy": "deploy_dir",
+    "allow_path": "allow_paths",
+    "heartbeat": "heartbeat_s",
+    "drain_timeout": "drain_timeout_s",
+    "reconnect_max": "reconnect_max_s",
+}
 
 
 def config_fields(params: dict) -> dict:
@@ -115,8 +120,11 @@ def register(app: typer.Typer) -> None:
         ] = 10.0,
         reconnect_max: Annotated[
             float,
-            typer.Option("--reconnect-max", help="Longest pause between reconnection attempts in seconds "
-                                                 "(it starts at 0.5 s and doubles)."),
+            typer.Option(
+                "--reconnect-max",
+                help="Longest pause between reconnection attempts in seconds "
+                "(it starts at 0.5 s and doubles).",
+            ),
         ] = 30.0,
         client_id: Annotated[str | None, typer.Option("--client-id", help="MQTT client id.")] = None,
         threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime threads.")] = None,
@@ -148,8 +156,11 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             f"{stats.frames} frames, {stats.requests} requests, {stats.published} results published, "
             f"{stats.errors} errors, {stats.buffered_at_exit} still buffered"
-            + (f", {stats.lost_results} lost (the buffer folder could not be written)"
-               if stats.lost_results else "")
+            + (
+                f", {stats.lost_results} lost (the buffer folder could not be written)"
+                if stats.lost_results
+                else ""
+            )
         )
 
     @edge.command("package")

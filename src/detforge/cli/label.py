@@ -15,38 +15,68 @@ def register(app: typer.Typer) -> None:
 
     @app.command("label")
     def label_command(
-        manifest: Annotated[str, typer.Argument(help="The input manifest (one {\"source-ref\": ...} a line), "
-                                                "or with --adjust a Ground Truth output manifest.")],
-        out: Annotated[str, typer.Option("--out", help="The job's output manifest: written after every "
-                                         "change, read back on start to resume.")],
+        manifest: Annotated[
+            str,
+            typer.Argument(
+                help='The input manifest (one {"source-ref": ...} a line), '
+                "or with --adjust a Ground Truth output manifest."
+            ),
+        ],
+        out: Annotated[
+            str,
+            typer.Option(
+                "--out",
+                help="The job's output manifest: written after every change, read back on start to resume.",
+            ),
+        ],
         classes: Annotated[
             str | None,
-            typer.Option("--classes", help='Class names, "blue box,yellow box", or a classes.json '
-                         "(default with --model: the model's classes; with --adjust: the input's).")
+            typer.Option(
+                "--classes",
+                help='Class names, "blue box,yellow box", or a classes.json '
+                "(default with --model: the model's classes; with --adjust: the input's).",
+            ),
         ] = None,
         model: Annotated[
             str | None,
             typer.Option("--model", help="A deploy folder whose detections are offered as proposals."),
         ] = None,
         threshold: Annotated[
-            float | None, typer.Option("--threshold", help="Where the proposal slider starts "
-                                       "(default: the model's default_threshold).")
+            float | None,
+            typer.Option(
+                "--threshold",
+                help="Where the proposal slider starts (default: the model's default_threshold).",
+            ),
         ] = None,
         order: Annotated[
-            str, typer.Option("--order", help="manifest, or uncertainty: the images the model is least sure "
-                              "of first (needs --model).")
+            str,
+            typer.Option(
+                "--order",
+                help="manifest, or uncertainty: the images the model is least sure of first (needs --model).",
+            ),
         ] = "manifest",
         adjust: Annotated[
-            bool, typer.Option("--adjust", help="An adjustment job: correct the input's boxes, written as "
-                               "adjusted-<attr> with adjustment-status.")
+            bool,
+            typer.Option(
+                "--adjust",
+                help="An adjustment job: correct the input's boxes, written as "
+                "adjusted-<attr> with adjustment-status.",
+            ),
         ] = False,
         label_attribute: Annotated[
-            str | None, typer.Option("--label-attribute", help="The label attribute to write (default: the "
-                                     "job name) or, with --adjust, to correct (default: found by type).")
+            str | None,
+            typer.Option(
+                "--label-attribute",
+                help="The label attribute to write (default: the "
+                "job name) or, with --adjust, to correct (default: found by type).",
+            ),
         ] = None,
         job_name: Annotated[
-            str | None, typer.Option("--job-name", help="The job name (default: the --out file name, "
-                                     "e.g. boxes-1 for boxes-1.output.manifest).")
+            str | None,
+            typer.Option(
+                "--job-name",
+                help="The job name (default: the --out file name, e.g. boxes-1 for boxes-1.output.manifest).",
+            ),
         ] = None,
         port: Port = 8766,
         host: Host = "127.0.0.1",
@@ -72,14 +102,31 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[yellow]not scored:[/yellow] {problem}", highlight=False)
             if len(server.job.unreadable) > 5:
                 console.print(f"[yellow]and {len(server.job.unreadable) - 5} more images not scored[/yellow]")
-            console.print(f"{p['total']} images, {p['done']} done; labels go to {out} as "
-                          f"'{server.job.attribute}'", highlight=False)
-            console.print(f"open [bold]{server.url}[/bold]  (Ctrl+C stops; every change is already saved)",
-                          soft_wrap=True)
+            console.print(
+                f"{p['total']} images, {p['done']} done; labels go to {out} as '{server.job.attribute}'",
+                highlight=False,
+            )
+            console.print(
+                f"open [bold]{server.url}[/bold]  (Ctrl+C stops; every change is already saved)",
+                soft_wrap=True,
+            )
 
-        job = label(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
-                    job_name=job_name, model=model, order=order, threshold=threshold, host=host, port=port,
-                    open_browser=not no_browser, on_progress=progress, on_ready=ready,
-                    tiling={"tile": tile, "overlap": overlap, "full_pass": tile_full_pass})
+        job = label(
+            manifest,
+            out=out,
+            classes=classes,
+            adjust=adjust,
+            label_attribute=label_attribute,
+            job_name=job_name,
+            model=model,
+            order=order,
+            threshold=threshold,
+            host=host,
+            port=port,
+            open_browser=not no_browser,
+            on_progress=progress,
+            on_ready=ready,
+            tiling={"tile": tile, "overlap": overlap, "full_pass": tile_full_pass},
+        )
         p = job.progress()
         console.print(f"stopped: {p['done']} of {p['total']} images done in {out}", highlight=False)

@@ -18,8 +18,11 @@ def register(app: typer.Typer) -> None:
         manifests: Annotated[list[str], typer.Argument(help=options.INPUTS_HELP)],
         discard: Annotated[
             str,
-            typer.Option("--discard", help="The discard list to read and keep up to date "
-                         "(what `detforge prepare --discard` takes)."),
+            typer.Option(
+                "--discard",
+                help="The discard list to read and keep up to date "
+                "(what `detforge prepare --discard` takes).",
+            ),
         ],
         predictions: Annotated[
             str | None,
@@ -27,8 +30,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         classes: Annotated[
             str | None,
-            typer.Option("--classes", help="classes.json (or model.json) naming the prediction class ids; "
-                         "without it predictions are matched to labels whatever their class."),
+            typer.Option(
+                "--classes",
+                help="classes.json (or model.json) naming the prediction class ids; "
+                "without it predictions are matched to labels whatever their class.",
+            ),
         ] = None,
         score_threshold: Annotated[
             float, typer.Option("--score-threshold", help="Ignore predictions scoring below this.")
@@ -51,18 +57,34 @@ def register(app: typer.Typer) -> None:
 
         def ready(server) -> None:
             progress = server.session.progress()
-            console.print(f"{progress['total']} images, {progress['reviewed']} reviewed, "
-                          f"{progress['rejected']} rejected; decisions go to {discard}")
+            console.print(
+                f"{progress['total']} images, {progress['reviewed']} reviewed, "
+                f"{progress['rejected']} rejected; decisions go to {discard}"
+            )
             if report.skipped or report.skipped_boxes:
-                console.print(f"skipped {len(report.skipped)} bad lines/images and "
-                              f"{len(report.skipped_boxes)} bad boxes (--on-error skip)")
+                console.print(
+                    f"skipped {len(report.skipped)} bad lines/images and "
+                    f"{len(report.skipped_boxes)} bad boxes (--on-error skip)"
+                )
             console.print(f"open [bold]{server.url}[/bold]  (Ctrl+C stops)", soft_wrap=True)
 
-        session = review(manifests, discard=discard, predictions=predictions, label_attribute=label_attribute,
-                         classes=classes, score_threshold=score_threshold, host=host, port=port,
-                         open_browser=not no_browser, on_ready=ready, on_error=on_error,
-                         images=options.images_for(images, manifests),
-                         report=report)
+        session = review(
+            manifests,
+            discard=discard,
+            predictions=predictions,
+            label_attribute=label_attribute,
+            classes=classes,
+            score_threshold=score_threshold,
+            host=host,
+            port=port,
+            open_browser=not no_browser,
+            on_ready=ready,
+            on_error=on_error,
+            images=options.images_for(images, manifests),
+            report=report,
+        )
         progress = session.progress()
-        console.print(f"stopped: {progress['reviewed']} of {progress['total']} reviewed, "
-                      f"{progress['rejected']} rejected in {discard}")
+        console.print(
+            f"stopped: {progress['reviewed']} of {progress['total']} reviewed, "
+            f"{progress['rejected']} rejected in {discard}"
+        )

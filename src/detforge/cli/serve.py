@@ -60,23 +60,30 @@ def register(app: typer.Typer) -> None:
         ] = 64,
         max_queue: Annotated[
             int,
-            typer.Option("--max-queue", help="Most images accepted and not yet answered, all requests "
-                                             "together; a request whose images do not fit gets 503 with "
-                                             "Retry-After."),
+            typer.Option(
+                "--max-queue",
+                help="Most images accepted and not yet answered, all requests "
+                "together; a request whose images do not fit gets 503 with "
+                "Retry-After.",
+            ),
         ] = 100,
         max_in_flight: Annotated[
             int,
-            typer.Option("--max-in-flight", help="Most /invocations requests between their headers and their "
-                                                 "answer (503 above)."),
+            typer.Option(
+                "--max-in-flight",
+                help="Most /invocations requests between their headers and their answer (503 above).",
+            ),
         ] = 128,
         max_connections: Annotated[
             int, typer.Option("--max-connections", help="Most open connections (a new one gets 503 above).")
         ] = 256,
         max_client_connections: Annotated[
             int,
-            typer.Option("--max-client-connections",
-                         help="Most open connections from one client address (a new one gets 503 above; "
-                              "raise it to --max-connections behind a proxy)."),
+            typer.Option(
+                "--max-client-connections",
+                help="Most open connections from one client address (a new one gets 503 above; "
+                "raise it to --max-connections behind a proxy).",
+            ),
         ] = 64,
         header_timeout: Annotated[
             float,
@@ -84,8 +91,10 @@ def register(app: typer.Typer) -> None:
         ] = 10.0,
         body_timeout: Annotated[
             float,
-            typer.Option("--body-timeout", help="Seconds a request body may take, plus 1 s per 64 KiB "
-                                                "received (408 after)."),
+            typer.Option(
+                "--body-timeout",
+                help="Seconds a request body may take, plus 1 s per 64 KiB received (408 after).",
+            ),
         ] = 10.0,
         graceful_timeout: Annotated[
             int, typer.Option("--graceful-timeout", help="Seconds SIGTERM waits for requests in flight.")

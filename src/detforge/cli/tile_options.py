@@ -10,12 +10,25 @@ from typing import Annotated
 
 import typer
 
-Tile = Annotated[int | None, typer.Option(
-    "--tile", help="Run the model on SIZE x SIZE pixel tiles of each photo, merged (0: whole photos; "
-                   "default: the tiling in the deploy folder's model.json, else whole photos).",
-    metavar="SIZE")]
-Overlap = Annotated[float | None, typer.Option(
-    "--overlap", help="Neighbouring tiles overlap by at least this fraction of SIZE (default 0.2).")]
-TileFullPass = Annotated[bool | None, typer.Option(
-    "--tile-full-pass/--no-tile-full-pass",
-    help="With tiles, also run the whole photo, for objects larger than a tile (default: on).")]
+Tile = Annotated[
+    int | None,
+    typer.Option(
+        "--tile",
+        help="Run the model on SIZE x SIZE pixel tiles of each photo, merged (0: whole photos; "
+        "default: the tiling in the deploy folder's model.json, else whole photos).",
+        metavar="SIZE",
+    ),
+]
+Overlap = Annotated[
+    float | None,
+    typer.Option(
+        "--overlap", help="Neighbouring tiles overlap by at least this fraction of SIZE (default 0.2)."
+    ),
+]
+TileFullPass = Annotated[
+    bool | None,
+    typer.Option(
+        "--tile-full-pass/--no-tile-full-pass",
+        help="With tiles, also run the whole photo, for objects larger than a tile (default: on).",
+    ),
+]

@@ -83,10 +83,21 @@ def register(app: typer.Typer) -> None:
         if list_layers:
             _print_layers(hyperparameters, parse_overrides(set_ or []))
             return
-        result = run_training(TrainConfig(
-            train=train, validation=validation, out=out, hyperparameters=hyperparameters,
-            overrides=parse_overrides(set_ or []), weights=weights, resume=resume or False, classes=classes,
-            label_attribute=label_attribute, progress=progress, console=True))
+        result = run_training(
+            TrainConfig(
+                train=train,
+                validation=validation,
+                out=out,
+                hyperparameters=hyperparameters,
+                overrides=parse_overrides(set_ or []),
+                weights=weights,
+                resume=resume or False,
+                classes=classes,
+                label_attribute=label_attribute,
+                progress=progress,
+                console=True,
+            )
+        )
         if result.main:
             Console().print(result.summary())
 
@@ -98,8 +109,9 @@ def _print_layers(hyperparameters: str | None, overrides: dict) -> None:
     from detforge.training.hyperparams import load_hyperparameters
     from detforge.training.layers import layer_table
 
-    hp = load_hyperparameters(hyperparameters, overrides={**overrides, "use_pretrained_model": "0"},
-                              defaults={"num_classes": "1"})
+    hp = load_hyperparameters(
+        hyperparameters, overrides={**overrides, "use_pretrained_model": "0"}, defaults={"num_classes": "1"}
+    )
     model = build_model(hp.base_network, num_classes=hp.num_classes, image_size=hp.image_shape)
     table = layer_table(model, hp.base_network)
     width = max(len(name) for name, _, _ in table)
@@ -107,5 +119,6 @@ def _print_layers(hyperparameters: str | None, overrides: dict) -> None:
     typer.echo(f"{'parameter (torch)':{width}}  {'MXNet name':{mx_width}}  shape")
     for name, mx, shape in table:
         typer.echo(f"{name:{width}}  {mx or '-':{mx_width}}  {'x'.join(str(s) for s in shape)}")
-    typer.echo(f"{hp.base_network} at {hp.image_shape} px: freeze_layer_pattern (re.search) matches "
-               "either name")
+    typer.echo(
+        f"{hp.base_network} at {hp.image_shape} px: freeze_layer_pattern (re.search) matches either name"
+    )

@@ -9,8 +9,10 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add the ``weights`` command group."""
-    group = typer.Typer(help="ImageNet backbone weights for use_pretrained_model=1 (downloaded only here).",
-                        no_args_is_help=True)
+    group = typer.Typer(
+        help="ImageNet backbone weights for use_pretrained_model=1 (downloaded only here).",
+        no_args_is_help=True,
+    )
 
     @group.command("list")
     def list_command() -> None:
@@ -24,8 +26,9 @@ def register(app: typer.Typer) -> None:
 
     @group.command("download")
     def download_command(
-        networks: Annotated[list[str], typer.Argument(
-            help="base_network names: vgg-16 resnet-50 mobilenet-v3.")],
+        networks: Annotated[
+            list[str], typer.Argument(help="base_network names: vgg-16 resnet-50 mobilenet-v3.")
+        ],
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="A progress bar.")] = True,
     ) -> None:
         """Download the ImageNet weights of each NETWORK into the torch hub cache (TORCH_HOME)."""

@@ -70,16 +70,46 @@ _FLIP_LEFT_RIGHT, _FLIP_TOP_BOTTOM, _ROTATE_90, _ROTATE_180, _ROTATE_270 = 0, 1,
 _TJXOP_HFLIP, _TJXOP_VFLIP, _TJXOP_ROT90, _TJXOP_ROT180, _TJXOP_ROT270 = 1, 2, 5, 6, 7
 
 OPS: dict[str, Op] = {
-    "xflip": Op("xflip", "-x-flip", False, _FLIP_LEFT_RIGHT, _TJXOP_HFLIP,
-                lambda b, w, h: box_ops.flip_x_xyxy(b, width=w)),
-    "yflip": Op("yflip", "-y-flip", False, _FLIP_TOP_BOTTOM, _TJXOP_VFLIP,
-                lambda b, w, h: box_ops.flip_y_xyxy(b, height=h)),
-    "cw": Op("cw", "-cw-rotate", True, _ROTATE_270, _TJXOP_ROT90,
-             lambda b, w, h: box_ops.rotate_cw_xyxy(b, height=h)),
-    "ccw": Op("ccw", "-ccw-rotate", True, _ROTATE_90, _TJXOP_ROT270,
-              lambda b, w, h: box_ops.rotate_ccw_xyxy(b, width=w)),
-    "rot180": Op("rot180", "-rot180", False, _ROTATE_180, _TJXOP_ROT180,
-                 lambda b, w, h: box_ops.rotate_180_xyxy(b, width=w, height=h)),
+    "xflip": Op(
+        "xflip",
+        "-x-flip",
+        False,
+        _FLIP_LEFT_RIGHT,
+        _TJXOP_HFLIP,
+        lambda b, w, h: box_ops.flip_x_xyxy(b, width=w),
+    ),
+    "yflip": Op(
+        "yflip",
+        "-y-flip",
+        False,
+        _FLIP_TOP_BOTTOM,
+        _TJXOP_VFLIP,
+        lambda b, w, h: box_ops.flip_y_xyxy(b, height=h),
+    ),
+    "cw": Op(
+        "cw",
+        "-cw-rotate",
+        True,
+        _ROTATE_270,
+        _TJXOP_ROT90,
+        lambda b, w, h: box_ops.rotate_cw_xyxy(b, height=h),
+    ),
+    "ccw": Op(
+        "ccw",
+        "-ccw-rotate",
+        True,
+        _ROTATE_90,
+        _TJXOP_ROT270,
+        lambda b, w, h: box_ops.rotate_ccw_xyxy(b, width=w),
+    ),
+    "rot180": Op(
+        "rot180",
+        "-rot180",
+        False,
+        _ROTATE_180,
+        _TJXOP_ROT180,
+        lambda b, w, h: box_ops.rotate_180_xyxy(b, width=w, height=h),
+    ),
 }
 DEFAULT_OPS = ("xflip", "yflip", "cw", "ccw")
 
@@ -91,8 +121,9 @@ def parse_ops(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         raise ConfigError("no ops given", field="--ops", hint=f"choose from {', '.join(OPS)}")
     unknown = [n for n in names if n not in OPS]
     if unknown:
-        raise ConfigError(f"unknown op(s) {', '.join(unknown)}", field="--ops",
-                          hint=f"choose from {', '.join(OPS)}")
+        raise ConfigError(
+            f"unknown op(s) {', '.join(unknown)}", field="--ops", hint=f"choose from {', '.join(OPS)}"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -103,8 +134,13 @@ def augment_record(record: Record, op: str, *, source_ref: str) -> Record:
     fields = dict(record.fields)
     fields[PROVENANCE_KEY] = {"op": op, "from": record.source_ref}
     fields["source-ref"] = source_ref
-    return record.replace(source_ref=source_ref, width=width, height=height,
-                          boxes=spec.boxes(record.boxes, record.width, record.height), fields=fields)
+    return record.replace(
+        source_ref=source_ref,
+        width=width,
+        height=height,
+        boxes=spec.boxes(record.boxes, record.width, record.height),
+        fields=fields,
+    )
 
 
 # ---------------------------------------------------------------- JPEG, lossless (libturbojpeg via ctypes)
@@ -119,8 +155,13 @@ class _TJRegion(ctypes.Structure):
 
 
 class _TJTransform(ctypes.Structure):
-    _fields_ = [("r", _TJRegion), ("op", ctypes.c_int), ("options", ctypes.c_int),
-                ("data", ctypes.c_void_p), ("customFilter", ctypes.c_void_p)]
+    _fields_ = [
+        ("r", _TJRegion),
+        ("op", ctypes.c_int),
+        ("options", ctypes.c_int),
+        ("data", ctypes.c_void_p),
+        ("customFilter", ctypes.c_void_p),
+    ]
 
 
 _LIB: list = []  # [library or None], loaded once per process
@@ -130,8 +171,12 @@ def _turbojpeg():
     """libturbojpeg (the TurboJPEG 2.x API, also kept by 3.x), or None when it is not installed."""
     if not _LIB:
         lib = None
-        for name in (ctypes.util.find_library("turbojpeg"), "libturbojpeg.so.0",
-                     "/usr/lib/x86_64-linux-gnu/libturbojpeg.so.0", "libturbojpeg.dylib"):
+        for name in (
+            ctypes.util.find_library("turbojpeg"),
+            "libturbojpeg.so.0",
+            "/usr/lib/x86_64-linux-gnu/libturbojpeg.so.0",
+            "libturbojpeg.dylib",
+        ):
             if not name:
                 continue
             try:
@@ -144,20 +189,43 @@ def _turbojpeg():
             lib.tjDestroy.argtypes = [ctypes.c_void_p]
             lib.tjFree.argtypes = [ctypes.c_void_p]
             lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + [
-                ctypes.POINTER(ctypes.c_int)] * 4
+                ctypes.POINTER(ctypes.c_int)
+            ] * 4
             lib.tjInitDecompress.restype = ctypes.c_void_p
             lib.tjInitCompress.restype = ctypes.c_void_p
             lib.tjPlaneWidth.argtypes = lib.tjPlaneHeight.argtypes = [ctypes.c_int] * 3
             lib.tjDecompressToYUVPlanes.argtypes = [
-                ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.POINTER(ctypes.c_void_p),
-                ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_ulong,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.c_int,
+            ]
             lib.tjCompressFromYUVPlanes.argtypes = [
-                ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong), ctypes.c_int,
-                ctypes.c_int]
-            lib.tjTransform.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int,
-                                        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
-                                        ctypes.POINTER(_TJTransform), ctypes.c_int]
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.POINTER(ctypes.c_ulong),
+                ctypes.c_int,
+                ctypes.c_int,
+            ]
+            lib.tjTransform.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_ulong,
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.POINTER(ctypes.c_ulong),
+                ctypes.POINTER(_TJTransform),
+                ctypes.c_int,
+            ]
             lib.tjDestroy.restype = ctypes.c_int
         _LIB.append(lib)
     return _LIB[0]
@@ -171,8 +239,18 @@ def _header(data: bytes) -> tuple[int, int, int] | None:
     handle = lib.tjInitTransform()
     try:
         w, h, samp, cs = (ctypes.c_int() for _ in range(4))
-        if lib.tjDecompressHeader3(handle, data, len(data), ctypes.byref(w), ctypes.byref(h),
-                                   ctypes.byref(samp), ctypes.byref(cs)) != 0:
+        if (
+            lib.tjDecompressHeader3(
+                handle,
+                data,
+                len(data),
+                ctypes.byref(w),
+                ctypes.byref(h),
+                ctypes.byref(samp),
+                ctypes.byref(cs),
+            )
+            != 0
+        ):
             return None
     finally:
         lib.tjDestroy(handle)
@@ -202,8 +280,9 @@ def jpeg_transform_lossless_many(data: bytes, ops) -> dict[str, bytes]:
     n = len(ops)
     bufs = (ctypes.c_void_p * n)()
     sizes = (ctypes.c_ulong * n)()
-    xforms = (_TJTransform * n)(*[_TJTransform(_TJRegion(0, 0, 0, 0), OPS[op].tjxop, _TJXOPT_PERFECT, None,
-                                               None) for op in ops])
+    xforms = (_TJTransform * n)(
+        *[_TJTransform(_TJRegion(0, 0, 0, 0), OPS[op].tjxop, _TJXOPT_PERFECT, None, None) for op in ops]
+    )
     try:
         if lib.tjTransform(handle, data, len(data), n, bufs, sizes, xforms, 0) != 0:
             return {}
@@ -241,8 +320,10 @@ def _decode_yuv(data: bytes) -> tuple[list[np.ndarray], int] | None:
         return None
     lib = _turbojpeg()
     count = 1 if samp == 3 else 3
-    planes = [np.empty((lib.tjPlaneHeight(i, height, samp), lib.tjPlaneWidth(i, width, samp)), np.uint8)
-              for i in range(count)]
+    planes = [
+        np.empty((lib.tjPlaneHeight(i, height, samp), lib.tjPlaneWidth(i, width, samp)), np.uint8)
+        for i in range(count)
+    ]
     pointers = (ctypes.c_void_p * 3)(*[p.ctypes.data for p in planes], *([None] * (3 - count)))
     handle = lib.tjInitDecompress()
     try:
@@ -253,8 +334,13 @@ def _decode_yuv(data: bytes) -> tuple[list[np.ndarray], int] | None:
     return planes, samp
 
 
-_PLANE_OP = {"xflip": lambda a: a[:, ::-1], "yflip": lambda a: a[::-1], "cw": lambda a: np.rot90(a, -1),
-             "ccw": lambda a: np.rot90(a, 1), "rot180": lambda a: a[::-1, ::-1]}
+_PLANE_OP = {
+    "xflip": lambda a: a[:, ::-1],
+    "yflip": lambda a: a[::-1],
+    "cw": lambda a: np.rot90(a, -1),
+    "ccw": lambda a: np.rot90(a, 1),
+    "rot180": lambda a: a[::-1, ::-1],
+}
 
 
 def _encode_yuv(planes: list[np.ndarray], samp: int, op: str) -> bytes | None:
@@ -269,8 +355,21 @@ def _encode_yuv(planes: list[np.ndarray], samp: int, op: str) -> bytes | None:
     out_size = ctypes.c_ulong(0)
     handle = lib.tjInitCompress()
     try:
-        if lib.tjCompressFromYUVPlanes(handle, pointers, width, None, height, samp, ctypes.byref(out_buf),
-                                       ctypes.byref(out_size), JPEG_QUALITY, 0) != 0:
+        if (
+            lib.tjCompressFromYUVPlanes(
+                handle,
+                pointers,
+                width,
+                None,
+                height,
+                samp,
+                ctypes.byref(out_buf),
+                ctypes.byref(out_size),
+                JPEG_QUALITY,
+                0,
+            )
+            != 0
+        ):
             return None
         return ctypes.string_at(out_buf.value, out_size.value)
     finally:
@@ -281,8 +380,10 @@ def _encode_yuv(planes: list[np.ndarray], samp: int, op: str) -> bytes | None:
 
 # ---------------------------------------------------------------- images
 
-def transform_image_bytes(data: bytes, op: str, *, suffix: str,
-                          cache: dict | None = None) -> tuple[bytes, bool]:
+
+def transform_image_bytes(
+    data: bytes, op: str, *, suffix: str, cache: dict | None = None
+) -> tuple[bytes, bool]:
     """The image file ``data`` turned by ``op``, encoded like ``suffix``; and whether it was lossless.
 
     JPEG: lossless where the MCUs allow, else re-encoded from the decoded YUV planes (no colour
@@ -342,6 +443,7 @@ def image_size(uri: str) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------- the run
 
+
 @dataclass
 class _Task:
     source: str  # resolved source reference
@@ -373,9 +475,11 @@ def _resolve(ref: str, manifest: str) -> str:
 def _check_manifest(path: str, label_attribute: str | None, *, force: bool) -> int:
     """One streaming pass before any work: validation marks, clashing image names; returns the line count."""
     if not force and "validation" in storage.basename(path).lower():
-        raise ConfigError("refusing to augment validation data: the manifest's name says validation",
-                          path=path,
-                          hint="augment only training data; pass --force if this really is training data")
+        raise ConfigError(
+            "refusing to augment validation data: the manifest's name says validation",
+            path=path,
+            hint="augment only training data; pass --force if this really is training data",
+        )
     seen: dict[str, str] = {}
     count = 0
     for record in read_manifest(path, label_attribute=label_attribute):
@@ -383,21 +487,33 @@ def _check_manifest(path: str, label_attribute: str | None, *, force: bool) -> i
         line = int(record.origin.rsplit(":", 1)[1])
         for key in ("split", "detforge-split"):
             if not force and str(record.fields.get(key, "")).lower() in ("validation", "val"):
-                raise ConfigError(f"refusing to augment validation data: the line is marked "
-                                  f"\"{key}\": \"{record.fields[key]}\"", path=path, line=line,
-                                  hint="augment only training data; pass --force to do it anyway")
+                raise ConfigError(
+                    f"refusing to augment validation data: the line is marked "
+                    f'"{key}": "{record.fields[key]}"',
+                    path=path,
+                    line=line,
+                    hint="augment only training data; pass --force to do it anyway",
+                )
         name = storage.basename(record.source_ref)
         if name in seen:
-            raise ManifestError(f"two lines refer to images named {name} (the other is {seen[name]}); their "
-                                "copies would overwrite each other", path=path, line=line, field="source-ref")
+            raise ManifestError(
+                f"two lines refer to images named {name} (the other is {seen[name]}); their "
+                "copies would overwrite each other",
+                path=path,
+                line=line,
+                field="source-ref",
+            )
         seen[name] = record.origin
     return count
 
 
 def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
     """Write the missing outputs of one image; returns (origin, one status per output)."""
-    needed = [(op, uri) for op, uri, width, height in task.outputs
-              if overwrite or image_size(uri) != (width, height)]
+    needed = [
+        (op, uri)
+        for op, uri, width, height in task.outputs
+        if overwrite or image_size(uri) != (width, height)
+    ]
     statuses = dict.fromkeys((op for op, *_ in task.outputs), "skipped")
     if needed:
         data = images.read_bytes(task.source)
@@ -407,12 +523,20 @@ def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
         size = _decoded_size(data)
         if size != (task.width, task.height):
             path, line = task.origin.rsplit(":", 1)
-            raise ManifestError(f"the image {task.source} is {size[0]}x{size[1]} but the line says "
-                                f"{task.width}x{task.height}", path=path, line=int(line), field="image_size")
+            raise ManifestError(
+                f"the image {task.source} is {size[0]}x{size[1]} but the line says "
+                f"{task.width}x{task.height}",
+                path=path,
+                line=int(line),
+                field="image_size",
+            )
         suffix = os.path.splitext(storage.basename(task.source))[1] or ".jpg"
         # All lossless turns of one JPEG in one pass over its coefficients.
-        lossless = (jpeg_transform_lossless_many(data, [op for op, _ in needed])
-                    if suffix.lower() in _JPEG_SUFFIXES else {})
+        lossless = (
+            jpeg_transform_lossless_many(data, [op for op, _ in needed])
+            if suffix.lower() in _JPEG_SUFFIXES
+            else {}
+        )
         # A re-encoded op goes first, here: it decodes the image into the cache the others share. The
         # rest run in threads (libjpeg-turbo and file writes release the GIL), overlapping fsync waits.
         needed.sort(key=lambda item: item[0] in lossless)
@@ -421,8 +545,12 @@ def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
         futures = {}
         try:
             statuses[op] = _encode_and_write(data, op, uri, suffix=suffix, cache=cache, lossless=lossless)
-            futures = {op: _executor().submit(_encode_and_write, data, op, uri, suffix=suffix, cache=cache,
-                                              lossless=lossless) for op, uri in rest}
+            futures = {
+                op: _executor().submit(
+                    _encode_and_write, data, op, uri, suffix=suffix, cache=cache, lossless=lossless
+                )
+                for op, uri in rest
+            }
         finally:
             concurrent.futures.wait(futures.values())  # nothing keeps writing after an error
         for op, future in futures.items():
@@ -430,8 +558,9 @@ def _run_task(task: _Task, overwrite: bool) -> tuple[str, list[str]]:
     return task.origin, [statuses[op] for op, *_ in task.outputs]
 
 
-def _encode_and_write(data: bytes, op: str, uri: str, *, suffix: str, cache: dict,
-                      lossless: dict[str, bytes]) -> str:
+def _encode_and_write(
+    data: bytes, op: str, uri: str, *, suffix: str, cache: dict, lossless: dict[str, bytes]
+) -> str:
     if op in lossless:
         storage.write_bytes(uri, lossless[op])
         return "lossless"
@@ -445,8 +574,9 @@ _EXECUTOR: list = []  # one thread pool per process, made on first use
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
     if not _EXECUTOR:
-        _EXECUTOR.append(concurrent.futures.ThreadPoolExecutor(max_workers=4,
-                                                               thread_name_prefix="detforge-augment"))
+        _EXECUTOR.append(
+            concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="detforge-augment")
+        )
     return _EXECUTOR[0]
 
 
@@ -470,9 +600,17 @@ def _remove_stale_parts(folder: str) -> None:
             os.unlink(os.path.join(folder, name))
 
 
-def augment(manifest: str | os.PathLike, *, out_dir: str | os.PathLike, ops=DEFAULT_OPS, workers: int = 1,
-            force: bool = False, overwrite: bool = False, label_attribute: str | None = None,
-            progress: Callable[[int, int], None] | None = None) -> AugmentResult:
+def augment(
+    manifest: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike,
+    ops=DEFAULT_OPS,
+    workers: int = 1,
+    force: bool = False,
+    overwrite: bool = False,
+    label_attribute: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AugmentResult:
     """Write flipped/rotated copies of a manifest's images and the manifests that list them.
 
     ``progress(done, total)`` is called after every image. See the module docstring for the outputs.
@@ -491,25 +629,52 @@ def augment(manifest: str | os.PathLike, *, out_dir: str | os.PathLike, ops=DEFA
             for name in os.listdir(staging):
                 path = os.path.join(staging, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-        return _augment(manifest, out_dir, staging, ops=ops, workers=workers, total=total,
-                        label_attribute=label_attribute, progress=progress)
+        return _augment(
+            manifest,
+            out_dir,
+            staging,
+            ops=ops,
+            workers=workers,
+            total=total,
+            label_attribute=label_attribute,
+            progress=progress,
+        )
 
 
-def _augment(manifest: str, out_dir: str, staging: str, *, ops, workers: int, total: int,
-             label_attribute: str | None, progress) -> AugmentResult:
+def _augment(
+    manifest: str,
+    out_dir: str,
+    staging: str,
+    *,
+    ops,
+    workers: int,
+    total: int,
+    label_attribute: str | None,
+    progress,
+) -> AugmentResult:
     """The run: images and manifests written into ``staging``; the lines name the images in ``out_dir``."""
     images_dir = storage.join(out_dir, "images")  # where the manifests say the copies are
     staged_images = os.path.join(staging, "images")  # where they are written
     os.makedirs(staged_images, exist_ok=True)
     _remove_stale_parts(staged_images)
     _remove_stale_parts(staging)
-    result = AugmentResult(manifest=storage.join(out_dir, "augmented.manifest"),
-                           op_manifests={op: storage.join(out_dir, f"{op}.manifest") for op in ops})
+    result = AugmentResult(
+        manifest=storage.join(out_dir, "augmented.manifest"),
+        op_manifests={op: storage.join(out_dir, f"{op}.manifest") for op in ops},
+    )
 
     def tasks() -> Iterator[tuple[_Task, bool]]:
         for record in read_manifest(manifest, label_attribute=label_attribute):
-            yield _Task(_resolve(record.source_ref, manifest), record.origin, record.width, record.height,
-                        [(op, *_output(record, op, staged_images)) for op in ops]), False
+            yield (
+                _Task(
+                    _resolve(record.source_ref, manifest),
+                    record.origin,
+                    record.width,
+                    record.height,
+                    [(op, *_output(record, op, staged_images)) for op in ops],
+                ),
+                False,
+            )
 
     pool = None
     if workers == 1:
@@ -522,11 +687,13 @@ def _augment(manifest: str, out_dir: str, staging: str, *, ops, workers: int, to
         results = pool.imap(_run_task_star, tasks(), chunksize=1)
     try:
         with contextlib.ExitStack() as stack:
-            combined = stack.enter_context(storage.atomic_writer(os.path.join(staging, "augmented.manifest"),
-                                                                 "wb"))
-            per_op = {op: stack.enter_context(storage.atomic_writer(os.path.join(staging, f"{op}.manifest"),
-                                                                    "wb"))
-                      for op in ops}
+            combined = stack.enter_context(
+                storage.atomic_writer(os.path.join(staging, "augmented.manifest"), "wb")
+            )
+            per_op = {
+                op: stack.enter_context(storage.atomic_writer(os.path.join(staging, f"{op}.manifest"), "wb"))
+                for op in ops
+            }
             records = read_manifest(manifest, label_attribute=label_attribute)
             for record, (_origin, statuses) in zip(records, results, strict=True):
                 _count(result, statuses)
@@ -566,5 +733,16 @@ def _output(record: Record, op: str, images_dir: str) -> tuple[str, int, int]:
     return storage.join(images_dir, f"{stem}{spec.suffix}{ext or '.jpg'}"), width, height
 
 
-__all__ = ["OPS", "DEFAULT_OPS", "Op", "AugmentResult", "augment", "augment_record", "parse_ops",
-           "jpeg_transform_lossless", "lossless_possible", "transform_image_bytes", "image_size"]
+__all__ = [
+    "OPS",
+    "DEFAULT_OPS",
+    "Op",
+    "AugmentResult",
+    "augment",
+    "augment_record",
+    "parse_ops",
+    "jpeg_transform_lossless",
+    "lossless_possible",
+    "transform_image_bytes",
+    "image_size",
+]

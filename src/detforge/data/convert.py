@@ -69,9 +69,17 @@ def _coco_ref(image: str, folder: str) -> str:
     return os.path.relpath(image, folder) if os.path.commonpath([image, folder]) == folder else image
 
 
-def convert(source: str, *, to: str, out: str, images: str | None = None, label_attribute: str | None = None,
-            on_error: str = "stop", overwrite: bool = False,
-            source_format: str | None = None) -> ConvertSummary:
+def convert(
+    source: str,
+    *,
+    to: str,
+    out: str,
+    images: str | None = None,
+    label_attribute: str | None = None,
+    on_error: str = "stop",
+    overwrite: bool = False,
+    source_format: str | None = None,
+) -> ConvertSummary:
     """Convert ``source`` to format ``to`` at ``out`` (a file for manifest, a file or folder for coco, a
     folder for voc/yolo), written whole; ``source_format`` picks the reader of a folder holding several."""
     if to not in FORMATS:
@@ -82,46 +90,71 @@ def convert(source: str, *, to: str, out: str, images: str | None = None, label_
     single_file = to == "manifest" or (to == "coco" and out.endswith(".json"))
     check_free(out, overwrite=overwrite, what="output file" if single_file else "output folder")
     report = ReadReport()
-    kind, classes, stream = read_source(source, images=images, label_attribute=label_attribute,
-                                        on_error=on_error, report=report, kind=source_format)
+    kind, classes, stream = read_source(
+        source,
+        images=images,
+        label_attribute=label_attribute,
+        on_error=on_error,
+        report=report,
+        kind=source_format,
+    )
     records: list[Record] = list(stream)  # the whole set: a manifest's classes come from every line
     if not records:
-        raise FormatError("no image left to convert" + (f" ({len(report.skipped)} skipped)" if report.skipped
-                                                        else ""), path=os.fspath(source))
+        raise FormatError(
+            "no image left to convert" + (f" ({len(report.skipped)} skipped)" if report.skipped else ""),
+            path=os.fspath(source),
+        )
     if classes is None:
         classes = manifest_classes(records, source)
         records = [r.replace(source_ref=resolve_source_ref(r.source_ref, source)) for r in records]
     used = {n for r in records for n in r.class_names}
-    summary = ConvertSummary(source_format=kind, classes=[n for n in classes if n in used],
-                             unused_classes=[n for n in classes if n not in used],
-                             skipped=[message for _, _, message in report.skipped],
-                             skipped_boxes=list(report.skipped_boxes), corrected=list(report.corrected),
-                             notes=list(report.notes))
+    summary = ConvertSummary(
+        source_format=kind,
+        classes=[n for n in classes if n in used],
+        unused_classes=[n for n in classes if n not in used],
+        skipped=[message for _, _, message in report.skipped],
+        skipped_boxes=list(report.skipped_boxes),
+        corrected=list(report.corrected),
+        notes=list(report.notes),
+    )
     classes = summary.classes
     index = {name: i for i, name in enumerate(classes)}
-    records = [r.replace(class_ids=np.array([index[n] for n in r.class_names], dtype=np.int64),
-                         class_map={index[n]: n for n in r.class_names}) for r in records]
+    records = [
+        r.replace(
+            class_ids=np.array([index[n] for n in r.class_names], dtype=np.int64),
+            class_map={index[n]: n for n in r.class_names},
+        )
+        for r in records
+    ]
     for record in records:
         key = record.split or ""
         summary.splits[key] = summary.splits.get(key, 0) + 1
     if single_file:
         folder = _folder_of(out)
         if to == "coco":
-            data = coco_data([r.replace(source_ref=_coco_ref(r.source_ref, folder)) for r in records],
-                             classes=classes)
+            data = coco_data(
+                [r.replace(source_ref=_coco_ref(r.source_ref, folder)) for r in records], classes=classes
+            )
             storage.write_bytes(out, orjson.dumps(data))
             summary.images = len(data["images"])
         else:
             summary.images = write_manifest(
-                out, [r.replace(source_ref=ref_from(r.source_ref, folder)) for r in records])
+                out, [r.replace(source_ref=ref_from(r.source_ref, folder)) for r in records]
+            )
         summary.written = [out]
         return summary
     with whole_output(out, overwrite=overwrite, last=("data.yaml",)) as staging:
         if to == "coco":
             _write_coco_splits(records, staging, out, classes, summary)
         elif to == "voc":
-            full = [r.replace(source_ref=r.source_ref if storage.is_remote(r.source_ref)
-                              else os.path.abspath(r.source_ref)) for r in records]
+            full = [
+                r.replace(
+                    source_ref=r.source_ref
+                    if storage.is_remote(r.source_ref)
+                    else os.path.abspath(r.source_ref)
+                )
+                for r in records
+            ]
             summary.images = write_voc(full, staging, classes=classes)
         else:
             summary.images = write_yolo(records, staging, classes=classes)
@@ -136,8 +169,9 @@ def _write_coco_splits(records, staging: str, out: str, classes: list[str], summ
     folder = storage.join(out, "annotations")
     for split, group in by_split.items():
         name = f"instances_{SPLIT_NAMES.get(split, split)}.json"
-        data = coco_data([r.replace(source_ref=_coco_ref(r.source_ref, folder)) for r in group],
-                         classes=classes)
+        data = coco_data(
+            [r.replace(source_ref=_coco_ref(r.source_ref, folder)) for r in group], classes=classes
+        )
         storage.write_bytes(os.path.join(staging, "annotations", name), orjson.dumps(data))
         summary.images += len(data["images"])
         summary.written.append(storage.join(folder, name))

@@ -56,14 +56,18 @@ def parse_metadata(items: Sequence[str]) -> dict[str, str]:
     return metadata
 
 
-def _keep_indices(every: int | None, fps: float | None, source_fps: float,
-                  video: str) -> Callable[[int], bool]:
+def _keep_indices(
+    every: int | None, fps: float | None, source_fps: float, video: str
+) -> Callable[[int], bool]:
     if every is not None:
         return lambda i: i % every == 0
     if fps is not None:
         if not source_fps or source_fps != source_fps or source_fps <= 0:
-            raise FormatError("the video does not say its frame rate, so --fps cannot be applied", path=video,
-                              hint="use --every N instead")
+            raise FormatError(
+                "the video does not say its frame rate, so --fps cannot be applied",
+                path=video,
+                hint="use --every N instead",
+            )
         ratio = fps / source_fps
         if ratio >= 1:
             return lambda i: True
@@ -83,7 +87,8 @@ class _Sampler:
         if self.seen % self.stride == 0:
             height, width = frame_bgr.shape[:2]
             thumb = Image.fromarray(frame_bgr[:, :, ::-1]).resize(
-                (THUMB_WIDTH, max(1, round(THUMB_WIDTH * height / width))), Image.Resampling.BILINEAR)
+                (THUMB_WIDTH, max(1, round(THUMB_WIDTH * height / width))), Image.Resampling.BILINEAR
+            )
             self.items.append((name, thumb))
             if len(self.items) >= 2 * self.cells:
                 self.items = self.items[::2]
@@ -114,8 +119,9 @@ def contact_sheet(items: Sequence[tuple[str, Image.Image]], *, columns: int = 6)
     return sheet
 
 
-def _extract_one(video: str, out: str, *, every, fps, max_frames, quality, handle, metadata, sampler,
-                 progress, warnings) -> int:
+def _extract_one(
+    video: str, out: str, *, every, fps, max_frames, quality, handle, metadata, sampler, progress, warnings
+) -> int:
     import cv2
 
     with tempfile.TemporaryDirectory(prefix="detforge-frames-") as cache:
@@ -159,11 +165,19 @@ def _extract_one(video: str, out: str, *, every, fps, max_frames, quality, handl
             capture.release()
 
 
-def extract_frames(videos: Sequence[str | os.PathLike], out: str | os.PathLike, *, every: int | None = None,
-                   fps: float | None = None, metadata: dict[str, str] | None = None,
-                   max_frames: int | None = None, on_error: str = "stop", quality: int = 95,
-                   sheet: bool = True, progress: Callable[[str, int, int | None], None] | None = None
-                   ) -> FramesSummary:
+def extract_frames(
+    videos: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    every: int | None = None,
+    fps: float | None = None,
+    metadata: dict[str, str] | None = None,
+    max_frames: int | None = None,
+    on_error: str = "stop",
+    quality: int = 95,
+    sheet: bool = True,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> FramesSummary:
     """Extract frames of videos into ``out`` with a labeling input manifest and a contact sheet.
 
     ``every``: keep every Nth frame; ``fps``: keep about F frames per second of video (not both).
@@ -190,8 +204,11 @@ def extract_frames(videos: Sequence[str | os.PathLike], out: str | os.PathLike, 
     for video in videos:
         other = stems.setdefault(storage.stem(video), video)
         if other != video:
-            raise ConfigError(f"{other} and {video} have the same name, so their frames would collide",
-                              field="VIDEO", hint="rename one, or extract them into different folders")
+            raise ConfigError(
+                f"{other} and {video} have the same name, so their frames would collide",
+                field="VIDEO",
+                hint="rename one, or extract them into different folders",
+            )
     out = os.fspath(out)
     if not storage.is_remote(out):
         out = os.path.abspath(out)
@@ -202,9 +219,19 @@ def extract_frames(videos: Sequence[str | os.PathLike], out: str | os.PathLike, 
     with storage.atomic_writer(summary.manifest, "wb") as handle:
         for video in videos:
             try:
-                count = _extract_one(video, out, every=every, fps=fps, max_frames=max_frames, quality=quality,
-                                     handle=handle, metadata=dict(metadata or {}), sampler=sampler,
-                                     progress=progress, warnings=summary.warnings)
+                count = _extract_one(
+                    video,
+                    out,
+                    every=every,
+                    fps=fps,
+                    max_frames=max_frames,
+                    quality=quality,
+                    handle=handle,
+                    metadata=dict(metadata or {}),
+                    sampler=sampler,
+                    progress=progress,
+                    warnings=summary.warnings,
+                )
             except DetforgeError as exc:
                 if on_error == "stop":
                     raise

@@ -31,8 +31,19 @@ ADJUSTED_PREFIX = "adjusted-"
 SPLIT_FIELD = "detforge-split"
 # What a verification job's worker answer (its metadata ``class-name``) must be for the image to be
 # rejected, compared case-insensitively: the names AWS's examples and the console's templates use.
-DEFAULT_REJECT_LABELS = ("bad", "incorrect", "invalid", "no", "not correct", "reject", "rejected", "wrong",
-                         "needs adjustment", "poor", "false")
+DEFAULT_REJECT_LABELS = (
+    "bad",
+    "incorrect",
+    "invalid",
+    "no",
+    "not correct",
+    "reject",
+    "rejected",
+    "wrong",
+    "needs adjustment",
+    "poor",
+    "false",
+)
 _BOX_KEYS = ("left", "top", "width", "height")
 
 
@@ -100,8 +111,9 @@ class ReadReport:
     notes: list[str] = field(default_factory=list)  # what a reader left out, e.g. labelme polygons
 
 
-def box_problem(left: float, top: float, width: float, height: float, *, image_width: int,
-                image_height: int) -> str | None:
+def box_problem(
+    left: float, top: float, width: float, height: float, *, image_width: int, image_height: int
+) -> str | None:
     """Why a ``ltwh`` pixel box cannot be used in an image of that size, or None when it can.
 
     The one rule for every input format (manifest, YOLO, VOC, COCO) and every command.
@@ -109,8 +121,10 @@ def box_problem(left: float, top: float, width: float, height: float, *, image_w
     if not width > 0 or not height > 0:
         return f"box has non-positive size {width:g}x{height:g}"
     if left < 0 or top < 0 or left + width > image_width or top + height > image_height:
-        return (f"box (left={left:g}, top={top:g}, width={width:g}, height={height:g}) lies outside "
-                f"the {image_width}x{image_height} image")
+        return (
+            f"box (left={left:g}, top={top:g}, width={width:g}, height={height:g}) lies outside "
+            f"the {image_width}x{image_height} image"
+        )
     return None
 
 
@@ -124,14 +138,25 @@ def find_verification(obj: dict) -> Verification | None:
         if key.endswith("-metadata") and isinstance(meta, dict) and meta.get("type") in VERIFICATION_TYPES:
             name = meta.get("class-name")
             if not isinstance(name, str) or not name.strip():
-                raise ManifestError("a label-verification result without its 'class-name'",
-                                    field=f"{key}.class-name")
+                raise ManifestError(
+                    "a label-verification result without its 'class-name'", field=f"{key}.class-name"
+                )
             feedback = meta.get("worker-feedback")
-            comments = tuple(str(item["comment"]) for item in feedback or ()
-                             if isinstance(item, dict) and item.get("comment")) if isinstance(
-                feedback, list) else ()
-            return Verification(attribute=key[: -len("-metadata")], class_name=name.strip(),
-                                job_name=meta.get("job-name"), comments=comments)
+            comments = (
+                tuple(
+                    str(item["comment"])
+                    for item in feedback or ()
+                    if isinstance(item, dict) and item.get("comment")
+                )
+                if isinstance(feedback, list)
+                else ()
+            )
+            return Verification(
+                attribute=key[: -len("-metadata")],
+                class_name=name.strip(),
+                job_name=meta.get("job-name"),
+                comments=comments,
+            )
     return None
 
 
@@ -142,17 +167,21 @@ def find_label_attribute(obj: dict) -> str | None:
     a ManifestError (without location) when several unrelated ones make the choice ambiguous.
     """
     found = [
-        key for key, value in obj.items()
-        if not key.endswith("-metadata") and isinstance(obj.get(f"{key}-metadata"), dict)
-        and obj[f"{key}-metadata"].get("type") in DETECTION_TYPES and isinstance(value, dict)
+        key
+        for key, value in obj.items()
+        if not key.endswith("-metadata")
+        and isinstance(obj.get(f"{key}-metadata"), dict)
+        and obj[f"{key}-metadata"].get("type") in DETECTION_TYPES
+        and isinstance(value, dict)
     ]
     if not found:
         return None
     adjusted = [k for k in found if k.startswith(ADJUSTED_PREFIX)]
-    bases = {k[len(ADJUSTED_PREFIX):] if k.startswith(ADJUSTED_PREFIX) else k for k in found}
+    bases = {k[len(ADJUSTED_PREFIX) :] if k.startswith(ADJUSTED_PREFIX) else k for k in found}
     if len(bases) > 1:
-        raise ManifestError(f"several bounding-box label attributes {sorted(found)}",
-                            hint="choose one with --label-attribute")
+        raise ManifestError(
+            f"several bounding-box label attributes {sorted(found)}", hint="choose one with --label-attribute"
+        )
     return adjusted[0] if adjusted else found[0]
 
 
@@ -160,13 +189,20 @@ def _int_field(value, where: str, path: str, line: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ManifestError(f"expected a number, got {value!r}", path=path, line=line, field=where)
     if float(value) != int(value):
-        raise ManifestError(f"expected a whole number of pixels, got {value!r}", path=path, line=line,
-                            field=where)
+        raise ManifestError(
+            f"expected a whole number of pixels, got {value!r}", path=path, line=line, field=where
+        )
     return int(value)
 
 
-def parse_record(obj, *, path: str = "<memory>", line: int = 0, label_attribute: str | None = None,
-                 skipped_boxes: list[str] | None = None) -> Record:
+def parse_record(
+    obj,
+    *,
+    path: str = "<memory>",
+    line: int = 0,
+    label_attribute: str | None = None,
+    skipped_boxes: list[str] | None = None,
+) -> Record:
     """Check one decoded manifest line and turn it into a Record (ManifestError naming the field).
 
     A box that cannot be used (``box_problem``) stops with an error, or, when ``skipped_boxes`` is a
@@ -185,8 +221,11 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0, label_attribute:
         if attr is None:
             raise ManifestError(
                 "no bounding-box label attribute (a field whose '-metadata' has type "
-                "'groundtruth/object-detection')", path=path, line=line,
-                hint="name it with --label-attribute")
+                "'groundtruth/object-detection')",
+                path=path,
+                line=line,
+                hint="name it with --label-attribute",
+            )
     else:
         adjusted = ADJUSTED_PREFIX + label_attribute
         attr = adjusted if isinstance(obj.get(adjusted), dict) else label_attribute
@@ -201,26 +240,39 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0, label_attribute:
 
     sizes = label.get("image_size")
     if not isinstance(sizes, list) or not sizes or not isinstance(sizes[0], dict):
-        raise ManifestError("missing or not a list of {width, height, depth}", path=path, line=line,
-                            field=f"{attr}.image_size")
+        raise ManifestError(
+            "missing or not a list of {width, height, depth}",
+            path=path,
+            line=line,
+            field=f"{attr}.image_size",
+        )
     width = _int_field(sizes[0].get("width"), f"{attr}.image_size.width", path, line)
     height = _int_field(sizes[0].get("height"), f"{attr}.image_size.height", path, line)
     depth = _int_field(sizes[0].get("depth", 3), f"{attr}.image_size.depth", path, line)
     if width <= 0 or height <= 0:
-        raise ManifestError(f"image size must be positive, got {width}x{height}", path=path, line=line,
-                            field=f"{attr}.image_size")
+        raise ManifestError(
+            f"image size must be positive, got {width}x{height}",
+            path=path,
+            line=line,
+            field=f"{attr}.image_size",
+        )
 
     raw_map = meta.get("class-map", {})
     if not isinstance(raw_map, dict):
-        raise ManifestError("expected an object of id -> name", path=path, line=line,
-                            field=f"{attr}-metadata.class-map")
+        raise ManifestError(
+            "expected an object of id -> name", path=path, line=line, field=f"{attr}-metadata.class-map"
+        )
     class_map: dict[int, str] = {}
     for key, name in raw_map.items():
         try:
             class_map[int(key)] = str(name)
         except (TypeError, ValueError):
-            raise ManifestError(f"class id {key!r} is not a whole number", path=path, line=line,
-                                field=f"{attr}-metadata.class-map") from None
+            raise ManifestError(
+                f"class id {key!r} is not a whole number",
+                path=path,
+                line=line,
+                field=f"{attr}-metadata.class-map",
+            ) from None
 
     annotations = label.get("annotations")
     if not isinstance(annotations, list):
@@ -237,8 +289,12 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0, label_attribute:
         left, top, w, h = (_int_field(ann.get(key), f"{where}.{key}", path, line) for key in _BOX_KEYS)
         cid = _int_field(ann.get("class_id"), f"{where}.class_id", path, line)
         if cid not in class_map:
-            raise ManifestError(f"class_id {cid} is not in the class map {raw_map}", path=path, line=line,
-                                field=f"{where}.class_id")
+            raise ManifestError(
+                f"class_id {cid} is not in the class map {raw_map}",
+                path=path,
+                line=line,
+                field=f"{where}.class_id",
+            )
         problem = box_problem(left, top, w, h, image_width=width, image_height=height)
         if problem is not None:
             error = ManifestError(problem, path=path, line=line, field=where)
@@ -269,16 +325,31 @@ def parse_record(obj, *, path: str = "<memory>", line: int = 0, label_attribute:
     split = obj.get(SPLIT_FIELD)
 
     return Record(
-        source_ref=source_ref, width=width, height=height, depth=depth,
-        boxes=boxes, class_ids=class_ids, class_map=class_map,
-        confidences=confidences, label_attribute=attr, job_name=meta.get("job-name"),
-        verification=verification, fields=obj, origin=f"{path}:{line}",
-        difficult=np.array(difficult, dtype=bool), split=split if isinstance(split, str) else None,
+        source_ref=source_ref,
+        width=width,
+        height=height,
+        depth=depth,
+        boxes=boxes,
+        class_ids=class_ids,
+        class_map=class_map,
+        confidences=confidences,
+        label_attribute=attr,
+        job_name=meta.get("job-name"),
+        verification=verification,
+        fields=obj,
+        origin=f"{path}:{line}",
+        difficult=np.array(difficult, dtype=bool),
+        split=split if isinstance(split, str) else None,
     )
 
 
-def read_manifest(path: str | os.PathLike, *, label_attribute: str | None = None, on_error: str = "stop",
-                  report: ReadReport | None = None) -> Iterator[Record]:
+def read_manifest(
+    path: str | os.PathLike,
+    *,
+    label_attribute: str | None = None,
+    on_error: str = "stop",
+    report: ReadReport | None = None,
+) -> Iterator[Record]:
     """Stream the records of a Ground Truth manifest (local or any fsspec URL).
 
     ``on_error='stop'`` raises a ManifestError naming file and line for the first bad line;
@@ -297,9 +368,13 @@ def read_manifest(path: str | os.PathLike, *, label_attribute: str | None = None
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise ManifestError(f"not valid JSON: {exc}", path=path, line=number) from None
-            yield parse_record(obj, path=path, line=number, label_attribute=label_attribute,
-                               skipped_boxes=None if on_error == "stop" or report is None
-                               else report.skipped_boxes)
+            yield parse_record(
+                obj,
+                path=path,
+                line=number,
+                label_attribute=label_attribute,
+                skipped_boxes=None if on_error == "stop" or report is None else report.skipped_boxes,
+            )
         except ManifestError as exc:
             if on_error == "stop":
                 raise
@@ -323,10 +398,13 @@ class ClassMaps:
             self._first.setdefault(cid, origin)
             if known != name:
                 path, _, line = origin.rpartition(":")
-                raise ManifestError(f"class id {cid} means {known!r} at {self._first[cid]} and {name!r} here",
-                                    path=path or origin, line=int(line) if line.isdigit() else None,
-                                    field=f"{record.label_attribute}-metadata.class-map",
-                                    hint="run `detforge prepare` first to merge the class maps by name")
+                raise ManifestError(
+                    f"class id {cid} means {known!r} at {self._first[cid]} and {name!r} here",
+                    path=path or origin,
+                    line=int(line) if line.isdigit() else None,
+                    field=f"{record.label_attribute}-metadata.class-map",
+                    hint="run `detforge prepare` first to merge the class maps by name",
+                )
 
     def by_id(self) -> list[str]:
         """The names in id order (an id no line names is named by its number)."""
@@ -350,9 +428,12 @@ def checked_local_image(record: Record, manifest: str | os.PathLike) -> None:
     except images.ImageError as exc:
         raise ManifestError(exc.message, **where, field="source-ref") from None
     if (width, height) != (record.width, record.height):
-        raise ManifestError(f"the line says the image is {record.width}x{record.height} but {image} is "
-                            f"{width}x{height} (upright)", **where,
-                            field=f"{record.label_attribute}.image_size")
+        raise ManifestError(
+            f"the line says the image is {record.width}x{record.height} but {image} is "
+            f"{width}x{height} (upright)",
+            **where,
+            field=f"{record.label_attribute}.image_size",
+        )
 
 
 def record_to_json(record: Record) -> dict:
@@ -389,8 +470,11 @@ def record_to_json(record: Record) -> dict:
     old_objects = meta.get("objects") if isinstance(meta.get("objects"), list) else []
     objects = []
     for i in range(len(annotations)):
-        item = dict(old_objects[i]) if len(old_objects) == len(annotations) and isinstance(
-            old_objects[i], dict) else {}
+        item = (
+            dict(old_objects[i])
+            if len(old_objects) == len(annotations) and isinstance(old_objects[i], dict)
+            else {}
+        )
         conf = record.confidences[i] if i < len(record.confidences) else np.nan
         if conf == conf:
             item["confidence"] = float(conf)
@@ -420,10 +504,24 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record | dict]) ->
     return count
 
 
-def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_ids, class_map: dict[int, str],
-                depth: int = 3, label_attribute: str = "bb", job_name: str | None = None,
-                confidences=None, metadata: dict | None = None, creation_date: str | None = None,
-                human_annotated: str = "yes", difficult=None, split: str | None = None) -> Record:
+def make_record(
+    source_ref: str,
+    *,
+    width: int,
+    height: int,
+    boxes_xyxy,
+    class_ids,
+    class_map: dict[int, str],
+    depth: int = 3,
+    label_attribute: str = "bb",
+    job_name: str | None = None,
+    confidences=None,
+    metadata: dict | None = None,
+    creation_date: str | None = None,
+    human_annotated: str = "yes",
+    difficult=None,
+    split: str | None = None,
+) -> Record:
     """A new record with Ground Truth's full set of fields (for synthetic data and format imports).
 
     ``metadata`` adds per-line fields such as ``{"color": "blue", "object": "box"}``.
@@ -432,8 +530,10 @@ def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_i
     ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
     conf = np.full(len(ids), np.nan) if confidences is None else np.asarray(confidences, dtype=np.float64)
     fields = {"source-ref": source_ref, **(metadata or {})}
-    fields[label_attribute] = {"annotations": [], "image_size": [{"width": width, "height": height,
-                                                                  "depth": depth}]}
+    fields[label_attribute] = {
+        "annotations": [],
+        "image_size": [{"width": width, "height": height, "depth": depth}],
+    }
     fields[f"{label_attribute}-metadata"] = {
         **({"job-name": job_name} if job_name else {}),
         "class-map": {},
@@ -442,11 +542,21 @@ def make_record(source_ref: str, *, width: int, height: int, boxes_xyxy, class_i
         "creation-date": creation_date or _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None).isoformat(),
         "type": DETECTION_TYPES[0],
     }
-    record = Record(source_ref=source_ref, width=int(width), height=int(height), depth=int(depth),
-                    boxes=boxes, class_ids=ids, class_map=dict(class_map), confidences=conf,
-                    label_attribute=label_attribute, job_name=job_name, fields=fields,
-                    difficult=None if difficult is None else np.asarray(difficult, dtype=bool).reshape(-1),
-                    split=split)
+    record = Record(
+        source_ref=source_ref,
+        width=int(width),
+        height=int(height),
+        depth=int(depth),
+        boxes=boxes,
+        class_ids=ids,
+        class_map=dict(class_map),
+        confidences=conf,
+        label_attribute=label_attribute,
+        job_name=job_name,
+        fields=fields,
+        difficult=None if difficult is None else np.asarray(difficult, dtype=bool).reshape(-1),
+        split=split,
+    )
     if split is not None:
         record.fields[SPLIT_FIELD] = split
     record.fields = record_to_json(record)
@@ -490,8 +600,10 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     if isinstance(data, dict):
         data = data.get("classes", data.get("class_names"))
     if not isinstance(data, list) or not data or not all(isinstance(name, str) for name in data):
-        raise FormatError("expected a non-empty JSON list of class names (index = class id), or an object "
-                          "with 'classes'", path=path)
+        raise FormatError(
+            "expected a non-empty JSON list of class names (index = class id), or an object with 'classes'",
+            path=path,
+        )
     return data
 
 
@@ -541,8 +653,14 @@ def read_image_refs(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 raise ManifestError(f"not valid JSON: {exc}", path=path, line=number) from None
 
 
-def checked_boxes(boxes_xyxy, *, width: int, height: int, where: list[tuple[str, int | None, str | None]],
-                  skipped_boxes: list[str] | None) -> np.ndarray:
+def checked_boxes(
+    boxes_xyxy,
+    *,
+    width: int,
+    height: int,
+    where: list[tuple[str, int | None, str | None]],
+    skipped_boxes: list[str] | None,
+) -> np.ndarray:
     """Indices of the ``xyxy`` boxes that a manifest can hold, checked as ``parse_record`` checks a line.
 
     Boxes are taken as Ground Truth will store them (corners rounded to whole pixels). ``where`` gives

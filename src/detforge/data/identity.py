@@ -51,7 +51,7 @@ def identity(source_ref: str) -> str:
     """
     if storage.is_remote(source_ref):
         return source_ref
-    path = source_ref[len("file://"):] if source_ref.startswith("file://") else source_ref
+    path = source_ref[len("file://") :] if source_ref.startswith("file://") else source_ref
     return os.path.abspath(path)
 
 

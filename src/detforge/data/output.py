@@ -53,8 +53,7 @@ def _remote_entries(target: str) -> list[str]:
     fs, key = _remote_fs(target)
     found = fs.find(key) if fs.exists(key) else []
     return sorted(
-        name[len(key) + 1 :] if name.startswith(key + "/") else storage.basename(name)
-        for name in found
+        name[len(key) + 1 :] if name.startswith(key + "/") else storage.basename(name) for name in found
     )
 
 
@@ -82,8 +81,14 @@ def check_free(target: str | os.PathLike, *, overwrite: bool = False, what: str 
 
 
 @contextlib.contextmanager
-def whole_output(target: str | os.PathLike, *, overwrite: bool = False, what: str = "output folder",
-                 last: tuple[str, ...] = (), resumable: bool = False) -> Iterator[str]:
+def whole_output(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    what: str = "output folder",
+    last: tuple[str, ...] = (),
+    resumable: bool = False,
+) -> Iterator[str]:
     """An empty local staging folder that becomes ``target`` (a folder or s3:// prefix) when the block ends
     without an error; see the module docstring."""
     target = os.fspath(target).rstrip("/") or "."

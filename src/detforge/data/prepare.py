@@ -80,8 +80,15 @@ DEFAULT_GROUP_BY = "auto"
 # ``auto`` splits by whole videos when validation can get at least this many of them
 MIN_VALIDATION_VIDEOS = 2
 FRAME_STEM = re.compile(r"^(?P<video>.+)_(?P<frame>\d+)$")
-_SPLIT_NAMES = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
-                "validation": "validation", "test": "test", "testing": "test"}
+_SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "test": "test",
+    "testing": "test",
+}
 _TEMPLATE_FIELD = re.compile(r"{([^{}:!]*)")
 
 
@@ -149,7 +156,7 @@ def parse_group_by(spec: str):
     if spec == "none":
         return lambda image_id: image_id
     if spec == "video":
-        return lambda image_id: (m.group("video") if (m := FRAME_STEM.match(image_id)) else image_id)
+        return lambda image_id: m.group("video") if (m := FRAME_STEM.match(image_id)) else image_id
     if spec.startswith("block"):
         size = DEFAULT_BLOCK
         if ":" in spec:
@@ -158,16 +165,19 @@ def parse_group_by(spec: str):
             except ValueError:
                 size = 0
         if size <= 0:
-            raise ConfigError(f"--group-by {spec!r}: block size must be a positive whole number",
-                              hint="e.g. --group-by block:10")
+            raise ConfigError(
+                f"--group-by {spec!r}: block size must be a positive whole number",
+                hint="e.g. --group-by block:10",
+            )
 
         def block(image_id: str) -> str:
             m = FRAME_STEM.match(image_id)
             return f"{m.group('video')}#{int(m.group('frame')) // size}" if m else image_id
+
         return block
     if spec.startswith("regex:"):
         try:
-            pattern = re.compile(spec[len("regex:"):])
+            pattern = re.compile(spec[len("regex:") :])
         except re.error as exc:
             raise ConfigError(f"--group-by: bad regular expression: {exc}") from None
 
@@ -178,6 +188,7 @@ def parse_group_by(spec: str):
             if "group" in pattern.groupindex:
                 return m.group("group")
             return m.group(1) if pattern.groups else m.group(0)
+
         return by_regex
     raise ConfigError(f"--group-by {spec!r} is not one of block:N, video, none, regex:PATTERN")
 
@@ -191,8 +202,13 @@ def _template_name(template: str, obj: dict, path: str, line: int) -> str:
     for name in _template_fields(template):
         value = obj.get(name)
         if value is None or isinstance(value, (dict, list)):
-            raise ManifestError(f"template field '{name}' is missing or not a plain value", path=path,
-                                line=line, field=name, hint=f"--class-from {template!r} uses it")
+            raise ManifestError(
+                f"template field '{name}' is missing or not a plain value",
+                path=path,
+                line=line,
+                field=name,
+                hint=f"--class-from {template!r} uses it",
+            )
         values[name] = value
     try:
         return template.format_map(values).strip()
@@ -235,8 +251,12 @@ class Accounting:
 
     def totals(self) -> dict[str, dict[str, int]]:
         """Images and boxes per section (``read`` = the sum of the three others)."""
-        return {section: {unit: sum(c[unit] for c in self.counts[section].values())
-                          for unit in ("images", "boxes")} for section in ("written", *self.SECTIONS)}
+        return {
+            section: {
+                unit: sum(c[unit] for c in self.counts[section].values()) for unit in ("images", "boxes")
+            }
+            for section in ("written", *self.SECTIONS)
+        }
 
     def check(self) -> None:
         """Raise if the counts do not add up (a bug, never the input's fault)."""
@@ -244,8 +264,10 @@ class Accounting:
         for unit in ("images", "boxes"):
             parts = sum(t[unit] for t in totals.values())
             if parts != self.counts["read"][unit]:
-                raise AssertionError(f"accounting: {unit} read {self.counts['read'][unit]} != {parts} "
-                                     f"written + held out + skipped: {self.counts}")
+                raise AssertionError(
+                    f"accounting: {unit} read {self.counts['read'][unit]} != {parts} "
+                    f"written + held out + skipped: {self.counts}"
+                )
 
     def to_json(self) -> dict:
         return {**self.counts, "totals": self.totals()}
@@ -278,14 +300,29 @@ def parse_input(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def _materialize(source: str, kind: str, folder: str, *, images: str | None, on_error: str,
-                 summary: PrepareSummary, acc: Accounting) -> str:
+def _materialize(
+    source: str,
+    kind: str,
+    folder: str,
+    *,
+    images: str | None,
+    on_error: str,
+    summary: PrepareSummary,
+    acc: Accounting,
+) -> str:
     """A temporary manifest of a YOLO/VOC/COCO source (image references resolved), its errors counted."""
     report = ReadReport()
     _, _, records = read_source(source, images=images, on_error=on_error, report=report, kind=kind)
     path = os.path.join(folder, f"{len(os.listdir(folder))}.manifest")
-    write_manifest(path, (r.replace(source_ref=r.source_ref if storage.is_remote(r.source_ref)
-                                    else os.path.abspath(r.source_ref)) for r in records))
+    write_manifest(
+        path,
+        (
+            r.replace(
+                source_ref=r.source_ref if storage.is_remote(r.source_ref) else os.path.abspath(r.source_ref)
+            )
+            for r in records
+        ),
+    )
     summary.skipped.extend(message for _, _, message in report.skipped)
     summary.skipped_boxes.extend(report.skipped_boxes)
     # what the reader passed over never reaches the temporary manifest: counted here
@@ -297,13 +334,27 @@ def _materialize(source: str, kind: str, folder: str, *, images: str | None, on_
     return path
 
 
-def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_from: str | None = None,
-            classes: list[str] | None = None, label_attribute: str | None = None, drop_empty: bool = False,
-            validation_fraction: float = 0.1, seed: int = 0, group_by: str = DEFAULT_GROUP_BY,
-            gap: int | None = None, keep_splits: bool = False, images: str | None = None,
-            reject_labels: list[str] | None = None, on_error: str = "stop",
-            split_of: dict[str, str] | None = None, content: bool = True,
-            overwrite: bool = False) -> PrepareSummary:
+def prepare(
+    manifests: list[str],
+    out: str,
+    *,
+    discard: list[str] = (),
+    class_from: str | None = None,
+    classes: list[str] | None = None,
+    label_attribute: str | None = None,
+    drop_empty: bool = False,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    group_by: str = DEFAULT_GROUP_BY,
+    gap: int | None = None,
+    keep_splits: bool = False,
+    images: str | None = None,
+    reject_labels: list[str] | None = None,
+    on_error: str = "stop",
+    split_of: dict[str, str] | None = None,
+    content: bool = True,
+    overwrite: bool = False,
+) -> PrepareSummary:
     """Join labeled inputs, drop discarded/rejected/duplicate images, set classes, split; write into ``out``.
 
     ``manifests``: Ground Truth manifests or any input ``data.sources`` reads (``images``: the image folder
@@ -359,30 +410,80 @@ def prepare(manifests: list[str], out: str, *, discard: list[str] = (), class_fr
                 summary.split_by_name[source] = by_name
             kind = detect_format(source)
             summary.formats[source] = kind
-            inputs.append((source, source if kind == "manifest" else _materialize(
-                source, kind, temp, images=images, on_error=on_error, summary=summary, acc=acc)))
+            inputs.append(
+                (
+                    source,
+                    source
+                    if kind == "manifest"
+                    else _materialize(
+                        source, kind, temp, images=images, on_error=on_error, summary=summary, acc=acc
+                    ),
+                )
+            )
         unknown = sorted(set(given) - {name for name, _ in inputs})
         if unknown:
             raise ConfigError(f"--split-of names {unknown[0]}, which is not one of the inputs")
         summary.split_given = given
         # written into a staging folder that becomes `out` whole (data.output): never half an output
         with whole_output(out, overwrite=overwrite, last=("summary.json",)) as staging:
-            return _prepare(inputs, out, summary, acc, discard_ids=discard_ids, class_from=class_from,
-                            classes=classes, label_attribute=label_attribute, drop_empty=drop_empty,
-                            validation_fraction=validation_fraction, seed=seed, group_by=group_by, gap=gap,
-                            keep_splits=keep_splits, rejecting=rejecting, on_error=on_error, content=content,
-                            staging=staging)
+            return _prepare(
+                inputs,
+                out,
+                summary,
+                acc,
+                discard_ids=discard_ids,
+                class_from=class_from,
+                classes=classes,
+                label_attribute=label_attribute,
+                drop_empty=drop_empty,
+                validation_fraction=validation_fraction,
+                seed=seed,
+                group_by=group_by,
+                gap=gap,
+                keep_splits=keep_splits,
+                rejecting=rejecting,
+                on_error=on_error,
+                content=content,
+                staging=staging,
+            )
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, label_attribute, drop_empty,
-             validation_fraction, seed, group_by, gap, keep_splits, rejecting, on_error,
-             content, staging) -> PrepareSummary:
+def _prepare(
+    inputs,
+    out,
+    summary,
+    acc,
+    *,
+    discard_ids,
+    class_from,
+    classes,
+    label_attribute,
+    drop_empty,
+    validation_fraction,
+    seed,
+    group_by,
+    gap,
+    keep_splits,
+    rejecting,
+    on_error,
+    content,
+    staging,
+) -> PrepareSummary:
     rule = DuplicateRule(content=content, listings={})
-    seen, verdicts = _read_lines(inputs, summary, acc, rule, discard_ids=discard_ids, class_from=class_from,
-                                 classes=classes, label_attribute=label_attribute, drop_empty=drop_empty,
-                                 on_error=on_error)
+    seen, verdicts = _read_lines(
+        inputs,
+        summary,
+        acc,
+        rule,
+        discard_ids=discard_ids,
+        class_from=class_from,
+        classes=classes,
+        label_attribute=label_attribute,
+        drop_empty=drop_empty,
+        on_error=on_error,
+    )
     for ref, verdict in sorted(verdicts.items()):
         image_id = storage.stem(ref)
         summary.verification[image_id] = verdict.class_name
@@ -393,8 +494,11 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
             acc.skip("failed verification", 1, len(seen.pop(ref).names))
     hashes = _content_checks(inputs, seen, summary, acc, rule, keep_splits=keep_splits) if content else {}
     if not seen:
-        raise ConfigError(_nothing_usable(inputs, acc), hint="see the reasons above each count; "
-                          "--on-error skip passes over bad lines, it does not make them usable")
+        raise ConfigError(
+            _nothing_usable(inputs, acc),
+            hint="see the reasons above each count; "
+            "--on-error skip passes over bad lines, it does not make them usable",
+        )
 
     names_found: Counter = Counter()
     for kept in seen.values():
@@ -411,15 +515,27 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
                 "--keep-splits: no input says which split its images belong to: "
                 + ", ".join(name for name, _ in inputs),
                 hint="name one per input as INPUT=train|validation|test (or --split-of INPUT=SPLIT), "
-                     "or leave out --keep-splits for the default split")
+                "or leave out --keep-splits for the default split",
+            )
         summary.kept_splits = True
         if len(given) < len(seen):
-            summary.warnings.append(f"--keep-splits: {len(seen) - len(given)} images carry no split in "
-                                    f"their input and were split by --group-by {group_by}")
+            summary.warnings.append(
+                f"--keep-splits: {len(seen) - len(given)} images carry no split in "
+                f"their input and were split by --group-by {group_by}"
+            )
     targets = dict(given)
-    targets.update(_draw_split({ref: kept for ref, kept in seen.items() if ref not in given}, summary,
-                               names_found, hashes, fraction=validation_fraction, seed=seed,
-                               group_by=group_by, gap=gap))
+    targets.update(
+        _draw_split(
+            {ref: kept for ref, kept in seen.items() if ref not in given},
+            summary,
+            names_found,
+            hashes,
+            fraction=validation_fraction,
+            seed=seed,
+            group_by=group_by,
+            gap=gap,
+        )
+    )
     held = [ref for ref, target in targets.items() if target is None]
     for ref in held:
         acc.hold("near a validation frame", 1, len(seen[ref].names))
@@ -427,7 +543,8 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
     if held:
         summary.warnings.append(
             f"{len(held)} training frames held out: within {summary.gap} frames of a validation frame of "
-            f"their video (near copies of what validation grades); --gap 0 keeps them in training")
+            f"their video (near copies of what validation grades); --gap 0 keeps them in training"
+        )
     decisions = [dict() for _ in inputs]  # line -> split name, per input
     for ref, target in targets.items():
         if target is not None:
@@ -436,16 +553,20 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
     if "validation" not in targets.values() and (validation_fraction > 0 or not drawn):
         summary.warnings.append(
             f"validation is empty: {drawn} images x --validation-fraction {validation_fraction:g} rounds "
-            "to no image; give a larger fraction or more images" if drawn else
-            "validation is empty: the inputs' splits name no validation image")
+            "to no image; give a larger fraction or more images"
+            if drawn
+            else "validation is empty: the inputs' splits name no validation image"
+        )
 
     # pass 2: stream the kept lines to their split
     counts = Counter()
     written: dict[str, Counter] = defaultdict(Counter)
     splits = ["train", "validation"] + (["test"] if "test" in targets.values() else [])
     with contextlib.ExitStack() as stack:
-        handles = {t: stack.enter_context(storage.atomic_writer(storage.join(staging, f"{t}.manifest"), "wb"))
-                   for t in splits}
+        handles = {
+            t: stack.enter_context(storage.atomic_writer(storage.join(staging, f"{t}.manifest"), "wb"))
+            for t in splits
+        }
         for index, (_, path) in enumerate(inputs):
             decision = decisions[index]
             for number, raw in storage.iter_lines(path):
@@ -471,10 +592,12 @@ def _prepare(inputs, out, summary, acc, *, discard_ids, class_from, classes, lab
     summary.boxes_per_class_per_split = {t: {n: written[t][n] for n in class_list} for t in splits}
     acc.check()
     summary.accounting = acc.to_json()
-    storage.write_bytes(storage.join(staging, "classes.json"),
-                        orjson.dumps(class_list, option=orjson.OPT_INDENT_2))
-    storage.write_bytes(storage.join(staging, "summary.json"),
-                        orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
+    storage.write_bytes(
+        storage.join(staging, "classes.json"), orjson.dumps(class_list, option=orjson.OPT_INDENT_2)
+    )
+    storage.write_bytes(
+        storage.join(staging, "summary.json"), orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2)
+    )
     return summary
 
 
@@ -488,8 +611,9 @@ class _Kept:
     names: tuple[str, ...]  # class name per box
 
 
-def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes, label_attribute, drop_empty,
-                on_error) -> tuple[dict[str, _Kept], dict[str, object]]:
+def _read_lines(
+    inputs, summary, acc, rule, *, discard_ids, class_from, classes, label_attribute, drop_empty, on_error
+) -> tuple[dict[str, _Kept], dict[str, object]]:
     """Pass 1: every line checked; the kept images by identity, the verification answers by identity."""
     seen: dict[str, _Kept] = rule.listings
     verdicts: dict[str, object] = {}  # identity -> Verification (the last answer wins)
@@ -508,8 +632,13 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                     raise ManifestError(f"not valid JSON: {exc}", path=name, line=number) from None
                 boxes_skipped: list[str] = []
                 try:
-                    record = parse_record(obj, path=name, line=number, label_attribute=label_attribute,
-                                          skipped_boxes=boxes_skipped if on_error == "skip" else None)
+                    record = parse_record(
+                        obj,
+                        path=name,
+                        line=number,
+                        label_attribute=label_attribute,
+                        skipped_boxes=boxes_skipped if on_error == "skip" else None,
+                    )
                 except ManifestError:
                     # only a line that cannot be a record is checked for a bare verification answer
                     if isinstance(obj, dict) and label_attribute is None and _verification_only(obj):
@@ -528,12 +657,14 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
                     checked_local_image(record, path)
                 if classes is not None and (unknown := sorted(set(names) - set(classes))):
                     reason = "class not in --classes"
-                    raise ManifestError(f"class {unknown[0]!r} is not in --classes {classes}", path=name,
-                                        line=number)
+                    raise ManifestError(
+                        f"class {unknown[0]!r} is not in --classes {classes}", path=name, line=number
+                    )
             except ManifestError as exc:
                 if on_error == "stop":
-                    raise ManifestError(exc.message, path=name, line=exc.line, field=exc.field,
-                                        hint=exc.hint) from None
+                    raise ManifestError(
+                        exc.message, path=name, line=exc.line, field=exc.field, hint=exc.hint
+                    ) from None
                 boxes = _box_count(obj)
                 acc.read(1, boxes)
                 acc.skip(reason, 1, boxes)
@@ -561,8 +692,9 @@ def _read_lines(inputs, summary, acc, rule, *, discard_ids, class_from, classes,
             kept = _Kept(index, number, given or split or by_name, tuple(names))
             # the rule's table of first listings is `seen` itself: a new image is stored there by it
             if (first := rule.same_image(ref, kept)) is not None:
-                summary.duplicates.append(f"{ref}: labeled again at {name}:{number}; kept "
-                                          f"{inputs[first.index][0]}:{first.line}")
+                summary.duplicates.append(
+                    f"{ref}: labeled again at {name}:{number}; kept {inputs[first.index][0]}:{first.line}"
+                )
                 acc.hold("same image listed again", 1, len(names))
     return seen, verdicts
 
@@ -579,8 +711,9 @@ def _box_count(obj) -> int:
     return len(annotations) if isinstance(annotations, list) else 0
 
 
-def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: DuplicateRule, *,
-                    keep_splits: bool) -> dict[str, int]:
+def _content_checks(
+    inputs, seen: dict[str, _Kept], summary, acc, rule: DuplicateRule, *, keep_splits: bool
+) -> dict[str, int]:
     """Exact duplicates (same bytes, another path) left out; the ``dhash`` of every numbered local image
     the split will draw (not those whose kept split is given)."""
     hashes: dict[str, int] = {}
@@ -597,7 +730,8 @@ def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: Duplicat
             kept = seen.pop(ref)
             summary.duplicates.append(
                 f"{ref} ({inputs[kept.index][0]}:{kept.line}) has the same bytes as {by_origin[first]} "
-                f"({inputs[first[0]][0]}:{first[1]}); kept the first")
+                f"({inputs[first[0]][0]}:{first[1]}); kept the first"
+            )
             acc.hold("same content as another image", 1, len(kept.names))
             continue
         if keep_splits and seen[ref].split is not None:
@@ -611,8 +745,12 @@ def _content_checks(inputs, seen: dict[str, _Kept], summary, acc, rule: Duplicat
 
 def _nothing_usable(inputs, acc) -> str:
     read = acc.counts["read"]["images"]
-    reasons = ", ".join(f"{reason} {c['images']}" for section in ("skipped", "held_out")
-                        for reason, c in acc.counts[section].items() if c["images"])
+    reasons = ", ".join(
+        f"{reason} {c['images']}"
+        for section in ("skipped", "held_out")
+        for reason, c in acc.counts[section].items()
+        if c["images"]
+    )
     names = ", ".join(name for name, _ in inputs)
     if not read:
         return f"nothing to prepare: no labeled image in {names}"
@@ -624,9 +762,19 @@ def _drop_bad_boxes(obj: dict, attr: str) -> None:
     label = obj[attr]
     size = label["image_size"][0]
     annotations = label.get("annotations") or []
-    keep = [i for i, a in enumerate(annotations)
-            if box_problem(a["left"], a["top"], a["width"], a["height"], image_width=int(size["width"]),
-                           image_height=int(size["height"])) is None]
+    keep = [
+        i
+        for i, a in enumerate(annotations)
+        if box_problem(
+            a["left"],
+            a["top"],
+            a["width"],
+            a["height"],
+            image_width=int(size["width"]),
+            image_height=int(size["height"]),
+        )
+        is None
+    ]
     if len(keep) == len(annotations):
         return
     label["annotations"] = [annotations[i] for i in keep]
@@ -676,8 +824,17 @@ def _close_run(run: list[str], sequences: dict, stills: list) -> None:
         sequences[f"near copies {run[0]}"] = list(enumerate(run))
 
 
-def _draw_split(seen: dict[str, _Kept], summary, names_found: Counter, hashes: dict[str, int], *,
-                fraction: float, seed: int, group_by: str, gap: int | None) -> dict[str, str | None]:
+def _draw_split(
+    seen: dict[str, _Kept],
+    summary,
+    names_found: Counter,
+    hashes: dict[str, int],
+    *,
+    fraction: float,
+    seed: int,
+    group_by: str,
+    gap: int | None,
+) -> dict[str, str | None]:
     """identity -> "train" / "validation", or None for a training frame held out next to validation."""
     if not seen:
         return {}
@@ -742,6 +899,7 @@ def _groups(key_of: dict[str, str], seen: dict[str, _Kept]) -> dict[str, list]:
 def _best_run(positions: list[int], run: int, gap: int, rng: random.Random) -> tuple[int, set[int]]:
     """(first index, indices held out) of the ``run`` consecutive frames for validation that leave out the
     fewest training frames within ``gap`` positions of them (ties drawn with ``rng``)."""
+
     def near(start: int) -> tuple[int, int, int, int]:
         low = bisect.bisect_left(positions, positions[start] - gap)
         high = bisect.bisect_right(positions, positions[start + run - 1] + gap)
@@ -764,8 +922,11 @@ def _nearest(sequences: dict[str, list[tuple[int, str]]], targets: dict) -> dict
         val = sorted(p for p, ref in items if targets.get(ref) == "validation")
         train = [p for p, ref in items if targets.get(ref) == "train"]
         if val and train:
-            nearest[key] = min(min(abs(p - val[j]) for j in (k - 1, k) if 0 <= j < len(val))
-                               for p in train for k in [bisect.bisect_left(val, p)])
+            nearest[key] = min(
+                min(abs(p - val[j]) for j in (k - 1, k) if 0 <= j < len(val))
+                for p in train
+                for k in [bisect.bisect_left(val, p)]
+            )
     return nearest
 
 
@@ -805,8 +966,9 @@ def is_id_like(item: str) -> bool:
     return "," in str(item)
 
 
-def _set_classes(obj: dict, attr: str, class_from: str | None, class_id: dict[str, int],
-                 label_attribute: str | None) -> None:
+def _set_classes(
+    obj: dict, attr: str, class_from: str | None, class_id: dict[str, int], label_attribute: str | None
+) -> None:
     label = obj[attr]
     meta = obj.get(f"{attr}-metadata")
     if not isinstance(meta, dict) and label_attribute:
@@ -815,8 +977,11 @@ def _set_classes(obj: dict, attr: str, class_from: str | None, class_id: dict[st
     annotations = label.get("annotations") or []
     new_map = {}
     for ann in annotations:
-        name = (class_from.format_map({n: obj[n] for n in _template_fields(class_from)}).strip()
-                if class_from is not None else old_map[int(ann["class_id"])])
+        name = (
+            class_from.format_map({n: obj[n] for n in _template_fields(class_from)}).strip()
+            if class_from is not None
+            else old_map[int(ann["class_id"])]
+        )
         ann["class_id"] = class_id[name]
         new_map[class_id[name]] = name
     if annotations or meta.get("class-map"):
@@ -854,19 +1019,29 @@ def _split(groups: dict[str, list], names_found: Counter, fraction: float, seed:
 def format_summary(summary: PrepareSummary, *, examples: int = 10) -> list[str]:
     """What ``prepare`` prints: inputs read, the accounting table, warnings, classes written, the split."""
     s = summary
-    lines = [f"read {count} {'lines' if s.formats.get(path) == 'manifest' else 'images'} from {path} "
-             f"({s.formats.get(path, 'manifest')}"
-             + (f", split {s.split_given.get(path) or s.split_by_name[path]}"
-                if s.kept_splits and (path in s.split_given or path in s.split_by_name) else "") + ")"
-             for path, count in s.lines.items()]
+    lines = [
+        f"read {count} {'lines' if s.formats.get(path) == 'manifest' else 'images'} from {path} "
+        f"({s.formats.get(path, 'manifest')}"
+        + (
+            f", split {s.split_given.get(path) or s.split_by_name[path]}"
+            if s.kept_splits and (path in s.split_given or path in s.split_by_name)
+            else ""
+        )
+        + ")"
+        for path, count in s.lines.items()
+    ]
     acc = s.accounting
     rows = [("read", acc["read"])]
     rows += [(f"written to {split}", c) for split, c in acc["written"].items()]
     rows += [(f"held out: {reason}", c) for reason, c in acc["held_out"].items()]
     rows += [(f"skipped: {reason}", c) for reason, c in acc["skipped"].items()]
     totals = acc["totals"]
-    rows.append(("written + held out + skipped",
-                 {unit: sum(t[unit] for t in totals.values()) for unit in ("images", "boxes")}))
+    rows.append(
+        (
+            "written + held out + skipped",
+            {unit: sum(t[unit] for t in totals.values()) for unit in ("images", "boxes")},
+        )
+    )
     width = max(len(label) for label, _ in rows)
     lines.append(f"{'':{width}}  {'images':>7}  {'boxes':>7}")
     lines += [f"{label:{width}}  {c['images']:>7}  {c['boxes']:>7}" for label, c in rows]
@@ -877,20 +1052,27 @@ def format_summary(summary: PrepareSummary, *, examples: int = 10) -> list[str]:
     for image_id, comments in list(s.verification_comments.items())[:examples]:
         lines.append(f"  verification comment on {image_id}: {' | '.join(comments)}")
     lines.append(f"images without boxes written: {s.empty_images}")
-    lines.append("boxes per class written: " + ", ".join(
-        f"{i} {n}: {c}" for i, (n, c) in enumerate(s.boxes_per_class.items())))
+    lines.append(
+        "boxes per class written: "
+        + ", ".join(f"{i} {n}: {c}" for i, (n, c) in enumerate(s.boxes_per_class.items()))
+    )
     if s.kept_splits:
         split = "kept the inputs' splits"
     else:
         split = f"split by {s.group_by}, {s.groups} groups"
         if s.videos:
             split += f"; {len(s.videos)} sequences, {s.stills} still images"
-    lines.append(f"train {s.train}, validation {s.validation}" + (f", test {s.test}" if s.test else "")
-                 + f" ({split}) -> {s.out}")
+    lines.append(
+        f"train {s.train}, validation {s.validation}"
+        + (f", test {s.test}" if s.test else "")
+        + f" ({split}) -> {s.out}"
+    )
     if s.nearest_train_to_validation:
         nearest = list(s.nearest_train_to_validation.items())
-        lines.append("nearest training frame to a validation frame: " + ", ".join(
-            f"{key} {distance}" for key, distance in nearest[:examples])
-            + (f" (and {len(nearest) - examples} more)" if len(nearest) > examples else ""))
+        lines.append(
+            "nearest training frame to a validation frame: "
+            + ", ".join(f"{key} {distance}" for key, distance in nearest[:examples])
+            + (f" (and {len(nearest) - examples} more)" if len(nearest) > examples else "")
+        )
     lines += [f"warning: {w}" for w in s.warnings]
     return lines

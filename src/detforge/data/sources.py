@@ -43,7 +43,8 @@ def formats_found(folder: str) -> dict[str, str]:
     coco_files = coco.coco_files(folder)
     if coco_files:
         found["coco"] = f"COCO {os.path.relpath(coco_files[0][0], folder)}" + (
-            f" (+{len(coco_files) - 1} more)" if len(coco_files) > 1 else "")
+            f" (+{len(coco_files) - 1} more)" if len(coco_files) > 1 else ""
+        )
     xml = storage.list_files(voc.annotations_folder(folder), suffixes=(".xml",))
     if xml:
         found["voc"] = f"{len(xml)} VOC .xml files"
@@ -69,8 +70,11 @@ def detect_format(source: str) -> str:
     if len(found) > 1:
         shown = "; ".join(found.values())
         pick = " or ".join(f"{kind}:{source}" for kind in found)
-        raise FormatError(f"this folder holds several label formats ({shown}): which one to read is not "
-                          "guessed", path=source, hint=f"name one as {pick}, or give --format")
+        raise FormatError(
+            f"this folder holds several label formats ({shown}): which one to read is not guessed",
+            path=source,
+            hint=f"name one as {pick}, or give --format",
+        )
     if found:
         return next(iter(found))
     raise FormatError(
@@ -116,8 +120,9 @@ def read_source(
     return kind, None, _with_images(stream, source, on_error, report)
 
 
-def _with_images(records: Iterator[Record], manifest: str, on_error: str,
-                 report: ReadReport | None) -> Iterator[Record]:
+def _with_images(
+    records: Iterator[Record], manifest: str, on_error: str, report: ReadReport | None
+) -> Iterator[Record]:
     """The records whose local image exists and has the size the line says (the same check as every
     format's); a bad one stops, or with ``on_error='skip'`` is counted in ``report.skipped``."""
     for record in records:

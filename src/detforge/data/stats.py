@@ -25,12 +25,23 @@ def _summary(values: list[float]) -> dict:
     if not values:
         return {}
     q = np.percentile(np.asarray(values, dtype=np.float64), [0, 25, 50, 75, 100])
-    return {"min": float(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
-            "max": float(q[4])}
+    return {
+        "min": float(q[0]),
+        "p25": float(q[1]),
+        "median": float(q[2]),
+        "p75": float(q[3]),
+        "max": float(q[4]),
+    }
 
 
-def manifest_stats(manifests: list[str], *, label_attribute: str | None = None, images_dir: str | None = None,
-                   on_error: str = "stop", content: bool = True) -> dict:
+def manifest_stats(
+    manifests: list[str],
+    *,
+    label_attribute: str | None = None,
+    images_dir: str | None = None,
+    on_error: str = "stop",
+    content: bool = True,
+) -> dict:
     """Figures of labeled inputs as a JSON-ready dict (keys: images, boxes, per_class, per_job, ...).
 
     Inputs are anything ``prepare`` reads (manifests, YOLO, VOC, COCO), through the same readers and
@@ -49,8 +60,9 @@ def manifest_stats(manifests: list[str], *, label_attribute: str | None = None, 
     for path in manifests:
         path = os.fspath(path)
         per_manifest[path] = 0
-        _, _, records = read_source(path, images=images_dir, label_attribute=label_attribute,
-                                    on_error=on_error, report=report)
+        _, _, records = read_source(
+            path, images=images_dir, label_attribute=label_attribute, on_error=on_error, report=report
+        )
         for record in records:
             images += 1
             per_manifest[path] += 1
@@ -68,24 +80,36 @@ def manifest_stats(manifests: list[str], *, label_attribute: str | None = None, 
             widths.extend(ltwh[:, 2].tolist())
             heights.extend(ltwh[:, 3].tolist())
             areas.extend((box_ops.area_xyxy(record.boxes) / (record.width * record.height)).tolist())
-    return {"images": images, "distinct_images": images - sum(duplicates.values()),
-            "duplicates": duplicates, "duplicate_examples": duplicate_examples[:20],
-            "boxes": int(sum(per_class.values())), "empty_images": empty,
-            "max_boxes_per_image": max_boxes, "per_class": dict(sorted(per_class.items())),
-            "per_job": dict(sorted(per_job.items())), "per_manifest": per_manifest,
-            "box_width": _summary(widths), "box_height": _summary(heights),
-            "box_area_fraction": _summary(areas),
-            "skipped": [message for _, _, message in report.skipped] + list(report.skipped_boxes)}
+    return {
+        "images": images,
+        "distinct_images": images - sum(duplicates.values()),
+        "duplicates": duplicates,
+        "duplicate_examples": duplicate_examples[:20],
+        "boxes": int(sum(per_class.values())),
+        "empty_images": empty,
+        "max_boxes_per_image": max_boxes,
+        "per_class": dict(sorted(per_class.items())),
+        "per_job": dict(sorted(per_job.items())),
+        "per_manifest": per_manifest,
+        "box_width": _summary(widths),
+        "box_height": _summary(heights),
+        "box_area_fraction": _summary(areas),
+        "skipped": [message for _, _, message in report.skipped] + list(report.skipped_boxes),
+    }
 
 
 def format_stats(stats: dict) -> str:
     """The figures as a few readable lines."""
-    lines = [f"{stats['images']} images, {stats['boxes']} boxes, {stats['empty_images']} without boxes, "
-             f"at most {stats['max_boxes_per_image']} boxes on one image"]
+    lines = [
+        f"{stats['images']} images, {stats['boxes']} boxes, {stats['empty_images']} without boxes, "
+        f"at most {stats['max_boxes_per_image']} boxes on one image"
+    ]
     if sum(stats["duplicates"].values()):
-        lines.append(f"  duplicates (as prepare counts them): {stats['duplicates']['same image']} the same "
-                     f"image listed again, {stats['duplicates']['same content']} the same bytes under "
-                     f"another path; {stats['distinct_images']} distinct images")
+        lines.append(
+            f"  duplicates (as prepare counts them): {stats['duplicates']['same image']} the same "
+            f"image listed again, {stats['duplicates']['same content']} the same bytes under "
+            f"another path; {stats['distinct_images']} distinct images"
+        )
         lines += [f"    {example}" for example in stats["duplicate_examples"][:10]]
     lines += [f"  class {name}: {count} boxes" for name, count in stats["per_class"].items()]
     lines += [f"  job {name or '(none)'}: {count} images" for name, count in stats["per_job"].items()]
@@ -93,6 +117,8 @@ def format_stats(stats: dict) -> str:
     for key in ("box_width", "box_height", "box_area_fraction"):
         s = stats[key]
         if s:
-            lines.append(f"  {key}: min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} "
-                         f"(p25 {s['p25']:.4g}, p75 {s['p75']:.4g})")
+            lines.append(
+                f"  {key}: min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} "
+                f"(p25 {s['p25']:.4g}, p75 {s['p75']:.4g})"
+            )
     return "\n".join(lines)

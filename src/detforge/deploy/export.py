@@ -58,8 +58,9 @@ class DeployableDetector(nn.Module):
     the contract of ``models.contract``; shares its weights. Its ONNX nodes are named ``/detector/...``
     (``quantize.HEAD_SCOPE``)."""
 
-    def __init__(self, model, *, nms_threshold: float, nms_topk: int, score_threshold: float,
-                 nms_candidates: int = 0) -> None:
+    def __init__(
+        self, model, *, nms_threshold: float, nms_topk: int, score_threshold: float, nms_candidates: int = 0
+    ) -> None:
         super().__init__()
         spec = model.input_spec
         self.detector = model.eval()
@@ -83,8 +84,13 @@ class DeployableDetector(nn.Module):
         boxes = boxes * (torch.stack([width, height, width, height]) / float(self.size))
         # N x C x A, each class's best nms_candidates, as torchvision's top-k
         scores = class_candidates(scores.transpose(1, 2), self.nms_candidates)
-        return padded_detections(boxes, scores, nms_threshold=self.nms_threshold, nms_topk=self.nms_topk,
-                                 score_threshold=self.score_threshold)
+        return padded_detections(
+            boxes,
+            scores,
+            nms_threshold=self.nms_threshold,
+            nms_topk=self.nms_topk,
+            score_threshold=self.score_threshold,
+        )
 
 
 def write_onnx(wrapper: DeployableDetector, path: str, example: np.ndarray, *, opset: int) -> None:
@@ -92,10 +98,18 @@ def write_onnx(wrapper: DeployableDetector, path: str, example: np.ndarray, *, o
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
-            wrapper, (torch.from_numpy(example),), path, dynamo=False, opset_version=int(opset),
-            input_names=["images"], output_names=OUTPUT_NAMES,
-            dynamic_axes={"images": {0: "batch", 1: "height", 2: "width"},
-                          **{name: {0: "batch"} for name in OUTPUT_NAMES}})
+            wrapper,
+            (torch.from_numpy(example),),
+            path,
+            dynamo=False,
+            opset_version=int(opset),
+            input_names=["images"],
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={
+                "images": {0: "batch", 1: "height", 2: "width"},
+                **{name: {0: "batch"} for name in OUTPUT_NAMES},
+            },
+        )
 
 
 def run_inputs(run_dir: str) -> tuple[str | None, str | None]:
@@ -130,10 +144,14 @@ def _check_gate(max_map_drop: float, min_speedup: float) -> None:
         raise ConfigError(f"must be 0 or more, got {min_speedup}", field="--min-speedup")
 
 
-def _check_settings(nms_threshold: float, nms_topk: int, score_threshold: float,
-                    default_threshold: float) -> None:
-    for key, value in (("nms_threshold", nms_threshold), ("score_threshold", score_threshold),
-                       ("default_threshold", default_threshold)):
+def _check_settings(
+    nms_threshold: float, nms_topk: int, score_threshold: float, default_threshold: float
+) -> None:
+    for key, value in (
+        ("nms_threshold", nms_threshold),
+        ("score_threshold", score_threshold),
+        ("default_threshold", default_threshold),
+    ):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"must be in [0.0, 1.0], got {value}", field=key)
     if nms_topk < 1:
@@ -141,30 +159,50 @@ def _check_settings(nms_threshold: float, nms_topk: int, score_threshold: float,
 
 
 def _same_file(a: str, b: str) -> bool:
-    return a == b or (not storage.is_remote(a) and not storage.is_remote(b)
-                      and os.path.abspath(a) == os.path.abspath(b))
+    return a == b or (
+        not storage.is_remote(a) and not storage.is_remote(b) and os.path.abspath(a) == os.path.abspath(b)
+    )
 
 
 def _int8_sources(calibration: str | None, validation: str | None, train: str | None) -> str:
     """The calibration manifest of ``--int8``: ``calibration``, else the run's training manifest; never the
     validation manifest the comparison scores (ConfigError naming the option)."""
     if not validation:
-        raise ConfigError("--int8 compares the int8 model with fp32 on validation images: the run names "
-                          "no validation manifest, pass one with --validation", field="--validation")
+        raise ConfigError(
+            "--int8 compares the int8 model with fp32 on validation images: the run names "
+            "no validation manifest, pass one with --validation",
+            field="--validation",
+        )
     calibration = calibration or train
     if not calibration:
-        raise ConfigError("--int8 calibrates on the run's training images: the run names no training "
-                          "manifest, pass one with --calibration", field="--calibration")
+        raise ConfigError(
+            "--int8 calibrates on the run's training images: the run names no training "
+            "manifest, pass one with --calibration",
+            field="--calibration",
+        )
     if _same_file(calibration, validation):
-        raise ConfigError(f"{calibration} is also the validation manifest of the int8 comparison: "
-                          "calibrating on the images it measures would make the reported mAP drop "
-                          "optimistic; calibrate on training images", field="--calibration")
+        raise ConfigError(
+            f"{calibration} is also the validation manifest of the int8 comparison: "
+            "calibrating on the images it measures would make the reported mAP drop "
+            "optimistic; calibrate on training images",
+            field="--calibration",
+        )
     return calibration
 
 
-def _try_int8(model, staging: str, samples: verification.Samples, *, classes: list[str], settings: dict,
-              calibration: str, calibration_count: int, validation: str, max_map_drop: float,
-              min_speedup: float) -> tuple[dict, verification.VerifyReport | None]:
+def _try_int8(
+    model,
+    staging: str,
+    samples: verification.Samples,
+    *,
+    classes: list[str],
+    settings: dict,
+    calibration: str,
+    calibration_count: int,
+    validation: str,
+    max_map_drop: float,
+    min_speedup: float,
+) -> tuple[dict, verification.VerifyReport | None]:
     """Quantize ``staging/model.onnx``, compare, gate and verify the int8 graph; when it is kept it
     becomes ``model.onnx`` and fp32 moves to ``FP32_FILE``. Returns the int8 record and the int8 graph's
     verification (None when int8 was refused)."""
@@ -174,15 +212,27 @@ def _try_int8(model, staging: str, samples: verification.Samples, *, classes: li
     size = model.input_spec.size
     fp32_path, int8_path = os.path.join(staging, MODEL_FILE), os.path.join(staging, "model-int8.onnx")
     quantize.quantize_int8(fp32_path, int8_path, images, image_size=size)
-    info = {"calibration_images": len(images), "calibration": calibration,
-            **quantize.compare_int8(staging, samples.images[0], classes=classes, image_size=size,
-                                    validation=validation),
-            "max_map_drop": float(max_map_drop), "min_speedup": float(min_speedup)}
+    info = {
+        "calibration_images": len(images),
+        "calibration": calibration,
+        **quantize.compare_int8(
+            staging, samples.images[0], classes=classes, image_size=size, validation=validation
+        ),
+        "max_map_drop": float(max_map_drop),
+        "min_speedup": float(min_speedup),
+    }
     refused = quantize.refusals(info, max_map_drop=max_map_drop, min_speedup=min_speedup)
     report = None
     if not refused:
-        report = verification.verify(model, int8_path, samples.images, real=samples.real,
-                                     source=samples.source, quantized=True, **settings)
+        report = verification.verify(
+            model,
+            int8_path,
+            samples.images,
+            real=samples.real,
+            source=samples.source,
+            quantized=True,
+            **settings,
+        )
         if not report.ok:
             refused.append(report.why_not())
     info["refused"], info["accepted"] = refused, not refused
@@ -223,14 +273,27 @@ def publish(staging: str, out_dir: str) -> None:
                 storage.remove(storage.join(prefix, name))
 
 
-def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int = DEFAULT_OPSET,
-               nms_threshold: float | None = None, nms_topk: int | None = None,
-               score_threshold: float | None = None, default_threshold: float = DEFAULT_THRESHOLD,
-               verify_images: Sequence[str] | None = None, verify_count: int = 4,
-               validation: str | None = None, allow_unverified: bool = False,
-               int8: bool = False, calibration: str | None = None, calibration_count: int = 32,
-               max_map_drop: float = quantize.DEFAULT_MAX_MAP_DROP,
-               min_speedup: float = quantize.DEFAULT_MIN_SPEEDUP, name: str | None = None) -> ExportResult:
+def export_run(
+    run_dir: str,
+    out_dir: str,
+    *,
+    which: str = "model",
+    opset: int = DEFAULT_OPSET,
+    nms_threshold: float | None = None,
+    nms_topk: int | None = None,
+    score_threshold: float | None = None,
+    default_threshold: float = DEFAULT_THRESHOLD,
+    verify_images: Sequence[str] | None = None,
+    verify_count: int = 4,
+    validation: str | None = None,
+    allow_unverified: bool = False,
+    int8: bool = False,
+    calibration: str | None = None,
+    calibration_count: int = 32,
+    max_map_drop: float = quantize.DEFAULT_MAX_MAP_DROP,
+    min_speedup: float = quantize.DEFAULT_MIN_SPEEDUP,
+    name: str | None = None,
+) -> ExportResult:
     """Export a trained run to ``out_dir`` (``model.onnx`` + ``model.json``; local or ``s3://``), verified
     against PyTorch.
 
@@ -250,25 +313,39 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
     thresholds = dict(info.thresholds or {})
     nms_threshold = float(thresholds.get("nms_threshold", 0.45) if nms_threshold is None else nms_threshold)
     nms_topk = int(thresholds.get("nms_topk", 400) if nms_topk is None else nms_topk)
-    score_threshold = float(thresholds.get("score_threshold", 0.01) if score_threshold is None
-                            else score_threshold)
+    score_threshold = float(
+        thresholds.get("score_threshold", 0.01) if score_threshold is None else score_threshold
+    )
     _check_settings(nms_threshold, nms_topk, score_threshold, default_threshold)
     nms_candidates = int(thresholds.get("nms_candidates", 0))
-    set_postprocess(model, nms_threshold=nms_threshold, nms_topk=nms_topk, score_threshold=score_threshold,
-                    nms_candidates=nms_candidates)
-    settings = {"nms_threshold": nms_threshold, "nms_topk": nms_topk, "score_threshold": score_threshold,
-                "nms_candidates": nms_candidates}
+    set_postprocess(
+        model,
+        nms_threshold=nms_threshold,
+        nms_topk=nms_topk,
+        score_threshold=score_threshold,
+        nms_candidates=nms_candidates,
+    )
+    settings = {
+        "nms_threshold": nms_threshold,
+        "nms_topk": nms_topk,
+        "score_threshold": score_threshold,
+        "nms_candidates": nms_candidates,
+    }
     size = int(model.input_spec.size)
     train, run_validation = run_inputs(run_dir)
     validation = validation or run_validation
     if int8:
         calibration = _int8_sources(calibration, validation, train)
     wrapper = DeployableDetector(model, **settings)
-    samples = verification.sample_images(count=verify_count, image_size=size, images=verify_images,
-                                         validation=validation)
+    samples = verification.sample_images(
+        count=verify_count, image_size=size, images=verify_images, validation=validation
+    )
     if not samples.real and not allow_unverified:
-        raise ModelError(f"cannot verify the export: {samples.source.split(': ', 1)[1]}", path=run_dir,
-                         hint="or pass --allow-unverified to export unverified (model.json says so)")
+        raise ModelError(
+            f"cannot verify the export: {samples.source.split(': ', 1)[1]}",
+            path=run_dir,
+            hint="or pass --allow-unverified to export unverified (model.json says so)",
+        )
 
     remote = storage.is_remote(out_dir)
     if not remote:
@@ -277,24 +354,39 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
     try:
         onnx_path = os.path.join(staging, MODEL_FILE)
         try:
-            write_onnx(wrapper, onnx_path, np.stack([resize_rgb(s, size) for s in samples.images[:2]]),
-                       opset=opset)
+            write_onnx(
+                wrapper, onnx_path, np.stack([resize_rgb(s, size) for s in samples.images[:2]]), opset=opset
+            )
         except Exception as exc:  # the exporter's own errors: name the model, not torch's internals
-            raise ModelError(f"ONNX export of the {info.base_network} model failed: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                             path=run_dir) from exc
-        report = verification.verify(model, onnx_path, samples.images, real=samples.real,
-                                     source=samples.source, **settings)
+            raise ModelError(
+                f"ONNX export of the {info.base_network} model failed: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                path=run_dir,
+            ) from exc
+        report = verification.verify(
+            model, onnx_path, samples.images, real=samples.real, source=samples.source, **settings
+        )
         if not report.ok or (not report.verified and not allow_unverified):
-            raise ModelError(f"the export could not be verified on {samples.source}: {report.why_not()}",
-                             path=run_dir, hint="nothing was written")
+            raise ModelError(
+                f"the export could not be verified on {samples.source}: {report.why_not()}",
+                path=run_dir,
+                hint="nothing was written",
+            )
         int8_info, written = None, report
         if int8:
             assert calibration is not None and validation is not None  # _int8_sources
             int8_info, int8_report = _try_int8(
-                model, staging, samples, classes=list(info.classes), settings=settings,
-                calibration=calibration, calibration_count=calibration_count, validation=validation,
-                max_map_drop=max_map_drop, min_speedup=min_speedup)
+                model,
+                staging,
+                samples,
+                classes=list(info.classes),
+                settings=settings,
+                calibration=calibration,
+                calibration_count=calibration_count,
+                validation=validation,
+                max_map_drop=max_map_drop,
+                min_speedup=min_speedup,
+            )
             written = int8_report or report
         record = written.to_json()
         if written is not report:  # int8 kept: its record, then what the fp32 twin's said
@@ -306,11 +398,20 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
             "base_network": info.base_network,
             "detector": info.detector,
             "input_size": size,
-            "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
-                      "shape": ["batch", "height", "width", 3],
-                      "resize": "the runtime resizes to input_size x input_size (bilinear, antialiased)"},
-            "outputs": {"boxes": "N x K x 4 xyxy input pixels", "scores": "N x K",
-                        "classes": "N x K (0-based, -1 pad)", "num_detections": "N"},
+            "input": {
+                "name": "images",
+                "dtype": "uint8",
+                "layout": "NHWC",
+                "channels": "RGB",
+                "shape": ["batch", "height", "width", 3],
+                "resize": "the runtime resizes to input_size x input_size (bilinear, antialiased)",
+            },
+            "outputs": {
+                "boxes": "N x K x 4 xyxy input pixels",
+                "scores": "N x K",
+                "classes": "N x K (0-based, -1 pad)",
+                "num_detections": "N",
+            },
             **settings,
             "default_threshold": float(default_threshold),
             "quantization": "int8" if written is not report else "fp32",
@@ -331,5 +432,10 @@ def export_run(run_dir: str, out_dir: str, *, which: str = "model", opset: int =
         publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out_dir=out_dir, model_path=storage.join(out_dir, MODEL_FILE), metadata=metadata,
-                        verify=written, int8=int8_info)
+    return ExportResult(
+        out_dir=out_dir,
+        model_path=storage.join(out_dir, MODEL_FILE),
+        metadata=metadata,
+        verify=written,
+        int8=int8_info,
+    )

@@ -116,8 +116,9 @@ def resolve_inputs(inputs: Sequence[str]) -> list[InputSpec]:
         if _is_folder(path):
             files = storage.list_files(path, suffixes=storage.IMAGE_SUFFIXES)
             if not files:
-                raise ConfigError(f"no images ({', '.join(storage.IMAGE_SUFFIXES)}) in this folder",
-                                  path=path)
+                raise ConfigError(
+                    f"no images ({', '.join(storage.IMAGE_SUFFIXES)}) in this folder", path=path
+                )
             specs.append(InputSpec("folder", path, files, len(files)))
         elif _is_image(path):
             if not storage.exists(path):
@@ -127,9 +128,12 @@ def resolve_inputs(inputs: Sequence[str]) -> list[InputSpec]:
             count = sum(1 for _, line in storage.iter_lines(path) if line.strip())
             specs.append(InputSpec("manifest", path, count=count))
         else:
-            raise ConfigError("no such file, folder or prefix", path=path,
-                              hint=f"INPUT is an image ({', '.join(storage.IMAGE_SUFFIXES)}), a folder, "
-                                   "a manifest or an s3:// prefix")
+            raise ConfigError(
+                "no such file, folder or prefix",
+                path=path,
+                hint=f"INPUT is an image ({', '.join(storage.IMAGE_SUFFIXES)}), a folder, "
+                "a manifest or an s3:// prefix",
+            )
     return specs
 
 
@@ -137,12 +141,18 @@ def _manifest_sources(path: str, *, label_attribute: str | None) -> Iterator[Sou
     labeled: bool | None = None
     for number, obj in read_image_refs(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("source-ref"), str) or not obj["source-ref"]:
-            raise ManifestError("missing or not a string", path=path, line=number, field="source-ref",
-                                hint="a manifest line is {\"source-ref\": \"path or s3:// URI\", ...}")
+            raise ManifestError(
+                "missing or not a string",
+                path=path,
+                line=number,
+                field="source-ref",
+                hint='a manifest line is {"source-ref": "path or s3:// URI", ...}',
+            )
         if labeled is None:  # the first line tells whether the manifest carries labels
             labeled = label_attribute is not None or find_label_attribute(obj) is not None
-        truth = (parse_record(obj, path=path, line=number, label_attribute=label_attribute)
-                 if labeled else None)
+        truth = (
+            parse_record(obj, path=path, line=number, label_attribute=label_attribute) if labeled else None
+        )
         ref = obj["source-ref"]
         yield Source(ref=resolve_source_ref(ref, path), source_ref=ref, truth=truth)
 
@@ -158,8 +168,9 @@ def iter_sources(specs: Sequence[InputSpec], *, label_attribute: str | None = No
             yield from _manifest_sources(spec.path, label_attribute=label_attribute)
 
 
-def match_truth(truth: Record, rows: list[list[float]], *, iou_threshold: float
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def match_truth(
+    truth: Record, rows: list[list[float]], *, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Detections (SageMaker rows) against a record: pixel boxes, scores, classes, ``is_tp``, ``missed``.
 
     Boxes are taken to the manifest's ``image_size`` pixels (what ``evaluate`` does with a predictions
@@ -168,8 +179,14 @@ def match_truth(truth: Record, rows: list[list[float]], *, iou_threshold: float
     array = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
     boxes = box_ops.xyxy_norm_to_xyxy(array[:, 2:], width=truth.width, height=truth.height)
     scores, classes = array[:, 1], array[:, 0].astype(np.int64)
-    is_tp = match_image(gt_boxes=truth.boxes, gt_classes=truth.class_ids, pred_boxes=boxes,
-                        pred_scores=scores, pred_classes=classes, iou_threshold=iou_threshold)
+    is_tp = match_image(
+        gt_boxes=truth.boxes,
+        gt_classes=truth.class_ids,
+        pred_boxes=boxes,
+        pred_scores=scores,
+        pred_classes=classes,
+        iou_threshold=iou_threshold,
+    )
     missed = np.ones(len(truth.boxes), dtype=bool)
     if is_tp.any():
         # the box each true positive took: match_image's rule, the same-class box of highest IoU
@@ -183,13 +200,17 @@ def _check_truth(truth: Record, class_names: list[str], warned: set[int], warnin
     bad = truth.class_ids[(truth.class_ids < 0) | (truth.class_ids >= len(class_names))]
     if bad.size:
         path, _, line = (truth.origin or "").rpartition(":")
-        raise ManifestError(f"class id {int(bad[0])} is not one of the model's {len(class_names)} classes "
-                            f"{class_names}", path=path or None, line=int(line) if line.isdigit() else None)
+        raise ManifestError(
+            f"class id {int(bad[0])} is not one of the model's {len(class_names)} classes {class_names}",
+            path=path or None,
+            line=int(line) if line.isdigit() else None,
+        )
     for cid, name in truth.class_map.items():
         if cid not in warned and 0 <= cid < len(class_names) and name != class_names[cid]:
             warned.add(cid)
-            warnings.append(f"class {cid} is '{name}' in {truth.origin} but '{class_names[cid]}' "
-                            "in the model")
+            warnings.append(
+                f"class {cid} is '{name}' in {truth.origin} but '{class_names[cid]}' in the model"
+            )
 
 
 def _decode(source: Source, make_thumbnail: bool):
@@ -234,12 +255,27 @@ def check_options(*, on_error: str, batch_size: int, threshold: float | None, io
         raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}", field="iou")
 
 
-def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None = None,
-            html: str | None = None, threshold: float | None = None, batch_size: int = 8,
-            threads: int | None = None, providers: Sequence[str] | None = None, on_error: str = "skip",
-            iou_threshold: float = 0.5, label_attribute: str | None = None, decode_workers: int = 2,
-            progress: Callable[[int, int], None] | None = None, predictor=None, tile: int | None = None,
-            overlap: float | None = None, tile_full_pass: bool | None = None) -> PredictResult:
+def predict(
+    deploy: str,
+    inputs: Sequence[str],
+    *,
+    out: str,
+    report: str | None = None,
+    html: str | None = None,
+    threshold: float | None = None,
+    batch_size: int = 8,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    on_error: str = "skip",
+    iou_threshold: float = 0.5,
+    label_attribute: str | None = None,
+    decode_workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+    predictor=None,
+    tile: int | None = None,
+    overlap: float | None = None,
+    tile_full_pass: bool | None = None,
+) -> PredictResult:
     """Predict every image of ``inputs`` with the deploy folder ``deploy``; write ``out`` (+ reports).
 
     ``progress(done, total)`` is called after each batch. ``predictor``: an already loaded
@@ -250,15 +286,22 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
     if predictor is None:
         from detforge.runtime import Predictor
 
-        predictor = Predictor(deploy, threads=threads, providers=providers, tile=tile, overlap=overlap,
-                              full_pass=tile_full_pass)
+        predictor = Predictor(
+            deploy, threads=threads, providers=providers, tile=tile, overlap=overlap, full_pass=tile_full_pass
+        )
     specs = resolve_inputs(inputs)
     total = sum(spec.count for spec in specs)
     names = list(predictor.class_names)
     threshold = float(predictor.threshold if threshold is None else threshold)
     accumulator = DetectionAccumulator(len(names), iou_threshold=iou_threshold, score_threshold=threshold)
-    result = PredictResult(images=0, detections_per_class=[0] * len(names), skipped=[], seconds=0.0,
-                           class_names=names, threshold=threshold)
+    result = PredictResult(
+        images=0,
+        detections_per_class=[0] * len(names),
+        skipped=[],
+        seconds=0.0,
+        class_names=names,
+        threshold=threshold,
+    )
     warned: set[int] = set()
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -273,10 +316,21 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
                 reports.append(stack.enter_context(PdfReport(report, class_names=names, title=title)))
             if html is not None:
                 reports.append(stack.enter_context(HtmlReport(html, class_names=names)))
-        predict_stream(predictor, iter_sources(specs, label_attribute=label_attribute), writer, result=result,
-                       accumulator=accumulator, warned=warned, batch_size=batch_size, on_error=on_error,
-                       iou_threshold=iou_threshold, decode_workers=decode_workers, reports=reports,
-                       progress=progress, total=total)
+        predict_stream(
+            predictor,
+            iter_sources(specs, label_attribute=label_attribute),
+            writer,
+            result=result,
+            accumulator=accumulator,
+            warned=warned,
+            batch_size=batch_size,
+            on_error=on_error,
+            iou_threshold=iou_threshold,
+            decode_workers=decode_workers,
+            reports=reports,
+            progress=progress,
+            total=total,
+        )
         result.seconds = time.perf_counter() - started
         if result.images_with_truth:
             result.metrics = accumulator.compute()
@@ -288,11 +342,22 @@ def predict(deploy: str, inputs: Sequence[str], *, out: str, report: str | None 
     return result
 
 
-def predict_stream(predictor, sources: Iterable[Source], writer, *, result: PredictResult,
-                   accumulator: DetectionAccumulator, warned: set[int], batch_size: int = 8,
-                   on_error: str = "skip", iou_threshold: float = 0.5, decode_workers: int = 2,
-                   reports: Sequence = (), progress: Callable[[int, int], None] | None = None,
-                   total: int = 0) -> None:
+def predict_stream(
+    predictor,
+    sources: Iterable[Source],
+    writer,
+    *,
+    result: PredictResult,
+    accumulator: DetectionAccumulator,
+    warned: set[int],
+    batch_size: int = 8,
+    on_error: str = "skip",
+    iou_threshold: float = 0.5,
+    decode_workers: int = 2,
+    reports: Sequence = (),
+    progress: Callable[[int, int], None] | None = None,
+    total: int = 0,
+) -> None:
     """The heart of ``predict``: ``sources`` decoded (threads), predicted in batches, one line each to
     ``writer``, counted into ``result`` and, for images with ground truth, matched into ``accumulator``.
 
@@ -305,8 +370,9 @@ def predict_stream(predictor, sources: Iterable[Source], writer, *, result: Pred
     batch: list[tuple[Source, np.ndarray, object]] = []
 
     def flush() -> None:
-        detections = predictor.predict([image for _, image, _ in batch], threshold=threshold,
-                                       batch_size=len(batch))
+        detections = predictor.predict(
+            [image for _, image, _ in batch], threshold=threshold, batch_size=len(batch)
+        )
         for (source, _, thumbnail), found in zip(batch, detections, strict=True):
             rows = found.to_sagemaker()
             _write_line(writer, source, found.width, found.height, rows)
@@ -316,10 +382,17 @@ def predict_stream(predictor, sources: Iterable[Source], writer, *, result: Pred
             if source.truth is not None:
                 _check_truth(source.truth, names, warned, result.warnings)
                 pixels, scores, classes, outcome.is_tp, outcome.missed = match_truth(
-                    source.truth, rows, iou_threshold=iou_threshold)
-                accumulator.update(gt_boxes=source.truth.boxes, gt_classes=source.truth.class_ids,
-                                   pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
-                                   image_id=source.source_ref, gt_difficult=source.truth.difficult)
+                    source.truth, rows, iou_threshold=iou_threshold
+                )
+                accumulator.update(
+                    gt_boxes=source.truth.boxes,
+                    gt_classes=source.truth.class_ids,
+                    pred_boxes=pixels,
+                    pred_scores=scores,
+                    pred_classes=classes,
+                    image_id=source.source_ref,
+                    gt_difficult=source.truth.difficult,
+                )
                 result.images_with_truth += 1
             if reports:
                 item = _report_item(outcome, thumbnail)
@@ -328,8 +401,12 @@ def predict_stream(predictor, sources: Iterable[Source], writer, *, result: Pred
             result.images += 1
         batch.clear()
 
-    for source, decoded in _decoded(iter(sources), workers=max(1, int(decode_workers)),
-                                    ahead=2 * int(batch_size), thumbnails=bool(reports)):
+    for source, decoded in _decoded(
+        iter(sources),
+        workers=max(1, int(decode_workers)),
+        ahead=2 * int(batch_size),
+        thumbnails=bool(reports),
+    ):
         done += 1
         if isinstance(decoded, DetforgeError):
             if on_error == "stop":
@@ -348,22 +425,37 @@ def predict_stream(predictor, sources: Iterable[Source], writer, *, result: Pred
 
 
 def _write_line(writer, source: Source, width: int, height: int, rows: list[list[float]]) -> None:
-    writer.write(dumps_line({"image": storage.basename(source.source_ref), "source-ref": source.source_ref,
-                             "width": int(width), "height": int(height), "prediction": rows}))
+    writer.write(
+        dumps_line(
+            {
+                "image": storage.basename(source.source_ref),
+                "source-ref": source.source_ref,
+                "width": int(width),
+                "height": int(height),
+                "prediction": rows,
+            }
+        )
+    )
 
 
 def _report_item(outcome: ImageResult, thumbnail):
     from detforge.deploy.report import ReportItem
 
     rows = np.asarray(outcome.prediction, dtype=np.float64).reshape(-1, 6)
-    item = ReportItem(name=storage.basename(outcome.source.source_ref), source_ref=outcome.source.source_ref,
-                      thumbnail=thumbnail, boxes=rows[:, 2:], scores=rows[:, 1],
-                      class_ids=rows[:, 0].astype(np.int64))
+    item = ReportItem(
+        name=storage.basename(outcome.source.source_ref),
+        source_ref=outcome.source.source_ref,
+        thumbnail=thumbnail,
+        boxes=rows[:, 2:],
+        scores=rows[:, 1],
+        class_ids=rows[:, 0].astype(np.int64),
+    )
     truth = outcome.source.truth
     if truth is not None:
         item.is_tp = outcome.is_tp
-        item.missed_boxes = box_ops.xyxy_to_xyxy_norm(truth.boxes[outcome.missed], width=truth.width,
-                                                      height=truth.height)
+        item.missed_boxes = box_ops.xyxy_to_xyxy_norm(
+            truth.boxes[outcome.missed], width=truth.width, height=truth.height
+        )
         item.missed_class_ids = truth.class_ids[outcome.missed]
     return item
 
@@ -374,9 +466,15 @@ def _summary(result: PredictResult, predictor):
     meta = predictor.metadata
     validation = meta.get("validation:mAP")
     return ReportSummary(
-        class_names=result.class_names, model_name=str(meta.get("name") or "model"),
+        class_names=result.class_names,
+        model_name=str(meta.get("name") or "model"),
         threshold=result.threshold,
-        images=result.images, detections_per_class=list(result.detections_per_class),
-        source_run=meta.get("source_run"), input_size=meta.get("input_size"),
+        images=result.images,
+        detections_per_class=list(result.detections_per_class),
+        source_run=meta.get("source_run"),
+        input_size=meta.get("input_size"),
         validation_map=float(validation) if isinstance(validation, int | float) else None,
-        metrics=result.metrics, images_with_truth=result.images_with_truth, skipped=list(result.skipped))
+        metrics=result.metrics,
+        images_with_truth=result.images_with_truth,
+        skipped=list(result.skipped),
+    )

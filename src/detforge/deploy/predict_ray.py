@@ -105,13 +105,24 @@ def _manifest_object(raw: bytes, *, path: str, line: int) -> dict:
     except orjson.JSONDecodeError as exc:
         raise ManifestError(f"not valid JSON: {exc}", path=path, line=line) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("source-ref"), str) or not obj["source-ref"]:
-        raise ManifestError("missing or not a string", path=path, line=line, field="source-ref",
-                            hint="a manifest line is {\"source-ref\": \"path or s3:// URI\", ...}")
+        raise ManifestError(
+            "missing or not a string",
+            path=path,
+            line=line,
+            field="source-ref",
+            hint='a manifest line is {"source-ref": "path or s3:// URI", ...}',
+        )
     return obj
 
 
-def plan_blocks(specs: Sequence[InputSpec], *, block_size: int, class_names: list[str],
-                label_attribute: str | None = None, warnings: list[str] | None = None) -> list[Block]:
+def plan_blocks(
+    specs: Sequence[InputSpec],
+    *,
+    block_size: int,
+    class_names: list[str],
+    label_attribute: str | None = None,
+    warnings: list[str] | None = None,
+) -> list[Block]:
     """Cut resolved inputs into blocks of at most ``block_size`` images, in input order.
 
     Consecutive images and folders share blocks; a manifest's lines make blocks of their own (a byte
@@ -168,15 +179,19 @@ def block_sources(block: Block, *, label_attribute: str | None = None) -> Iterat
             raw = handle.readline()
             number += 1
             if not raw:
-                raise ManifestError("the manifest ended early: it changed since the job started", path=path,
-                                    line=number)
+                raise ManifestError(
+                    "the manifest ended early: it changed since the job started", path=path, line=number
+                )
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():
                 continue
             left -= 1
             obj = _manifest_object(raw, path=path, line=number)
-            truth = (parse_record(obj, path=path, line=number, label_attribute=label_attribute)
-                     if block.labeled else None)
+            truth = (
+                parse_record(obj, path=path, line=number, label_attribute=label_attribute)
+                if block.labeled
+                else None
+            )
             ref = obj["source-ref"]
             yield Source(ref=resolve_source_ref(ref, path), source_ref=ref, truth=truth)
 
@@ -189,27 +204,47 @@ def run_block(predictor, block: Block, *, out: str, settings: dict) -> dict:
     """
     names = list(settings["class_names"])
     threshold = float(settings["threshold"])
-    result = PredictResult(images=0, detections_per_class=[0] * len(names), skipped=[], seconds=0.0,
-                           class_names=names, threshold=threshold)
-    accumulator = DetectionAccumulator(len(names), iou_threshold=settings["iou_threshold"],
-                                       score_threshold=threshold)
+    result = PredictResult(
+        images=0,
+        detections_per_class=[0] * len(names),
+        skipped=[],
+        seconds=0.0,
+        class_names=names,
+        threshold=threshold,
+    )
+    accumulator = DetectionAccumulator(
+        len(names), iou_threshold=settings["iou_threshold"], score_threshold=threshold
+    )
     started = time.perf_counter()
     name = part_name(block.index)
     try:
         with storage.atomic_writer(storage.join(out, name), "wb") as writer:
             sources = block_sources(block, label_attribute=settings["label_attribute"])
-            predict_stream(predictor, sources, writer, result=result, accumulator=accumulator, warned=set(),
-                           batch_size=settings["batch_size"], on_error=settings["on_error"],
-                           iou_threshold=settings["iou_threshold"], decode_workers=settings["decode_workers"])
+            predict_stream(
+                predictor,
+                sources,
+                writer,
+                result=result,
+                accumulator=accumulator,
+                warned=set(),
+                batch_size=settings["batch_size"],
+                on_error=settings["on_error"],
+                iou_threshold=settings["iou_threshold"],
+                decode_workers=settings["decode_workers"],
+            )
     except DetforgeError as exc:
         return {"block": block.index, "error": _error_record(exc)}
-    summary = {"block": block.index, "part": name, "images": result.images,
-               "detections_per_class": result.detections_per_class,
-               "skipped": [list(item) for item in result.skipped],
-               "images_with_truth": result.images_with_truth,
-               "accumulator": accumulator.state_dict() if result.images_with_truth else None,
-               "seconds": round(time.perf_counter() - started, 3),
-               "worker": f"{os.uname().nodename}:{os.getpid()}"}
+    summary = {
+        "block": block.index,
+        "part": name,
+        "images": result.images,
+        "detections_per_class": result.detections_per_class,
+        "skipped": [list(item) for item in result.skipped],
+        "images_with_truth": result.images_with_truth,
+        "accumulator": accumulator.state_dict() if result.images_with_truth else None,
+        "seconds": round(time.perf_counter() - started, 3),
+        "worker": f"{os.uname().nodename}:{os.getpid()}",
+    }
     data = orjson.dumps(summary, option=orjson.OPT_SERIALIZE_NUMPY)
     storage.write_bytes(storage.join(out, BLOCKS_DIR, f"part-{block.index:05d}.json"), data)
     return orjson.loads(data)
@@ -241,19 +276,31 @@ class BlockWorker:
 
     def __call__(self, batch: dict) -> dict:
         if self.error is not None:
-            summaries = [{"block": int(orjson.loads(task)["index"]), "error": self.error}
-                         for task in batch["task"]]
+            summaries = [
+                {"block": int(orjson.loads(task)["index"]), "error": self.error} for task in batch["task"]
+            ]
         else:
-            summaries = [run_block(self.predictor, Block(**orjson.loads(task)), out=self.out,
-                                   settings=self.settings) for task in batch["task"]]
-        return {"block": np.array([s["block"] for s in summaries], dtype=np.int64),
-                "summary": np.array([orjson.dumps(s).decode() for s in summaries], dtype=object)}
+            summaries = [
+                run_block(self.predictor, Block(**orjson.loads(task)), out=self.out, settings=self.settings)
+                for task in batch["task"]
+            ]
+        return {
+            "block": np.array([s["block"] for s in summaries], dtype=np.int64),
+            "summary": np.array([orjson.dumps(s).decode() for s in summaries], dtype=object),
+        }
 
 
 def _error_record(exc: DetforgeError, *, model: bool = False) -> dict:
     """A worker's DetforgeError as plain data for the driver (``model``: about the model's own files)."""
-    return {"type": type(exc).__name__, "message": exc.message, "path": exc.path, "line": exc.line,
-            "field": exc.field, "hint": exc.hint, "model": model}
+    return {
+        "type": type(exc).__name__,
+        "message": exc.message,
+        "path": exc.path,
+        "line": exc.line,
+        "field": exc.field,
+        "hint": exc.hint,
+        "model": model,
+    }
 
 
 def _raise(error: dict, *, model_path: str | None = None) -> None:
@@ -278,38 +325,56 @@ def _job_failed(exc: Exception, *, out: str) -> DetforgeError:
             return current
         current = getattr(current, "cause", None) or current.__cause__
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    root = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), lines[-1] if lines else
-                type(exc).__name__)
-    return DetforgeError(f"the Ray job failed: {root}", path=out,
-                         hint="every node needs this detforge with detforge[ray] (and [s3] for s3://); the "
-                              "workers' logs are in /tmp/ray/session_latest/logs; blocks already written "
-                              "are kept: rerun to resume")
+    root = next(
+        (line for line in reversed(lines) if "Error" in line.split(":")[0]),
+        lines[-1] if lines else type(exc).__name__,
+    )
+    return DetforgeError(
+        f"the Ray job failed: {root}",
+        path=out,
+        hint="every node needs this detforge with detforge[ray] (and [s3] for s3://); the "
+        "workers' logs are in /tmp/ray/session_latest/logs; blocks already written "
+        "are kept: rerun to resume",
+    )
 
 
-def _job_record(*, model_sha256: str, inputs: Sequence[str], blocks: list[Block], settings: dict,
-                block_size: int) -> dict:
+def _job_record(
+    *, model_sha256: str, inputs: Sequence[str], blocks: list[Block], settings: dict, block_size: int
+) -> dict:
     plan = hashlib.sha256()
     for block in blocks:
         plan.update(orjson.dumps(asdict(block)) + b"\n")
-    return {"format": JOB_FORMAT, "model_sha256": model_sha256, "inputs": [os.fspath(i) for i in inputs],
-            "threshold": settings["threshold"], "iou_threshold": settings["iou_threshold"],
-            "label_attribute": settings["label_attribute"], "batch_size": settings["batch_size"],
-            "block_size": block_size, "blocks": len(blocks), "plan_sha256": plan.hexdigest()}
+    return {
+        "format": JOB_FORMAT,
+        "model_sha256": model_sha256,
+        "inputs": [os.fspath(i) for i in inputs],
+        "threshold": settings["threshold"],
+        "iou_threshold": settings["iou_threshold"],
+        "label_attribute": settings["label_attribute"],
+        "batch_size": settings["batch_size"],
+        "block_size": block_size,
+        "blocks": len(blocks),
+        "plan_sha256": plan.hexdigest(),
+    }
 
 
 def _resume(out: str, job: dict) -> dict[int, dict]:
     """The summaries of blocks a previous run of the same job wrote; starts the job record when new."""
     job_path = storage.join(out, JOB_FILE)
     if not storage.is_remote(out) and os.path.isfile(out):
-        raise ConfigError("with --engine ray, --out is a folder (or s3:// prefix) for the part files; "
-                          "this is a file", path=out)
+        raise ConfigError(
+            "with --engine ray, --out is a folder (or s3:// prefix) for the part files; this is a file",
+            path=out,
+        )
     if storage.exists(job_path):
         previous = orjson.loads(storage.read_bytes(job_path))
         if previous != job:
             changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
-            raise ConfigError("this folder holds the output of another job (it differs in: "
-                              f"{', '.join(changed)})", path=out,
-                              hint="write to another --out, or delete this one to start over")
+            raise ConfigError(
+                f"this folder holds the output of another job (it differs in: {', '.join(changed)})",
+                path=out,
+                hint="write to another --out, or delete this one to start over",
+            )
         done: dict[int, dict] = {}
         folder = storage.join(out, BLOCKS_DIR)
         if storage.exists(folder):
@@ -318,10 +383,15 @@ def _resume(out: str, job: dict) -> dict[int, dict]:
                 if 0 <= summary["block"] < job["blocks"]:
                     done[int(summary["block"])] = summary
         return done
-    if storage.exists(out) and any(storage.basename(p).startswith("part-")
-                                   for p in storage.list_files(out, suffixes=(".jsonl",), recursive=False)):
-        raise ConfigError("this folder holds part files but no _job.json: not a detforge ray job's output",
-                          path=out, hint="write to another --out")
+    if storage.exists(out) and any(
+        storage.basename(p).startswith("part-")
+        for p in storage.list_files(out, suffixes=(".jsonl",), recursive=False)
+    ):
+        raise ConfigError(
+            "this folder holds part files but no _job.json: not a detforge ray job's output",
+            path=out,
+            hint="write to another --out",
+        )
     storage.write_bytes(job_path, orjson.dumps(job, option=orjson.OPT_INDENT_2))
     return {}
 
@@ -346,9 +416,12 @@ def _connect(ray, *, address: str | None) -> bool:
         try:
             ray.init(address=address, configure_logging=False)
         except ConnectionError as exc:  # after Ray's own retries
-            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {exc}", field="address",
-                              hint="check the address (`ray status` on a node prints it) and Ray's token "
-                                   "(RAY_AUTH_TOKEN) where the cluster uses token authentication") from None
+            raise ConfigError(
+                f"cannot connect to the Ray cluster at {address}: {exc}",
+                field="address",
+                hint="check the address (`ray status` on a node prints it) and Ray's token "
+                "(RAY_AUTH_TOKEN) where the cluster uses token authentication",
+            ) from None
         return False
     start_on_loopback(ray)
     return True
@@ -370,18 +443,33 @@ def start_on_loopback(ray, **settings) -> None:
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", include_dashboard=False, configure_logging=False,
-                 _node_ip_address="127.0.0.1", **settings)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            configure_logging=False,
+            _node_ip_address="127.0.0.1",
+            **settings,
+        )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
     address = ray.util.get_node_ip_address()
     if address != "127.0.0.1":
         logging.getLogger("detforge.predict").warning(
-            "the local Ray instance listens on %s, not only on loopback", address)
+            "the local Ray instance listens on %s, not only on loopback", address
+        )
 
 
-def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, dict], settings: dict,
-                   metadata: dict, sample: int, report: str | None = None, html: str | None = None) -> int:
+def sample_reports(
+    blocks: Sequence[Block],
+    out: str,
+    *,
+    summaries: dict[int, dict],
+    settings: dict,
+    metadata: dict,
+    sample: int,
+    report: str | None = None,
+    html: str | None = None,
+) -> int:
     """The PDF and/or HTML report of the first ``sample`` images of a finished job, in input order.
 
     Predictions are read back from the parts and matched to the block's images again (an image missing
@@ -393,10 +481,17 @@ def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, di
 
     names = list(settings["class_names"])
     threshold = float(settings["threshold"])
-    part = PredictResult(images=0, detections_per_class=[0] * len(names), skipped=[], seconds=0.0,
-                         class_names=names, threshold=threshold)
-    accumulator = DetectionAccumulator(len(names), iou_threshold=settings["iou_threshold"],
-                                       score_threshold=threshold)
+    part = PredictResult(
+        images=0,
+        detections_per_class=[0] * len(names),
+        skipped=[],
+        seconds=0.0,
+        class_names=names,
+        threshold=threshold,
+    )
+    accumulator = DetectionAccumulator(
+        len(names), iou_threshold=settings["iou_threshold"], score_threshold=threshold
+    )
     with contextlib.ExitStack() as stack:
         targets = []
         title = f"detforge predict --engine ray: {metadata.get('name') or 'model'}, first {sample} images"
@@ -431,10 +526,17 @@ def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, di
                     part.detections_per_class[int(row[0])] += 1
                 if source.truth is not None:
                     pixels, scores, classes, outcome.is_tp, outcome.missed = match_truth(
-                        source.truth, rows, iou_threshold=settings["iou_threshold"])
-                    accumulator.update(gt_boxes=source.truth.boxes, gt_classes=source.truth.class_ids,
-                                       pred_boxes=pixels, pred_scores=scores, pred_classes=classes,
-                                       image_id=source.source_ref, gt_difficult=source.truth.difficult)
+                        source.truth, rows, iou_threshold=settings["iou_threshold"]
+                    )
+                    accumulator.update(
+                        gt_boxes=source.truth.boxes,
+                        gt_classes=source.truth.class_ids,
+                        pred_boxes=pixels,
+                        pred_scores=scores,
+                        pred_classes=classes,
+                        image_id=source.source_ref,
+                        gt_difficult=source.truth.difficult,
+                    )
                     part.images_with_truth += 1
                 item = _report_item(outcome, decoded[1])
                 for target in targets:
@@ -451,13 +553,27 @@ def sample_reports(blocks: Sequence[Block], out: str, *, summaries: dict[int, di
     return part.images
 
 
-def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: float | None = None,
-                batch_size: int = 8, block_size: int = DEFAULT_BLOCK_SIZE, workers: int | None = None,
-                address: str | None = None, threads: int | None = None,
-                providers: Sequence[str] | None = None, on_error: str = "skip", iou_threshold: float = 0.5,
-                label_attribute: str | None = None, decode_workers: int = 2, report: str | None = None,
-                html: str | None = None, report_sample: int = 200,
-                progress: Callable[[int, int], None] | None = None) -> PredictResult:
+def predict_ray(
+    deploy: str,
+    inputs: Sequence[str],
+    *,
+    out: str,
+    threshold: float | None = None,
+    batch_size: int = 8,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    workers: int | None = None,
+    address: str | None = None,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    on_error: str = "skip",
+    iou_threshold: float = 0.5,
+    label_attribute: str | None = None,
+    decode_workers: int = 2,
+    report: str | None = None,
+    html: str | None = None,
+    report_sample: int = 200,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictResult:
     """``predict`` over Ray Data: one part file per block under ``out``, then ``_SUCCESS`` naming them.
 
     ``workers``: actors in the pool (default: as many as the cluster's CPUs hold, each taking ``threads``
@@ -479,8 +595,9 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
     if threads is not None and int(threads) < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}", field="threads")
     if int(report_sample) < 1:
-        raise ConfigError(f"the report sample must be at least 1 image, got {report_sample}",
-                          field="report-sample")
+        raise ConfigError(
+            f"the report sample must be at least 1 image, got {report_sample}", field="report-sample"
+        )
     deploy = os.fspath(deploy)
     if deploy.endswith(MODEL_FILE):
         deploy = os.path.dirname(deploy) or "."
@@ -491,24 +608,50 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
         from detforge.errors import ModelError
 
         raise ModelError("missing model.onnx", path=deploy)
-    model_files = {MODEL_FILE: storage.read_bytes(model_path),
-                   METADATA_FILE: storage.read_bytes(os.path.join(deploy, METADATA_FILE))}
+    model_files = {
+        MODEL_FILE: storage.read_bytes(model_path),
+        METADATA_FILE: storage.read_bytes(os.path.join(deploy, METADATA_FILE)),
+    }
     names = [str(c) for c in metadata["classes"]]
     threshold = float(metadata.get("default_threshold", 0.3) if threshold is None else threshold)
     out = os.fspath(out)
     specs = resolve_inputs(inputs)
     total = sum(spec.count for spec in specs)
-    result = PredictResult(images=0, detections_per_class=[0] * len(names), skipped=[], seconds=0.0,
-                           class_names=names, threshold=threshold)
-    blocks = plan_blocks(specs, block_size=int(block_size), class_names=names,
-                         label_attribute=label_attribute, warnings=result.warnings)
+    result = PredictResult(
+        images=0,
+        detections_per_class=[0] * len(names),
+        skipped=[],
+        seconds=0.0,
+        class_names=names,
+        threshold=threshold,
+    )
+    blocks = plan_blocks(
+        specs,
+        block_size=int(block_size),
+        class_names=names,
+        label_attribute=label_attribute,
+        warnings=result.warnings,
+    )
     cpus = int(threads or 1)
-    settings = {"class_names": names, "threshold": threshold, "iou_threshold": float(iou_threshold),
-                "label_attribute": label_attribute, "batch_size": int(batch_size), "on_error": on_error,
-                "decode_workers": int(decode_workers), "threads": cpus,
-                "providers": list(providers) if providers else None, "cwd": os.getcwd()}
-    job = _job_record(model_sha256=hashlib.sha256(model_files[MODEL_FILE]).hexdigest(), inputs=inputs,
-                      blocks=blocks, settings=settings, block_size=int(block_size))
+    settings = {
+        "class_names": names,
+        "threshold": threshold,
+        "iou_threshold": float(iou_threshold),
+        "label_attribute": label_attribute,
+        "batch_size": int(batch_size),
+        "on_error": on_error,
+        "decode_workers": int(decode_workers),
+        "threads": cpus,
+        "providers": list(providers) if providers else None,
+        "cwd": os.getcwd(),
+    }
+    job = _job_record(
+        model_sha256=hashlib.sha256(model_files[MODEL_FILE]).hexdigest(),
+        inputs=inputs,
+        blocks=blocks,
+        settings=settings,
+        block_size=int(block_size),
+    )
     started = time.perf_counter()
     done = _resume(out, job)
     todo = [block for block in blocks if block.index not in done]
@@ -521,20 +664,29 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
             cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
             capacity = cluster_cpus // cpus
             if started_here and workers and int(workers) > capacity:  # a cluster may grow; this machine won't
-                raise ConfigError(f"{workers} workers of {cpus} CPU each do not fit the {cluster_cpus} CPUs "
-                                  "of this machine's Ray instance", field="workers",
-                                  hint="fewer --workers or --threads, or --address of a cluster")
+                raise ConfigError(
+                    f"{workers} workers of {cpus} CPU each do not fit the {cluster_cpus} CPUs "
+                    "of this machine's Ray instance",
+                    field="workers",
+                    hint="fewer --workers or --threads, or --address of a cluster",
+                )
             if workers:
                 pool = ray.data.ActorPoolStrategy(size=int(workers))
             else:
                 pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, capacity))
             # one Ray Data block per detforge block: a retry redoes exactly one part
-            dataset = ray.data.from_items([{"block": b.index, "task": orjson.dumps(asdict(b)).decode()}
-                                           for b in todo], override_num_blocks=len(todo))
-            dataset = dataset.map_batches(BlockWorker, batch_size=1, compute=pool, num_cpus=cpus,
-                                          batch_format="numpy",
-                                          fn_constructor_kwargs={"model_files": model_files,
-                                                                 "settings": settings, "out": out})
+            dataset = ray.data.from_items(
+                [{"block": b.index, "task": orjson.dumps(asdict(b)).decode()} for b in todo],
+                override_num_blocks=len(todo),
+            )
+            dataset = dataset.map_batches(
+                BlockWorker,
+                batch_size=1,
+                compute=pool,
+                num_cpus=cpus,
+                batch_format="numpy",
+                fn_constructor_kwargs={"model_files": model_files, "settings": settings, "out": out},
+            )
             try:
                 for row in dataset.iter_rows():
                     summary = orjson.loads(row["summary"])
@@ -556,15 +708,20 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
                 ray.shutdown()
     missing = [b.index for b in blocks if b.index not in done]
     if missing:  # Ray Data returned without them: never expected, never hidden
-        raise DetforgeError(f"{len(missing)} blocks came back without a result (first: {missing[0]})",
-                            path=out, hint="rerun the same command: finished blocks are kept")
-    accumulator = DetectionAccumulator(len(names), iou_threshold=float(iou_threshold),
-                                       score_threshold=threshold)
+        raise DetforgeError(
+            f"{len(missing)} blocks came back without a result (first: {missing[0]})",
+            path=out,
+            hint="rerun the same command: finished blocks are kept",
+        )
+    accumulator = DetectionAccumulator(
+        len(names), iou_threshold=float(iou_threshold), score_threshold=threshold
+    )
     for block in blocks:  # in input order: totals, skipped images and the mAP as one process gets them
         summary = done[block.index]
         result.images += summary["images"]
-        result.detections_per_class = [a + b for a, b in zip(result.detections_per_class,
-                                                              summary["detections_per_class"], strict=True)]
+        result.detections_per_class = [
+            a + b for a, b in zip(result.detections_per_class, summary["detections_per_class"], strict=True)
+        ]
         result.skipped.extend((name, reason) for name, reason in summary["skipped"])
         result.images_with_truth += summary["images_with_truth"]
         if summary["accumulator"] is not None:
@@ -573,20 +730,41 @@ def predict_ray(deploy: str, inputs: Sequence[str], *, out: str, threshold: floa
         result.metrics = accumulator.compute()
     result.seconds = time.perf_counter() - started
     parts = [part_name(block.index) for block in blocks]
-    success = {"format": JOB_FORMAT, "parts": parts, "images": result.images,
-               "detections_per_class": dict(zip(names, result.detections_per_class, strict=True)),
-               "threshold": threshold, "skipped": [list(item) for item in result.skipped],
-               "images_with_truth": result.images_with_truth, "warnings": result.warnings}
+    success = {
+        "format": JOB_FORMAT,
+        "parts": parts,
+        "images": result.images,
+        "detections_per_class": dict(zip(names, result.detections_per_class, strict=True)),
+        "threshold": threshold,
+        "skipped": [list(item) for item in result.skipped],
+        "images_with_truth": result.images_with_truth,
+        "warnings": result.warnings,
+    }
     if result.metrics is not None:
         m = result.metrics
-        success["metrics"] = {"voc07_map": m.voc07_map, "all_point_map": m.all_point_map,
-                              "iou_threshold": m.iou_threshold, "precision": m.precision, "recall": m.recall,
-                              "tp": m.tp, "fp": m.fp, "fn": m.fn}
+        success["metrics"] = {
+            "voc07_map": m.voc07_map,
+            "all_point_map": m.all_point_map,
+            "iou_threshold": m.iou_threshold,
+            "precision": m.precision,
+            "recall": m.recall,
+            "tp": m.tp,
+            "fp": m.fp,
+            "fn": m.fn,
+        }
     storage.write_bytes(storage.join(out, SUCCESS_FILE), orjson.dumps(success, option=orjson.OPT_INDENT_2))
     _remove_leftovers(out)
     result.files = [storage.join(out, name) for name in parts] + [storage.join(out, SUCCESS_FILE)]
     if report is not None or html is not None:
-        sample_reports(blocks, out, summaries=done, settings=settings, metadata=metadata,
-                       sample=int(report_sample), report=report, html=html)
+        sample_reports(
+            blocks,
+            out,
+            summaries=done,
+            settings=settings,
+            metadata=metadata,
+            sample=int(report_sample),
+            report=report,
+            html=html,
+        )
         result.files += [path for path in (report, html) if path is not None]
     return result

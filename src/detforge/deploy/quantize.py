@@ -83,10 +83,17 @@ def _normalization_as_conv(model) -> str | None:
         weight = (1.0 / (255.0 * std)).astype(np.float32).reshape(3, 1, 1, 1)
         bias = (-mean / std).astype(np.float32)
         names = ("detforge_normalize_weight", "detforge_normalize_bias")
-        model.graph.initializer.extend([numpy_helper.from_array(weight, names[0]),
-                                        numpy_helper.from_array(bias, names[1])])
-        conv = helper.make_node("Conv", [first.input[0], *names], [div.output[0]], name=NORMALIZE_NODE,
-                                group=3, kernel_shape=[1, 1])
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(weight, names[0]), numpy_helper.from_array(bias, names[1])]
+        )
+        conv = helper.make_node(
+            "Conv",
+            [first.input[0], *names],
+            [div.output[0]],
+            name=NORMALIZE_NODE,
+            group=3,
+            kernel_shape=[1, 1],
+        )
         index = list(model.graph.node).index(first)
         for node in (first, sub, div):
             model.graph.node.remove(node)
@@ -113,14 +120,18 @@ def _network_nodes(model) -> list[str]:
 
     network = ancestors(n for n in model.graph.node if n.name.startswith(HEAD_SCOPE))
     by_id = {id(node): node for node in model.graph.node}
-    input_resizes = [n for n in model.graph.node if n.op_type == "Resize"
-                     and not any(by_id[i].op_type == "Conv" for i in ancestors([n]))]
+    input_resizes = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Resize" and not any(by_id[i].op_type == "Conv" for i in ancestors([n]))
+    ]
     network -= ancestors(input_resizes)
     return [node.name for node in model.graph.node if id(node) in network]
 
 
-def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarray], *,
-                  image_size: int) -> None:
+def quantize_int8(
+    fp32_path: str, int8_path: str, calibration: Sequence[np.ndarray], *, image_size: int
+) -> None:
     """Static QDQ int8 quantization of the network, calibrated on ``calibration`` images.
 
     Quantized: every operator of backbone and head (convolutions per channel, residual adds, the
@@ -158,8 +169,12 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarr
                 if not node.name:
                     node.name = f"/detforge_inlined/{node.op_type}_{k}"
             network = _network_nodes(model)
-            options: dict = {"quant_format": QuantFormat.QDQ, "per_channel": True,
-                             "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
+            options: dict = {
+                "quant_format": QuantFormat.QDQ,
+                "per_channel": True,
+                "activation_type": QuantType.QUInt8,
+                "weight_type": QuantType.QInt8,
+            }
             if network:
                 if pixels is not None:
                     network.append(NORMALIZE_NODE)
@@ -174,8 +189,16 @@ def quantize_int8(fp32_path: str, int8_path: str, calibration: Sequence[np.ndarr
         ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
 
 
-def compare_int8(staging: str, sample: np.ndarray, *, classes: list[str], image_size: int,
-                 validation: str, int8_file: str = "model-int8.onnx", repeats: int = 15) -> dict:
+def compare_int8(
+    staging: str,
+    sample: np.ndarray,
+    *,
+    classes: list[str],
+    image_size: int,
+    validation: str,
+    int8_file: str = "model-int8.onnx",
+    repeats: int = 15,
+) -> dict:
     """Latency (batch 1, median) and validation:mAP (VOC07, on every image of ``validation``) of
     ``staging/model.onnx`` (fp32) and ``staging/<int8_file>``; ``map_points_lost`` = 100 x the mAP drop."""
     import onnxruntime as ort
@@ -184,8 +207,10 @@ def compare_int8(staging: str, sample: np.ndarray, *, classes: list[str], image_
 
     files = (("fp32", MODEL_FILE), ("int8", int8_file))
     batch = resize_rgb(sample, image_size)[None]
-    sessions = {kind: ort.InferenceSession(os.path.join(staging, name), providers=["CPUExecutionProvider"])
-                for kind, name in files}
+    sessions = {
+        kind: ort.InferenceSession(os.path.join(staging, name), providers=["CPUExecutionProvider"])
+        for kind, name in files
+    }
     times: dict[str, list[float]] = {kind: [] for kind in sessions}
     for _ in range(repeats + 1):  # interleaved, the first call of each is a warm-up
         for kind, session in sessions.items():
@@ -213,9 +238,12 @@ def refusals(figures: dict, *, max_map_drop: float, min_speedup: float) -> list[
     """Why an int8 graph with ``compare_int8``'s ``figures`` is not kept (empty: it is)."""
     refused = []
     if figures["map_points_lost"] > max_map_drop:
-        refused.append(f"it loses {figures['map_points_lost']:.2f} mAP points, more than "
-                       f"--max-map-drop {max_map_drop:g}")
+        refused.append(
+            f"it loses {figures['map_points_lost']:.2f} mAP points, more than --max-map-drop {max_map_drop:g}"
+        )
     if figures["speedup"] < min_speedup:
-        refused.append(f"it is {figures['speedup']:.2f}x as fast as fp32 at batch 1, less than "
-                       f"--min-speedup {min_speedup:g}")
+        refused.append(
+            f"it is {figures['speedup']:.2f}x as fast as fp32 at batch 1, less than "
+            f"--min-speedup {min_speedup:g}"
+        )
     return refused

@@ -57,10 +57,23 @@ LINGER_S = 2.0  # after an answer given before the request was read, its rest is
 METRICS_STATE = "detforge.metrics"  # the lifespan state key that hands the metrics to the connections
 # What GET /model shows (model.json also holds local paths, the training run and every hyperparameter).
 PUBLIC_MODEL_FIELDS = (
-    "name", "format", "classes", "base_network", "input_size", "input", "outputs", "nms_threshold",
-    "nms_topk", "nms_candidates", "score_threshold", "default_threshold", "quantization", "opset",
+    "name",
+    "format",
+    "classes",
+    "base_network",
+    "input_size",
+    "input",
+    "outputs",
+    "nms_threshold",
+    "nms_topk",
+    "nms_candidates",
+    "score_threshold",
+    "default_threshold",
+    "quantization",
+    "opset",
     "detforge_version",
-    "exported_at", "sha256",
+    "exported_at",
+    "sha256",
 )
 log = logging.getLogger("detforge.deploy.serve")
 
@@ -91,13 +104,20 @@ class ServeConfig:
     tile_full_pass: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_queue", "max_in_flight", "max_connections", "max_client_connections",
-                     "retry_after_s"):
+        for name in (
+            "max_images",
+            "max_queue",
+            "max_in_flight",
+            "max_connections",
+            "max_client_connections",
+            "retry_after_s",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be at least 1, got {getattr(self, name)}", field=name)
         if self.max_images > self.max_queue:  # such a request could never be accepted
-            raise ConfigError(f"must be at most max_queue ({self.max_queue}), got {self.max_images}",
-                              field="max_images")
+            raise ConfigError(
+                f"must be at most max_queue ({self.max_queue}), got {self.max_images}", field="max_images"
+            )
         for name in ("header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"must be more than 0, got {getattr(self, name)}", field=name)
@@ -165,7 +185,9 @@ class Metrics:
         registry = None if self.multiprocess_dir else CollectorRegistry()
         self.registry = registry
         self.requests = Counter(
-            "detforge_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"],
+            "detforge_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
             registry=registry,
         )
         self.errors = Counter(
@@ -190,15 +212,21 @@ class Metrics:
             registry=registry,
         )
         self.in_progress = Gauge(
-            "detforge_requests_in_progress", "/invocations requests being received or answered.",
-            multiprocess_mode="livesum", registry=registry,
+            "detforge_requests_in_progress",
+            "/invocations requests being received or answered.",
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.latency = Histogram(
-            "detforge_request_latency_seconds", "Time from receiving an /invocations request to its answer.",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "detforge_request_latency_seconds",
+            "Time from receiving an /invocations request to its answer.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.inference = Histogram(
-            "detforge_inference_seconds", "Time of one batched model run.", buckets=LATENCY_BUCKETS,
+            "detforge_inference_seconds",
+            "Time of one batched model run.",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
@@ -402,8 +430,13 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
     if predictor is None:
         from detforge.runtime import Predictor
 
-        predictor = Predictor(config.deploy_dir, threads=config.threads, tile=config.tile,
-                              overlap=config.overlap, full_pass=config.tile_full_pass)
+        predictor = Predictor(
+            config.deploy_dir,
+            threads=config.threads,
+            tile=config.tile,
+            overlap=config.overlap,
+            full_pass=config.tile_full_pass,
+        )
     _warm_up(predictor)
     metrics = Metrics()
     batcher = Batcher(
@@ -502,8 +535,9 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
                     "reading files named in a request is off; start the server with "
                     "--allow-path DIR to allow files under DIR",
                 )
-            body = await read_body(request, config.max_body_bytes, timeout_s=config.body_timeout_s,
-                                   progress=progress)
+            body = await read_body(
+                request, config.max_body_bytes, timeout_s=config.body_timeout_s, progress=progress
+            )
             refs = _parse_jsonlines(body, max_images=config.max_images)
             paths = [_allowed_path(ref, number, config) for number, ref in refs]  # refusals in line order
             enqueue(len(paths))
@@ -516,14 +550,16 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
                 if isinstance(outcome, BaseException):
                     raise outcome
             lines = [
-                orjson.dumps({"source-ref": ref, "prediction": det.to_sagemaker()},
-                             option=orjson.OPT_SERIALIZE_NUMPY)
+                orjson.dumps(
+                    {"source-ref": ref, "prediction": det.to_sagemaker()}, option=orjson.OPT_SERIALIZE_NUMPY
+                )
                 for (_, ref), det in zip(refs, outcomes, strict=True)
             ]
             return Response(b"\n".join(lines) + b"\n", media_type="application/jsonlines")
         if kind in IMAGE_TYPES:
-            body = await read_body(request, config.max_body_bytes, timeout_s=config.body_timeout_s,
-                                   progress=progress)
+            body = await read_body(
+                request, config.max_body_bytes, timeout_s=config.body_timeout_s, progress=progress
+            )
             enqueue(1)
             batcher.arriving -= 1  # no await before detect() counts it again: the batcher sees no gap
             progress.arriving = False
@@ -573,11 +609,20 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
             client = request.client.host if request.client else "?"
             declared = request.headers.get("content-length")
             if response is None:
-                log.info("client %s disconnected while sending its request (%d of %s body bytes received): "
-                         "not answered", client, progress.received, declared or "unknown")
+                log.info(
+                    "client %s disconnected while sending its request (%d of %s body bytes received): "
+                    "not answered",
+                    client,
+                    progress.received,
+                    declared or "unknown",
+                )
             else:
-                log.info("client %s disconnected before its answer (%d after %.0f ms): not delivered",
-                         client, response.status_code, seconds * 1000)
+                log.info(
+                    "client %s disconnected before its answer (%d after %.0f ms): not delivered",
+                    client,
+                    response.status_code,
+                    seconds * 1000,
+                )
             metrics.count("/invocations", "disconnected")
             return Response(status_code=204)  # uvicorn sends nothing to a gone client
         if not progress.body_read:
@@ -615,8 +660,10 @@ def create_app(config: ServeConfig, predictor=None) -> Starlette:
 
 def _busy(config: ServeConfig, what: str) -> Response:
     """503 with Retry-After (what SageMaker answers when an endpoint is overloaded)."""
-    limits = {"requests": f"{config.max_in_flight} requests in flight (--max-in-flight)",
-              "queue": f"{config.max_queue} images queued (--max-queue)"}
+    limits = {
+        "requests": f"{config.max_in_flight} requests in flight (--max-in-flight)",
+        "queue": f"{config.max_queue} images queued (--max-queue)",
+    }
     response = _error(503, f"the server is full ({limits[what]}); retry after {config.retry_after_s} s")
     response.headers["Retry-After"] = str(config.retry_after_s)
     return response
@@ -681,16 +728,21 @@ class ConnectionGuard:
 
     @classmethod
     def of(cls, config: ServeConfig) -> ConnectionGuard:
-        return cls(config.max_connections, config.max_client_connections, config.header_timeout_s,
-                   config.retry_after_s)
+        return cls(
+            config.max_connections,
+            config.max_client_connections,
+            config.header_timeout_s,
+            config.retry_after_s,
+        )
 
     def admit(self, client: str) -> tuple[str, str] | None:
         """Count a new connection from ``client``; or (reason, message) when it must be refused."""
         if self.total >= self.max_connections:
             return "connections", f"{self.max_connections} connections open (--max-connections)"
         if self.by_client[client] >= self.max_client_connections:
-            return "client", (f"{self.max_client_connections} connections open from {client} "
-                              "(--max-client-connections)")
+            return "client", (
+                f"{self.max_client_connections} connections open from {client} (--max-client-connections)"
+            )
         self.total += 1
         self.by_client[client] += 1
         return None
@@ -758,9 +810,11 @@ class GuardedH11Protocol(H11Protocol):
         if refusal is not None:
             reason, message = refusal
             self._count("connections_refused", reason)
-            self._answer_and_close(503, f"the server is full ({message}); retry after "
-                                        f"{self.guard.retry_after_s} s",
-                                   f"retry-after: {self.guard.retry_after_s}\r\n")
+            self._answer_and_close(
+                503,
+                f"the server is full ({message}); retry after {self.guard.retry_after_s} s",
+                f"retry-after: {self.guard.retry_after_s}\r\n",
+            )
             return
         self.admitted = True
         self._arm_header_timer()
@@ -827,8 +881,10 @@ class GuardedH11Protocol(H11Protocol):
     def _answer_and_close(self, status: int, message: str, extra_headers: str = "") -> None:
         """Write a JSON error outside any request cycle (before or between requests), then linger."""
         body = orjson.dumps({"error": message})
-        head = (f"HTTP/1.1 {status} {STATUS_PHRASES[status].decode()}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n{extra_headers}\r\n")
+        head = (
+            f"HTTP/1.1 {status} {STATUS_PHRASES[status].decode()}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n{extra_headers}\r\n"
+        )
         with contextlib.suppress(h11.LocalProtocolError):
             self.conn.send(h11.ConnectionClosed())
         self.transport.write(head.encode() + body)
@@ -893,8 +949,13 @@ def serve(
         try:
             # uvicorn replaces a worker that does not answer its health check in time; its 5 s default
             # also counts a new worker's imports, which take longer than that on a busy machine
-            uvicorn.run("detforge.deploy.serve:app_from_environment", factory=True, workers=workers,
-                        timeout_worker_healthcheck=30, **options)
+            uvicorn.run(
+                "detforge.deploy.serve:app_from_environment",
+                factory=True,
+                workers=workers,
+                timeout_worker_healthcheck=30,
+                **options,
+            )
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
             for key, value in saved.items():

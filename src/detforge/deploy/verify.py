@@ -82,8 +82,11 @@ class VerifyReport:
     def why_not(self) -> str | None:
         """Why ``verified`` is False (None when it is True)."""
         if self.problems:
-            what = ("the int8 graph's detections are not a valid NMS of its scores: " if self.quantized
-                    else "ONNX Runtime does not reproduce PyTorch: ")
+            what = (
+                "the int8 graph's detections are not a valid NMS of its scores: "
+                if self.quantized
+                else "ONNX Runtime does not reproduce PyTorch: "
+            )
             return what + "; ".join(self.problems[:5])
         if not self.real or self.images < 1:
             return "no real images to verify on (" + (self.source or "none") + ")"
@@ -92,24 +95,38 @@ class VerifyReport:
         return None
 
     def to_json(self) -> dict:
-        compared = ("pre-NMS class scores and boxes of every anchor (ONNX Runtime vs PyTorch), and the ONNX "
-                    "detections as a valid NMS of those scores")
+        compared = (
+            "pre-NMS class scores and boxes of every anchor (ONNX Runtime vs PyTorch), and the ONNX "
+            "detections as a valid NMS of those scores"
+        )
         if self.quantized:
-            compared = ("the int8 graph: its detections as a valid NMS of its own pre-NMS scores; its "
-                        "pre-NMS scores and boxes against PyTorch's fp32 model, measured (int8 changes them; "
-                        "the int8 record's validation:mAP comparison bounds the loss)")
+            compared = (
+                "the int8 graph: its detections as a valid NMS of its own pre-NMS scores; its "
+                "pre-NMS scores and boxes against PyTorch's fp32 model, measured (int8 changes them; "
+                "the int8 record's validation:mAP comparison bounds the loss)"
+            )
         return {
-            "verified": self.verified, "ok": self.ok, "reason": self.why_not(),
-            "graph": "int8" if self.quantized else "fp32", "compared": compared,
-            "images": self.images, "real_images": self.real, "samples": self.source,
-            "raw_values": self.raw_values, "boundary": self.boundary,
+            "verified": self.verified,
+            "ok": self.ok,
+            "reason": self.why_not(),
+            "graph": "int8" if self.quantized else "fp32",
+            "compared": compared,
+            "images": self.images,
+            "real_images": self.real,
+            "samples": self.source,
+            "raw_values": self.raw_values,
+            "boundary": self.boundary,
             "max_score_diff": float(f"{self.max_score_diff:.3g}"),
             "max_box_diff_px": float(f"{self.max_box_diff:.3g}"),
-            "detections": self.detections, "tied": self.tied, "threshold": self.threshold,
-            "pytorch_detections": self.pytorch_detections, "matched": self.matched,
+            "detections": self.detections,
+            "tied": self.tied,
+            "threshold": self.threshold,
+            "pytorch_detections": self.pytorch_detections,
+            "matched": self.matched,
             "min_iou": round(self.min_iou, 6),
-            "tolerance": (None if self.quantized
-                          else {"score": VERIFY_SCORE, "box_px": VERIFY_BOX, "iou": VERIFY_IOU}),
+            "tolerance": (
+                None if self.quantized else {"score": VERIFY_SCORE, "box_px": VERIFY_BOX, "iou": VERIFY_IOU}
+            ),
         }
 
 
@@ -125,8 +142,10 @@ def compare_raw(reference, candidate, *, report: VerifyReport, name: str) -> Non
     ref_boxes, ref_scores = (np.asarray(a, np.float64) for a in reference)
     boxes, scores = (np.asarray(a, np.float64) for a in candidate)
     if ref_boxes.shape != boxes.shape or ref_scores.shape != scores.shape:
-        report.problems.append(f"{name}: pre-NMS shapes differ: PyTorch {ref_boxes.shape} "
-                               f"{ref_scores.shape}, ONNX {boxes.shape} {scores.shape}")
+        report.problems.append(
+            f"{name}: pre-NMS shapes differ: PyTorch {ref_boxes.shape} "
+            f"{ref_scores.shape}, ONNX {boxes.shape} {scores.shape}"
+        )
         return
     diff = np.abs(scores - ref_scores)
     one_sided = (scores == 0) != (ref_scores == 0)
@@ -134,6 +153,7 @@ def compare_raw(reference, candidate, *, report: VerifyReport, name: str) -> Non
         report.boundary += int(one_sided.sum())
         diff = np.where(one_sided, 0.0, diff)
     elif one_sided.any():
+
         def cut(values):  # per class: the lowest kept candidate score
             kept = np.where(values > 0, values, np.inf)
             return kept.min(axis=1, keepdims=True)
@@ -150,16 +170,29 @@ def compare_raw(reference, candidate, *, report: VerifyReport, name: str) -> Non
         return
     if diff.max(initial=0.0) > VERIFY_SCORE:
         c, a = np.unravel_index(int(np.argmax(diff)), diff.shape)
-        report.problems.append(f"{name}: pre-NMS score of class {c} at anchor {a}: ONNX {scores[c, a]:.4f}, "
-                               f"PyTorch {ref_scores[c, a]:.4f}")
+        report.problems.append(
+            f"{name}: pre-NMS score of class {c} at anchor {a}: ONNX {scores[c, a]:.4f}, "
+            f"PyTorch {ref_scores[c, a]:.4f}"
+        )
     if box_diff.max(initial=0.0) > VERIFY_BOX:
         a = int(np.unravel_index(int(np.argmax(box_diff)), box_diff.shape)[0])
-        report.problems.append(f"{name}: pre-NMS box of anchor {a}: ONNX {np.round(boxes[a], 2).tolist()}, "
-                               f"PyTorch {np.round(ref_boxes[a], 2).tolist()}")
+        report.problems.append(
+            f"{name}: pre-NMS box of anchor {a}: ONNX {np.round(boxes[a], 2).tolist()}, "
+            f"PyTorch {np.round(ref_boxes[a], 2).tolist()}"
+        )
 
 
-def check_nms(raw, detections, *, nms_threshold: float, nms_topk: int, score_threshold: float,
-              keep: int, report: VerifyReport, name: str) -> None:
+def check_nms(
+    raw,
+    detections,
+    *,
+    nms_threshold: float,
+    nms_topk: int,
+    score_threshold: float,
+    keep: int,
+    report: VerifyReport,
+    name: str,
+) -> None:
     """Check that ``detections`` (boxes, scores, classes) are a correct NMS of ``raw`` (boxes A x 4,
     scores C x A) as torchvision's SSD does it: per class, kept boxes overlap each other by at most
     ``nms_threshold``; every other candidate above ``score_threshold`` is suppressed by a kept box of
@@ -174,11 +207,15 @@ def check_nms(raw, detections, *, nms_threshold: float, nms_topk: int, score_thr
         if not 0 <= c < raw_scores.shape[0]:
             report.problems.append(f"{name}: detection {k} has class {c}")
             continue
-        same = np.flatnonzero((np.abs(raw_boxes - boxes[k]).max(axis=1) <= 1e-4)
-                              & (np.abs(raw_scores[c] - float(scores[k])) <= 1e-6))
+        same = np.flatnonzero(
+            (np.abs(raw_boxes - boxes[k]).max(axis=1) <= 1e-4)
+            & (np.abs(raw_scores[c] - float(scores[k])) <= 1e-6)
+        )
         if not len(same):
-            report.problems.append(f"{name}: detection (class {c}, score {float(scores[k]):.4f}) is none of "
-                                   "the network's candidates")
+            report.problems.append(
+                f"{name}: detection (class {c}, score {float(scores[k]):.4f}) is none of "
+                "the network's candidates"
+            )
             continue
         kept.setdefault(c, []).append(int(same[0]))
         report.detections += 1
@@ -190,16 +227,21 @@ def check_nms(raw, detections, *, nms_threshold: float, nms_topk: int, score_thr
             overlap = boxmath.iou_xyxy(raw_boxes[mine], raw_boxes[mine])
             np.fill_diagonal(overlap, 0.0)
             if overlap.max() > nms_threshold + 1e-6:
-                report.problems.append(f"{name}: two kept boxes of class {c} overlap by IoU "
-                                       f"{overlap.max():.3f} > nms_threshold {nms_threshold}")
+                report.problems.append(
+                    f"{name}: two kept boxes of class {c} overlap by IoU "
+                    f"{overlap.max():.3f} > nms_threshold {nms_threshold}"
+                )
         candidates = np.flatnonzero(raw_scores[c] > score_threshold + 1e-6)
         candidates = candidates[~np.isin(candidates, mine)]
         if not len(candidates):
             continue
         cut = full or len(mine) >= nms_topk
         floor = min(lowest, float(raw_scores[c, mine].min())) if len(mine) else lowest
-        overlap = (boxmath.iou_xyxy(raw_boxes[candidates], raw_boxes[mine]) if len(mine)
-                   else np.zeros((len(candidates), 0)))
+        overlap = (
+            boxmath.iou_xyxy(raw_boxes[candidates], raw_boxes[mine])
+            if len(mine)
+            else np.zeros((len(candidates), 0))
+        )
         for row, a in enumerate(candidates):
             score = raw_scores[c, a]
             over = overlap[row] > nms_threshold
@@ -211,8 +253,10 @@ def check_nms(raw, detections, *, nms_threshold: float, nms_topk: int, score_thr
                 continue
             if cut and score <= floor + VERIFY_SCORE:
                 continue
-            report.problems.append(f"{name}: candidate (class {c}, score {score:.4f}) is neither kept nor "
-                                   "suppressed by a kept box")
+            report.problems.append(
+                f"{name}: candidate (class {c}, score {score:.4f}) is neither kept nor "
+                "suppressed by a kept box"
+            )
 
 
 def match_detections(reference, candidate, *, threshold: float, report: VerifyReport) -> None:
@@ -223,11 +267,12 @@ def match_detections(reference, candidate, *, threshold: float, report: VerifyRe
     taken = np.zeros(len(scores), dtype=bool)
     for j in np.flatnonzero(ref_scores >= threshold):
         report.pytorch_detections += 1
-        same = np.flatnonzero((classes == ref_classes[j]) & ~taken
-                              & (np.abs(scores - ref_scores[j]) <= VERIFY_SCORE))
+        same = np.flatnonzero(
+            (classes == ref_classes[j]) & ~taken & (np.abs(scores - ref_scores[j]) <= VERIFY_SCORE)
+        )
         if not len(same):
             continue
-        ious = boxmath.iou_xyxy(ref_boxes[j:j + 1], boxes[same])[0]
+        ious = boxmath.iou_xyxy(ref_boxes[j : j + 1], boxes[same])[0]
         if ious.max() >= VERIFY_IOU:
             taken[same[int(np.argmax(ious))]] = True
             report.matched += 1
@@ -242,8 +287,9 @@ def _with_pre_nms_outputs(onnx_path: str, folder: str) -> str:
     model = onnx.load(onnx_path)
     nms = [node for node in model.graph.node if node.op_type == "NonMaxSuppression"]
     if len(nms) != 1:
-        raise ModelError(f"the exported graph has {len(nms)} NonMaxSuppression nodes (expected 1)",
-                         path=onnx_path)
+        raise ModelError(
+            f"the exported graph has {len(nms)} NonMaxSuppression nodes (expected 1)", path=onnx_path
+        )
     for name in nms[0].input[:2]:
         model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     path = os.path.join(folder, "pre-nms.onnx")
@@ -269,10 +315,21 @@ def pytorch_pre_nms(model, batch: np.ndarray, *, candidates: int) -> list[tuple[
     return [(boxes[i].numpy(), scores[i].numpy()) for i in range(len(batch))]
 
 
-def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, nms_threshold: float, nms_topk: int,
-           score_threshold: float, nms_candidates: int = 0, threshold: float = VERIFY_THRESHOLD,
-           real: bool = True, source: str = "", quantized: bool = False,
-           threads: int | None = None) -> VerifyReport:
+def verify(
+    model,
+    onnx_path: str,
+    images: Sequence[np.ndarray],
+    *,
+    nms_threshold: float,
+    nms_topk: int,
+    score_threshold: float,
+    nms_candidates: int = 0,
+    threshold: float = VERIFY_THRESHOLD,
+    real: bool = True,
+    source: str = "",
+    quantized: bool = False,
+    threads: int | None = None,
+) -> VerifyReport:
     """Run PyTorch and ONNX Runtime on the same images, resized to the model's input size, and compare
     (see ``VerifyReport``); ``real`` says whether ``images`` are real pictures, ``quantized`` that the
     graph is int8 (its pre-NMS differences are measured, not bounded).
@@ -288,12 +345,14 @@ def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, nms_threshold
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
-    report = VerifyReport(images=len(images), real=real, source=source, threshold=threshold,
-                          quantized=quantized)
+    report = VerifyReport(
+        images=len(images), real=real, source=source, threshold=threshold, quantized=quantized
+    )
     batch = np.stack([resize_rgb(image, model.input_spec.size) for image in images])
     with tempfile.TemporaryDirectory() as tmp:
-        session = ort.InferenceSession(_with_pre_nms_outputs(onnx_path, tmp), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            _with_pre_nms_outputs(onnx_path, tmp), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         outputs = session.run(None, {"images": batch})
     out_boxes, out_scores, out_classes, counts, raw_boxes, raw_scores = outputs
     keep = out_scores.shape[1]
@@ -303,12 +362,31 @@ def verify(model, onnx_path: str, images: Sequence[np.ndarray], *, nms_threshold
     for i, ref in enumerate(reference):
         name, n = f"sample image {i}", int(counts[i])
         compare_raw(reference_raw[i], (raw_boxes[i], raw_scores[i]), report=report, name=name)
-        detections = (out_boxes[i, :n].astype(np.float64), out_scores[i, :n].astype(np.float64),
-                      out_classes[i, :n])
-        check_nms((raw_boxes[i], raw_scores[i]), detections, nms_threshold=nms_threshold, nms_topk=nms_topk,
-                  score_threshold=score_threshold, keep=keep, report=report, name=name)
-        match_detections((ref["boxes"].numpy().astype(np.float64), ref["scores"].numpy().astype(np.float64),
-                          ref["labels"].numpy() - 1), detections, threshold=threshold, report=report)
+        detections = (
+            out_boxes[i, :n].astype(np.float64),
+            out_scores[i, :n].astype(np.float64),
+            out_classes[i, :n],
+        )
+        check_nms(
+            (raw_boxes[i], raw_scores[i]),
+            detections,
+            nms_threshold=nms_threshold,
+            nms_topk=nms_topk,
+            score_threshold=score_threshold,
+            keep=keep,
+            report=report,
+            name=name,
+        )
+        match_detections(
+            (
+                ref["boxes"].numpy().astype(np.float64),
+                ref["scores"].numpy().astype(np.float64),
+                ref["labels"].numpy() - 1,
+            ),
+            detections,
+            threshold=threshold,
+            report=report,
+        )
     return report
 
 
@@ -318,8 +396,9 @@ def manifest_images(manifest: str, count: int) -> list[np.ndarray]:
     for number, obj in read_image_refs(manifest):
         ref = obj.get("source-ref") if isinstance(obj, dict) else None
         if not isinstance(ref, str) or not ref:
-            raise ManifestError("missing or not a string", path=os.fspath(manifest), line=number,
-                                field="source-ref")
+            raise ManifestError(
+                "missing or not a string", path=os.fspath(manifest), line=number, field="source-ref"
+            )
         images.append(load_image(resolve_source_ref(ref, manifest)))
         if len(images) >= count:
             break
@@ -335,13 +414,20 @@ class Samples:
     real: bool
 
 
-def sample_images(*, count: int, image_size: int, images: Sequence[str] | None = None,
-                  validation: str | None = None, seed: int = 0) -> Samples:
+def sample_images(
+    *,
+    count: int,
+    image_size: int,
+    images: Sequence[str] | None = None,
+    validation: str | None = None,
+    seed: int = 0,
+) -> Samples:
     """Images to verify with: ``images``, else the first of ``validation`` (a manifest), else ``count``
     random ones (``real=False``, the source saying why)."""
     if images:
-        return Samples([load_image(p) for p in images[:count]], f"{min(count, len(images))} given images",
-                       True)
+        return Samples(
+            [load_image(p) for p in images[:count]], f"{min(count, len(images))} given images", True
+        )
     why = "the run names no validation manifest (pass --verify-image or --validation)"
     if validation:
         try:
@@ -353,5 +439,8 @@ def sample_images(*, count: int, image_size: int, images: Sequence[str] | None =
         if loaded:
             return Samples(loaded, f"{len(loaded)} validation images ({validation})", True)
     rng = np.random.default_rng(seed)
-    return Samples([rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(count)],
-                   f"{count} random images: {why}", False)
+    return Samples(
+        [rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(count)],
+        f"{count} random images: {why}",
+        False,
+    )

@@ -134,8 +134,10 @@ def plaintext_password_warning(broker) -> str | None:
     """What to warn about when a password would cross the network unencrypted (plain MQTT, a host that is
     not loopback), else None."""
     if broker.password and not broker.tls and not is_loopback(broker.host):
-        return (f"the password for {broker.username} goes to {broker.host}:{broker.port} in plain text; "
-                "use mqtts:// (TLS)")
+        return (
+            f"the password for {broker.username} goes to {broker.host}:{broker.port} in plain text; "
+            "use mqtts:// (TLS)"
+        )
     return None
 
 
@@ -164,8 +166,13 @@ def run_edge(config: EdgeConfig, *, stop: threading.Event | None = None, predict
     if predictor is None:
         from detforge.runtime import Predictor
 
-        predictor = Predictor(config.deploy_dir, threads=config.threads, tile=config.tile,
-                              overlap=config.overlap, full_pass=config.tile_full_pass)
+        predictor = Predictor(
+            config.deploy_dir,
+            threads=config.threads,
+            tile=config.tile,
+            overlap=config.overlap,
+            full_pass=config.tile_full_pass,
+        )
     broker = parse_broker(
         config.broker,
         tls=config.tls,

@@ -70,7 +70,9 @@ def parse_broker(url: str, **settings) -> BrokerSpec:
             hint="use mqtt://HOST:1883 or mqtts://HOST:8883",
         )
     if not parts.hostname:
-        raise ConfigError(f"no host in broker URL {shown!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883")
+        raise ConfigError(
+            f"no host in broker URL {shown!r}", field="broker", hint="e.g. mqtt://127.0.0.1:1883"
+        )
     version = str(settings.pop("mqtt_version", None) or "5")
     if version not in MQTT_VERSIONS:
         raise ConfigError(f"must be 5 or 3.1.1, got {version!r}", field="mqtt_version")
@@ -124,14 +126,19 @@ class DiskBuffer:
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the buffer folder: {exc.strerror or exc}", path=directory,
-                              field="buffer_dir") from None
+            raise ConfigError(
+                f"cannot create the buffer folder: {exc.strerror or exc}", path=directory, field="buffer_dir"
+            ) from None
         # before anything is read: the .part files of a runtime that is still writing are not leftovers
         self._owner = FileLock(os.path.normpath(os.path.abspath(directory)) + ".lock")
         holder = self._owner.acquire()
         if holder is not None:
-            raise ConfigError(f"another detforge edge ({holder}) is using this buffer folder", path=directory,
-                              field="buffer_dir", hint="give each runtime its own --buffer-dir")
+            raise ConfigError(
+                f"another detforge edge ({holder}) is using this buffer folder",
+                path=directory,
+                field="buffer_dir",
+                hint="give each runtime its own --buffer-dir",
+            )
         self.quarantine_dir = os.path.join(directory, QUARANTINE)
         self.quarantined = len(os.listdir(self.quarantine_dir)) if os.path.isdir(self.quarantine_dir) else 0
         seqs, last, acked = [], 0, []
@@ -283,8 +290,9 @@ class DiskBuffer:
             try:
                 _write_durably(tmp, os.path.join(self.directory, SEQ_FILE), str(self._last_seq).encode())
             except OSError as exc:
-                log.warning("cannot save the last sequence number in %s: %s", self.directory,
-                            exc.strerror or exc)
+                log.warning(
+                    "cannot save the last sequence number in %s: %s", self.directory, exc.strerror or exc
+                )
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 return
@@ -528,8 +536,9 @@ class Publisher:
         client, state = self._new_client()
         try:
             if self.broker.mqtt_version == "5":
-                client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive,
-                               clean_start=True)
+                client.connect(
+                    self.broker.host, self.broker.port, keepalive=self.broker.keepalive, clean_start=True
+                )
             else:
                 client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
         except (OSError, ValueError) as exc:  # refused, unreachable, a TLS certificate that does not verify

@@ -21,6 +21,8 @@ from detforge.errors import ConfigError, StorageError
 from detforge.storage import IMAGE_SUFFIXES, is_remote, mask_credentials, resolve_allowed_path  # noqa: F401
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """A parsed ``--source``: ``kind`` is camera, video, stream or watch; ``target`` the index/path/URL."""
@@ -302,5 +304,3 @@ def load_rgb(path: str) -> np.ndarray:
         return images.read(path)
     except images.ImageError as exc:
         raise StorageError(f"not a readable image: {exc.message}", path=path) from None
-
-

@@ -36,8 +36,9 @@ class CocoAccumulator:
         self._gt: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._dt: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def update(self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None,
-               gt_difficult=None) -> None:
+    def update(
+        self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None, gt_difficult=None
+    ) -> None:
         """Add one image: ``(N, 4)`` xyxy pixel boxes, 0-based class ids, scores (``image_id`` unused).
 
         ``gt_difficult`` boxes go to pycocotools as ``iscrowd`` (neither a hit nor a miss).
@@ -57,8 +58,11 @@ class CocoAccumulator:
             raise ValueError(f"pred_scores contains NaN{where}")
         index = self.num_images
         self.num_images += 1
-        hard = (np.zeros(len(gt_c), dtype=bool) if gt_difficult is None
-                else np.asarray(gt_difficult, dtype=bool).reshape(-1))
+        hard = (
+            np.zeros(len(gt_c), dtype=bool)
+            if gt_difficult is None
+            else np.asarray(gt_difficult, dtype=bool).reshape(-1)
+        )
         if len(hard) != len(gt_c):
             raise ValueError(f"{len(gt_c)} gt boxes but {len(hard)} gt_difficult flags{where}")
         if len(gt_b):
@@ -78,8 +82,13 @@ class CocoAccumulator:
 
     def state_dict(self) -> dict:
         """Plain numpy/python state (picklable)."""
-        return {"version": STATE_VERSION, "class_names": list(self.class_names),
-                "num_images": self.num_images, "gt": list(self._gt), "dt": list(self._dt)}
+        return {
+            "version": STATE_VERSION,
+            "class_names": list(self.class_names),
+            "num_images": self.num_images,
+            "gt": list(self._gt),
+            "dt": list(self._dt),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CocoAccumulator:
@@ -88,8 +97,9 @@ class CocoAccumulator:
             raise ValueError(f"unknown COCO accumulator state version {state.get('version')!r}")
         acc = cls(state["class_names"])
         acc.num_images = int(state["num_images"])
-        acc._gt = [(int(i), np.asarray(b), np.asarray(c), np.asarray(h, dtype=bool))
-                   for i, b, c, h in state["gt"]]
+        acc._gt = [
+            (int(i), np.asarray(b), np.asarray(c), np.asarray(h, dtype=bool)) for i, b, c, h in state["gt"]
+        ]
         acc._dt = [(int(i), np.asarray(b), np.asarray(s), np.asarray(c)) for i, b, s, c in state["dt"]]
         return acc
 
@@ -101,15 +111,35 @@ class CocoAccumulator:
         for index, b, c, h in self._gt:
             xywh = box_ops.xyxy_to_coco_xywh(b).tolist()
             for box, cls, hard in zip(xywh, c.tolist(), h.tolist(), strict=True):
-                gt_anns.append({"id": len(gt_anns) + 1, "image_id": index + 1, "category_id": int(cls),
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(hard)})
+                gt_anns.append(
+                    {
+                        "id": len(gt_anns) + 1,
+                        "image_id": index + 1,
+                        "category_id": int(cls),
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": int(hard),
+                    }
+                )
         for index, b, s, c in self._dt:
-            for box, score, cls in zip(box_ops.xyxy_to_coco_xywh(b).tolist(), s.tolist(), c.tolist(),
-                                       strict=True):
-                dt_anns.append({"id": len(dt_anns) + 1, "image_id": index + 1, "category_id": int(cls),
-                                "bbox": box, "area": box[2] * box[3], "score": float(score), "iscrowd": 0})
-        return ({"images": images, "annotations": gt_anns, "categories": categories},
-                {"images": images, "annotations": dt_anns, "categories": categories})
+            for box, score, cls in zip(
+                box_ops.xyxy_to_coco_xywh(b).tolist(), s.tolist(), c.tolist(), strict=True
+            ):
+                dt_anns.append(
+                    {
+                        "id": len(dt_anns) + 1,
+                        "image_id": index + 1,
+                        "category_id": int(cls),
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "score": float(score),
+                        "iscrowd": 0,
+                    }
+                )
+        return (
+            {"images": images, "annotations": gt_anns, "categories": categories},
+            {"images": images, "annotations": dt_anns, "categories": categories},
+        )
 
     def compute(self) -> dict:
         """COCO stats by name (None where COCO has nothing to average) and ``per_class_AP``."""
@@ -117,8 +147,10 @@ class CocoAccumulator:
         if not self._gt:
             return empty
         evaluator = run_cocoeval(*self.datasets())
-        stats = {name: (None if value < 0 else float(value)) for name, value in
-                 zip(STAT_NAMES, evaluator.stats, strict=True)}
+        stats = {
+            name: (None if value < 0 else float(value))
+            for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)
+        }
         # precision: [iou thresholds, recall thresholds, classes, area ranges, max dets]
         precision = evaluator.eval["precision"][:, :, :, 0, -1]
         per_class = {}
@@ -163,6 +195,12 @@ def coco_metrics(gts: Iterable, preds: Mapping | Iterable, class_names: Sequence
             boxes, scores, classes = preds.get(record.image_id, empty)
         else:
             boxes, scores, classes = next(aligned, empty)
-        acc.update(gt_boxes=record.boxes, gt_classes=record.class_ids, pred_boxes=boxes, pred_scores=scores,
-                   pred_classes=classes, image_id=record.image_id)
+        acc.update(
+            gt_boxes=record.boxes,
+            gt_classes=record.class_ids,
+            pred_boxes=boxes,
+            pred_scores=scores,
+            pred_classes=classes,
+            image_id=record.image_id,
+        )
     return acc.compute()

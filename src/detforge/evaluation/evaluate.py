@@ -71,10 +71,14 @@ class EvaluationResult:
 
     def to_dict(self) -> dict:
         """The content of metrics.json."""
-        return {"source": self.source, "classes": list(self.class_names),
-                "manifest_classes": self.manifest_classes,
-                **self.metrics.to_dict(class_names=self.class_names, curves=True),
-                "images_without_predictions": self.images_without_predictions, "coco": self.coco}
+        return {
+            "source": self.source,
+            "classes": list(self.class_names),
+            "manifest_classes": self.manifest_classes,
+            **self.metrics.to_dict(class_names=self.class_names, curves=True),
+            "images_without_predictions": self.images_without_predictions,
+            "coco": self.coco,
+        }
 
 
 def find_source(path: str) -> str:
@@ -83,20 +87,28 @@ def find_source(path: str) -> str:
     if text.endswith(".onnx") or storage.exists(storage.join(text, "model.onnx")):
         return "deploy"
     if text.endswith(".safetensors") or any(
-            storage.exists(storage.join(text, name)) for name in ("model.safetensors", "model.json")):
+        storage.exists(storage.join(text, name)) for name in ("model.safetensors", "model.json")
+    ):
         return "run"
     if text.lower().endswith(PREDICTION_SUFFIXES) and storage.exists(text):
         return "predictions"
     raise ConfigError(
-        "not a predictions JSON Lines file or a training run folder (model.safetensors)", path=text)
+        "not a predictions JSON Lines file or a training run folder (model.safetensors)", path=text
+    )
 
 
 def load_ground_truth(manifest: str, *, label_attribute: str | None = None) -> Iterator[GroundTruth]:
     """Stream the manifest as GroundTruth items (the untouched line is dropped)."""
     for record in read_manifest(manifest, label_attribute=label_attribute):
-        yield GroundTruth(source_ref=record.source_ref, width=record.width, height=record.height,
-                          boxes=record.boxes, class_ids=record.class_ids, origin=record.origin or manifest,
-                          difficult=record.difficult)
+        yield GroundTruth(
+            source_ref=record.source_ref,
+            width=record.width,
+            height=record.height,
+            boxes=record.boxes,
+            class_ids=record.class_ids,
+            origin=record.origin or manifest,
+            difficult=record.difficult,
+        )
 
 
 def manifest_class_names(manifest: str, *, label_attribute: str | None = None) -> list[str]:
@@ -106,8 +118,11 @@ def manifest_class_names(manifest: str, *, label_attribute: str | None = None) -
     for record in read_manifest(manifest, label_attribute=label_attribute):
         merged.add(record, manifest)
     if not merged.names:
-        raise ManifestError("no class map on any line: cannot tell the classes", path=manifest,
-                            hint="pass --classes classes.json")
+        raise ManifestError(
+            "no class map on any line: cannot tell the classes",
+            path=manifest,
+            hint="pass --classes classes.json",
+        )
     return merged.by_id()
 
 
@@ -158,36 +173,52 @@ def prediction_rows(entry, *, path: str, line: int, num_classes: int | None = No
     checked = []
     for i, row in enumerate(rows):
         where = f"prediction[{i}]"
-        if (not isinstance(row, list) or len(row) != 6
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)):
-            raise FormatError(f"expected [class_id, score, xmin, ymin, xmax, ymax] numbers, got {row!r}",
-                              path=path, line=line, field=where)
+        if (
+            not isinstance(row, list)
+            or len(row) != 6
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+        ):
+            raise FormatError(
+                f"expected [class_id, score, xmin, ymin, xmax, ymax] numbers, got {row!r}",
+                path=path,
+                line=line,
+                field=where,
+            )
         cid, score = row[0], row[1]
         if not math.isfinite(score):
             raise FormatError(f"score is {score}", path=path, line=line, field=f"{where}.score")
         known = "" if num_classes is None else f" (the classes are 0..{num_classes - 1})"
-        if (not math.isfinite(cid) or cid != int(cid) or cid < 0
-                or (num_classes is not None and cid >= num_classes)):
-            raise FormatError(f"unknown class id {cid!r}{known}", path=path, line=line,
-                              field=f"{where}.class_id")
+        if (
+            not math.isfinite(cid)
+            or cid != int(cid)
+            or cid < 0
+            or (num_classes is not None and cid >= num_classes)
+        ):
+            raise FormatError(
+                f"unknown class id {cid!r}{known}", path=path, line=line, field=f"{where}.class_id"
+            )
         if not all(math.isfinite(v) for v in row[2:]):
-            raise FormatError(f"box corners must be finite numbers, got {row[2:]}", path=path, line=line,
-                              field=where)
+            raise FormatError(
+                f"box corners must be finite numbers, got {row[2:]}", path=path, line=line, field=where
+            )
         checked.append([float(v) for v in row])
     return checked
 
 
-def parse_prediction(entry, *, path: str, line: int, num_classes: int,
-                     width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def parse_prediction(
+    entry, *, path: str, line: int, num_classes: int, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One predictions line's detections as pixel ``xyxy`` boxes, scores, class ids (FormatError if bad)."""
-    rows = np.array(prediction_rows(entry, path=path, line=line, num_classes=num_classes),
-                    dtype=np.float64).reshape(-1, 6)
+    rows = np.array(
+        prediction_rows(entry, path=path, line=line, num_classes=num_classes), dtype=np.float64
+    ).reshape(-1, 6)
     boxes = box_ops.xyxy_norm_to_xyxy(rows[:, 2:], width=width, height=height)
     return boxes, rows[:, 1].copy(), rows[:, 0].astype(np.int64)
 
 
-def _detections_from_predictions(predictions: str, images: list[GroundTruth], num_classes: int,
-                                 seen: np.ndarray) -> Iterator[tuple[int, tuple]]:
+def _detections_from_predictions(
+    predictions: str, images: list[GroundTruth], num_classes: int, seen: np.ndarray
+) -> Iterator[tuple[int, tuple]]:
     index = _ImageIndex()
     for i, gt in enumerate(images):
         index.add(i, gt.source_ref)
@@ -195,32 +226,55 @@ def _detections_from_predictions(predictions: str, images: list[GroundTruth], nu
         found = index.find(entry)
         name = entry.get("source-ref") or entry.get("image")
         if not found:
-            raise FormatError(f"image {name!r} is not in the manifest", path=predictions, line=number,
-                              field="image")
+            raise FormatError(
+                f"image {name!r} is not in the manifest", path=predictions, line=number, field="image"
+            )
         if len(found) > 1:
-            raise FormatError(f"image {name!r} matches {len(found)} manifest images "
-                              f"({images[found[0]].source_ref}, {images[found[1]].source_ref})",
-                              path=predictions, line=number, field="image", hint="give the full source-ref")
+            raise FormatError(
+                f"image {name!r} matches {len(found)} manifest images "
+                f"({images[found[0]].source_ref}, {images[found[1]].source_ref})",
+                path=predictions,
+                line=number,
+                field="image",
+                hint="give the full source-ref",
+            )
         i = found[0]
         if seen[i]:
-            raise FormatError(f"second predictions line for image {images[i].source_ref}", path=predictions,
-                              line=number, field="image")
+            raise FormatError(
+                f"second predictions line for image {images[i].source_ref}",
+                path=predictions,
+                line=number,
+                field="image",
+            )
         seen[i] = True
         gt = images[i]
-        yield i, parse_prediction(entry, path=predictions, line=number, num_classes=num_classes,
-                                  width=gt.width, height=gt.height)
+        yield (
+            i,
+            parse_prediction(
+                entry,
+                path=predictions,
+                line=number,
+                num_classes=num_classes,
+                width=gt.width,
+                height=gt.height,
+            ),
+        )
 
 
-def _checked(items: Iterator[GroundTruth], names: list[str],
-             to_model: np.ndarray | None = None) -> Iterator[GroundTruth]:
+def _checked(
+    items: Iterator[GroundTruth], names: list[str], to_model: np.ndarray | None = None
+) -> Iterator[GroundTruth]:
     """The manifest's images, with a ManifestError for a class id the class list does not have; with
     ``to_model`` (manifest id -> model id) the class ids are the model's."""
     for gt in items:
         bad = gt.class_ids[(gt.class_ids < 0) | (gt.class_ids >= len(names))]
         if bad.size:
             path, _, line = gt.origin.rpartition(":")
-            raise ManifestError(f"class id {int(bad[0])} is not one of the {len(names)} classes {names}",
-                                path=path, line=int(line))
+            raise ManifestError(
+                f"class id {int(bad[0])} is not one of the {len(names)} classes {names}",
+                path=path,
+                line=int(line),
+            )
         if to_model is not None:
             gt.class_ids = to_model[gt.class_ids.astype(np.int64)]
         yield gt
@@ -231,9 +285,12 @@ def class_mapping(manifest_names: list[str], model_names: list[str], *, source: 
     index = {name: i for i, name in enumerate(model_names)}
     missing = [name for name in manifest_names if name not in index]
     if missing:
-        raise ConfigError(f"the manifest's classes {missing} are not among the model's {model_names}",
-                          path=source, field="classes",
-                          hint="evaluate on a manifest of the model's classes, or name them with --classes")
+        raise ConfigError(
+            f"the manifest's classes {missing} are not among the model's {model_names}",
+            path=source,
+            field="classes",
+            hint="evaluate on a manifest of the model's classes, or name them with --classes",
+        )
     return np.array([index[name] for name in manifest_names], dtype=np.int64)
 
 
@@ -263,15 +320,21 @@ def torch_detector(model, size: int):
     from detforge.models import labels_to_class_ids
 
     def run_torch(pictures: list[np.ndarray]) -> list[tuple]:
-        tensors = [torch.from_numpy(resize_rgb(p, size).copy()).permute(2, 0, 1).float().div(255)
-                   for p in pictures]
+        tensors = [
+            torch.from_numpy(resize_rgb(p, size).copy()).permute(2, 0, 1).float().div(255) for p in pictures
+        ]
         with torch.inference_mode():
             outputs = model(tensors)
         found = []
         for picture, o in zip(pictures, outputs, strict=True):
             scale = np.array([picture.shape[1], picture.shape[0]] * 2, dtype=np.float64) / size
-            found.append((o["boxes"].cpu().numpy().astype(np.float64) * scale, o["scores"].cpu().numpy(),
-                          labels_to_class_ids(o["labels"].cpu().numpy())))
+            found.append(
+                (
+                    o["boxes"].cpu().numpy().astype(np.float64) * scale,
+                    o["scores"].cpu().numpy(),
+                    labels_to_class_ids(o["labels"].cpu().numpy()),
+                )
+            )
         return found
 
     return run_torch
@@ -300,11 +363,21 @@ def _open_deploy(path: str, **tiling):
     return list(predictor.class_names), run_onnx
 
 
-def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float = 0.5,
-             score_threshold: float = 0.5, out_dir: str | None = None, classes: str | None = None,
-             label_attribute: str | None = None, coco: bool = True, batch_size: int = 8,
-             tile: int | None = None, overlap: float | None = None,
-             tile_full_pass: bool | None = None) -> EvaluationResult:
+def evaluate(
+    model_or_predictions: str,
+    manifest: str,
+    *,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.5,
+    out_dir: str | None = None,
+    classes: str | None = None,
+    label_attribute: str | None = None,
+    coco: bool = True,
+    batch_size: int = 8,
+    tile: int | None = None,
+    overlap: float | None = None,
+    tile_full_pass: bool | None = None,
+) -> EvaluationResult:
     """Evaluate detections (a predictions file, a run folder or a deploy folder) against ``manifest``.
 
     ``tile``, ``overlap``, ``tile_full_pass``: a deploy folder's tiled inference (``detforge.tiling``;
@@ -315,18 +388,25 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     model_or_predictions = os.fspath(model_or_predictions)
     manifest = os.fspath(manifest)
     source = find_source(model_or_predictions)
-    manifest_names = (classes_beside(manifest, classes)
-                      or manifest_class_names(manifest, label_attribute=label_attribute))
+    manifest_names = classes_beside(manifest, classes) or manifest_class_names(
+        manifest, label_attribute=label_attribute
+    )
     to_model = None
     tiling = {"tile": tile, "overlap": overlap, "full_pass": tile_full_pass}
     if source != "deploy" and tiling != dict.fromkeys(tiling):
-        raise ConfigError("tiled inference (--tile, --overlap, --tile-full-pass) runs a deploy folder "
-                          "(`detforge export RUN --out DIR`)", field="tile")
+        raise ConfigError(
+            "tiled inference (--tile, --overlap, --tile-full-pass) runs a deploy folder "
+            "(`detforge export RUN --out DIR`)",
+            field="tile",
+        )
     if source == "predictions":
         names = manifest_names
     else:
-        names, run_model = (_open_deploy(model_or_predictions, **tiling) if source == "deploy"
-                            else _open_model(model_or_predictions))
+        names, run_model = (
+            _open_deploy(model_or_predictions, **tiling)
+            if source == "deploy"
+            else _open_model(model_or_predictions)
+        )
         to_model = class_mapping(manifest_names, names, source=manifest)
     num_classes = len(names)
     acc = DetectionAccumulator(num_classes, iou_threshold=iou_threshold, score_threshold=score_threshold)
@@ -335,19 +415,27 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
     def add(gt: GroundTruth, boxes, scores, labels) -> None:
         for target in (acc, coco_acc):
             if target is not None:
-                target.update(gt_boxes=gt.boxes, gt_classes=gt.class_ids, pred_boxes=boxes,
-                              pred_scores=scores, pred_classes=labels, image_id=gt.source_ref,
-                              gt_difficult=gt.difficult)
+                target.update(
+                    gt_boxes=gt.boxes,
+                    gt_classes=gt.class_ids,
+                    pred_boxes=boxes,
+                    pred_scores=scores,
+                    pred_classes=labels,
+                    image_id=gt.source_ref,
+                    gt_difficult=gt.difficult,
+                )
 
-    images_iter = _checked(load_ground_truth(manifest, label_attribute=label_attribute), manifest_names,
-                           to_model)
+    images_iter = _checked(
+        load_ground_truth(manifest, label_attribute=label_attribute), manifest_names, to_model
+    )
     missing = 0
     if source == "predictions":
         # Predictions come in any order: the manifest's boxes are indexed (small), the predictions stream.
         images = list(images_iter)
         seen = np.zeros(len(images), dtype=bool)
-        for i, (boxes, scores, labels) in _detections_from_predictions(model_or_predictions, images,
-                                                                         num_classes, seen):
+        for i, (boxes, scores, labels) in _detections_from_predictions(
+            model_or_predictions, images, num_classes, seen
+        ):
             add(images[i], boxes, scores, labels)
         empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
         for i in np.flatnonzero(~seen):
@@ -361,10 +449,14 @@ def evaluate(model_or_predictions: str, manifest: str, *, iou_threshold: float =
                 # the model saw the decoded image; the manifest's boxes are in its image_size
                 scale = np.array([gt.width / picture.shape[1], gt.height / picture.shape[0]] * 2)
                 add(gt, np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale, scores, labels)
-    result = EvaluationResult(metrics=acc.compute(), coco=coco_acc.compute() if coco_acc else None,
-                              class_names=names, source=source,
-                              images_without_predictions=missing,
-                              manifest_classes=None if to_model is None else list(manifest_names))
+    result = EvaluationResult(
+        metrics=acc.compute(),
+        coco=coco_acc.compute() if coco_acc else None,
+        class_names=names,
+        source=source,
+        images_without_predictions=missing,
+        manifest_classes=None if to_model is None else list(manifest_names),
+    )
     if out_dir is not None:
         result.files = write_outputs(result, out_dir)
     return result
@@ -402,14 +494,23 @@ def write_outputs(result: EvaluationResult, out_dir: str) -> list[str]:
         if len(curve.recall):
             envelope = np.maximum.accumulate(curve.precision[::-1])[::-1]
             ax.plot(curve.recall, curve.precision, ".", color="0.6", markersize=3, label="after each score")
-            ax.step(np.concatenate([[0.0], curve.recall]), np.concatenate([envelope[:1], envelope]),
-                    where="pre", label="interpolated")
+            ax.step(
+                np.concatenate([[0.0], curve.recall]),
+                np.concatenate([envelope[:1], envelope]),
+                where="pre",
+                label="interpolated",
+            )
             ax.legend(loc="lower left")
         else:
             ax.text(0.5, 0.5, "no detections of this class", ha="center", va="center")
-        ax.set(xlim=(0, 1.01), ylim=(0, 1.01), xlabel="recall", ylabel="precision",
-               title=f"{result.class_names[c]}: AP07 {m.per_class_ap_voc07[c]:.3f}, "
-                     f"AP {m.per_class_ap_all_point[c]:.3f} @IoU {m.iou_threshold:g}")
+        ax.set(
+            xlim=(0, 1.01),
+            ylim=(0, 1.01),
+            xlabel="recall",
+            ylabel="precision",
+            title=f"{result.class_names[c]}: AP07 {m.per_class_ap_voc07[c]:.3f}, "
+            f"AP {m.per_class_ap_all_point[c]:.3f} @IoU {m.iou_threshold:g}",
+        )
         ax.grid(alpha=0.3)
         fig.tight_layout()
         save(fig, f"pr_{c}_{_safe_name(result.class_names[c])}.png")
@@ -420,8 +521,14 @@ def write_outputs(result: EvaluationResult, out_dir: str) -> list[str]:
     matrix = m.confusion_matrix
     ax.imshow(matrix, cmap="Blues")
     for (row, col), value in np.ndenumerate(matrix):
-        ax.text(col, row, str(value), ha="center", va="center",
-                color="white" if value > matrix.max() / 2 else "black")
+        ax.text(
+            col,
+            row,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > matrix.max() / 2 else "black",
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="predicted", ylabel="ground truth")

@@ -88,6 +88,7 @@ class DetectionMetrics:
 
     def to_dict(self, *, class_names: list[str] | None = None, curves: bool = False) -> dict:
         """Plain JSON-ready values (NaN becomes None); ``curves`` adds the PR curves."""
+
         def name(c: int) -> str:
             return class_names[c] if class_names is not None and c < len(class_names) else str(c)
 
@@ -95,26 +96,42 @@ class DetectionMetrics:
             "validation:mAP": _num(self.voc07_map),
             "voc07_map": _num(self.voc07_map),
             "all_point_map": _num(self.all_point_map),
-            "precision": self.precision, "recall": self.recall, "f1": self.f1,
-            "tp": self.tp, "fp": self.fp, "fn": self.fn, "n_gt": self.n_gt,
-            "iou_threshold": self.iou_threshold, "score_threshold": self.score_threshold,
-            "num_images": self.num_images, "num_detections": self.num_detections,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "n_gt": self.n_gt,
+            "iou_threshold": self.iou_threshold,
+            "score_threshold": self.score_threshold,
+            "num_images": self.num_images,
+            "num_detections": self.num_detections,
             "per_class": [
-                {"class_id": c, "name": name(c),
-                 "ap_voc07": _num(self.per_class_ap_voc07.get(c, float("nan"))),
-                 "ap_all_point": _num(self.per_class_ap_all_point.get(c, float("nan"))),
-                 **vars(stats)}
+                {
+                    "class_id": c,
+                    "name": name(c),
+                    "ap_voc07": _num(self.per_class_ap_voc07.get(c, float("nan"))),
+                    "ap_all_point": _num(self.per_class_ap_all_point.get(c, float("nan"))),
+                    **vars(stats),
+                }
                 for c, stats in sorted(self.per_class.items())
             ],
             "classes_without_gt_with_predictions": list(self.classes_without_gt_with_predictions),
-            "confusion_matrix": {"labels": [name(c) for c in range(self.num_classes)] + ["background"],
-                                 "rows": "ground truth", "columns": "predicted",
-                                 "counts": self.confusion_matrix.tolist()},
+            "confusion_matrix": {
+                "labels": [name(c) for c in range(self.num_classes)] + ["background"],
+                "rows": "ground truth",
+                "columns": "predicted",
+                "counts": self.confusion_matrix.tolist(),
+            },
         }
         if curves:
             out["pr_curves"] = {
-                name(c): {"scores": curve.scores.tolist(), "precision": curve.precision.tolist(),
-                          "recall": curve.recall.tolist()}
+                name(c): {
+                    "scores": curve.scores.tolist(),
+                    "precision": curve.precision.tolist(),
+                    "recall": curve.recall.tolist(),
+                }
                 for c, curve in sorted(self.pr_curves.items())
             }
         return out
@@ -143,10 +160,18 @@ def _finite_boxes(values, name: str) -> np.ndarray:
     return array
 
 
-def match_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes: np.ndarray,
-                pred_scores: np.ndarray, pred_classes: np.ndarray, iou_threshold: float,
-                iou: np.ndarray | None = None, gt_difficult: np.ndarray | None = None,
-                ignored: np.ndarray | None = None) -> np.ndarray:
+def match_image(
+    *,
+    gt_boxes: np.ndarray,
+    gt_classes: np.ndarray,
+    pred_boxes: np.ndarray,
+    pred_scores: np.ndarray,
+    pred_classes: np.ndarray,
+    iou_threshold: float,
+    iou: np.ndarray | None = None,
+    gt_difficult: np.ndarray | None = None,
+    ignored: np.ndarray | None = None,
+) -> np.ndarray:
     """VOC matching of one image: ``is_tp`` (bool) for each detection, in the input order.
 
     ``iou``: the ``(n_pred, n_gt)`` IoU matrix when the caller has it already. ``gt_difficult``: the
@@ -175,9 +200,17 @@ def match_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes: np.
     return is_tp
 
 
-def confusion_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes: np.ndarray,
-                    pred_classes: np.ndarray, pred_scores: np.ndarray, num_classes: int,
-                    iou_threshold: float, iou: np.ndarray | None = None) -> np.ndarray:
+def confusion_image(
+    *,
+    gt_boxes: np.ndarray,
+    gt_classes: np.ndarray,
+    pred_boxes: np.ndarray,
+    pred_classes: np.ndarray,
+    pred_scores: np.ndarray,
+    num_classes: int,
+    iou_threshold: float,
+    iou: np.ndarray | None = None,
+) -> np.ndarray:
     """Confusion counts of one image for detections already above the score threshold.
 
     Detections in descending score each take the untaken ground-truth box with IoU >= threshold,
@@ -194,8 +227,9 @@ def confusion_image(*, gt_boxes: np.ndarray, gt_classes: np.ndarray, pred_boxes:
     if iou is None:
         iou = box_ops.iou_xyxy(pred_boxes, gt_boxes)
     # own class first (+2 lifts it above any IoU), then the highest IoU; -1 where IoU is too low
-    preference = np.where(iou >= iou_threshold,
-                          iou + 2.0 * (pred_classes[:, None] == gt_classes[None, :]), -1.0)
+    preference = np.where(
+        iou >= iou_threshold, iou + 2.0 * (pred_classes[:, None] == gt_classes[None, :]), -1.0
+    )
     for i in np.argsort(-pred_scores, kind="stable"):
         row = np.where(taken, -1.0, preference[i])
         target = int(np.argmax(row))
@@ -231,8 +265,9 @@ class DetectionAccumulator:
         self._classes = np.zeros(0, dtype=np.int32)
         self._tp = np.zeros(0, dtype=bool)
 
-    def update(self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None,
-               gt_difficult=None) -> None:
+    def update(
+        self, *, gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes, image_id=None, gt_difficult=None
+    ) -> None:
         """Add one image: ``(N, 4)`` xyxy pixel boxes, 0-based class ids, detection scores.
 
         ``image_id`` only names the image in error messages. ``gt_difficult`` (N bools, VOC ``difficult``
@@ -255,14 +290,25 @@ class DetectionAccumulator:
         except ValueError as exc:
             raise ValueError(f"{exc}{where}") from None
         iou = box_ops.iou_xyxy(pr_b, gt_b) if len(pr_b) and len(gt_b) else None
-        hard = (np.zeros(len(gt_c), dtype=bool) if gt_difficult is None
-                else np.asarray(gt_difficult, dtype=bool).reshape(-1))
+        hard = (
+            np.zeros(len(gt_c), dtype=bool)
+            if gt_difficult is None
+            else np.asarray(gt_difficult, dtype=bool).reshape(-1)
+        )
         if len(hard) != len(gt_c):
             raise ValueError(f"{len(gt_c)} gt boxes but {len(hard)} gt_difficult flags{where}")
         ignored = np.zeros(len(pr_s), dtype=bool)
-        is_tp = match_image(gt_boxes=gt_b, gt_classes=gt_c, pred_boxes=pr_b, pred_scores=pr_s,
-                            pred_classes=pr_c, iou_threshold=self.iou_threshold, iou=iou,
-                            gt_difficult=hard, ignored=ignored)
+        is_tp = match_image(
+            gt_boxes=gt_b,
+            gt_classes=gt_c,
+            pred_boxes=pr_b,
+            pred_scores=pr_s,
+            pred_classes=pr_c,
+            iou_threshold=self.iou_threshold,
+            iou=iou,
+            gt_difficult=hard,
+            ignored=ignored,
+        )
         if ignored.any():
             pr_b, pr_s, pr_c, is_tp = pr_b[~ignored], pr_s[~ignored], pr_c[~ignored], is_tp[~ignored]
             iou = None if iou is None else iou[~ignored]
@@ -271,10 +317,16 @@ class DetectionAccumulator:
             iou = None if iou is None else iou[:, ~hard]
         self.n_gt += np.bincount(gt_c, minlength=self.num_classes)
         keep = pr_s >= self.score_threshold
-        self.confusion += confusion_image(gt_boxes=gt_b, gt_classes=gt_c, pred_boxes=pr_b[keep],
-                                          pred_classes=pr_c[keep], pred_scores=pr_s[keep],
-                                          num_classes=self.num_classes, iou_threshold=self.iou_threshold,
-                                          iou=None if iou is None else iou[keep])
+        self.confusion += confusion_image(
+            gt_boxes=gt_b,
+            gt_classes=gt_c,
+            pred_boxes=pr_b[keep],
+            pred_classes=pr_c[keep],
+            pred_scores=pr_s[keep],
+            num_classes=self.num_classes,
+            iou_threshold=self.iou_threshold,
+            iou=None if iou is None else iou[keep],
+        )
         self.num_images += 1
         if len(pr_s):
             self._chunks.append((pr_s, pr_c.astype(np.int32), is_tp))
@@ -290,10 +342,15 @@ class DetectionAccumulator:
     def merge(self, other: DetectionAccumulator) -> DetectionAccumulator:
         """Add another accumulator's images to this one (in place); returns self."""
         if (other.num_classes, other.iou_threshold, other.score_threshold) != (
-                self.num_classes, self.iou_threshold, self.score_threshold):
-            raise ValueError("cannot merge accumulators with different num_classes or thresholds: "
-                             f"{(self.num_classes, self.iou_threshold, self.score_threshold)} vs "
-                             f"{(other.num_classes, other.iou_threshold, other.score_threshold)}")
+            self.num_classes,
+            self.iou_threshold,
+            self.score_threshold,
+        ):
+            raise ValueError(
+                "cannot merge accumulators with different num_classes or thresholds: "
+                f"{(self.num_classes, self.iou_threshold, self.score_threshold)} vs "
+                f"{(other.num_classes, other.iou_threshold, other.score_threshold)}"
+            )
         other._flush()
         self._chunks.append((other._scores, other._classes, other._tp))
         self.n_gt += other.n_gt
@@ -304,18 +361,29 @@ class DetectionAccumulator:
     def state_dict(self) -> dict:
         """Plain numpy/python state (picklable, e.g. for ``all_gather_object``)."""
         self._flush()
-        return {"version": STATE_VERSION, "num_classes": self.num_classes,
-                "iou_threshold": self.iou_threshold, "score_threshold": self.score_threshold,
-                "num_images": self.num_images, "n_gt": self.n_gt.copy(), "confusion": self.confusion.copy(),
-                "scores": self._scores.copy(), "classes": self._classes.copy(), "tp": self._tp.copy()}
+        return {
+            "version": STATE_VERSION,
+            "num_classes": self.num_classes,
+            "iou_threshold": self.iou_threshold,
+            "score_threshold": self.score_threshold,
+            "num_images": self.num_images,
+            "n_gt": self.n_gt.copy(),
+            "confusion": self.confusion.copy(),
+            "scores": self._scores.copy(),
+            "classes": self._classes.copy(),
+            "tp": self._tp.copy(),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> DetectionAccumulator:
         """An accumulator from ``state_dict()`` output."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown accumulator state version {state.get('version')!r}")
-        acc = cls(state["num_classes"], iou_threshold=state["iou_threshold"],
-                  score_threshold=state["score_threshold"])
+        acc = cls(
+            state["num_classes"],
+            iou_threshold=state["iou_threshold"],
+            score_threshold=state["score_threshold"],
+        )
         acc.num_images = int(state["num_images"])
         acc.n_gt = np.asarray(state["n_gt"], dtype=np.int64).copy()
         acc.confusion = np.asarray(state["confusion"], dtype=np.int64).copy()
@@ -347,18 +415,30 @@ class DetectionAccumulator:
             curves[c] = curve
             ap07[c] = voc07_ap(curve.recall, curve.precision)
             ap_all[c] = all_point_ap(curve.recall, curve.precision)
-        total = _class_stats(sum(s.tp for s in per_class.values()), sum(s.fp for s in per_class.values()),
-                             int(self.n_gt.sum()))
+        total = _class_stats(
+            sum(s.tp for s in per_class.values()), sum(s.fp for s in per_class.values()), int(self.n_gt.sum())
+        )
         return DetectionMetrics(
             voc07_map=float(np.mean(list(ap07.values()))) if ap07 else float("nan"),
             all_point_map=float(np.mean(list(ap_all.values()))) if ap_all else float("nan"),
-            per_class_ap_voc07=ap07, per_class_ap_all_point=ap_all, per_class=per_class,
-            precision=total.precision, recall=total.recall, f1=total.f1,
-            tp=total.tp, fp=total.fp, fn=total.fn, n_gt=total.n_gt,
-            classes_without_gt_with_predictions=without_gt, pr_curves=curves,
-            confusion_matrix=self.confusion.copy(), iou_threshold=self.iou_threshold,
-            score_threshold=self.score_threshold, num_images=self.num_images,
-            num_detections=int(len(self._scores)), num_classes=self.num_classes,
+            per_class_ap_voc07=ap07,
+            per_class_ap_all_point=ap_all,
+            per_class=per_class,
+            precision=total.precision,
+            recall=total.recall,
+            f1=total.f1,
+            tp=total.tp,
+            fp=total.fp,
+            fn=total.fn,
+            n_gt=total.n_gt,
+            classes_without_gt_with_predictions=without_gt,
+            pr_curves=curves,
+            confusion_matrix=self.confusion.copy(),
+            iou_threshold=self.iou_threshold,
+            score_threshold=self.score_threshold,
+            num_images=self.num_images,
+            num_detections=int(len(self._scores)),
+            num_classes=self.num_classes,
         )
 
 
@@ -377,8 +457,11 @@ def pr_curve(scores: np.ndarray, is_tp: np.ndarray, *, n_gt: int) -> PRCurve:
     fp = np.cumsum(~is_tp[order])
     last_of_tie = np.append(s[1:] != s[:-1], True) if len(s) else np.zeros(0, dtype=bool)
     tp, fp = tp[last_of_tie], fp[last_of_tie]
-    return PRCurve(scores=s[last_of_tie], precision=tp / np.maximum(tp + fp, 1),
-                   recall=tp / n_gt if n_gt else np.zeros(len(tp)))
+    return PRCurve(
+        scores=s[last_of_tie],
+        precision=tp / np.maximum(tp + fp, 1),
+        recall=tp / n_gt if n_gt else np.zeros(len(tp)),
+    )
 
 
 def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:

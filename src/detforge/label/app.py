@@ -34,8 +34,15 @@ class LabelServer(LocalServer):
 
     command = "detforge label"
 
-    def __init__(self, job: LabelJob, *, host: str = "127.0.0.1", port: int = 8766, token: str | None = None,
-                 threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        job: LabelJob,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8766,
+        token: str | None = None,
+        threshold: float = 0.5,
+    ) -> None:
         self.job = job
         self.threshold = threshold
         super().__init__(_Handler, host=host, port=port, token=token)
@@ -43,11 +50,21 @@ class LabelServer(LocalServer):
     def job_info(self) -> dict:
         job = self.job
         start = job.next_todo(0)
-        return {"classes": [[cid, name] for cid, name in sorted(job.class_map.items())],
-                "adjust": job.adjust, "attribute": job.attribute, "job": job.job_name,
-                "manifest": job.manifest, "out": job.out, "total": len(job.items), "order": job.order_name,
-                "model": job.predictor is not None, "threshold": self.threshold, "floor": PROPOSAL_FLOOR,
-                "progress": job.progress(), "start": 0 if start is None else start}
+        return {
+            "classes": [[cid, name] for cid, name in sorted(job.class_map.items())],
+            "adjust": job.adjust,
+            "attribute": job.attribute,
+            "job": job.job_name,
+            "manifest": job.manifest,
+            "out": job.out,
+            "total": len(job.items),
+            "order": job.order_name,
+            "model": job.predictor is not None,
+            "threshold": self.threshold,
+            "floor": PROPOSAL_FLOOR,
+            "progress": job.progress(),
+            "start": 0 if start is None else start,
+        }
 
 
 def _int(query: dict[str, list[str]], key: str, default: int) -> int:
@@ -72,8 +89,12 @@ class _Handler(TokenHandler):
         job = self.server.job
         try:
             if path in ("/", "/index.html"):
-                self._send(200, inline_page("label", self.server.token), "text/html; charset=utf-8",
-                           {"Cache-Control": "no-store"})
+                self._send(
+                    200,
+                    inline_page("label", self.server.token),
+                    "text/html; charset=utf-8",
+                    {"Cache-Control": "no-store"},
+                )
             elif path == "/api/job":
                 self._json(200, self.server.job_info())
             elif path == "/api/items":
@@ -83,11 +104,11 @@ class _Handler(TokenHandler):
                 pos = job.next_todo(_int(query, "from", 0), -1 if _int(query, "step", 1) < 0 else 1)
                 self._json(200, {"pos": pos})
             elif path.startswith("/api/item/"):
-                index = self._index(path[len("/api/item/"):])
+                index = self._index(path[len("/api/item/") :])
                 if index is not None:
                     self._json(200, job.detail(index))
             elif path.startswith("/api/image/"):
-                index = self._index(path[len("/api/image/"):])
+                index = self._index(path[len("/api/image/") :])
                 if index is not None:
                     thumb = (query.get("size") or [""])[0] == "thumb"
                     data, content_type = job.image_bytes(index, thumb=thumb)
@@ -106,7 +127,7 @@ class _Handler(TokenHandler):
         if not path.startswith("/api/item/"):
             self._error(404, "not found")
             return
-        index = self._index(path[len("/api/item/"):])
+        index = self._index(path[len("/api/item/") :])
         if index is None:
             return
         data = self._read_body(MAX_BODY)
@@ -145,20 +166,36 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
     lock = storage.FileLock(os.path.abspath(out) + ".lock")
     holder = lock.acquire()
     if holder is not None:
-        raise ConfigError(f"another detforge label is writing this output ({holder})", path=out,
-                          field="--out", hint="stop it first, or write to another --out")
+        raise ConfigError(
+            f"another detforge label is writing this output ({holder})",
+            path=out,
+            field="--out",
+            hint="stop it first, or write to another --out",
+        )
     try:
         yield
     finally:
         lock.release()
 
 
-def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str | Sequence[str] | None = None,
-          adjust: bool = False, label_attribute: str | None = None, job_name: str | None = None,
-          model: str | os.PathLike | None = None, order: str = "manifest", threshold: float | None = None,
-          host: str = "127.0.0.1", port: int = 8766, open_browser: bool = True,
-          on_progress: Callable[[int, int], None] | None = None,
-          on_ready: Callable[[LabelServer], None] | None = None, tiling: dict | None = None) -> LabelJob:
+def label(
+    manifest: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    classes: str | Sequence[str] | None = None,
+    adjust: bool = False,
+    label_attribute: str | None = None,
+    job_name: str | None = None,
+    model: str | os.PathLike | None = None,
+    order: str = "manifest",
+    threshold: float | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8766,
+    open_browser: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_ready: Callable[[LabelServer], None] | None = None,
+    tiling: dict | None = None,
+) -> LabelJob:
     """Open the job (resuming its output) and serve the labeling page until interrupted; returns the job.
 
     ``model``: a deploy folder whose detections are offered as proposals; ``threshold`` is where the
@@ -168,30 +205,73 @@ def label(manifest: str | os.PathLike, *, out: str | os.PathLike, classes: str |
     ``overlap``, ``full_pass`` (``runtime.Predictor``; default: its model.json's tiling).
     """
     with output_lock(out):
-        return _label(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
-                      job_name=job_name, model=model, order=order, threshold=threshold, host=host, port=port,
-                      open_browser=open_browser, on_progress=on_progress, on_ready=on_ready, tiling=tiling)
+        return _label(
+            manifest,
+            out=out,
+            classes=classes,
+            adjust=adjust,
+            label_attribute=label_attribute,
+            job_name=job_name,
+            model=model,
+            order=order,
+            threshold=threshold,
+            host=host,
+            port=port,
+            open_browser=open_browser,
+            on_progress=on_progress,
+            on_ready=on_ready,
+            tiling=tiling,
+        )
 
 
-def _label(manifest, *, out, classes, adjust, label_attribute, job_name, model, order, threshold, host, port,
-           open_browser, on_progress, on_ready, tiling=None) -> LabelJob:
+def _label(
+    manifest,
+    *,
+    out,
+    classes,
+    adjust,
+    label_attribute,
+    job_name,
+    model,
+    order,
+    threshold,
+    host,
+    port,
+    open_browser,
+    on_progress,
+    on_ready,
+    tiling=None,
+) -> LabelJob:
     predictor = None
     if model is not None:
         from detforge.runtime import Predictor
 
         predictor = Predictor(model, **(tiling or {}))
-    job = open_job(manifest, out=out, classes=classes, adjust=adjust, label_attribute=label_attribute,
-                   job_name=job_name, predictor=predictor, order=order, on_progress=on_progress)
+    job = open_job(
+        manifest,
+        out=out,
+        classes=classes,
+        adjust=adjust,
+        label_attribute=label_attribute,
+        job_name=job_name,
+        predictor=predictor,
+        order=order,
+        on_progress=on_progress,
+    )
     if threshold is None:
         threshold = predictor.threshold if predictor is not None else 0.5
     if not PROPOSAL_FLOOR <= threshold <= 1:
-        raise ConfigError(f"the threshold must be between {PROPOSAL_FLOOR} and 1, got {threshold}",
-                          field="--threshold")
+        raise ConfigError(
+            f"the threshold must be between {PROPOSAL_FLOOR} and 1, got {threshold}", field="--threshold"
+        )
     try:
         server = LabelServer(job, host=host, port=port, threshold=max(threshold, PROPOSAL_FLOOR))
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port",
-                          hint="choose another --port") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+            field="--port",
+            hint="choose another --port",
+        ) from None
     redirect = None
     try:  # Ctrl+C at any moment from here on is a normal stop: every change is already saved
         if on_ready is not None:

@@ -74,8 +74,9 @@ def parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
         names = [name.strip() for name in value.split(",")]
     names = [name for name in names if name]
     if not names:
-        raise ConfigError("no class names given", field="--classes",
-                          hint='e.g. --classes "blue box,yellow box"')
+        raise ConfigError(
+            "no class names given", field="--classes", hint='e.g. --classes "blue box,yellow box"'
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"a class is named twice in {names}", field="--classes")
     return names
@@ -139,22 +140,26 @@ def _box_from(values, *, class_map: dict[int, str], width: int, height: int, whe
     class_id, score = values[4], values[5]
     if isinstance(class_id, bool) or not isinstance(class_id, int) or class_id not in class_map:
         raise ConfigError(f"{where}: class_id {class_id!r} is not one of {sorted(class_map)}")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
-                              or not 0 <= score <= 1):
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1
+    ):
         raise ConfigError(f"{where}: score must be null or between 0 and 1, got {score!r}")
     x1, x2 = sorted((min(max(float(coords[0]), 0.0), width), min(max(float(coords[2]), 0.0), width)))
     y1, y2 = sorted((min(max(float(coords[1]), 0.0), height), min(max(float(coords[3]), 0.0), height)))
     ltwh = box_ops.xyxy_to_ltwh_int([[x1, y1, x2, y2]])[0]
     if ltwh[2] < 1 or ltwh[3] < 1:
-        raise ConfigError(f"{where}: box {coords!r} is smaller than one pixel inside the "
-                          f"{width}x{height} image")
+        raise ConfigError(
+            f"{where}: box {coords!r} is smaller than one pixel inside the {width}x{height} image"
+        )
     return [x1, y1, x2, y2, int(class_id), None if score is None else float(score)]
 
 
 def _annotations(boxes: list[list]) -> list[dict]:
     ltwh = box_ops.xyxy_to_ltwh_int([b[:4] for b in boxes]) if boxes else np.zeros((0, 4), np.int64)
-    return [{"class_id": int(b[4]), "width": int(r[2]), "top": int(r[1]), "height": int(r[3]),
-             "left": int(r[0])} for b, r in zip(boxes, ltwh, strict=True)]
+    return [
+        {"class_id": int(b[4]), "width": int(r[2]), "top": int(r[1]), "height": int(r[3]), "left": int(r[0])}
+        for b, r in zip(boxes, ltwh, strict=True)
+    ]
 
 
 class LabelJob:
@@ -163,9 +168,19 @@ class LabelJob:
     Thread-safe: the server calls it from several threads.
     """
 
-    def __init__(self, items: list[LabelItem], *, manifest: str, out: str, class_map: dict[int, str],
-                 attribute: str, job_name: str, adjust: bool, predictor=None,
-                 foreign: Sequence[bytes] = ()) -> None:
+    def __init__(
+        self,
+        items: list[LabelItem],
+        *,
+        manifest: str,
+        out: str,
+        class_map: dict[int, str],
+        attribute: str,
+        job_name: str,
+        adjust: bool,
+        predictor=None,
+        foreign: Sequence[bytes] = (),
+    ) -> None:
         self.items = items
         self.manifest = manifest
         self.out = out
@@ -185,22 +200,28 @@ class LabelJob:
         self._model_ids: dict[int, int] = {}
         if predictor is not None:
             by_name = {name: cid for cid, name in self.class_map.items()}
-            self._model_ids = {i: by_name[name] for i, name in enumerate(predictor.class_names)
-                               if name in by_name}
+            self._model_ids = {
+                i: by_name[name] for i, name in enumerate(predictor.class_names) if name in by_name
+            }
             if not self._model_ids:
-                raise ConfigError(f"none of the model's classes {predictor.class_names} is one of the job's "
-                                  f"classes {sorted(self.class_map.values())}", field="--model")
+                raise ConfigError(
+                    f"none of the model's classes {predictor.class_names} is one of the job's "
+                    f"classes {sorted(self.class_map.values())}",
+                    field="--model",
+                )
 
     # -- order and pages
     def set_order(self, order: str, *, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Put the items in ``order``: ``manifest``, or ``uncertainty`` (the model's least sure first)."""
         if order not in ORDERS:
-            raise ConfigError(f"unknown order {order!r}; expected one of {', '.join(ORDERS)}",
-                              field="--order")
+            raise ConfigError(
+                f"unknown order {order!r}; expected one of {', '.join(ORDERS)}", field="--order"
+            )
         if order == "uncertainty":
             if self.predictor is None:
-                raise ConfigError("ordering by uncertainty needs the model", field="--order",
-                                  hint="add --model DEPLOY_DIR")
+                raise ConfigError(
+                    "ordering by uncertainty needs the model", field="--order", hint="add --model DEPLOY_DIR"
+                )
             self.unreadable = []
             cached = self.load_proposals()
             for count, item in enumerate(self.items, start=1):
@@ -259,9 +280,16 @@ class LabelJob:
         key = self._model_key()
         if key is None:
             return
-        entries = {image_key(item.path): {"proposals": item.proposals, "uncertainty": item.uncertainty,
-                                          "w": item.width, "h": item.height}
-                   for item in self.items if item.proposals is not None}
+        entries = {
+            image_key(item.path): {
+                "proposals": item.proposals,
+                "uncertainty": item.uncertainty,
+                "w": item.width,
+                "h": item.height,
+            }
+            for item in self.items
+            if item.proposals is not None
+        }
         storage.write_bytes(self.proposals_path, orjson.dumps({"model": key, "images": entries}))
 
     def position(self, index: int) -> int:
@@ -270,13 +298,20 @@ class LabelJob:
     def page(self, offset: int, limit: int) -> list[dict]:
         """Item summaries at positions ``offset .. offset+limit-1`` of the order."""
         with self._lock:
-            return [self.summary(self.order[pos]) for pos in range(max(0, offset),
-                                                                  min(len(self.order), offset + limit))]
+            return [
+                self.summary(self.order[pos])
+                for pos in range(max(0, offset), min(len(self.order), offset + limit))
+            ]
 
     def summary(self, index: int) -> dict:
         item = self.items[index]
-        return {"pos": self._position[index], "i": index, "name": item.name, "done": item.done,
-                "n": len(item.current)}
+        return {
+            "pos": self._position[index],
+            "i": index,
+            "name": item.name,
+            "done": item.done,
+            "n": len(item.current),
+        }
 
     def next_todo(self, start: int, step: int = 1) -> int | None:
         """The first position from ``start`` (walking by ``step``) whose image is not done yet."""
@@ -303,8 +338,15 @@ class LabelJob:
         self.ensure_size(item)
         proposals = self.proposals(index) if self.predictor is not None else []
         with self._lock:
-            return {**self.summary(index), "w": item.width, "h": item.height, "boxes": item.current,
-                    "start": item.start, "proposals": proposals, "uncertainty": round(item.uncertainty, 4)}
+            return {
+                **self.summary(index),
+                "w": item.width,
+                "h": item.height,
+                "boxes": item.current,
+                "start": item.start,
+                "proposals": proposals,
+                "uncertainty": round(item.uncertainty, 4),
+            }
 
     def proposals(self, index: int) -> list[list]:
         """The model's detections (score >= PROPOSAL_FLOOR, job class ids) of an item, computed once."""
@@ -319,8 +361,12 @@ class LabelJob:
             sx, sy = item.width / image.size[0], item.height / image.size[1]
             detections = self.predictor.predict([np.asarray(image)], threshold=PROPOSAL_FLOOR)[0]
             found = []
-            for box, score, cid in zip(detections.boxes_xyxy.tolist(), detections.scores.tolist(),
-                                       detections.class_ids.tolist(), strict=True):
+            for box, score, cid in zip(
+                detections.boxes_xyxy.tolist(),
+                detections.scores.tolist(),
+                detections.class_ids.tolist(),
+                strict=True,
+            ):
                 box = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
                 if int(cid) in self._model_ids and box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
                     found.append([round(v, 1) for v in box] + [self._model_ids[int(cid)], round(score, 4)])
@@ -338,8 +384,10 @@ class LabelJob:
             raise ConfigError(f"boxes must be a list of at most {MAX_BOXES} boxes")
         item = self.items[index]
         self.ensure_size(item)
-        checked = [_box_from(b, class_map=self.class_map, width=item.width, height=item.height,
-                             where=f"box {n}") for n, b in enumerate(boxes)]
+        checked = [
+            _box_from(b, class_map=self.class_map, width=item.width, height=item.height, where=f"box {n}")
+            for n, b in enumerate(boxes)
+        ]
         with self._lock:
             item.boxes = checked
             item.done = bool(done)
@@ -356,8 +404,9 @@ class LabelJob:
         meta = {
             "job-name": f"labeling-job/{self.job_name}",
             "class-map": {str(cid): self.class_map[cid] for cid in used},
-            "human-annotated": "yes" if self.adjust or not boxes or any(b[5] is None for b in boxes)
-                               else "no",
+            "human-annotated": "yes"
+            if self.adjust or not boxes or any(b[5] is None for b in boxes)
+            else "no",
             "objects": [{"confidence": HUMAN_CONFIDENCE if b[5] is None else b[5]} for b in boxes],
             "creation-date": item.changed_at or _now(),
             "type": DETECTION_TYPES[0],
@@ -368,9 +417,10 @@ class LabelJob:
             meta["adjustment-status"] = "unadjusted" if unchanged else "adjusted"
         obj = dict(item.fields)
         obj["source-ref"] = self.output_ref(item)
-        obj[self.attribute] = {"annotations": annotations,
-                               "image_size": [{"width": item.width, "depth": item.depth,
-                                               "height": item.height}]}
+        obj[self.attribute] = {
+            "annotations": annotations,
+            "image_size": [{"width": item.width, "depth": item.depth, "height": item.height}],
+        }
         obj[f"{self.attribute}-metadata"] = meta
         return obj
 
@@ -420,21 +470,32 @@ class LabelJob:
 
 def _boxes_of(record, class_ids: dict[str, int], *, where: str) -> list[list]:
     out = []
-    for box, cid, conf in zip(record.boxes.tolist(), record.class_ids.tolist(), record.confidences.tolist(),
-                              strict=True):
+    for box, cid, conf in zip(
+        record.boxes.tolist(), record.class_ids.tolist(), record.confidences.tolist(), strict=True
+    ):
         name = record.class_map[int(cid)]
         if name not in class_ids:
-            raise ConfigError(f"{where}: class {name!r} is not one of the job's classes {sorted(class_ids)}",
-                              field="--classes")
+            raise ConfigError(
+                f"{where}: class {name!r} is not one of the job's classes {sorted(class_ids)}",
+                field="--classes",
+            )
         score = None if conf != conf or conf == HUMAN_CONFIDENCE else float(conf)
         out.append([*box, class_ids[name], score])
     return out
 
 
-def open_job(manifest: str | os.PathLike, *, out: str | os.PathLike,
-             classes: str | Sequence[str] | None = None, adjust: bool = False,
-             label_attribute: str | None = None, job_name: str | None = None, predictor=None,
-             order: str = "manifest", on_progress: Callable[[int, int], None] | None = None) -> LabelJob:
+def open_job(
+    manifest: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    classes: str | Sequence[str] | None = None,
+    adjust: bool = False,
+    label_attribute: str | None = None,
+    job_name: str | None = None,
+    predictor=None,
+    order: str = "manifest",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> LabelJob:
     """Read the job's input manifest and any output written before (resume) into a LabelJob.
 
     ``classes``: names (``"a,b"``, a list or a classes.json); when adjusting they may add classes to the
@@ -442,14 +503,20 @@ def open_job(manifest: str | os.PathLike, *, out: str | os.PathLike,
     """
     manifest, out = os.fspath(manifest), os.fspath(out)
     if os.path.abspath(manifest) == os.path.abspath(out):
-        raise ConfigError("the output would overwrite the input manifest", field="--out",
-                          hint="write the job's output to a new file")
+        raise ConfigError(
+            "the output would overwrite the input manifest",
+            field="--out",
+            hint="write the job's output to a new file",
+        )
     names = parse_classes(classes)
     if names is None and predictor is not None and not adjust:
         names = list(predictor.class_names)
     if names is None and not adjust:
-        raise ConfigError("name the classes to draw", field="--classes",
-                          hint='e.g. --classes "blue box,yellow box" (or a classes.json, or --model DEPLOY)')
+        raise ConfigError(
+            "name the classes to draw",
+            field="--classes",
+            hint='e.g. --classes "blue box,yellow box" (or a classes.json, or --model DEPLOY)',
+        )
     job_name = job_name or default_job_name(out)
     class_map: dict[int, str] = dict(enumerate(names or []))
     base = label_attribute
@@ -459,8 +526,9 @@ def open_job(manifest: str | os.PathLike, *, out: str | os.PathLike,
         if not isinstance(obj, dict) or not isinstance(obj.get("source-ref"), str) or not obj["source-ref"]:
             raise ManifestError("missing or empty", path=manifest, line=line, field="source-ref")
         ref = obj["source-ref"]
-        item = LabelItem(index=len(items), source_ref=ref, path=resolve_source_ref(ref, manifest), fields=obj,
-                         origin=where)
+        item = LabelItem(
+            index=len(items), source_ref=ref, path=resolve_source_ref(ref, manifest), fields=obj, origin=where
+        )
         if adjust:
             if base is None:
                 try:
@@ -468,24 +536,35 @@ def open_job(manifest: str | os.PathLike, *, out: str | os.PathLike,
                 except ManifestError as exc:
                     raise ManifestError(exc.message, path=manifest, line=line, hint=exc.hint) from None
                 if found is None:
-                    raise ManifestError("no bounding-box labels to adjust", path=manifest, line=line,
-                                        hint="label it first: detforge label without --adjust")
-                base = found[len(ADJUSTED_PREFIX):] if found.startswith(ADJUSTED_PREFIX) else found
+                    raise ManifestError(
+                        "no bounding-box labels to adjust",
+                        path=manifest,
+                        line=line,
+                        hint="label it first: detforge label without --adjust",
+                    )
+                base = found[len(ADJUSTED_PREFIX) :] if found.startswith(ADJUSTED_PREFIX) else found
             record = parse_record(obj, path=manifest, line=line, label_attribute=base)
             item.width, item.height, item.depth = record.width, record.height, record.depth
             for cid, name in record.class_map.items():
                 if class_map.get(cid, name) != name:
-                    raise ManifestError(f"class id {cid} is {name!r} here but {class_map[cid]!r} in "
-                                        "--classes or an earlier line", path=manifest, line=line,
-                                        field=f"{record.label_attribute}-metadata.class-map")
+                    raise ManifestError(
+                        f"class id {cid} is {name!r} here but {class_map[cid]!r} in "
+                        "--classes or an earlier line",
+                        path=manifest,
+                        line=line,
+                        field=f"{record.label_attribute}-metadata.class-map",
+                    )
                 class_map[cid] = name
             item.start = _boxes_of(record, {n: c for c, n in class_map.items()}, where=where)
         else:
             attribute = label_attribute or job_name
             if attribute in obj:
-                raise ManifestError(f"this line already has labels under {attribute!r}", path=manifest,
-                                    line=line,
-                                    hint="correct them with --adjust, or name a new --label-attribute")
+                raise ManifestError(
+                    f"this line already has labels under {attribute!r}",
+                    path=manifest,
+                    line=line,
+                    hint="correct them with --adjust, or name a new --label-attribute",
+                )
         items.append(item)
     if not items:
         raise ManifestError("no images in the manifest", path=manifest)
@@ -496,8 +575,16 @@ def open_job(manifest: str | os.PathLike, *, out: str | os.PathLike,
         attribute = ADJUSTED_PREFIX + base
     else:
         attribute = label_attribute or job_name
-    job = LabelJob(items, manifest=manifest, out=out, class_map=class_map, attribute=attribute,
-                   job_name=job_name, adjust=adjust, predictor=predictor)
+    job = LabelJob(
+        items,
+        manifest=manifest,
+        out=out,
+        class_map=class_map,
+        attribute=attribute,
+        job_name=job_name,
+        adjust=adjust,
+        predictor=predictor,
+    )
     _resume(job)
     job.set_order(order, on_progress=on_progress)
     return job
@@ -511,15 +598,19 @@ def _resume(job: LabelJob) -> None:
     for item in job.items:
         waiting[image_key(item.path)].append(item.index)
     class_ids = {name: cid for cid, name in job.class_map.items()}
-    base = job.attribute[len(ADJUSTED_PREFIX):] if job.adjust else job.attribute
+    base = job.attribute[len(ADJUSTED_PREFIX) :] if job.adjust else job.attribute
     for line, raw in storage.iter_lines(job.out):
         if not raw.strip():
             continue
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise ManifestError(f"not valid JSON: {exc}", path=job.out, line=line,
-                                hint="fix or move the output file; it is the job's saved work") from None
+            raise ManifestError(
+                f"not valid JSON: {exc}",
+                path=job.out,
+                line=line,
+                hint="fix or move the output file; it is the job's saved work",
+            ) from None
         ref = obj.get("source-ref") if isinstance(obj, dict) else None
         queue = waiting.get(image_key(resolve_source_ref(ref, job.out))) if isinstance(ref, str) else None
         if not queue or job.attribute not in obj:
@@ -530,8 +621,12 @@ def _resume(job: LabelJob) -> None:
             record = parse_record(obj, path=job.out, line=line, label_attribute=base)
             item.boxes = _boxes_of(record, class_ids, where=f"{job.out}:{line}")
         except ManifestError as exc:
-            raise ManifestError(f"cannot resume from this line: {exc.message}", path=job.out, line=line,
-                                hint="fix or move the output file; it is the job's saved work") from None
+            raise ManifestError(
+                f"cannot resume from this line: {exc.message}",
+                path=job.out,
+                line=line,
+                hint="fix or move the output file; it is the job's saved work",
+            ) from None
         item.width, item.height, item.depth = record.width, record.height, record.depth
         meta = obj.get(f"{job.attribute}-metadata") or {}
         item.changed_at = meta.get("creation-date") if isinstance(meta.get("creation-date"), str) else None

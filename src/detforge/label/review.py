@@ -74,11 +74,21 @@ class ReviewItem:
 
     def to_json(self) -> dict:
         """The compact form sent to the page."""
-        data = {"i": self.index, "id": self.image_id, "name": storage.basename(self.source_ref),
-                "job": self.job, "w": self.width, "h": self.height,
-                "boxes": [[round(v, 1) for v in box] + [name]
-                          for box, name in zip(self.boxes, self.classes, strict=True)],
-                "tiny": self.tiny, "edge": self.edge, "suspicion": round(self.suspicion, 3)}
+        data = {
+            "i": self.index,
+            "id": self.image_id,
+            "name": storage.basename(self.source_ref),
+            "job": self.job,
+            "w": self.width,
+            "h": self.height,
+            "boxes": [
+                [round(v, 1) for v in box] + [name]
+                for box, name in zip(self.boxes, self.classes, strict=True)
+            ],
+            "tiny": self.tiny,
+            "edge": self.edge,
+            "suspicion": round(self.suspicion, 3),
+        }
         if self.predictions is not None:
             data.update(pred=self.predictions, missed=self.missed, extra=self.extra, lowiou=self.low_iou)
         return data
@@ -95,9 +105,11 @@ def clean_reason(reason: str | None) -> str:
 def format_discard(rejected: dict[str, str], *, total: int | None = None) -> str:
     """The text of a discard file (comment header, then ``id[<TAB>reason]`` lines, sorted by id)."""
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    lines = ["# detforge discard list: one image id (file stem) a line, optionally <TAB>reason",
-             f"# written by detforge review at {now}: {len(rejected)} rejected"
-             + (f" of {total} images" if total is not None else "")]
+    lines = [
+        "# detforge discard list: one image id (file stem) a line, optionally <TAB>reason",
+        f"# written by detforge review at {now}: {len(rejected)} rejected"
+        + (f" of {total} images" if total is not None else ""),
+    ]
     for image_id in sorted(rejected):
         reason = clean_reason(rejected[image_id])
         lines.append(f"{image_id}\t{reason}" if reason else image_id)
@@ -120,30 +132,40 @@ def read_predictions(path: str | os.PathLike) -> dict[str, list[list[float]]]:
     for number, entry in iter_predictions(path):
         name = entry.get("image") or entry.get("source-ref")
         if not isinstance(name, str):
-            raise FormatError('expected {"image": NAME, "prediction": [[class_id, score, xmin, ymin, xmax, '
-                              'ymax], ...]}', path=path, line=number, field="image")
+            raise FormatError(
+                'expected {"image": NAME, "prediction": [[class_id, score, xmin, ymin, xmax, ymax], ...]}',
+                path=path,
+                line=number,
+                field="image",
+            )
         found[storage.stem(name)] = prediction_rows(entry, path=path, line=number)
     return found
 
 
-def compare_with_predictions(item: ReviewItem, rows: list[list[float]], *, class_names: Sequence[str] | None,
-                             score_threshold: float) -> None:
+def compare_with_predictions(
+    item: ReviewItem, rows: list[list[float]], *, class_names: Sequence[str] | None, score_threshold: float
+) -> None:
     """Fill ``item``'s prediction fields: missed objects, extra boxes, low-IoU boxes and a suspicion score.
 
     Without ``class_names`` the prediction classes cannot be named, so matching ignores classes.
     """
     keep = [r for r in rows if r[1] >= score_threshold]
     norm = np.array([r[2:] for r in keep], dtype=np.float64).reshape(-1, 4)
-    pred_boxes = np.clip(box_ops.xyxy_norm_to_xyxy(norm, width=item.width, height=item.height),
-                         0, [item.width, item.height, item.width, item.height])
+    pred_boxes = np.clip(
+        box_ops.xyxy_norm_to_xyxy(norm, width=item.width, height=item.height),
+        0,
+        [item.width, item.height, item.width, item.height],
+    )
 
     def name(class_id: float) -> str:
         cid = int(class_id)
         return class_names[cid] if class_names and 0 <= cid < len(class_names) else f"class {cid}"
 
     pred_names = [name(r[0]) for r in keep]
-    item.predictions = [[n, round(r[1], 3), *[round(float(v), 1) for v in b]]
-                        for n, r, b in zip(pred_names, keep, pred_boxes, strict=True)]
+    item.predictions = [
+        [n, round(r[1], 3), *[round(float(v), 1) for v in b]]
+        for n, r, b in zip(pred_names, keep, pred_boxes, strict=True)
+    ]
     iou = box_ops.iou_xyxy(np.array(item.boxes, dtype=np.float64).reshape(-1, 4), pred_boxes)
     if class_names:
         same = np.array([[g == p for p in pred_names] for g in item.classes], dtype=bool).reshape(iou.shape)
@@ -212,8 +234,12 @@ class ReviewSession:
     def save(self) -> None:
         """Write the discard file, then the sidecar (both atomic; the discard file is the truth)."""
         storage.write_text(self.discard, format_discard(self.rejected, total=len(self.image_ids)))
-        sidecar = {"version": 1, "discard": storage.basename(self.discard), "kept": sorted(self.kept),
-                   "rejected": sorted(self.rejected)}
+        sidecar = {
+            "version": 1,
+            "discard": storage.basename(self.discard),
+            "kept": sorted(self.kept),
+            "rejected": sorted(self.rejected),
+        }
         storage.write_bytes(sidecar_path(self.discard), orjson.dumps(sidecar, option=orjson.OPT_INDENT_2))
 
     def image_bytes(self, index: int, *, thumb: bool) -> tuple[bytes, str]:
@@ -241,10 +267,18 @@ def make_thumbnail(data: bytes, size: int = THUMB_SIZE) -> bytes:
     return images.thumbnail_jpeg(data, size=size)
 
 
-def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.PathLike,
-                predictions: str | os.PathLike | None = None, label_attribute: str | None = None,
-                classes: str | os.PathLike | None = None, score_threshold: float = 0.5,
-                images: str | None = None, on_error: str = "stop", report=None) -> ReviewSession:
+def load_review(
+    manifests: Iterable[str | os.PathLike],
+    *,
+    discard: str | os.PathLike,
+    predictions: str | os.PathLike | None = None,
+    label_attribute: str | None = None,
+    classes: str | os.PathLike | None = None,
+    score_threshold: float = 0.5,
+    images: str | None = None,
+    on_error: str = "stop",
+    report=None,
+) -> ReviewSession:
     """Read manifests (streaming), predictions and earlier decisions into a ReviewSession.
 
     ``images``, ``on_error``, ``report``: as in every reader (``data.sources.read_source``): the image folder
@@ -258,23 +292,39 @@ def load_review(manifests: Iterable[str | os.PathLike], *, discard: str | os.Pat
     class_names = read_class_names(classes) if classes is not None else None
     items: list[ReviewItem] = []
     for manifest in manifests:
-        _, _, records = read_source(manifest, label_attribute=label_attribute, images=images,
-                                     on_error=on_error, report=report)
+        _, _, records = read_source(
+            manifest, label_attribute=label_attribute, images=images, on_error=on_error, report=report
+        )
         for record in records:
             boxes = record.boxes
             w, h = record.width, record.height
             widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
             tiny = (widths < TINY_FRACTION * w) | (heights < TINY_FRACTION * h)
-            edge = (boxes[:, 0] <= EDGE_PIXELS) | (boxes[:, 1] <= EDGE_PIXELS) | \
-                   (boxes[:, 2] >= w - EDGE_PIXELS) | (boxes[:, 3] >= h - EDGE_PIXELS)
+            edge = (
+                (boxes[:, 0] <= EDGE_PIXELS)
+                | (boxes[:, 1] <= EDGE_PIXELS)
+                | (boxes[:, 2] >= w - EDGE_PIXELS)
+                | (boxes[:, 3] >= h - EDGE_PIXELS)
+            )
             item = ReviewItem(
-                index=len(items), image_id=record.image_id,
+                index=len(items),
+                image_id=record.image_id,
                 source_ref=resolve_source_ref(record.source_ref, manifest),
-                job=record.job_name or storage.basename(manifest), width=w, height=h,
-                boxes=boxes.tolist(), classes=record.class_names, tiny=int(tiny.sum()), edge=int(edge.sum()))
+                job=record.job_name or storage.basename(manifest),
+                width=w,
+                height=h,
+                boxes=boxes.tolist(),
+                classes=record.class_names,
+                tiny=int(tiny.sum()),
+                edge=int(edge.sum()),
+            )
             if preds is not None:
-                compare_with_predictions(item, preds.get(item.image_id, []), class_names=class_names,
-                                         score_threshold=score_threshold)
+                compare_with_predictions(
+                    item,
+                    preds.get(item.image_id, []),
+                    class_names=class_names,
+                    score_threshold=score_threshold,
+                )
             items.append(item)
     session = ReviewSession(items=items, discard=os.fspath(discard), has_predictions=preds is not None)
     session.rejected = read_discard(session.discard)
@@ -296,8 +346,9 @@ class ReviewServer(LocalServer):
 
     command = "detforge review"
 
-    def __init__(self, session: ReviewSession, *, host: str = "127.0.0.1", port: int = 8765,
-                 token: str | None = None) -> None:
+    def __init__(
+        self, session: ReviewSession, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None
+    ) -> None:
         self.session = session
         super().__init__(_Handler, host=host, port=port, token=token)
 
@@ -313,24 +364,40 @@ class _Handler(TokenHandler):
         session = self.server.session
         try:
             if path in ("/", "/index.html"):
-                self._send(200, inline_page("review", self.server.token), "text/html; charset=utf-8",
-                           {"Cache-Control": "no-store"})
+                self._send(
+                    200,
+                    inline_page("review", self.server.token),
+                    "text/html; charset=utf-8",
+                    {"Cache-Control": "no-store"},
+                )
             elif path == "/api/items":
-                self._json(200, {"items": [item.to_json() for item in session.items],
-                                 "predictions": session.has_predictions,
-                                 "discard": session.discard, "decisions": session.decisions(),
-                                 "progress": session.progress(),
-                                 "thresholds": {"tiny_fraction": TINY_FRACTION, "edge_pixels": EDGE_PIXELS,
-                                                "match_iou": MATCH_IOU, "good_iou": GOOD_IOU}})
+                self._json(
+                    200,
+                    {
+                        "items": [item.to_json() for item in session.items],
+                        "predictions": session.has_predictions,
+                        "discard": session.discard,
+                        "decisions": session.decisions(),
+                        "progress": session.progress(),
+                        "thresholds": {
+                            "tiny_fraction": TINY_FRACTION,
+                            "edge_pixels": EDGE_PIXELS,
+                            "match_iou": MATCH_IOU,
+                            "good_iou": GOOD_IOU,
+                        },
+                    },
+                )
             elif path == "/api/progress":
                 self._json(200, session.progress())
             elif path.startswith("/api/image/"):
-                self._image(path[len("/api/image/"):], thumb=(query.get("size") or [""])[0] == "thumb")
+                self._image(path[len("/api/image/") :], thumb=(query.get("size") or [""])[0] == "thumb")
             elif path == "/api/discard":
                 name = storage.basename(session.discard) or "discard.txt"
                 text = format_discard(session.rejected, total=len(session.image_ids)).encode("utf-8")
-                headers = {"Content-Disposition": f'attachment; filename="{name}"',
-                           "Cache-Control": "no-store"}
+                headers = {
+                    "Content-Disposition": f'attachment; filename="{name}"',
+                    "Cache-Control": "no-store",
+                }
                 self._send(200, text, "text/plain; charset=utf-8", headers)
             else:
                 self._error(404, "not found")
@@ -357,8 +424,9 @@ class _Handler(TokenHandler):
             return
         try:
             body = orjson.loads(data or b"{}")
-            progress = self.server.session.decide(str(body.get("id", "")), str(body.get("decision", "")),
-                                                  str(body.get("reason") or ""))
+            progress = self.server.session.decide(
+                str(body.get("id", "")), str(body.get("decision", "")), str(body.get("reason") or "")
+            )
         except (orjson.JSONDecodeError, AttributeError):
             self._error(400, 'expected JSON {"id": ..., "decision": "reject"|"keep"|"clear", "reason": ...}')
             return
@@ -368,16 +436,35 @@ class _Handler(TokenHandler):
         except DetforgeError as exc:
             self._error(500, f"could not save the decision: {exc}")
             return
-        self._json(200, {"progress": progress, "decisions": {body["id"]: self.server.session.decisions().get(
-            body["id"], {"decision": "none", "reason": ""})}})
+        self._json(
+            200,
+            {
+                "progress": progress,
+                "decisions": {
+                    body["id"]: self.server.session.decisions().get(
+                        body["id"], {"decision": "none", "reason": ""}
+                    )
+                },
+            },
+        )
 
 
-def review(manifests: Sequence[str | os.PathLike], *, discard: str | os.PathLike,
-           predictions: str | os.PathLike | None = None, label_attribute: str | None = None,
-           classes: str | os.PathLike | None = None, score_threshold: float = 0.5, host: str = "127.0.0.1",
-           port: int = 8765, open_browser: bool = True, images: str | None = None,
-           on_error: str = "stop", report=None,
-           on_ready: Callable[[ReviewServer], None] | None = None) -> ReviewSession:
+def review(
+    manifests: Sequence[str | os.PathLike],
+    *,
+    discard: str | os.PathLike,
+    predictions: str | os.PathLike | None = None,
+    label_attribute: str | None = None,
+    classes: str | os.PathLike | None = None,
+    score_threshold: float = 0.5,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    open_browser: bool = True,
+    images: str | None = None,
+    on_error: str = "stop",
+    report=None,
+    on_ready: Callable[[ReviewServer], None] | None = None,
+) -> ReviewSession:
     """Load the manifests and serve the review page until interrupted; returns the session at the end.
 
     ``on_ready(server)`` is called once the server listens (the CLI prints ``server.url`` there). A local
@@ -385,15 +472,25 @@ def review(manifests: Sequence[str | os.PathLike], *, discard: str | os.PathLike
     one is refused instead of the last writer silently dropping the other's rejections.
     """
     with discard_lock(discard):
-        session = load_review(manifests, discard=discard, predictions=predictions,
-                              images=images, on_error=on_error, report=report,
-                              label_attribute=label_attribute, classes=classes,
-                              score_threshold=score_threshold)
+        session = load_review(
+            manifests,
+            discard=discard,
+            predictions=predictions,
+            images=images,
+            on_error=on_error,
+            report=report,
+            label_attribute=label_attribute,
+            classes=classes,
+            score_threshold=score_threshold,
+        )
         try:
             server = ReviewServer(session, host=host, port=port)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port",
-                              hint="choose another --port") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                field="--port",
+                hint="choose another --port",
+            ) from None
         redirect = None
         try:
             if on_ready is not None:
@@ -420,8 +517,12 @@ def discard_lock(discard: str | os.PathLike) -> Iterator[None]:
     lock = storage.FileLock(os.path.abspath(discard) + ".lock")
     holder = lock.acquire()
     if holder is not None:
-        raise ConfigError(f"another detforge review is writing this discard list ({holder})", path=discard,
-                          field="--discard", hint="stop it first, or give another --discard")
+        raise ConfigError(
+            f"another detforge review is writing this discard list ({holder})",
+            path=discard,
+            field="--discard",
+            hint="stop it first, or give another --discard",
+        )
     try:
         yield
     finally:

@@ -50,9 +50,11 @@ def open_in_browser(url: str) -> str:
     folder = tempfile.mkdtemp(prefix="detforge-")  # 0700
     path = os.path.join(folder, "open.html")
     quoted = html.escape(url, quote=True)
-    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8">'
-            f'<meta http-equiv="refresh" content="0;url={quoted}"><title>opening detforge</title></head>'
-            f'<body><p>Opening <a href="{quoted}">the page</a>...</p></body></html>')
+    page = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8">'
+        f'<meta http-equiv="refresh" content="0;url={quoted}"><title>opening detforge</title></head>'
+        f'<body><p>Opening <a href="{quoted}">the page</a>...</p></body></html>'
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(page)
@@ -87,11 +89,15 @@ class LocalServer(ThreadingHTTPServer):
     daemon_threads = True
     command = "detforge"
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], *, host: str, port: int,
-                 token: str | None = None) -> None:
+    def __init__(
+        self, handler: type[BaseHTTPRequestHandler], *, host: str, port: int, token: str | None = None
+    ) -> None:
         if not is_loopback(host):
-            raise ConfigError(f"the `{self.command}` server listens on loopback only, not {host!r}",
-                              field="--host", hint="use 127.0.0.1 and an SSH tunnel from another machine")
+            raise ConfigError(
+                f"the `{self.command}` server listens on loopback only, not {host!r}",
+                field="--host",
+                hint="use 127.0.0.1 and an SSH tunnel from another machine",
+            )
         self.token = token or secrets.token_urlsafe(24)
         super().__init__((host, port), handler)
 
@@ -112,8 +118,13 @@ class TokenHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's name
         pass  # the terminal is for the summary, not one line per thumbnail
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

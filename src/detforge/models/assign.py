@@ -42,8 +42,12 @@ def box_iou(a, b):
 def candidate_mask(points, strides, gt_boxes, *, radius: float = CENTER_RADIUS):
     """G x A booleans: point inside the box, or within ``radius x stride`` (per axis) of its centre."""
     x, y = points[None, :, 0], points[None, :, 1]
-    inside = ((x > gt_boxes[:, None, 0]) & (x < gt_boxes[:, None, 2])
-              & (y > gt_boxes[:, None, 1]) & (y < gt_boxes[:, None, 3]))
+    inside = (
+        (x > gt_boxes[:, None, 0])
+        & (x < gt_boxes[:, None, 2])
+        & (y > gt_boxes[:, None, 1])
+        & (y < gt_boxes[:, None, 3])
+    )
     cx = (gt_boxes[:, None, 0] + gt_boxes[:, None, 2]) / 2
     cy = (gt_boxes[:, None, 1] + gt_boxes[:, None, 3]) / 2
     reach = radius * strides[None, :]
@@ -51,8 +55,19 @@ def candidate_mask(points, strides, gt_boxes, *, radius: float = CENTER_RADIUS):
     return inside | near
 
 
-def task_aligned_assign(scores, boxes, points, strides, gt_boxes, gt_labels, *, topk: int = TOPK,
-                        alpha: float = ALPHA, beta: float = BETA, radius: float = CENTER_RADIUS):
+def task_aligned_assign(
+    scores,
+    boxes,
+    points,
+    strides,
+    gt_boxes,
+    gt_labels,
+    *,
+    topk: int = TOPK,
+    alpha: float = ALPHA,
+    beta: float = BETA,
+    radius: float = CENTER_RADIUS,
+):
     """Assign the ``A`` points of one image to its ``G`` boxes (see the module docstring).
 
     ``scores`` A x C (probabilities), ``boxes`` A x 4 predicted xyxy, ``points`` A x 2 centres,
@@ -71,7 +86,7 @@ def task_aligned_assign(scores, boxes, points, strides, gt_boxes, gt_labels, *, 
     candidates = candidate_mask(points, strides, gt_boxes, radius=radius)
     # rank candidates by metric; stable sort keeps the lower point index first on ties
     ranked = torch.where(candidates, metric, torch.full_like(metric, -1.0))
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :min(topk, num_points)]
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, : min(topk, num_points)]
     chosen = torch.zeros_like(candidates)
     chosen.scatter_(1, order, True)
     chosen &= candidates

@@ -58,8 +58,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def conv_bn_act(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """Convolution (no bias), BatchNorm, Hardswish."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.Hardswish(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.Hardswish(inplace=True),
+    )
 
 
 def dw_separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -108,8 +111,9 @@ def shufflenet_v2_backbone(*, pretrained: bool) -> Backbone:
 
     weights = pretrained_weights("shufflenet-v2", pretrained)
     net = torchvision.models.shufflenet_v2_x1_0(weights=weights, progress=False)
-    return Backbone([nn.Sequential(net.conv1, net.maxpool, net.stage2), net.stage3, net.stage4],
-                    (116, 232, 464))
+    return Backbone(
+        [nn.Sequential(net.conv1, net.maxpool, net.stage2), net.stage3, net.stage4], (116, 232, 464)
+    )
 
 
 def resnet50_backbone(*, pretrained: bool) -> Backbone:
@@ -152,8 +156,10 @@ class Head(nn.Module):
     def __init__(self, num_classes: int, channels: int = NECK_CHANNELS, levels: int = 3) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.towers = nn.ModuleList(nn.Sequential(dw_separable(channels, channels),
-                                                  dw_separable(channels, channels)) for _ in range(levels))
+        self.towers = nn.ModuleList(
+            nn.Sequential(dw_separable(channels, channels), dw_separable(channels, channels))
+            for _ in range(levels)
+        )
         self.cls_out = nn.ModuleList(nn.Conv2d(channels, num_classes, 1) for _ in range(levels))
         self.reg_out = nn.ModuleList(nn.Conv2d(channels, 4 * (REG_MAX + 1), 1) for _ in range(levels))
         for conv in list(self.cls_out) + list(self.reg_out):
@@ -226,16 +232,27 @@ def distribution_focal_loss(reg_logits, target_dist):
     w_left = right.float() - target
     w_right = target - left.float()
     logp = F.log_softmax(reg_logits, dim=-1)
-    loss = -(logp.gather(-1, left[..., None])[..., 0] * w_left
-             + logp.gather(-1, right[..., None])[..., 0] * w_right)
+    loss = -(
+        logp.gather(-1, left[..., None])[..., 0] * w_left
+        + logp.gather(-1, right[..., None])[..., 0] * w_right
+    )
     return loss.mean(-1)
 
 
 class GFLDetector(nn.Module):
     """Backbone + PAN + GFL head; see the module docstring for the contract."""
 
-    def __init__(self, backbone: Backbone, *, num_classes: int, image_size: int, score_thresh: float,
-                 nms_thresh: float, detections_per_img: int, topk_candidates: int) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        num_classes: int,
+        image_size: int,
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+        topk_candidates: int,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = PAN(backbone.channels)
@@ -271,16 +288,25 @@ class GFLDetector(nn.Module):
     def _batch(self, images, targets=None):
         """Stack images (resized to image_size unless a train batch already shares a /32 size)."""
         sizes = [tuple(img.shape[-2:]) for img in images]
-        keep = (self.training and len(set(sizes)) == 1 and sizes[0][0] % 32 == 0 and sizes[0][1] % 32 == 0)
+        keep = self.training and len(set(sizes)) == 1 and sizes[0][0] % 32 == 0 and sizes[0][1] % 32 == 0
         if keep:
             batch = torch.stack(list(images))
         else:
             # antialiased, as training's resize (PIL bilinear) is: a 1024 px photo shrunk to 320 px without
             # it is a different image to the model (0.156 vs 0.169 AP50-95 on Aquarium's valid split); the
             # exported graph calls dense_predictions on the runtime's antialiased resize, never this
-            batch = torch.cat([F.interpolate(img[None], size=(self.image_size, self.image_size),
-                                             mode="bilinear", align_corners=False, antialias=True)
-                               for img in images])
+            batch = torch.cat(
+                [
+                    F.interpolate(
+                        img[None],
+                        size=(self.image_size, self.image_size),
+                        mode="bilinear",
+                        align_corners=False,
+                        antialias=True,
+                    )
+                    for img in images
+                ]
+            )
         scales = []
         for height, width in sizes:
             sx, sy = (1.0, 1.0) if keep else (self.image_size / width, self.image_size / height)
@@ -315,8 +341,9 @@ class GFLDetector(nn.Module):
         with torch.no_grad():
             probs = cls_logits.detach().float().sigmoid()
         for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=True)):
-            assigned, soft = task_aligned_assign(probs[i], pred_boxes[i].detach(), points, strides,
-                                                 boxes, labels)
+            assigned, soft = task_aligned_assign(
+                probs[i], pred_boxes[i].detach(), points, strides, boxes, labels
+            )
             positive = assigned >= 0
             if not bool(positive.any()):
                 continue
@@ -338,34 +365,67 @@ class GFLDetector(nn.Module):
             dfl = (dfl * weight).sum() / normalizer
         else:  # no boxes in the batch: zero box losses that still depend on the head (DDP needs every grad)
             giou = dfl = reg_logits.sum() * 0.0
-        return {"quality_focal": LOSS_WEIGHTS["quality_focal"] * qfl,
-                "giou": LOSS_WEIGHTS["giou"] * giou,
-                "distribution_focal": LOSS_WEIGHTS["distribution_focal"] * dfl}
+        return {
+            "quality_focal": LOSS_WEIGHTS["quality_focal"] * qfl,
+            "giou": LOSS_WEIGHTS["giou"] * giou,
+            "distribution_focal": LOSS_WEIGHTS["distribution_focal"] * dfl,
+        }
 
     # ------------------------------------------------------------ inference
     def postprocess(self, boxes, scores) -> dict:
         """Per-class score threshold, top-k candidates and NMS (torchvision SSD's rules) for one image."""
-        return select_detections(boxes, scores, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
-                                 topk_candidates=self.topk_candidates,
-                                 detections_per_img=self.detections_per_img)
+        return select_detections(
+            boxes,
+            scores,
+            score_thresh=self.score_thresh,
+            nms_thresh=self.nms_thresh,
+            topk_candidates=self.topk_candidates,
+            detections_per_img=self.detections_per_img,
+        )
 
 
-BACKBONES = {"shufflenet-v2": shufflenet_v2_backbone, "mobilenet-v3": mobilenet_v3_backbone,
-             "resnet-50": resnet50_backbone}
+BACKBONES = {
+    "shufflenet-v2": shufflenet_v2_backbone,
+    "mobilenet-v3": mobilenet_v3_backbone,
+    "resnet-50": resnet50_backbone,
+}
 
 
-def build_gfl(base_network: str, *, num_classes: int, image_size: int, pretrained_backbone: bool = False,
-              score_thresh: float, nms_thresh: float, detections_per_img: int,
-              topk_candidates: int) -> GFLDetector:
+def build_gfl(
+    base_network: str,
+    *,
+    num_classes: int,
+    image_size: int,
+    pretrained_backbone: bool = False,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    topk_candidates: int,
+) -> GFLDetector:
     """The anchor-free detector on ``base_network`` (see the module docstring)."""
     if base_network not in BACKBONES:
-        raise ConfigError(f"detector=gfl has no {base_network} backbone; choose one of "
-                          f"{', '.join(BACKBONES)}", field="base_network")
+        raise ConfigError(
+            f"detector=gfl has no {base_network} backbone; choose one of {', '.join(BACKBONES)}",
+            field="base_network",
+        )
     backbone = BACKBONES[base_network](pretrained=pretrained_backbone)
-    return GFLDetector(backbone, num_classes=num_classes, image_size=image_size, score_thresh=score_thresh,
-                       nms_thresh=nms_thresh, detections_per_img=detections_per_img,
-                       topk_candidates=topk_candidates)
+    return GFLDetector(
+        backbone,
+        num_classes=num_classes,
+        image_size=image_size,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        topk_candidates=topk_candidates,
+    )
 
 
-__all__ = ["GFLDetector", "box_iou", "build_gfl", "giou_loss", "quality_focal_loss",
-           "distribution_focal_loss", "grid_points"]
+__all__ = [
+    "GFLDetector",
+    "box_iou",
+    "build_gfl",
+    "giou_loss",
+    "quality_focal_loss",
+    "distribution_focal_loss",
+    "grid_points",
+]

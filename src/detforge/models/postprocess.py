@@ -21,8 +21,9 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import nms
 
 
-def select_detections(boxes, scores, *, score_thresh: float, nms_thresh: float, topk_candidates: int,
-                      detections_per_img: int) -> dict:
+def select_detections(
+    boxes, scores, *, score_thresh: float, nms_thresh: float, topk_candidates: int, detections_per_img: int
+) -> dict:
     """Detections of one image from its boxes ``A x 4`` and class scores ``A x C`` (labels = class + 1)."""
     out_boxes, out_scores, out_labels = [], [], []
     for c in range(scores.shape[1]):
@@ -66,7 +67,9 @@ class BatchedClassNMS(torch.autograd.Function):
     @staticmethod
     def symbolic(g, boxes, scores, max_per_class, iou_threshold, score_threshold):
         return g.op(
-            "NonMaxSuppression", boxes, scores,
+            "NonMaxSuppression",
+            boxes,
+            scores,
             g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64)),
             g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32)),
             g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32)),
@@ -80,8 +83,9 @@ def padded_detections(boxes, scores, *, nms_threshold: float, nms_topk: int, sco
     ``N x K`` (0-based, -1 padding, padded boxes and scores 0) and their number ``N``."""
     num_classes, num_anchors = int(scores.shape[1]), int(scores.shape[2])  # constants in a trace
     keep = min(int(nms_topk), num_classes * num_anchors)
-    selected = BatchedClassNMS.apply(boxes, scores, int(nms_topk), float(nms_threshold),
-                                     float(score_threshold))
+    selected = BatchedClassNMS.apply(
+        boxes, scores, int(nms_topk), float(nms_threshold), float(score_threshold)
+    )
     flat_scores = scores.reshape(-1)
     flat_index = (selected[:, 0] * num_classes + selected[:, 1]) * num_anchors + selected[:, 2]
     picked = flat_scores.index_select(0, flat_index)
@@ -91,7 +95,9 @@ def padded_detections(boxes, scores, *, nms_threshold: float, nms_topk: int, sco
     classes = torch.div(top_index, num_anchors, rounding_mode="floor")
     anchor = top_index - classes * num_anchors
     top_boxes = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(-1, -1, 4))
-    return (top_boxes * valid.unsqueeze(-1).float(),
-            torch.where(valid, top_scores, torch.zeros_like(top_scores)),
-            torch.where(valid, classes, torch.full_like(classes, -1)),
-            valid.sum(dim=1))
+    return (
+        top_boxes * valid.unsqueeze(-1).float(),
+        torch.where(valid, top_scores, torch.zeros_like(top_scores)),
+        torch.where(valid, classes, torch.full_like(classes, -1)),
+        valid.sum(dim=1),
+    )

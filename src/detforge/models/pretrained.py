@@ -47,6 +47,7 @@ def pretrained_weights(base_network: str, pretrained: bool):
             f"(expected {path}; folder {os.path.dirname(path)})",
             field="use_pretrained_model",
             hint=f"fetch it with `detforge weights download {base_network}` (or put the file from "
-                 f"{backbone_weights(base_network).url} there, or set TORCH_HOME), or train with "
-                 "use_pretrained_model=0 or start from a detforge model with --weights")
+            f"{backbone_weights(base_network).url} there, or set TORCH_HOME), or train with "
+            "use_pretrained_model=0 or start from a detforge model with --weights",
+        )
     return backbone_weights(base_network)

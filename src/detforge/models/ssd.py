@@ -56,8 +56,11 @@ def _detector_class():
         @property
         def input_spec(self) -> InputSpec:
             size = self.transform.fixed_size
-            return InputSpec(int(size[0]), tuple(float(m) for m in self.transform.image_mean),
-                             tuple(float(s) for s in self.transform.image_std))
+            return InputSpec(
+                int(size[0]),
+                tuple(float(m) for m in self.transform.image_mean),
+                tuple(float(s) for s in self.transform.image_std),
+            )
 
         def anchors_for(self, x, features):
             """The anchors (``A x 4``, input pixels) of an input of ``x``'s size, computed once per size."""
@@ -95,19 +98,28 @@ def _detector_class():
             """torchvision's decoding and clipping per image, then ``select_detections`` (its rules)."""
             scores = F.softmax(head_outputs["cls_logits"], dim=-1)
             detections = []
-            for codes, image_scores, anchors, shape in zip(head_outputs["bbox_regression"], scores,
-                                                           image_anchors, image_shapes, strict=True):
+            for codes, image_scores, anchors, shape in zip(
+                head_outputs["bbox_regression"], scores, image_anchors, image_shapes, strict=True
+            ):
                 boxes = box_ops.clip_boxes_to_image(self.box_coder.decode_single(codes, anchors), shape)
-                detections.append(select_detections(
-                    boxes, image_scores[:, 1:], score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
-                    topk_candidates=self.topk_candidates, detections_per_img=self.detections_per_img))
+                detections.append(
+                    select_detections(
+                        boxes,
+                        image_scores[:, 1:],
+                        score_thresh=self.score_thresh,
+                        nms_thresh=self.nms_thresh,
+                        topk_candidates=self.topk_candidates,
+                        detections_per_img=self.detections_per_img,
+                    )
+                )
             return detections
 
     return SSDDetector
 
 
-def _anchors(aspect_ratios: list[list[int]], scales: list[float] | None = None,
-             steps: list[int] | None = None):
+def _anchors(
+    aspect_ratios: list[list[int]], scales: list[float] | None = None, steps: list[int] | None = None
+):
     from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 
     if scales is None:
@@ -116,6 +128,7 @@ def _anchors(aspect_ratios: list[list[int]], scales: list[float] | None = None,
 
 
 # ---------------------------------------------------------------- vgg-16
+
 
 def _vgg_map_sizes(image_size: int) -> list[int]:
     """Feature map sizes of conv4_3, fc7 and each extra block that still gives at least 1x1."""
@@ -150,23 +163,38 @@ def build_vgg16(*, num_classes: int, image_size: int, pretrained_backbone: bool 
     backbone = SSDFeatureExtractorVGG(features, highres=True)
     sizes = _vgg_map_sizes(image_size)
     if len(sizes) < 2 or sizes[1] < 1:
-        raise ConfigError(f"vgg-16 needs image_shape >= {MIN_IMAGE_SIZE}, got {image_size}",
-                          field="image_shape")
+        raise ConfigError(
+            f"vgg-16 needs image_shape >= {MIN_IMAGE_SIZE}, got {image_size}", field="image_shape"
+        )
     backbone.extra = nn.ModuleList(list(backbone.extra)[: len(sizes) - 1])
     n = len(sizes)
     if image_size == 300 and n == 6:
-        anchors = _anchors([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
-                           [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], [8, 16, 32, 64, 100, 300])
+        anchors = _anchors(
+            [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+            [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+            [8, 16, 32, 64, 100, 300],
+        )
     elif image_size == 512 and n == 7:
-        anchors = _anchors([[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]],
-                           [0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06], [8, 16, 32, 64, 128, 256, 512])
+        anchors = _anchors(
+            [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]],
+            [0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06],
+            [8, 16, 32, 64, 128, 256, 512],
+        )
     else:
         anchors = _anchors(([[2]] + [[2, 3]] * max(0, n - 3) + [[2]] * 2)[:n])
-    return _detector_class()(backbone, anchors, (image_size, image_size), num_classes + 1,
-                             image_mean=[0.48235, 0.45882, 0.40784], image_std=[1.0 / 255.0] * 3, **post)
+    return _detector_class()(
+        backbone,
+        anchors,
+        (image_size, image_size),
+        num_classes + 1,
+        image_mean=[0.48235, 0.45882, 0.40784],
+        image_std=[1.0 / 255.0] * 3,
+        **post,
+    )
 
 
 # ---------------------------------------------------------------- resnet-50
+
 
 def _resnet_extractor(resnet, image_size: int):
     import torch.nn as nn
@@ -176,20 +204,31 @@ def _resnet_extractor(resnet, image_size: int):
 
         def __init__(self) -> None:
             super().__init__()
-            self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
-                                      resnet.layer1, resnet.layer2, resnet.layer3)
+            self.stem = nn.Sequential(
+                resnet.conv1,
+                resnet.bn1,
+                resnet.relu,
+                resnet.maxpool,
+                resnet.layer1,
+                resnet.layer2,
+                resnet.layer3,
+            )
             self.layer4 = resnet.layer4
             size = math.ceil(math.ceil(image_size / 16) / 2)
             extras, channels = [], 2048
             for filters in (512, 512, 256, 256):
                 if size <= 1:
                     break
-                extras.append(nn.Sequential(
-                    nn.Conv2d(channels, filters // 2, 1, bias=False), nn.BatchNorm2d(filters // 2),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(filters // 2, filters, 3, stride=2, padding=1, bias=False),
-                    nn.BatchNorm2d(filters),
-                    nn.ReLU(inplace=True)))
+                extras.append(
+                    nn.Sequential(
+                        nn.Conv2d(channels, filters // 2, 1, bias=False),
+                        nn.BatchNorm2d(filters // 2),
+                        nn.ReLU(inplace=True),
+                        nn.Conv2d(filters // 2, filters, 3, stride=2, padding=1, bias=False),
+                        nn.BatchNorm2d(filters),
+                        nn.ReLU(inplace=True),
+                    )
+                )
                 channels, size = filters, (size - 1) // 2 + 1
             self.extra = nn.ModuleList(extras)
 
@@ -217,11 +256,19 @@ def build_resnet50(*, num_classes: int, image_size: int, pretrained_backbone: bo
     # GluonCV's sizes [51.2, 102.4, 189.4, 276.4, 363.52, 450.6, 492] at 512, as fractions of the image
     scales = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 0.961] if n_maps == 6 else None
     anchors = _anchors(ratios[:n_maps], scales)
-    return _detector_class()(backbone, anchors, (image_size, image_size), num_classes + 1,
-                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], **post)
+    return _detector_class()(
+        backbone,
+        anchors,
+        (image_size, image_size),
+        num_classes + 1,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        **post,
+    )
 
 
 # ---------------------------------------------------------------- mobilenet-v3
+
 
 def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone: bool = False, **post):
     """SSDLite with a MobileNetV3-Large backbone (torchvision's ssdlite320 design at ``image_size``)."""
@@ -234,8 +281,9 @@ def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone
 
     weights = _pretrained("mobilenet-v3", pretrained_backbone)
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
-    mobilenet = torchvision.models.mobilenet_v3_large(weights=weights, progress=False, norm_layer=norm_layer,
-                                                      reduced_tail=False)
+    mobilenet = torchvision.models.mobilenet_v3_large(
+        weights=weights, progress=False, norm_layer=norm_layer, reduced_tail=False
+    )
     if weights is None:
         _normal_init(mobilenet)
     backbone = _mobilenet_extractor(mobilenet, 6, norm_layer)
@@ -245,8 +293,16 @@ def build_mobilenet_v3(*, num_classes: int, image_size: int, pretrained_backbone
     anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
     out_channels = det_utils.retrieve_out_channels(backbone, size)
     head = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_classes + 1, norm_layer)
-    return _detector_class()(backbone, anchors, size, num_classes + 1, head=head,
-                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **post)
+    return _detector_class()(
+        backbone,
+        anchors,
+        size,
+        num_classes + 1,
+        head=head,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        **post,
+    )
 
 
 SSD_FACTORIES = {

@@ -32,8 +32,10 @@ class BackboneWeights:
 def weights_status(base_network: str) -> BackboneWeights:
     """Where ``base_network``'s ImageNet weights live and whether they are there."""
     if base_network not in BASE_NETWORKS:
-        raise ConfigError(f"unknown base_network {base_network!r}; choose one of {', '.join(BASE_NETWORKS)}",
-                          field="base_network")
+        raise ConfigError(
+            f"unknown base_network {base_network!r}; choose one of {', '.join(BASE_NETWORKS)}",
+            field="base_network",
+        )
     path = backbone_weights_file(base_network)
     return BackboneWeights(base_network, path, backbone_weights(base_network).url, os.path.exists(path))
 
@@ -55,16 +57,22 @@ def download_backbone(base_network: str, *, url: str | None = None, progress: bo
     handle, partial = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(status.path))
     os.close(handle)
     try:
-        torch.hub.download_url_to_file(source, partial, hash_prefix=match.group(1) if match else None,
-                                       progress=progress)
+        torch.hub.download_url_to_file(
+            source, partial, hash_prefix=match.group(1) if match else None, progress=progress
+        )
         os.replace(partial, status.path)
     except RuntimeError as exc:  # torch.hub's hash mismatch
-        raise ModelError(f"the download of {source} is not the expected file: {exc}", path=status.path,
-                         hint="nothing was written; try again") from None
+        raise ModelError(
+            f"the download of {source} is not the expected file: {exc}",
+            path=status.path,
+            hint="nothing was written; try again",
+        ) from None
     except OSError as exc:
-        raise ModelError(f"cannot download {source}: {exc}", path=status.path,
-                         hint="nothing was written; check the network, or put the file there yourself"
-                         ) from None
+        raise ModelError(
+            f"cannot download {source}: {exc}",
+            path=status.path,
+            hint="nothing was written; check the network, or put the file there yourself",
+        ) from None
     finally:
         if os.path.exists(partial):
             os.remove(partial)

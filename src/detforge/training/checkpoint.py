@@ -90,10 +90,16 @@ def _absolute(path: str | os.PathLike | None) -> str | None:
 def write_inputs(run_dir: str | os.PathLike, inputs: RunInputs) -> RunInputs:
     """Write ``inputs.json`` (atomically) with local paths made absolute, so that the run folder can be
     read from anywhere; returns what it wrote."""
-    inputs = RunInputs(train=_absolute(inputs.train), validation=_absolute(inputs.validation),
-                       label_attribute=inputs.label_attribute, weights=_absolute(inputs.weights))
-    storage.write_bytes(storage.join(os.fspath(run_dir), INPUTS_FILE),
-                        orjson.dumps(inputs.to_json(), option=orjson.OPT_INDENT_2))
+    inputs = RunInputs(
+        train=_absolute(inputs.train),
+        validation=_absolute(inputs.validation),
+        label_attribute=inputs.label_attribute,
+        weights=_absolute(inputs.weights),
+    )
+    storage.write_bytes(
+        storage.join(os.fspath(run_dir), INPUTS_FILE),
+        orjson.dumps(inputs.to_json(), option=orjson.OPT_INDENT_2),
+    )
     return inputs
 
 
@@ -112,12 +118,18 @@ def read_inputs(run_dir: str | os.PathLike, *, state: dict | None = None) -> Run
             raise ModelError("does not name the training manifest", path=path, field="train")
         return RunInputs(**{k: obj.get(k) for k in RunInputs.__dataclass_fields__})
     if state is None and not storage.exists(storage.join(run_dir, STATE_FILE)):
-        raise ModelError("the run folder does not say what it was trained on: inputs.json is missing",
-                         path=path, hint="give a run folder written by `detforge train`")
+        raise ModelError(
+            "the run folder does not say what it was trained on: inputs.json is missing",
+            path=path,
+            hint="give a run folder written by `detforge train`",
+        )
     data = (state if state is not None else load_state(run_dir)).get("data") or {}
     if not data.get("train"):
-        raise ModelError("the resume state does not name the training manifest", path=run_dir,
-                         hint="give --train and --validation")
+        raise ModelError(
+            "the resume state does not name the training manifest",
+            path=run_dir,
+            hint="give --train and --validation",
+        )
     return RunInputs(train=data["train"], validation=data.get("validation"))
 
 

@@ -141,8 +141,9 @@ class ManifestDataset:
         self.mosaic = float(mosaic) if train else 0.0
         self.scale_jitter = float(scale_jitter)
         # a mosaic is already cropped and zoomed: it gets the preset's flip and, with it, its colour change
-        self.mosaic_transform = build_transform("flip+hsv" if preset == "flip+hsv" else "flip",
-                                                image_size=self.image_size, train=True)
+        self.mosaic_transform = build_transform(
+            "flip+hsv" if preset == "flip+hsv" else "flip", image_size=self.image_size, train=True
+        )
         self.cache_images = bool(cache_images)
         self._decoded: dict[int, tuple] = {}
         self.tiles = tiles if train else None  # training.tiles.TileCrops: items are crops of the photos
@@ -184,8 +185,12 @@ class ManifestDataset:
         boxes = sample.boxes.astype(np.float64)
         if self.cache_images:
             # tiles: kept at the resolution a tile is resized from, not the whole photo's
-            r = min(1.0, CACHE_SCALE * self.image_size / min(max(sample.width, sample.height),
-                                                             self.tiles.tile if self.tiles else 1 << 30))
+            r = min(
+                1.0,
+                CACHE_SCALE
+                * self.image_size
+                / min(max(sample.width, sample.height), self.tiles.tile if self.tiles else 1 << 30),
+            )
             if r < 1.0:
                 size = (max(1, round(sample.width * r)), max(1, round(sample.height * r)))
                 image = image.resize(size, Image.BILINEAR)
@@ -221,15 +226,17 @@ class ManifestDataset:
 
                 others = rng.integers(0, len(self.samples), 3)
                 pieces = [self.piece(i, rng) for i in [index, *others.tolist()]]
-                image, boxes, ids = mosaic(pieces, size=self.image_size, rng=rng,
-                                           scale_jitter=self.scale_jitter)
+                image, boxes, ids = mosaic(
+                    pieces, size=self.image_size, rng=rng, scale_jitter=self.scale_jitter
+                )
                 pixels, boxes, labels = self.mosaic_transform(image, boxes.astype(np.float32), ids)
             elif self.cache_images or self.tiles is not None:
                 image, boxes, ids = self.piece(index, rng)
                 pixels, boxes, labels = self.transform(image, boxes.astype(np.float32), ids)
             else:
-                pixels, boxes, labels = self.transform(self._checked_image(index),
-                                                       sample.boxes.astype(np.float32), sample.class_ids)
+                pixels, boxes, labels = self.transform(
+                    self._checked_image(index), sample.boxes.astype(np.float32), sample.class_ids
+                )
         boxes_np = box_ops.clip_xyxy(
             np.asarray(boxes, dtype=np.float64).reshape(-1, 4), width=self.image_size, height=self.image_size
         )

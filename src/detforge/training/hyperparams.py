@@ -292,12 +292,19 @@ def _check_combination(values: dict, source: str | None) -> None:
     detector = values.get("detector", "ssd")
     base_network = values.get("base_network", "vgg-16")
     if (detector, base_network) not in MODEL_TABLE:
-        raise ConfigError(f"detector={detector} has no {base_network} backbone; choose one of "
-                          f"{', '.join(b for d, b in MODEL_TABLE if d == detector)}", path=source,
-                          field="base_network")
+        raise ConfigError(
+            f"detector={detector} has no {base_network} backbone; choose one of "
+            f"{', '.join(b for d, b in MODEL_TABLE if d == detector)}",
+            path=source,
+            field="base_network",
+        )
     if detector == "ssd" and values.get("multiscale", 0.0) > 0:
-        raise ConfigError("needs detector=gfl (SSD's anchors are fixed to image_shape)", path=source,
-                          field="multiscale", hint="set multiscale=0 or detector=gfl")
+        raise ConfigError(
+            "needs detector=gfl (SSD's anchors are fixed to image_shape)",
+            path=source,
+            field="multiscale",
+            hint="set multiscale=0 or detector=gfl",
+        )
 
 
 def parse_overrides(items: Iterable[str]) -> dict:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import re
 
-VGG_LAYERS = [f"conv{block}_{k}" for block, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
-              for k in range(1, n + 1)] + ["fc6", "fc7"]
+VGG_LAYERS = [
+    f"conv{block}_{k}" for block, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for k in range(1, n + 1)
+] + ["fc6", "fc7"]
 
 
 def _suffix(kind: str, parameter: str) -> str:
@@ -78,5 +79,8 @@ def matching_parameters(model, base_network: str, pattern: str) -> list[str]:
     """torch names of the parameters whose torch or MXNet name ``pattern`` matches (``re.search``)."""
     regex = re.compile(pattern)
     mx = mxnet_names(model, base_network)
-    return [name for name, _ in model.named_parameters()
-            if regex.search(name) or (name in mx and regex.search(mx[name]))]
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if regex.search(name) or (name in mx and regex.search(mx[name]))
+    ]

@@ -48,7 +48,7 @@ def mosaic(pieces, *, size: int, rng: np.random.Generator, scale_jitter: float =
         cx0, cy0, cx1, cy1 = max(x1, 0), max(y1, 0), min(x1 + w, s2), min(y1 + h, s2)
         if cx1 > cx0 and cy1 > cy0:
             piece = _resize(image, w, h)
-            canvas[cy0:cy1, cx0:cx1] = piece[cy0 - y1:cy1 - y1, cx0 - x1:cx1 - x1]
+            canvas[cy0:cy1, cx0:cx1] = piece[cy0 - y1 : cy1 - y1, cx0 - x1 : cx1 - x1]
         b = box_ops.as_boxes(boxes) * np.array([w / width, h / height] * 2) + np.array([x1, y1] * 2)
         all_boxes.append(b)
         all_labels.append(np.asarray(labels, dtype=np.int64).reshape(-1))
@@ -56,13 +56,16 @@ def mosaic(pieces, *, size: int, rng: np.random.Generator, scale_jitter: float =
     side = int(min(s2, max(8, round(size / scale))))
     x0 = int(np.clip(xc - side // 2, 0, s2 - side))
     y0 = int(np.clip(yc - side // 2, 0, s2 - side))
-    out = _resize(np.ascontiguousarray(canvas[y0:y0 + side, x0:x0 + side]), size, size)
+    out = _resize(np.ascontiguousarray(canvas[y0 : y0 + side, x0 : x0 + side]), size, size)
     boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4))
     labels = np.concatenate(all_labels) if all_labels else np.zeros(0, dtype=np.int64)
     before = box_ops.area_xyxy(boxes)
     moved = (boxes - np.array([x0, y0] * 2)) * (size / side)
     clipped = box_ops.clip_xyxy(moved, width=size, height=size)
     after = box_ops.area_xyxy(clipped) / (size / side) ** 2
-    keep = ((clipped[:, 2] - clipped[:, 0] >= MIN_SIDE) & (clipped[:, 3] - clipped[:, 1] >= MIN_SIDE)
-            & (after >= MIN_VISIBLE * np.maximum(before, 1e-9)))
+    keep = (
+        (clipped[:, 2] - clipped[:, 0] >= MIN_SIDE)
+        & (clipped[:, 3] - clipped[:, 1] >= MIN_SIDE)
+        & (after >= MIN_VISIBLE * np.maximum(before, 1e-9))
+    )
     return out, clipped[keep], labels[keep]

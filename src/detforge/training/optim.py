@@ -49,11 +49,14 @@ def ignored_hyperparameters(hp: Hyperparameters) -> list[str]:
     """Notes on the set hyperparameters that ``hp.optimizer`` ignores (as SageMaker does)."""
     notes = []
     if hp.optimizer not in USES_WEIGHT_DECAY and hp.weight_decay:
-        notes.append(f"weight_decay={hp.weight_decay:g} is ignored: SageMaker applies it to sgd and rmsprop "
-                     "only")
+        notes.append(
+            f"weight_decay={hp.weight_decay:g} is ignored: SageMaker applies it to sgd and rmsprop only"
+        )
     if hp.optimizer in IGNORES_LEARNING_RATE:
-        notes.append(f"learning_rate, warmup_epochs and lr_scheduler_* are ignored: MXNet's {hp.optimizer} "
-                     "has no learning rate")
+        notes.append(
+            f"learning_rate, warmup_epochs and lr_scheduler_* are ignored: MXNet's {hp.optimizer} "
+            "has no learning rate"
+        )
     return notes
 
 
@@ -65,10 +68,18 @@ def mxnet_rmsprop():
         """MXNet's non-centered RMSProp: ``g += wd * w; n = gamma1 * n + (1 - gamma1) * g^2;
         w -= lr * g / sqrt(n + epsilon)``."""
 
-        def __init__(self, params, *, lr: float, gamma1: float = RMSPROP_GAMMA1,
-                     epsilon: float = RMSPROP_EPSILON, weight_decay: float = 0.0) -> None:
-            super().__init__(params, {"lr": lr, "gamma1": gamma1, "epsilon": epsilon,
-                                      "weight_decay": weight_decay})
+        def __init__(
+            self,
+            params,
+            *,
+            lr: float,
+            gamma1: float = RMSPROP_GAMMA1,
+            epsilon: float = RMSPROP_EPSILON,
+            weight_decay: float = 0.0,
+        ) -> None:
+            super().__init__(
+                params, {"lr": lr, "gamma1": gamma1, "epsilon": epsilon, "weight_decay": weight_decay}
+            )
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -99,13 +110,15 @@ def build_optimizer(params, hp: Hyperparameters):
     import torch
 
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hp.learning_rate, momentum=hp.momentum,
-                               weight_decay=hp.weight_decay)
+        return torch.optim.SGD(
+            params, lr=hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
     if hp.optimizer == "adam":
         return torch.optim.Adam(params, lr=hp.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPSILON)
     if hp.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=hp.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPSILON,
-                                 weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=hp.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPSILON, weight_decay=hp.weight_decay
+        )
     if hp.optimizer == "rmsprop":
         return mxnet_rmsprop()(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     if hp.optimizer == "adadelta":
@@ -121,10 +134,16 @@ def lr_multiplier(
     1 for an optimizer without a learning rate (MXNet's adadelta)."""
     if hp.optimizer in IGNORES_LEARNING_RATE:
         return 1.0
-    return recipe.lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs or hp.epochs,
-                            warmup_epochs=hp.warmup_epochs, schedule=hp.lr_schedule,
-                            steps=hp.lr_scheduler_step, step_factor=hp.lr_scheduler_factor,
-                            min_factor=hp.lr_min_factor)
+    return recipe.lr_factor(
+        step,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs or hp.epochs,
+        warmup_epochs=hp.warmup_epochs,
+        schedule=hp.lr_schedule,
+        steps=hp.lr_scheduler_step,
+        step_factor=hp.lr_scheduler_factor,
+        min_factor=hp.lr_min_factor,
+    )
 
 
 class LRSchedule:
@@ -136,8 +155,9 @@ class LRSchedule:
 
     def factor(self, step: int) -> float:
         """The learning-rate factor at optimizer step ``step`` (0-based)."""
-        return lr_multiplier(step, steps_per_epoch=self.steps_per_epoch, hp=self.hp,
-                             epochs=self.budget.planned)
+        return lr_multiplier(
+            step, steps_per_epoch=self.steps_per_epoch, hp=self.hp, epochs=self.budget.planned
+        )
 
 
 def build_scheduler(optimizer, hp: Hyperparameters, *, steps_per_epoch: int, budget: recipe.Budget):
@@ -145,4 +165,5 @@ def build_scheduler(optimizer, hp: Hyperparameters, *, steps_per_epoch: int, bud
     import torch
 
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LRSchedule(hp, steps_per_epoch=steps_per_epoch, budget=budget).factor)
+        optimizer, LRSchedule(hp, steps_per_epoch=steps_per_epoch, budget=budget).factor
+    )

@@ -61,8 +61,17 @@ class ModelEMA:
         self.updates = int(state["updates"])
 
 
-def lr_factor(step: int, *, steps_per_epoch: int, epochs: float, warmup_epochs: float, schedule: str,
-              steps: tuple[int, ...] = (), step_factor: float = 0.1, min_factor: float = 0.01) -> float:
+def lr_factor(
+    step: int,
+    *,
+    steps_per_epoch: int,
+    epochs: float,
+    warmup_epochs: float,
+    schedule: str,
+    steps: tuple[int, ...] = (),
+    step_factor: float = 0.1,
+    min_factor: float = 0.01,
+) -> float:
     """Learning-rate factor at optimizer step ``step`` (0-based) of a run planned for ``epochs``."""
     epoch = step / max(steps_per_epoch, 1)
     if schedule == "cosine":
@@ -160,13 +169,15 @@ class MultiScaleLoader:
         import torch.nn.functional as F
 
         for step, (images, targets, indices) in enumerate(self.loader):
-            size = multiscale_size(self.image_size, self.multiscale, seed=self.seed, epoch=self.epoch,
-                                   step=step)
+            size = multiscale_size(
+                self.image_size, self.multiscale, seed=self.seed, epoch=self.epoch, step=step
+            )
             resized, scaled = [], []
             for image, target in zip(images, targets, strict=True):
                 height, width = image.shape[-2:]
-                resized.append(F.interpolate(image[None], size=(size, size), mode="bilinear",
-                                             align_corners=False)[0])
+                resized.append(
+                    F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+                )
                 factor = image.new_tensor([size / width, size / height] * 2)
                 scaled.append({**target, "boxes": target["boxes"] * factor})
             yield resized, scaled, indices

@@ -52,8 +52,9 @@ class TileCrops:
         """``crop`` of a decoded image that is ``scale`` times the photo's size (the image cache shrinks)."""
         if rng.random() >= self.probability:
             return image, box_ops.as_boxes(boxes), np.asarray(labels, dtype=np.int64).reshape(-1)
-        return crop(image, boxes, labels, side=max(1, round(self.tile * scale)), rng=rng,
-                    min_visible=self.min_visible)
+        return crop(
+            image, boxes, labels, side=max(1, round(self.tile * scale)), rng=rng, min_visible=self.min_visible
+        )
 
 
 def visible_fraction(boxes, window) -> np.ndarray:
@@ -66,8 +67,16 @@ def visible_fraction(boxes, window) -> np.ndarray:
         return np.where(area > 0, box_ops.area_xyxy(inside) / np.where(area > 0, area, 1), 0.0)
 
 
-def crop(image: np.ndarray, boxes, labels, *, side: int, rng: np.random.Generator,
-         min_visible: float = MIN_VISIBLE, tries: int = TRIES):
+def crop(
+    image: np.ndarray,
+    boxes,
+    labels,
+    *,
+    side: int,
+    rng: np.random.Generator,
+    min_visible: float = MIN_VISIBLE,
+    tries: int = TRIES,
+):
     """``(window pixels, its boxes, their labels)``: the best of ``tries`` random ``side x side`` windows
     (a side no longer than ``side`` is taken whole), boxes handled as the module docstring says."""
     height, width = image.shape[:2]

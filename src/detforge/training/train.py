@@ -103,8 +103,9 @@ class TrainResult:
     def summary(self) -> str:
         """One line: epochs, run folder, best validation:mAP, why it stopped early."""
         best = "-" if self.best_map is None else f"{self.best_map:.3f} (epoch {self.best_epoch})"
-        return (f"{self.epochs} epochs -> {self.run_dir}; best validation:mAP {best}"
-                + (f"; stopped early: {self.stop_reason}" if self.stopped_early else ""))
+        return f"{self.epochs} epochs -> {self.run_dir}; best validation:mAP {best}" + (
+            f"; stopped early: {self.stop_reason}" if self.stopped_early else ""
+        )
 
 
 @dataclass
@@ -191,10 +192,12 @@ def train(config: TrainConfig) -> TrainResult:
         if dist.main:
             _write_inputs(run_dir, hp, data.names, start.inputs)
         info = _run_info(hp, data.names, run_dir)
-        log.info(f"training {hp.detector} {hp.base_network} at {hp.image_shape} px on {device} x"
-                 f"{dist.world_size}: {data.describe()}, batch {hp.mini_batch_size} per machine "
-                 f"({data.per_process} per process, {data.per_process * dist.world_size} per step), "
-                 f"{hp.epochs} epochs")
+        log.info(
+            f"training {hp.detector} {hp.base_network} at {hp.image_shape} px on {device} x"
+            f"{dist.world_size}: {data.describe()}, batch {hp.mini_batch_size} per machine "
+            f"({data.per_process} per process, {data.per_process * dist.world_size} per step), "
+            f"{hp.epochs} epochs"
+        )
         budget, reason = state.budget, None
         for epoch in range(state.epoch + 1, hp.epochs + 1):
             if epoch > budget.planned:
@@ -203,14 +206,22 @@ def train(config: TrainConfig) -> TrainResult:
             data.set_epoch(epoch, mosaic=hp.mosaic if epoch <= budget.planned - hp.mosaic_off_epochs else 0.0)
             with engine.epoch_progress(config.progress and dist.main, epoch, data.steps_per_epoch) as advance:
                 result = engine.train_one_epoch(
-                    train_model, data.train_loader, state.optimizer, state.scheduler, device=device,
-                    epoch=epoch, scaler=state.scaler, grad_clip_norm=hp.grad_clip_norm,
-                    on_step=_after_step(state, advance))
+                    train_model,
+                    data.train_loader,
+                    state.optimizer,
+                    state.scheduler,
+                    device=device,
+                    epoch=epoch,
+                    scaler=state.scaler,
+                    grad_clip_norm=hp.grad_clip_norm,
+                    on_step=_after_step(state, advance),
+                )
             row = _train_row(epoch, result, state.optimizer, dist)
             distributed.broadcast_buffers(dist, state.model)
             if data.val_loader is not None and (
-                    epoch % hp.validation_interval == 0
-                    or budget.is_last(epoch, seconds_into_it=time.perf_counter() - started)):
+                epoch % hp.validation_interval == 0
+                or budget.is_last(epoch, seconds_into_it=time.perf_counter() - started)
+            ):
                 row |= _validate(state.eval_model, data, hp, device=device, dist=dist)
             budget.finish_epoch(epoch, time.perf_counter() - started)
             if budget.limited:
@@ -224,10 +235,19 @@ def train(config: TrainConfig) -> TrainResult:
             if reason:
                 log.info(f"early stop after epoch {epoch}: {reason}")
                 break
-        return TrainResult(run_dir=run_dir, epochs=len(state.history), history=state.history,
-                           best_epoch=state.best["epoch"], best_map=state.best["map"],
-                           stopped_early=reason is not None, stop_reason=reason, classes=list(data.names),
-                           hyperparams=hp, model=state.eval_model, main=dist.main)
+        return TrainResult(
+            run_dir=run_dir,
+            epochs=len(state.history),
+            history=state.history,
+            best_epoch=state.best["epoch"],
+            best_map=state.best["map"],
+            stopped_early=reason is not None,
+            stop_reason=reason,
+            classes=list(data.names),
+            hyperparams=hp,
+            model=state.eval_model,
+            main=dist.main,
+        )
     finally:
         for handler in handlers:
             log.removeHandler(handler)
@@ -262,25 +282,34 @@ def _start(config: TrainConfig) -> _Start:
     if not config.resume:
         if config.train is None or config.out is None:
             raise ConfigError("--train and --out are required (or --resume RUN)", field="--train")
-        inputs = checkpoint.RunInputs(train=config.train, validation=config.validation,
-                                      label_attribute=config.label_attribute, weights=config.weights)
-        return _Start(os.fspath(config.out), _resolve_hp(config), inputs,
-                      classes_beside(config.train, config.classes))
+        inputs = checkpoint.RunInputs(
+            train=config.train,
+            validation=config.validation,
+            label_attribute=config.label_attribute,
+            weights=config.weights,
+        )
+        return _Start(
+            os.fspath(config.out), _resolve_hp(config), inputs, classes_beside(config.train, config.classes)
+        )
     run_dir = os.fspath(config.resume if isinstance(config.resume, str) else config.out)
     check_resume_options(run_dir, config)
     saved_hp = storage.join(run_dir, "hyperparams.json")
     if not storage.exists(saved_hp):
         raise ModelError("nothing to resume: hyperparams.json is missing", path=saved_hp)
-    hp = parse_hyperparameters({**orjson.loads(storage.read_bytes(saved_hp)), **config.overrides},
-                               source=saved_hp)
+    hp = parse_hyperparameters(
+        {**orjson.loads(storage.read_bytes(saved_hp)), **config.overrides}, source=saved_hp
+    )
     saved = None  # checkpoints/last.pt, read once; first only for a run folder from before inputs.json
     if not storage.exists(storage.join(run_dir, checkpoint.INPUTS_FILE)):
         saved = checkpoint.load_state(run_dir)
     recorded = checkpoint.read_inputs(run_dir, state=saved)
     if config.train is not None and not _same_path(config.train, recorded.train):
         _refuse_with_resume(run_dir, "--train", f"the run was started on {recorded.train}")
-    inputs = dataclasses.replace(recorded, validation=config.validation or recorded.validation,
-                                 label_attribute=config.label_attribute or recorded.label_attribute)
+    inputs = dataclasses.replace(
+        recorded,
+        validation=config.validation or recorded.validation,
+        label_attribute=config.label_attribute or recorded.label_attribute,
+    )
     names = read_class_names(storage.join(run_dir, "classes.json"))  # whatever the folders hold now
     return _Start(run_dir, hp, inputs, names, saved if saved is not None else checkpoint.load_state(run_dir))
 
@@ -300,9 +329,12 @@ def check_resume_options(run_dir: str, config: TrainConfig) -> None:
 
 
 def _refuse_with_resume(run_dir: str, option: str, why: str) -> None:
-    raise ConfigError(f"cannot be combined with --resume: {why}", field=option,
-                      hint=f"--resume {run_dir} continues with the run's own settings; change one with "
-                           "--set name=value, or start a new run without --resume")
+    raise ConfigError(
+        f"cannot be combined with --resume: {why}",
+        field=option,
+        hint=f"--resume {run_dir} continues with the run's own settings; change one with "
+        "--set name=value, or start a new run without --resume",
+    )
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -391,45 +423,68 @@ def _build_data(start: _Start, dist: distributed.Dist, device) -> _Data:
     from detforge.training.dataset import ManifestDataset, collate, load_split
 
     hp, inputs = start.hp, start.inputs
-    train_samples, names = load_split(inputs.train, classes=start.classes,
-                                      label_attribute=inputs.label_attribute)
+    train_samples, names = load_split(
+        inputs.train, classes=start.classes, label_attribute=inputs.label_attribute
+    )
     if not train_samples:
         raise ConfigError("the training manifest has no images", path=inputs.train)
     val_samples = []
     if inputs.validation:
         val_samples, _ = load_split(inputs.validation, classes=names, label_attribute=inputs.label_attribute)
     max_boxes = max(len(s.boxes) for s in (*train_samples, *val_samples))  # label_width: both
-    for note in check_against_data(hp, num_classes=len(names), num_samples=len(train_samples),
-                                   max_boxes=max_boxes):
+    for note in check_against_data(
+        hp, num_classes=len(names), num_samples=len(train_samples), max_boxes=max_boxes
+    ):
         log.info(note)
     # SageMaker's mini_batch_size is per machine: split over the machine's processes (GPUs); with
     # several machines a step sees mini_batch_size x machines images.
     per_process = batch_per_process(hp.mini_batch_size, dist)
     shard_size = -(-len(train_samples) // dist.world_size)
     cache = hp.image_cache or None
-    train_set = ManifestDataset(train_samples, image_size=hp.image_shape, preset=hp.augmentation, train=True,
-                                cache_dir=cache, seed=hp.seed, mosaic=hp.mosaic, scale_jitter=hp.scale_jitter,
-                                cache_images=hp.cache_images, tiles=TileCrops.from_hyperparameters(hp))
+    train_set = ManifestDataset(
+        train_samples,
+        image_size=hp.image_shape,
+        preset=hp.augmentation,
+        train=True,
+        cache_dir=cache,
+        seed=hp.seed,
+        mosaic=hp.mosaic,
+        scale_jitter=hp.scale_jitter,
+        cache_images=hp.cache_images,
+        tiles=TileCrops.from_hyperparameters(hp),
+    )
     train_set.fill_cache()
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
-                                                  shuffle=True, seed=hp.seed, drop_last=False)
+    sampler = torch.utils.data.DistributedSampler(
+        train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=hp.seed, drop_last=False
+    )
     loader_args = dict(collate_fn=collate, num_workers=hp.workers, pin_memory=device.type == "cuda")
     # a last batch of one image would break BatchNorm on the 1x1 maps: drop the remainder instead
-    train_loader = DataLoader(train_set, batch_size=per_process, sampler=sampler,
-                              drop_last=shard_size >= per_process, **loader_args)
+    train_loader = DataLoader(
+        train_set, batch_size=per_process, sampler=sampler, drop_last=shard_size >= per_process, **loader_args
+    )
     steps_per_epoch = len(train_loader)
     if hp.multiscale > 0:
-        train_loader = recipe.MultiScaleLoader(train_loader, image_size=hp.image_shape,
-                                               multiscale=hp.multiscale, seed=hp.seed)
+        train_loader = recipe.MultiScaleLoader(
+            train_loader, image_size=hp.image_shape, multiscale=hp.multiscale, seed=hp.seed
+        )
     val_loader = None
     if val_samples:
-        val_set = ManifestDataset(val_samples, image_size=hp.image_shape, cache_dir=cache,
-                                  cache_images=hp.cache_images)
+        val_set = ManifestDataset(
+            val_samples, image_size=hp.image_shape, cache_dir=cache, cache_images=hp.cache_images
+        )
         val_set.fill_cache()
         shard = list(range(dist.rank, len(val_set), dist.world_size))
         val_loader = DataLoader(val_set, batch_size=per_process, sampler=shard, **loader_args)
-    return _Data(list(names), train_set, sampler, train_loader, val_loader, per_process, steps_per_epoch,
-                 len(val_samples))
+    return _Data(
+        list(names),
+        train_set,
+        sampler,
+        train_loader,
+        val_loader,
+        per_process,
+        steps_per_epoch,
+        len(val_samples),
+    )
 
 
 def _build_model(start: _Start, dist: distributed.Dist, device):
@@ -441,13 +496,26 @@ def _build_model(start: _Start, dist: distributed.Dist, device):
 
     hp = start.hp
     model = build_model(
-        hp.base_network, detector=hp.detector, num_classes=hp.num_classes, image_size=hp.image_shape,
+        hp.base_network,
+        detector=hp.detector,
+        num_classes=hp.num_classes,
+        image_size=hp.image_shape,
         pretrained_backbone=bool(hp.use_pretrained_model) and not (start.initial_weights or start.saved),
-        nms_threshold=hp.nms_threshold, nms_topk=hp.nms_topk, score_threshold=hp.score_threshold,
-        nms_candidates=hp.nms_candidates)
+        nms_threshold=hp.nms_threshold,
+        nms_topk=hp.nms_topk,
+        score_threshold=hp.score_threshold,
+        nms_candidates=hp.nms_candidates,
+    )
     if start.initial_weights:
-        log.info(load_initial_weights(model, start.initial_weights, base_network=hp.base_network,
-                                      num_classes=hp.num_classes, detector=hp.detector))
+        log.info(
+            load_initial_weights(
+                model,
+                start.initial_weights,
+                base_network=hp.base_network,
+                num_classes=hp.num_classes,
+                detector=hp.detector,
+            )
+        )
     frozen = freeze(model, hp.freeze_layer_pattern, base_network=hp.base_network)
     if frozen:
         log.info(f"froze {len(frozen)} parameters matching {hp.freeze_layer_pattern!r}")
@@ -457,7 +525,8 @@ def _build_model(start: _Start, dist: distributed.Dist, device):
     if not dist.enabled:
         return model, model
     return model, torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def _training_state(model, hp: Hyperparameters, *, steps_per_epoch: int, device) -> TrainingState:
@@ -474,19 +543,31 @@ def _training_state(model, hp: Hyperparameters, *, steps_per_epoch: int, device)
 
 def _write_inputs(run_dir: str, hp: Hyperparameters, names: list[str], inputs: checkpoint.RunInputs) -> None:
     """The run's inputs as plain JSON: ``hyperparams.json``, ``classes.json``, ``inputs.json``."""
-    storage.write_bytes(storage.join(run_dir, "hyperparams.json"),
-                        orjson.dumps(hp.to_json(), option=orjson.OPT_INDENT_2))
+    storage.write_bytes(
+        storage.join(run_dir, "hyperparams.json"), orjson.dumps(hp.to_json(), option=orjson.OPT_INDENT_2)
+    )
     storage.write_bytes(storage.join(run_dir, "classes.json"), orjson.dumps(list(names)))
     checkpoint.write_inputs(run_dir, inputs)
 
 
 def _run_info(hp: Hyperparameters, names: list[str], run_dir: str) -> checkpoint.RunInfo:
-    thresholds = {"nms_threshold": hp.nms_threshold, "nms_topk": hp.nms_topk,
-                  "nms_candidates": hp.nms_candidates, "score_threshold": hp.score_threshold,
-                  "overlap_threshold": hp.overlap_threshold}
-    return checkpoint.RunInfo(detector=hp.detector, base_network=hp.base_network, image_shape=hp.image_shape,
-                              num_classes=hp.num_classes, classes=list(names), thresholds=thresholds,
-                              hyperparams=hp.to_json(), source_run=run_dir)
+    thresholds = {
+        "nms_threshold": hp.nms_threshold,
+        "nms_topk": hp.nms_topk,
+        "nms_candidates": hp.nms_candidates,
+        "score_threshold": hp.score_threshold,
+        "overlap_threshold": hp.overlap_threshold,
+    }
+    return checkpoint.RunInfo(
+        detector=hp.detector,
+        base_network=hp.base_network,
+        image_shape=hp.image_shape,
+        num_classes=hp.num_classes,
+        classes=list(names),
+        thresholds=thresholds,
+        hyperparams=hp.to_json(),
+        source_run=run_dir,
+    )
 
 
 # --- one epoch's pieces ----------------------------------------------------------------------------
@@ -494,6 +575,7 @@ def _run_info(hp: Hyperparameters, names: list[str], run_dir: str) -> checkpoint
 
 def _after_step(state: TrainingState, advance: Callable | None) -> Callable[[int, int], None]:
     """What runs after every optimizer step: the EMA update, the progress bar."""
+
     def on_step(step: int, images: int) -> None:
         if state.ema is not None:
             state.ema.update(state.model)
@@ -520,14 +602,21 @@ def _validate(model, data: _Data, hp: Hyperparameters, *, device, dist: distribu
     from detforge.training import engine
 
     started = time.perf_counter()
-    row = engine.validate(model, data.val_loader, device=device, class_names=data.names,
-                          iou_threshold=hp.overlap_threshold, dist=dist)
+    row = engine.validate(
+        model,
+        data.val_loader,
+        device=device,
+        class_names=data.names,
+        iou_threshold=hp.overlap_threshold,
+        dist=dist,
+    )
     row["validation_time_s"] = time.perf_counter() - started
     return row
 
 
-def _save_epoch(run_dir: str, state: TrainingState, info: checkpoint.RunInfo, row: dict, *,
-                best: bool) -> None:
+def _save_epoch(
+    run_dir: str, state: TrainingState, info: checkpoint.RunInfo, row: dict, *, best: bool
+) -> None:
     """model.*, best.* (``best``), metrics.*, checkpoints/last.pt and the log line of an epoch."""
     info.epoch, info.metrics = row["epoch"], {k: v for k, v in row.items() if not k.startswith("AP/")}
     checkpoint.save_model(run_dir, state.eval_model, info)
@@ -542,8 +631,10 @@ def _stop_reason(config: TrainConfig, hp: Hyperparameters, state: TrainingState,
     """Why the run ends after this epoch: early stopping, ``on_epoch_end``, the spent time budget."""
     epoch, bad = row["epoch"], state.early_stopping["bad_epochs"]
     if hp.early_stopping and epoch >= hp.early_stopping_min_epochs and bad >= hp.early_stopping_patience:
-        return (f"validation:mAP did not improve by more than {hp.early_stopping_tolerance} (relative) "
-                f"for {bad} epochs")
+        return (
+            f"validation:mAP did not improve by more than {hp.early_stopping_tolerance} (relative) "
+            f"for {bad} epochs"
+        )
     if config.on_epoch_end is not None and config.on_epoch_end(epoch, row):
         return "stopped by on_epoch_end"
     if state.budget.spent(epoch):
@@ -575,7 +666,6 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-
 def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
     """Stop gradients for parameters whose torch name or SageMaker MXNet name (``detforge.training.layers``,
     vgg-16 and resnet-50 backbones) matches ``pattern`` (re.search); returns their torch names."""
@@ -592,15 +682,17 @@ def freeze(model, pattern: str, *, base_network: str = "") -> list[str]:
         mx = next(iter(mxnet_names(model, base_network).values()), None)
         raise ConfigError(
             f"matches no parameter of the model (names look like {first!r}"
-            + (f" or, as SageMaker's MXNet network names them, {mx!r}" if mx else "") + ")",
+            + (f" or, as SageMaker's MXNet network names them, {mx!r}" if mx else "")
+            + ")",
             field="freeze_layer_pattern",
             hint="`detforge train --list-layers -p hyperparams.json` lists them",
         )
     return frozen
 
 
-def load_initial_weights(model, source: str, *, base_network: str, num_classes: int,
-                         detector: str = "ssd") -> str:
+def load_initial_weights(
+    model, source: str, *, base_network: str, num_classes: int, detector: str = "ssd"
+) -> str:
     """``--weights``: copy every tensor of an earlier detforge model whose name and shape fit."""
     info = checkpoint.read_run_info(source)
     if info.detector != detector:
@@ -662,8 +754,6 @@ def _log_line(row: dict) -> str:
     return " ".join(parts)
 
 
-
-
 def batch_per_process(mini_batch_size: int, dist: distributed.Dist) -> int:
     """Images per process and step: SageMaker's ``mini_batch_size`` is per machine, shared by the
     machine's ``local_world_size`` processes (ConfigError when it does not split evenly or leaves fewer
@@ -683,7 +773,6 @@ def batch_per_process(mini_batch_size: int, dist: distributed.Dist) -> int:
             hint=f"use mini_batch_size >= {2 * local}",
         )
     return per_process
-
 
 
 def _early_stopping_update(state: dict, score: float | None, hp: Hyperparameters) -> dict:

@@ -54,8 +54,11 @@ _MEAN_FILL = (124, 116, 104)
 def check_preset(name: str) -> str:
     """The preset name, or a ConfigError naming the ``augmentation`` hyperparameter."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown augmentation preset {name!r}", field=HYPERPARAMETER,
-                          hint=f"choose one of {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown augmentation preset {name!r}",
+            field=HYPERPARAMETER,
+            hint=f"choose one of {', '.join(PRESETS)}",
+        )
     return name
 
 
@@ -74,12 +77,15 @@ class RandomRot90(v2.Transform):
             xyxy = F.convert_bounding_box_format(inpt, new_format=tv_tensors.BoundingBoxFormat.XYXY)
             b = xyxy.as_subclass(torch.Tensor).double().numpy()
             # torch.rot90 with k > 0 turns counter-clockwise on (H, W).
-            turned = {1: lambda: box_ops.rotate_ccw_xyxy(b, width=width),
-                      2: lambda: box_ops.rotate_180_xyxy(b, width=width, height=height),
-                      3: lambda: box_ops.rotate_cw_xyxy(b, height=height)}[k]()
+            turned = {
+                1: lambda: box_ops.rotate_ccw_xyxy(b, width=width),
+                2: lambda: box_ops.rotate_180_xyxy(b, width=width, height=height),
+                3: lambda: box_ops.rotate_cw_xyxy(b, height=height),
+            }[k]()
             canvas = (height, width) if k == 2 else (width, height)
-            out = tv_tensors.BoundingBoxes(torch.from_numpy(turned).to(inpt.dtype), format="XYXY",
-                                           canvas_size=canvas)
+            out = tv_tensors.BoundingBoxes(
+                torch.from_numpy(turned).to(inpt.dtype), format="XYXY", canvas_size=canvas
+            )
             return F.convert_bounding_box_format(out, new_format=inpt.format)
         if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask, tv_tensors.Video)):
             return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), k, dims=(-2, -1)), like=inpt)
@@ -109,9 +115,13 @@ class RandomHSV(v2.Transform):
         """The 3 x 3 RGB -> RGB map of the draw ``u``."""
         angle = 2 * np.pi * u[0] * self.gains[0]
         sat, val = 1 + u[1] * self.gains[1], 1 + u[2] * self.gains[2]
-        turn = np.array([[1.0, 0.0, 0.0],
-                         [0.0, sat * np.cos(angle), -sat * np.sin(angle)],
-                         [0.0, sat * np.sin(angle), sat * np.cos(angle)]])
+        turn = np.array(
+            [
+                [1.0, 0.0, 0.0],
+                [0.0, sat * np.cos(angle), -sat * np.sin(angle)],
+                [0.0, sat * np.sin(angle), sat * np.cos(angle)],
+            ]
+        )
         return val * np.linalg.inv(self._YIQ) @ turn @ self._YIQ
 
     def transform(self, inpt, params: dict):
@@ -141,8 +151,9 @@ class RuntimeResize(v2.Transform):
         if isinstance(inpt, tv_tensors.BoundingBoxes):
             height, width = inpt.canvas_size
             scale = torch.tensor([self.size / width, self.size / height] * 2, dtype=inpt.dtype)
-            return tv_tensors.wrap(inpt.as_subclass(torch.Tensor) * scale, like=inpt,
-                                   canvas_size=(self.size, self.size))
+            return tv_tensors.wrap(
+                inpt.as_subclass(torch.Tensor) * scale, like=inpt, canvas_size=(self.size, self.size)
+            )
         return inpt
 
 
@@ -171,9 +182,10 @@ def build_transform(preset: str, *, image_size: int, train: bool) -> Callable:
 
     before_crop, crop, after_crop = [], [], []
     if train and preset in ("ssd", "ssd+rot"):
-        before_crop = [v2.RandomPhotometricDistort(p=0.5),
-                       v2.RandomZoomOut(fill={tv_tensors.Image: _MEAN_FILL, "others": 0},
-                                        side_range=(1.0, 4.0), p=0.5)]
+        before_crop = [
+            v2.RandomPhotometricDistort(p=0.5),
+            v2.RandomZoomOut(fill={tv_tensors.Image: _MEAN_FILL, "others": 0}, side_range=(1.0, 4.0), p=0.5),
+        ]
         crop = [v2.RandomIoUCrop(), v2.SanitizeBoundingBoxes(min_size=1.0)]
     if train and preset != "none":
         after_crop.append(v2.RandomHorizontalFlip(p=0.5))
@@ -188,14 +200,18 @@ def build_transform(preset: str, *, image_size: int, train: bool) -> Callable:
         height, width = img.shape[-2:]
         b = box_ops.as_boxes(boxes_xyxy)
         target = {
-            "boxes": tv_tensors.BoundingBoxes(torch.as_tensor(b, dtype=torch.float32), format="XYXY",
-                                              canvas_size=(height, width)),
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.as_tensor(b, dtype=torch.float32), format="XYXY", canvas_size=(height, width)
+            ),
             "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)),
         }
         if len(target["labels"]) != len(b):
             raise ValueError(f"{len(b)} boxes but {len(target['labels'])} labels")
         out_img, out = (with_boxes if len(b) else without_boxes)(img, target)
-        return (out_img.as_subclass(torch.Tensor), out["boxes"].as_subclass(torch.Tensor).float(),
-                out["labels"].long())
+        return (
+            out_img.as_subclass(torch.Tensor),
+            out["boxes"].as_subclass(torch.Tensor).float(),
+            out["labels"].long(),
+        )
 
     return transform

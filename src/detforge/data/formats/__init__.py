@@ -69,20 +69,30 @@ def image_inside(base: str, ref: str, *, path: str, field: str, line: int | None
     inside its own dataset (``<filename>../../secret.txt</filename>`` is an attack, not a label)."""
     parts = ref.replace("\\", "/").split("/")
     if ref.startswith(("/", "\\")) or (len(ref) > 1 and ref[1] == ":") or storage.is_remote(ref):
-        raise FormatError(f"image name {ref!r} is an absolute path or URI; an annotation names an image "
-                          "inside its dataset folder", path=path, line=line, field=field)
+        raise FormatError(
+            f"image name {ref!r} is an absolute path or URI; an annotation names an image "
+            "inside its dataset folder",
+            path=path,
+            line=line,
+            field=field,
+        )
     depth = 0
     for part in parts:
         depth += -1 if part == ".." else 0 if part in ("", ".") else 1
         if depth < 0:
-            raise FormatError(f"image name {ref!r} climbs out of the dataset folder {base}", path=path,
-                              line=line, field=field)
+            raise FormatError(
+                f"image name {ref!r} climbs out of the dataset folder {base}",
+                path=path,
+                line=line,
+                field=field,
+            )
     joined = storage.join(base, *[p for p in parts if p not in ("", ".")])
     return joined if storage.is_remote(joined) else os.path.normpath(joined)
 
 
-def checked_size(image: str, stated: tuple[int, int] | None, *, path: str, field: str,
-                 line: int | None = None) -> tuple[int, int, int]:
+def checked_size(
+    image: str, stated: tuple[int, int] | None, *, path: str, field: str, line: int | None = None
+) -> tuple[int, int, int]:
     """(width, height, orientation) of ``image`` from its header, checked against the size an annotation
     states: the header is the truth. A missing image is an ImageError. ``orientation`` is 1, or the EXIF
     orientation (5..8) when the stated size is the stored size of an EXIF-turned photo (its boxes were
@@ -95,8 +105,12 @@ def checked_size(image: str, stated: tuple[int, int] | None, *, path: str, field
         turn = images.orientation(images.read_bytes(image))
         if turn in (5, 6, 7, 8):
             return width, height, turn
-    raise FormatError(f"the annotation says the image is {stated[0]}x{stated[1]} but {image} is "
-                      f"{width}x{height} (upright)", path=path, line=line, field=field)
+    raise FormatError(
+        f"the annotation says the image is {stated[0]}x{stated[1]} but {image} is {width}x{height} (upright)",
+        path=path,
+        line=line,
+        field=field,
+    )
 
 
 def upright_boxes(xyxy, orientation: int, *, width: int, height: int) -> np.ndarray:
@@ -131,8 +145,12 @@ def decoded_text(data: bytes, path: str) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise FormatError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column {column}",
-                          path=path, line=line, hint="save the file as UTF-8") from None
+        raise FormatError(
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column {column}",
+            path=path,
+            line=line,
+            hint="save the file as UTF-8",
+        ) from None
 
 
 def decoded_json(data: bytes, path: str):
@@ -145,5 +163,6 @@ def decoded_json(data: bytes, path: str):
     except orjson.JSONDecodeError as exc:
         line = text.count("\n", 0, exc.pos) + 1
         column = exc.pos - (text.rfind("\n", 0, exc.pos) + 1) + 1
-        raise FormatError(f"not valid JSON at line {line}, column {column}: {exc.msg}", path=path,
-                          line=line) from None
+        raise FormatError(
+            f"not valid JSON at line {line}, column {column}: {exc.msg}", path=path, line=line
+        ) from None

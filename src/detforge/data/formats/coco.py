@@ -40,8 +40,13 @@ from detforge.data.groundtruth import ReadReport, Record
 from detforge.errors import FormatError, ManifestError
 
 ROBOFLOW_FILE = "_annotations.coco.json"
-_FOLDER_SPLITS = {"train": "train", "valid": "validation", "val": "validation", "validation": "validation",
-                  "test": "test"}
+_FOLDER_SPLITS = {
+    "train": "train",
+    "valid": "validation",
+    "val": "validation",
+    "validation": "validation",
+    "test": "test",
+}
 # CVAT's COCO export: annotations/instances_<subset>.json with the images in images/<subset>/
 CVAT_PREFIX = "instances_"
 
@@ -54,7 +59,7 @@ def subset_split(name: str) -> str | None:
 def _cvat_subset(path: str) -> str | None:
     name = os.path.basename(path)
     if name.startswith(CVAT_PREFIX) and name.endswith(".json"):
-        return name[len(CVAT_PREFIX):-len(".json")]
+        return name[len(CVAT_PREFIX) : -len(".json")]
     return None
 
 
@@ -191,8 +196,12 @@ def _image_path(ref: str, folders: list[str], path: str, fld: str) -> str:
     if len(candidates) == 1:
         return candidates[0]
     tried = ", ".join(dict.fromkeys(f"{f}/" for f in folders))
-    raise images.ImageError(f"image {ref!r} not found in {tried}", path=path, field=fld,
-                            hint="give the image folder with --images")
+    raise images.ImageError(
+        f"image {ref!r} not found in {tried}",
+        path=path,
+        field=fld,
+        hint="give the image folder with --images",
+    )
 
 
 def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
@@ -256,7 +265,8 @@ def _records(loaded, names, images_dir, on_error, report) -> Iterator[Record]:
                     if report is not None:
                         report.corrected.append(
                             f"{path}, field '{img_fld}': size {stated[0]}x{stated[1]} is the stored size of "
-                            f"an EXIF-turned photo ({width}x{height} upright): boxes turned with it")
+                            f"an EXIF-turned photo ({width}x{height} upright): boxes turned with it"
+                        )
                 record = imported_record(
                     image,
                     width=width,

@@ -102,12 +102,17 @@ def _image(data: dict, path: str, root: str, images_dir: str | None) -> str:
     if images_dir:
         return storage.join(images_dir, os.path.basename(ref))
     if os.path.isabs(ref) or storage.is_remote(ref):
-        raise FormatError(f"imagePath {ref!r} is an absolute path or URI; an annotation names an image "
-                          "inside its dataset folder", path=path, field="imagePath")
+        raise FormatError(
+            f"imagePath {ref!r} is an absolute path or URI; an annotation names an image "
+            "inside its dataset folder",
+            path=path,
+            field="imagePath",
+        )
     image = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), ref))
     if os.path.commonpath([image, root]) != root:
-        raise FormatError(f"imagePath {ref!r} climbs out of the dataset folder {root}", path=path,
-                          field="imagePath")
+        raise FormatError(
+            f"imagePath {ref!r} climbs out of the dataset folder {root}", path=path, field="imagePath"
+        )
     if not os.path.exists(image) and data.get("imageData"):
         raise images.ImageError(
             f"image {ref!r} not found (the JSON embeds it as imageData)",

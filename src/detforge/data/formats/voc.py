@@ -182,15 +182,25 @@ def _records(paths, classes, splits, images_dir, annotations, on_error, report) 
             if not filename:
                 raise FormatError("missing <filename>", path=path, field="filename")
             image = _find_image(
-                filename, path, images_dir, annotations, (root.findtext("path") or "").strip(),
+                filename,
+                path,
+                images_dir,
+                annotations,
+                (root.findtext("path") or "").strip(),
                 line=where_of(file_element),
             )
             size_element = root.find("size")
             size_line = where_of(size_element) if size_element is not None else None
-            width = int(_number(root, "size/width", path, "size.width", size_line)) if root.findtext(
-                "size/width") else 0
-            height = int(_number(root, "size/height", path, "size.height", size_line)) if root.findtext(
-                "size/height") else 0
+            width = (
+                int(_number(root, "size/width", path, "size.width", size_line))
+                if root.findtext("size/width")
+                else 0
+            )
+            height = (
+                int(_number(root, "size/height", path, "size.height", size_line))
+                if root.findtext("size/height")
+                else 0
+            )
             depth = int(float(root.findtext("size/depth") or 3)) or 3
             stated = (width, height) if width > 0 and height > 0 else None
             width, height, turn = checked_size(image, stated, path=path, field="size", line=size_line)
@@ -207,9 +217,7 @@ def _records(paths, classes, splits, images_dir, annotations, on_error, report) 
                         "object without a <bndbox>", path=path, line=line, field=f"{fld}.bndbox"
                     )
                 line = where_of(box)
-                rows.append(
-                    [_number(box, k, path, f"{fld}.bndbox.{k}", line) for k in _CORNERS]
-                )
+                rows.append([_number(box, k, path, f"{fld}.bndbox.{k}", line) for k in _CORNERS])
                 ids.append(index[name])
                 flags.append((obj.findtext("difficult") or "0").strip() in ("1", "true"))
                 where.append((path, line, f"{fld}.bndbox"))
@@ -218,7 +226,8 @@ def _records(paths, classes, splits, images_dir, annotations, on_error, report) 
                 if report is not None:
                     report.corrected.append(
                         f"{path}:{size_line}: <size> {stated[0]}x{stated[1]} is the stored size of an "
-                        f"EXIF-turned photo ({width}x{height} upright): boxes turned with it")
+                        f"EXIF-turned photo ({width}x{height} upright): boxes turned with it"
+                    )
             record = imported_record(
                 image,
                 width=width,

@@ -25,6 +25,20 @@ from detforge.data.synth.dataset import (
     synthesize,
 )
 
-__all__ = ["BAD_LABEL_RATE", "CLASS_MAP", "COLORS", "DEFAULT_IMAGES", "DEFAULT_SIZE", "FRAMES_PER_VIDEO",
-           "SLIVER_FRACTION", "SynthFrame", "SynthSummary", "VideoPlan", "parse_size", "plan_videos",
-           "preview", "render_video", "synthesize"]
+__all__ = [
+    "BAD_LABEL_RATE",
+    "CLASS_MAP",
+    "COLORS",
+    "DEFAULT_IMAGES",
+    "DEFAULT_SIZE",
+    "FRAMES_PER_VIDEO",
+    "SLIVER_FRACTION",
+    "SynthFrame",
+    "SynthSummary",
+    "VideoPlan",
+    "parse_size",
+    "plan_videos",
+    "preview",
+    "render_video",
+    "synthesize",
+]

@@ -129,8 +129,9 @@ def plan_videos(images: int, *, seed: int, frames_per_video: int = FRAMES_PER_VI
     if images < 1:
         raise ConfigError(f"images must be at least 1, got {images}", field="images")
     if frames_per_video < 2:
-        raise ConfigError(f"frames per video must be at least 2, got {frames_per_video}",
-                          field="frames_per_video")
+        raise ConfigError(
+            f"frames per video must be at least 2, got {frames_per_video}", field="frames_per_video"
+        )
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1_000_003]))
     per_color = {"blue": images - images // 2, "yellow": images // 2}
     plans: list[VideoPlan] = []
@@ -142,12 +143,21 @@ def plan_videos(images: int, *, seed: int, frames_per_video: int = FRAMES_PER_VI
         lengths = _split(count, [0.5] + [1.0] * (n_videos - 1))
         for k, length in enumerate(lengths):
             job = f"{color}-box-{'small' if k == 0 else 'large'}-job"
-            plans.append(VideoPlan(index=len(plans), name=f"{color}_box_{k + 1}", color=color, job=job,
-                                   first_frame=int(rng.integers(0, 40)), frames=length))
+            plans.append(
+                VideoPlan(
+                    index=len(plans),
+                    name=f"{color}_box_{k + 1}",
+                    color=color,
+                    job=job,
+                    first_frame=int(rng.integers(0, 40)),
+                    frames=length,
+                )
+            )
     return plans
 
 
 # --- motion ------------------------------------------------------------------------------------
+
 
 def _smooth(rng: np.random.Generator, n: int, *, amplitude: float, period: tuple[float, float]) -> np.ndarray:
     """A smooth random curve over ``n`` frames: two sinusoids."""
@@ -174,10 +184,12 @@ def _track(rng: np.random.Generator, n: int, *, width: int, height: int) -> _Tra
     breadth_ratio = rng.uniform(0.62, 0.74)
     t_in = int(rng.integers(0, max(1, n // 10) + 1)) if n > 6 else 0
     t_out = n - (int(rng.integers(0, max(1, n // 10) + 1)) if n > 6 else 0)
-    cx = width * rng.uniform(0.38, 0.62) + _smooth(rng, n, amplitude=width * rng.uniform(0.1, 0.2),
-                                                     period=(40, 90))
-    cy = height * rng.uniform(0.42, 0.58) + _smooth(rng, n, amplitude=height * rng.uniform(0.06, 0.14),
-                                                      period=(40, 90))
+    cx = width * rng.uniform(0.38, 0.62) + _smooth(
+        rng, n, amplitude=width * rng.uniform(0.1, 0.2), period=(40, 90)
+    )
+    cy = height * rng.uniform(0.42, 0.58) + _smooth(
+        rng, n, amplitude=height * rng.uniform(0.06, 0.14), period=(40, 90)
+    )
     angle = rng.uniform(-0.5, 0.5) + _smooth(rng, n, amplitude=0.35, period=(30, 80))
     scale = 1 + _smooth(rng, n, amplitude=0.12, period=(30, 70))
     persp = _smooth(rng, n, amplitude=0.1, period=(25, 60))
@@ -187,8 +199,12 @@ def _track(rng: np.random.Generator, n: int, *, width: int, height: int) -> _Tra
         if n <= 2 * ramp + 2:
             break
         side = int(rng.integers(0, 4))
-        outside = {0: (-0.35 * length0, cy[start]), 1: (width + 0.35 * length0, cy[start]),
-                   2: (cx[start], -0.35 * length0), 3: (cx[start], height + 0.35 * length0)}[side]
+        outside = {
+            0: (-0.35 * length0, cy[start]),
+            1: (width + 0.35 * length0, cy[start]),
+            2: (cx[start], -0.35 * length0),
+            3: (cx[start], height + 0.35 * length0),
+        }[side]
         anchor = start + ramp if toward_inside else start - ramp
         for k in range(ramp):
             i = start + k if toward_inside else start - k
@@ -203,14 +219,26 @@ def _track(rng: np.random.Generator, n: int, *, width: int, height: int) -> _Tra
     people: list[scene.Person | None] = []
     for i in range(n):
         carried = t_in <= i < t_out
-        pose = scene.BoxPose(cx=float(cx[i]), cy=float(cy[i]), length=float(length0 * scale[i]),
-                             breadth=float(length0 * scale[i] * breadth_ratio), angle=float(angle[i]),
-                             perspective=float(persp[i]), height=0.07)
+        pose = scene.BoxPose(
+            cx=float(cx[i]),
+            cy=float(cy[i]),
+            length=float(length0 * scale[i]),
+            breadth=float(length0 * scale[i] * breadth_ratio),
+            angle=float(angle[i]),
+            perspective=float(persp[i]),
+            height=0.07,
+        )
         _, v = scene.box_axes(pose)
         body = np.array([pose.cx, pose.cy]) - carrier_side * v * (pose.breadth * 0.5 + 0.06 * pose.length)
         facing = math.atan2(carrier_side * v[1], carrier_side * v[0])
-        person = scene.Person(cx=float(body[0]), cy=float(body[1]), angle=facing, scale=0.8 * length0,
-                              sweater=sweater, skin=skin)
+        person = scene.Person(
+            cx=float(body[0]),
+            cy=float(body[1]),
+            angle=facing,
+            scale=0.8 * length0,
+            sweater=sweater,
+            skin=skin,
+        )
         poses.append(pose if carried else None)
         people.append(person if carried or walks_empty else None)
     hands_t = (float(rng.uniform(-0.3, 0.3)), float(rng.uniform(-0.3, 0.3)))
@@ -229,8 +257,9 @@ def _overlaps(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a is not None and b is not None and a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _bad_label(rng: np.random.Generator, box: np.ndarray, *, width: int,
-               height: int) -> tuple[np.ndarray, str]:
+def _bad_label(
+    rng: np.random.Generator, box: np.ndarray, *, width: int, height: int
+) -> tuple[np.ndarray, str]:
     """A box a careless labeler might draw: shifted by a third of its size, or far too large."""
     w, h = box[2] - box[0], box[3] - box[1]
     if rng.random() < 0.5:
@@ -267,13 +296,20 @@ def render_video(plan: VideoPlan, *, seed: int, width: int, height: int) -> Iter
             if pose is not None:
                 length = pose.length
                 break
-        floor_pose = scene.BoxPose(cx=float(width * rng.uniform(0.15, 0.85)),
-                                   cy=float(height * rng.uniform(0.25, 0.8)),
-                                   length=float(length * rng.uniform(0.7, 0.9)),
-                                   breadth=float(length * rng.uniform(0.45, 0.6)),
-                                   angle=float(rng.uniform(-np.pi, np.pi)), perspective=0.0, height=0.07)
-        floor = (range(start, start + span), floor_pose,
-                 COLORS[1 - COLORS.index(plan.color)] if other else plan.color)
+        floor_pose = scene.BoxPose(
+            cx=float(width * rng.uniform(0.15, 0.85)),
+            cy=float(height * rng.uniform(0.25, 0.8)),
+            length=float(length * rng.uniform(0.7, 0.9)),
+            breadth=float(length * rng.uniform(0.45, 0.6)),
+            angle=float(rng.uniform(-np.pi, np.pi)),
+            perspective=0.0,
+            height=0.07,
+        )
+        floor = (
+            range(start, start + span),
+            floor_pose,
+            COLORS[1 - COLORS.index(plan.color)] if other else plan.color,
+        )
     exposure = 1 + _smooth(rng, n, amplitude=0.06, period=(20, 60))
     if rng.random() < 0.4:  # a light switched on or off during the video
         step = int(rng.integers(0, n))
@@ -287,15 +323,19 @@ def render_video(plan: VideoPlan, *, seed: int, width: int, height: int) -> Iter
         if person is not None:
             top += scene.person_body_shapes(person)
         if pose is not None:
-            hands = np.array([scene.lid_point(pose, -1.0, track.hands_t[0]),
-                              scene.lid_point(pose, 1.0, track.hands_t[1])])
+            hands = np.array(
+                [scene.lid_point(pose, -1.0, track.hands_t[0]), scene.lid_point(pose, 1.0, track.hands_t[1])]
+            )
             top += scene.person_arm_shapes(person, hands)
             owner = 1 if floor is not None else 0
             # Hands over the edges never reach a corner of a whole box, but they could hide the extreme
             # pixels of a box cut by the frame edge: there they go under the box.
             _, outline = scene.box_outline(pose, image_center=center)
-            whole = bool((outline.min(axis=0) >= 0).all() and (outline[:, 0] < width).all()
-                         and (outline[:, 1] < height).all())
+            whole = bool(
+                (outline.min(axis=0) >= 0).all()
+                and (outline[:, 0] < width).all()
+                and (outline[:, 1] < height).all()
+            )
             if not whole:
                 top += scene.hand_shapes(person, hands)
             top += scene.box_shapes(pose, plan.color, owner, image_center=center, tint=tint)
@@ -317,8 +357,10 @@ def render_video(plan: VideoPlan, *, seed: int, width: int, height: int) -> Iter
             if label is not None:
                 if floor_color is None and floor is not None:
                     # keep owner numbering dense: the carried box is box 0 when no floor box shows
-                    shapes = [s if s.owner < 0 else scene.Shape(s.kind, s.points, s.color, 0, s.width)
-                              for s in shapes]
+                    shapes = [
+                        s if s.owner < 0 else scene.Shape(s.kind, s.points, s.color, 0, s.width)
+                        for s in shapes
+                    ]
                 boxes.append(label)
                 colors.append(plan.color)
                 _, outline = scene.box_outline(pose, image_center=center)
@@ -334,9 +376,16 @@ def render_video(plan: VideoPlan, *, seed: int, width: int, height: int) -> Iter
             label_boxes[0], reason = _bad_label(rng, true_boxes[0], width=width, height=height)
         image = scene.paint(background, shapes)
         jpeg = scene.develop(image, cam, exposure=float(exposure[i]), rng=rng)
-        yield SynthFrame(image_id=f"{plan.name}_{plan.first_frame + i:06d}", video=plan, jpeg=jpeg,
-                         true_boxes=true_boxes, colors=colors, label_boxes=label_boxes, reject_reason=reason,
-                         shapes=shapes)
+        yield SynthFrame(
+            image_id=f"{plan.name}_{plan.first_frame + i:06d}",
+            video=plan,
+            jpeg=jpeg,
+            true_boxes=true_boxes,
+            colors=colors,
+            label_boxes=label_boxes,
+            reject_reason=reason,
+            shapes=shapes,
+        )
 
 
 def _creation_dates(rng: np.random.Generator, job_index: int) -> Iterator[str]:
@@ -347,9 +396,15 @@ def _creation_dates(rng: np.random.Generator, job_index: int) -> Iterator[str]:
         yield moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
-def synthesize(out: str | os.PathLike, *, images: int = DEFAULT_IMAGES, seed: int = 0,
-               size: tuple[int, int] = DEFAULT_SIZE, progress: Callable[[int], None] | None = None,
-               frames_per_video: int = FRAMES_PER_VIDEO) -> SynthSummary:
+def synthesize(
+    out: str | os.PathLike,
+    *,
+    images: int = DEFAULT_IMAGES,
+    seed: int = 0,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    progress: Callable[[int], None] | None = None,
+    frames_per_video: int = FRAMES_PER_VIDEO,
+) -> SynthSummary:
     """Write the synthetic storage-box dataset to ``out`` (local folder or ``s3://`` prefix).
 
     ``progress`` is called with the number of images written so far after each one.
@@ -367,10 +422,21 @@ def synthesize(out: str | os.PathLike, *, images: int = DEFAULT_IMAGES, seed: in
     for plan in plans:
         jobs.setdefault(plan.job, []).append(plan)
     meta_rng = np.random.default_rng(np.random.SeedSequence([seed, 2_000_003]))
-    summary = SynthSummary(out=out, seed=seed, width=width, height=height, images=0, boxes=0, empty_images=0,
-                           boxes_by_color={c: 0 for c in COLORS}, videos=[p.name for p in plans],
-                           job_images={}, manifests=[], rejected={},
-                           rejected_file=storage.join(out, "rejected.txt"))
+    summary = SynthSummary(
+        out=out,
+        seed=seed,
+        width=width,
+        height=height,
+        images=0,
+        boxes=0,
+        empty_images=0,
+        boxes_by_color={c: 0 for c in COLORS},
+        videos=[p.name for p in plans],
+        job_images={},
+        manifests=[],
+        rejected={},
+        rejected_file=storage.join(out, "rejected.txt"),
+    )
 
     def job_records(job_index: int, job: str) -> Iterator[groundtruth.Record]:
         dates = _creation_dates(meta_rng, job_index)
@@ -392,18 +458,28 @@ def synthesize(out: str | os.PathLike, *, images: int = DEFAULT_IMAGES, seed: in
                 if progress is not None:
                     progress(summary.images)
                 yield groundtruth.make_record(
-                    ref, width=width, height=height, boxes_xyxy=frame.label_boxes, class_ids=np.zeros(n),
-                    class_map=CLASS_MAP if n else {}, job_name=f"labeling-job/{job}", confidences=confidences,
-                    metadata={"color": plan.color, "object": "box"}, creation_date=next(dates))
+                    ref,
+                    width=width,
+                    height=height,
+                    boxes_xyxy=frame.label_boxes,
+                    class_ids=np.zeros(n),
+                    class_map=CLASS_MAP if n else {},
+                    job_name=f"labeling-job/{job}",
+                    confidences=confidences,
+                    metadata={"color": plan.color, "object": "box"},
+                    creation_date=next(dates),
+                )
 
     for job_index, job in enumerate(jobs):
         path = storage.join(out, "manifests", f"{job}.output.manifest")
         groundtruth.write_manifest(path, job_records(job_index, job))
         summary.manifests.append(path)
 
-    header = ("# Images a reviewer rejected in the synthetic storage-box dataset (detforge synth):\n"
-              "# deliberately bad labels, slivers at the frame edge, frames with both colours.\n"
-              "# One image id per line; use with: detforge prepare ... --discard rejected.txt\n")
+    header = (
+        "# Images a reviewer rejected in the synthetic storage-box dataset (detforge synth):\n"
+        "# deliberately bad labels, slivers at the frame edge, frames with both colours.\n"
+        "# One image id per line; use with: detforge prepare ... --discard rejected.txt\n"
+    )
     storage.write_text(summary.rejected_file, header + "".join(f"{i}\n" for i in sorted(summary.rejected)))
     storage.write_text(storage.join(out, "synth.json"), json.dumps(summary.to_json(), indent=2) + "\n")
     storage.write_text(storage.join(out, "README.txt"), _readme(summary))
@@ -412,8 +488,9 @@ def synthesize(out: str | os.PathLike, *, images: int = DEFAULT_IMAGES, seed: in
 
 
 def _readme(summary: SynthSummary) -> str:
-    jobs = "\n".join(f"  manifests/{job}.output.manifest: {count} images"
-                     for job, count in summary.job_images.items())
+    jobs = "\n".join(
+        f"  manifests/{job}.output.manifest: {count} images" for job, count in summary.job_images.items()
+    )
     return (
         "Synthetic storage-box dataset written by `detforge synth`\n"
         f"seed {summary.seed}, {summary.width}x{summary.height}, {summary.images} images in "
@@ -424,7 +501,7 @@ def _readme(summary: SynthSummary) -> str:
         "'color' field):\n" + jobs + "\n"
         f"rejected.txt: {len(summary.rejected)} image ids a reviewer would discard (reasons in synth.json).\n"
         "Next: detforge prepare manifests/*.output.manifest --discard rejected.txt "
-        "--class-from \"{color} {object}\" --out prepared/\n"
+        '--class-from "{color} {object}" --out prepared/\n'
     )
 
 

@@ -137,26 +137,45 @@ def box_label_xyxy(pose: BoxPose, *, width: int, height: int) -> np.ndarray | No
     return np.array([x1, y1, x2, y2], dtype=np.float64)
 
 
-def box_shapes(pose: BoxPose, color_name: str, owner: int, *, image_center: tuple[float, float],
-               tint: float = 1.0) -> list[Shape]:
+def box_shapes(
+    pose: BoxPose, color_name: str, owner: int, *, image_center: tuple[float, float], tint: float = 1.0
+) -> list[Shape]:
     """A storage box seen from above: walls, rim, lid, ribbing and the zig-zag seam of the lid halves."""
     base = _shade(LID_COLORS[color_name], tint)
     lid, outline = box_outline(pose, image_center=image_center)
-    shapes = [Shape("polygon", _ipoints(outline), _shade(base, 0.55), owner),
-              Shape("polygon", _ipoints(lid), _shade(base, 0.85), owner)]
-    inner = np.array([lid_point(pose, s, t)
-                      for s, t in ((-0.93, -0.9), (0.93, -0.9), (0.93, 0.9), (-0.93, 0.9))])
+    shapes = [
+        Shape("polygon", _ipoints(outline), _shade(base, 0.55), owner),
+        Shape("polygon", _ipoints(lid), _shade(base, 0.85), owner),
+    ]
+    inner = np.array(
+        [lid_point(pose, s, t) for s, t in ((-0.93, -0.9), (0.93, -0.9), (0.93, 0.9), (-0.93, 0.9))]
+    )
     shapes.append(Shape("polygon", _ipoints(inner), base, owner))
     rib = _shade(base, 0.78)
     line_w = max(1, int(round(pose.length / 110)))
     for s in np.linspace(-0.8, 0.8, 7):
-        shapes.append(Shape("line", _ipoints(np.array([lid_point(pose, s, -0.88), lid_point(pose, s, 0.88)])),
-                            rib, owner, line_w))
+        shapes.append(
+            Shape(
+                "line",
+                _ipoints(np.array([lid_point(pose, s, -0.88), lid_point(pose, s, 0.88)])),
+                rib,
+                owner,
+                line_w,
+            )
+        )
     for t in (-0.55, 0.55):
-        shapes.append(Shape("line", _ipoints(np.array([lid_point(pose, -0.9, t), lid_point(pose, 0.9, t)])),
-                            rib, owner, line_w))
-    seam = np.array([lid_point(pose, s, t)
-                     for s, t in ((-0.9, 0.1), (-0.1, 0.1), (0.1, -0.15), (0.9, -0.15))])
+        shapes.append(
+            Shape(
+                "line",
+                _ipoints(np.array([lid_point(pose, -0.9, t), lid_point(pose, 0.9, t)])),
+                rib,
+                owner,
+                line_w,
+            )
+        )
+    seam = np.array(
+        [lid_point(pose, s, t) for s, t in ((-0.9, 0.1), (-0.1, 0.1), (0.1, -0.15), (0.9, -0.15))]
+    )
     shapes.append(Shape("line", _ipoints(seam), _shade(base, 0.6), owner, line_w + 1))
     return shapes
 
@@ -188,8 +207,7 @@ def person_body_shapes(person: Person) -> list[Shape]:
     body = ellipse_points(person.cx, person.cy, w * 0.28, w * 0.55, person.angle)
     head_c = np.array([person.cx, person.cy]) + fwd * w * 0.05
     head = ellipse_points(head_c[0], head_c[1], w * 0.17, w * 0.15, person.angle, 14)
-    return [Shape("polygon", _ipoints(body), person.sweater),
-            Shape("polygon", _ipoints(head), (34, 28, 24))]
+    return [Shape("polygon", _ipoints(body), person.sweater), Shape("polygon", _ipoints(head), (34, 28, 24))]
 
 
 def person_arm_shapes(person: Person, hands: np.ndarray) -> list[Shape]:
@@ -198,15 +216,19 @@ def person_arm_shapes(person: Person, hands: np.ndarray) -> list[Shape]:
     center = np.array([person.cx, person.cy])
     shoulders = [center - side * person.scale * 0.45, center + side * person.scale * 0.45]
     width = max(2, int(round(person.scale * 0.16)))
-    return [Shape("line", _ipoints(np.array([shoulder, hand])), person.sweater, -1, width)
-            for shoulder, hand in zip(shoulders, hands, strict=True)]
+    return [
+        Shape("line", _ipoints(np.array([shoulder, hand])), person.sweater, -1, width)
+        for shoulder, hand in zip(shoulders, hands, strict=True)
+    ]
 
 
 def hand_shapes(person: Person, hands: np.ndarray) -> list[Shape]:
     """Hands over the box edges: the partial occlusion."""
     r = person.scale * 0.09
-    return [Shape("polygon", _ipoints(ellipse_points(x, y, r * 1.2, r, person.angle, 12)), person.skin)
-            for x, y in hands]
+    return [
+        Shape("polygon", _ipoints(ellipse_points(x, y, r * 1.2, r, person.angle, 12)), person.skin)
+        for x, y in hands
+    ]
 
 
 def paint(background: Image.Image, shapes: list[Shape]) -> Image.Image:
@@ -237,6 +259,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
 
 
 # --- the room: built once per video -------------------------------------------------------------
+
 
 def carpet(rng: np.random.Generator, *, width: int, height: int) -> np.ndarray:
     """A grey zig-zag striped carpet like the office floor of the real frames, ``HxWx3`` float32."""
@@ -307,8 +330,11 @@ def camera(rng: np.random.Generator, *, width: int, height: int) -> Camera:
     """A random camera for one video."""
     y = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None]
     x = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :]
-    light = (rng.uniform(0.85, 1.12) * (1 + rng.uniform(-0.25, 0.25) * x + rng.uniform(-0.2, 0.2) * y)
-             * (1 - rng.uniform(0.1, 0.35) * (x * x + y * y)))
+    light = (
+        rng.uniform(0.85, 1.12)
+        * (1 + rng.uniform(-0.25, 0.25) * x + rng.uniform(-0.2, 0.2) * y)
+        * (1 - rng.uniform(0.1, 0.35) * (x * x + y * y))
+    )
     balance = np.array([1 + rng.uniform(-0.04, 0.04), 1.0, 1 + rng.uniform(-0.05, 0.03)], dtype=np.float32)
     gain = (light[:, :, None] * balance).astype(np.float32)
     sigma = rng.uniform(2.0, 6.0)
@@ -325,7 +351,7 @@ def develop(image: Image.Image, cam: Camera, *, exposure: float, rng: np.random.
     pixels *= np.float32(exposure)
     dy, dx = (int(v) for v in rng.integers(0, 16, size=2))
     height, width = pixels.shape[:2]
-    pixels += cam.noise[dy:dy + height, dx:dx + width]
+    pixels += cam.noise[dy : dy + height, dx : dx + width]
     np.clip(pixels, 0, 255, out=pixels)
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8), "RGB").save(buffer, "JPEG", quality=cam.quality)

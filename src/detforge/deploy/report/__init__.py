@@ -28,6 +28,22 @@ from detforge.deploy.report.items import (
     text_on,
 )
 
-__all__ = ["PALETTE", "THUMBNAIL_QUALITY", "THUMBNAIL_SIDE", "HtmlReport", "ReportItem", "ReportSummary",
-           "Thumbnail", "caption", "class_color", "detection_label", "format_value", "html_item",
-           "html_summary", "make_thumbnail", "rgb", "summary_facts", "text_on"]
+__all__ = [
+    "PALETTE",
+    "THUMBNAIL_QUALITY",
+    "THUMBNAIL_SIDE",
+    "HtmlReport",
+    "ReportItem",
+    "ReportSummary",
+    "Thumbnail",
+    "caption",
+    "class_color",
+    "detection_label",
+    "format_value",
+    "html_item",
+    "html_summary",
+    "make_thumbnail",
+    "rgb",
+    "summary_facts",
+    "text_on",
+]

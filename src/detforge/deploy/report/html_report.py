@@ -50,9 +50,11 @@ def html_item(item: ReportItem, names: list[str]) -> str:
         x, y, w, h = x0 * tw, y0 * th, max((x1 - x0) * tw, 0.5), max((y1 - y0) * th, 0.5)
         ty = y - 0.3 * font if y >= 1.1 * font else y + font
         score_attr = f' data-s="{score:.6f}"' if score is not None else ""
-        parts.append(f'<g class="box {kind} c{cid}" data-c="{cid}"{score_attr}>'
-                     f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}"/>'
-                     f'<text x="{x + 1:.1f}" y="{ty:.1f}">{_e(label)}</text></g>')
+        parts.append(
+            f'<g class="box {kind} c{cid}" data-c="{cid}"{score_attr}>'
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}"/>'
+            f'<text x="{x + 1:.1f}" y="{ty:.1f}">{_e(label)}</text></g>'
+        )
 
     if item.missed_boxes is not None:
         for coords, cid in zip(item.missed_boxes, item.missed_class_ids, strict=True):
@@ -60,16 +62,23 @@ def html_item(item: ReportItem, names: list[str]) -> str:
             box(coords, cid, "fn", f"FN {names[cid] if cid < len(names) else cid}", None)
     for j in np.argsort(item.scores, kind="stable"):
         kind = "det" if item.is_tp is None else ("tp" if item.is_tp[j] else "fp")
-        box(item.boxes[j], int(item.class_ids[j]), kind, detection_label(item, int(j), names),
-            float(item.scores[j]))
+        box(
+            item.boxes[j],
+            int(item.class_ids[j]),
+            kind,
+            detection_label(item, int(j), names),
+            float(item.scores[j]),
+        )
     data = base64.b64encode(thumb.jpeg).decode("ascii")
-    return (f'<figure class="item" data-n="{len(item.scores)}">'
-            f'<div class="pic" style="aspect-ratio:{tw}/{th}"><img src="data:image/jpeg;base64,{data}" '
-            f'alt="{_e(item.name)}" loading="lazy" width="{tw}" height="{th}">'
-            f'<svg viewBox="0 0 {tw} {th}" preserveAspectRatio="none" style="font-size:{font:.1f}px">'
-            f'{"".join(parts)}</svg></div>'
-            f'<figcaption><b title="{_e(item.source_ref)}">{_e(item.name)}</b>'
-            f'<span>{_e(caption(item))}</span></figcaption></figure>\n')
+    return (
+        f'<figure class="item" data-n="{len(item.scores)}">'
+        f'<div class="pic" style="aspect-ratio:{tw}/{th}"><img src="data:image/jpeg;base64,{data}" '
+        f'alt="{_e(item.name)}" loading="lazy" width="{tw}" height="{th}">'
+        f'<svg viewBox="0 0 {tw} {th}" preserveAspectRatio="none" style="font-size:{font:.1f}px">'
+        f"{''.join(parts)}</svg></div>"
+        f'<figcaption><b title="{_e(item.source_ref)}">{_e(item.name)}</b>'
+        f"<span>{_e(caption(item))}</span></figcaption></figure>\n"
+    )
 
 
 def html_summary(summary: ReportSummary) -> dict[str, str]:
@@ -83,25 +92,44 @@ def html_summary(summary: ReportSummary) -> dict[str, str]:
         if m is not None and cid in m.per_class:
             s = m.per_class[cid]
             extra = f" · TP {s.tp} FP {s.fp} FN {s.fn}"
-        classes.append(f'<label class="check"><input type="checkbox" class="class-filter" value="{cid}" '
-                       f'checked><i class="swatch c{cid}"></i>{_e(name)} '
-                       f'<small>({summary.detections_per_class[cid]} detections{_e(extra)})</small></label>')
-    colors = "".join(f".c{cid}{{--c:{class_color(cid)};--t:{text_on(class_color(cid))}}}"
-                     for cid in range(len(summary.class_names)))
+        classes.append(
+            f'<label class="check"><input type="checkbox" class="class-filter" value="{cid}" '
+            f'checked><i class="swatch c{cid}"></i>{_e(name)} '
+            f"<small>({summary.detections_per_class[cid]} detections{_e(extra)})</small></label>"
+        )
+    colors = "".join(
+        f".c{cid}{{--c:{class_color(cid)};--t:{text_on(class_color(cid))}}}"
+        for cid in range(len(summary.class_names))
+    )
     skipped = ""
     if summary.skipped:
-        listed = "".join(f"<li><b>{_e(name)}</b>: {_e(reason)}</li>"
-                         for name, reason in summary.skipped[:200])
+        listed = "".join(
+            f"<li><b>{_e(name)}</b>: {_e(reason)}</li>" for name, reason in summary.skipped[:200]
+        )
         more = f"<li>and {len(summary.skipped) - 200} more</li>" if len(summary.skipped) > 200 else ""
-        skipped = (f'<details id="skipped"><summary>{len(summary.skipped)} unreadable images (skipped)'
-                   f"</summary><ul>{listed}{more}</ul></details>")
-    status = "".join(f'<label class="check"><input type="checkbox" id="show-{kind}" checked>{text}</label>'
-                     for kind, text in (("tp", "true positives"), ("fp", "false positives (dashed)"),
-                                        ("fn", "missed labeled boxes (dotted)")))
+        skipped = (
+            f'<details id="skipped"><summary>{len(summary.skipped)} unreadable images (skipped)'
+            f"</summary><ul>{listed}{more}</ul></details>"
+        )
+    status = "".join(
+        f'<label class="check"><input type="checkbox" id="show-{kind}" checked>{text}</label>'
+        for kind, text in (
+            ("tp", "true positives"),
+            ("fp", "false positives (dashed)"),
+            ("fn", "missed labeled boxes (dotted)"),
+        )
+    )
     status = f'<div class="group">{status}</div>' if m is not None else ""
-    return {"TITLE": _e(f"detforge predictions: {summary.model_name}"), "FACTS": rows,
-            "CLASSES": "".join(classes), "COLORS": colors, "SKIPPED": skipped, "STATUS": status,
-            "THRESHOLD": f"{summary.threshold:.2f}", "TOTAL": str(summary.images)}
+    return {
+        "TITLE": _e(f"detforge predictions: {summary.model_name}"),
+        "FACTS": rows,
+        "CLASSES": "".join(classes),
+        "COLORS": colors,
+        "SKIPPED": skipped,
+        "STATUS": status,
+        "THRESHOLD": f"{summary.threshold:.2f}",
+        "TOTAL": str(summary.images),
+    }
 
 
 class HtmlReport:
@@ -134,8 +162,10 @@ class HtmlReport:
         if self.title:
             fields["TITLE"] = _e(self.title)
         # one pass, so that a class name that looks like a placeholder stays as it is
-        head, tail = (re.sub(r"\{\{([A-Z]+)\}\}", lambda m: fields[m.group(1)], part)
-                      for part in template.split(_ITEMS_MARK))
+        head, tail = (
+            re.sub(r"\{\{([A-Z]+)\}\}", lambda m: fields[m.group(1)], part)
+            for part in template.split(_ITEMS_MARK)
+        )
         self._items.seek(0)
         with storage.atomic_writer(self.path, "wb") as out:
             out.write(head.encode("utf-8"))

@@ -21,8 +21,18 @@ from detforge.evaluation.metrics import DetectionMetrics
 
 THUMBNAIL_SIDE = 400  # px, longest side: sharp at the PDF cell size (~190 pt) and in the HTML grid
 THUMBNAIL_QUALITY = 82
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 @dataclass
@@ -67,8 +77,9 @@ class ReportSummary:
     threshold: float
     images: int
     detections_per_class: list[int]
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M UTC"))
+    created: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    )
     source_run: str | None = None
     input_size: int | None = None
     validation_map: float | None = None  # from the model's metadata
@@ -88,7 +99,7 @@ def class_color(class_id: int) -> str:
 
 def rgb(color: str) -> tuple[float, float, float]:
     """``#rrggbb`` as three fractions."""
-    return tuple(int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))  # type: ignore[return-value]
+    return tuple(int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))  # type: ignore[return-value]
 
 
 def text_on(color: str) -> str:
@@ -97,8 +108,9 @@ def text_on(color: str) -> str:
     return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.6 else "#ffffff"
 
 
-def make_thumbnail(image: np.ndarray, *, side: int = THUMBNAIL_SIDE,
-                   quality: int = THUMBNAIL_QUALITY) -> Thumbnail:
+def make_thumbnail(
+    image: np.ndarray, *, side: int = THUMBNAIL_SIDE, quality: int = THUMBNAIL_QUALITY
+) -> Thumbnail:
     """A JPEG of an ``HxWx3`` uint8 image whose longest side is at most ``side`` pixels."""
     from detforge import images
 
@@ -134,16 +146,26 @@ def summary_facts(summary: ReportSummary) -> list[tuple[str, str]]:
     m = summary.metrics
     unreadable = f", {len(summary.skipped)} unreadable (skipped)" if summary.skipped else ""
     size = f"  ({summary.input_size} px input)" if summary.input_size else ""
-    facts = [("model", summary.model_name + size),
-             ("trained in", summary.source_run or "-"), ("date", summary.created),
-             ("score threshold", f"{summary.threshold:g}"),
-             ("images", f"{summary.images} predicted{unreadable}"),
-             ("detections", str(sum(summary.detections_per_class))),
-             ("validation:mAP", f"{format_value(summary.validation_map)}  (the model's, from training)")]
+    facts = [
+        ("model", summary.model_name + size),
+        ("trained in", summary.source_run or "-"),
+        ("date", summary.created),
+        ("score threshold", f"{summary.threshold:g}"),
+        ("images", f"{summary.images} predicted{unreadable}"),
+        ("detections", str(sum(summary.detections_per_class))),
+        ("validation:mAP", f"{format_value(summary.validation_map)}  (the model's, from training)"),
+    ]
     if m is not None:
-        facts += [("mAP of this batch", f"{format_value(m.voc07_map)}  (VOC07 11-point, IoU "
-                                        f"{m.iou_threshold:g}, {summary.images_with_truth} labeled images, "
-                                        "scores >= threshold)"),
-                  ("precision / recall", f"{format_value(m.precision)} / {format_value(m.recall)}   "
-                                         f"TP {m.tp}  FP {m.fp}  FN {m.fn}")]
+        facts += [
+            (
+                "mAP of this batch",
+                f"{format_value(m.voc07_map)}  (VOC07 11-point, IoU "
+                f"{m.iou_threshold:g}, {summary.images_with_truth} labeled images, "
+                "scores >= threshold)",
+            ),
+            (
+                "precision / recall",
+                f"{format_value(m.precision)} / {format_value(m.recall)}   TP {m.tp}  FP {m.fp}  FN {m.fn}",
+            ),
+        ]
     return facts
