@@ -171,6 +171,7 @@ def test_ping_model_and_metrics(server, tiny_deploy):
         "outputs",
         "nms_threshold",
         "nms_topk",
+        "nms_candidates",
         "score_threshold",
         "default_threshold",
         "quantization",

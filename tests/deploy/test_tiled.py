@@ -322,7 +322,7 @@ def test_label_proposals_come_from_tiled_inference(tiny_deploy, tmp_path):
         proposals = json.loads(body)["proposals"]
     finally:
         process.send_signal(signal.SIGINT)
-        process.communicate(timeout=20)
+        process.communicate(timeout=120)
     tiled = Predictor(tiny_deploy, threads=1, tile=64, overlap=0.25).predict(
         [str(photo)], threshold=PROPOSAL_FLOOR
     )[0]

@@ -494,7 +494,7 @@ def test_cli_killed_mid_job_resumes_with_nothing_lost(tmp_path):
             assert status == 200, body
     finally:
         process.send_signal(signal.SIGKILL)  # no chance to save anything more
-        process.communicate(timeout=20)
+        process.communicate(timeout=120)
     saved = out.read_bytes()
     process, text = start_cli(args)
     try:
@@ -519,7 +519,7 @@ def test_cli_killed_mid_job_resumes_with_nothing_lost(tmp_path):
         )
     finally:
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=20)
+        rest, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "stopped: 2 of 4 images done" in rest
     assert out.read_bytes() == saved and not Path(f"{out}.lock").exists()
     assert [r.image_id for r in read_manifest(out)] == ["frame_000", "frame_002"]
@@ -833,14 +833,14 @@ def test_cli_with_model_and_adjust(tiny_deploy, tmp_path):
         assert http(f"{base}/api/item/0?token={token}", data=box)[0] == 200
     finally:
         process.send_signal(signal.SIGINT)
-        process.communicate(timeout=20)
+        process.communicate(timeout=120)
     adjusted = tmp_path / "jobs" / "boxes-2-adjusted.output.manifest"
     process, text = start_cli([str(out), "--adjust", "--out", str(adjusted)])
     try:
         assert text.startswith(f"1 images, 0 done; labels go to {adjusted} as 'adjusted-boxes-2'")
     finally:
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=20)
+        rest, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "stopped: 0 of 1 images done" in rest and not adjusted.exists()
 
 
@@ -890,6 +890,6 @@ def test_the_browser_is_opened_through_a_private_redirect_file(chromium_path, tm
                 browser.close()
     finally:
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=20)
+        rest, _ = process.communicate(timeout=120)
     assert process.returncode == 0, rest
     assert not redirect.exists() and not redirect.parent.exists()

@@ -295,7 +295,7 @@ def test_cli_serves_until_interrupted(manifests, tmp_path):
         assert http(url.split("?")[0])[0] == 401
     finally:
         process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=20)
+        out, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "stopped: 0 of 6 reviewed" in out
     bad = subprocess.run(
         [*CLI, "review", str(tmp_path / "none.manifest"), "--discard", str(discard), "--no-browser"],
@@ -427,7 +427,7 @@ def test_a_second_session_on_one_discard_file_is_refused(manifests, tmp_path):
         assert status == 200
     finally:
         first.send_signal(signal.SIGINT)
-        out, _ = first.communicate(timeout=20)
+        out, _ = first.communicate(timeout=120)
     assert second.returncode == 2 and second.stdout == ""
     assert second.stderr.strip() == (
         f"error: {discard}, field '--discard': another detforge review is "

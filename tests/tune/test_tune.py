@@ -633,7 +633,9 @@ def test_a_postgresql_study_survives_a_killed_worker_and_two_workers_finish_it(
     states = [t.state.name for t in again.trials]
     assert states.count("COMPLETE") == 4 and states[1] == "FAIL" and "RUNNING" not in states
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["storage"] == postgres_url
+    from detforge.tune.summary import public_url
+
+    assert summary["storage"] == public_url(postgres_url)  # never a password, in any form
 
 
 @pytest.mark.parametrize(
